@@ -1,0 +1,287 @@
+//! The check callout: what the filter asks the policy service on every request, and the
+//! answer. JSON over HTTP/1.1 or h2 on the policy service's check port.
+
+use serde::{Deserialize, Serialize};
+
+/// Path of the check endpoint on the policy service's check port.
+pub const CHECK_PATH: &str = "/v1/check";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRequest {
+    pub credential: Credential,
+    pub gateway: String,
+    pub server: String,
+    /// JSON-RPC method of the MCP request, when the filter knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp_method: Option<String>,
+    /// Tool name of a `tools/call`, when the filter knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    /// Envoy's `x-request-id`, so both sides' logs can be joined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// How the caller proved who it is. Never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Credential {
+    /// An opaque API token, as the hex SHA-256 of the whole token.
+    ApiToken { hash: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum CheckResponse {
+    Allow {
+        upstream: Upstream,
+        /// A header to set toward the upstream (the downstream credential), replacing
+        /// the client's `Authorization`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        inject: Option<InjectHeader>,
+    },
+    Deny {
+        code: DenyCode,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upstream {
+    pub scheme: Scheme,
+    /// `host:port`, port always explicit.
+    pub authority: String,
+    /// The server's base path, e.g. `/mcp`; may be empty.
+    pub base_path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InjectHeader {
+    pub name: String,
+    pub value: String,
+}
+
+impl std::fmt::Debug for InjectHeader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The value is a downstream credential: never print it.
+        f.debug_struct("InjectHeader")
+            .field("name", &self.name)
+            .field("value", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Why a request was refused. The wire name is the `error.code` clients see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DenyCode {
+    TokenMissing,
+    TokenMalformed,
+    TokenUnknown,
+    TokenRevoked,
+    TokenExpired,
+    TokenWrongGateway,
+    UnknownRoute,
+    ServerNotExposed,
+    HostDisabled,
+    ConnectionDisabled,
+    UserDisabled,
+    IdentityDisabled,
+    IdentityMissing,
+    ServerDisabled,
+    GatewayDisabled,
+    PolicyUnavailable,
+}
+
+impl DenyCode {
+    pub const ALL: [DenyCode; 16] = [
+        DenyCode::TokenMissing,
+        DenyCode::TokenMalformed,
+        DenyCode::TokenUnknown,
+        DenyCode::TokenRevoked,
+        DenyCode::TokenExpired,
+        DenyCode::TokenWrongGateway,
+        DenyCode::UnknownRoute,
+        DenyCode::ServerNotExposed,
+        DenyCode::HostDisabled,
+        DenyCode::ConnectionDisabled,
+        DenyCode::UserDisabled,
+        DenyCode::IdentityDisabled,
+        DenyCode::IdentityMissing,
+        DenyCode::ServerDisabled,
+        DenyCode::GatewayDisabled,
+        DenyCode::PolicyUnavailable,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DenyCode::TokenMissing => "token_missing",
+            DenyCode::TokenMalformed => "token_malformed",
+            DenyCode::TokenUnknown => "token_unknown",
+            DenyCode::TokenRevoked => "token_revoked",
+            DenyCode::TokenExpired => "token_expired",
+            DenyCode::TokenWrongGateway => "token_wrong_gateway",
+            DenyCode::UnknownRoute => "unknown_route",
+            DenyCode::ServerNotExposed => "server_not_exposed",
+            DenyCode::HostDisabled => "host_disabled",
+            DenyCode::ConnectionDisabled => "connection_disabled",
+            DenyCode::UserDisabled => "user_disabled",
+            DenyCode::IdentityDisabled => "identity_disabled",
+            DenyCode::IdentityMissing => "identity_missing",
+            DenyCode::ServerDisabled => "server_disabled",
+            DenyCode::GatewayDisabled => "gateway_disabled",
+            DenyCode::PolicyUnavailable => "policy_unavailable",
+        }
+    }
+
+    pub const fn status(self) -> u16 {
+        match self {
+            DenyCode::TokenMissing
+            | DenyCode::TokenMalformed
+            | DenyCode::TokenUnknown
+            | DenyCode::TokenRevoked
+            | DenyCode::TokenExpired
+            | DenyCode::TokenWrongGateway => 401,
+            DenyCode::UnknownRoute => 404,
+            DenyCode::ServerNotExposed
+            | DenyCode::HostDisabled
+            | DenyCode::ConnectionDisabled
+            | DenyCode::UserDisabled
+            | DenyCode::IdentityDisabled
+            | DenyCode::IdentityMissing
+            | DenyCode::ServerDisabled
+            | DenyCode::GatewayDisabled => 403,
+            DenyCode::PolicyUnavailable => 503,
+        }
+    }
+
+    /// A sentence for the person reading the error; names what to do where it can.
+    pub const fn message(self) -> &'static str {
+        match self {
+            DenyCode::TokenMissing => "no bearer token: send Authorization: Bearer <token>",
+            DenyCode::TokenMalformed => "the bearer token is not a well-formed mcpguard token",
+            DenyCode::TokenUnknown => "the bearer token is not known to mcpguard",
+            DenyCode::TokenRevoked => "the bearer token has been revoked",
+            DenyCode::TokenExpired => "the bearer token has expired",
+            DenyCode::TokenWrongGateway => "the bearer token is not valid for this gateway",
+            DenyCode::UnknownRoute => "no MCP endpoint here: use /mcp/{gateway}/{server}",
+            DenyCode::ServerNotExposed => "this gateway does not expose this server",
+            DenyCode::HostDisabled => "the host (client application) is disabled",
+            DenyCode::ConnectionDisabled => "this connection is disabled",
+            DenyCode::UserDisabled => "the user is disabled",
+            DenyCode::IdentityDisabled => "the user's identity for this server is disabled",
+            DenyCode::IdentityMissing => "the user has no identity for this server",
+            DenyCode::ServerDisabled => "the server is disabled",
+            DenyCode::GatewayDisabled => "the gateway is disabled",
+            DenyCode::PolicyUnavailable => {
+                "the policy service could not be reached in time; refusing (fail closed)"
+            }
+        }
+    }
+
+    /// 401s about a presented token carry `error="invalid_token"` (RFC 6750 §3.1).
+    pub const fn is_invalid_token(self) -> bool {
+        matches!(
+            self,
+            DenyCode::TokenMalformed
+                | DenyCode::TokenUnknown
+                | DenyCode::TokenRevoked
+                | DenyCode::TokenExpired
+                | DenyCode::TokenWrongGateway
+        )
+    }
+
+    /// The JSON error body clients receive.
+    pub fn body(self) -> String {
+        serde_json::json!({"error": {"code": self.as_str(), "message": self.message()}}).to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_names_match_as_str() {
+        for code in DenyCode::ALL {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert_eq!(serde_json::from_str::<DenyCode>(&json).unwrap(), code);
+        }
+    }
+
+    #[test]
+    fn body_is_the_documented_error_shape() {
+        let v: serde_json::Value = serde_json::from_str(&DenyCode::HostDisabled.body()).unwrap();
+        assert_eq!(v["error"]["code"], "host_disabled");
+        assert!(v["error"]["message"].as_str().unwrap().contains("disabled"));
+    }
+
+    #[test]
+    fn statuses_follow_the_contract() {
+        assert_eq!(DenyCode::TokenUnknown.status(), 401);
+        assert_eq!(DenyCode::TokenWrongGateway.status(), 401);
+        assert_eq!(DenyCode::ServerNotExposed.status(), 403);
+        assert_eq!(DenyCode::GatewayDisabled.status(), 403);
+        assert_eq!(DenyCode::PolicyUnavailable.status(), 503);
+        assert!(!DenyCode::TokenMissing.is_invalid_token());
+        assert!(DenyCode::TokenRevoked.is_invalid_token());
+    }
+
+    #[test]
+    fn check_messages_round_trip() {
+        let req = CheckRequest {
+            credential: Credential::ApiToken {
+                hash: "ab".repeat(32),
+            },
+            gateway: "eng".into(),
+            server: "github".into(),
+            mcp_method: Some("tools/call".into()),
+            tool: None,
+            request_id: None,
+        };
+        let json = serde_json::to_string(&req).unwrap();
+        assert_eq!(serde_json::from_str::<CheckRequest>(&json).unwrap(), req);
+        assert!(json.contains(r#""kind":"api_token""#));
+
+        let allow = CheckResponse::Allow {
+            upstream: Upstream {
+                scheme: Scheme::Https,
+                authority: "api.example.com:443".into(),
+                base_path: "/mcp".into(),
+            },
+            inject: Some(InjectHeader {
+                name: "authorization".into(),
+                value: "Bearer s3cret".into(),
+            }),
+        };
+        let json = serde_json::to_string(&allow).unwrap();
+        assert_eq!(serde_json::from_str::<CheckResponse>(&json).unwrap(), allow);
+        assert!(!format!("{allow:?}").contains("s3cret"));
+
+        let deny: CheckResponse =
+            serde_json::from_str(r#"{"decision":"deny","code":"connection_disabled"}"#).unwrap();
+        assert_eq!(
+            deny,
+            CheckResponse::Deny {
+                code: DenyCode::ConnectionDisabled
+            }
+        );
+    }
+}

@@ -1,0 +1,44 @@
+//! `mcpguard-demo-mcp --listen 127.0.0.1:9100 [--stateless]`: serves the demo MCP
+//! server at `/mcp` and prints `listening on ADDR` once bound.
+
+use std::io::Write;
+use std::net::SocketAddr;
+
+const USAGE: &str = "usage: mcpguard-demo-mcp [--listen 127.0.0.1:9100] [--stateless]";
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mcpguard-demo-mcp: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let mut listen: SocketAddr = "127.0.0.1:9100".parse()?;
+    let mut stateless = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--listen" => listen = args.next().ok_or(USAGE)?.parse()?,
+            "--stateless" => stateless = true,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            other => return Err(format!("unknown argument {other:?}; {USAGE}").into()),
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("listening on {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    axum::serve(listener, mcpguard_demo_mcp::router(stateless))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}

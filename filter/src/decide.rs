@@ -1,0 +1,363 @@
+//! What the filter does with a request, as plain functions of what Envoy hands it.
+//! The proxy-wasm glue (`http.rs`) only moves data between Envoy and these functions.
+
+use mcpguard_core::check::{CheckRequest, CheckResponse, Credential, DenyCode};
+use mcpguard_core::route::{McpPath, PathError};
+use mcpguard_core::token::{TokenHash, TokenKind, parse_token};
+
+use crate::config::FilterConfig;
+
+/// Set by the filter on requests it authorised; Envoy's forwarding routes match on it.
+/// The filter removes any client-sent copy first, so it cannot be forged.
+pub const ROUTE_HEADER: &str = "x-mcpguard-route";
+
+/// The request headers the decision needs.
+#[derive(Debug, Default, Clone)]
+pub struct Incoming<'a> {
+    pub path: &'a str,
+    pub scheme: Option<&'a str>,
+    pub authority: Option<&'a str>,
+    pub authorization: Option<&'a str>,
+    pub request_id: Option<&'a str>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Not an MCP path: let Envoy's routes decide (they never forward such requests
+    /// upstream, as they lack the route header).
+    PassThrough,
+    Refuse(Refusal),
+    Check(CheckRequest),
+}
+
+pub fn start(req: &Incoming<'_>, config: &FilterConfig) -> Start {
+    let path = match McpPath::parse(req.path) {
+        Ok(p) => p,
+        Err(PathError::NotMcp) => return Start::PassThrough,
+        Err(PathError::Malformed) => {
+            return Start::Refuse(Refusal::new(DenyCode::UnknownRoute, None));
+        }
+    };
+    let metadata = resource_metadata_url(req, config);
+    let refuse = |code| Start::Refuse(Refusal::new(code, Some(&metadata)));
+    let Some(header) = req.authorization else {
+        return refuse(DenyCode::TokenMissing);
+    };
+    let Some(token) = mcpguard_core::bearer_token(header) else {
+        return refuse(DenyCode::TokenMalformed);
+    };
+    match parse_token(token) {
+        Ok(TokenKind::HostApi | TokenKind::PerUser) => {}
+        // Admin tokens are for the admin API only; never let one act on the data plane.
+        Ok(TokenKind::Admin) => return refuse(DenyCode::TokenUnknown),
+        Err(_) => return refuse(DenyCode::TokenMalformed),
+    }
+    Start::Check(CheckRequest {
+        credential: Credential::ApiToken {
+            hash: TokenHash::of(token).to_hex(),
+        },
+        gateway: path.gateway.to_owned(),
+        server: path.server.to_owned(),
+        mcp_method: None,
+        tool: None,
+        request_id: req.request_id.map(str::to_owned),
+    })
+}
+
+/// RFC 9728 §3.1: the metadata of resource `https://h/mcp/g/s` lives at
+/// `https://h/.well-known/oauth-protected-resource/mcp/g/s`.
+fn resource_metadata_url(req: &Incoming<'_>, config: &FilterConfig) -> String {
+    let base = match &config.public_base_url {
+        Some(base) => base.clone(),
+        None => format!(
+            "{}://{}",
+            req.scheme.unwrap_or("http"),
+            req.authority.unwrap_or("localhost")
+        ),
+    };
+    let path = req.path.split('?').next().unwrap_or_default();
+    format!("{base}/.well-known/oauth-protected-resource{path}")
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Finish {
+    Forward(Forward),
+    Refuse(Refusal),
+}
+
+/// How to rewrite an authorised request so Envoy's dynamic forward proxy carries it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Forward {
+    pub authority: String,
+    pub path: String,
+    /// Value of [`ROUTE_HEADER`]: `http` or `https`, picking the forward-proxy cluster.
+    pub route: &'static str,
+    /// Replaces the client's `Authorization`; `None` removes it.
+    pub inject: Option<(String, String)>,
+}
+
+/// Turns the check callout's outcome into the filter's answer. Anything but a
+/// well-formed 200 refuses the request: the filter fails closed.
+pub fn finish(status: Option<u16>, body: Option<&[u8]>, request_path: &str) -> Finish {
+    let unavailable = || Finish::Refuse(Refusal::new(DenyCode::PolicyUnavailable, None));
+    if status != Some(200) {
+        return unavailable();
+    }
+    let Some(answer) = body.and_then(|b| serde_json::from_slice::<CheckResponse>(b).ok()) else {
+        return unavailable();
+    };
+    let Ok(path) = McpPath::parse(request_path) else {
+        return unavailable();
+    };
+    match answer {
+        CheckResponse::Deny { code } => {
+            // The metadata URL only matters to clients that can fix their token; it
+            // was already sent on the token-less 401 they saw first.
+            Finish::Refuse(Refusal::new(code, None))
+        }
+        CheckResponse::Allow { upstream, inject } => Finish::Forward(Forward {
+            authority: upstream.authority,
+            path: path.upstream_path(&upstream.base_path),
+            route: upstream.scheme.as_str(),
+            inject: inject.map(|h| (h.name, h.value)),
+        }),
+    }
+}
+
+/// A local reply: status, headers and the JSON error body of the contract.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: DenyCode,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+impl Refusal {
+    pub fn new(code: DenyCode, resource_metadata: Option<&str>) -> Self {
+        let mut headers = vec![("content-type", "application/json".to_owned())];
+        if code.status() == 401 {
+            let mut challenge = "Bearer".to_owned();
+            if let Some(url) = resource_metadata {
+                challenge.push_str(&format!(" resource_metadata=\"{url}\""));
+            }
+            if code.is_invalid_token() {
+                let sep = if resource_metadata.is_some() { "," } else { "" };
+                challenge.push_str(&format!(
+                    "{sep} error=\"invalid_token\", error_description=\"{}\"",
+                    code.message()
+                ));
+            }
+            headers.push(("www-authenticate", challenge));
+        }
+        Refusal {
+            code,
+            headers,
+            body: code.body(),
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        u32::from(self.code.status())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mcpguard_core::check::{InjectHeader, Scheme, Upstream};
+    use mcpguard_core::token::format_token;
+
+    fn config() -> FilterConfig {
+        FilterConfig::parse(br#"{"policy_cluster":"p"}"#).unwrap()
+    }
+
+    fn token() -> String {
+        format_token(TokenKind::HostApi, &"a".repeat(40)).unwrap()
+    }
+
+    fn incoming<'a>(path: &'a str, authorization: Option<&'a str>) -> Incoming<'a> {
+        Incoming {
+            path,
+            scheme: Some("http"),
+            authority: Some("gw.local:10000"),
+            authorization,
+            request_id: Some("rid-1"),
+        }
+    }
+
+    fn refused(start: Start) -> Refusal {
+        match start {
+            Start::Refuse(r) => r,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    fn header<'a>(r: &'a Refusal, name: &str) -> Option<&'a str> {
+        r.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn non_mcp_paths_pass_through_to_the_routes() {
+        assert_eq!(
+            start(&incoming("/healthz", None), &config()),
+            Start::PassThrough
+        );
+    }
+
+    #[test]
+    fn malformed_mcp_path_is_404_without_callout() {
+        let r = refused(start(&incoming("/mcp/eng", Some("Bearer x")), &config()));
+        assert_eq!((r.code, r.status()), (DenyCode::UnknownRoute, 404));
+    }
+
+    #[test]
+    fn missing_token_gets_401_pointing_at_resource_metadata() {
+        let r = refused(start(&incoming("/mcp/eng/github?x=1", None), &config()));
+        assert_eq!((r.code, r.status()), (DenyCode::TokenMissing, 401));
+        assert_eq!(
+            header(&r, "www-authenticate"),
+            Some(
+                r#"Bearer resource_metadata="http://gw.local:10000/.well-known/oauth-protected-resource/mcp/eng/github""#
+            )
+        );
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["error"]["code"], "token_missing");
+    }
+
+    #[test]
+    fn public_base_url_overrides_the_request_authority() {
+        let c = FilterConfig::parse(
+            br#"{"policy_cluster":"p","public_base_url":"https://mcp.example.com"}"#,
+        )
+        .unwrap();
+        let r = refused(start(&incoming("/mcp/eng/github", None), &c));
+        assert!(header(&r, "www-authenticate").unwrap().contains(
+            "https://mcp.example.com/.well-known/oauth-protected-resource/mcp/eng/github"
+        ));
+    }
+
+    #[test]
+    fn garbage_and_admin_tokens_are_refused_without_callout() {
+        let admin = format_token(TokenKind::Admin, &"a".repeat(40)).unwrap();
+        let mut typo = token();
+        typo.replace_range(10..11, "b");
+        for (auth, code) in [
+            ("Basic dXNlcjpwYXNz".to_owned(), DenyCode::TokenMalformed),
+            ("Bearer garbage".to_owned(), DenyCode::TokenMalformed),
+            (format!("Bearer {typo}"), DenyCode::TokenMalformed),
+            (format!("Bearer {admin}"), DenyCode::TokenUnknown),
+        ] {
+            let r = refused(start(&incoming("/mcp/eng/github", Some(&auth)), &config()));
+            assert_eq!(r.code, code, "{auth}");
+            let challenge = header(&r, "www-authenticate").unwrap();
+            assert!(
+                challenge.contains(r#"error="invalid_token""#),
+                "{challenge}"
+            );
+            assert!(challenge.contains("resource_metadata="), "{challenge}");
+        }
+    }
+
+    #[test]
+    fn well_formed_token_is_checked_by_hash_never_in_clear() {
+        let t = token();
+        let auth = format!("Bearer {t}");
+        let Start::Check(req) = start(&incoming("/mcp/eng/github/x", Some(&auth)), &config())
+        else {
+            panic!("expected a check");
+        };
+        assert_eq!(
+            (req.gateway.as_str(), req.server.as_str()),
+            ("eng", "github")
+        );
+        assert_eq!(
+            req.credential,
+            Credential::ApiToken {
+                hash: TokenHash::of(&t).to_hex()
+            }
+        );
+        assert_eq!(req.request_id.as_deref(), Some("rid-1"));
+        assert!(!serde_json::to_string(&req).unwrap().contains(&t));
+    }
+
+    fn allow_body(scheme: Scheme, inject: Option<InjectHeader>) -> Vec<u8> {
+        serde_json::to_vec(&CheckResponse::Allow {
+            upstream: Upstream {
+                scheme,
+                authority: "127.0.0.1:9100".into(),
+                base_path: "/mcp".into(),
+            },
+            inject,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn allow_rewrites_toward_the_upstream() {
+        let body = allow_body(Scheme::Http, None);
+        let f = finish(Some(200), Some(&body), "/mcp/eng/github/sub?q=1");
+        assert_eq!(
+            f,
+            Finish::Forward(Forward {
+                authority: "127.0.0.1:9100".into(),
+                path: "/mcp/sub?q=1".into(),
+                route: "http",
+                inject: None,
+            })
+        );
+        let inject = InjectHeader {
+            name: "authorization".into(),
+            value: "Bearer down".into(),
+        };
+        let body = allow_body(Scheme::Https, Some(inject));
+        let Finish::Forward(f) = finish(Some(200), Some(&body), "/mcp/eng/github") else {
+            panic!("expected forward");
+        };
+        assert_eq!(f.route, "https");
+        assert_eq!(
+            f.inject,
+            Some(("authorization".into(), "Bearer down".into()))
+        );
+    }
+
+    #[test]
+    fn deny_carries_the_layer_that_refused() {
+        let body = br#"{"decision":"deny","code":"host_disabled"}"#;
+        let Finish::Refuse(r) = finish(Some(200), Some(body), "/mcp/eng/github") else {
+            panic!("expected refusal");
+        };
+        assert_eq!((r.code, r.status()), (DenyCode::HostDisabled, 403));
+        assert_eq!(header(&r, "www-authenticate"), None);
+
+        let body = br#"{"decision":"deny","code":"token_revoked"}"#;
+        let Finish::Refuse(r) = finish(Some(200), Some(body), "/mcp/eng/github") else {
+            panic!("expected refusal");
+        };
+        assert_eq!(r.status(), 401);
+        assert!(
+            header(&r, "www-authenticate")
+                .unwrap()
+                .contains("invalid_token")
+        );
+    }
+
+    #[test]
+    fn anything_but_a_good_answer_fails_closed() {
+        let good = allow_body(Scheme::Http, None);
+        for (status, body) in [
+            (None, Some(&good[..])),      // callee down: no :status
+            (Some(500), Some(&good[..])), // policy-svc error
+            (Some(200), None),            // empty
+            (Some(200), Some(&b"{"[..])), // truncated
+            (Some(200), Some(&br#"{"decision":"maybe"}"#[..])),
+        ] {
+            let Finish::Refuse(r) = finish(status, body, "/mcp/eng/github") else {
+                panic!("{status:?} must not forward");
+            };
+            assert_eq!((r.code, r.status()), (DenyCode::PolicyUnavailable, 503));
+        }
+    }
+}

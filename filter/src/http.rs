@@ -1,0 +1,230 @@
+//! proxy-wasm glue: reads headers from Envoy, hands them to `decide`, and carries out
+//! the answer. No decision is made here.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use mcpguard_core::check::{CHECK_PATH, DenyCode};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
+
+use crate::config::FilterConfig;
+use crate::decide::{self, Finish, Incoming, ROUTE_HEADER, Refusal, Start};
+
+proxy_wasm::main! {{
+    // Also installs a panic hook that logs at critical through Envoy.
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| Box::new(Root::default()));
+}}
+
+/// Counters in Envoy's stats (`wasmcustom.mcpguard.*`), so an operator sees refusals by
+/// reason in `/stats` and Prometheus output.
+struct Metrics {
+    allowed: Option<u32>,
+    denied: Vec<Option<u32>>,
+}
+
+impl Metrics {
+    fn define() -> Self {
+        let counter = |name: &str| hostcalls::define_metric(MetricType::Counter, name).ok();
+        Metrics {
+            allowed: counter("mcpguard.allowed"),
+            denied: DenyCode::ALL
+                .iter()
+                .map(|c| counter(&format!("mcpguard.denied.{}", c.as_str())))
+                .collect(),
+        }
+    }
+
+    fn count(id: Option<u32>) {
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    fn allowed(&self) {
+        Self::count(self.allowed);
+    }
+
+    fn denied(&self, code: DenyCode) {
+        let index = DenyCode::ALL.iter().position(|c| *c == code);
+        Self::count(index.and_then(|i| self.denied.get(i).copied().flatten()));
+    }
+}
+
+#[derive(Default)]
+struct Root {
+    config: Option<Rc<FilterConfig>>,
+    metrics: Option<Rc<Metrics>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        match FilterConfig::parse(&bytes) {
+            Ok(config) => {
+                log::info!(
+                    "configured, policy cluster {:?}, check timeout {} ms",
+                    config.policy_cluster,
+                    config.check_timeout_ms
+                );
+                self.config = Some(Rc::new(config));
+                self.metrics = Some(Rc::new(Metrics::define()));
+                true
+            }
+            Err(e) => {
+                log::error!("{e}");
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Request {
+            config: self.config.clone(),
+            metrics: self.metrics.clone(),
+            path: String::new(),
+            request_id: None,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Request {
+    /// `None` only if Envoy created a stream before a successful `on_configure`;
+    /// such a stream is refused.
+    config: Option<Rc<FilterConfig>>,
+    metrics: Option<Rc<Metrics>>,
+    /// The client's `:path`, kept for rewriting once the check answers.
+    path: String,
+    request_id: Option<String>,
+}
+
+impl Request {
+    fn refuse(&self, refusal: Refusal) {
+        log::info!(
+            "refused {} {} ({}) request_id={}",
+            refusal.status(),
+            self.path.split('?').next().unwrap_or_default(),
+            refusal.code.as_str(),
+            self.request_id.as_deref().unwrap_or("-"),
+        );
+        if let Some(m) = &self.metrics {
+            m.denied(refusal.code);
+        }
+        let headers = refusal
+            .headers
+            .iter()
+            .map(|(n, v)| (*n, v.as_str()))
+            .collect();
+        self.send_http_response(refusal.status(), headers, Some(refusal.body.as_bytes()));
+    }
+
+    fn forward(&self, forward: decide::Forward) {
+        self.set_http_request_header(":authority", Some(&forward.authority));
+        self.set_http_request_header(":path", Some(&forward.path));
+        self.set_http_request_header("authorization", None);
+        if let Some((name, value)) = &forward.inject {
+            self.set_http_request_header(name, Some(value));
+        }
+        // Set last: only now may the request match a forwarding route.
+        self.set_http_request_header(ROUTE_HEADER, Some(forward.route));
+        if let Some(m) = &self.metrics {
+            m.allowed();
+        }
+        self.resume_http_request();
+    }
+}
+
+impl HttpContext for Request {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        // Whatever happens next, a client can never choose a forwarding route itself.
+        self.set_http_request_header(ROUTE_HEADER, None);
+        self.path = self.get_http_request_header(":path").unwrap_or_default();
+        self.request_id = self.get_http_request_header("x-request-id");
+        let Some(config) = self.config.clone() else {
+            self.refuse(Refusal::new(DenyCode::PolicyUnavailable, None));
+            return Action::Pause;
+        };
+        let scheme = self.get_http_request_header(":scheme");
+        let authority = self.get_http_request_header(":authority");
+        let authorization = self.get_http_request_header("authorization");
+        let incoming = Incoming {
+            path: &self.path,
+            scheme: scheme.as_deref(),
+            authority: authority.as_deref(),
+            authorization: authorization.as_deref(),
+            request_id: self.request_id.as_deref(),
+        };
+        match decide::start(&incoming, &config) {
+            Start::PassThrough => Action::Continue,
+            Start::Refuse(refusal) => {
+                self.refuse(refusal);
+                Action::Pause
+            }
+            Start::Check(check) => {
+                let body = match serde_json::to_vec(&check) {
+                    Ok(body) => body,
+                    Err(e) => {
+                        log::error!("cannot encode check request: {e}");
+                        self.refuse(Refusal::new(DenyCode::PolicyUnavailable, None));
+                        return Action::Pause;
+                    }
+                };
+                let dispatched = self.dispatch_http_call(
+                    &config.policy_cluster,
+                    vec![
+                        (":method", "POST"),
+                        (":path", CHECK_PATH),
+                        (":authority", &config.policy_authority),
+                        ("content-type", "application/json"),
+                    ],
+                    Some(&body),
+                    vec![],
+                    Duration::from_millis(config.check_timeout_ms),
+                );
+                if let Err(status) = dispatched {
+                    log::error!(
+                        "check callout to cluster {:?} failed to start: {status:?}",
+                        config.policy_cluster
+                    );
+                    self.refuse(Refusal::new(DenyCode::PolicyUnavailable, None));
+                }
+                // Paused until the check answers; the body waits in Envoy's buffer.
+                Action::Pause
+            }
+        }
+    }
+}
+
+impl Context for Request {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let status = self
+            .get_http_call_response_header(":status")
+            .and_then(|s| s.parse::<u16>().ok());
+        let body = self.get_http_call_response_body(0, body_size);
+        if status != Some(200) {
+            log::warn!(
+                "policy check answered {} (no status: unreachable or timed out) request_id={}",
+                status.map_or_else(|| "nothing".to_owned(), |s| s.to_string()),
+                self.request_id.as_deref().unwrap_or("-"),
+            );
+        }
+        match decide::finish(status, body.as_deref(), &self.path) {
+            Finish::Forward(forward) => self.forward(forward),
+            Finish::Refuse(refusal) => self.refuse(refusal),
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! Command-line flags and environment variables. Every flag has an `MCPGUARD_*`
+//! environment twin so the same binary runs from a shell, systemd or a container.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "mcpguard-policy",
+    version,
+    about = "mcpguard policy service: admin API and the filter's check endpoint"
+)]
+pub struct Config {
+    /// Admin API (and, later, OAuth pages). Keep it off the public internet unless
+    /// fronted by TLS.
+    #[arg(long, env = "MCPGUARD_PUBLIC_LISTEN", default_value = "127.0.0.1:8080")]
+    pub public_listen: SocketAddr,
+
+    /// Check endpoint, for the Envoy filter's callouts only.
+    #[arg(long, env = "MCPGUARD_CHECK_LISTEN", default_value = "127.0.0.1:8081")]
+    pub check_listen: SocketAddr,
+
+    /// Directory for the SQLite database and the bootstrap admin token; created if
+    /// missing (mode 0700).
+    #[arg(long, env = "MCPGUARD_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// Database URL. Default: `sqlite://<data dir>/mcpguard.db`.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Admin token for the owner created on first start with an empty database.
+    /// Default: a generated one, printed once and written to
+    /// `<data dir>/bootstrap-admin-token` (mode 0600).
+    #[arg(long, env = "MCPGUARD_BOOTSTRAP_ADMIN_TOKEN", hide_env_values = true)]
+    pub bootstrap_admin_token: Option<String>,
+
+    /// Largest number of database connections.
+    #[arg(long, env = "MCPGUARD_DB_MAX_CONNECTIONS", default_value_t = 8)]
+    pub db_max_connections: u32,
+
+    /// Log filter, in `tracing` EnvFilter syntax.
+    #[arg(long, env = "MCPGUARD_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Config {
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("mcpguard.db").display()
+            )
+        })
+    }
+}

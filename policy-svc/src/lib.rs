@@ -1,0 +1,145 @@
+//! mcpguard policy service: the admin API on the public port and the filter's check
+//! endpoint on the check port, over one store.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+mod extract;
+pub mod routes;
+mod secrets;
+pub mod store;
+mod timefmt;
+mod usage;
+
+use std::path::Path;
+
+use anyhow::Context;
+use mcpguard_core::token::{TokenHash, TokenKind, display_prefix};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::Config;
+use store::Db;
+pub use usage::Usage;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub usage: Usage,
+}
+
+/// Opens the store, creates the owner on first start, and serves both ports until
+/// SIGINT or SIGTERM; then drains requests and flushes last-used times.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    create_data_dir(&config.data_dir)?;
+    let db = store::open(&config.database_url(), config.db_max_connections)
+        .await
+        .context("opening the database")?;
+    bootstrap(&db, &config).await?;
+
+    let public = TcpListener::bind(config.public_listen)
+        .await
+        .with_context(|| format!("binding the public port {}", config.public_listen))?;
+    let check = TcpListener::bind(config.check_listen)
+        .await
+        .with_context(|| format!("binding the check port {}", config.check_listen))?;
+    tracing::info!(public = %config.public_listen, check = %config.check_listen, "mcpguard policy service listening");
+
+    let (usage, usage_writer) = Usage::spawn(db.clone());
+    let state = AppState { db, usage };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let public_server = axum::serve(public, routes::public(state.clone()))
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let check_server =
+        axum::serve(check, routes::check(state)).with_graceful_shutdown(stopped(stop_rx));
+    let signal = async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    };
+    let (public_result, check_result, ()) = tokio::join!(public_server, check_server, signal);
+    public_result.context("public server")?;
+    check_result.context("check server")?;
+    // Both routers (and so every `Usage` handle) are gone: the writer flushes and ends.
+    let _ = usage_writer.await;
+    Ok(())
+}
+
+fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating data dir {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// On first start with an empty database: an owner holding every capability, with an
+/// admin token from `MCPGUARD_BOOTSTRAP_ADMIN_TOKEN` or a generated one.
+async fn bootstrap(db: &Db, config: &Config) -> anyhow::Result<()> {
+    if store::admin::has_users(db).await? {
+        return Ok(());
+    }
+    let (token, generated) = match &config.bootstrap_admin_token {
+        Some(t) if t.len() >= 32 && !t.contains(char::is_whitespace) => (t.clone(), false),
+        Some(_) => anyhow::bail!(
+            "MCPGUARD_BOOTSTRAP_ADMIN_TOKEN must be at least 32 characters without spaces"
+        ),
+        None => (
+            secrets::mint(TokenKind::Admin).context("generating the admin token")?,
+            true,
+        ),
+    };
+    store::admin::bootstrap_owner(db, &TokenHash::of(&token).to_hex(), display_prefix(&token))
+        .await?;
+    if generated {
+        let path = config.data_dir.join("bootstrap-admin-token");
+        write_secret_file(&path, &token)?;
+        // Printed once, on stdout and not through the logger, as the contract says.
+        println!("mcpguard: created the owner user; admin token (shown once): {token}");
+        println!(
+            "mcpguard: the admin token is also in {} (mode 0600)",
+            path.display()
+        );
+    } else {
+        tracing::info!(
+            "created the owner user with the admin token from MCPGUARD_BOOTSTRAP_ADMIN_TOKEN"
+        );
+    }
+    Ok(())
+}
+
+fn write_secret_file(path: &Path, secret: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(file, "{secret}")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

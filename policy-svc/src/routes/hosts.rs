@@ -1,0 +1,162 @@
+//! Token-based hosts and their API access tokens.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{delete, get};
+use mcpguard_core::token::{TokenHash, TokenKind, display_prefix};
+use serde::{Deserialize, Serialize};
+
+use crate::AppState;
+use crate::auth::{Admin, Capability};
+use crate::error::ApiError;
+use crate::extract::{Json, Path};
+use crate::store::{admin as users, catalog, hosts, now_ms};
+use crate::{secrets, timefmt};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/hosts", get(list).post(create))
+        .route(
+            "/api/v1/hosts/{id}/tokens",
+            get(list_tokens).post(create_token),
+        )
+        .route("/api/v1/tokens/{id}", delete(revoke_token))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewHost {
+    name: String,
+}
+
+async fn create(
+    State(state): State<AppState>,
+    admin: Admin,
+    Json(body): Json<NewHost>,
+) -> Result<(StatusCode, Json<hosts::Host>), ApiError> {
+    admin.require(Capability::TokensManage)?;
+    let name = super::validate_name(&body.name)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(hosts::create_token_host(&state.db, name).await?),
+    ))
+}
+
+async fn list(
+    State(state): State<AppState>,
+    _admin: Admin,
+) -> Result<Json<Vec<hosts::Host>>, ApiError> {
+    Ok(Json(hosts::list_hosts(&state.db).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    gateway_id: i64,
+    /// Whose connection the token is for; the caller by default.
+    #[serde(default)]
+    user_id: Option<i64>,
+    /// RFC 3339; no expiry by default.
+    #[serde(default)]
+    expires_at: Option<String>,
+}
+
+/// The one response that ever holds the secret.
+#[derive(Serialize)]
+struct IssuedToken {
+    #[serde(flatten)]
+    meta: hosts::ApiToken,
+    token: String,
+}
+
+async fn create_token(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(host_id): Path<i64>,
+    Json(body): Json<NewToken>,
+) -> Result<(StatusCode, Json<IssuedToken>), ApiError> {
+    admin.require(Capability::TokensManage)?;
+    let host = hosts::get_host(&state.db, host_id)
+        .await?
+        .ok_or(ApiError::NotFound("host"))?;
+    if host.kind != "token" {
+        return Err(ApiError::conflict(
+            "host_not_token_based",
+            "API tokens are for token-based hosts; headed hosts connect with OAuth",
+        ));
+    }
+    if !catalog::gateway_exists(&state.db, body.gateway_id).await? {
+        return Err(ApiError::unprocessable(
+            "unknown_gateway",
+            "gateway_id names no gateway",
+        ));
+    }
+    let user_id = body.user_id.unwrap_or(admin.user_id);
+    if !users::user_exists(&state.db, user_id).await? {
+        return Err(ApiError::unprocessable(
+            "unknown_user",
+            "user_id names no user",
+        ));
+    }
+    let expires_at = match body.expires_at.as_deref() {
+        None => None,
+        Some(s) => {
+            let t = timefmt::parse_rfc3339(s).ok_or_else(|| {
+                ApiError::unprocessable("invalid_expires_at", "expires_at must be RFC 3339")
+            })?;
+            if t <= now_ms() {
+                return Err(ApiError::unprocessable(
+                    "invalid_expires_at",
+                    "expires_at is in the past",
+                ));
+            }
+            Some(t)
+        }
+    };
+    let token = secrets::mint(TokenKind::HostApi).map_err(|e| {
+        tracing::error!(error = %e, "no randomness from the OS");
+        ApiError::Unavailable
+    })?;
+    let connection_id = hosts::connect(&state.db, host_id, body.gateway_id, user_id).await?;
+    let hash = TokenHash::of(&token).to_hex();
+    let meta = hosts::insert_token(
+        &state.db,
+        &hosts::NewToken {
+            connection_id,
+            token_hash: &hash,
+            prefix: display_prefix(&token),
+            created_by: admin.user_id,
+            expires_at,
+        },
+    )
+    .await?;
+    tracing::info!(token_id = meta.id, host_id, connection_id, prefix = %meta.prefix, "API token issued");
+    Ok((StatusCode::CREATED, Json(IssuedToken { meta, token })))
+}
+
+async fn list_tokens(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(host_id): Path<i64>,
+) -> Result<Json<Vec<hosts::ApiToken>>, ApiError> {
+    admin.require(Capability::TokensManage)?;
+    hosts::get_host(&state.db, host_id)
+        .await?
+        .ok_or(ApiError::NotFound("host"))?;
+    Ok(Json(hosts::list_tokens(&state.db, host_id).await?))
+}
+
+async fn revoke_token(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(id): Path<i64>,
+) -> Result<StatusCode, ApiError> {
+    admin.require(Capability::TokensManage)?;
+    if hosts::revoke_token(&state.db, id).await? {
+        tracing::info!(token_id = id, "API token revoked");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound("token"))
+    }
+}

@@ -1,0 +1,133 @@
+//! Upstream MCP servers.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+
+use crate::AppState;
+use crate::auth::{Admin, Capability};
+use crate::error::ApiError;
+use crate::extract::Json;
+use crate::store::{StoreError, catalog};
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/api/v1/servers", get(list).post(create))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewServer {
+    name: String,
+    slug: String,
+    upstream_url: String,
+}
+
+/// A server as the API shows it: the stored parts joined back into one URL.
+#[derive(Serialize)]
+struct ServerView {
+    #[serde(flatten)]
+    server: catalog::Server,
+    upstream_url: String,
+}
+
+impl From<catalog::Server> for ServerView {
+    fn from(server: catalog::Server) -> Self {
+        ServerView {
+            upstream_url: server.upstream_url(),
+            server,
+        }
+    }
+}
+
+async fn create(
+    State(state): State<AppState>,
+    admin: Admin,
+    Json(body): Json<NewServer>,
+) -> Result<(StatusCode, Json<ServerView>), ApiError> {
+    admin.require(Capability::ServersManage)?;
+    let name = super::validate_name(&body.name)?;
+    let slug = super::validate_slug(&body.slug)?;
+    let upstream = parse_upstream(&body.upstream_url)?;
+    match catalog::create_server(&state.db, name, slug, &upstream).await {
+        Ok(s) => Ok((StatusCode::CREATED, Json(s.into()))),
+        Err(StoreError::Conflict(_)) => Err(ApiError::conflict(
+            "slug_taken",
+            format!("a server with slug {slug:?} exists"),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn list(
+    State(state): State<AppState>,
+    _admin: Admin,
+) -> Result<Json<Vec<ServerView>>, ApiError> {
+    let servers = catalog::list_servers(&state.db).await?;
+    Ok(Json(servers.into_iter().map(Into::into).collect()))
+}
+
+/// Splits an upstream URL into what the filter needs. Only plain http(s) URLs with a
+/// host: credentials belong in an identity, not in a URL that is listed to admins.
+fn parse_upstream(raw: &str) -> Result<catalog::UpstreamParts, ApiError> {
+    let bad =
+        |why: &str| ApiError::unprocessable("invalid_upstream_url", format!("upstream_url {why}"));
+    let url = url::Url::parse(raw).map_err(|e| bad(&format!("is not a URL: {e}")))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(bad("must be http or https"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad("must not carry credentials"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(bad("must not have a query or fragment"));
+    }
+    let host = url.host_str().ok_or_else(|| bad("must name a host"))?;
+    let port = url
+        .port_or_known_default()
+        .ok_or_else(|| bad("must have a port"))?;
+    Ok(catalog::UpstreamParts {
+        scheme: url.scheme().to_owned(),
+        authority: format!("{host}:{port}"),
+        path: url.path().trim_end_matches('/').to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_upstream;
+
+    #[test]
+    fn upstream_urls_are_split_with_explicit_ports() {
+        let p = parse_upstream("http://127.0.0.1:9100/mcp").unwrap();
+        assert_eq!(
+            (p.scheme.as_str(), p.authority.as_str(), p.path.as_str()),
+            ("http", "127.0.0.1:9100", "/mcp")
+        );
+        let p = parse_upstream("https://api.example.com").unwrap();
+        assert_eq!(
+            (p.authority.as_str(), p.path.as_str()),
+            ("api.example.com:443", "")
+        );
+        let p = parse_upstream("http://[::1]:8000/a/b/").unwrap();
+        assert_eq!(
+            (p.authority.as_str(), p.path.as_str()),
+            ("[::1]:8000", "/a/b")
+        );
+    }
+
+    #[test]
+    fn unusable_upstream_urls_are_refused() {
+        for bad in [
+            "not a url",
+            "ftp://example.com",
+            "http://user:pw@example.com/",
+            "http://example.com/?token=x",
+            "http://example.com/#f",
+            "unix:/tmp/sock",
+        ] {
+            assert!(parse_upstream(bad).is_err(), "{bad}");
+        }
+    }
+}

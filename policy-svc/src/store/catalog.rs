@@ -1,0 +1,155 @@
+//! Gateways, servers, and which server each gateway exposes.
+
+use serde::Serialize;
+
+use super::{Db, DbBool, Result, now_ms};
+use crate::timefmt;
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct Gateway {
+    pub id: i64,
+    pub name: String,
+    pub slug: String,
+    pub enabled: DbBool,
+    #[serde(serialize_with = "timefmt::rfc3339")]
+    pub created_at: i64,
+}
+
+pub async fn create_gateway(db: &Db, name: &str, slug: &str) -> Result<Gateway> {
+    Ok(sqlx::query_as(
+        "INSERT INTO gateways (name, slug, enabled, created_at) VALUES ($1, $2, $3, $4)
+         RETURNING id, name, slug, enabled, created_at",
+    )
+    .bind(name)
+    .bind(slug)
+    .bind(true)
+    .bind(now_ms())
+    .fetch_one(db)
+    .await?)
+}
+
+pub async fn list_gateways(db: &Db) -> Result<Vec<Gateway>> {
+    Ok(
+        sqlx::query_as("SELECT id, name, slug, enabled, created_at FROM gateways ORDER BY id")
+            .fetch_all(db)
+            .await?,
+    )
+}
+
+pub async fn gateway_exists(db: &Db, id: i64) -> Result<bool> {
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM gateways WHERE id = $1")
+        .bind(id)
+        .fetch_one(db)
+        .await?;
+    Ok(n > 0)
+}
+
+/// A server's upstream, split as the filter needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamParts {
+    pub scheme: String,
+    pub authority: String,
+    pub path: String,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct Server {
+    pub id: i64,
+    pub name: String,
+    pub slug: String,
+    #[serde(skip)]
+    pub upstream_scheme: String,
+    #[serde(skip)]
+    pub upstream_authority: String,
+    #[serde(skip)]
+    pub upstream_path: String,
+    pub enabled: DbBool,
+    #[serde(serialize_with = "timefmt::rfc3339")]
+    pub created_at: i64,
+}
+
+impl Server {
+    pub fn upstream_url(&self) -> String {
+        format!(
+            "{}://{}{}",
+            self.upstream_scheme, self.upstream_authority, self.upstream_path
+        )
+    }
+}
+
+pub async fn create_server(db: &Db, name: &str, slug: &str, up: &UpstreamParts) -> Result<Server> {
+    Ok(sqlx::query_as(
+        "INSERT INTO servers (name, slug, upstream_scheme, upstream_authority, upstream_path, enabled, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         RETURNING id, name, slug, upstream_scheme, upstream_authority, upstream_path, enabled, created_at",
+    )
+    .bind(name)
+    .bind(slug)
+    .bind(&up.scheme)
+    .bind(&up.authority)
+    .bind(&up.path)
+    .bind(true)
+    .bind(now_ms())
+    .fetch_one(db)
+    .await?)
+}
+
+pub async fn list_servers(db: &Db) -> Result<Vec<Server>> {
+    Ok(sqlx::query_as(
+        "SELECT id, name, slug, upstream_scheme, upstream_authority, upstream_path, enabled, created_at
+         FROM servers ORDER BY id",
+    )
+    .fetch_all(db)
+    .await?)
+}
+
+pub async fn server_exists(db: &Db, id: i64) -> Result<bool> {
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM servers WHERE id = $1")
+        .bind(id)
+        .fetch_one(db)
+        .await?;
+    Ok(n > 0)
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct Exposure {
+    pub gateway_id: i64,
+    pub server_id: i64,
+    pub identity: String,
+    #[serde(serialize_with = "timefmt::rfc3339")]
+    pub created_at: i64,
+}
+
+/// Exposes a server on a gateway, or changes the identity scheme of an existing exposure.
+pub async fn expose(db: &Db, gateway_id: i64, server_id: i64, identity: &str) -> Result<Exposure> {
+    Ok(sqlx::query_as(
+        "INSERT INTO exposures (gateway_id, server_id, identity, created_at) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (gateway_id, server_id) DO UPDATE SET identity = excluded.identity
+         RETURNING gateway_id, server_id, identity, created_at",
+    )
+    .bind(gateway_id)
+    .bind(server_id)
+    .bind(identity)
+    .bind(now_ms())
+    .fetch_one(db)
+    .await?)
+}
+
+/// Hides a server on a gateway; false if it was not exposed there.
+pub async fn hide(db: &Db, gateway_id: i64, server_id: i64) -> Result<bool> {
+    let done = sqlx::query("DELETE FROM exposures WHERE gateway_id = $1 AND server_id = $2")
+        .bind(gateway_id)
+        .bind(server_id)
+        .execute(db)
+        .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+pub async fn list_exposures(db: &Db, gateway_id: i64) -> Result<Vec<Exposure>> {
+    Ok(sqlx::query_as(
+        "SELECT gateway_id, server_id, identity, created_at FROM exposures WHERE gateway_id = $1 ORDER BY server_id",
+    )
+    .bind(gateway_id)
+    .fetch_all(db)
+    .await?)
+}

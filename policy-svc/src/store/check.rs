@@ -1,0 +1,238 @@
+//! The check: one read of the authoritative store per request, then a pure decision.
+
+use mcpguard_core::check::{CheckResponse, DenyCode, Scheme, Upstream};
+use mcpguard_core::token::TokenHash;
+
+use super::{Db, DbBool, Result};
+
+/// Everything the decision needs, read in one query.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CheckRow {
+    pub token_id: i64,
+    pub token_hash: String,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub connection_id: i64,
+    pub connection_enabled: DbBool,
+    pub host_enabled: DbBool,
+    pub user_enabled: DbBool,
+    pub gateway_slug: String,
+    pub gateway_enabled: DbBool,
+    pub server_enabled: Option<DbBool>,
+    pub upstream_scheme: Option<String>,
+    pub upstream_authority: Option<String>,
+    pub upstream_path: Option<String>,
+    /// `shared` or `per_user`; `None` when the gateway does not expose the server.
+    pub identity: Option<String>,
+}
+
+pub async fn load(db: &Db, token_hash: &str, server_slug: &str) -> Result<Option<CheckRow>> {
+    Ok(sqlx::query_as(
+        "SELECT t.id AS token_id, t.token_hash, t.expires_at, t.revoked_at,
+                c.id AS connection_id, c.enabled AS connection_enabled,
+                h.enabled AS host_enabled, u.enabled AS user_enabled,
+                g.slug AS gateway_slug, g.enabled AS gateway_enabled,
+                s.enabled AS server_enabled, s.upstream_scheme, s.upstream_authority,
+                s.upstream_path, e.identity
+         FROM api_tokens t
+         JOIN connections c ON c.id = t.connection_id
+         JOIN hosts h ON h.id = c.host_id
+         JOIN users u ON u.id = c.user_id
+         JOIN gateways g ON g.id = c.gateway_id
+         LEFT JOIN servers s ON s.slug = $2
+         LEFT JOIN exposures e ON e.gateway_id = g.id AND e.server_id = s.id
+         WHERE t.token_hash = $1",
+    )
+    .bind(token_hash)
+    .bind(server_slug)
+    .fetch_optional(db)
+    .await?)
+}
+
+/// Decides a request from what `load` read. Layers are checked from the credential
+/// outward, so the refusal names the first layer that is off.
+pub fn decide(
+    row: Option<&CheckRow>,
+    presented: &TokenHash,
+    gateway_slug: &str,
+    now_ms: i64,
+) -> CheckResponse {
+    let deny = |code| CheckResponse::Deny { code };
+    let Some(row) = row else {
+        return deny(DenyCode::TokenUnknown);
+    };
+    // The lookup was by hash; comparing again in constant time costs nothing and does
+    // not depend on the database's string comparison.
+    if !TokenHash::from_hex(&row.token_hash).is_some_and(|stored| stored.ct_eq(presented)) {
+        return deny(DenyCode::TokenUnknown);
+    }
+    if row.revoked_at.is_some() {
+        return deny(DenyCode::TokenRevoked);
+    }
+    if row.expires_at.is_some_and(|t| t <= now_ms) {
+        return deny(DenyCode::TokenExpired);
+    }
+    if row.gateway_slug != gateway_slug {
+        return deny(DenyCode::TokenWrongGateway);
+    }
+    if !row.host_enabled.0 {
+        return deny(DenyCode::HostDisabled);
+    }
+    if !row.user_enabled.0 {
+        return deny(DenyCode::UserDisabled);
+    }
+    if !row.connection_enabled.0 {
+        return deny(DenyCode::ConnectionDisabled);
+    }
+    if !row.gateway_enabled.0 {
+        return deny(DenyCode::GatewayDisabled);
+    }
+    let (Some(identity), Some(server_enabled), Some(scheme), Some(authority), Some(path)) = (
+        row.identity.as_deref(),
+        row.server_enabled,
+        row.upstream_scheme.as_deref(),
+        row.upstream_authority.as_ref(),
+        row.upstream_path.as_ref(),
+    ) else {
+        return deny(DenyCode::ServerNotExposed);
+    };
+    if !server_enabled.0 {
+        return deny(DenyCode::ServerDisabled);
+    }
+    if identity == "per_user" {
+        // Identities (the user's own downstream credential) are not stored yet, so no
+        // user has one: refuse rather than reach a per-user server as nobody.
+        return deny(DenyCode::IdentityMissing);
+    }
+    let scheme = if scheme == "https" {
+        Scheme::Https
+    } else {
+        Scheme::Http
+    };
+    CheckResponse::Allow {
+        upstream: Upstream {
+            scheme,
+            authority: authority.clone(),
+            base_path: path.clone(),
+        },
+        inject: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token() -> TokenHash {
+        TokenHash::of("mcpgt_example")
+    }
+
+    fn row() -> CheckRow {
+        CheckRow {
+            token_id: 1,
+            token_hash: token().to_hex(),
+            expires_at: None,
+            revoked_at: None,
+            connection_id: 2,
+            connection_enabled: DbBool(true),
+            host_enabled: DbBool(true),
+            user_enabled: DbBool(true),
+            gateway_slug: "eng".into(),
+            gateway_enabled: DbBool(true),
+            server_enabled: Some(DbBool(true)),
+            upstream_scheme: Some("https".into()),
+            upstream_authority: Some("api.example.com:443".into()),
+            upstream_path: Some("/mcp".into()),
+            identity: Some("shared".into()),
+        }
+    }
+
+    fn code(r: &CheckRow) -> Option<DenyCode> {
+        match decide(Some(r), &token(), "eng", 1_000) {
+            CheckResponse::Deny { code } => Some(code),
+            CheckResponse::Allow { .. } => None,
+        }
+    }
+
+    #[test]
+    fn a_live_token_on_its_gateway_is_allowed_to_the_upstream() {
+        let CheckResponse::Allow { upstream, inject } =
+            decide(Some(&row()), &token(), "eng", 1_000)
+        else {
+            panic!("expected allow");
+        };
+        assert_eq!(upstream.scheme, Scheme::Https);
+        assert_eq!(upstream.authority, "api.example.com:443");
+        assert_eq!(upstream.base_path, "/mcp");
+        assert!(inject.is_none());
+    }
+
+    #[test]
+    fn each_layer_refuses_with_its_own_code() {
+        let cases: Vec<(fn(&mut CheckRow), DenyCode)> = vec![
+            (
+                |r| r.token_hash = TokenHash::of("other").to_hex(),
+                DenyCode::TokenUnknown,
+            ),
+            (|r| r.revoked_at = Some(5), DenyCode::TokenRevoked),
+            (|r| r.expires_at = Some(1_000), DenyCode::TokenExpired),
+            (
+                |r| r.gateway_slug = "ops".into(),
+                DenyCode::TokenWrongGateway,
+            ),
+            (|r| r.host_enabled = DbBool(false), DenyCode::HostDisabled),
+            (|r| r.user_enabled = DbBool(false), DenyCode::UserDisabled),
+            (
+                |r| r.connection_enabled = DbBool(false),
+                DenyCode::ConnectionDisabled,
+            ),
+            (
+                |r| r.gateway_enabled = DbBool(false),
+                DenyCode::GatewayDisabled,
+            ),
+            (|r| r.identity = None, DenyCode::ServerNotExposed),
+            (
+                |r| {
+                    r.server_enabled = None;
+                    r.upstream_authority = None;
+                },
+                DenyCode::ServerNotExposed,
+            ),
+            (
+                |r| r.server_enabled = Some(DbBool(false)),
+                DenyCode::ServerDisabled,
+            ),
+            (
+                |r| r.identity = Some("per_user".into()),
+                DenyCode::IdentityMissing,
+            ),
+        ];
+        for (change, expected) in cases {
+            let mut r = row();
+            change(&mut r);
+            assert_eq!(code(&r), Some(expected));
+        }
+    }
+
+    #[test]
+    fn unknown_token_and_not_yet_expired_token() {
+        assert_eq!(
+            decide(None, &token(), "eng", 0),
+            CheckResponse::Deny {
+                code: DenyCode::TokenUnknown
+            }
+        );
+        let mut r = row();
+        r.expires_at = Some(1_001);
+        assert_eq!(code(&r), None);
+    }
+
+    #[test]
+    fn the_credential_layer_is_named_before_the_outer_layers() {
+        let mut r = row();
+        r.revoked_at = Some(1);
+        r.host_enabled = DbBool(false);
+        r.gateway_enabled = DbBool(false);
+        assert_eq!(code(&r), Some(DenyCode::TokenRevoked));
+    }
+}

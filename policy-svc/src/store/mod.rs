@@ -1,0 +1,127 @@
+//! The authoritative store, through sqlx's `Any` driver: SQLite by default, PostgreSQL
+//! for scale-out, one set of queries for both (`$N` placeholders, BIGINT unix-ms times,
+//! flags read through [`DbBool`]). Handlers never see sqlx types.
+
+pub mod admin;
+pub mod catalog;
+pub mod check;
+pub mod hosts;
+pub mod toggles;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sqlx::any::{AnyPoolOptions, AnyTypeInfo, AnyTypeInfoKind, AnyValueRef};
+use sqlx::{AnyConnection, AnyPool, Connection};
+
+pub type Db = AnyPool;
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A unique key already holds this value.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("database: {0}")]
+    Db(sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e.as_database_error() {
+            Some(d) if d.is_unique_violation() => StoreError::Conflict(d.message().to_owned()),
+            _ => StoreError::Db(e),
+        }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Opens the pool and brings the schema up to date.
+pub async fn open(url: &str, max_connections: u32) -> Result<Db> {
+    sqlx::any::install_default_drivers();
+    let sqlite = url.starts_with("sqlite:");
+    if sqlite {
+        // WAL lives in the file; switching to it needs an exclusive lock, so do it once
+        // before the pool opens rather than racing in every new connection.
+        let mut conn = AnyConnection::connect(url).await?;
+        sqlx::query("PRAGMA journal_mode = WAL")
+            .execute(&mut conn)
+            .await?;
+        conn.close().await?;
+    }
+    let pool = AnyPoolOptions::new()
+        .max_connections(max_connections)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                if conn.backend_name() == "SQLite" {
+                    sqlx::query("PRAGMA busy_timeout = 5000")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA synchronous = NORMAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA foreign_keys = ON")
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await?;
+    let migrations = if sqlite {
+        &SQLITE_MIGRATIONS
+    } else {
+        &POSTGRES_MIGRATIONS
+    };
+    migrations.run(&pool).await?;
+    Ok(pool)
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A flag column: INTEGER 0/1 on SQLite, BOOLEAN on PostgreSQL. Bind plain `bool`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DbBool(pub bool);
+
+impl sqlx::Type<sqlx::Any> for DbBool {
+    fn type_info() -> AnyTypeInfo {
+        <bool as sqlx::Type<sqlx::Any>>::type_info()
+    }
+
+    fn compatible(ty: &AnyTypeInfo) -> bool {
+        matches!(ty.kind(), AnyTypeInfoKind::Bool) || ty.kind().is_integer()
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Any> for DbBool {
+    fn decode(value: AnyValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        use sqlx::ValueRef;
+        if value.type_info().kind() == AnyTypeInfoKind::Bool {
+            Ok(DbBool(<bool as sqlx::Decode<sqlx::Any>>::decode(value)?))
+        } else {
+            Ok(DbBool(
+                <i64 as sqlx::Decode<sqlx::Any>>::decode(value)? != 0,
+            ))
+        }
+    }
+}
+
+impl serde::Serialize for DbBool {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bool(self.0)
+    }
+}
+
+pub async fn ping(db: &Db) -> Result<()> {
+    sqlx::query("SELECT 1").execute(db).await?;
+    Ok(())
+}

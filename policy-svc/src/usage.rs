@@ -1,0 +1,72 @@
+//! "Last used" times, recorded off the check path: the check hands uses to a channel
+//! and a background task writes them, coalesced, once a second.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::store::{self, Db};
+
+const QUEUE: usize = 16_384;
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+pub struct Usage {
+    tx: mpsc::Sender<(i64, i64)>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Usage {
+    /// Starts the writer. It flushes a last time and ends once every `Usage` is dropped.
+    pub fn spawn(db: Db) -> (Self, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let task = tokio::spawn(write_loop(db, rx));
+        (
+            Usage {
+                tx,
+                dropped: Arc::new(AtomicU64::new(0)),
+            },
+            task,
+        )
+    }
+
+    /// Never waits: when the writer falls behind, the use is counted as dropped (a
+    /// "last used" time may lag; a decision never does).
+    pub fn record(&self, token_id: i64, connection_id: i64) {
+        if self.tx.try_send((token_id, connection_id)).is_err() {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(dropped = n, "last-used updates dropped: writer behind");
+            }
+        }
+    }
+}
+
+async fn write_loop(db: Db, mut rx: mpsc::Receiver<(i64, i64)>) {
+    let mut pending: HashMap<i64, i64> = HashMap::new();
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    loop {
+        tokio::select! {
+            used = rx.recv() => match used {
+                Some((token, connection)) => { pending.insert(token, connection); }
+                None => break,
+            },
+            _ = tick.tick() => flush(&db, &mut pending).await,
+        }
+    }
+    flush(&db, &mut pending).await;
+}
+
+async fn flush(db: &Db, pending: &mut HashMap<i64, i64>) {
+    if pending.is_empty() {
+        return;
+    }
+    let uses: Vec<(i64, i64)> = pending.drain().collect();
+    if let Err(e) = store::hosts::record_last_used(db, &uses, store::now_ms()).await {
+        tracing::warn!(error = %e, count = uses.len(), "could not record last-used times");
+    }
+}
