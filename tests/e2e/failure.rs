@@ -1,0 +1,88 @@
+//! When the policy service cannot answer, the filter fails closed with 503.
+
+use std::time::{Duration, Instant};
+
+use mcpguard_e2e::mcp::{self, call_text, initialize_with};
+use mcpguard_e2e::{Envoy, EnvoyOptions, Stack};
+use serde_json::json;
+
+#[tokio::test]
+async fn policy_service_stopped_means_503_never_a_pass() {
+    let mut stack = Stack::start().await;
+    let p = stack
+        .admin()
+        .provision("eng", "demo", &stack.demo.upstream_url())
+        .await;
+    let url = stack.envoy.mcp_url("eng", "demo");
+    let session = mcp::connect(&url, Some(&p.token)).await.unwrap();
+
+    stack.policy.proc.kill();
+    let a = initialize_with(&url, Some(&p.token)).await;
+    assert_eq!((a.status, a.code().as_str()), (503, "policy_unavailable"));
+    let err = call_text(&session, "echo", json!({"text": "x"}))
+        .await
+        .expect_err("refused");
+    assert_eq!(mcp::status_of_service_error(&err), Some(503), "{err}");
+    assert!(
+        stack
+            .envoy
+            .stat("wasmcustom.mcpguard.denied.policy_unavailable")
+            .await
+            >= 2
+    );
+}
+
+#[tokio::test]
+async fn a_policy_service_too_slow_to_answer_means_503_within_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    // A check port that accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let hold = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            open.push(socket);
+        }
+    });
+    let opts = EnvoyOptions {
+        config: "envoy/mcpguard.yaml",
+        check_port: silent_port,
+        check_timeout_ms: Some(200),
+    };
+    let envoy = Envoy::start(&opts, dir.path()).await;
+    let token = mcpguard_core::token::format_token(
+        mcpguard_core::token::TokenKind::HostApi,
+        &"a".repeat(40),
+    )
+    .unwrap();
+
+    let started = Instant::now();
+    let a = initialize_with(&envoy.mcp_url("eng", "demo"), Some(&token)).await;
+    let took = started.elapsed();
+    assert_eq!((a.status, a.code().as_str()), (503, "policy_unavailable"));
+    assert!(
+        took >= Duration::from_millis(190),
+        "answered before the deadline: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "the deadline was not enforced: {took:?}"
+    );
+    hold.abort();
+}
+
+#[tokio::test]
+async fn a_policy_service_that_comes_back_is_used_again() {
+    let mut stack = Stack::start().await;
+    let p = stack
+        .admin()
+        .provision("eng", "demo", &stack.demo.upstream_url())
+        .await;
+    let url = stack.envoy.mcp_url("eng", "demo");
+    stack.policy.proc.kill();
+    assert_eq!(initialize_with(&url, Some(&p.token)).await.status, 503);
+
+    // Back on the same data and the same check port Envoy points at.
+    stack.policy.restart(stack.dir.path()).await;
+    assert_eq!(initialize_with(&url, Some(&p.token)).await.status, 200);
+}

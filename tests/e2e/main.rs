@@ -1,0 +1,10 @@
+//! End-to-end tests through real Envoy with the built `.wasm`, the real policy service
+//! and a real MCP server. Each test starts its own stack on free loopback ports.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod admin_api;
+mod envoy_config;
+mod failure;
+mod routing;
+mod tokens;

@@ -1,0 +1,151 @@
+//! A small client for the admin API, with helpers that assert success for setup steps.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+#[derive(Clone)]
+pub struct Admin {
+    pub base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+/// What `Admin::provision` made: a gateway exposing a server, and a token-based host
+/// with one token on that gateway.
+#[derive(Debug, Clone)]
+pub struct Provisioned {
+    pub gateway_id: i64,
+    pub server_id: i64,
+    pub host_id: i64,
+    pub token_id: i64,
+    pub connection_id: i64,
+    pub token: String,
+}
+
+impl Admin {
+    pub fn new(base: String, token: &str) -> Admin {
+        Admin {
+            base,
+            token: token.to_owned(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// The same API as another caller.
+    pub fn with_token(&self, token: &str) -> Admin {
+        Admin {
+            token: token.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    /// Any call; returns the status and the JSON body (`Null` when empty).
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("admin API reachable");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("admin API body");
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).expect("admin API answers JSON")
+        };
+        (status, body)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    async fn created(&self, path: &str, body: Value) -> Value {
+        let (status, v) = self.post(path, body).await;
+        assert_eq!(status, 201, "POST {path}: {v}");
+        v
+    }
+
+    pub async fn gateway(&self, slug: &str) -> i64 {
+        self.created(
+            "/api/v1/gateways",
+            json!({"name": format!("Gateway {slug}"), "slug": slug}),
+        )
+        .await["id"]
+            .as_i64()
+            .unwrap()
+    }
+
+    pub async fn server(&self, slug: &str, upstream_url: &str) -> i64 {
+        let body =
+            json!({"name": format!("Server {slug}"), "slug": slug, "upstream_url": upstream_url});
+        self.created("/api/v1/servers", body).await["id"]
+            .as_i64()
+            .unwrap()
+    }
+
+    pub async fn expose(&self, gateway_id: i64, server_id: i64) {
+        let path = format!("/api/v1/gateways/{gateway_id}/servers/{server_id}");
+        let (status, v) = self
+            .call(Method::PUT, &path, Some(json!({"identity": "shared"})))
+            .await;
+        assert_eq!(status, 200, "PUT {path}: {v}");
+    }
+
+    pub async fn host(&self, name: &str) -> i64 {
+        self.created("/api/v1/hosts", json!({"name": name})).await["id"]
+            .as_i64()
+            .unwrap()
+    }
+
+    /// Generates a token; returns the whole 201 body (which holds `token`).
+    pub async fn token(&self, host_id: i64, gateway_id: i64) -> Value {
+        self.created(
+            &format!("/api/v1/hosts/{host_id}/tokens"),
+            json!({"gateway_id": gateway_id}),
+        )
+        .await
+    }
+
+    pub async fn revoke(&self, token_id: i64) {
+        let (status, v) = self
+            .call(Method::DELETE, &format!("/api/v1/tokens/{token_id}"), None)
+            .await;
+        assert_eq!(status, 204, "revoking token {token_id}: {v}");
+    }
+
+    /// Break-glass toggle; asserts the call succeeded and returned the new state.
+    pub async fn set_enabled(&self, kind: &str, id: i64, enabled: bool) {
+        let verb = if enabled { "enable" } else { "disable" };
+        let (status, v) = self
+            .post(&format!("/api/v1/{kind}/{id}/{verb}"), json!({}))
+            .await;
+        assert_eq!(status, 200, "{verb} {kind} {id}: {v}");
+        assert_eq!(v["enabled"], enabled, "{v}");
+    }
+
+    /// A gateway `gateway` exposing a new server `server` at `upstream_url`, and a host
+    /// with one token on that gateway.
+    pub async fn provision(&self, gateway: &str, server: &str, upstream_url: &str) -> Provisioned {
+        let gateway_id = self.gateway(gateway).await;
+        let server_id = self.server(server, upstream_url).await;
+        self.expose(gateway_id, server_id).await;
+        let host_id = self.host(&format!("Agent for {gateway}")).await;
+        let t = self.token(host_id, gateway_id).await;
+        Provisioned {
+            gateway_id,
+            server_id,
+            host_id,
+            token_id: t["id"].as_i64().unwrap(),
+            connection_id: t["connection_id"].as_i64().unwrap(),
+            token: t["token"].as_str().unwrap().to_owned(),
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! The end-to-end harness: starts the real parts (policy service, demo MCP server,
+//! Envoy with the built `.wasm`) on free loopback ports, waits for each to be ready by
+//! polling, and stops them on `Drop`. Everything a test needs to talk to them is here.
+//!
+//! Binaries come from `target/debug` (build them with `make build`); Envoy from
+//! `$MCPGUARD_ENVOY`, else `.venv/bin/envoy`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod admin;
+pub mod mcp;
+pub mod procs;
+
+pub use admin::Admin;
+pub use procs::{Demo, Envoy, EnvoyOptions, Policy, Stack};
+
+use std::path::PathBuf;
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_path_buf()
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}

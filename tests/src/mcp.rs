@@ -1,0 +1,138 @@
+//! MCP clients through the gateway: the official Rust SDK for real sessions, and raw
+//! HTTP for looking at statuses, headers and bodies.
+
+use std::time::Duration;
+
+use rmcp::model::{CallToolRequestParams, ClientConfig};
+use rmcp::service::{ClientInitializeError, RunningService};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::{
+    StreamableHttpClientTransportConfig, StreamableHttpError,
+};
+use rmcp::{RoleClient, ServiceError, ServiceExt};
+use serde_json::{Value, json};
+
+pub type Client = RunningService<RoleClient, ClientConfig>;
+
+/// Connects (MCP `initialize`) with the official SDK client. On refusal, the HTTP status
+/// the gateway answered with, when the SDK exposes one.
+pub async fn connect(url: &str, token: Option<&str>) -> Result<Client, Option<u16>> {
+    let mut config = StreamableHttpClientTransportConfig::with_uri(url);
+    if let Some(t) = token {
+        config = config.auth_header(t);
+    }
+    let transport = StreamableHttpClientTransport::from_config(config);
+    match tokio::time::timeout(
+        Duration::from_secs(20),
+        ClientConfig::default().serve(transport),
+    )
+    .await
+    {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => Err(status_of_init_error(&e)),
+        Err(_) => panic!("MCP initialize through {url} hung for 20 s"),
+    }
+}
+
+/// `tools/call` returning the first text content.
+pub async fn call_text(client: &Client, tool: &str, args: Value) -> Result<String, ServiceError> {
+    let mut params = CallToolRequestParams::new(tool.to_owned());
+    if let Value::Object(map) = args {
+        params = params.with_arguments(map);
+    }
+    let result = client.call_tool(params).await?;
+    Ok(result
+        .content
+        .first()
+        .and_then(|c| c.as_text())
+        .map(|t| t.text.clone())
+        .unwrap_or_default())
+}
+
+/// The HTTP status behind a failed call, when the SDK exposes one.
+pub fn status_of_service_error(err: &ServiceError) -> Option<u16> {
+    match err {
+        ServiceError::TransportSend(e) => status_of_transport_error(e),
+        _ => None,
+    }
+}
+
+fn status_of_init_error(err: &ClientInitializeError) -> Option<u16> {
+    match err {
+        ClientInitializeError::TransportError { error, .. } => status_of_transport_error(error),
+        _ => None,
+    }
+}
+
+fn status_of_transport_error(err: &rmcp::transport::DynamicTransportError) -> Option<u16> {
+    use StreamableHttpError as E;
+    match err.error.downcast_ref::<E<reqwest::Error>>()? {
+        E::HttpStatus(s) => Some(s.status),
+        E::AuthRequired(_) => Some(401),
+        E::InsufficientScope(_) => Some(403),
+        E::Client(e) => e.status().map(|s| s.as_u16()),
+        // Other non-2xx answers come as "HTTP 403 Forbidden: <body>".
+        E::UnexpectedServerResponse(msg) => msg.strip_prefix("HTTP ")?.get(..3)?.parse().ok(),
+        _ => None,
+    }
+}
+
+/// A raw HTTP answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+
+    /// `error.code` of a refusal.
+    pub fn code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub fn initialize_body() -> Value {
+    json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "mcpguard-e2e", "version": "0"}}})
+}
+
+/// POSTs an MCP `initialize` with the given extra headers.
+pub async fn post_initialize(url: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut req = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .timeout(Duration::from_secs(10))
+        .body(initialize_body().to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.expect("gateway reachable");
+    Answer {
+        status: resp.status().as_u16(),
+        headers: resp.headers().clone(),
+        body: resp.text().await.unwrap_or_default(),
+    }
+}
+
+/// POSTs `initialize` with a bearer token (or none).
+pub async fn initialize_with(url: &str, token: Option<&str>) -> Answer {
+    match token {
+        Some(t) => post_initialize(url, &[("authorization", &format!("Bearer {t}"))]).await,
+        None => post_initialize(url, &[]).await,
+    }
+}

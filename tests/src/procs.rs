@@ -1,0 +1,408 @@
+//! Real processes on loopback ports, stopped on `Drop`.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Admin, free_port, workspace_root};
+
+/// The admin token every test stack bootstraps with.
+pub const ADMIN_TOKEN: &str = "mcpga_e2e-test-admin-token-000000000000000000";
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A child process whose output goes to a log file; killed on drop. When a test is
+/// failing, the end of the log is printed so the cause is in the test output.
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> Proc {
+        let log = log_dir.join(format!("{name}.log"));
+        let out = File::create(&log).expect("creating log file");
+        let err = out.try_clone().expect("cloning log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name} ({cmd:?}): {e}"));
+        Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    fn check_alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "{} exited early ({status}); log:\n{}",
+                self.name,
+                self.log_tail()
+            );
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the process now (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- last lines of {} ({}) ---\n{}",
+                self.name,
+                self.log.display(),
+                self.log_tail()
+            );
+        }
+        self.kill();
+    }
+}
+
+/// Polls `ready` until it holds, failing if the process dies or time runs out.
+async fn wait_until<F, Fut>(proc: &mut Proc, what: &str, mut ready: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        proc.check_alive();
+        if ready().await {
+            return;
+        }
+        assert!(
+            start.elapsed() < READY_TIMEOUT,
+            "{what} not ready after {READY_TIMEOUT:?}; log:\n{}",
+            proc.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn http_ok(url: &str) -> bool {
+    match reqwest::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+    {
+        Ok(r) => r.status().is_success(),
+        Err(_) => false,
+    }
+}
+
+fn binary(name: &str) -> PathBuf {
+    let path = workspace_root().join("target/debug").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `make build` (or `make test`)",
+        path.display()
+    );
+    path
+}
+
+pub struct Policy {
+    pub proc: Proc,
+    pub public_port: u16,
+    pub check_port: u16,
+    pub data_dir: PathBuf,
+}
+
+impl Policy {
+    pub async fn start(data_dir: &Path, log_dir: &Path) -> Policy {
+        Self::start_with(data_dir, log_dir, &[]).await
+    }
+
+    pub async fn start_with(data_dir: &Path, log_dir: &Path, env: &[(&str, &str)]) -> Policy {
+        Self::spawn(data_dir, log_dir, (free_port(), free_port()), env).await
+    }
+
+    /// Starts with no `MCPGUARD_BOOTSTRAP_ADMIN_TOKEN`, so the service generates one.
+    pub async fn start_generating_admin_token(data_dir: &Path, log_dir: &Path) -> Policy {
+        Self::spawn(
+            data_dir,
+            log_dir,
+            (free_port(), free_port()),
+            &[("MCPGUARD_BOOTSTRAP_ADMIN_TOKEN", "")],
+        )
+        .await
+    }
+
+    /// Stops the service (if running) and starts it again on the same ports and data.
+    pub async fn restart(&mut self, log_dir: &Path) {
+        self.proc.kill();
+        *self = Self::spawn(
+            &self.data_dir.clone(),
+            log_dir,
+            (self.public_port, self.check_port),
+            &[],
+        )
+        .await;
+    }
+
+    async fn spawn(
+        data_dir: &Path,
+        log_dir: &Path,
+        (public_port, check_port): (u16, u16),
+        env: &[(&str, &str)],
+    ) -> Policy {
+        let mut cmd = Command::new(binary("mcpguard-policy"));
+        cmd.arg("--public-listen")
+            .arg(format!("127.0.0.1:{public_port}"))
+            .arg("--check-listen")
+            .arg(format!("127.0.0.1:{check_port}"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("MCPGUARD_BOOTSTRAP_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("MCPGUARD_LOG", "info,mcpguard_policy=debug");
+        for (k, v) in env {
+            // An empty value means "unset" (for variables the harness sets by default).
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
+        }
+        let mut proc = Proc::spawn(
+            &format!("policy-{public_port}-{}", crate::free_port()),
+            cmd,
+            log_dir,
+        );
+        let (public, check) = (
+            format!("http://127.0.0.1:{public_port}/healthz"),
+            format!("http://127.0.0.1:{check_port}/healthz"),
+        );
+        wait_until(&mut proc, "policy service", || {
+            let (public, check) = (public.clone(), check.clone());
+            async move { http_ok(&public).await && http_ok(&check).await }
+        })
+        .await;
+        Policy {
+            proc,
+            public_port,
+            check_port,
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+
+    pub fn admin(&self) -> Admin {
+        Admin::new(
+            format!("http://127.0.0.1:{}", self.public_port),
+            ADMIN_TOKEN,
+        )
+    }
+}
+
+pub struct Demo {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Demo {
+    pub async fn start(log_dir: &Path) -> Demo {
+        let port = free_port();
+        let mut cmd = Command::new(binary("mcpguard-demo-mcp"));
+        cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));
+        let mut proc = Proc::spawn(&format!("demo-mcp-{port}"), cmd, log_dir);
+        wait_until(&mut proc, "demo MCP server", || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
+        Demo { proc, port }
+    }
+
+    pub fn upstream_url(&self) -> String {
+        format!("http://127.0.0.1:{}/mcp", self.port)
+    }
+}
+
+/// What a test may change in the shipped Envoy config.
+#[derive(Debug, Clone)]
+pub struct EnvoyOptions {
+    pub config: &'static str,
+    pub check_port: u16,
+    pub check_timeout_ms: Option<u64>,
+}
+
+pub struct Envoy {
+    pub proc: Proc,
+    pub port: u16,
+    pub admin_port: u16,
+}
+
+impl Envoy {
+    pub fn executable() -> PathBuf {
+        let path = std::env::var_os("MCPGUARD_ENVOY")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join(".venv/bin/envoy"));
+        assert!(
+            path.exists(),
+            "{} is missing: run `make envoy` (or `make test`)",
+            path.display()
+        );
+        path
+    }
+
+    pub fn wasm() -> PathBuf {
+        let path = workspace_root().join("target/wasm32-wasip1/release/mcpguard_filter.wasm");
+        assert!(
+            path.exists(),
+            "{} is missing: run `make build`",
+            path.display()
+        );
+        path
+    }
+
+    /// The shipped config with this test's ports and absolute paths, as JSON.
+    pub fn render(opts: &EnvoyOptions, port: u16, admin_port: u16) -> String {
+        let text = std::fs::read_to_string(workspace_root().join(opts.config))
+            .expect("reading envoy config");
+        let mut cfg: serde_yaml::Value = serde_yaml::from_str(&text).expect("envoy config is YAML");
+        cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port.into();
+        let resources = &mut cfg["static_resources"];
+        let listener = &mut resources["listeners"][0];
+        listener["address"]["socket_address"]["port_value"] = port.into();
+        let filters = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+            .as_sequence_mut()
+            .expect("http_filters");
+        let wasm = filters
+            .iter_mut()
+            .find(|f| f["name"] == "envoy.filters.http.wasm")
+            .expect("the wasm filter is configured");
+        let config = &mut wasm["typed_config"]["config"];
+        config["vm_config"]["code"]["local"]["filename"] =
+            Envoy::wasm().display().to_string().into();
+        if let Some(ms) = opts.check_timeout_ms {
+            let mut plugin: serde_json::Value = serde_json::from_str(
+                config["configuration"]["value"]
+                    .as_str()
+                    .expect("plugin config"),
+            )
+            .unwrap();
+            plugin["check_timeout_ms"] = ms.into();
+            config["configuration"]["value"] = plugin.to_string().into();
+        }
+        for cluster in resources["clusters"].as_sequence_mut().expect("clusters") {
+            if cluster["name"] == "mcpguard_policy" {
+                cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                    ["socket_address"]["port_value"] = opts.check_port.into();
+            }
+        }
+        serde_json::to_string_pretty(&cfg).expect("config as JSON")
+    }
+
+    pub async fn start(opts: &EnvoyOptions, log_dir: &Path) -> Envoy {
+        let (port, admin_port) = (free_port(), free_port());
+        let config_path = log_dir.join(format!("envoy-{port}.json"));
+        std::fs::write(&config_path, Self::render(opts, port, admin_port))
+            .expect("writing envoy config");
+        let mut cmd = Command::new(Self::executable());
+        cmd.arg("-c")
+            .arg(&config_path)
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "--log-level",
+                "info",
+            ])
+            .current_dir(workspace_root());
+        let mut proc = Proc::spawn(&format!("envoy-{port}"), cmd, log_dir);
+        let ready = format!("http://127.0.0.1:{admin_port}/ready");
+        wait_until(&mut proc, "envoy", || {
+            let ready = ready.clone();
+            async move { http_ok(&ready).await }
+        })
+        .await;
+        Envoy {
+            proc,
+            port,
+            admin_port,
+        }
+    }
+
+    pub fn mcp_url(&self, gateway: &str, server: &str) -> String {
+        format!("http://127.0.0.1:{}/mcp/{gateway}/{server}", self.port)
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// One counter from Envoy's `/stats` (0 when absent).
+    pub async fn stat(&self, name: &str) -> u64 {
+        let url = format!(
+            "http://127.0.0.1:{}/stats?filter=^{}$",
+            self.admin_port,
+            name.replace('.', "\\.")
+        );
+        let text = reqwest::get(&url)
+            .await
+            .expect("envoy admin")
+            .text()
+            .await
+            .expect("stats body");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// The whole local gateway: policy service, one demo MCP server and Envoy.
+pub struct Stack {
+    pub envoy: Envoy,
+    pub demo: Demo,
+    pub policy: Policy,
+    pub dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        Self::start_with_timeout(None).await
+    }
+
+    pub async fn start_with_timeout(check_timeout_ms: Option<u64>) -> Stack {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let policy = Policy::start(&dir.path().join("data"), dir.path()).await;
+        let demo = Demo::start(dir.path()).await;
+        let opts = EnvoyOptions {
+            config: "envoy/mcpguard.yaml",
+            check_port: policy.check_port,
+            check_timeout_ms,
+        };
+        let envoy = Envoy::start(&opts, dir.path()).await;
+        Stack {
+            envoy,
+            demo,
+            policy,
+            dir,
+        }
+    }
+
+    pub fn admin(&self) -> Admin {
+        self.policy.admin()
+    }
+}
