@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod admin_api;
+mod breakglass;
 mod envoy_config;
 mod failure;
 mod routing;

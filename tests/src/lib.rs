@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod mcp;
 pub mod procs;
+pub mod toggles;
 
 pub use admin::Admin;
 pub use procs::{Demo, Envoy, EnvoyOptions, Policy, Stack};

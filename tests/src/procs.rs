@@ -111,8 +111,13 @@ async fn http_ok(url: &str) -> bool {
     }
 }
 
+/// Our binaries: `target/debug`, or `$MCPGUARD_BIN_DIR` (e.g. `target/release` for
+/// benchmarks).
 fn binary(name: &str) -> PathBuf {
-    let path = workspace_root().join("target/debug").join(name);
+    let dir = std::env::var_os("MCPGUARD_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/debug"));
+    let path = dir.join(name);
     assert!(
         path.exists(),
         "{} is missing: run `make build` (or `make test`)",
@@ -219,10 +224,23 @@ pub struct Demo {
 }
 
 impl Demo {
+    /// Stateful: sessions and SSE responses, like most servers in the wild.
     pub async fn start(log_dir: &Path) -> Demo {
+        Self::spawn(log_dir, false).await
+    }
+
+    /// Stateless: each POST is answered on its own with JSON (for load runs).
+    pub async fn start_stateless(log_dir: &Path) -> Demo {
+        Self::spawn(log_dir, true).await
+    }
+
+    async fn spawn(log_dir: &Path, stateless: bool) -> Demo {
         let port = free_port();
         let mut cmd = Command::new(binary("mcpguard-demo-mcp"));
         cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));
+        if stateless {
+            cmd.arg("--stateless");
+        }
         let mut proc = Proc::spawn(&format!("demo-mcp-{port}"), cmd, log_dir);
         wait_until(&mut proc, "demo MCP server", || async move {
             tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -381,17 +399,22 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start() -> Stack {
-        Self::start_with_timeout(None).await
+        Self::start_opts(false).await
     }
 
-    pub async fn start_with_timeout(check_timeout_ms: Option<u64>) -> Stack {
+    /// With a stateless demo server, for load runs.
+    pub async fn start_stateless() -> Stack {
+        Self::start_opts(true).await
+    }
+
+    async fn start_opts(stateless: bool) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
         let policy = Policy::start(&dir.path().join("data"), dir.path()).await;
-        let demo = Demo::start(dir.path()).await;
+        let demo = Demo::spawn(dir.path(), stateless).await;
         let opts = EnvoyOptions {
             config: "envoy/mcpguard.yaml",
             check_port: policy.check_port,
-            check_timeout_ms,
+            check_timeout_ms: None,
         };
         let envoy = Envoy::start(&opts, dir.path()).await;
         Stack {

@@ -167,9 +167,11 @@ mod tests {
         assert!(inject.is_none());
     }
 
+    type Change = fn(&mut CheckRow);
+
     #[test]
     fn each_layer_refuses_with_its_own_code() {
-        let cases: Vec<(fn(&mut CheckRow), DenyCode)> = vec![
+        let cases: Vec<(Change, DenyCode)> = vec![
             (
                 |r| r.token_hash = TokenHash::of("other").to_hex(),
                 DenyCode::TokenUnknown,

