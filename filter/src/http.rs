@@ -142,6 +142,17 @@ impl Request {
     }
 }
 
+impl Request {
+    /// A value Envoy's `envoy.filters.http.mcp` parsed from the JSON-RPC body, if that
+    /// filter runs before this one and the body was MCP.
+    fn mcp_metadata(&self, key: &[&str]) -> Option<String> {
+        let mut path = vec!["metadata", "filter_metadata", "envoy.filters.http.mcp"];
+        path.extend_from_slice(key);
+        self.get_property(path)
+            .and_then(|v| String::from_utf8(v).ok())
+    }
+}
+
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         // Whatever happens next, a client can never choose a forwarding route itself.
@@ -155,12 +166,16 @@ impl HttpContext for Request {
         let scheme = self.get_http_request_header(":scheme");
         let authority = self.get_http_request_header(":authority");
         let authorization = self.get_http_request_header("authorization");
+        let mcp_method = self.mcp_metadata(&["method"]);
+        let tool = self.mcp_metadata(&["params", "name"]);
         let incoming = Incoming {
             path: &self.path,
             scheme: scheme.as_deref(),
             authority: authority.as_deref(),
             authorization: authorization.as_deref(),
             request_id: self.request_id.as_deref(),
+            mcp_method: mcp_method.as_deref(),
+            tool: tool.as_deref(),
         };
         match decide::start(&incoming, &config) {
             Start::PassThrough => Action::Continue,

@@ -1,8 +1,11 @@
 //! Admin authentication and capabilities. Access depends on capabilities only, never
 //! on a role's name.
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequestParts, Request};
+use axum::http::HeaderMap;
 use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::Response;
 use mcpguard_core::token::TokenHash;
 
 use crate::AppState;
@@ -63,47 +66,58 @@ impl std::fmt::Display for Capability {
     }
 }
 
-/// An authenticated admin API caller.
-#[derive(Debug)]
+/// An authenticated admin API caller, put in the request by [`authorize`].
+#[derive(Debug, Clone)]
 pub struct Admin {
     pub user_id: i64,
-    capabilities: Vec<Capability>,
+    pub capabilities: Vec<Capability>,
 }
 
-impl Admin {
-    /// Refuses with 403 `missing_capability` unless the caller holds `cap`. Call it
-    /// before reading or changing anything.
-    pub fn require(&self, cap: Capability) -> Result<(), ApiError> {
-        if self.capabilities.contains(&cap) {
-            Ok(())
-        } else {
-            Err(ApiError::MissingCapability(cap))
+/// The admin API's gate, in front of every admin endpoint: authenticates the bearer
+/// token and checks the endpoint's capability before the handler reads or changes
+/// anything. `None` means any authenticated admin.
+pub async fn authorize(
+    state: AppState,
+    required: Option<Capability>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let admin = authenticate(&state, req.headers()).await?;
+    if let Some(cap) = required.filter(|cap| !admin.capabilities.contains(cap)) {
+        tracing::warn!(user_id = admin.user_id, capability = cap.as_str(), path = %req.uri().path(), "admin call refused: missing capability");
+        return Err(ApiError::MissingCapability(cap));
+    }
+    req.extensions_mut().insert(admin);
+    Ok(next.run(req).await)
+}
+
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Admin, ApiError> {
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(mcpguard_core::bearer_token)
+        .ok_or(ApiError::Unauthenticated)?;
+    let presented = TokenHash::of(token);
+    match store::admin::authenticate(&state.db, &presented.to_hex()).await? {
+        Some(id) if TokenHash::from_hex(&id.token_hash).is_some_and(|h| h.ct_eq(&presented)) => {
+            Ok(Admin {
+                user_id: id.user_id,
+                capabilities: id.capabilities,
+            })
         }
+        _ => Err(ApiError::Unauthenticated),
     }
 }
 
-impl FromRequestParts<AppState> for Admin {
+impl<S: Send + Sync> FromRequestParts<S> for Admin {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(mcpguard_core::bearer_token)
-            .ok_or(ApiError::Unauthenticated)?;
-        let presented = TokenHash::of(token);
-        let found = store::admin::authenticate(&state.db, &presented.to_hex()).await?;
-        match found {
-            Some(id)
-                if TokenHash::from_hex(&id.token_hash).is_some_and(|h| h.ct_eq(&presented)) =>
-            {
-                Ok(Admin {
-                    user_id: id.user_id,
-                    capabilities: id.capabilities,
-                })
-            }
-            _ => Err(ApiError::Unauthenticated),
-        }
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        // Only present behind `authorize`; a handler outside the admin table gets none.
+        parts
+            .extensions
+            .get::<Admin>()
+            .cloned()
+            .ok_or(ApiError::Unauthenticated)
     }
 }

@@ -41,6 +41,10 @@ pub struct Config {
     #[arg(long, env = "MCPGUARD_DB_MAX_CONNECTIONS", default_value_t = 8)]
     pub db_max_connections: u32,
 
+    /// Days to keep audit entries; 0 keeps them forever.
+    #[arg(long, env = "MCPGUARD_AUDIT_RETENTION_DAYS", default_value_t = 90)]
+    pub audit_retention_days: u32,
+
     /// Log filter, in `tracing` EnvFilter syntax.
     #[arg(long, env = "MCPGUARD_LOG", default_value = "info")]
     pub log: String,

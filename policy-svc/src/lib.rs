@@ -1,6 +1,7 @@
 //! mcpguard policy service: the admin API on the public port and the filter's check
 //! endpoint on the check port, over one store.
 
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod error;
@@ -26,6 +27,8 @@ pub use usage::Usage;
 pub struct AppState {
     pub db: Db,
     pub usage: Usage,
+    pub audit: audit::Audit,
+    pub audit_retention_days: u32,
 }
 
 /// Opens the store, creates the owner on first start, and serves both ports until
@@ -46,7 +49,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(public = %config.public_listen, check = %config.check_listen, "mcpguard policy service listening");
 
     let (usage, usage_writer) = Usage::spawn(db.clone());
-    let state = AppState { db, usage };
+    let (audit, audit_writer) = audit::Audit::spawn(db.clone(), config.audit_retention_days);
+    let state = AppState {
+        db,
+        usage,
+        audit,
+        audit_retention_days: config.audit_retention_days,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -63,8 +72,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (public_result, check_result, ()) = tokio::join!(public_server, check_server, signal);
     public_result.context("public server")?;
     check_result.context("check server")?;
-    // Both routers (and so every `Usage` handle) are gone: the writer flushes and ends.
+    // Both routers (and so every handle) are gone: the writers flush and end.
     let _ = usage_writer.await;
+    let _ = audit_writer.await;
     Ok(())
 }
 

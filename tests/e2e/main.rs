@@ -4,8 +4,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod admin_api;
+mod audit;
 mod breakglass;
+mod capabilities;
 mod envoy_config;
+mod ext_authz;
 mod failure;
 mod routing;
 mod tokens;

@@ -1,8 +1,13 @@
 //! The break-glass proof: concurrent MCP requests through Envoy while layers are
-//! disabled and re-enabled, every request and toggle timed on one clock, then checked:
-//! no request that started after a disable returned (and before the matching enable
-//! was called) was allowed; every request that started after an enable returned (and
-//! before the next disable was called) was allowed; nothing failed for any other reason.
+//! disabled and re-enabled, every request and toggle timed on one clock, then checked.
+//! The check of a request happens somewhere between its start and its end, so each
+//! request is judged by its whole lifetime:
+//! - started after a disable returned and ended before the matching enable was called:
+//!   must be refused, by that layer (an allow is a *stale allow*);
+//! - started after an enable returned (or before any toggle) and ended before the next
+//!   disable was called: must be allowed;
+//! - lived across a toggle call: either answer is right; counted, not judged;
+//! - anything but 200 or 403 (5xx, transport errors) is a failure.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -57,8 +62,15 @@ pub struct Report {
     pub stale_allows: Vec<String>,
     /// Requests refused with a code other than the disabled layer's.
     pub wrong_codes: Vec<String>,
-    /// Requests refused although they started while every layer was enabled.
+    /// Requests refused although they lived wholly while every layer was enabled.
     pub not_restored: Vec<String>,
+    /// Requests that lived across a toggle call (either answer is right).
+    pub spanning: usize,
+    /// Requests judged: wholly inside a disabled window, or wholly while enabled.
+    pub judged_disabled: usize,
+    pub judged_enabled: usize,
+    /// Disabled windows in which no request was judged: nothing was proven there.
+    pub unproven_windows: usize,
     /// 5xx, transport errors, anything but 200 and 403.
     pub other_failures: Vec<String>,
     pub allowed_ms: Percentiles,
@@ -72,6 +84,7 @@ impl Report {
             && self.wrong_codes.is_empty()
             && self.not_restored.is_empty()
             && self.other_failures.is_empty()
+            && self.unproven_windows == 0
     }
 }
 
@@ -85,6 +98,16 @@ impl std::fmt::Display for Report {
             self.allowed,
             self.refused,
             self.elapsed.as_secs_f64()
+        )?;
+        writeln!(
+            f,
+            "judged: {} wholly inside a disabled window, {} wholly while enabled; {} lived across a toggle call (either answer is right)",
+            self.judged_disabled, self.judged_enabled, self.spanning
+        )?;
+        writeln!(
+            f,
+            "disabled windows with no request judged (must be 0): {}",
+            self.unproven_windows
         )?;
         writeln!(f, "stale allows (must be 0): {}", self.stale_allows.len())?;
         writeln!(f, "refused with the wrong code: {}", self.wrong_codes.len())?;
@@ -264,10 +287,23 @@ fn judge(outcomes: Vec<Outcome>, windows: &[Window], layers: &[Layer], began: In
         ..Report::default()
     };
     let (mut allowed_ms, mut refused_ms) = (Vec::new(), Vec::new());
+    // Every toggle call as (called, returned), in order.
+    let calls: Vec<(Instant, Instant)> = windows
+        .iter()
+        .flat_map(|w| {
+            [
+                (w.disable_called, w.disable_returned),
+                (w.enable_called, w.enable_returned),
+            ]
+        })
+        .collect();
+    let mut judged_per_window = vec![0usize; windows.len()];
     for o in &outcomes {
+        let end = o.start + o.took;
         let at = format!(
-            "t+{:.3}s status {} {}",
+            "t+{:.3}s..{:.3}s status {} {}",
             (o.start - began).as_secs_f64(),
+            (end - began).as_secs_f64(),
             o.status,
             o.code
         );
@@ -285,33 +321,51 @@ fn judge(outcomes: Vec<Outcome>, windows: &[Window], layers: &[Layer], began: In
                 continue;
             }
         }
-        // Inside a disabled window: must be refused by that layer.
-        if let Some(w) = windows
+        if calls
             .iter()
-            .find(|w| o.start > w.disable_returned && o.start < w.enable_called)
+            .any(|(called, returned)| o.start <= *returned && end >= *called)
         {
+            r.spanning += 1;
+            continue;
+        }
+        // Wholly inside a disabled window: must be refused by that layer.
+        if let Some((i, w)) = windows
+            .iter()
+            .enumerate()
+            .find(|(_, w)| o.start > w.disable_returned && end < w.enable_called)
+        {
+            judged_per_window[i] += 1;
+            r.judged_disabled += 1;
             let layer = &layers[w.layer];
             if o.status == 200 {
+                let after = (o.start - w.disable_returned).as_secs_f64() * 1e3;
                 r.stale_allows.push(format!(
-                    "{at} while {} {} was disabled",
+                    "{at}, started {after:.1} ms after disabling {} {} returned",
                     layer.kind, layer.id
                 ));
             } else if o.code != layer.code {
                 r.wrong_codes.push(format!("{at}, expected {}", layer.code));
             }
-            continue;
-        }
-        // Wholly enabled: before the first disable call, or after an enable returned
-        // and before the next disable call.
-        let enabled = match windows.iter().position(|w| o.start < w.disable_called) {
-            Some(0) => true,
-            Some(next) => o.start > windows[next - 1].enable_returned,
-            None => windows.last().is_none_or(|w| o.start > w.enable_returned),
-        };
-        if enabled && o.status != 200 {
-            r.not_restored.push(at);
+        } else if o.status == 200 {
+            r.judged_enabled += 1;
+        } else {
+            r.judged_enabled += 1;
+            // Touches no toggle call and no disabled window: every layer was enabled.
+            let since = windows
+                .iter()
+                .filter(|w| w.enable_returned < o.start)
+                .map(|w| {
+                    format!(
+                        ", started {:.1} ms after an enable returned",
+                        (o.start - w.enable_returned).as_secs_f64() * 1e3
+                    )
+                })
+                .next_back()
+                .unwrap_or_default();
+            r.not_restored.push(format!("{at}{since}"));
         }
     }
+    r.unproven_windows = judged_per_window.iter().filter(|n| **n == 0).count();
     r.allowed_ms = Percentiles::of(allowed_ms);
     r.refused_ms = Percentiles::of(refused_ms);
     r
@@ -334,14 +388,14 @@ mod tests {
         }
     }
 
-    /// One window: disable called at 10, returned at 20; enable called at 30, returned at 40.
+    /// One window: disable called at 10, returned at 20; enable called at 40, returned at 50.
     fn judged(outcomes: Vec<Outcome>, base: Instant) -> Report {
         let windows = [Window {
             layer: 0,
             disable_called: at(base, 10),
             disable_returned: at(base, 20),
-            enable_called: at(base, 30),
-            enable_returned: at(base, 40),
+            enable_called: at(base, 40),
+            enable_returned: at(base, 50),
         }];
         let layers = [Layer {
             kind: "hosts",
@@ -352,21 +406,26 @@ mod tests {
     }
 
     #[test]
-    fn a_clean_run_is_clean_and_requests_spanning_a_toggle_may_go_either_way() {
+    fn a_clean_run_is_clean_and_requests_across_a_toggle_may_go_either_way() {
         let b = Instant::now();
         let r = judged(
             vec![
                 outcome(b, 1, 200, ""),
-                outcome(b, 15, 200, ""), // started before disable returned
-                outcome(b, 15, 403, "host_disabled"), // likewise
-                outcome(b, 25, 403, "host_disabled"),
-                outcome(b, 35, 200, ""), // enable called, not yet returned
-                outcome(b, 45, 200, ""),
+                outcome(b, 9, 403, "host_disabled"), // across the disable call
+                outcome(b, 15, 200, ""),             // during the disable call
+                outcome(b, 25, 403, "host_disabled"), // wholly disabled
+                outcome(b, 39, 200, ""),             // across the enable call
+                outcome(b, 45, 403, "host_disabled"), // during the enable call
+                outcome(b, 55, 200, ""),             // wholly enabled again
             ],
             b,
         );
         assert!(r.is_clean(), "{r}");
-        assert_eq!((r.requests, r.allowed, r.refused), (6, 4, 2));
+        assert_eq!((r.requests, r.allowed, r.refused, r.spanning), (7, 4, 3, 4));
+        assert_eq!(
+            (r.judged_disabled, r.judged_enabled, r.unproven_windows),
+            (1, 2, 0)
+        );
     }
 
     #[test]
@@ -375,11 +434,11 @@ mod tests {
         let r = judged(
             vec![
                 outcome(b, 25, 200, ""),                   // stale allow
-                outcome(b, 26, 403, "gateway_disabled"),   // wrong layer named
-                outcome(b, 45, 403, "host_disabled"),      // not restored after enable
-                outcome(b, 5, 403, "host_disabled"),       // refused before any disable
-                outcome(b, 50, 503, "policy_unavailable"), // other failure
-                outcome(b, 51, 0, "connection reset"),     // transport error
+                outcome(b, 30, 403, "gateway_disabled"),   // wrong layer named
+                outcome(b, 55, 403, "host_disabled"),      // not restored after enable
+                outcome(b, 2, 403, "host_disabled"),       // refused before any toggle
+                outcome(b, 60, 503, "policy_unavailable"), // other failure
+                outcome(b, 61, 0, "connection reset"),     // transport error
             ],
             b,
         );
@@ -388,5 +447,13 @@ mod tests {
         assert_eq!(r.not_restored.len(), 2, "{r}");
         assert_eq!(r.other_failures.len(), 2, "{r}");
         assert!(!r.is_clean());
+    }
+
+    #[test]
+    fn a_window_in_which_nothing_was_judged_is_not_clean() {
+        let b = Instant::now();
+        let r = judged(vec![outcome(b, 1, 200, ""), outcome(b, 55, 200, "")], b);
+        assert_eq!(r.unproven_windows, 1);
+        assert!(!r.is_clean(), "{r}");
     }
 }

@@ -1,5 +1,7 @@
 //! The filter's per-request check. One read of the store, no cache.
 
+use std::time::Instant;
+
 use axum::Router;
 use axum::extract::State;
 use axum::routing::post;
@@ -9,7 +11,7 @@ use mcpguard_core::token::TokenHash;
 use crate::AppState;
 use crate::error::ApiError;
 use crate::extract::Json;
-use crate::store::{self, check};
+use crate::store::{self, audit::Event, check};
 
 pub fn routes() -> Router<AppState> {
     Router::new().route(CHECK_PATH, post(run))
@@ -19,22 +21,38 @@ async fn run(
     State(state): State<AppState>,
     Json(req): Json<CheckRequest>,
 ) -> Result<Json<CheckResponse>, ApiError> {
+    let started = Instant::now();
     let Credential::ApiToken { hash } = &req.credential;
     let presented = TokenHash::from_hex(hash).ok_or_else(|| {
         ApiError::bad_request("invalid_hash", "credential.hash must be 64 hex digits")
     })?;
     // A database error becomes a 500, which the filter turns into 503: fail closed.
     let row = check::load(&state.db, hash, &req.server).await?;
-    let decision = check::decide(row.as_ref(), &presented, &req.gateway, store::now_ms());
-    match (&decision, &row) {
-        (CheckResponse::Allow { .. }, Some(row)) => {
-            state.usage.record(row.token_id, row.connection_id);
-            tracing::debug!(gateway = %req.gateway, server = %req.server, connection_id = row.connection_id, request_id = ?req.request_id, "allow");
-        }
-        (CheckResponse::Deny { code }, _) => {
-            tracing::info!(gateway = %req.gateway, server = %req.server, code = code.as_str(), connection_id = ?row.as_ref().map(|r| r.connection_id), request_id = ?req.request_id, "deny");
-        }
-        (CheckResponse::Allow { .. }, None) => {}
+    let now = store::now_ms();
+    let decision = check::decide(row.as_ref(), &presented, &req.gateway, now);
+    let (action, code) = match &decision {
+        CheckResponse::Allow { .. } => ("allow", None),
+        CheckResponse::Deny { code } => ("deny", Some(code.as_str())),
+    };
+    if let (CheckResponse::Allow { .. }, Some(row)) = (&decision, &row) {
+        state.usage.record(row.token_id, row.connection_id);
     }
+    tracing::debug!(gateway = %req.gateway, server = %req.server, action, code, connection_id = ?row.as_ref().map(|r| r.connection_id), request_id = ?req.request_id, "check");
+    state.audit.decision(Event {
+        at: now,
+        kind: "decision".into(),
+        action: action.into(),
+        code: code.map(str::to_owned),
+        host_id: row.as_ref().map(|r| r.host_id),
+        user_id: row.as_ref().map(|r| r.user_id),
+        connection_id: row.as_ref().map(|r| r.connection_id),
+        gateway: Some(req.gateway),
+        server: Some(req.server),
+        mcp_method: req.mcp_method,
+        tool: req.tool,
+        latency_us: i64::try_from(started.elapsed().as_micros()).ok(),
+        request_id: req.request_id,
+        ..Event::default()
+    });
     Ok(Json(decision))
 }

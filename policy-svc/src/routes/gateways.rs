@@ -1,10 +1,10 @@
 //! Gateways, the servers they expose, and their connections.
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, put};
 use serde::Deserialize;
+
+use super::{Endpoint, Verb, audit_admin, endpoint, state_of};
 
 use crate::AppState;
 use crate::auth::{Admin, Capability};
@@ -12,15 +12,36 @@ use crate::error::ApiError;
 use crate::extract::{Json, Path};
 use crate::store::{StoreError, catalog, hosts};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/gateways", get(list).post(create))
-        .route("/api/v1/gateways/{id}/servers", get(list_exposures))
-        .route(
+pub fn endpoints() -> Vec<Endpoint> {
+    let manage = Some(Capability::GatewaysManage);
+    vec![
+        endpoint(Verb::Post, "/api/v1/gateways", manage, create),
+        endpoint(Verb::Get, "/api/v1/gateways", None, list),
+        endpoint(
+            Verb::Get,
+            "/api/v1/gateways/{id}/servers",
+            None,
+            list_exposures,
+        ),
+        endpoint(
+            Verb::Put,
             "/api/v1/gateways/{id}/servers/{server_id}",
-            put(expose).delete(hide),
-        )
-        .route("/api/v1/gateways/{id}/connections", get(connections))
+            manage,
+            expose,
+        ),
+        endpoint(
+            Verb::Delete,
+            "/api/v1/gateways/{id}/servers/{server_id}",
+            manage,
+            hide,
+        ),
+        endpoint(
+            Verb::Get,
+            "/api/v1/gateways/{id}/connections",
+            None,
+            connections,
+        ),
+    ]
 }
 
 #[derive(Deserialize)]
@@ -35,11 +56,21 @@ async fn create(
     admin: Admin,
     Json(body): Json<NewGateway>,
 ) -> Result<(StatusCode, Json<catalog::Gateway>), ApiError> {
-    admin.require(Capability::GatewaysManage)?;
     let name = super::validate_name(&body.name)?;
     let slug = super::validate_slug(&body.slug)?;
     match catalog::create_gateway(&state.db, name, slug).await {
-        Ok(g) => Ok((StatusCode::CREATED, Json(g))),
+        Ok(g) => {
+            audit_admin(
+                &state,
+                &admin,
+                "gateway.create",
+                format!("gateways/{}", g.id),
+                None,
+                state_of(&g),
+            )
+            .await?;
+            Ok((StatusCode::CREATED, Json(g)))
+        }
         Err(StoreError::Conflict(_)) => Err(ApiError::conflict(
             "slug_taken",
             format!("a gateway with slug {slug:?} exists"),
@@ -48,10 +79,7 @@ async fn create(
     }
 }
 
-async fn list(
-    State(state): State<AppState>,
-    _admin: Admin,
-) -> Result<Json<Vec<catalog::Gateway>>, ApiError> {
+async fn list(State(state): State<AppState>) -> Result<Json<Vec<catalog::Gateway>>, ApiError> {
     Ok(Json(catalog::list_gateways(&state.db).await?))
 }
 
@@ -78,7 +106,6 @@ async fn expose(
     Path((gateway_id, server_id)): Path<(i64, i64)>,
     Json(body): Json<Exposure>,
 ) -> Result<Json<catalog::Exposure>, ApiError> {
-    admin.require(Capability::GatewaysManage)?;
     if body.credential.is_some() {
         return Err(ApiError::unprocessable(
             "credential_unsupported",
@@ -93,9 +120,28 @@ async fn expose(
         Identity::Shared => "shared",
         Identity::PerUser => "per_user",
     };
-    Ok(Json(
-        catalog::expose(&state.db, gateway_id, server_id, identity).await?,
-    ))
+    let before = find_exposure(&state, gateway_id, server_id).await?;
+    let exposure = catalog::expose(&state.db, gateway_id, server_id, identity).await?;
+    let target = format!("gateways/{gateway_id}/servers/{server_id}");
+    audit_admin(
+        &state,
+        &admin,
+        "gateway.expose",
+        target,
+        before.as_ref().and_then(state_of),
+        state_of(&exposure),
+    )
+    .await?;
+    Ok(Json(exposure))
+}
+
+async fn find_exposure(
+    state: &AppState,
+    gateway_id: i64,
+    server_id: i64,
+) -> Result<Option<catalog::Exposure>, ApiError> {
+    let all = catalog::list_exposures(&state.db, gateway_id).await?;
+    Ok(all.into_iter().find(|e| e.server_id == server_id))
 }
 
 async fn hide(
@@ -103,8 +149,18 @@ async fn hide(
     admin: Admin,
     Path((gateway_id, server_id)): Path<(i64, i64)>,
 ) -> Result<StatusCode, ApiError> {
-    admin.require(Capability::GatewaysManage)?;
+    let before = find_exposure(&state, gateway_id, server_id).await?;
     if catalog::hide(&state.db, gateway_id, server_id).await? {
+        let target = format!("gateways/{gateway_id}/servers/{server_id}");
+        audit_admin(
+            &state,
+            &admin,
+            "gateway.hide",
+            target,
+            before.as_ref().and_then(state_of),
+            None,
+        )
+        .await?;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound("exposure"))
@@ -113,7 +169,6 @@ async fn hide(
 
 async fn list_exposures(
     State(state): State<AppState>,
-    _admin: Admin,
     Path(gateway_id): Path<i64>,
 ) -> Result<Json<Vec<catalog::Exposure>>, ApiError> {
     require_gateway(&state, gateway_id).await?;
@@ -122,7 +177,6 @@ async fn list_exposures(
 
 async fn connections(
     State(state): State<AppState>,
-    _admin: Admin,
     Path(gateway_id): Path<i64>,
 ) -> Result<Json<Vec<hosts::Connection>>, ApiError> {
     require_gateway(&state, gateway_id).await?;

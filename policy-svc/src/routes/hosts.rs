@@ -1,12 +1,11 @@
 //! Token-based hosts and their API access tokens.
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{delete, get};
 use mcpguard_core::token::{TokenHash, TokenKind, display_prefix};
 use serde::{Deserialize, Serialize};
 
+use super::{Endpoint, Verb, audit_admin, endpoint, state_of};
 use crate::AppState;
 use crate::auth::{Admin, Capability};
 use crate::error::ApiError;
@@ -14,14 +13,20 @@ use crate::extract::{Json, Path};
 use crate::store::{admin as users, catalog, hosts, now_ms};
 use crate::{secrets, timefmt};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/hosts", get(list).post(create))
-        .route(
+pub fn endpoints() -> Vec<Endpoint> {
+    let manage = Some(Capability::TokensManage);
+    vec![
+        endpoint(Verb::Post, "/api/v1/hosts", manage, create),
+        endpoint(Verb::Get, "/api/v1/hosts", None, list),
+        endpoint(
+            Verb::Post,
             "/api/v1/hosts/{id}/tokens",
-            get(list_tokens).post(create_token),
-        )
-        .route("/api/v1/tokens/{id}", delete(revoke_token))
+            manage,
+            create_token,
+        ),
+        endpoint(Verb::Get, "/api/v1/hosts/{id}/tokens", manage, list_tokens),
+        endpoint(Verb::Delete, "/api/v1/tokens/{id}", manage, revoke_token),
+    ]
 }
 
 #[derive(Deserialize)]
@@ -35,18 +40,21 @@ async fn create(
     admin: Admin,
     Json(body): Json<NewHost>,
 ) -> Result<(StatusCode, Json<hosts::Host>), ApiError> {
-    admin.require(Capability::TokensManage)?;
     let name = super::validate_name(&body.name)?;
-    Ok((
-        StatusCode::CREATED,
-        Json(hosts::create_token_host(&state.db, name).await?),
-    ))
+    let host = hosts::create_token_host(&state.db, name).await?;
+    audit_admin(
+        &state,
+        &admin,
+        "host.create",
+        format!("hosts/{}", host.id),
+        None,
+        state_of(&host),
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(host)))
 }
 
-async fn list(
-    State(state): State<AppState>,
-    _admin: Admin,
-) -> Result<Json<Vec<hosts::Host>>, ApiError> {
+async fn list(State(state): State<AppState>) -> Result<Json<Vec<hosts::Host>>, ApiError> {
     Ok(Json(hosts::list_hosts(&state.db).await?))
 }
 
@@ -76,7 +84,6 @@ async fn create_token(
     Path(host_id): Path<i64>,
     Json(body): Json<NewToken>,
 ) -> Result<(StatusCode, Json<IssuedToken>), ApiError> {
-    admin.require(Capability::TokensManage)?;
     let host = hosts::get_host(&state.db, host_id)
         .await?
         .ok_or(ApiError::NotFound("host"))?;
@@ -132,15 +139,23 @@ async fn create_token(
     )
     .await?;
     tracing::info!(token_id = meta.id, host_id, connection_id, prefix = %meta.prefix, "API token issued");
+    // The metadata only: the secret is never written anywhere but this one response.
+    audit_admin(
+        &state,
+        &admin,
+        "token.create",
+        format!("tokens/{}", meta.id),
+        None,
+        state_of(&meta),
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(IssuedToken { meta, token })))
 }
 
 async fn list_tokens(
     State(state): State<AppState>,
-    admin: Admin,
     Path(host_id): Path<i64>,
 ) -> Result<Json<Vec<hosts::ApiToken>>, ApiError> {
-    admin.require(Capability::TokensManage)?;
     hosts::get_host(&state.db, host_id)
         .await?
         .ok_or(ApiError::NotFound("host"))?;
@@ -152,9 +167,21 @@ async fn revoke_token(
     admin: Admin,
     Path(id): Path<i64>,
 ) -> Result<StatusCode, ApiError> {
-    admin.require(Capability::TokensManage)?;
+    let before = hosts::get_token(&state.db, id)
+        .await?
+        .ok_or(ApiError::NotFound("token"))?;
     if hosts::revoke_token(&state.db, id).await? {
         tracing::info!(token_id = id, "API token revoked");
+        let after = hosts::get_token(&state.db, id).await?;
+        audit_admin(
+            &state,
+            &admin,
+            "token.revoke",
+            format!("tokens/{id}"),
+            state_of(&before),
+            after.as_ref().and_then(state_of),
+        )
+        .await?;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound("token"))

@@ -1,25 +1,113 @@
 //! HTTP routes, one module per resource, merged here.
 
+mod audit;
 mod check;
+mod ext_authz;
 mod gateways;
 mod hosts;
 mod servers;
 mod toggles;
+mod users;
 
 use axum::Router;
-use axum::routing::get;
+use axum::extract::{Request, State};
+use axum::handler::Handler;
+use axum::middleware::Next;
+use axum::routing::{MethodRouter, delete, get, post, put};
+use serde::Serialize;
 
 use crate::AppState;
+use crate::auth::{self, Capability};
 use crate::error::ApiError;
+use crate::extract::Json;
 
-/// The public port: admin API (and, later, OAuth pages).
+/// One admin API endpoint and the capability it needs (`None`: any authenticated
+/// admin). The router is built from this table and nothing else, with the capability
+/// checked in front of each handler, so an endpoint cannot exist without declaring
+/// what it requires; `GET /api/v1/endpoints` serves the table.
+pub struct Endpoint {
+    pub method: Verb,
+    pub path: &'static str,
+    pub capability: Option<Capability>,
+    handler: MethodRouter<AppState>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Verb {
+    Get,
+    Post,
+    Put,
+    Delete,
+}
+
+pub fn endpoint<H, T>(
+    method: Verb,
+    path: &'static str,
+    capability: Option<Capability>,
+    handler: H,
+) -> Endpoint
+where
+    H: Handler<T, AppState>,
+    T: 'static,
+{
+    let handler = match method {
+        Verb::Get => get(handler),
+        Verb::Post => post(handler),
+        Verb::Put => put(handler),
+        Verb::Delete => delete(handler),
+    };
+    Endpoint {
+        method,
+        path,
+        capability,
+        handler,
+    }
+}
+
+/// Every admin endpoint.
+pub fn admin_api() -> Vec<Endpoint> {
+    let mut all = vec![endpoint(Verb::Get, "/api/v1/endpoints", None, catalog)];
+    all.extend(gateways::endpoints());
+    all.extend(servers::endpoints());
+    all.extend(hosts::endpoints());
+    all.extend(toggles::endpoints());
+    all.extend(users::endpoints());
+    all.extend(audit::endpoints());
+    all
+}
+
+#[derive(Serialize)]
+struct EndpointInfo {
+    method: Verb,
+    path: &'static str,
+    capability: Option<&'static str>,
+}
+
+async fn catalog() -> Json<Vec<EndpointInfo>> {
+    Json(
+        admin_api()
+            .iter()
+            .map(|e| EndpointInfo {
+                method: e.method,
+                path: e.path,
+                capability: e.capability.map(Capability::as_str),
+            })
+            .collect(),
+    )
+}
+
+/// The public port: the admin API (and, later, OAuth pages).
 pub fn public(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .merge(gateways::routes())
-        .merge(servers::routes())
-        .merge(hosts::routes())
-        .merge(toggles::routes())
+    let mut router = Router::new().route("/healthz", get(healthz));
+    for e in admin_api() {
+        let (gate_state, required) = (state.clone(), e.capability);
+        let gate = axum::middleware::from_fn(move |req: Request, next: Next| {
+            auth::authorize(gate_state.clone(), required, req, next)
+        });
+        router = router.route(e.path, e.handler.route_layer(gate));
+    }
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -28,15 +116,14 @@ pub fn public(state: AppState) -> Router {
 /// The check port: only the filter's callouts.
 pub fn check(state: AppState) -> Router {
     check::routes()
+        .merge(ext_authz::routes())
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
-async fn healthz(
-    axum::extract::State(state): axum::extract::State<AppState>,
-) -> Result<axum::Json<serde_json::Value>, ApiError> {
+async fn healthz(State(state): State<AppState>) -> Result<axum::Json<serde_json::Value>, ApiError> {
     crate::store::ping(&state.db).await?;
     Ok(axum::Json(serde_json::json!({"status": "ok"})))
 }
@@ -70,4 +157,24 @@ pub(crate) fn validate_slug(slug: &str) -> Result<&str, ApiError> {
             "slug must be 1 to 63 lowercase letters, digits or inner hyphens",
         ))
     }
+}
+
+/// Records an admin action (who, what, before, after) before the call returns.
+pub(crate) async fn audit_admin(
+    state: &AppState,
+    admin: &auth::Admin,
+    action: &str,
+    target: String,
+    before: Option<serde_json::Value>,
+    after: Option<serde_json::Value>,
+) -> Result<(), ApiError> {
+    Ok(state
+        .audit
+        .admin(admin.user_id, action, target, before, after)
+        .await?)
+}
+
+/// A value as audit state; the types written here always serialize.
+pub(crate) fn state_of<T: Serialize>(value: &T) -> Option<serde_json::Value> {
+    serde_json::to_value(value).ok()
 }

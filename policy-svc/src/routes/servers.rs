@@ -1,10 +1,10 @@
 //! Upstream MCP servers.
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
 use serde::{Deserialize, Serialize};
+
+use super::{Endpoint, Verb, audit_admin, endpoint, state_of};
 
 use crate::AppState;
 use crate::auth::{Admin, Capability};
@@ -12,8 +12,16 @@ use crate::error::ApiError;
 use crate::extract::Json;
 use crate::store::{StoreError, catalog};
 
-pub fn routes() -> Router<AppState> {
-    Router::new().route("/api/v1/servers", get(list).post(create))
+pub fn endpoints() -> Vec<Endpoint> {
+    vec![
+        endpoint(
+            Verb::Post,
+            "/api/v1/servers",
+            Some(Capability::ServersManage),
+            create,
+        ),
+        endpoint(Verb::Get, "/api/v1/servers", None, list),
+    ]
 }
 
 #[derive(Deserialize)]
@@ -46,12 +54,24 @@ async fn create(
     admin: Admin,
     Json(body): Json<NewServer>,
 ) -> Result<(StatusCode, Json<ServerView>), ApiError> {
-    admin.require(Capability::ServersManage)?;
     let name = super::validate_name(&body.name)?;
     let slug = super::validate_slug(&body.slug)?;
     let upstream = parse_upstream(&body.upstream_url)?;
     match catalog::create_server(&state.db, name, slug, &upstream).await {
-        Ok(s) => Ok((StatusCode::CREATED, Json(s.into()))),
+        Ok(s) => {
+            let view = ServerView::from(s);
+            let target = format!("servers/{}", view.server.id);
+            audit_admin(
+                &state,
+                &admin,
+                "server.create",
+                target,
+                None,
+                state_of(&view),
+            )
+            .await?;
+            Ok((StatusCode::CREATED, Json(view)))
+        }
         Err(StoreError::Conflict(_)) => Err(ApiError::conflict(
             "slug_taken",
             format!("a server with slug {slug:?} exists"),
@@ -60,10 +80,7 @@ async fn create(
     }
 }
 
-async fn list(
-    State(state): State<AppState>,
-    _admin: Admin,
-) -> Result<Json<Vec<ServerView>>, ApiError> {
+async fn list(State(state): State<AppState>) -> Result<Json<Vec<ServerView>>, ApiError> {
     let servers = catalog::list_servers(&state.db).await?;
     Ok(Json(servers.into_iter().map(Into::into).collect()))
 }

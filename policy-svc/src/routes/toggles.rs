@@ -1,20 +1,39 @@
-//! Break-glass: `POST /api/v1/{kind}/{id}/disable|enable`.
+//! Break-glass: `POST /api/v1/{kind}/{id}/disable|enable`, each kind behind its own
+//! capability.
 
-use axum::Router;
 use axum::extract::State;
-use axum::routing::post;
 use serde::Serialize;
+use serde_json::json;
 
+use super::{Endpoint, Verb, audit_admin, endpoint};
 use crate::AppState;
 use crate::auth::{Admin, Capability};
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
 use crate::store::toggles::{self, Layer};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/{kind}/{id}/disable", post(disable))
-        .route("/api/v1/{kind}/{id}/enable", post(enable))
+pub fn endpoints() -> Vec<Endpoint> {
+    let mut all = Vec::new();
+    for (layer, cap) in [
+        (Layer::Hosts, Capability::HostsToggle),
+        (Layer::Connections, Capability::ConnectionsToggle),
+        (Layer::Servers, Capability::ServersToggle),
+        (Layer::Gateways, Capability::GatewaysToggle),
+        (Layer::Users, Capability::UsersManage),
+    ] {
+        for enabled in [false, true] {
+            let handler = move |state: State<AppState>, admin: Admin, Path(id): Path<i64>| {
+                set(state, admin, layer, id, enabled)
+            };
+            all.push(endpoint(
+                Verb::Post,
+                layer.toggle_path(enabled),
+                Some(cap),
+                handler,
+            ));
+        }
+    }
+    all
 }
 
 #[derive(Serialize)]
@@ -25,35 +44,13 @@ struct Toggled {
     was_enabled: bool,
 }
 
-async fn disable(
-    state: State<AppState>,
-    admin: Admin,
-    path: Path<(String, i64)>,
-) -> Result<Json<Toggled>, ApiError> {
-    set(state, admin, path, false).await
-}
-
-async fn enable(
-    state: State<AppState>,
-    admin: Admin,
-    path: Path<(String, i64)>,
-) -> Result<Json<Toggled>, ApiError> {
-    set(state, admin, path, true).await
-}
-
 async fn set(
     State(state): State<AppState>,
     admin: Admin,
-    Path((kind, id)): Path<(String, i64)>,
+    layer: Layer,
+    id: i64,
     enabled: bool,
 ) -> Result<Json<Toggled>, ApiError> {
-    let layer = Layer::parse(&kind).ok_or(ApiError::NotFound("route"))?;
-    admin.require(match layer {
-        Layer::Hosts => Capability::HostsToggle,
-        Layer::Connections => Capability::ConnectionsToggle,
-        Layer::Servers => Capability::ServersToggle,
-        Layer::Gateways => Capability::GatewaysToggle,
-    })?;
     let was_enabled = toggles::set_enabled(&state.db, layer, id, enabled)
         .await?
         .ok_or(ApiError::NotFound(layer.noun()))?;
@@ -65,6 +62,21 @@ async fn set(
         actor = admin.user_id,
         "break-glass toggle"
     );
+    let action = format!(
+        "{}.{}",
+        layer.noun(),
+        if enabled { "enable" } else { "disable" }
+    );
+    let target = format!("{}/{id}", layer.as_str());
+    audit_admin(
+        &state,
+        &admin,
+        &action,
+        target,
+        Some(json!({"enabled": was_enabled})),
+        Some(json!({"enabled": enabled})),
+    )
+    .await?;
     Ok(Json(Toggled {
         kind: layer.as_str(),
         id,

@@ -92,3 +92,184 @@ pub async fn user_exists(db: &Db, user_id: i64) -> Result<bool> {
         .await?;
     Ok(n > 0)
 }
+
+#[derive(Debug, serde::Serialize)]
+pub struct Role {
+    pub id: i64,
+    pub name: String,
+    pub capabilities: Vec<String>,
+    #[serde(serialize_with = "crate::timefmt::rfc3339")]
+    pub created_at: i64,
+}
+
+pub async fn create_role(db: &Db, name: &str, caps: &[Capability]) -> Result<Role> {
+    let now = now_ms();
+    let mut tx = db.begin().await?;
+    let id: i64 =
+        sqlx::query_scalar("INSERT INTO roles (name, created_at) VALUES ($1, $2) RETURNING id")
+            .bind(name)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+    for cap in caps {
+        sqlx::query("INSERT INTO role_capabilities (role_id, capability) VALUES ($1, $2)")
+            .bind(id)
+            .bind(cap.as_str())
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(Role {
+        id,
+        name: name.to_owned(),
+        capabilities: names(caps),
+        created_at: now,
+    })
+}
+
+fn names(caps: &[Capability]) -> Vec<String> {
+    let mut names: Vec<String> = caps.iter().map(|c| c.as_str().to_owned()).collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Replaces a role's capabilities; `None` if there is no such role.
+pub async fn set_role_capabilities(db: &Db, id: i64, caps: &[Capability]) -> Result<Option<Role>> {
+    let mut tx = super::begin_write(db).await?;
+    let row: Option<(String, i64)> =
+        sqlx::query_as("SELECT name, created_at FROM roles WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((name, created_at)) = row else {
+        return Ok(None);
+    };
+    sqlx::query("DELETE FROM role_capabilities WHERE role_id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    for cap in names(caps) {
+        sqlx::query("INSERT INTO role_capabilities (role_id, capability) VALUES ($1, $2)")
+            .bind(id)
+            .bind(cap)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(Some(Role {
+        id,
+        name,
+        capabilities: names(caps),
+        created_at,
+    }))
+}
+
+pub async fn get_role(db: &Db, id: i64) -> Result<Option<Role>> {
+    Ok(list_roles(db).await?.into_iter().find(|r| r.id == id))
+}
+
+pub async fn list_roles(db: &Db) -> Result<Vec<Role>> {
+    let roles: Vec<(i64, String, i64)> =
+        sqlx::query_as("SELECT id, name, created_at FROM roles ORDER BY id")
+            .fetch_all(db)
+            .await?;
+    let caps: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT role_id, capability FROM role_capabilities ORDER BY role_id, capability",
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(roles
+        .into_iter()
+        .map(|(id, name, created_at)| Role {
+            id,
+            name,
+            capabilities: caps
+                .iter()
+                .filter(|(r, _)| *r == id)
+                .map(|(_, c)| c.clone())
+                .collect(),
+            created_at,
+        })
+        .collect())
+}
+
+#[derive(Debug, serde::Serialize, sqlx::FromRow)]
+pub struct User {
+    pub id: i64,
+    pub name: String,
+    pub role_id: i64,
+    pub enabled: DbBool,
+    #[serde(serialize_with = "crate::timefmt::rfc3339")]
+    pub created_at: i64,
+}
+
+pub async fn create_user(db: &Db, name: &str, role_id: i64) -> Result<User> {
+    Ok(sqlx::query_as(
+        "INSERT INTO users (name, role_id, enabled, created_at) VALUES ($1, $2, $3, $4)
+         RETURNING id, name, role_id, enabled, created_at",
+    )
+    .bind(name)
+    .bind(role_id)
+    .bind(true)
+    .bind(now_ms())
+    .fetch_one(db)
+    .await?)
+}
+
+pub async fn list_users(db: &Db) -> Result<Vec<User>> {
+    Ok(
+        sqlx::query_as("SELECT id, name, role_id, enabled, created_at FROM users ORDER BY id")
+            .fetch_all(db)
+            .await?,
+    )
+}
+
+#[derive(Debug, serde::Serialize, sqlx::FromRow)]
+pub struct AdminToken {
+    pub id: i64,
+    pub user_id: i64,
+    pub prefix: String,
+    #[serde(serialize_with = "crate::timefmt::rfc3339")]
+    pub created_at: i64,
+    #[serde(serialize_with = "crate::timefmt::rfc3339_opt")]
+    pub revoked_at: Option<i64>,
+}
+
+pub async fn insert_admin_token(
+    db: &Db,
+    user_id: i64,
+    token_hash: &str,
+    prefix: &str,
+) -> Result<AdminToken> {
+    Ok(sqlx::query_as(
+        "INSERT INTO admin_tokens (user_id, token_hash, prefix, created_at) VALUES ($1, $2, $3, $4)
+         RETURNING id, user_id, prefix, created_at, revoked_at",
+    )
+    .bind(user_id)
+    .bind(token_hash)
+    .bind(prefix)
+    .bind(now_ms())
+    .fetch_one(db)
+    .await?)
+}
+
+pub async fn list_admin_tokens(db: &Db, user_id: i64) -> Result<Vec<AdminToken>> {
+    Ok(sqlx::query_as(
+        "SELECT id, user_id, prefix, created_at, revoked_at FROM admin_tokens WHERE user_id = $1 ORDER BY id",
+    )
+    .bind(user_id)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Revokes an admin token; false if there is no such token.
+pub async fn revoke_admin_token(db: &Db, id: i64) -> Result<bool> {
+    let done =
+        sqlx::query("UPDATE admin_tokens SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2")
+            .bind(now_ms())
+            .bind(id)
+            .execute(db)
+            .await?;
+    Ok(done.rows_affected() > 0)
+}

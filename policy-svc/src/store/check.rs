@@ -13,6 +13,8 @@ pub struct CheckRow {
     pub expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
     pub connection_id: i64,
+    pub host_id: i64,
+    pub user_id: i64,
     pub connection_enabled: DbBool,
     pub host_enabled: DbBool,
     pub user_enabled: DbBool,
@@ -29,7 +31,7 @@ pub struct CheckRow {
 pub async fn load(db: &Db, token_hash: &str, server_slug: &str) -> Result<Option<CheckRow>> {
     Ok(sqlx::query_as(
         "SELECT t.id AS token_id, t.token_hash, t.expires_at, t.revoked_at,
-                c.id AS connection_id, c.enabled AS connection_enabled,
+                c.id AS connection_id, c.host_id, c.user_id, c.enabled AS connection_enabled,
                 h.enabled AS host_enabled, u.enabled AS user_enabled,
                 g.slug AS gateway_slug, g.enabled AS gateway_enabled,
                 s.enabled AS server_enabled, s.upstream_scheme, s.upstream_authority,
@@ -134,6 +136,8 @@ mod tests {
             expires_at: None,
             revoked_at: None,
             connection_id: 2,
+            host_id: 3,
+            user_id: 4,
             connection_enabled: DbBool(true),
             host_enabled: DbBool(true),
             user_enabled: DbBool(true),

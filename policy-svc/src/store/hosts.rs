@@ -112,13 +112,9 @@ pub async fn insert_token(db: &Db, t: &NewToken<'_>) -> Result<ApiToken> {
     .bind(t.expires_at)
     .fetch_one(db)
     .await?;
-    let sql = format!(
-        "SELECT {TOKEN_COLUMNS} FROM api_tokens t JOIN connections c ON c.id = t.connection_id WHERE t.id = $1"
-    );
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(id)
-        .fetch_one(db)
-        .await?)
+    get_token(db, id)
+        .await?
+        .ok_or(super::StoreError::Db(sqlx::Error::RowNotFound))
 }
 
 pub async fn list_tokens(db: &Db, host_id: i64) -> Result<Vec<ApiToken>> {
@@ -197,4 +193,14 @@ pub async fn record_last_used(db: &Db, uses: &[(i64, i64)], at: i64) -> Result<(
     }
     tx.commit().await?;
     Ok(())
+}
+
+pub async fn get_token(db: &Db, id: i64) -> Result<Option<ApiToken>> {
+    let sql = format!(
+        "SELECT {TOKEN_COLUMNS} FROM api_tokens t JOIN connections c ON c.id = t.connection_id WHERE t.id = $1"
+    );
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(db)
+        .await?)
 }

@@ -3,6 +3,7 @@
 //! flags read through [`DbBool`]). Handlers never see sqlx types.
 
 pub mod admin;
+pub mod audit;
 pub mod catalog;
 pub mod check;
 pub mod hosts;
@@ -124,4 +125,16 @@ impl serde::Serialize for DbBool {
 pub async fn ping(db: &Db) -> Result<()> {
     sqlx::query("SELECT 1").execute(db).await?;
     Ok(())
+}
+
+/// A transaction that reads and then writes. On SQLite it takes the write lock up front
+/// (`BEGIN IMMEDIATE`): a deferred transaction that tries to upgrade from reading to
+/// writing while another connection has committed fails at once with "database is
+/// locked", without waiting out the busy timeout.
+pub async fn begin_write(db: &Db) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+    if db.connect_options().database_url.scheme() == "sqlite" {
+        Ok(db.begin_with("BEGIN IMMEDIATE").await?)
+    } else {
+        Ok(db.begin().await?)
+    }
 }

@@ -8,17 +8,24 @@ pub enum Layer {
     Connections,
     Servers,
     Gateways,
+    Users,
 }
 
 impl Layer {
-    pub fn parse(kind: &str) -> Option<Self> {
-        Some(match kind {
-            "hosts" => Layer::Hosts,
-            "connections" => Layer::Connections,
-            "servers" => Layer::Servers,
-            "gateways" => Layer::Gateways,
-            _ => return None,
-        })
+    /// The break-glass endpoint for this layer (paths must be `'static` for the router).
+    pub const fn toggle_path(self, enabled: bool) -> &'static str {
+        match (self, enabled) {
+            (Layer::Hosts, false) => "/api/v1/hosts/{id}/disable",
+            (Layer::Hosts, true) => "/api/v1/hosts/{id}/enable",
+            (Layer::Connections, false) => "/api/v1/connections/{id}/disable",
+            (Layer::Connections, true) => "/api/v1/connections/{id}/enable",
+            (Layer::Servers, false) => "/api/v1/servers/{id}/disable",
+            (Layer::Servers, true) => "/api/v1/servers/{id}/enable",
+            (Layer::Gateways, false) => "/api/v1/gateways/{id}/disable",
+            (Layer::Gateways, true) => "/api/v1/gateways/{id}/enable",
+            (Layer::Users, false) => "/api/v1/users/{id}/disable",
+            (Layer::Users, true) => "/api/v1/users/{id}/enable",
+        }
     }
 
     pub const fn as_str(self) -> &'static str {
@@ -27,6 +34,7 @@ impl Layer {
             Layer::Connections => "connections",
             Layer::Servers => "servers",
             Layer::Gateways => "gateways",
+            Layer::Users => "users",
         }
     }
 
@@ -37,6 +45,7 @@ impl Layer {
             Layer::Connections => "connection",
             Layer::Servers => "server",
             Layer::Gateways => "gateway",
+            Layer::Users => "user",
         }
     }
 }
@@ -62,8 +71,12 @@ pub async fn set_enabled(db: &Db, layer: Layer, id: i64, enabled: bool) -> Resul
             "SELECT enabled FROM gateways WHERE id = $1",
             "UPDATE gateways SET enabled = $1 WHERE id = $2",
         ),
+        Layer::Users => (
+            "SELECT enabled FROM users WHERE id = $1",
+            "UPDATE users SET enabled = $1 WHERE id = $2",
+        ),
     };
-    let mut tx = db.begin().await?;
+    let mut tx = super::begin_write(db).await?;
     let before: Option<DbBool> = sqlx::query_scalar(select)
         .bind(id)
         .fetch_optional(&mut *tx)

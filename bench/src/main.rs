@@ -1,0 +1,576 @@
+//! `mcpguard-bench` (run by `make bench`): the same MCP workload through three Envoy
+//! setups that differ only in their auth filter, interleaved a b c a b c, then the
+//! policy service's check endpoint on its own. Loopback only, bounded duration; the
+//! report goes to stdout and `target/bench/report.md`, raw runs to `results.json`.
+//!
+//!   mcpguard-bench [--duration S] [--rounds N] [--concurrency 1,8,32]
+//!                  [--check-duration S] [--check-rounds N] [--check-concurrency 1,8,32]
+//!                  [--only envoy|check] [--setups a,b,c] [--hold]
+//!
+//! `--hold` starts everything, prints the ports and waits (for profiling by hand).
+//! Needs release builds of the policy service and the demo MCP server (`target/release`,
+//! or `$MCPGUARD_BIN_DIR`), the filter's `.wasm`, Envoy (`$MCPGUARD_ENVOY`, else
+//! `.venv/bin/envoy`) and `wrk`.
+
+mod envoy;
+mod procs;
+mod report;
+mod seed;
+mod wrk;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use mcpguard_core::check::{CHECK_PATH, CheckRequest, Credential};
+
+use envoy::{Envoy, Setup};
+use procs::{Proc, Usage, http, http_ok};
+
+const USAGE: &str = "usage: mcpguard-bench [--duration S] [--rounds N] [--concurrency 1,8,32] \
+[--check-duration S] [--check-rounds N] [--check-concurrency 1,8,32] [--only envoy|check] \
+[--setups a,b,c] [--hold]";
+
+/// Distinct MCP requests in the Envoy workload (each with its own token).
+const MCP_REQUESTS: usize = 2_000;
+/// Distinct check requests in the check-endpoint workload.
+const CHECK_REQUESTS: usize = 10_000;
+const WARMUP_SECONDS: u32 = 2;
+
+#[derive(Debug, Clone)]
+struct Options {
+    duration: u32,
+    rounds: u32,
+    concurrency: Vec<u32>,
+    check_duration: u32,
+    check_rounds: u32,
+    check_concurrency: Vec<u32>,
+    envoy: bool,
+    check: bool,
+    setups: Vec<Setup>,
+    hold: bool,
+}
+
+fn parse_list(s: &str) -> Result<Vec<u32>> {
+    s.split(',')
+        .map(|x| x.trim().parse::<u32>().context(USAGE))
+        .collect()
+}
+
+fn options() -> Result<Options> {
+    let mut o = Options {
+        duration: 5,
+        rounds: 3,
+        concurrency: vec![1, 8, 32],
+        check_duration: 5,
+        check_rounds: 2,
+        check_concurrency: vec![1, 8, 32],
+        envoy: true,
+        check: true,
+        setups: Setup::ALL.to_vec(),
+        hold: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().context(USAGE);
+        match arg.as_str() {
+            "--duration" => o.duration = value()?.parse().context(USAGE)?,
+            "--rounds" => o.rounds = value()?.parse().context(USAGE)?,
+            "--concurrency" => o.concurrency = parse_list(&value()?)?,
+            "--check-duration" => o.check_duration = value()?.parse().context(USAGE)?,
+            "--check-rounds" => o.check_rounds = value()?.parse().context(USAGE)?,
+            "--check-concurrency" => o.check_concurrency = parse_list(&value()?)?,
+            "--only" => match value()?.as_str() {
+                "envoy" => o.check = false,
+                "check" => o.envoy = false,
+                _ => bail!(USAGE),
+            },
+            "--setups" => {
+                let v = value()?;
+                o.setups = Setup::ALL
+                    .into_iter()
+                    .filter(|s| v.split(',').any(|x| x.trim() == s.letter()))
+                    .collect();
+            }
+            "--hold" => o.hold = true,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if o.duration == 0 || o.rounds == 0 || o.concurrency.contains(&0) {
+        bail!("durations, rounds and concurrencies must be positive\n{USAGE}");
+    }
+    Ok(o)
+}
+
+fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(Path::to_path_buf).unwrap_or(manifest)
+}
+
+/// A release binary from `target/release`, or from `$MCPGUARD_BIN_DIR` when set (for
+/// profiling builds kept elsewhere).
+fn release_binary(root: &Path, name: &str) -> Result<PathBuf> {
+    let dir = std::env::var_os("MCPGUARD_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/release"));
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: cargo build --release -p mcpguard-policy -p mcpguard-demo-mcp -p mcpguard-bench (make bench does this)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// One measured wrk run and what the processes spent during it.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// `a`, `b`, `c`, or `check`.
+    pub target: &'static str,
+    pub connections: u32,
+    pub round: u32,
+    pub outcome: wrk::Outcome,
+    pub envoy: Option<Usage>,
+    pub policy: Option<Usage>,
+    pub upstream: Option<Usage>,
+    /// Share of all CPUs busy during the run (from /proc/stat), 0..1.
+    pub machine_busy: f64,
+}
+
+/// The processes whose CPU time and peak RSS a run records.
+struct Measured {
+    envoy: Option<u32>,
+    policy: Option<u32>,
+    upstream: Option<u32>,
+    ticks: f64,
+}
+
+fn machine_cpu() -> (u64, u64) {
+    // First line of /proc/stat: cpu user nice system idle iowait irq softirq steal ...
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let nums: Vec<u64> = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = nums.iter().take(8).sum();
+    let idle = nums.get(3).copied().unwrap_or(0) + nums.get(4).copied().unwrap_or(0);
+    (total, idle)
+}
+
+fn measure(
+    m: &Measured,
+    target: &'static str,
+    connections: u32,
+    round: u32,
+    go: impl FnOnce() -> Result<wrk::Outcome>,
+) -> Result<Run> {
+    let pids = [m.envoy, m.policy, m.upstream];
+    let mut before = [None; 3];
+    for (slot, pid) in before.iter_mut().zip(pids) {
+        if let Some(pid) = pid {
+            procs::reset_peak_rss(pid);
+            *slot = Some(procs::usage(pid, m.ticks)?);
+        }
+    }
+    let (total0, idle0) = machine_cpu();
+    let outcome = go()?;
+    let (total1, idle1) = machine_cpu();
+    let mut after = [None; 3];
+    for ((slot, pid), b) in after.iter_mut().zip(pids).zip(before) {
+        if let (Some(pid), Some(b)) = (pid, b) {
+            let a = procs::usage(pid, m.ticks)?;
+            *slot = Some(Usage {
+                cpu_s: a.cpu_s - b.cpu_s,
+                peak_rss_mib: a.peak_rss_mib,
+            });
+        }
+    }
+    let total = total1.saturating_sub(total0).max(1) as f64;
+    let idle = idle1.saturating_sub(idle0) as f64;
+    Ok(Run {
+        target,
+        connections,
+        round,
+        outcome,
+        envoy: after[0],
+        policy: after[1],
+        upstream: after[2],
+        machine_busy: 1.0 - idle / total,
+    })
+}
+
+fn initialize_body(id: usize) -> String {
+    serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "mcpguard-bench", "version": "0"}}})
+    .to_string()
+}
+
+/// The MCP workload: 80% `tools/call` (echo), 10% `initialize`, 10% `tools/list`, each
+/// request with its own token on its own gateway and server.
+fn mcp_lines(live: &[seed::Credential]) -> Vec<(String, String, String)> {
+    seed::spread(live, MCP_REQUESTS)
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let body = match i % 10 {
+                0 => initialize_body(i),
+                1 => serde_json::json!({"jsonrpc": "2.0", "id": i, "method": "tools/list"})
+                    .to_string(),
+                _ => serde_json::json!({"jsonrpc": "2.0", "id": i, "method": "tools/call",
+                    "params": {"name": "echo", "arguments": {"text": format!("bench request {i}")}}})
+                .to_string(),
+            };
+            (
+                format!("/mcp/{}/{}", c.gateway, c.server),
+                c.token.clone(),
+                body,
+            )
+        })
+        .collect()
+}
+
+/// What the filter sends for each of those requests (with an `x-request-id`-sized id).
+fn check_lines(live: &[seed::Credential]) -> Result<Vec<(String, String, String)>> {
+    seed::spread(live, CHECK_REQUESTS)
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let req = CheckRequest {
+                credential: Credential::ApiToken {
+                    hash: c.hash.clone(),
+                },
+                gateway: c.gateway.clone(),
+                server: c.server.clone(),
+                mcp_method: None,
+                tool: None,
+                request_id: Some(format!("6f1c2a9e-0000-4000-8000-{i:012}")),
+            };
+            Ok((
+                CHECK_PATH.to_owned(),
+                String::new(),
+                serde_json::to_string(&req)?,
+            ))
+        })
+        .collect()
+}
+
+fn write_list(path: &Path, lines: &[(String, String, String)]) -> Result<()> {
+    let mut text = String::new();
+    for (p, t, b) in lines {
+        text.push_str(&format!("{p}\t{t}\t{b}\n"));
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Before measuring: the workload's requests really are allowed end to end, and a
+/// revoked token really is refused, in every setup.
+fn sanity_check_envoy(
+    envoy: &Envoy,
+    lines: &[(String, String, String)],
+    revoked: &seed::Credential,
+) -> Result<()> {
+    for (path, token, body) in lines.iter().take(10) {
+        let auth = format!("Bearer {token}");
+        let (status, answer) = http(
+            envoy.port,
+            "POST",
+            path,
+            &[
+                ("content-type", "application/json"),
+                ("accept", "application/json, text/event-stream"),
+                ("authorization", &auth),
+            ],
+            body,
+        )?;
+        if status != 200 || !answer.contains("\"result\"") {
+            bail!(
+                "{}: POST {path} answered {status}: {answer}",
+                envoy.setup.label()
+            );
+        }
+    }
+    if envoy.setup != Setup::Bare {
+        let auth = format!("Bearer {}", revoked.token);
+        let path = format!("/mcp/{}/{}", revoked.gateway, revoked.server);
+        let (status, answer) = http(
+            envoy.port,
+            "POST",
+            &path,
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &auth),
+            ],
+            &initialize_body(0),
+        )?;
+        if status != 401 || !answer.contains("token_revoked") {
+            bail!(
+                "{}: a revoked token answered {status}: {answer}",
+                envoy.setup.label()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn sanity_check_policy(check_port: u16, lines: &[(String, String, String)]) -> Result<()> {
+    for (path, _, body) in lines.iter().step_by(50) {
+        let (status, answer) = http(
+            check_port,
+            "POST",
+            path,
+            &[("content-type", "application/json")],
+            body,
+        )?;
+        if status != 200 || !answer.contains("\"decision\":\"allow\"") {
+            bail!("check {body} answered {status}: {answer}");
+        }
+    }
+    Ok(())
+}
+
+fn command_line(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            let s = String::from_utf8_lossy(&o.stdout).to_string()
+                + &String::from_utf8_lossy(&o.stderr);
+            s.trim().to_owned()
+        })
+        .unwrap_or_default()
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mcpguard-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let opts = options()?;
+    let root = workspace_root();
+    if !wrk::available() {
+        bail!("wrk is missing: apt-get install -y wrk (make bench does this)");
+    }
+    let policy_bin = release_binary(&root, "mcpguard-policy")?;
+    let demo_bin = release_binary(&root, "mcpguard-demo-mcp")?;
+    envoy::wasm_path(&root)?;
+    let envoy_bin = envoy::executable(&root)?;
+
+    let out_dir = root.join("target/bench");
+    let _ = std::fs::remove_dir_all(&out_dir);
+    std::fs::create_dir_all(&out_dir)?;
+    let script = out_dir.join("workload.lua");
+    std::fs::write(&script, wrk::SCRIPT)?;
+    let ticks = procs::clock_ticks_per_second();
+    let started = Instant::now();
+    let load_before = report::load_average();
+
+    // The upstream: the demo MCP server, stateless, so every POST stands alone.
+    let demo_port = procs::free_port()?;
+    let mut cmd = Command::new(&demo_bin);
+    cmd.args(["--listen", &format!("127.0.0.1:{demo_port}"), "--stateless"]);
+    let mut demo = Proc::spawn("demo-mcp", cmd, &out_dir)?;
+    demo.wait_ready("demo MCP server", || {
+        std::net::TcpStream::connect(("127.0.0.1", demo_port)).is_ok()
+    })?;
+
+    eprintln!("seeding the data set...");
+    let seeded = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(seed::seed(
+            &out_dir.join("data"),
+            &format!("127.0.0.1:{demo_port}"),
+        ))?;
+    eprintln!("{}", seed::describe(&seeded));
+    let (public_port, check_port) = (procs::free_port()?, procs::free_port()?);
+    let mut cmd = Command::new(&policy_bin);
+    cmd.args([
+        "--public-listen",
+        &format!("127.0.0.1:{public_port}"),
+        "--check-listen",
+        &format!("127.0.0.1:{check_port}"),
+        "--data-dir",
+    ])
+    .arg(out_dir.join("data"))
+    .env_remove("MCPGUARD_BOOTSTRAP_ADMIN_TOKEN");
+    let mut policy = Proc::spawn("policy", cmd, &out_dir)?;
+    policy.wait_ready("policy service", || {
+        http_ok(check_port, "/healthz") && http_ok(public_port, "/healthz")
+    })?;
+
+    let mcp_list = out_dir.join("mcp-requests.tsv");
+    let mcp = mcp_lines(&seeded.live);
+    write_list(&mcp_list, &mcp)?;
+    let check_list = out_dir.join("check-requests.tsv");
+    let checks = check_lines(&seeded.live)?;
+    write_list(&check_list, &checks)?;
+    sanity_check_policy(check_port, &checks)?;
+
+    let mut envoys = Vec::new();
+    if opts.envoy || opts.hold {
+        for setup in &opts.setups {
+            let e = Envoy::start(&root, *setup, check_port, demo_port, &out_dir)?;
+            sanity_check_envoy(&e, &mcp, &seeded.revoked_example)?;
+            eprintln!(
+                "{} on 127.0.0.1:{} (admin {}), pid {} ({})",
+                setup.label(),
+                e.port,
+                e.admin_port,
+                e.proc.pid(),
+                procs::exe(e.proc.pid())
+            );
+            envoys.push(e);
+        }
+    }
+    if opts.hold {
+        eprintln!(
+            "holding: policy pid {} check port {check_port}, demo pid {} port {demo_port}; \
+             workload lists in {}; Ctrl-C to stop",
+            policy.pid(),
+            demo.pid(),
+            out_dir.display()
+        );
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            if !policy.alive() || !demo.alive() {
+                bail!("a process exited");
+            }
+        }
+    }
+
+    // Refusals logged from here on count against the workload (the sanity checks above
+    // were refused on purpose).
+    let log_offset = std::fs::metadata(&policy.log).map_or(0, |m| m.len() as usize);
+    let mut runs: Vec<Run> = Vec::new();
+    let answers = |e: &Envoy| {
+        ["2xx", "4xx", "5xx"].map(|class| {
+            procs::envoy_stat(e.admin_port, &format!("http.mcp.downstream_rq_{class}"))
+        })
+    };
+    let answers_before: Vec<[u64; 3]> = envoys.iter().map(answers).collect();
+    if opts.envoy {
+        for e in &envoys {
+            wrk::run(&script, &mcp_list, e.port, 8, WARMUP_SECONDS)?;
+        }
+        for &c in &opts.concurrency {
+            for round in 1..=opts.rounds {
+                for e in &envoys {
+                    let m = Measured {
+                        envoy: Some(e.proc.pid()),
+                        policy: Some(policy.pid()),
+                        upstream: Some(demo.pid()),
+                        ticks,
+                    };
+                    let run = measure(&m, e.setup.letter(), c, round, || {
+                        wrk::run(&script, &mcp_list, e.port, c, opts.duration)
+                    })?;
+                    eprintln!("{}", report::progress(&run));
+                    runs.push(run);
+                }
+            }
+        }
+    }
+    // What each Envoy answered during warm-up and measurement, by status class.
+    let envoy_answers: Vec<String> = envoys
+        .iter()
+        .zip(&answers_before)
+        .map(|(e, before)| {
+            let after = answers(e);
+            format!(
+                "{} {} 2xx / {} 4xx / {} 5xx",
+                e.setup.label(),
+                after[0].saturating_sub(before[0]),
+                after[1].saturating_sub(before[1]),
+                after[2].saturating_sub(before[2])
+            )
+        })
+        .collect();
+    // The Envoys sit idle from here; stop them so the check benchmark has the machine.
+    drop(envoys);
+
+    if opts.check {
+        wrk::run(&script, &check_list, check_port, 8, WARMUP_SECONDS)?;
+        for &c in &opts.check_concurrency {
+            for round in 1..=opts.check_rounds {
+                let m = Measured {
+                    envoy: None,
+                    policy: Some(policy.pid()),
+                    upstream: None,
+                    ticks,
+                };
+                let run = measure(&m, "check", c, round, || {
+                    wrk::run(&script, &check_list, check_port, c, opts.check_duration)
+                })?;
+                eprintln!("{}", report::progress(&run));
+                runs.push(run);
+            }
+        }
+    }
+    if !policy.alive() {
+        bail!("the policy service died:\n{}", policy.log_tail());
+    }
+    let denied = std::fs::read_to_string(&policy.log)
+        .unwrap_or_default()
+        .get(log_offset..)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("deny"))
+        .count();
+
+    let env = report::Environment {
+        date: command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        commit: command_line(
+            "git",
+            &[
+                "-C",
+                &root.display().to_string(),
+                "describe",
+                "--always",
+                "--dirty",
+            ],
+        ),
+        envoy: command_line(&envoy_bin.display().to_string(), &["--version"]),
+        wrk: wrk::version(),
+        data_set: seed::describe(&seeded),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        duration: opts.duration,
+        rounds: opts.rounds,
+        check_duration: opts.check_duration,
+        check_rounds: opts.check_rounds,
+        denied_in_policy_log: denied,
+        envoy_answers: envoy_answers.join("; "),
+        total_seconds: started.elapsed().as_secs_f64(),
+        load_before,
+        load_after: report::load_average(),
+    };
+    let text = report::markdown(&env, &runs);
+    std::fs::write(out_dir.join("report.md"), &text)?;
+    std::fs::write(
+        out_dir.join("results.json"),
+        serde_json::to_string_pretty(&report::json(&runs))?,
+    )?;
+    println!("{text}");
+    eprintln!(
+        "report: {} (raw runs: results.json, logs: *.log)",
+        out_dir.join("report.md").display()
+    );
+    Ok(())
+}

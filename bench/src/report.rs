@@ -1,0 +1,349 @@
+//! The Markdown report (what `BENCHMARKS.md` quotes) and the raw runs as JSON.
+
+use std::fmt::Write as _;
+
+use crate::Run;
+use crate::envoy::Setup;
+use crate::procs::Usage;
+
+pub struct Environment {
+    pub date: String,
+    pub commit: String,
+    pub envoy: String,
+    pub wrk: String,
+    pub data_set: String,
+    pub command: String,
+    pub duration: u32,
+    pub rounds: u32,
+    pub check_duration: u32,
+    pub check_rounds: u32,
+    pub denied_in_policy_log: usize,
+    /// Per setup, what Envoy answered (by status class) while the workload ran.
+    pub envoy_answers: String,
+    pub total_seconds: f64,
+    /// `/proc/loadavg` when the run started and when it ended.
+    pub load_before: String,
+    pub load_after: String,
+}
+
+/// One line per run, for the terminal while the benchmark runs.
+pub fn progress(run: &Run) -> String {
+    let o = &run.outcome;
+    format!(
+        "{:>5} c={:<3} round {}: {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  errors {}  envoy {:.2} cpu-s  policy {:.2} cpu-s  machine {:.0}% busy",
+        run.target,
+        run.connections,
+        run.round,
+        o.rps(),
+        o.p50_ms,
+        o.p99_ms,
+        o.errors,
+        run.envoy.map_or(0.0, |u| u.cpu_s),
+        run.policy.map_or(0.0, |u| u.cpu_s),
+        run.machine_busy * 100.0
+    )
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The runs of one target at one concurrency, summarised: medians of the rounds for
+/// rates, latencies and CPU; the sum of errors; the largest peak RSS.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cell {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    errors: u64,
+    envoy: Option<Usage>,
+    policy: Option<Usage>,
+    cpu_us_per_req: f64,
+    busy: f64,
+}
+
+fn cell(runs: &[Run], target: &str, connections: u32) -> Option<Cell> {
+    let rs: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.target == target && r.connections == connections)
+        .collect();
+    if rs.is_empty() {
+        return None;
+    }
+    let med = |f: &dyn Fn(&Run) -> f64| median(rs.iter().map(|r| f(r)).collect());
+    let usage = |pick: &dyn Fn(&Run) -> Option<Usage>| -> Option<Usage> {
+        let all: Vec<Usage> = rs.iter().filter_map(|r| pick(r)).collect();
+        (!all.is_empty()).then(|| Usage {
+            cpu_s: median(all.iter().map(|u| u.cpu_s).collect()),
+            peak_rss_mib: all.iter().map(|u| u.peak_rss_mib).fold(0.0, f64::max),
+        })
+    };
+    Some(Cell {
+        rps: med(&|r| r.outcome.rps()),
+        p50: med(&|r| r.outcome.p50_ms),
+        p99: med(&|r| r.outcome.p99_ms),
+        errors: rs.iter().map(|r| r.outcome.errors).sum(),
+        envoy: usage(&|r| r.envoy),
+        policy: usage(&|r| r.policy),
+        cpu_us_per_req: med(&|r| {
+            let cpu = r.envoy.map_or(0.0, |u| u.cpu_s) + r.policy.map_or(0.0, |u| u.cpu_s);
+            if r.outcome.requests > 0 {
+                cpu * 1e6 / r.outcome.requests as f64
+            } else {
+                0.0
+            }
+        }),
+        busy: med(&|r| r.machine_busy),
+    })
+}
+
+fn concurrencies(runs: &[Run], target: &str) -> Vec<u32> {
+    let mut cs: Vec<u32> = runs
+        .iter()
+        .filter(|r| r.target == target)
+        .map(|r| r.connections)
+        .collect();
+    cs.sort_unstable();
+    cs.dedup();
+    cs
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn memory_gib() -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0)
+}
+
+/// The 1, 5 and 15 minute load averages.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+fn fmt_usage(u: Option<Usage>) -> (String, String) {
+    match u {
+        Some(u) => (format!("{:.2}", u.cpu_s), format!("{:.0}", u.peak_rss_mib)),
+        None => ("-".to_owned(), "-".to_owned()),
+    }
+}
+
+pub fn markdown(env: &Environment, runs: &[Run]) -> String {
+    let mut s = String::new();
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let _ = writeln!(s, "## Latest results\n");
+    let _ = writeln!(s, "- Date: {} (commit `{}`)", env.date, env.commit);
+    let _ = writeln!(
+        s,
+        "- Machine: {nproc} CPUs (`nproc`), {}, {:.1} GiB RAM, Linux {}; shared, nothing pinned; \
+         load average {} at start, {} at end (the benchmark itself adds about 2)",
+        cpu_model(),
+        memory_gib(),
+        kernel(),
+        env.load_before,
+        env.load_after
+    );
+    let _ = writeln!(
+        s,
+        "- Envoy: `{}`, `--concurrency 1` in every setup; load generator: {} on the same machine",
+        env.envoy.lines().last().unwrap_or_default().trim(),
+        env.wrk
+    );
+    let _ = writeln!(s, "- Command: `make bench` (runs `{}`)", env.command);
+    let _ = writeln!(s, "- Data set: {}", env.data_set);
+    let _ = writeln!(
+        s,
+        "- Each row: median of {} runs of {} s (rounds interleaved a b c), errors summed, peak RSS the largest; whole run {:.0} s",
+        env.rounds, env.duration, env.total_seconds
+    );
+    let _ = writeln!(
+        s,
+        "- Refusals logged by the policy service during the measured runs: {} (every workload request carries a live token)",
+        env.denied_in_policy_log
+    );
+    if !env.envoy_answers.is_empty() {
+        let _ = writeln!(
+            s,
+            "- Envoy's own counts over warm-up and measured runs: {}",
+            env.envoy_answers
+        );
+    }
+    let _ = writeln!(s);
+
+    let envoy_cs = concurrencies(runs, "a")
+        .into_iter()
+        .chain(concurrencies(runs, "b"))
+        .chain(concurrencies(runs, "c"))
+        .collect::<std::collections::BTreeSet<_>>();
+    if !envoy_cs.is_empty() {
+        let _ = writeln!(
+            s,
+            "### MCP workload through Envoy (80% tools/call, 10% initialize, 10% tools/list)\n"
+        );
+        let _ = writeln!(
+            s,
+            "| setup | conns | req/s | p50 ms | p99 ms | errors | Envoy CPU s | Envoy peak RSS MiB | policy CPU s | policy peak RSS MiB | Envoy+policy CPU µs/req | machine busy |"
+        );
+        let _ = writeln!(
+            s,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for &c in &envoy_cs {
+            for setup in Setup::ALL {
+                let Some(x) = cell(runs, setup.letter(), c) else {
+                    continue;
+                };
+                let (ecpu, erss) = fmt_usage(x.envoy);
+                let (pcpu, prss) = fmt_usage(x.policy);
+                let _ = writeln!(
+                    s,
+                    "| {} | {c} | {:.0} | {:.2} | {:.2} | {} | {ecpu} | {erss} | {pcpu} | {prss} | {:.0} | {:.0}% |",
+                    setup.label(),
+                    x.rps,
+                    x.p50,
+                    x.p99,
+                    x.errors,
+                    x.cpu_us_per_req,
+                    x.busy * 100.0
+                );
+            }
+        }
+        let _ = writeln!(s, "\n### Ratios and targets\n");
+        let _ = writeln!(
+            s,
+            "| conns | c/a req/s | c/b req/s | c/b p99 | (c) >= (b) req/s | (c) p99 <= (b) p99 | c/a >= 0.45 (at 8) |"
+        );
+        let _ = writeln!(s, "|---:|---:|---:|---:|---|---|---|");
+        for &c in &envoy_cs {
+            let (a, b, cc) = (cell(runs, "a", c), cell(runs, "b", c), cell(runs, "c", c));
+            let ratio = |x: Option<f64>, y: Option<f64>| match (x, y) {
+                (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),
+                _ => "-".to_owned(),
+            };
+            let verdict = |ok: Option<bool>| match ok {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "-",
+            };
+            let c_vs_b = cc.zip(b);
+            let _ = writeln!(
+                s,
+                "| {c} | {} | {} | {} | {} | {} | {} |",
+                ratio(cc.map(|x| x.rps), a.map(|x| x.rps)),
+                ratio(cc.map(|x| x.rps), b.map(|x| x.rps)),
+                ratio(cc.map(|x| x.p99), b.map(|x| x.p99)),
+                verdict(c_vs_b.map(|(c, b)| c.rps >= b.rps)),
+                verdict(c_vs_b.map(|(c, b)| c.p99 <= b.p99)),
+                if c == 8 {
+                    verdict(cc.zip(a).map(|(c, a)| c.rps >= 0.45 * a.rps))
+                } else {
+                    "-"
+                }
+            );
+        }
+        let _ = writeln!(s);
+    }
+
+    let check_cs = concurrencies(runs, "check");
+    if !check_cs.is_empty() {
+        let _ = writeln!(
+            s,
+            "### Policy service check endpoint alone (`POST /v1/check`, SQLite, no Envoy)\n"
+        );
+        let _ = writeln!(
+            s,
+            "Each cell: median of {} runs of {} s; requests rotate over 10,000 live tokens spread across the data set.\n",
+            env.check_rounds, env.check_duration
+        );
+        let _ = writeln!(
+            s,
+            "| conns | checks/s | p50 ms | p99 ms | errors | policy CPU s | policy peak RSS MiB | policy CPU µs/check | machine busy | >= 30k/s, p99 < 2 ms |"
+        );
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        for c in check_cs {
+            let Some(x) = cell(runs, "check", c) else {
+                continue;
+            };
+            let (pcpu, prss) = fmt_usage(x.policy);
+            let met = x.rps >= 30_000.0 && x.p99 < 2.0 && x.errors == 0;
+            let _ = writeln!(
+                s,
+                "| {c} | {:.0} | {:.2} | {:.2} | {} | {pcpu} | {prss} | {:.0} | {:.0}% | {} |",
+                x.rps,
+                x.p50,
+                x.p99,
+                x.errors,
+                x.cpu_us_per_req,
+                x.busy * 100.0,
+                if met { "met" } else { "**missed**" }
+            );
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(
+        s,
+        "({} measured runs in all; raw figures in `target/bench/results.json`.)",
+        runs.len()
+    );
+    s
+}
+
+pub fn json(runs: &[Run]) -> serde_json::Value {
+    let usage = |u: Option<Usage>| {
+        u.map(|u| serde_json::json!({"cpu_s": u.cpu_s, "peak_rss_mib": u.peak_rss_mib}))
+    };
+    serde_json::Value::Array(
+        runs.iter()
+            .map(|r| {
+                serde_json::json!({
+                    "target": r.target,
+                    "connections": r.connections,
+                    "round": r.round,
+                    "requests": r.outcome.requests,
+                    "seconds": r.outcome.seconds,
+                    "rps": r.outcome.rps(),
+                    "errors": r.outcome.errors,
+                    "p50_ms": r.outcome.p50_ms,
+                    "p90_ms": r.outcome.p90_ms,
+                    "p99_ms": r.outcome.p99_ms,
+                    "max_ms": r.outcome.max_ms,
+                    "envoy": usage(r.envoy),
+                    "policy": usage(r.policy),
+                    "upstream": usage(r.upstream),
+                    "machine_busy": r.machine_busy,
+                })
+            })
+            .collect(),
+    )
+}

@@ -1,0 +1,511 @@
+//! Envoy's native `ext_authz` filter (HTTP service) as an alternative to the wasm filter.
+//!
+//! Envoy sends the client's method, `Authorization`, `Host` and path — prefixed with the
+//! filter's `path_prefix`, which must be [`PATH_PREFIX`] — with no body. The decision is
+//! the check endpoint's own: the same token parsing (`mcpguard_core`), the same single
+//! store read ([`check::load`]) and the same pure [`check::decide`]. What differs is only
+//! the wire form, which is Envoy's:
+//! - allow: `200`, with `x-envoy-auth-headers-to-remove: authorization` (the upstream never
+//!   sees the client's token) and, when the exposure injects a downstream credential, that
+//!   header — list it in `allowed_upstream_headers`;
+//! - deny: the contract's status and `{"error":{"code","message"}}` body, with
+//!   `WWW-Authenticate` on 401s, which Envoy relays to the client as they are;
+//! - store error: `503 policy_unavailable`. Envoy treats any 5xx from the authorization
+//!   service as a failure and answers `status_on_error` (configure 503) itself: fail closed.
+//!
+//! Every decision is logged and audited as on `/v1/check`, including the refusals the
+//! wasm filter makes on its own (no token, malformed token), which arrive here.
+//!
+//! Routing stays in Envoy's route configuration in this mode: the decision's upstream is
+//! not used, so each route must point at the upstream the server is registered with.
+
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use mcpguard_core::check::{CheckResponse, DenyCode};
+use mcpguard_core::route::{McpPath, PathError};
+use mcpguard_core::token::{TokenHash, TokenKind, parse_token};
+
+use crate::AppState;
+use crate::store::{self, audit::Event, check};
+
+/// The `http_service.path_prefix` Envoy's ext_authz filter must be configured with.
+pub const PATH_PREFIX: &str = "/v1/ext_authz";
+
+/// The request header Envoy removes before forwarding an allowed request, listed in the
+/// allow answer (Envoy's `x-envoy-auth-headers-to-remove`).
+const HEADERS_TO_REMOVE: &str = "x-envoy-auth-headers-to-remove";
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route(&format!("{PATH_PREFIX}/{{*path}}"), any(run))
+}
+
+async fn run(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
+    let started = Instant::now();
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let full = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+    let original = full.strip_prefix(PATH_PREFIX).unwrap_or(full);
+    let mut seen = Seen {
+        started: Some(started),
+        request_id: header("x-request-id"),
+        ..Seen::default()
+    };
+
+    let path = match McpPath::parse(original) {
+        Ok(p) => p,
+        // Nothing but MCP endpoints is ours to pass: a route that sends other paths
+        // through this filter gets a refusal, never an allow.
+        Err(PathError::NotMcp | PathError::Malformed) => {
+            return seen.refuse(&state, DenyCode::UnknownRoute, None);
+        }
+    };
+    seen.gateway = Some(path.gateway);
+    seen.server = Some(path.server);
+    let metadata = || resource_metadata_url(header("x-forwarded-proto"), header("host"), original);
+    let Some(authorization) = header("authorization") else {
+        return seen.refuse(&state, DenyCode::TokenMissing, Some(&metadata()));
+    };
+    let Some(token) = mcpguard_core::bearer_token(authorization) else {
+        return seen.refuse(&state, DenyCode::TokenMalformed, Some(&metadata()));
+    };
+    match parse_token(token) {
+        Ok(TokenKind::HostApi | TokenKind::PerUser) => {}
+        // Admin tokens are for the admin API only; never let one act on the data plane.
+        Ok(TokenKind::Admin) => {
+            return seen.refuse(&state, DenyCode::TokenUnknown, Some(&metadata()));
+        }
+        Err(_) => return seen.refuse(&state, DenyCode::TokenMalformed, Some(&metadata())),
+    }
+
+    let presented = TokenHash::of(token);
+    let row = match check::load(&state.db, &presented.to_hex(), path.server).await {
+        Ok(row) => row,
+        Err(e) => {
+            // As on /v1/check, a failed read is not a decision: it is refused, not audited.
+            tracing::error!(error = %e, gateway = path.gateway, server = path.server, request_id = seen.request_id, "ext_authz check could not read the store; refusing");
+            return refuse(DenyCode::PolicyUnavailable, None);
+        }
+    };
+    let now = store::now_ms();
+    let decision = check::decide(row.as_ref(), &presented, path.gateway, now);
+    seen.row = row.as_ref();
+    match decision {
+        CheckResponse::Allow { inject, .. } => {
+            if let Some(row) = &row {
+                state.usage.record(row.token_id, row.connection_id);
+            }
+            seen.record(&state, now, None);
+            allow(inject.map(|h| (h.name, h.value)))
+        }
+        CheckResponse::Deny { code } => seen.refuse(&state, code, None),
+    }
+}
+
+/// What is known of a request when it is decided, for the log and the audit trail.
+#[derive(Default)]
+struct Seen<'a> {
+    started: Option<Instant>,
+    request_id: Option<&'a str>,
+    gateway: Option<&'a str>,
+    server: Option<&'a str>,
+    row: Option<&'a check::CheckRow>,
+}
+
+impl Seen<'_> {
+    /// Logs and audits the decision (`code` is `None` for an allow), as /v1/check does.
+    fn record(&self, state: &AppState, now: i64, code: Option<DenyCode>) {
+        let action = if code.is_some() { "deny" } else { "allow" };
+        let code = code.map(DenyCode::as_str);
+        let connection_id = self.row.map(|r| r.connection_id);
+        tracing::debug!(
+            gateway = self.gateway,
+            server = self.server,
+            action,
+            code,
+            connection_id,
+            request_id = self.request_id,
+            "ext_authz check"
+        );
+        state.audit.decision(Event {
+            at: now,
+            kind: "decision".into(),
+            action: action.into(),
+            code: code.map(str::to_owned),
+            host_id: self.row.map(|r| r.host_id),
+            user_id: self.row.map(|r| r.user_id),
+            connection_id,
+            gateway: self.gateway.map(str::to_owned),
+            server: self.server.map(str::to_owned),
+            latency_us: self
+                .started
+                .and_then(|t| i64::try_from(t.elapsed().as_micros()).ok()),
+            request_id: self.request_id.map(str::to_owned),
+            ..Event::default()
+        });
+    }
+
+    fn refuse(
+        &self,
+        state: &AppState,
+        code: DenyCode,
+        resource_metadata: Option<&str>,
+    ) -> Response {
+        self.record(state, store::now_ms(), Some(code));
+        refuse(code, resource_metadata)
+    }
+}
+
+/// `200` with the headers Envoy applies to the upstream request.
+fn allow(inject: Option<(String, String)>) -> Response {
+    let mut headers = HeaderMap::new();
+    let injected = inject.and_then(|(name, value)| {
+        match (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+            (Ok(name), Ok(value)) => Some((name, value)),
+            _ => None,
+        }
+    });
+    let replaces_authorization = injected
+        .as_ref()
+        .is_some_and(|(name, _)| name == axum::http::header::AUTHORIZATION);
+    if let Some((name, value)) = injected {
+        headers.insert(name, value);
+    }
+    // Envoy sets the allowed headers first and removes these after; an injected
+    // `Authorization` replaces the client's, so it must not be removed.
+    if !replaces_authorization {
+        headers.insert(HEADERS_TO_REMOVE, HeaderValue::from_static("authorization"));
+    }
+    (StatusCode::OK, headers).into_response()
+}
+
+/// The contract's refusal: status, JSON body and, on 401s, the bearer challenge.
+fn refuse(code: DenyCode, resource_metadata: Option<&str>) -> Response {
+    let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::FORBIDDEN);
+    let mut response = (status, code.body()).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if code.status() == 401
+        && let Ok(value) = HeaderValue::try_from(challenge(code, resource_metadata))
+    {
+        headers.insert(axum::http::header::WWW_AUTHENTICATE, value);
+    }
+    response
+}
+
+/// `WWW-Authenticate` of a 401, as the wasm filter writes it (RFC 6750 §3, RFC 9728 §5.1).
+fn challenge(code: DenyCode, resource_metadata: Option<&str>) -> String {
+    let mut challenge = "Bearer".to_owned();
+    if let Some(url) = resource_metadata {
+        challenge.push_str(&format!(" resource_metadata=\"{url}\""));
+    }
+    if code.is_invalid_token() {
+        let sep = if resource_metadata.is_some() { "," } else { "" };
+        challenge.push_str(&format!(
+            "{sep} error=\"invalid_token\", error_description=\"{}\"",
+            code.message()
+        ));
+    }
+    challenge
+}
+
+/// RFC 9728 §3.1: the metadata of resource `https://h/mcp/g/s` lives at
+/// `https://h/.well-known/oauth-protected-resource/mcp/g/s`. Envoy sends the client's
+/// `Host`; the scheme only when `x-forwarded-proto` is among the allowed headers.
+fn resource_metadata_url(scheme: Option<&str>, host: Option<&str>, path: &str) -> String {
+    let scheme = match scheme {
+        Some("https") => "https",
+        _ => "http",
+    };
+    let host = host.unwrap_or("localhost");
+    let path = path.split('?').next().unwrap_or_default();
+    format!("{scheme}://{host}/.well-known/oauth-protected-resource{path}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use mcpguard_core::token::format_token;
+    use tower::ServiceExt;
+
+    use crate::store::Db;
+
+    struct Fixture {
+        app: Router,
+        db: Db,
+        token: String,
+        token_id: i64,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A store with gateway `eng` exposing server `demo` (shared) and one token for it.
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+        let db = store::open(&url, 2).await.unwrap();
+        let now = store::now_ms();
+        for sql in [
+            "INSERT INTO roles (id, name, created_at) VALUES (1, 'owner', $1)",
+            "INSERT INTO users (id, name, role_id, enabled, created_at) VALUES (1, 'owner', 1, 1, $1)",
+            "INSERT INTO gateways (id, name, slug, enabled, created_at) VALUES (1, 'Eng', 'eng', 1, $1)",
+            "INSERT INTO servers (id, name, slug, upstream_scheme, upstream_authority, upstream_path, enabled, created_at)
+             VALUES (1, 'Demo', 'demo', 'http', '127.0.0.1:9100', '/mcp', 1, $1)",
+            "INSERT INTO exposures (gateway_id, server_id, identity, created_at) VALUES (1, 1, 'shared', $1)",
+            "INSERT INTO hosts (id, name, kind, enabled, created_at) VALUES (1, 'Bot', 'token', 1, $1)",
+            "INSERT INTO connections (id, host_id, gateway_id, user_id, enabled, created_at) VALUES (1, 1, 1, 1, 1, $1)",
+        ] {
+            sqlx::query(sql).bind(now).execute(&db).await.unwrap();
+        }
+        let token = format_token(TokenKind::HostApi, &"k".repeat(40)).unwrap();
+        sqlx::query(
+            "INSERT INTO api_tokens (id, connection_id, token_hash, prefix, created_by, created_at)
+             VALUES (7, 1, $1, 'mcpgt_kkkkkkkk', 1, $2)",
+        )
+        .bind(TokenHash::of(&token).to_hex())
+        .bind(now)
+        .execute(&db)
+        .await
+        .unwrap();
+        let (usage, _writer) = crate::Usage::spawn(db.clone());
+        let (audit, _audit_writer) = crate::audit::Audit::spawn(db.clone(), 0);
+        let app = super::super::check(AppState {
+            db: db.clone(),
+            usage,
+            audit,
+            audit_retention_days: 0,
+        });
+        Fixture {
+            app,
+            db,
+            token,
+            token_id: 7,
+            _dir: dir,
+        }
+    }
+
+    struct Answer {
+        status: u16,
+        headers: HeaderMap,
+        body: String,
+    }
+
+    impl Answer {
+        fn code(&self) -> String {
+            let v: serde_json::Value = serde_json::from_str(&self.body).unwrap();
+            v["error"]["code"].as_str().unwrap().to_owned()
+        }
+
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers.get(name).and_then(|v| v.to_str().ok())
+        }
+    }
+
+    /// What Envoy's ext_authz filter sends for a client's `POST {path}`.
+    async fn ask(app: &Router, path: &str, authorization: Option<&str>) -> Answer {
+        let mut req = Request::post(format!("{PATH_PREFIX}{path}"))
+            .header("host", "gw.local:10000")
+            .header("content-length", "0");
+        if let Some(a) = authorization {
+            req = req.header("authorization", a);
+        }
+        let resp = app
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        Answer {
+            status,
+            headers,
+            body: String::from_utf8(body.to_vec()).unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_live_token_is_allowed_and_its_token_is_stripped_upstream() {
+        let f = fixture().await;
+        let a = ask(
+            &f.app,
+            "/mcp/eng/demo",
+            Some(&format!("Bearer {}", f.token)),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.header(HEADERS_TO_REMOVE), Some("authorization"));
+        assert!(a.body.is_empty());
+        // Any method and sub-path of the endpoint is checked the same way.
+        let a = ask(
+            &f.app,
+            "/mcp/eng/demo/sub?x=1",
+            Some(&format!("bearer {}", f.token)),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+
+    #[tokio::test]
+    async fn refusals_carry_the_contract_status_body_and_challenge() {
+        let f = fixture().await;
+        let bearer = format!("Bearer {}", f.token);
+
+        let a = ask(&f.app, "/mcp/eng/demo", None).await;
+        assert_eq!((a.status, a.code().as_str()), (401, "token_missing"));
+        assert_eq!(a.header("content-type"), Some("application/json"));
+        assert_eq!(
+            a.header("www-authenticate"),
+            Some(
+                r#"Bearer resource_metadata="http://gw.local:10000/.well-known/oauth-protected-resource/mcp/eng/demo""#
+            )
+        );
+
+        let a = ask(&f.app, "/mcp/eng/demo", Some("Bearer not-a-token")).await;
+        assert_eq!((a.status, a.code().as_str()), (401, "token_malformed"));
+        assert!(
+            a.header("www-authenticate")
+                .unwrap()
+                .contains(r#"error="invalid_token""#)
+        );
+
+        let forged = format_token(TokenKind::HostApi, &"Z".repeat(40)).unwrap();
+        let a = ask(&f.app, "/mcp/eng/demo", Some(&format!("Bearer {forged}"))).await;
+        assert_eq!((a.status, a.code().as_str()), (401, "token_unknown"));
+        assert!(
+            a.header("www-authenticate")
+                .unwrap()
+                .contains(r#"error="invalid_token""#)
+        );
+        assert_eq!(a.header(HEADERS_TO_REMOVE), None);
+
+        let admin = format_token(TokenKind::Admin, &"k".repeat(40)).unwrap();
+        let a = ask(&f.app, "/mcp/eng/demo", Some(&format!("Bearer {admin}"))).await;
+        assert_eq!((a.status, a.code().as_str()), (401, "token_unknown"));
+
+        let a = ask(&f.app, "/mcp/ops/demo", Some(&bearer)).await;
+        assert_eq!((a.status, a.code().as_str()), (401, "token_wrong_gateway"));
+
+        let a = ask(&f.app, "/mcp/eng/other", Some(&bearer)).await;
+        assert_eq!((a.status, a.code().as_str()), (403, "server_not_exposed"));
+
+        for path in ["/healthz", "/mcp/eng", "/mcp/eng/demo/../x"] {
+            let a = ask(&f.app, path, Some(&bearer)).await;
+            assert_eq!(
+                (a.status, a.code().as_str()),
+                (404, "unknown_route"),
+                "{path}"
+            );
+        }
+
+        sqlx::query("UPDATE hosts SET enabled = 0")
+            .execute(&f.db)
+            .await
+            .unwrap();
+        let a = ask(&f.app, "/mcp/eng/demo", Some(&bearer)).await;
+        assert_eq!((a.status, a.code().as_str()), (403, "host_disabled"));
+        assert_eq!(a.header("www-authenticate"), None);
+
+        sqlx::query("UPDATE api_tokens SET revoked_at = 1 WHERE id = $1")
+            .bind(f.token_id)
+            .execute(&f.db)
+            .await
+            .unwrap();
+        let a = ask(&f.app, "/mcp/eng/demo", Some(&bearer)).await;
+        assert_eq!((a.status, a.code().as_str()), (401, "token_revoked"));
+    }
+
+    #[tokio::test]
+    async fn every_decision_is_audited_with_the_layer_that_refused() {
+        let f = fixture().await;
+        let bearer = format!("Bearer {}", f.token);
+        assert_eq!(
+            ask(&f.app, "/mcp/eng/demo", Some(&bearer)).await.status,
+            200
+        );
+        assert_eq!(
+            ask(&f.app, "/mcp/eng/other", Some(&bearer)).await.status,
+            403
+        );
+        assert_eq!(ask(&f.app, "/mcp/eng/demo", None).await.status, 401);
+        // The writer flushes in batches; poll (bounded) rather than sleep.
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        type AuditRow = (String, Option<String>, Option<i64>, Option<String>);
+        let rows: Vec<AuditRow> = loop {
+            let rows = sqlx::query_as(
+                "SELECT action, code, connection_id, server FROM audit_events
+                 WHERE kind = 'decision' ORDER BY id",
+            )
+            .fetch_all(&f.db)
+            .await
+            .unwrap();
+            if rows.len() >= 3 || Instant::now() > deadline {
+                break rows;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        assert_eq!(
+            rows,
+            vec![
+                ("allow".into(), None, Some(1), Some("demo".into())),
+                (
+                    "deny".into(),
+                    Some("server_not_exposed".into()),
+                    Some(1),
+                    Some("other".into())
+                ),
+                (
+                    "deny".into(),
+                    Some("token_missing".into()),
+                    None,
+                    Some("demo".into())
+                ),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_store_failure_is_a_5xx_so_envoy_fails_closed() {
+        let f = fixture().await;
+        f.db.close().await;
+        let a = ask(
+            &f.app,
+            "/mcp/eng/demo",
+            Some(&format!("Bearer {}", f.token)),
+        )
+        .await;
+        assert_eq!((a.status, a.code().as_str()), (503, "policy_unavailable"));
+        assert_eq!(a.header(HEADERS_TO_REMOVE), None);
+    }
+
+    #[test]
+    fn an_injected_authorization_replaces_the_clients_instead_of_being_removed() {
+        let r = allow(Some(("authorization".into(), "Bearer down".into())));
+        assert_eq!(r.headers().get("authorization").unwrap(), "Bearer down");
+        assert!(r.headers().get(HEADERS_TO_REMOVE).is_none());
+
+        let r = allow(Some(("x-api-key".into(), "k".into())));
+        assert_eq!(r.headers().get("x-api-key").unwrap(), "k");
+        assert_eq!(r.headers().get(HEADERS_TO_REMOVE).unwrap(), "authorization");
+    }
+
+    #[test]
+    fn metadata_url_follows_rfc_9728() {
+        assert_eq!(
+            resource_metadata_url(Some("https"), Some("mcp.example.com"), "/mcp/g/s?x=1"),
+            "https://mcp.example.com/.well-known/oauth-protected-resource/mcp/g/s"
+        );
+        assert_eq!(
+            resource_metadata_url(None, None, "/mcp/g/s"),
+            "http://localhost/.well-known/oauth-protected-resource/mcp/g/s"
+        );
+    }
+}

@@ -1,0 +1,246 @@
+//! Users, roles (named sets of capabilities) and personal admin tokens.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use mcpguard_core::token::{TokenHash, TokenKind, display_prefix};
+use serde::{Deserialize, Serialize};
+
+use super::{Endpoint, Verb, audit_admin, endpoint, state_of};
+use crate::auth::{Admin, Capability};
+use crate::error::ApiError;
+use crate::extract::{Json, Path};
+use crate::store::{StoreError, admin as store};
+use crate::{AppState, secrets};
+
+pub fn endpoints() -> Vec<Endpoint> {
+    let manage = Some(Capability::UsersManage);
+    vec![
+        endpoint(Verb::Get, "/api/v1/capabilities", None, capabilities),
+        endpoint(Verb::Post, "/api/v1/roles", manage, create_role),
+        endpoint(Verb::Get, "/api/v1/roles", None, list_roles),
+        endpoint(Verb::Put, "/api/v1/roles/{id}", manage, update_role),
+        endpoint(Verb::Post, "/api/v1/users", manage, create_user),
+        endpoint(Verb::Get, "/api/v1/users", None, list_users),
+        endpoint(
+            Verb::Post,
+            "/api/v1/users/{id}/admin-tokens",
+            manage,
+            create_admin_token,
+        ),
+        endpoint(
+            Verb::Get,
+            "/api/v1/users/{id}/admin-tokens",
+            manage,
+            list_admin_tokens,
+        ),
+        endpoint(
+            Verb::Delete,
+            "/api/v1/admin-tokens/{id}",
+            manage,
+            revoke_admin_token,
+        ),
+    ]
+}
+
+async fn capabilities() -> Json<Vec<&'static str>> {
+    Json(Capability::ALL.iter().map(|c| c.as_str()).collect())
+}
+
+fn parse_capabilities(names: &[String]) -> Result<Vec<Capability>, ApiError> {
+    names
+        .iter()
+        .map(|n| {
+            Capability::parse(n).ok_or_else(|| {
+                ApiError::unprocessable(
+                    "unknown_capability",
+                    format!("{n:?} is not a capability; see GET /api/v1/capabilities"),
+                )
+            })
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewRole {
+    name: String,
+    capabilities: Vec<String>,
+}
+
+async fn create_role(
+    State(state): State<AppState>,
+    admin: Admin,
+    Json(body): Json<NewRole>,
+) -> Result<(StatusCode, Json<store::Role>), ApiError> {
+    let name = super::validate_name(&body.name)?;
+    let caps = parse_capabilities(&body.capabilities)?;
+    let role = match store::create_role(&state.db, name, &caps).await {
+        Ok(role) => role,
+        Err(StoreError::Conflict(_)) => {
+            return Err(ApiError::conflict(
+                "name_taken",
+                format!("a role named {name:?} exists"),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    audit_admin(
+        &state,
+        &admin,
+        "role.create",
+        format!("roles/{}", role.id),
+        None,
+        state_of(&role),
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(role)))
+}
+
+async fn list_roles(State(state): State<AppState>) -> Result<Json<Vec<store::Role>>, ApiError> {
+    Ok(Json(store::list_roles(&state.db).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoleUpdate {
+    capabilities: Vec<String>,
+}
+
+async fn update_role(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(id): Path<i64>,
+    Json(body): Json<RoleUpdate>,
+) -> Result<Json<store::Role>, ApiError> {
+    let caps = parse_capabilities(&body.capabilities)?;
+    let before = store::get_role(&state.db, id)
+        .await?
+        .ok_or(ApiError::NotFound("role"))?;
+    let role = store::set_role_capabilities(&state.db, id, &caps)
+        .await?
+        .ok_or(ApiError::NotFound("role"))?;
+    audit_admin(
+        &state,
+        &admin,
+        "role.update",
+        format!("roles/{id}"),
+        state_of(&before),
+        state_of(&role),
+    )
+    .await?;
+    Ok(Json(role))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    name: String,
+    role_id: i64,
+}
+
+async fn create_user(
+    State(state): State<AppState>,
+    admin: Admin,
+    Json(body): Json<NewUser>,
+) -> Result<(StatusCode, Json<store::User>), ApiError> {
+    let name = super::validate_name(&body.name)?;
+    if store::get_role(&state.db, body.role_id).await?.is_none() {
+        return Err(ApiError::unprocessable(
+            "unknown_role",
+            "role_id names no role",
+        ));
+    }
+    let user = match store::create_user(&state.db, name, body.role_id).await {
+        Ok(user) => user,
+        Err(StoreError::Conflict(_)) => {
+            return Err(ApiError::conflict(
+                "name_taken",
+                format!("a user named {name:?} exists"),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    audit_admin(
+        &state,
+        &admin,
+        "user.create",
+        format!("users/{}", user.id),
+        None,
+        state_of(&user),
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(user)))
+}
+
+async fn list_users(State(state): State<AppState>) -> Result<Json<Vec<store::User>>, ApiError> {
+    Ok(Json(store::list_users(&state.db).await?))
+}
+
+/// The one response that ever holds an admin token's secret.
+#[derive(Serialize)]
+struct IssuedAdminToken {
+    #[serde(flatten)]
+    meta: store::AdminToken,
+    token: String,
+}
+
+async fn create_admin_token(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(user_id): Path<i64>,
+) -> Result<(StatusCode, Json<IssuedAdminToken>), ApiError> {
+    if !store::user_exists(&state.db, user_id).await? {
+        return Err(ApiError::NotFound("user"));
+    }
+    let token = secrets::mint(TokenKind::Admin).map_err(|e| {
+        tracing::error!(error = %e, "no randomness from the OS");
+        ApiError::Unavailable
+    })?;
+    let meta = store::insert_admin_token(
+        &state.db,
+        user_id,
+        &TokenHash::of(&token).to_hex(),
+        display_prefix(&token),
+    )
+    .await?;
+    audit_admin(
+        &state,
+        &admin,
+        "admin_token.create",
+        format!("admin-tokens/{}", meta.id),
+        None,
+        state_of(&meta),
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(IssuedAdminToken { meta, token })))
+}
+
+async fn list_admin_tokens(
+    State(state): State<AppState>,
+    Path(user_id): Path<i64>,
+) -> Result<Json<Vec<store::AdminToken>>, ApiError> {
+    if !store::user_exists(&state.db, user_id).await? {
+        return Err(ApiError::NotFound("user"));
+    }
+    Ok(Json(store::list_admin_tokens(&state.db, user_id).await?))
+}
+
+async fn revoke_admin_token(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(id): Path<i64>,
+) -> Result<StatusCode, ApiError> {
+    if !store::revoke_admin_token(&state.db, id).await? {
+        return Err(ApiError::NotFound("admin_token"));
+    }
+    audit_admin(
+        &state,
+        &admin,
+        "admin_token.revoke",
+        format!("admin-tokens/{id}"),
+        None,
+        None,
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}

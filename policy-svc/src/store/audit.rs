@@ -1,0 +1,130 @@
+//! The audit log table: appended in batches, read with keyset pagination (newest first,
+//! by id), trimmed only by retention.
+
+use serde::Serialize;
+
+use super::{Db, Result};
+use crate::timefmt;
+
+/// One audit entry, as written and as read back.
+#[derive(Debug, Clone, Default, Serialize, sqlx::FromRow)]
+pub struct Event {
+    pub id: i64,
+    #[serde(serialize_with = "timefmt::rfc3339")]
+    pub at: i64,
+    pub kind: String,
+    pub action: String,
+    pub code: Option<String>,
+    pub actor_user_id: Option<i64>,
+    pub target: Option<String>,
+    #[serde(serialize_with = "json_text")]
+    pub before_state: Option<String>,
+    #[serde(serialize_with = "json_text")]
+    pub after_state: Option<String>,
+    pub host_id: Option<i64>,
+    pub user_id: Option<i64>,
+    pub connection_id: Option<i64>,
+    pub gateway: Option<String>,
+    pub server: Option<String>,
+    pub mcp_method: Option<String>,
+    pub tool: Option<String>,
+    pub latency_us: Option<i64>,
+    pub request_id: Option<String>,
+}
+
+/// States are stored as JSON text and shown as JSON.
+fn json_text<S: serde::Serializer>(
+    v: &Option<String>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match v.as_deref().map(serde_json::from_str::<serde_json::Value>) {
+        Some(Ok(json)) => json.serialize(s),
+        Some(Err(_)) | None => s.serialize_none(),
+    }
+}
+
+const COLUMNS: &str = "id, at, kind, action, code, actor_user_id, target, before_state, after_state, host_id, \
+     user_id, connection_id, gateway, server, mcp_method, tool, latency_us, request_id";
+
+/// Appends events in one transaction (`id` is assigned by the database).
+pub async fn append(db: &Db, events: &[Event]) -> Result<()> {
+    let mut tx = db.begin().await?;
+    for e in events {
+        sqlx::query(
+            "INSERT INTO audit_events (at, kind, action, code, actor_user_id, target, before_state, after_state,
+                 host_id, user_id, connection_id, gateway, server, mcp_method, tool, latency_us, request_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+        )
+        .bind(e.at)
+        .bind(&e.kind)
+        .bind(&e.action)
+        .bind(&e.code)
+        .bind(e.actor_user_id)
+        .bind(&e.target)
+        .bind(&e.before_state)
+        .bind(&e.after_state)
+        .bind(e.host_id)
+        .bind(e.user_id)
+        .bind(e.connection_id)
+        .bind(&e.gateway)
+        .bind(&e.server)
+        .bind(&e.mcp_method)
+        .bind(&e.tool)
+        .bind(e.latency_us)
+        .bind(&e.request_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+pub struct Filter {
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub kind: Option<String>,
+    pub host_id: Option<i64>,
+    pub user_id: Option<i64>,
+    pub gateway: Option<String>,
+    /// `allow` or `deny` (decisions only).
+    pub decision: Option<String>,
+    /// Only entries with an id below this (the previous page's `next_cursor`).
+    pub before_id: Option<i64>,
+    pub limit: i64,
+}
+
+/// Newest first. Unset filters match everything (`$n IS NULL OR ...`), so the SQL is
+/// one fixed statement.
+pub async fn query(db: &Db, f: &Filter) -> Result<Vec<Event>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM audit_events
+         WHERE ($1 IS NULL OR at >= $1) AND ($2 IS NULL OR at < $2)
+           AND ($3 IS NULL OR kind = $3) AND ($4 IS NULL OR host_id = $4)
+           AND ($5 IS NULL OR user_id = $5) AND ($6 IS NULL OR gateway = $6)
+           AND ($7 IS NULL OR (kind = 'decision' AND action = $7))
+           AND ($8 IS NULL OR id < $8)
+         ORDER BY id DESC LIMIT $9"
+    );
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(f.since)
+        .bind(f.until)
+        .bind(&f.kind)
+        .bind(f.host_id)
+        .bind(f.user_id)
+        .bind(&f.gateway)
+        .bind(&f.decision)
+        .bind(f.before_id)
+        .bind(f.limit)
+        .fetch_all(db)
+        .await?)
+}
+
+/// Deletes entries older than `cutoff`; returns how many.
+pub async fn trim(db: &Db, cutoff: i64) -> Result<u64> {
+    let done = sqlx::query("DELETE FROM audit_events WHERE at < $1")
+        .bind(cutoff)
+        .execute(db)
+        .await?;
+    Ok(done.rows_affected())
+}

@@ -1,0 +1,307 @@
+//! Capabilities gate the admin API. The walk is driven by the service's own endpoint
+//! table (`GET /api/v1/endpoints`), so an endpoint added later is walked too, and one
+//! this test does not know how to call fails it.
+
+use mcpguard_e2e::{Admin, Policy};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// Ids of one of each thing, for filling in paths.
+struct Fixture {
+    gateway: i64,
+    server: i64,
+    host: i64,
+    token: i64,
+    connection: i64,
+    role: i64,
+    user: i64,
+    admin_token: i64,
+}
+
+async fn fixture(owner: &Admin) -> Fixture {
+    let p = owner
+        .provision("eng", "demo", "http://127.0.0.1:9/mcp")
+        .await;
+    let (_, role) = owner
+        .post(
+            "/api/v1/roles",
+            json!({"name": "auditor", "capabilities": ["audit.read"]}),
+        )
+        .await;
+    let role = role["id"].as_i64().unwrap();
+    let (_, user) = owner
+        .post("/api/v1/users", json!({"name": "alice", "role_id": role}))
+        .await;
+    let user = user["id"].as_i64().unwrap();
+    let (_, at) = owner
+        .post(&format!("/api/v1/users/{user}/admin-tokens"), json!({}))
+        .await;
+    Fixture {
+        gateway: p.gateway_id,
+        server: p.server_id,
+        host: p.host_id,
+        token: p.token_id,
+        connection: p.connection_id,
+        role,
+        user,
+        admin_token: at["id"].as_i64().unwrap(),
+    }
+}
+
+/// The concrete path for an endpoint template, naming existing things.
+fn concrete(path: &str, f: &Fixture) -> String {
+    let id = match path.split('/').nth(3) {
+        Some("gateways") => f.gateway,
+        Some("servers") => f.server,
+        Some("hosts") => f.host,
+        Some("tokens") => f.token,
+        Some("connections") => f.connection,
+        Some("roles") => f.role,
+        Some("users") => f.user,
+        Some("admin-tokens") => f.admin_token,
+        _ => 0,
+    };
+    path.replace("{id}", &id.to_string())
+        .replace("{server_id}", &f.server.to_string())
+}
+
+/// A body that would succeed, so a missing check would show as a change.
+fn body(method: &str, path: &str, f: &Fixture) -> Option<Value> {
+    let body = match (method, path) {
+        ("GET" | "DELETE", _) => return None,
+        ("POST", "/api/v1/gateways") => json!({"name": "New", "slug": "new-gateway"}),
+        ("POST", "/api/v1/servers") => {
+            json!({"name": "New", "slug": "new-server", "upstream_url": "http://127.0.0.1:9/x"})
+        }
+        ("PUT", "/api/v1/gateways/{id}/servers/{server_id}") => json!({"identity": "per_user"}),
+        ("POST", "/api/v1/hosts") => json!({"name": "New bot"}),
+        ("POST", "/api/v1/hosts/{id}/tokens") => json!({"gateway_id": f.gateway}),
+        ("POST", "/api/v1/roles") => json!({"name": "new-role", "capabilities": []}),
+        ("PUT", "/api/v1/roles/{id}") => json!({"capabilities": ["audit.read", "users.manage"]}),
+        ("POST", "/api/v1/users") => json!({"name": "new-user", "role_id": f.role}),
+        ("POST", p)
+            if p.ends_with("/disable")
+                || p.ends_with("/enable")
+                || p.ends_with("/admin-tokens") =>
+        {
+            json!({})
+        }
+        _ => panic!("{method} {path} is new: teach this test how to call it"),
+    };
+    Some(body)
+}
+
+/// Everything an admin call could change, read as the owner.
+async fn snapshot(owner: &Admin, f: &Fixture) -> Value {
+    let mut all = serde_json::Map::new();
+    for path in [
+        "/api/v1/gateways".to_owned(),
+        "/api/v1/servers".to_owned(),
+        "/api/v1/hosts".to_owned(),
+        "/api/v1/roles".to_owned(),
+        "/api/v1/users".to_owned(),
+        format!("/api/v1/gateways/{}/servers", f.gateway),
+        format!("/api/v1/gateways/{}/connections", f.gateway),
+        format!("/api/v1/hosts/{}/tokens", f.host),
+        format!("/api/v1/users/{}/admin-tokens", f.user),
+        "/api/v1/audit?kind=admin&limit=1000".to_owned(),
+    ] {
+        let (status, v) = owner.get(&path).await;
+        assert_eq!(status, 200, "{path}: {v}");
+        all.insert(path, v);
+    }
+    Value::Object(all)
+}
+
+async fn caller_with(owner: &Admin, name: &str, capabilities: Vec<&str>) -> Admin {
+    let (status, role) = owner
+        .post(
+            "/api/v1/roles",
+            json!({"name": name, "capabilities": capabilities}),
+        )
+        .await;
+    assert_eq!(status, 201, "{role}");
+    let (_, user) = owner
+        .post(
+            "/api/v1/users",
+            json!({"name": name, "role_id": role["id"]}),
+        )
+        .await;
+    let (status, t) = owner
+        .post(
+            &format!("/api/v1/users/{}/admin-tokens", user["id"]),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 201, "{t}");
+    owner.with_token(t["token"].as_str().unwrap())
+}
+
+#[tokio::test]
+async fn every_admin_endpoint_refuses_a_caller_lacking_its_capability_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = Policy::start(&dir.path().join("data"), dir.path()).await;
+    let owner = policy.admin();
+    let f = fixture(&owner).await;
+    let (_, all_caps) = owner.get("/api/v1/capabilities").await;
+    let all_caps: Vec<String> = all_caps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(all_caps.len(), 10, "{all_caps:?}");
+    let (_, endpoints) = owner.get("/api/v1/endpoints").await;
+    let endpoints = endpoints.as_array().unwrap().clone();
+    assert!(endpoints.len() >= 30, "{endpoints:?}");
+
+    // One caller per capability, holding every capability but that one.
+    let mut lacking = std::collections::HashMap::new();
+    for cap in &all_caps {
+        let others: Vec<&str> = all_caps
+            .iter()
+            .filter(|c| *c != cap)
+            .map(String::as_str)
+            .collect();
+        lacking.insert(
+            cap.clone(),
+            caller_with(&owner, &format!("lacks-{}", cap.replace('.', "-")), others).await,
+        );
+    }
+    let nobody = caller_with(&owner, "no-capabilities", vec![]).await;
+
+    let mut walked = 0;
+    for e in &endpoints {
+        let (method, template) = (e["method"].as_str().unwrap(), e["path"].as_str().unwrap());
+        let path = concrete(template, &f);
+        let body = body(method, template, &f);
+        let m = Method::from_bytes(method.as_bytes()).unwrap();
+
+        // No token at all: 401 everywhere.
+        let (status, v) = owner
+            .with_token("")
+            .call(m.clone(), &path, body.clone())
+            .await;
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (401, Some("unauthenticated")),
+            "{method} {path}"
+        );
+
+        match e["capability"].as_str() {
+            Some(cap) => {
+                let before = snapshot(&owner, &f).await;
+                let (status, v) = lacking[cap].call(m, &path, body).await;
+                assert_eq!(status, 403, "{method} {path} without {cap}: {v}");
+                assert_eq!(v["error"]["code"], "missing_capability", "{method} {path}");
+                assert_eq!(v["error"]["capability"], cap, "{method} {path}");
+                assert_eq!(
+                    snapshot(&owner, &f).await,
+                    before,
+                    "{method} {path} changed something although refused"
+                );
+            }
+            None => {
+                assert_eq!(
+                    method, "GET",
+                    "{method} {path} changes things: it must require a capability"
+                );
+                let (status, v) = nobody.call(m, &path, None).await;
+                assert_eq!(status, 200, "{method} {path} is open to any admin: {v}");
+            }
+        }
+        walked += 1;
+    }
+    assert_eq!(walked, endpoints.len());
+}
+
+#[tokio::test]
+async fn roles_and_personal_admin_tokens_work_and_a_revoked_one_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = Policy::start(&dir.path().join("data"), dir.path()).await;
+    let owner = policy.admin();
+    let operator = caller_with(&owner, "operator", vec!["gateways.manage"]).await;
+    let (status, _) = operator
+        .post("/api/v1/gateways", json!({"name": "Ops", "slug": "ops"}))
+        .await;
+    assert_eq!(status, 201);
+    let (status, v) = operator
+        .post(
+            "/api/v1/servers",
+            json!({"name": "S", "slug": "s", "upstream_url": "http://x:1/"}),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["capability"].as_str()),
+        (403, Some("servers.manage"))
+    );
+
+    // Capabilities follow the role, whatever its name, on the next call.
+    let (_, roles) = owner.get("/api/v1/roles").await;
+    let role = roles
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "operator")
+        .unwrap()
+        .clone();
+    let (status, updated) = owner
+        .call(
+            Method::PUT,
+            &format!("/api/v1/roles/{}", role["id"]),
+            Some(json!({"capabilities": ["servers.manage"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    let (status, _) = operator
+        .post(
+            "/api/v1/servers",
+            json!({"name": "S", "slug": "s", "upstream_url": "http://x:1/"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (status, _) = operator
+        .post("/api/v1/gateways", json!({"name": "Dev", "slug": "dev"}))
+        .await;
+    assert_eq!(status, 403);
+
+    // Unknown capabilities are refused.
+    let (status, v) = owner
+        .post(
+            "/api/v1/roles",
+            json!({"name": "typo", "capabilities": ["gateway.manage"]}),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (422, Some("unknown_capability"))
+    );
+
+    // Revoking the personal token, or disabling the user, stops it on the next call.
+    let (_, users) = owner.get("/api/v1/users").await;
+    let user = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "operator")
+        .unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    owner.set_enabled("users", user, false).await;
+    assert_eq!(operator.get("/api/v1/gateways").await.0, 401);
+    owner.set_enabled("users", user, true).await;
+    assert_eq!(operator.get("/api/v1/gateways").await.0, 200);
+    let (_, tokens) = owner
+        .get(&format!("/api/v1/users/{user}/admin-tokens"))
+        .await;
+    assert!(
+        !tokens.to_string().contains("\"token\""),
+        "listings never hold the secret: {tokens}"
+    );
+    let id = tokens[0]["id"].as_i64().unwrap();
+    let (status, _) = owner
+        .call(Method::DELETE, &format!("/api/v1/admin-tokens/{id}"), None)
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(operator.get("/api/v1/gateways").await.0, 401);
+}

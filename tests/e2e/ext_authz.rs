@@ -1,0 +1,215 @@
+//! mcpguard behind Envoy's native ext_authz filter (`bench/envoy/ext-authz.yaml`, the
+//! benchmark's setup (b)) instead of the wasm filter: the policy service's ext_authz
+//! endpoint makes the same decisions, and Envoy relays them as the contract says.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mcpguard_e2e::mcp::{self, call_text, initialize_with};
+use mcpguard_e2e::{Demo, Envoy, Policy, free_port, workspace_root};
+use serde_json::json;
+
+const CONFIG: &str = "bench/envoy/ext-authz.yaml";
+
+/// Envoy with an ext_authz config (the harness's `Envoy` expects the wasm filter).
+struct ExtAuthzEnvoy {
+    child: Child,
+    log: PathBuf,
+    port: u16,
+}
+
+impl Drop for ExtAuthzEnvoy {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "--- last lines of {} ---\n{}",
+                self.log.display(),
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ExtAuthzEnvoy {
+    /// The shipped file with this test's ports and upstream; nothing else changed.
+    fn render(check_port: u16, demo_port: u16, port: u16, admin_port: u16) -> String {
+        let text = std::fs::read_to_string(workspace_root().join(CONFIG)).unwrap();
+        let mut cfg: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port.into();
+        let resources = &mut cfg["static_resources"];
+        let listener = &mut resources["listeners"][0];
+        listener["address"]["socket_address"]["port_value"] = port.into();
+        let hcm = &mut listener["filter_chains"][0]["filters"][0]["typed_config"];
+        let route = &mut hcm["route_config"]["virtual_hosts"][0]["routes"][0];
+        assert_eq!(route["match"]["prefix"], "/mcp/", "{CONFIG} changed shape");
+        route["typed_per_filter_config"]["envoy.filters.http.dynamic_forward_proxy"]["host_rewrite_literal"] =
+            format!("127.0.0.1:{demo_port}").into();
+        for cluster in resources["clusters"].as_sequence_mut().unwrap() {
+            if cluster["name"] == "mcpguard_policy" {
+                cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                    ["socket_address"]["port_value"] = check_port.into();
+            }
+        }
+        serde_json::to_string_pretty(&cfg).unwrap()
+    }
+
+    async fn start(check_port: u16, demo_port: u16, dir: &Path) -> ExtAuthzEnvoy {
+        let (port, admin_port) = (free_port(), free_port());
+        let config = dir.join(format!("envoy-ext-authz-{port}.json"));
+        std::fs::write(
+            &config,
+            Self::render(check_port, demo_port, port, admin_port),
+        )
+        .unwrap();
+        let log = dir.join(format!("envoy-ext-authz-{port}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(Envoy::executable())
+            .arg("-c")
+            .arg(&config)
+            .args(["--concurrency", "1", "--disable-hot-restart"])
+            .current_dir(workspace_root())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let mut envoy = ExtAuthzEnvoy { child, log, port };
+        let ready = format!("http://127.0.0.1:{admin_port}/ready");
+        let start = Instant::now();
+        loop {
+            assert!(
+                envoy.child.try_wait().unwrap().is_none(),
+                "envoy exited early"
+            );
+            if let Ok(r) = reqwest::get(&ready).await
+                && r.status().is_success()
+            {
+                return envoy;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "envoy not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn mcp_url(&self, gateway: &str, server: &str) -> String {
+        format!("http://127.0.0.1:{}/mcp/{gateway}/{server}", self.port)
+    }
+}
+
+#[test]
+fn the_benchmark_envoy_configs_validate_as_shipped() {
+    let dir = workspace_root().join("bench/envoy");
+    let mut configs: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    configs.sort();
+    assert_eq!(configs.len(), 2, "{configs:?}");
+    for config in configs {
+        let out = Command::new(Envoy::executable())
+            .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+            .arg(&config)
+            .current_dir(workspace_root())
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && !log.contains("Deprecated"),
+            "{} does not validate cleanly:\n{log}",
+            config.display()
+        );
+    }
+}
+
+#[tokio::test]
+async fn native_ext_authz_allows_live_tokens_and_refuses_unknown_and_revoked_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut policy = Policy::start(&dir.path().join("data"), dir.path()).await;
+    let demo = Demo::start(dir.path()).await;
+    let envoy = ExtAuthzEnvoy::start(policy.check_port, demo.port, dir.path()).await;
+    let admin = policy.admin();
+    let p = admin.provision("eng", "demo", &demo.upstream_url()).await;
+    let url = envoy.mcp_url("eng", "demo");
+
+    // A live token: a whole MCP session, and the upstream never sees the token.
+    let client = mcp::connect(&url, Some(&p.token))
+        .await
+        .expect("a live token connects through ext_authz");
+    assert_eq!(
+        call_text(&client, "echo", json!({"text": "via ext_authz"}))
+            .await
+            .unwrap(),
+        "via ext_authz"
+    );
+    assert_eq!(
+        call_text(&client, "whoami", json!({})).await.unwrap(),
+        "none"
+    );
+
+    // No token: the challenge that points at the resource metadata.
+    let none = initialize_with(&url, None).await;
+    assert_eq!((none.status, none.code().as_str()), (401, "token_missing"));
+    assert_eq!(none.header("content-type"), Some("application/json"));
+    assert!(
+        none.header("www-authenticate")
+            .unwrap()
+            .contains("resource_metadata=\"http://127.0.0.1:"),
+        "{:?}",
+        none.headers
+    );
+
+    // Well-formed but never issued.
+    let forged = mcpguard_core::token::format_token(
+        mcpguard_core::token::TokenKind::HostApi,
+        &"Z".repeat(40),
+    )
+    .unwrap();
+    let unknown = initialize_with(&url, Some(&forged)).await;
+    assert_eq!(
+        (unknown.status, unknown.code().as_str()),
+        (401, "token_unknown")
+    );
+    assert!(
+        unknown
+            .header("www-authenticate")
+            .unwrap()
+            .contains(r#"error="invalid_token""#)
+    );
+
+    // Revoked: refused on the very next request, open session included.
+    admin.revoke(p.token_id).await;
+    let revoked = initialize_with(&url, Some(&p.token)).await;
+    assert_eq!(
+        (revoked.status, revoked.code().as_str()),
+        (401, "token_revoked"),
+        "{}",
+        revoked.body
+    );
+    let err = call_text(&client, "echo", json!({"text": "x"}))
+        .await
+        .expect_err("the open session is refused too");
+    assert_eq!(mcp::status_of_service_error(&err), Some(401), "{err}");
+
+    // A disabled layer is a 403 naming it.
+    let fresh = admin.token(p.host_id, p.gateway_id).await;
+    let fresh = fresh["token"].as_str().unwrap();
+    assert_eq!(initialize_with(&url, Some(fresh)).await.status, 200);
+    admin.set_enabled("gateways", p.gateway_id, false).await;
+    let off = initialize_with(&url, Some(fresh)).await;
+    assert_eq!((off.status, off.code().as_str()), (403, "gateway_disabled"));
+
+    // The policy service gone: refused with 503 and the contract's body, never passed.
+    policy.proc.kill();
+    let down = initialize_with(&url, Some(fresh)).await;
+    assert_eq!(
+        (down.status, down.code().as_str()),
+        (503, "policy_unavailable")
+    );
+}
