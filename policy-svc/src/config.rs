@@ -41,6 +41,12 @@ pub struct Config {
     #[arg(long, env = "MCPGUARD_DB_MAX_CONNECTIONS", default_value_t = 8)]
     pub db_max_connections: u32,
 
+    /// 32-byte key (64 hex characters) that seals identities at rest. Default:
+    /// `<data dir>/secrets.key`, created on first start (mode 0600). Back it up: without
+    /// it, stored identities cannot be opened.
+    #[arg(long, env = "MCPGUARD_SECRETS_KEY_FILE")]
+    pub secrets_key_file: Option<PathBuf>,
+
     /// Days to keep audit entries; 0 keeps them forever.
     #[arg(long, env = "MCPGUARD_AUDIT_RETENTION_DAYS", default_value_t = 90)]
     pub audit_retention_days: u32,
@@ -51,6 +57,12 @@ pub struct Config {
 }
 
 impl Config {
+    pub fn secrets_key_file(&self) -> PathBuf {
+        self.secrets_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("secrets.key"))
+    }
+
     pub fn database_url(&self) -> String {
         self.database_url.clone().unwrap_or_else(|| {
             format!(

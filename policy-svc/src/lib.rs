@@ -7,7 +7,7 @@ pub mod config;
 pub mod error;
 mod extract;
 pub mod routes;
-mod secrets;
+pub mod secrets;
 pub mod store;
 mod timefmt;
 mod usage;
@@ -29,6 +29,7 @@ pub struct AppState {
     pub usage: Usage,
     pub audit: audit::Audit,
     pub audit_retention_days: u32,
+    pub secrets: std::sync::Arc<secrets::SecretBox>,
 }
 
 /// Opens the store, creates the owner on first start, and serves both ports until
@@ -39,6 +40,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("opening the database")?;
     bootstrap(&db, &config).await?;
+    let secrets = std::sync::Arc::new(secrets::SecretBox::load_or_create(
+        &config.secrets_key_file(),
+    )?);
 
     let public = TcpListener::bind(config.public_listen)
         .await
@@ -55,6 +59,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         usage,
         audit,
         audit_retention_days: config.audit_retention_days,
+        secrets,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -125,7 +130,7 @@ async fn bootstrap(db: &Db, config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_secret_file(path: &Path, secret: &str) -> anyhow::Result<()> {
+pub(crate) fn write_secret_file(path: &Path, secret: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()

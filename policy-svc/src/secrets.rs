@@ -38,3 +38,141 @@ mod tests {
         );
     }
 }
+
+/// Seals credentials at rest with XChaCha20-Poly1305 under the operator's key. Each
+/// sealed value is bound to what it belongs to (associated data), so a ciphertext
+/// copied onto another user's row does not open.
+pub struct SecretBox {
+    cipher: chacha20poly1305::XChaCha20Poly1305,
+}
+
+const NONCE: usize = 24;
+
+impl SecretBox {
+    /// The key is 32 bytes, hex-encoded (64 characters) in `path`. A missing file is
+    /// created with a fresh key (mode 0600), so a first start needs no setup.
+    pub fn load_or_create(path: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        use chacha20poly1305::KeyInit;
+        if !path.exists() {
+            let mut key = [0u8; 32];
+            getrandom::fill(&mut key)?;
+            crate::write_secret_file(path, &hex::encode(key))?;
+            tracing::info!(path = %path.display(), "created a new secrets key");
+        }
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the secrets key {}", path.display()))?;
+        let mut key = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut key).map_err(|_| {
+            anyhow::anyhow!(
+                "{} must hold 64 hex characters (a 32-byte key)",
+                path.display()
+            )
+        })?;
+        Ok(SecretBox {
+            cipher: chacha20poly1305::XChaCha20Poly1305::new(&key.into()),
+        })
+    }
+
+    pub fn seal(&self, plain: &str, bound_to: &str) -> Result<Vec<u8>, getrandom::Error> {
+        use chacha20poly1305::aead::{Aead, Payload};
+        let mut nonce = [0u8; NONCE];
+        getrandom::fill(&mut nonce)?;
+        let sealed = self
+            .cipher
+            .encrypt(
+                &nonce.into(),
+                Payload {
+                    msg: plain.as_bytes(),
+                    aad: bound_to.as_bytes(),
+                },
+            )
+            .map_err(|_| getrandom::Error::UNSUPPORTED)?;
+        Ok([nonce.as_slice(), &sealed].concat())
+    }
+
+    /// `None` when the value was sealed under another key, for something else, or has
+    /// been tampered with.
+    pub fn open(&self, sealed: &[u8], bound_to: &str) -> Option<String> {
+        use chacha20poly1305::aead::{Aead, Payload};
+        if sealed.len() < NONCE {
+            return None;
+        }
+        let (nonce, body) = sealed.split_at(NONCE);
+        let nonce: [u8; NONCE] = nonce.try_into().ok()?;
+        let plain = self
+            .cipher
+            .decrypt(
+                &nonce.into(),
+                Payload {
+                    msg: body,
+                    aad: bound_to.as_bytes(),
+                },
+            )
+            .ok()?;
+        String::from_utf8(plain).ok()
+    }
+}
+
+/// What an identity's sealed value is bound to.
+pub fn identity_binding(user_id: i64, server_id: i64) -> String {
+    format!("mcpguard identity user={user_id} server={server_id}")
+}
+
+#[cfg(test)]
+mod box_tests {
+    use super::*;
+
+    #[test]
+    fn sealed_values_open_only_with_the_same_key_and_binding() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k");
+        let sb = SecretBox::load_or_create(&key).unwrap();
+        let sealed = sb.seal("Bearer alice", &identity_binding(1, 2)).unwrap();
+        assert!(!String::from_utf8_lossy(&sealed).contains("alice"));
+        assert_eq!(
+            sb.open(&sealed, &identity_binding(1, 2)).as_deref(),
+            Some("Bearer alice")
+        );
+        assert_eq!(
+            sb.open(&sealed, &identity_binding(3, 2)),
+            None,
+            "moved to another user"
+        );
+        let mut tampered = sealed.clone();
+        *tampered.last_mut().unwrap() ^= 1;
+        assert_eq!(sb.open(&tampered, &identity_binding(1, 2)), None);
+        // The same file gives the same key; another file does not.
+        assert!(
+            SecretBox::load_or_create(&key)
+                .unwrap()
+                .open(&sealed, &identity_binding(1, 2))
+                .is_some()
+        );
+        let other = SecretBox::load_or_create(&dir.path().join("other")).unwrap();
+        assert_eq!(other.open(&sealed, &identity_binding(1, 2)), None);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+}
+
+impl SecretBox {
+    /// Opens the identity a check row carries, for `store::check::decide`. A value that
+    /// does not open is logged (it means a wrong key or tampering) and refused.
+    pub fn identity_opener(
+        &self,
+    ) -> impl FnOnce(&crate::store::check::CheckRow, &[u8]) -> Option<String> + '_ {
+        move |row, sealed| {
+            let opened = row
+                .server_id
+                .and_then(|server| self.open(sealed, &identity_binding(row.user_id, server)));
+            if opened.is_none() {
+                tracing::error!(identity_id = ?row.identity_id, "stored identity does not open with the secrets key; refusing");
+            }
+            opened
+        }
+    }
+}

@@ -182,6 +182,7 @@ async fn toggles_hold_on_the_very_next_request_under_concurrent_load() {
     let p = admin
         .provision("eng", "demo", &stack.demo.upstream_url())
         .await;
+    let identity = admin.make_per_user(&p, "downstream-credential").await;
     let layers = [
         Layer {
             kind: "hosts",
@@ -202,6 +203,11 @@ async fn toggles_hold_on_the_very_next_request_under_concurrent_load() {
             kind: "gateways",
             id: p.gateway_id,
             code: "gateway_disabled",
+        },
+        Layer {
+            kind: "identities",
+            id: identity,
+            code: "identity_disabled",
         },
     ];
     let plan = Plan {

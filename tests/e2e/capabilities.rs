@@ -16,6 +16,7 @@ struct Fixture {
     role: i64,
     user: i64,
     admin_token: i64,
+    identity: i64,
 }
 
 async fn fixture(owner: &Admin) -> Fixture {
@@ -36,6 +37,7 @@ async fn fixture(owner: &Admin) -> Fixture {
     let (_, at) = owner
         .post(&format!("/api/v1/users/{user}/admin-tokens"), json!({}))
         .await;
+    let identity = owner.make_per_user(&p, "downstream").await;
     Fixture {
         gateway: p.gateway_id,
         server: p.server_id,
@@ -45,6 +47,7 @@ async fn fixture(owner: &Admin) -> Fixture {
         role,
         user,
         admin_token: at["id"].as_i64().unwrap(),
+        identity,
     }
 }
 
@@ -59,6 +62,7 @@ fn concrete(path: &str, f: &Fixture) -> String {
         Some("roles") => f.role,
         Some("users") => f.user,
         Some("admin-tokens") => f.admin_token,
+        Some("identities") => f.identity,
         _ => 0,
     };
     path.replace("{id}", &id.to_string())
@@ -79,6 +83,9 @@ fn body(method: &str, path: &str, f: &Fixture) -> Option<Value> {
         ("POST", "/api/v1/roles") => json!({"name": "new-role", "capabilities": []}),
         ("PUT", "/api/v1/roles/{id}") => json!({"capabilities": ["audit.read", "users.manage"]}),
         ("POST", "/api/v1/users") => json!({"name": "new-user", "role_id": f.role}),
+        ("PUT", "/api/v1/users/{id}/identities/{server_id}") => {
+            json!({"credential": {"type": "bearer", "token": "replaced"}})
+        }
         ("POST", p)
             if p.ends_with("/disable")
                 || p.ends_with("/enable")
@@ -104,6 +111,8 @@ async fn snapshot(owner: &Admin, f: &Fixture) -> Value {
         format!("/api/v1/gateways/{}/connections", f.gateway),
         format!("/api/v1/hosts/{}/tokens", f.host),
         format!("/api/v1/users/{}/admin-tokens", f.user),
+        format!("/api/v1/users/{}/identities", f.user),
+        "/api/v1/users/1/identities".to_owned(),
         "/api/v1/audit?kind=admin&limit=1000".to_owned(),
     ] {
         let (status, v) = owner.get(&path).await;

@@ -10,5 +10,6 @@ mod capabilities;
 mod envoy_config;
 mod ext_authz;
 mod failure;
+mod identities;
 mod routing;
 mod tokens;

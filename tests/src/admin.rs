@@ -131,6 +131,21 @@ impl Admin {
         assert_eq!(v["enabled"], enabled, "{v}");
     }
 
+    /// Switches `p`'s exposure to per-user and gives the token's user (the caller) an
+    /// identity for the server; returns the identity's id.
+    pub async fn make_per_user(&self, p: &Provisioned, downstream_token: &str) -> i64 {
+        let path = format!("/api/v1/gateways/{}/servers/{}", p.gateway_id, p.server_id);
+        let (status, v) = self
+            .call(Method::PUT, &path, Some(json!({"identity": "per_user"})))
+            .await;
+        assert_eq!(status, 200, "{v}");
+        let path = format!("/api/v1/users/1/identities/{}", p.server_id);
+        let body = json!({"credential": {"type": "bearer", "token": downstream_token}});
+        let (status, v) = self.call(Method::PUT, &path, Some(body)).await;
+        assert_eq!(status, 200, "{v}");
+        v["id"].as_i64().unwrap()
+    }
+
     /// A gateway `gateway` exposing a new server `server` at `upstream_url`, and a host
     /// with one token on that gateway.
     pub async fn provision(&self, gateway: &str, server: &str, upstream_url: &str) -> Provisioned {

@@ -29,7 +29,13 @@ async fn run(
     // A database error becomes a 500, which the filter turns into 503: fail closed.
     let row = check::load(&state.db, hash, &req.server).await?;
     let now = store::now_ms();
-    let decision = check::decide(row.as_ref(), &presented, &req.gateway, now);
+    let decision = check::decide(
+        row.as_ref(),
+        &presented,
+        &req.gateway,
+        now,
+        state.secrets.identity_opener(),
+    );
     let (action, code) = match &decision {
         CheckResponse::Allow { .. } => ("allow", None),
         CheckResponse::Deny { code } => ("deny", Some(code.as_str())),

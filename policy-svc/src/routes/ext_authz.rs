@@ -14,7 +14,8 @@
 //!   service as a failure and answers `status_on_error` (configure 503) itself: fail closed.
 //!
 //! Every decision is logged and audited as on `/v1/check`, including the refusals the
-//! wasm filter makes on its own (no token, malformed token), which arrive here.
+//! wasm filter makes on its own (no token, malformed token), which arrive here; with
+//! Envoy's MCP filter in front, the entries name the MCP method and tool too.
 //!
 //! Routing stays in Envoy's route configuration in this mode: the decision's upstream is
 //! not used, so each route must point at the upstream the server is registered with.
@@ -40,6 +41,12 @@ pub const PATH_PREFIX: &str = "/v1/ext_authz";
 /// allow answer (Envoy's `x-envoy-auth-headers-to-remove`).
 const HEADERS_TO_REMOVE: &str = "x-envoy-auth-headers-to-remove";
 
+/// The JSON-RPC method and tool name, when Envoy's MCP filter parsed them; Envoy adds
+/// them from its metadata (`authorization_request.headers_to_add`), so the audit trail
+/// names the tool as it does for the wasm filter.
+const MCP_METHOD_HEADER: &str = "x-mcpguard-mcp-method";
+const MCP_TOOL_HEADER: &str = "x-mcpguard-mcp-tool";
+
 pub fn routes() -> Router<AppState> {
     Router::new().route(&format!("{PATH_PREFIX}/{{*path}}"), any(run))
 }
@@ -52,6 +59,8 @@ async fn run(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Res
     let mut seen = Seen {
         started: Some(started),
         request_id: header("x-request-id"),
+        mcp_method: header(MCP_METHOD_HEADER).filter(|v| !v.is_empty()),
+        tool: header(MCP_TOOL_HEADER).filter(|v| !v.is_empty()),
         ..Seen::default()
     };
 
@@ -91,7 +100,13 @@ async fn run(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Res
         }
     };
     let now = store::now_ms();
-    let decision = check::decide(row.as_ref(), &presented, path.gateway, now);
+    let decision = check::decide(
+        row.as_ref(),
+        &presented,
+        path.gateway,
+        now,
+        state.secrets.identity_opener(),
+    );
     seen.row = row.as_ref();
     match decision {
         CheckResponse::Allow { inject, .. } => {
@@ -112,6 +127,8 @@ struct Seen<'a> {
     request_id: Option<&'a str>,
     gateway: Option<&'a str>,
     server: Option<&'a str>,
+    mcp_method: Option<&'a str>,
+    tool: Option<&'a str>,
     row: Option<&'a check::CheckRow>,
 }
 
@@ -140,6 +157,8 @@ impl Seen<'_> {
             connection_id,
             gateway: self.gateway.map(str::to_owned),
             server: self.server.map(str::to_owned),
+            mcp_method: self.mcp_method.map(str::to_owned),
+            tool: self.tool.map(str::to_owned),
             latency_us: self
                 .started
                 .and_then(|t| i64::try_from(t.elapsed().as_micros()).ok()),
@@ -282,6 +301,9 @@ mod tests {
             usage,
             audit,
             audit_retention_days: 0,
+            secrets: std::sync::Arc::new(
+                crate::secrets::SecretBox::load_or_create(&dir.path().join("secrets.key")).unwrap(),
+            ),
         });
         Fixture {
             app,
@@ -311,11 +333,23 @@ mod tests {
 
     /// What Envoy's ext_authz filter sends for a client's `POST {path}`.
     async fn ask(app: &Router, path: &str, authorization: Option<&str>) -> Answer {
+        ask_with(app, path, authorization, &[]).await
+    }
+
+    async fn ask_with(
+        app: &Router,
+        path: &str,
+        authorization: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> Answer {
         let mut req = Request::post(format!("{PATH_PREFIX}{path}"))
             .header("host", "gw.local:10000")
             .header("content-length", "0");
         if let Some(a) = authorization {
             req = req.header("authorization", a);
+        }
+        for (k, v) in extra {
+            req = req.header(*k, *v);
         }
         let resp = app
             .clone()
@@ -427,21 +461,24 @@ mod tests {
     async fn every_decision_is_audited_with_the_layer_that_refused() {
         let f = fixture().await;
         let bearer = format!("Bearer {}", f.token);
-        assert_eq!(
-            ask(&f.app, "/mcp/eng/demo", Some(&bearer)).await.status,
-            200
-        );
-        assert_eq!(
-            ask(&f.app, "/mcp/eng/other", Some(&bearer)).await.status,
-            403
-        );
+        let mcp = [(MCP_METHOD_HEADER, "tools/call"), (MCP_TOOL_HEADER, "echo")];
+        let a = ask_with(&f.app, "/mcp/eng/demo", Some(&bearer), &mcp).await;
+        assert_eq!(a.status, 200);
+        let a = ask(&f.app, "/mcp/eng/other", Some(&bearer)).await;
+        assert_eq!(a.status, 403);
         assert_eq!(ask(&f.app, "/mcp/eng/demo", None).await.status, 401);
         // The writer flushes in batches; poll (bounded) rather than sleep.
         let deadline = Instant::now() + std::time::Duration::from_secs(10);
-        type AuditRow = (String, Option<String>, Option<i64>, Option<String>);
+        type AuditRow = (
+            String,
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+        );
         let rows: Vec<AuditRow> = loop {
             let rows = sqlx::query_as(
-                "SELECT action, code, connection_id, server FROM audit_events
+                "SELECT action, code, connection_id, server, tool FROM audit_events
                  WHERE kind = 'decision' ORDER BY id",
             )
             .fetch_all(&f.db)
@@ -455,18 +492,26 @@ mod tests {
         assert_eq!(
             rows,
             vec![
-                ("allow".into(), None, Some(1), Some("demo".into())),
+                (
+                    "allow".into(),
+                    None,
+                    Some(1),
+                    Some("demo".into()),
+                    Some("echo".into())
+                ),
                 (
                     "deny".into(),
                     Some("server_not_exposed".into()),
                     Some(1),
-                    Some("other".into())
+                    Some("other".into()),
+                    None
                 ),
                 (
                     "deny".into(),
                     Some("token_missing".into()),
                     None,
-                    Some("demo".into())
+                    Some("demo".into()),
+                    None
                 ),
             ]
         );

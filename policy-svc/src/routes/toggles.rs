@@ -20,6 +20,7 @@ pub fn endpoints() -> Vec<Endpoint> {
         (Layer::Servers, Capability::ServersToggle),
         (Layer::Gateways, Capability::GatewaysToggle),
         (Layer::Users, Capability::UsersManage),
+        (Layer::Identities, Capability::IdentitiesToggle),
     ] {
         for enabled in [false, true] {
             let handler = move |state: State<AppState>, admin: Admin, Path(id): Path<i64>| {

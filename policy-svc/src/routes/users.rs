@@ -9,7 +9,7 @@ use super::{Endpoint, Verb, audit_admin, endpoint, state_of};
 use crate::auth::{Admin, Capability};
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
-use crate::store::{StoreError, admin as store};
+use crate::store::{StoreError, admin as store, catalog, identities};
 use crate::{AppState, secrets};
 
 pub fn endpoints() -> Vec<Endpoint> {
@@ -38,6 +38,18 @@ pub fn endpoints() -> Vec<Endpoint> {
             "/api/v1/admin-tokens/{id}",
             manage,
             revoke_admin_token,
+        ),
+        endpoint(
+            Verb::Put,
+            "/api/v1/users/{id}/identities/{server_id}",
+            manage,
+            put_identity,
+        ),
+        endpoint(
+            Verb::Get,
+            "/api/v1/users/{id}/identities",
+            manage,
+            list_identities,
         ),
     ]
 }
@@ -243,4 +255,108 @@ async fn revoke_admin_token(
     )
     .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A user's downstream credential for one server, as the server expects it.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum Credential {
+    /// Sent as `Authorization: Bearer <token>`.
+    Bearer { token: String },
+    /// Sent as `<name>: <value>`.
+    Header { name: String, value: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityBody {
+    credential: Credential,
+}
+
+/// Headers an identity may not set: routing, framing, and our own.
+const FORBIDDEN_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "x-mcpguard-route",
+    "x-request-id",
+    "mcp-session-id",
+];
+
+fn header_of(credential: Credential) -> Result<(String, String), ApiError> {
+    let (name, value) = match credential {
+        Credential::Bearer { token } => ("authorization".to_owned(), format!("Bearer {token}")),
+        Credential::Header { name, value } => (name.to_ascii_lowercase(), value),
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !FORBIDDEN_HEADERS.contains(&name.as_str());
+    if !name_ok {
+        return Err(ApiError::unprocessable(
+            "invalid_credential",
+            format!("{name:?} cannot carry a credential"),
+        ));
+    }
+    let value_ok = !value.trim().is_empty()
+        && value.len() <= 8192
+        && !value.bytes().any(|b| b.is_ascii_control());
+    if !value_ok || value == "Bearer " {
+        return Err(ApiError::unprocessable(
+            "invalid_credential",
+            "the credential must be 1 to 8192 printable characters",
+        ));
+    }
+    Ok((name, value))
+}
+
+async fn put_identity(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path((user_id, server_id)): Path<(i64, i64)>,
+    Json(body): Json<IdentityBody>,
+) -> Result<Json<identities::Identity>, ApiError> {
+    let (header, value) = header_of(body.credential)?;
+    if !store::user_exists(&state.db, user_id).await? {
+        return Err(ApiError::NotFound("user"));
+    }
+    if !catalog::server_exists(&state.db, server_id).await? {
+        return Err(ApiError::NotFound("server"));
+    }
+    let sealed = state
+        .secrets
+        .seal(&value, &secrets::identity_binding(user_id, server_id))
+        .map_err(|e| {
+            tracing::error!(error = %e, "could not seal an identity");
+            ApiError::Unavailable
+        })?;
+    let identity = identities::put(&state.db, user_id, server_id, &header, &sealed).await?;
+    // Metadata only: the credential itself is never logged, audited or returned.
+    audit_admin(
+        &state,
+        &admin,
+        "identity.set",
+        format!("identities/{}", identity.id),
+        None,
+        state_of(&identity),
+    )
+    .await?;
+    Ok(Json(identity))
+}
+
+async fn list_identities(
+    State(state): State<AppState>,
+    Path(user_id): Path<i64>,
+) -> Result<Json<Vec<identities::Identity>>, ApiError> {
+    if !store::user_exists(&state.db, user_id).await? {
+        return Err(ApiError::NotFound("user"));
+    }
+    Ok(Json(identities::list_for_user(&state.db, user_id).await?))
 }

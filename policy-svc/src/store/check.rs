@@ -1,6 +1,6 @@
 //! The check: one read of the authoritative store per request, then a pure decision.
 
-use mcpguard_core::check::{CheckResponse, DenyCode, Scheme, Upstream};
+use mcpguard_core::check::{CheckResponse, DenyCode, InjectHeader, Scheme, Upstream};
 use mcpguard_core::token::TokenHash;
 
 use super::{Db, DbBool, Result};
@@ -26,6 +26,12 @@ pub struct CheckRow {
     pub upstream_path: Option<String>,
     /// `shared` or `per_user`; `None` when the gateway does not expose the server.
     pub identity: Option<String>,
+    pub server_id: Option<i64>,
+    /// The connection user's identity for this server, if they have one.
+    pub identity_id: Option<i64>,
+    pub identity_enabled: Option<DbBool>,
+    pub identity_header: Option<String>,
+    pub identity_sealed: Option<Vec<u8>>,
 }
 
 pub async fn load(db: &Db, token_hash: &str, server_slug: &str) -> Result<Option<CheckRow>> {
@@ -35,7 +41,9 @@ pub async fn load(db: &Db, token_hash: &str, server_slug: &str) -> Result<Option
                 h.enabled AS host_enabled, u.enabled AS user_enabled,
                 g.slug AS gateway_slug, g.enabled AS gateway_enabled,
                 s.enabled AS server_enabled, s.upstream_scheme, s.upstream_authority,
-                s.upstream_path, e.identity
+                s.upstream_path, e.identity, s.id AS server_id,
+                i.id AS identity_id, i.enabled AS identity_enabled,
+                i.header_name AS identity_header, i.sealed AS identity_sealed
          FROM api_tokens t
          JOIN connections c ON c.id = t.connection_id
          JOIN hosts h ON h.id = c.host_id
@@ -43,6 +51,7 @@ pub async fn load(db: &Db, token_hash: &str, server_slug: &str) -> Result<Option
          JOIN gateways g ON g.id = c.gateway_id
          LEFT JOIN servers s ON s.slug = $2
          LEFT JOIN exposures e ON e.gateway_id = g.id AND e.server_id = s.id
+         LEFT JOIN identities i ON i.user_id = c.user_id AND i.server_id = s.id
          WHERE t.token_hash = $1",
     )
     .bind(token_hash)
@@ -52,12 +61,14 @@ pub async fn load(db: &Db, token_hash: &str, server_slug: &str) -> Result<Option
 }
 
 /// Decides a request from what `load` read. Layers are checked from the credential
-/// outward, so the refusal names the first layer that is off.
+/// outward, so the refusal names the first layer that is off. `unseal` opens the
+/// user's sealed identity (`None` if it cannot: the request is then refused).
 pub fn decide(
     row: Option<&CheckRow>,
     presented: &TokenHash,
     gateway_slug: &str,
     now_ms: i64,
+    unseal: impl FnOnce(&CheckRow, &[u8]) -> Option<String>,
 ) -> CheckResponse {
     let deny = |code| CheckResponse::Deny { code };
     let Some(row) = row else {
@@ -101,11 +112,30 @@ pub fn decide(
     if !server_enabled.0 {
         return deny(DenyCode::ServerDisabled);
     }
-    if identity == "per_user" {
-        // Identities (the user's own downstream credential) are not stored yet, so no
-        // user has one: refuse rather than reach a per-user server as nobody.
-        return deny(DenyCode::IdentityMissing);
-    }
+    // A per-user server is reached with the connection user's own credential, never
+    // the agent's and never as nobody.
+    let inject = if identity == "per_user" {
+        let (Some(enabled), Some(header), Some(sealed)) = (
+            row.identity_enabled,
+            row.identity_header.as_ref(),
+            row.identity_sealed.as_deref(),
+        ) else {
+            return deny(DenyCode::IdentityMissing);
+        };
+        if !enabled.0 {
+            return deny(DenyCode::IdentityDisabled);
+        }
+        // Cannot open it (wrong key, or tampered): refuse, and say it is our fault.
+        let Some(value) = unseal(row, sealed) else {
+            return deny(DenyCode::PolicyUnavailable);
+        };
+        Some(InjectHeader {
+            name: header.clone(),
+            value,
+        })
+    } else {
+        None
+    };
     let scheme = if scheme == "https" {
         Scheme::Https
     } else {
@@ -117,7 +147,7 @@ pub fn decide(
             authority: authority.clone(),
             base_path: path.clone(),
         },
-        inject: None,
+        inject,
     }
 }
 
@@ -148,11 +178,20 @@ mod tests {
             upstream_authority: Some("api.example.com:443".into()),
             upstream_path: Some("/mcp".into()),
             identity: Some("shared".into()),
+            server_id: Some(5),
+            identity_id: None,
+            identity_enabled: None,
+            identity_header: None,
+            identity_sealed: None,
         }
     }
 
+    fn opened(_: &CheckRow, sealed: &[u8]) -> Option<String> {
+        String::from_utf8(sealed.to_vec()).ok()
+    }
+
     fn code(r: &CheckRow) -> Option<DenyCode> {
-        match decide(Some(r), &token(), "eng", 1_000) {
+        match decide(Some(r), &token(), "eng", 1_000, opened) {
             CheckResponse::Deny { code } => Some(code),
             CheckResponse::Allow { .. } => None,
         }
@@ -161,7 +200,7 @@ mod tests {
     #[test]
     fn a_live_token_on_its_gateway_is_allowed_to_the_upstream() {
         let CheckResponse::Allow { upstream, inject } =
-            decide(Some(&row()), &token(), "eng", 1_000)
+            decide(Some(&row()), &token(), "eng", 1_000, opened)
         else {
             panic!("expected allow");
         };
@@ -212,6 +251,20 @@ mod tests {
                 |r| r.identity = Some("per_user".into()),
                 DenyCode::IdentityMissing,
             ),
+            (
+                |r| {
+                    with_identity(r);
+                    r.identity_enabled = Some(DbBool(false));
+                },
+                DenyCode::IdentityDisabled,
+            ),
+            (
+                |r| {
+                    with_identity(r);
+                    r.identity_sealed = Some(vec![0xff]); // does not open
+                },
+                DenyCode::PolicyUnavailable,
+            ),
         ];
         for (change, expected) in cases {
             let mut r = row();
@@ -220,10 +273,39 @@ mod tests {
         }
     }
 
+    fn with_identity(r: &mut CheckRow) {
+        r.identity = Some("per_user".into());
+        r.identity_id = Some(9);
+        r.identity_enabled = Some(DbBool(true));
+        r.identity_header = Some("authorization".into());
+        r.identity_sealed = Some(b"Bearer alice".to_vec());
+    }
+
+    #[test]
+    fn a_per_user_server_gets_the_users_own_credential_and_a_shared_one_none() {
+        let mut r = row();
+        r.identity_sealed = Some(b"never injected for shared".to_vec());
+        let CheckResponse::Allow { inject, .. } = decide(Some(&r), &token(), "eng", 1_000, opened)
+        else {
+            panic!("expected allow");
+        };
+        assert_eq!(inject, None);
+        with_identity(&mut r);
+        let CheckResponse::Allow { inject, .. } = decide(Some(&r), &token(), "eng", 1_000, opened)
+        else {
+            panic!("expected allow");
+        };
+        let inject = inject.unwrap();
+        assert_eq!(
+            (inject.name.as_str(), inject.value.as_str()),
+            ("authorization", "Bearer alice")
+        );
+    }
+
     #[test]
     fn unknown_token_and_not_yet_expired_token() {
         assert_eq!(
-            decide(None, &token(), "eng", 0),
+            decide(None, &token(), "eng", 0, opened),
             CheckResponse::Deny {
                 code: DenyCode::TokenUnknown
             }

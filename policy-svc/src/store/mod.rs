@@ -7,6 +7,7 @@ pub mod audit;
 pub mod catalog;
 pub mod check;
 pub mod hosts;
+pub mod identities;
 pub mod toggles;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -41,6 +42,9 @@ impl From<sqlx::Error> for StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// A pooled connection idle this long is pinged before use.
+const IDLE_PING_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Opens the pool and brings the schema up to date.
 pub async fn open(url: &str, max_connections: u32) -> Result<Db> {
     sqlx::any::install_default_drivers();
@@ -56,6 +60,20 @@ pub async fn open(url: &str, max_connections: u32) -> Result<Db> {
     }
     let pool = AnyPoolOptions::new()
         .max_connections(max_connections)
+        // sqlx pings a connection on every checkout by default: one more round trip to
+        // the SQLite worker thread (or the database) on every check, about a third of the
+        // check's cost in `make bench`. Ping only connections that sat idle long enough to
+        // have gone stale (a restarted server, a dropped idle TCP session); sqlx also
+        // pings each connection on its return to the pool.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= IDLE_PING_AFTER {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .after_connect(|conn, _| {
             Box::pin(async move {
                 if conn.backend_name() == "SQLite" {
@@ -66,6 +84,12 @@ pub async fn open(url: &str, max_connections: u32) -> Result<Db> {
                         .execute(&mut *conn)
                         .await?;
                     sqlx::query("PRAGMA foreign_keys = ON")
+                        .execute(&mut *conn)
+                        .await?;
+                    // Read pages through a shared memory map instead of a pread() into
+                    // each connection's own 2 MB page cache: fewer syscalls per check
+                    // (15 -> 9 in `make bench`). An upper bound, not an allocation.
+                    sqlx::query("PRAGMA mmap_size = 268435456")
                         .execute(&mut *conn)
                         .await?;
                 }

@@ -9,6 +9,7 @@ pub enum Layer {
     Servers,
     Gateways,
     Users,
+    Identities,
 }
 
 impl Layer {
@@ -25,6 +26,8 @@ impl Layer {
             (Layer::Gateways, true) => "/api/v1/gateways/{id}/enable",
             (Layer::Users, false) => "/api/v1/users/{id}/disable",
             (Layer::Users, true) => "/api/v1/users/{id}/enable",
+            (Layer::Identities, false) => "/api/v1/identities/{id}/disable",
+            (Layer::Identities, true) => "/api/v1/identities/{id}/enable",
         }
     }
 
@@ -35,6 +38,7 @@ impl Layer {
             Layer::Servers => "servers",
             Layer::Gateways => "gateways",
             Layer::Users => "users",
+            Layer::Identities => "identities",
         }
     }
 
@@ -46,6 +50,7 @@ impl Layer {
             Layer::Servers => "server",
             Layer::Gateways => "gateway",
             Layer::Users => "user",
+            Layer::Identities => "identity",
         }
     }
 }
@@ -74,6 +79,10 @@ pub async fn set_enabled(db: &Db, layer: Layer, id: i64, enabled: bool) -> Resul
         Layer::Users => (
             "SELECT enabled FROM users WHERE id = $1",
             "UPDATE users SET enabled = $1 WHERE id = $2",
+        ),
+        Layer::Identities => (
+            "SELECT enabled FROM identities WHERE id = $1",
+            "UPDATE identities SET enabled = $1 WHERE id = $2",
         ),
     };
     let mut tx = super::begin_write(db).await?;

@@ -24,6 +24,7 @@ async fn main() -> std::process::ExitCode {
     let p = admin
         .provision("eng", "demo", &stack.demo.upstream_url())
         .await;
+    let identity = admin.make_per_user(&p, "downstream-credential").await;
     let layers = [
         Layer {
             kind: "hosts",
@@ -44,6 +45,11 @@ async fn main() -> std::process::ExitCode {
             kind: "gateways",
             id: p.gateway_id,
             code: "gateway_disabled",
+        },
+        Layer {
+            kind: "identities",
+            id: identity,
+            code: "identity_disabled",
         },
     ];
     let plan = Plan {
