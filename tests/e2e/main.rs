@@ -12,4 +12,5 @@ mod ext_authz;
 mod failure;
 mod identities;
 mod routing;
+mod tls;
 mod tokens;

@@ -262,6 +262,8 @@ pub struct EnvoyOptions {
     pub config: &'static str,
     pub check_port: u16,
     pub check_timeout_ms: Option<u64>,
+    /// Replaces the system CA bundle the https upstream cluster trusts.
+    pub trusted_ca: Option<PathBuf>,
 }
 
 pub struct Envoy {
@@ -323,6 +325,13 @@ impl Envoy {
             config["configuration"]["value"] = plugin.to_string().into();
         }
         for cluster in resources["clusters"].as_sequence_mut().expect("clusters") {
+            if let (Some(ca), true) = (
+                &opts.trusted_ca,
+                cluster["name"] == "mcpguard_upstream_https",
+            ) {
+                cluster["transport_socket"]["typed_config"]["common_tls_context"]["validation_context"]
+                    ["trusted_ca"]["filename"] = ca.display().to_string().into();
+            }
             if cluster["name"] == "mcpguard_policy" {
                 cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
                     ["socket_address"]["port_value"] = opts.check_port.into();
@@ -333,9 +342,19 @@ impl Envoy {
 
     pub async fn start(opts: &EnvoyOptions, log_dir: &Path) -> Envoy {
         let (port, admin_port) = (free_port(), free_port());
+        Self::start_config(
+            &Self::render(opts, port, admin_port),
+            port,
+            admin_port,
+            log_dir,
+        )
+        .await
+    }
+
+    /// Any Envoy config (JSON or YAML text) that listens on `port`, admin on `admin_port`.
+    pub async fn start_config(config: &str, port: u16, admin_port: u16, log_dir: &Path) -> Envoy {
         let config_path = log_dir.join(format!("envoy-{port}.json"));
-        std::fs::write(&config_path, Self::render(opts, port, admin_port))
-            .expect("writing envoy config");
+        std::fs::write(&config_path, config).expect("writing envoy config");
         let mut cmd = Command::new(Self::executable());
         cmd.arg("-c")
             .arg(&config_path)
@@ -415,6 +434,7 @@ impl Stack {
             config: "envoy/mcpguard.yaml",
             check_port: policy.check_port,
             check_timeout_ms: None,
+            trusted_ca: None,
         };
         let envoy = Envoy::start(&opts, dir.path()).await;
         Stack {
