@@ -207,10 +207,38 @@ impl DenyCode {
         )
     }
 
+    /// `WWW-Authenticate` of a 401 (RFC 6750 §3, RFC 9728 §5.1); `None` for other
+    /// statuses.
+    pub fn challenge(self, resource_metadata: Option<&str>) -> Option<String> {
+        if self.status() != 401 {
+            return None;
+        }
+        let mut challenge = "Bearer".to_owned();
+        if let Some(url) = resource_metadata {
+            challenge.push_str(&format!(" resource_metadata=\"{url}\""));
+        }
+        if self.is_invalid_token() {
+            let sep = if resource_metadata.is_some() { "," } else { "" };
+            challenge.push_str(&format!(
+                "{sep} error=\"invalid_token\", error_description=\"{}\"",
+                self.message()
+            ));
+        }
+        Some(challenge)
+    }
+
     /// The JSON error body clients receive.
     pub fn body(self) -> String {
         serde_json::json!({"error": {"code": self.as_str(), "message": self.message()}}).to_string()
     }
+}
+
+/// RFC 9728 §3.1: the metadata of resource `https://h/mcp/g/s` lives at
+/// `https://h/.well-known/oauth-protected-resource/mcp/g/s`. `base` is scheme and
+/// authority without a trailing slash; any query on `path` is dropped.
+pub fn resource_metadata_url(base: &str, path: &str) -> String {
+    let path = path.split('?').next().unwrap_or_default();
+    format!("{base}/.well-known/oauth-protected-resource{path}")
 }
 
 #[cfg(test)]
@@ -231,6 +259,25 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&DenyCode::HostDisabled.body()).unwrap();
         assert_eq!(v["error"]["code"], "host_disabled");
         assert!(v["error"]["message"].as_str().unwrap().contains("disabled"));
+    }
+
+    #[test]
+    fn challenges_follow_rfc_6750_and_rfc_9728() {
+        let url = resource_metadata_url("https://h", "/mcp/g/s?x=1");
+        assert_eq!(
+            url,
+            "https://h/.well-known/oauth-protected-resource/mcp/g/s"
+        );
+        assert_eq!(
+            DenyCode::TokenMissing.challenge(Some(&url)).unwrap(),
+            format!("Bearer resource_metadata=\"{url}\"")
+        );
+        let invalid = DenyCode::TokenRevoked.challenge(None).unwrap();
+        assert!(
+            invalid.starts_with("Bearer error=\"invalid_token\""),
+            "{invalid}"
+        );
+        assert_eq!(DenyCode::HostDisabled.challenge(Some(&url)), None);
     }
 
     #[test]

@@ -81,8 +81,7 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig) -> Start {
     })
 }
 
-/// RFC 9728 §3.1: the metadata of resource `https://h/mcp/g/s` lives at
-/// `https://h/.well-known/oauth-protected-resource/mcp/g/s`.
+/// The base is `public_base_url`, else the request's own scheme and authority.
 fn resource_metadata_url(req: &Incoming<'_>, config: &FilterConfig) -> String {
     let base = match &config.public_base_url {
         Some(base) => base.clone(),
@@ -92,8 +91,7 @@ fn resource_metadata_url(req: &Incoming<'_>, config: &FilterConfig) -> String {
             req.authority.unwrap_or("localhost")
         ),
     };
-    let path = req.path.split('?').next().unwrap_or_default();
-    format!("{base}/.well-known/oauth-protected-resource{path}")
+    mcpguard_core::check::resource_metadata_url(&base, req.path)
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -152,18 +150,7 @@ pub struct Refusal {
 impl Refusal {
     pub fn new(code: DenyCode, resource_metadata: Option<&str>) -> Self {
         let mut headers = vec![("content-type", "application/json".to_owned())];
-        if code.status() == 401 {
-            let mut challenge = "Bearer".to_owned();
-            if let Some(url) = resource_metadata {
-                challenge.push_str(&format!(" resource_metadata=\"{url}\""));
-            }
-            if code.is_invalid_token() {
-                let sep = if resource_metadata.is_some() { "," } else { "" };
-                challenge.push_str(&format!(
-                    "{sep} error=\"invalid_token\", error_description=\"{}\"",
-                    code.message()
-                ));
-            }
+        if let Some(challenge) = code.challenge(resource_metadata) {
             headers.push(("www-authenticate", challenge));
         }
         Refusal {

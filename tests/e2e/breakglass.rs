@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use mcpguard_e2e::Stack;
 use mcpguard_e2e::mcp::initialize_with;
-use mcpguard_e2e::toggles::{Layer, Plan, prove};
+use mcpguard_e2e::toggles::{Plan, five_layers, prove};
 
 async fn assert_refused(url: &str, token: &str, code: &str) {
     let a = initialize_with(url, Some(token)).await;
@@ -178,56 +178,18 @@ async fn disabling_a_gateway_stops_all_traffic_through_it_and_only_it() {
 #[tokio::test]
 async fn toggles_hold_on_the_very_next_request_under_concurrent_load() {
     let stack = Stack::start_stateless().await;
-    let admin = stack.admin();
-    let p = admin
-        .provision("eng", "demo", &stack.demo.upstream_url())
-        .await;
-    let identity = admin.make_per_user(&p, "downstream-credential").await;
-    let layers = [
-        Layer {
-            kind: "hosts",
-            id: p.host_id,
-            code: "host_disabled",
-        },
-        Layer {
-            kind: "connections",
-            id: p.connection_id,
-            code: "connection_disabled",
-        },
-        Layer {
-            kind: "servers",
-            id: p.server_id,
-            code: "server_disabled",
-        },
-        Layer {
-            kind: "gateways",
-            id: p.gateway_id,
-            code: "gateway_disabled",
-        },
-        Layer {
-            kind: "identities",
-            id: identity,
-            code: "identity_disabled",
-        },
-    ];
+    let target = five_layers(&stack).await;
     let plan = Plan {
         clients: 4,
         cycles: 3,
         requests_per_phase: 8,
         time_limit: Duration::from_secs(60),
     };
-    let report = prove(
-        &stack.envoy.mcp_url("eng", "demo"),
-        &p.token,
-        &admin,
-        &layers,
-        &plan,
-    )
-    .await;
+    let report = prove(&target, &stack.admin(), &plan).await;
     println!("{report}");
     assert_eq!(
         report.toggles,
-        2 * layers.len() * plan.cycles,
+        2 * target.layers.len() * plan.cycles,
         "the run ended early:\n{report}"
     );
     assert!(report.is_clean(), "{report}");

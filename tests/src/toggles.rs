@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::Admin;
+use crate::{Admin, Stack};
 
 /// One layer on the request path, and the code its refusal must carry.
 #[derive(Debug, Clone)]
@@ -22,6 +22,36 @@ pub struct Layer {
     pub kind: &'static str,
     pub id: i64,
     pub code: &'static str,
+}
+
+/// What the proof runs against: an MCP URL, a token, and the five layers on its path.
+pub struct Target {
+    pub url: String,
+    pub token: String,
+    pub layers: Vec<Layer>,
+}
+
+/// Provisions the stack for the proof: gateway `eng` exposing its demo server per-user,
+/// a host with one token, and an identity for the token's user, so the request path has
+/// all five layers: host, connection, server, gateway, identity.
+pub async fn five_layers(stack: &Stack) -> Target {
+    let admin = stack.admin();
+    let p = admin
+        .provision("eng", "demo", &stack.demo.upstream_url())
+        .await;
+    let identity = admin.make_per_user(&p, "downstream-credential").await;
+    let layer = |kind, id, code| Layer { kind, id, code };
+    Target {
+        url: stack.envoy.mcp_url("eng", "demo"),
+        token: p.token.clone(),
+        layers: vec![
+            layer("hosts", p.host_id, "host_disabled"),
+            layer("connections", p.connection_id, "connection_disabled"),
+            layer("servers", p.server_id, "server_disabled"),
+            layer("gateways", p.gateway_id, "gateway_disabled"),
+            layer("identities", identity, "identity_disabled"),
+        ],
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -179,9 +209,14 @@ impl std::fmt::Display for Percentiles {
     }
 }
 
-/// Runs the proof against `url` (a stateless MCP server behind the gateway) with
-/// `token`, toggling each of `layers` in turn, `plan.cycles` times.
-pub async fn prove(url: &str, token: &str, admin: &Admin, layers: &[Layer], plan: &Plan) -> Report {
+/// Runs the proof against `target` (a stateless MCP server behind the gateway), toggling
+/// each of its layers in turn, `plan.cycles` times.
+pub async fn prove(target: &Target, admin: &Admin, plan: &Plan) -> Report {
+    let (url, token, layers) = (
+        target.url.as_str(),
+        target.token.as_str(),
+        target.layers.as_slice(),
+    );
     let log: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let began = Instant::now();

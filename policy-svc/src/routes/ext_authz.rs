@@ -210,28 +210,10 @@ fn refuse(code: DenyCode, resource_metadata: Option<&str>) -> Response {
         axum::http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if code.status() == 401
-        && let Ok(value) = HeaderValue::try_from(challenge(code, resource_metadata))
-    {
+    if let Some(Ok(value)) = code.challenge(resource_metadata).map(HeaderValue::try_from) {
         headers.insert(axum::http::header::WWW_AUTHENTICATE, value);
     }
     response
-}
-
-/// `WWW-Authenticate` of a 401, as the wasm filter writes it (RFC 6750 §3, RFC 9728 §5.1).
-fn challenge(code: DenyCode, resource_metadata: Option<&str>) -> String {
-    let mut challenge = "Bearer".to_owned();
-    if let Some(url) = resource_metadata {
-        challenge.push_str(&format!(" resource_metadata=\"{url}\""));
-    }
-    if code.is_invalid_token() {
-        let sep = if resource_metadata.is_some() { "," } else { "" };
-        challenge.push_str(&format!(
-            "{sep} error=\"invalid_token\", error_description=\"{}\"",
-            code.message()
-        ));
-    }
-    challenge
 }
 
 /// RFC 9728 §3.1: the metadata of resource `https://h/mcp/g/s` lives at
@@ -243,8 +225,7 @@ fn resource_metadata_url(scheme: Option<&str>, host: Option<&str>, path: &str) -
         _ => "http",
     };
     let host = host.unwrap_or("localhost");
-    let path = path.split('?').next().unwrap_or_default();
-    format!("{scheme}://{host}/.well-known/oauth-protected-resource{path}")
+    mcpguard_core::check::resource_metadata_url(&format!("{scheme}://{host}"), path)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use mcpguard_e2e::Stack;
-use mcpguard_e2e::toggles::{Layer, Plan, prove};
+use mcpguard_e2e::toggles::{Plan, five_layers, prove};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -20,38 +20,7 @@ async fn main() -> std::process::ExitCode {
         .and_then(|v| v.parse().ok())
         .unwrap_or(8);
     let stack = Stack::start_stateless().await;
-    let admin = stack.admin();
-    let p = admin
-        .provision("eng", "demo", &stack.demo.upstream_url())
-        .await;
-    let identity = admin.make_per_user(&p, "downstream-credential").await;
-    let layers = [
-        Layer {
-            kind: "hosts",
-            id: p.host_id,
-            code: "host_disabled",
-        },
-        Layer {
-            kind: "connections",
-            id: p.connection_id,
-            code: "connection_disabled",
-        },
-        Layer {
-            kind: "servers",
-            id: p.server_id,
-            code: "server_disabled",
-        },
-        Layer {
-            kind: "gateways",
-            id: p.gateway_id,
-            code: "gateway_disabled",
-        },
-        Layer {
-            kind: "identities",
-            id: identity,
-            code: "identity_disabled",
-        },
-    ];
+    let target = five_layers(&stack).await;
     let plan = Plan {
         clients,
         cycles,
@@ -60,18 +29,11 @@ async fn main() -> std::process::ExitCode {
     };
     println!(
         "break-glass proof: {clients} concurrent clients, {cycles} cycles x {} layers, Envoy --concurrency 1",
-        layers.len()
+        target.layers.len()
     );
-    let report = prove(
-        &stack.envoy.mcp_url("eng", "demo"),
-        &p.token,
-        &admin,
-        &layers,
-        &plan,
-    )
-    .await;
+    let report = prove(&target, &stack.admin(), &plan).await;
     println!("{report}");
-    let expected = 2 * cycles * layers.len();
+    let expected = 2 * cycles * target.layers.len();
     if report.toggles < expected {
         eprintln!(
             "ended early: {} of {expected} toggles within the time limit",
