@@ -119,6 +119,11 @@ pub fn identity_binding(user_id: i64, server_id: i64) -> String {
     format!("mcpguard identity user={user_id} server={server_id}")
 }
 
+/// What an exposure's shared credential is bound to.
+pub fn shared_binding(gateway_id: i64, server_id: i64) -> String {
+    format!("mcpguard shared gateway={gateway_id} server={server_id}")
+}
+
 #[cfg(test)]
 mod box_tests {
     use super::*;
@@ -160,17 +165,16 @@ mod box_tests {
 }
 
 impl SecretBox {
-    /// Opens the identity a check row carries, for `store::check::decide`. A value that
-    /// does not open is logged (it means a wrong key or tampering) and refused.
-    pub fn identity_opener(
-        &self,
-    ) -> impl FnOnce(&crate::store::check::CheckRow, &[u8]) -> Option<String> + '_ {
-        move |row, sealed| {
-            let opened = row
-                .server_id
-                .and_then(|server| self.open(sealed, &identity_binding(row.user_id, server)));
+    /// `open` for `store::check::decide`. A value that does not open is logged (it means
+    /// a wrong key or tampering) and the request is refused.
+    pub fn opener(&self) -> impl FnOnce(&str, &[u8]) -> Option<String> + '_ {
+        move |bound_to, sealed| {
+            let opened = self.open(sealed, bound_to);
             if opened.is_none() {
-                tracing::error!(identity_id = ?row.identity_id, "stored identity does not open with the secrets key; refusing");
+                tracing::error!(
+                    bound_to,
+                    "stored credential does not open with the secrets key; refusing"
+                );
             }
             opened
         }

@@ -330,22 +330,3 @@ async fn token_generation_creates_or_reuses_the_connection_and_connections_are_l
         .await;
     assert_eq!(conns[0]["live_tokens"], 1);
 }
-
-#[tokio::test]
-async fn a_shared_credential_is_refused_until_it_can_be_stored_encrypted() {
-    let (policy, _dir) = policy().await;
-    let admin = policy.admin();
-    let gw = admin.gateway("eng").await;
-    let server = admin.server("demo", "http://127.0.0.1:9/mcp").await;
-    let path = format!("/api/v1/gateways/{gw}/servers/{server}");
-    let (status, v) = admin
-        .call(
-            Method::PUT,
-            &path,
-            Some(json!({"identity": "shared", "credential": "s3cret"})),
-        )
-        .await;
-    assert_error(status, &v, 422, "credential_unsupported");
-    let (_, exposed) = admin.get(&format!("/api/v1/gateways/{gw}/servers")).await;
-    assert_eq!(exposed, json!([]), "nothing was exposed");
-}

@@ -204,3 +204,70 @@ async fn identities_refuse_headers_that_would_reroute_or_reframe_the_request() {
     let (_, listed) = owner.get("/api/v1/users/1/identities").await;
     assert_eq!(listed, json!([]));
 }
+
+#[tokio::test]
+async fn a_shared_exposure_sends_its_service_credential_for_every_caller() {
+    let stack = Stack::start().await;
+    let owner = stack.admin();
+    let p = owner
+        .provision("eng", "demo", &stack.demo.upstream_url())
+        .await;
+    let path = format!("/api/v1/gateways/{}/servers/{}", p.gateway_id, p.server_id);
+    let credential =
+        json!({"type": "header", "name": "X-Api-Key", "value": "shared-service-secret"});
+    let (status, v) = owner
+        .call(
+            Method::PUT,
+            &path,
+            Some(json!({"identity": "shared", "credential": credential})),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["credential_header"], "x-api-key");
+    assert!(!v.to_string().contains("shared-service-secret"));
+
+    let client = mcp::connect(&stack.envoy.mcp_url("eng", "demo"), Some(&p.token))
+        .await
+        .unwrap();
+    let seen = call_text(&client, "header", json!({"name": "x-api-key"}))
+        .await
+        .unwrap();
+    assert_eq!(seen, "shared-service-secret");
+    assert_eq!(
+        call_text(&client, "whoami", json!({})).await.unwrap(),
+        "none",
+        "the client's token never passes"
+    );
+
+    // A per-user exposure takes no shared credential; replacing the exposure without
+    // one removes it.
+    let (status, v) = owner
+        .call(
+            Method::PUT,
+            &path,
+            Some(json!({"identity": "per_user", "credential": credential})),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (422, Some("invalid_credential"))
+    );
+    let (status, _) = owner
+        .call(Method::PUT, &path, Some(json!({"identity": "shared"})))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        call_text(&client, "header", json!({"name": "x-api-key"}))
+            .await
+            .unwrap(),
+        "none"
+    );
+
+    let mut raw = Vec::new();
+    for entry in std::fs::read_dir(&stack.policy.data_dir).unwrap() {
+        raw.extend(std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    assert!(!String::from_utf8_lossy(&raw).contains("shared-service-secret"));
+    let (_, audit) = owner.get("/api/v1/audit?kind=admin").await;
+    assert!(!audit.to_string().contains("shared-service-secret"));
+}

@@ -34,7 +34,7 @@ async fn run(
         &presented,
         &req.gateway,
         now,
-        state.secrets.identity_opener(),
+        state.secrets.opener(),
     );
     let (action, code) = match &decision {
         CheckResponse::Allow { .. } => ("allow", None),

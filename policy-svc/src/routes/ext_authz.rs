@@ -74,7 +74,9 @@ async fn run(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Res
     };
     seen.gateway = Some(path.gateway);
     seen.server = Some(path.server);
-    let metadata = || resource_metadata_url(header("x-forwarded-proto"), header("host"), original);
+    // The client's host: `Host` over HTTP/1.1, `:authority` (the URI's) over HTTP/2.
+    let host = uri.authority().map(|a| a.as_str()).or(header("host"));
+    let metadata = || resource_metadata_url(header("x-forwarded-proto"), host, original);
     let Some(authorization) = header("authorization") else {
         return seen.refuse(&state, DenyCode::TokenMissing, Some(&metadata()));
     };
@@ -105,7 +107,7 @@ async fn run(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Res
         &presented,
         path.gateway,
         now,
-        state.secrets.identity_opener(),
+        state.secrets.opener(),
     );
     seen.row = row.as_ref();
     match decision {
@@ -218,7 +220,7 @@ fn refuse(code: DenyCode, resource_metadata: Option<&str>) -> Response {
 
 /// RFC 9728 §3.1: the metadata of resource `https://h/mcp/g/s` lives at
 /// `https://h/.well-known/oauth-protected-resource/mcp/g/s`. Envoy sends the client's
-/// `Host`; the scheme only when `x-forwarded-proto` is among the allowed headers.
+/// host; the scheme only when `x-forwarded-proto` is among the allowed headers.
 fn resource_metadata_url(scheme: Option<&str>, host: Option<&str>, path: &str) -> String {
     let scheme = match scheme {
         Some("https") => "https",

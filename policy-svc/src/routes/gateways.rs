@@ -4,13 +4,13 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 
-use super::{Endpoint, Verb, audit_admin, endpoint, state_of};
+use super::{Credential, Endpoint, Verb, audit_admin, endpoint, state_of};
 
-use crate::AppState;
 use crate::auth::{Admin, Capability};
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
 use crate::store::{StoreError, catalog, hosts};
+use crate::{AppState, secrets};
 
 pub fn endpoints() -> Vec<Endpoint> {
     let manage = Some(Capability::GatewaysManage);
@@ -87,10 +87,10 @@ async fn list(State(state): State<AppState>) -> Result<Json<Vec<catalog::Gateway
 #[serde(deny_unknown_fields)]
 struct Exposure {
     identity: Identity,
-    /// The shared service credential. Not accepted until credentials can be stored
-    /// encrypted; see the README.
+    /// The shared service credential sent to the upstream for every caller (`shared`
+    /// only). Sealed at rest; never returned.
     #[serde(default)]
-    credential: Option<String>,
+    credential: Option<Credential>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -106,12 +106,16 @@ async fn expose(
     Path((gateway_id, server_id)): Path<(i64, i64)>,
     Json(body): Json<Exposure>,
 ) -> Result<Json<catalog::Exposure>, ApiError> {
-    if body.credential.is_some() {
-        return Err(ApiError::unprocessable(
-            "credential_unsupported",
-            "storing a shared credential needs encrypted credential storage, which this version does not have yet; expose without `credential`",
-        ));
-    }
+    let credential = match (body.credential, body.identity) {
+        (None, _) => None,
+        (Some(_), Identity::PerUser) => {
+            return Err(ApiError::unprocessable(
+                "invalid_credential",
+                "a per-user exposure uses each user's identity; `credential` is for `shared` only",
+            ));
+        }
+        (Some(c), Identity::Shared) => Some(c.into_header()?),
+    };
     require_gateway(&state, gateway_id).await?;
     if !catalog::server_exists(&state.db, server_id).await? {
         return Err(ApiError::NotFound("server"));
@@ -121,7 +125,27 @@ async fn expose(
         Identity::PerUser => "per_user",
     };
     let before = find_exposure(&state, gateway_id, server_id).await?;
-    let exposure = catalog::expose(&state.db, gateway_id, server_id, identity).await?;
+    let sealed = match &credential {
+        None => None,
+        Some((header, value)) => {
+            let sealed = state
+                .secrets
+                .seal(value, &secrets::shared_binding(gateway_id, server_id))
+                .map_err(|e| {
+                    tracing::error!(error = %e, "could not seal a shared credential");
+                    ApiError::Unavailable
+                })?;
+            Some((header.as_str(), sealed))
+        }
+    };
+    let exposure = catalog::expose(
+        &state.db,
+        gateway_id,
+        server_id,
+        identity,
+        sealed.as_ref().map(|(h, s)| (*h, s.as_slice())),
+    )
+    .await?;
     let target = format!("gateways/{gateway_id}/servers/{server_id}");
     audit_admin(
         &state,

@@ -178,3 +178,62 @@ pub(crate) async fn audit_admin(
 pub(crate) fn state_of<T: Serialize>(value: &T) -> Option<serde_json::Value> {
     serde_json::to_value(value).ok()
 }
+
+/// A credential for a server, as the server expects it: a user's identity, or the
+/// shared service credential of an exposure.
+#[derive(serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub(crate) enum Credential {
+    /// Sent as `Authorization: Bearer <token>`.
+    Bearer { token: String },
+    /// Sent as `<name>: <value>`.
+    Header { name: String, value: String },
+}
+
+/// Headers an identity may not set: routing, framing, and our own.
+const FORBIDDEN_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "x-mcpguard-route",
+    "x-request-id",
+    "mcp-session-id",
+];
+
+impl Credential {
+    /// The header to send and its value, refusing headers that would reroute or
+    /// reframe the request.
+    pub(crate) fn into_header(self) -> Result<(String, String), ApiError> {
+        let (name, value) = match self {
+            Credential::Bearer { token } => ("authorization".to_owned(), format!("Bearer {token}")),
+            Credential::Header { name, value } => (name.to_ascii_lowercase(), value),
+        };
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !FORBIDDEN_HEADERS.contains(&name.as_str());
+        if !name_ok {
+            return Err(ApiError::unprocessable(
+                "invalid_credential",
+                format!("{name:?} cannot carry a credential"),
+            ));
+        }
+        let value_ok = !value.trim().is_empty()
+            && value.len() <= 8192
+            && !value.bytes().any(|b| b.is_ascii_control());
+        if !value_ok || value == "Bearer " {
+            return Err(ApiError::unprocessable(
+                "invalid_credential",
+                "the credential must be 1 to 8192 printable characters",
+            ));
+        }
+        Ok((name, value))
+    }
+}

@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use mcpguard_core::token::{TokenHash, TokenKind, display_prefix};
 use serde::{Deserialize, Serialize};
 
-use super::{Endpoint, Verb, audit_admin, endpoint, state_of};
+use super::{Credential, Endpoint, Verb, audit_admin, endpoint, state_of};
 use crate::auth::{Admin, Capability};
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
@@ -257,64 +257,10 @@ async fn revoke_admin_token(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// A user's downstream credential for one server, as the server expects it.
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-enum Credential {
-    /// Sent as `Authorization: Bearer <token>`.
-    Bearer { token: String },
-    /// Sent as `<name>: <value>`.
-    Header { name: String, value: String },
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct IdentityBody {
     credential: Credential,
-}
-
-/// Headers an identity may not set: routing, framing, and our own.
-const FORBIDDEN_HEADERS: &[&str] = &[
-    "host",
-    "content-length",
-    "content-type",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-authorization",
-    "x-mcpguard-route",
-    "x-request-id",
-    "mcp-session-id",
-];
-
-fn header_of(credential: Credential) -> Result<(String, String), ApiError> {
-    let (name, value) = match credential {
-        Credential::Bearer { token } => ("authorization".to_owned(), format!("Bearer {token}")),
-        Credential::Header { name, value } => (name.to_ascii_lowercase(), value),
-    };
-    let name_ok = !name.is_empty()
-        && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        && !FORBIDDEN_HEADERS.contains(&name.as_str());
-    if !name_ok {
-        return Err(ApiError::unprocessable(
-            "invalid_credential",
-            format!("{name:?} cannot carry a credential"),
-        ));
-    }
-    let value_ok = !value.trim().is_empty()
-        && value.len() <= 8192
-        && !value.bytes().any(|b| b.is_ascii_control());
-    if !value_ok || value == "Bearer " {
-        return Err(ApiError::unprocessable(
-            "invalid_credential",
-            "the credential must be 1 to 8192 printable characters",
-        ));
-    }
-    Ok((name, value))
 }
 
 async fn put_identity(
@@ -323,7 +269,7 @@ async fn put_identity(
     Path((user_id, server_id)): Path<(i64, i64)>,
     Json(body): Json<IdentityBody>,
 ) -> Result<Json<identities::Identity>, ApiError> {
-    let (header, value) = header_of(body.credential)?;
+    let (header, value) = body.credential.into_header()?;
     if !store::user_exists(&state.db, user_id).await? {
         return Err(ApiError::NotFound("user"));
     }

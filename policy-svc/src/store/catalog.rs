@@ -116,21 +116,34 @@ pub struct Exposure {
     pub gateway_id: i64,
     pub server_id: i64,
     pub identity: String,
+    /// The header a shared credential is sent in, if there is one (never its value).
+    pub credential_header: Option<String>,
     #[serde(serialize_with = "timefmt::rfc3339")]
     pub created_at: i64,
 }
 
-/// Exposes a server on a gateway, or changes the identity scheme of an existing exposure.
-pub async fn expose(db: &Db, gateway_id: i64, server_id: i64, identity: &str) -> Result<Exposure> {
+/// Exposes a server on a gateway, or replaces the scheme (and shared credential: a
+/// header name and its sealed value) of an existing exposure.
+pub async fn expose(
+    db: &Db,
+    gateway_id: i64,
+    server_id: i64,
+    identity: &str,
+    credential: Option<(&str, &[u8])>,
+) -> Result<Exposure> {
     Ok(sqlx::query_as(
-        "INSERT INTO exposures (gateway_id, server_id, identity, created_at) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (gateway_id, server_id) DO UPDATE SET identity = excluded.identity
-         RETURNING gateway_id, server_id, identity, created_at",
+        "INSERT INTO exposures (gateway_id, server_id, identity, created_at, credential_header, credential_sealed)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (gateway_id, server_id) DO UPDATE SET identity = excluded.identity,
+             credential_header = excluded.credential_header, credential_sealed = excluded.credential_sealed
+         RETURNING gateway_id, server_id, identity, credential_header, created_at",
     )
     .bind(gateway_id)
     .bind(server_id)
     .bind(identity)
     .bind(now_ms())
+    .bind(credential.map(|(header, _)| header))
+    .bind(credential.map(|(_, sealed)| sealed))
     .fetch_one(db)
     .await?)
 }
@@ -147,7 +160,8 @@ pub async fn hide(db: &Db, gateway_id: i64, server_id: i64) -> Result<bool> {
 
 pub async fn list_exposures(db: &Db, gateway_id: i64) -> Result<Vec<Exposure>> {
     Ok(sqlx::query_as(
-        "SELECT gateway_id, server_id, identity, created_at FROM exposures WHERE gateway_id = $1 ORDER BY server_id",
+        "SELECT gateway_id, server_id, identity, credential_header, created_at FROM exposures
+         WHERE gateway_id = $1 ORDER BY server_id",
     )
     .bind(gateway_id)
     .fetch_all(db)

@@ -4,6 +4,7 @@ use mcpguard_core::check::{CheckResponse, DenyCode, InjectHeader, Scheme, Upstre
 use mcpguard_core::token::TokenHash;
 
 use super::{Db, DbBool, Result};
+use crate::secrets::{identity_binding, shared_binding};
 
 /// Everything the decision needs, read in one query.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -32,6 +33,10 @@ pub struct CheckRow {
     pub identity_enabled: Option<DbBool>,
     pub identity_header: Option<String>,
     pub identity_sealed: Option<Vec<u8>>,
+    pub gateway_id: i64,
+    /// The exposure's shared credential, if it has one.
+    pub shared_header: Option<String>,
+    pub shared_sealed: Option<Vec<u8>>,
 }
 
 pub async fn load(db: &Db, token_hash: &str, server_slug: &str) -> Result<Option<CheckRow>> {
@@ -43,7 +48,8 @@ pub async fn load(db: &Db, token_hash: &str, server_slug: &str) -> Result<Option
                 s.enabled AS server_enabled, s.upstream_scheme, s.upstream_authority,
                 s.upstream_path, e.identity, s.id AS server_id,
                 i.id AS identity_id, i.enabled AS identity_enabled,
-                i.header_name AS identity_header, i.sealed AS identity_sealed
+                i.header_name AS identity_header, i.sealed AS identity_sealed,
+                g.id AS gateway_id, e.credential_header AS shared_header, e.credential_sealed AS shared_sealed
          FROM api_tokens t
          JOIN connections c ON c.id = t.connection_id
          JOIN hosts h ON h.id = c.host_id
@@ -61,14 +67,14 @@ pub async fn load(db: &Db, token_hash: &str, server_slug: &str) -> Result<Option
 }
 
 /// Decides a request from what `load` read. Layers are checked from the credential
-/// outward, so the refusal names the first layer that is off. `unseal` opens the
-/// user's sealed identity (`None` if it cannot: the request is then refused).
+/// outward, so the refusal names the first layer that is off. `unseal` opens a sealed
+/// credential given what it is bound to (`None` if it cannot: the request is refused).
 pub fn decide(
     row: Option<&CheckRow>,
     presented: &TokenHash,
     gateway_slug: &str,
     now_ms: i64,
-    unseal: impl FnOnce(&CheckRow, &[u8]) -> Option<String>,
+    unseal: impl FnOnce(&str, &[u8]) -> Option<String>,
 ) -> CheckResponse {
     let deny = |code| CheckResponse::Deny { code };
     let Some(row) = row else {
@@ -113,8 +119,9 @@ pub fn decide(
         return deny(DenyCode::ServerDisabled);
     }
     // A per-user server is reached with the connection user's own credential, never
-    // the agent's and never as nobody.
-    let inject = if identity == "per_user" {
+    // the agent's and never as nobody; a shared one with its service credential, if any.
+    let server_id = row.server_id.unwrap_or_default();
+    let (header, sealed, bound_to) = if identity == "per_user" {
         let (Some(enabled), Some(header), Some(sealed)) = (
             row.identity_enabled,
             row.identity_header.as_ref(),
@@ -125,16 +132,30 @@ pub fn decide(
         if !enabled.0 {
             return deny(DenyCode::IdentityDisabled);
         }
-        // Cannot open it (wrong key, or tampered): refuse, and say it is our fault.
-        let Some(value) = unseal(row, sealed) else {
-            return deny(DenyCode::PolicyUnavailable);
-        };
-        Some(InjectHeader {
-            name: header.clone(),
-            value,
-        })
+        (
+            Some(header),
+            Some(sealed),
+            identity_binding(row.user_id, server_id),
+        )
     } else {
-        None
+        (
+            row.shared_header.as_ref(),
+            row.shared_sealed.as_deref(),
+            shared_binding(row.gateway_id, server_id),
+        )
+    };
+    let inject = match (header, sealed) {
+        (Some(name), Some(sealed)) => {
+            // Cannot open it (wrong key, or tampered): refuse, and say it is our fault.
+            let Some(value) = unseal(&bound_to, sealed) else {
+                return deny(DenyCode::PolicyUnavailable);
+            };
+            Some(InjectHeader {
+                name: name.clone(),
+                value,
+            })
+        }
+        _ => None,
     };
     let scheme = if scheme == "https" {
         Scheme::Https
@@ -183,11 +204,17 @@ mod tests {
             identity_enabled: None,
             identity_header: None,
             identity_sealed: None,
+            gateway_id: 6,
+            shared_header: None,
+            shared_sealed: None,
         }
     }
 
-    fn opened(_: &CheckRow, sealed: &[u8]) -> Option<String> {
-        String::from_utf8(sealed.to_vec()).ok()
+    /// Opens a "sealed" value that is `<binding>|<plain>` (stands in for the AEAD).
+    fn opened(bound_to: &str, sealed: &[u8]) -> Option<String> {
+        let text = String::from_utf8(sealed.to_vec()).ok()?;
+        text.strip_prefix(&format!("{bound_to}|"))
+            .map(str::to_owned)
     }
 
     fn code(r: &CheckRow) -> Option<DenyCode> {
@@ -278,7 +305,7 @@ mod tests {
         r.identity_id = Some(9);
         r.identity_enabled = Some(DbBool(true));
         r.identity_header = Some("authorization".into());
-        r.identity_sealed = Some(b"Bearer alice".to_vec());
+        r.identity_sealed = Some(format!("{}|Bearer alice", identity_binding(4, 5)).into_bytes());
     }
 
     #[test]
