@@ -190,6 +190,7 @@ async fn identities_refuse_headers_that_would_reroute_or_reframe_the_request() {
             "CRLF",
         ),
         (json!({"type": "bearer", "token": ""}), "empty"),
+        (json!({"type": "bearer", "token": "  "}), "blank"),
         (json!({"type": "password", "value": "x"}), "unknown type"),
     ] {
         let (status, v) = owner

@@ -190,7 +190,7 @@ pub(crate) enum Credential {
     Header { name: String, value: String },
 }
 
-/// Headers an identity may not set: routing, framing, and our own.
+/// Headers a credential may not set: routing, framing, and our own.
 const FORBIDDEN_HEADERS: &[&str] = &[
     "host",
     "content-length",
@@ -212,6 +212,12 @@ impl Credential {
     /// reframe the request.
     pub(crate) fn into_header(self) -> Result<(String, String), ApiError> {
         let (name, value) = match self {
+            Credential::Bearer { token } if token.is_empty() || token.contains(char::is_whitespace) => {
+                return Err(ApiError::unprocessable(
+                    "invalid_credential",
+                    "a bearer token is one word: no spaces",
+                ));
+            }
             Credential::Bearer { token } => ("authorization".to_owned(), format!("Bearer {token}")),
             Credential::Header { name, value } => (name.to_ascii_lowercase(), value),
         };
@@ -228,7 +234,7 @@ impl Credential {
         let value_ok = !value.trim().is_empty()
             && value.len() <= 8192
             && !value.bytes().any(|b| b.is_ascii_control());
-        if !value_ok || value == "Bearer " {
+        if !value_ok {
             return Err(ApiError::unprocessable(
                 "invalid_credential",
                 "the credential must be 1 to 8192 printable characters",
