@@ -224,3 +224,25 @@ pub fn envoy_stat(admin_port: u16, name: &str) -> u64 {
         })
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_processes_cpu_time_and_peak_rss() {
+        let pid = std::process::id();
+        let u = usage(pid, clock_ticks_per_second()).unwrap();
+        assert!(u.cpu_s >= 0.0);
+        assert!(u.peak_rss_mib > 0.0);
+    }
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+            "hello world"
+        );
+        assert_eq!(dechunk(""), "");
+    }
+}

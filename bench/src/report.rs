@@ -135,6 +135,20 @@ fn memory_gib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0 / 1024.0)
 }
 
+/// `envoy --version` (`... version: <sha>/1.40.0/Clean/RELEASE/BoringSSL`) in short.
+fn envoy_version(text: &str) -> String {
+    let v = text.rsplit("version: ").next().unwrap_or_default().trim();
+    let mut parts = v.split('/');
+    let sha = parts.next().unwrap_or_default();
+    let version = parts.next().unwrap_or_default();
+    let rest: Vec<&str> = parts.collect();
+    format!(
+        "{version} ({}, build {})",
+        rest.join("/"),
+        sha.get(..8).unwrap_or(sha)
+    )
+}
+
 /// The 1, 5 and 15 minute load averages.
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -176,8 +190,8 @@ pub fn markdown(env: &Environment, runs: &[Run]) -> String {
     );
     let _ = writeln!(
         s,
-        "- Envoy: `{}`, `--concurrency 1` in every setup; load generator: {} on the same machine",
-        env.envoy.lines().last().unwrap_or_default().trim(),
+        "- Envoy {}, `--concurrency 1` in every setup; load generator: {} on the same machine",
+        envoy_version(&env.envoy),
         env.wrk
     );
     let _ = writeln!(s, "- Command: `make bench` (runs `{}`)", env.command);
@@ -346,4 +360,25 @@ pub fn json(runs: &[Run]) -> serde_json::Value {
             })
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_of_odd_even_and_no_runs() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(vec![]), 0.0);
+    }
+
+    #[test]
+    fn envoy_version_is_shortened() {
+        let text = "/x/envoy  version: 9e5580933739775e8bce696a57a2e1bc99368f23/1.40.0/Clean/RELEASE/BoringSSL";
+        assert_eq!(
+            envoy_version(text),
+            "1.40.0 (Clean/RELEASE/BoringSSL, build 9e558093)"
+        );
+    }
 }

@@ -260,3 +260,43 @@ pub fn describe(seeded: &Seeded) -> String {
     );
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_well_formed_and_distinct() {
+        let a = token_secret(1).unwrap();
+        assert_eq!(
+            mcpguard_core::token::parse_token(&a),
+            Ok(TokenKind::HostApi)
+        );
+        assert_ne!(a, token_secret(2).unwrap());
+    }
+
+    #[test]
+    fn every_token_reaches_a_server_its_gateway_exposes() {
+        for t in [0, 1, 99, 100, 4_321, TOKENS - 1] {
+            let g = token_gateway(t);
+            let k = (t / GATEWAYS) % EXPOSED_PER_GATEWAY;
+            let s = exposed_server(g, k);
+            assert!((0..EXPOSED_PER_GATEWAY).any(|j| exposed_server(g, j) == s));
+        }
+    }
+
+    #[test]
+    fn spread_takes_an_even_stride_over_the_whole_list() {
+        let live: Vec<Credential> = (0..100)
+            .map(|i| Credential {
+                token: i.to_string(),
+                hash: String::new(),
+                gateway: String::new(),
+                server: String::new(),
+            })
+            .collect();
+        let picked: Vec<&str> = spread(&live, 4).iter().map(|c| c.token.as_str()).collect();
+        assert_eq!(picked, ["0", "25", "50", "75"]);
+        assert_eq!(spread(&live, 1_000).len(), 100);
+    }
+}

@@ -45,8 +45,42 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// A pooled connection idle this long is pinged before use.
 const IDLE_PING_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Opens the pool and brings the schema up to date.
+/// How the pool talks to the database (`--db-*` flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DbOptions {
+    /// Largest number of connections.
+    pub max_connections: u32,
+    /// Longest wait for a connection, connecting included.
+    pub acquire_timeout: std::time::Duration,
+    /// PostgreSQL: the session's `statement_timeout`; SQLite: `busy_timeout`.
+    pub statement_timeout: std::time::Duration,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        DbOptions {
+            max_connections: 8,
+            acquire_timeout: std::time::Duration::from_secs(1),
+            statement_timeout: std::time::Duration::from_secs(5),
+        }
+    }
+}
+
+/// Opens the pool and brings the schema up to date: default options, this pool size.
 pub async fn open(url: &str, max_connections: u32) -> Result<Db> {
+    open_with(
+        url,
+        &DbOptions {
+            max_connections,
+            ..DbOptions::default()
+        },
+    )
+    .await
+}
+
+/// Opens the pool and brings the schema up to date. Several replicas may do this at
+/// once on one PostgreSQL database: sqlx's migrator holds an advisory lock.
+pub async fn open_with(url: &str, options: &DbOptions) -> Result<Db> {
     sqlx::any::install_default_drivers();
     let sqlite = url.starts_with("sqlite:");
     if sqlite {
@@ -58,13 +92,16 @@ pub async fn open(url: &str, max_connections: u32) -> Result<Db> {
             .await?;
         conn.close().await?;
     }
+    // Whole milliseconds: the statements below are built from a number only.
+    let statement_ms = options.statement_timeout.as_millis().max(1);
     let pool = AnyPoolOptions::new()
-        .max_connections(max_connections)
+        .max_connections(options.max_connections)
+        .acquire_timeout(options.acquire_timeout)
         // sqlx pings a connection on every checkout by default: one more round trip to
-        // the SQLite worker thread (or the database) on every check, about a third of the
-        // check's cost in `make bench`. Ping only connections that sat idle long enough to
-        // have gone stale (a restarted server, a dropped idle TCP session); sqlx also
-        // pings each connection on its return to the pool.
+        // the SQLite worker thread (or the database) per statement, on every check (see
+        // BENCHMARKS.md). Ping only connections idle long enough to have gone stale (a
+        // restarted server, a dropped idle TCP session); sqlx still pings every
+        // connection when it returns to the pool.
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
@@ -74,22 +111,23 @@ pub async fn open(url: &str, max_connections: u32) -> Result<Db> {
                 Ok(true)
             })
         })
-        .after_connect(|conn, _| {
+        .after_connect(move |conn, _| {
             Box::pin(async move {
+                if conn.backend_name() == "PostgreSQL" {
+                    let limit = format!("SET statement_timeout = {statement_ms}");
+                    sqlx::query(sqlx::AssertSqlSafe(limit))
+                        .execute(&mut *conn)
+                        .await?;
+                }
                 if conn.backend_name() == "SQLite" {
-                    sqlx::query("PRAGMA busy_timeout = 5000")
+                    let busy = format!("PRAGMA busy_timeout = {statement_ms}");
+                    sqlx::query(sqlx::AssertSqlSafe(busy))
                         .execute(&mut *conn)
                         .await?;
                     sqlx::query("PRAGMA synchronous = NORMAL")
                         .execute(&mut *conn)
                         .await?;
                     sqlx::query("PRAGMA foreign_keys = ON")
-                        .execute(&mut *conn)
-                        .await?;
-                    // Read pages through a shared memory map instead of a pread() into
-                    // each connection's own 2 MB page cache: fewer syscalls per check
-                    // (15 -> 9 in `make bench`). An upper bound, not an allocation.
-                    sqlx::query("PRAGMA mmap_size = 268435456")
                         .execute(&mut *conn)
                         .await?;
                 }
