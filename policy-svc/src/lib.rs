@@ -36,7 +36,7 @@ pub struct AppState {
 /// SIGINT or SIGTERM; then drains requests and flushes last-used times.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     create_data_dir(&config.data_dir)?;
-    let db = store::open(&config.database_url(), config.db_max_connections)
+    let db = store::open_with(&config.database_url(), &config.db_options())
         .await
         .context("opening the database")?;
     bootstrap(&db, &config).await?;
@@ -67,8 +67,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let public_server = axum::serve(public, routes::public(state.clone()))
         .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let check_server =
-        axum::serve(check, routes::check(state)).with_graceful_shutdown(stopped(stop_rx));
+    let check_routes = routes::check(state).layer(axum::Extension(config.check_deadline()));
+    let check_server = axum::serve(check, check_routes).with_graceful_shutdown(stopped(stop_rx));
     let signal = async move {
         shutdown_signal().await;
         tracing::info!("shutting down");
@@ -111,8 +111,15 @@ async fn bootstrap(db: &Db, config: &Config) -> anyhow::Result<()> {
             true,
         ),
     };
-    store::admin::bootstrap_owner(db, &TokenHash::of(&token).to_hex(), display_prefix(&token))
-        .await?;
+    let created =
+        store::admin::bootstrap_owner(db, &TokenHash::of(&token).to_hex(), display_prefix(&token))
+            .await;
+    if let Err(store::StoreError::Conflict(_)) = created {
+        // Another replica on the same database created the owner first.
+        tracing::info!("the owner user was created by another replica");
+        return Ok(());
+    }
+    created?;
     if generated {
         let path = config.data_dir.join("bootstrap-admin-token");
         write_secret_file(&path, &token)?;

@@ -12,5 +12,6 @@ mod ext_authz;
 mod failure;
 mod identities;
 mod routing;
+mod scaleout;
 mod tls;
 mod tokens;

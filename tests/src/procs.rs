@@ -131,6 +131,10 @@ pub struct Policy {
     pub public_port: u16,
     pub check_port: u16,
     pub data_dir: PathBuf,
+    /// The `DATABASE_URL` it was given: a fresh PostgreSQL database when the suite runs
+    /// with `MCPGUARD_TEST_DATABASE=postgres` (or one a test chose); `None` means the
+    /// SQLite file in `data_dir`.
+    pub database_url: Option<String>,
 }
 
 impl Policy {
@@ -138,6 +142,8 @@ impl Policy {
         Self::start_with(data_dir, log_dir, &[]).await
     }
 
+    /// With extra environment variables (an empty value unsets one). A `DATABASE_URL`
+    /// here wins over the harness's choice of database.
     pub async fn start_with(data_dir: &Path, log_dir: &Path, env: &[(&str, &str)]) -> Policy {
         Self::spawn(data_dir, log_dir, (free_port(), free_port()), env).await
     }
@@ -156,13 +162,28 @@ impl Policy {
     /// Stops the service (if running) and starts it again on the same ports and data.
     pub async fn restart(&mut self, log_dir: &Path) {
         self.proc.kill();
+        let url = self.database_url.clone();
+        let env: Vec<(&str, &str)> = url.iter().map(|u| ("DATABASE_URL", u.as_str())).collect();
         *self = Self::spawn(
             &self.data_dir.clone(),
             log_dir,
             (self.public_port, self.check_port),
-            &[],
+            &env,
         )
         .await;
+    }
+
+    /// Everything its database holds, as bytes to search: the SQLite files in the data
+    /// dir (WAL included), or a data-only dump of its PostgreSQL database.
+    pub fn stored_bytes(&self) -> Vec<u8> {
+        if let Some(url) = &self.database_url {
+            return crate::db::dump(url).into_bytes();
+        }
+        let mut raw = Vec::new();
+        for entry in std::fs::read_dir(&self.data_dir).expect("reading the data dir") {
+            raw.extend(std::fs::read(entry.expect("data dir entry").path()).unwrap_or_default());
+        }
+        raw
     }
 
     async fn spawn(
@@ -171,7 +192,21 @@ impl Policy {
         (public_port, check_port): (u16, u16),
         env: &[(&str, &str)],
     ) -> Policy {
+        // The database: one the caller named, else a fresh PostgreSQL database when the
+        // suite runs on PostgreSQL, else (None) SQLite in the data dir.
+        let database_url = match env.iter().find(|(k, _)| *k == "DATABASE_URL") {
+            Some((_, "")) => None,
+            Some((_, v)) => Some((*v).to_owned()),
+            None => crate::db::test_database_url(),
+        };
         let mut cmd = Command::new(binary("mcpguard-policy"));
+        if let Some(url) = &database_url {
+            cmd.env("DATABASE_URL", url);
+        }
+        if crate::db::postgres_requested() {
+            let deadline = crate::db::POSTGRES_CHECK_DEADLINE_MS.to_string();
+            cmd.env("MCPGUARD_CHECK_DEADLINE_MS", deadline);
+        }
         cmd.arg("--public-listen")
             .arg(format!("127.0.0.1:{public_port}"))
             .arg("--check-listen")
@@ -207,6 +242,7 @@ impl Policy {
             public_port,
             check_port,
             data_dir: data_dir.to_path_buf(),
+            database_url,
         }
     }
 
@@ -297,6 +333,18 @@ impl Envoy {
 
     /// The shipped config with this test's ports and absolute paths, as JSON.
     pub fn render(opts: &EnvoyOptions, port: u16, admin_port: u16) -> String {
+        Self::render_with_checks(opts, &[opts.check_port], port, admin_port)
+    }
+
+    /// Like [`Envoy::render`], with the policy cluster listing one endpoint per check
+    /// port (policy-svc replicas); `opts.check_port` is not used.
+    pub fn render_with_checks(
+        opts: &EnvoyOptions,
+        check_ports: &[u16],
+        port: u16,
+        admin_port: u16,
+    ) -> String {
+        assert!(!check_ports.is_empty(), "at least one check port");
         let text = std::fs::read_to_string(workspace_root().join(opts.config))
             .expect("reading envoy config");
         let mut cfg: serde_yaml::Value = serde_yaml::from_str(&text).expect("envoy config is YAML");
@@ -333,17 +381,37 @@ impl Envoy {
                     ["trusted_ca"]["filename"] = ca.display().to_string().into();
             }
             if cluster["name"] == "mcpguard_policy" {
-                cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-                    ["socket_address"]["port_value"] = opts.check_port.into();
+                // One endpoint per port, each a copy of the config's first one.
+                let lb_endpoints = &mut cluster["load_assignment"]["endpoints"][0]["lb_endpoints"];
+                let template = lb_endpoints[0].clone();
+                *lb_endpoints = check_ports
+                    .iter()
+                    .map(|&check_port| {
+                        let mut e = template.clone();
+                        e["endpoint"]["address"]["socket_address"]["port_value"] =
+                            check_port.into();
+                        e
+                    })
+                    .collect::<Vec<_>>()
+                    .into();
             }
         }
         serde_json::to_string_pretty(&cfg).expect("config as JSON")
     }
 
     pub async fn start(opts: &EnvoyOptions, log_dir: &Path) -> Envoy {
+        Self::start_with_checks(opts, &[opts.check_port], log_dir).await
+    }
+
+    /// With one policy cluster endpoint per check port (see [`Envoy::render_with_checks`]).
+    pub async fn start_with_checks(
+        opts: &EnvoyOptions,
+        check_ports: &[u16],
+        log_dir: &Path,
+    ) -> Envoy {
         let (port, admin_port) = (free_port(), free_port());
         Self::start_config(
-            &Self::render(opts, port, admin_port),
+            &Self::render_with_checks(opts, check_ports, port, admin_port),
             port,
             admin_port,
             log_dir,
@@ -433,7 +501,8 @@ impl Stack {
         let opts = EnvoyOptions {
             config: "envoy/mcpguard.yaml",
             check_port: policy.check_port,
-            check_timeout_ms: None,
+            check_timeout_ms: crate::db::postgres_requested()
+                .then_some(crate::db::POSTGRES_CHECK_TIMEOUT_MS),
             trusted_ca: None,
         };
         let envoy = Envoy::start(&opts, dir.path()).await;

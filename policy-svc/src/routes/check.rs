@@ -2,13 +2,14 @@
 
 use std::time::Instant;
 
-use axum::Router;
 use axum::extract::State;
 use axum::routing::post;
+use axum::{Extension, Router};
 use mcpguard_core::check::{CHECK_PATH, CheckRequest, CheckResponse, Credential};
 use mcpguard_core::token::TokenHash;
 
 use crate::AppState;
+use crate::config::CheckDeadline;
 use crate::error::ApiError;
 use crate::extract::Json;
 use crate::store::{self, audit::Event, check};
@@ -19,6 +20,7 @@ pub fn routes() -> Router<AppState> {
 
 async fn run(
     State(state): State<AppState>,
+    deadline: Option<Extension<CheckDeadline>>,
     Json(req): Json<CheckRequest>,
 ) -> Result<Json<CheckResponse>, ApiError> {
     let started = Instant::now();
@@ -26,8 +28,21 @@ async fn run(
     let presented = TokenHash::from_hex(hash).ok_or_else(|| {
         ApiError::bad_request("invalid_hash", "credential.hash must be 64 hex digits")
     })?;
-    // A database error becomes a 500, which the filter turns into 503: fail closed.
-    let row = check::load(&state.db, hash, &req.server).await?;
+    // No answer from the database in time, or an error: 503, which the filter turns
+    // into a refusal (`policy_unavailable`). Fail closed, and fast.
+    let deadline = deadline.map(|Extension(d)| d).unwrap_or_default().0;
+    let load = check::load(&state.db, hash, &req.server);
+    let row = match tokio::time::timeout(deadline, load).await {
+        Ok(Ok(row)) => row,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, request_id = ?req.request_id, "check: database read failed");
+            return Err(ApiError::Unavailable);
+        }
+        Err(_) => {
+            tracing::warn!(deadline_ms = deadline.as_millis(), request_id = ?req.request_id, "check: database read passed its deadline");
+            return Err(ApiError::Unavailable);
+        }
+    };
     let now = store::now_ms();
     let decision = check::decide(
         row.as_ref(),

@@ -212,7 +212,9 @@ impl Credential {
     /// reframe the request.
     pub(crate) fn into_header(self) -> Result<(String, String), ApiError> {
         let (name, value) = match self {
-            Credential::Bearer { token } if token.is_empty() || token.contains(char::is_whitespace) => {
+            Credential::Bearer { token }
+                if token.is_empty() || token.contains(char::is_whitespace) =>
+            {
                 return Err(ApiError::unprocessable(
                     "invalid_credential",
                     "a bearer token is one word: no spaces",

@@ -177,19 +177,36 @@ pub async fn list_connections(db: &Db, gateway_id: i64) -> Result<Vec<Connection
 }
 
 /// Records when tokens (and so their connections) were last used, in one transaction.
+/// Rows are updated in one order (tokens, then connections, each by id), so that two
+/// replicas flushing at once on PostgreSQL wait for each other instead of deadlocking;
+/// a time never moves backwards (another replica may have written a later one).
 pub async fn record_last_used(db: &Db, uses: &[(i64, i64)], at: i64) -> Result<()> {
+    let mut tokens: Vec<i64> = uses.iter().map(|&(token, _)| token).collect();
+    let mut connections: Vec<i64> = uses.iter().map(|&(_, connection)| connection).collect();
+    for ids in [&mut tokens, &mut connections] {
+        ids.sort_unstable();
+        ids.dedup();
+    }
     let mut tx = db.begin().await?;
-    for (token_id, connection_id) in uses {
-        sqlx::query("UPDATE api_tokens SET last_used_at = $1 WHERE id = $2")
-            .bind(at)
-            .bind(token_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE connections SET last_used_at = $1 WHERE id = $2")
-            .bind(at)
-            .bind(connection_id)
-            .execute(&mut *tx)
-            .await?;
+    for id in tokens {
+        sqlx::query(
+            "UPDATE api_tokens SET last_used_at = $1
+             WHERE id = $2 AND (last_used_at IS NULL OR last_used_at < $1)",
+        )
+        .bind(at)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    for id in connections {
+        sqlx::query(
+            "UPDATE connections SET last_used_at = $1
+             WHERE id = $2 AND (last_used_at IS NULL OR last_used_at < $1)",
+        )
+        .bind(at)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await?;
     Ok(())
