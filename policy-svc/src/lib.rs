@@ -32,6 +32,22 @@ pub struct AppState {
     pub secrets: std::sync::Arc<secrets::SecretBox>,
 }
 
+/// `mcpguard-policy reseal`: moves every stored sealed value to the current key.
+pub async fn reseal(config: &Config) -> anyhow::Result<store::rekey::Resealed> {
+    let path = config.secrets_key_file();
+    // A typo must not mint a fresh key and seal everything under it.
+    anyhow::ensure!(
+        path.exists(),
+        "the secrets key {} does not exist",
+        path.display()
+    );
+    let secrets = config.secret_box()?;
+    let db = store::open_with(&config.database_url(), &config.db_options())
+        .await
+        .context("opening the database")?;
+    store::rekey::reseal_all(&db, &secrets).await
+}
+
 /// Opens the store, creates the owner on first start, and serves both ports until
 /// SIGINT or SIGTERM; then drains requests and flushes last-used times.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -40,9 +56,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("opening the database")?;
     bootstrap(&db, &config).await?;
-    let secrets = std::sync::Arc::new(secrets::SecretBox::load_or_create(
-        &config.secrets_key_file(),
-    )?);
+    let secrets = std::sync::Arc::new(config.secret_box()?);
+    if config.previous_secrets_key_file.is_some() {
+        tracing::warn!(
+            "secrets key rotation in progress: values sealed under the previous key still \
+             open; run `mcpguard-policy reseal`, then drop --previous-secrets-key-file"
+        );
+    }
 
     let public = TcpListener::bind(config.public_listen)
         .await
