@@ -6,14 +6,6 @@ use mcpguard_e2e::{Admin, Stack};
 use reqwest::Method;
 use serde_json::json;
 
-async fn user(owner: &Admin, name: &str, role: i64) -> i64 {
-    let (status, u) = owner
-        .post("/api/v1/users", json!({"name": name, "role_id": role}))
-        .await;
-    assert_eq!(status, 201, "{u}");
-    u["id"].as_i64().unwrap()
-}
-
 async fn set_identity(owner: &Admin, user: i64, server: i64, credential: serde_json::Value) -> i64 {
     let path = format!("/api/v1/users/{user}/identities/{server}");
     let (status, v) = owner
@@ -34,22 +26,11 @@ async fn each_users_token_reaches_the_downstream_as_that_user_and_only_that_user
     let p = owner
         .provision("eng", "demo", &stack.demo.upstream_url())
         .await;
-    let path = format!("/api/v1/gateways/{}/servers/{}", p.gateway_id, p.server_id);
-    let (status, _) = owner
-        .call(Method::PUT, &path, Some(json!({"identity": "per_user"})))
+    owner
+        .expose_as(p.gateway_id, p.server_id, json!({"identity": "per_user"}))
         .await;
-    assert_eq!(status, 200);
-    let (_, role) = owner
-        .post(
-            "/api/v1/roles",
-            json!({"name": "member", "capabilities": []}),
-        )
-        .await;
-    let role = role["id"].as_i64().unwrap();
-    let (alice, bob) = (
-        user(&owner, "alice", role).await,
-        user(&owner, "bob", role).await,
-    );
+    let users = owner.end_users(&["alice", "bob"]).await;
+    let (alice, bob) = (users[0], users[1]);
     let alice_identity = set_identity(
         &owner,
         alice,
@@ -66,20 +47,8 @@ async fn each_users_token_reaches_the_downstream_as_that_user_and_only_that_user
     .await;
 
     // One agent (host), one token per end user.
-    let token_for = |user: i64| {
-        let owner = owner.clone();
-        async move {
-            let (status, t) = owner
-                .post(
-                    &format!("/api/v1/hosts/{}/tokens", p.host_id),
-                    json!({"gateway_id": p.gateway_id, "user_id": user}),
-                )
-                .await;
-            assert_eq!(status, 201, "{t}");
-            t["token"].as_str().unwrap().to_owned()
-        }
-    };
-    let (alice_token, bob_token) = (token_for(alice).await, token_for(bob).await);
+    let alice_token = owner.user_token(p.host_id, p.gateway_id, alice).await;
+    let bob_token = owner.user_token(p.host_id, p.gateway_id, bob).await;
     let url = stack.envoy.mcp_url("eng", "demo");
     let a = mcp::connect(&url, Some(&alice_token))
         .await
@@ -139,11 +108,8 @@ async fn each_users_token_reaches_the_downstream_as_that_user_and_only_that_user
     );
     assert_eq!(initialize_with(&url, Some(&alice_token)).await.status, 200);
 
-    // The credentials are nowhere in clear: database files, logs, audit trail.
-    let mut raw = Vec::new();
-    for entry in std::fs::read_dir(&stack.policy.data_dir).unwrap() {
-        raw.extend(std::fs::read(entry.unwrap().path()).unwrap());
-    }
+    // The credentials are nowhere in clear: database, logs, audit trail.
+    let raw = stack.policy.stored_bytes();
     let raw = String::from_utf8_lossy(&raw);
     let (_, audit) = owner.get("/api/v1/audit?limit=1000").await;
     let (_, listed) = owner
@@ -264,10 +230,7 @@ async fn a_shared_exposure_sends_its_service_credential_for_every_caller() {
         "none"
     );
 
-    let mut raw = Vec::new();
-    for entry in std::fs::read_dir(&stack.policy.data_dir).unwrap() {
-        raw.extend(std::fs::read(entry.unwrap().path()).unwrap());
-    }
+    let raw = stack.policy.stored_bytes();
     assert!(!String::from_utf8_lossy(&raw).contains("shared-service-secret"));
     let (_, audit) = owner.get("/api/v1/audit?kind=admin").await;
     assert!(!audit.to_string().contains("shared-service-secret"));
@@ -287,43 +250,15 @@ async fn rotating_the_secrets_key_keeps_every_credential_and_retires_the_old_key
         .provision("eng", "demo", &stack.demo.upstream_url())
         .await;
     // `demo` per-user with Alice's identity; `svc` shared, with a service credential.
-    let exposure = |server: i64| format!("/api/v1/gateways/{}/servers/{server}", p.gateway_id);
-    let (status, _) = owner
-        .call(
-            Method::PUT,
-            &exposure(p.server_id),
-            Some(json!({"identity": "per_user"})),
-        )
+    owner
+        .expose_as(p.gateway_id, p.server_id, json!({"identity": "per_user"}))
         .await;
-    assert_eq!(status, 200);
-    let (status, svc) = owner
-        .post(
-            "/api/v1/servers",
-            json!({"name": "Service", "slug": "svc", "upstream_url": stack.demo.upstream_url()}),
-        )
-        .await;
-    assert_eq!(status, 201, "{svc}");
+    let svc = owner.server("svc", &stack.demo.upstream_url()).await;
     let shared = json!({"identity": "shared",
         "credential": {"type": "bearer", "token": "service-downstream-secret"}});
-    let (status, v) = owner
-        .call(
-            Method::PUT,
-            &exposure(svc["id"].as_i64().unwrap()),
-            Some(shared),
-        )
-        .await;
-    assert_eq!(status, 200, "{v}");
-    let (_, role) = owner
-        .post(
-            "/api/v1/roles",
-            json!({"name": "member", "capabilities": []}),
-        )
-        .await;
-    let role = role["id"].as_i64().unwrap();
-    let (alice, bob) = (
-        user(&owner, "alice", role).await,
-        user(&owner, "bob", role).await,
-    );
+    owner.expose_as(p.gateway_id, svc, shared).await;
+    let users = owner.end_users(&["alice", "bob"]).await;
+    let (alice, bob) = (users[0], users[1]);
     set_identity(
         &owner,
         alice,
@@ -331,18 +266,8 @@ async fn rotating_the_secrets_key_keeps_every_credential_and_retires_the_old_key
         json!({"type": "bearer", "token": "alice-downstream-secret"}),
     )
     .await;
-    let token_for = |user: i64| {
-        let owner = owner.clone();
-        async move {
-            let path = format!("/api/v1/hosts/{}/tokens", p.host_id);
-            let (status, t) = owner
-                .post(&path, json!({"gateway_id": p.gateway_id, "user_id": user}))
-                .await;
-            assert_eq!(status, 201, "{t}");
-            t["token"].as_str().unwrap().to_owned()
-        }
-    };
-    let (alice_token, bob_token) = (token_for(alice).await, token_for(bob).await);
+    let alice_token = owner.user_token(p.host_id, p.gateway_id, alice).await;
+    let bob_token = owner.user_token(p.host_id, p.gateway_id, bob).await;
     let (demo, svc) = (
         stack.envoy.mcp_url("eng", "demo"),
         stack.envoy.mcp_url("eng", "svc"),
