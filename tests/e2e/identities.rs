@@ -81,6 +81,22 @@ async fn each_users_token_reaches_the_downstream_as_that_user_and_only_that_user
         (missing.status, missing.code().as_str()),
         (403, "identity_missing")
     );
+    // A new connection says which identities its user must still bring: the owner's
+    // lacks one for `demo`, Alice's lacks none.
+    let path = format!("/api/v1/hosts/{}/tokens", p.host_id);
+    for (user, expected) in [
+        (
+            1,
+            json!([{"server_id": p.server_id, "slug": "demo", "name": "Server demo"}]),
+        ),
+        (alice, json!([])),
+    ] {
+        let (status, issued) = owner
+            .post(&path, json!({"gateway_id": p.gateway_id, "user_id": user}))
+            .await;
+        assert_eq!(status, 201, "{issued}");
+        assert_eq!(issued["missing_identities"], expected, "user {user}");
+    }
 
     // Disabling Alice's identity cuts Alice only.
     owner.set_enabled("identities", alice_identity, false).await;
