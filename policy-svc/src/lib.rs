@@ -6,6 +6,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 mod extract;
+pub mod keys;
 pub mod routes;
 pub mod secrets;
 pub mod store;
@@ -30,11 +31,14 @@ pub struct AppState {
     pub audit: audit::Audit,
     pub audit_retention_days: u32,
     pub secrets: std::sync::Arc<secrets::SecretBox>,
+    pub oauth: std::sync::Arc<routes::oauth::OauthConfig>,
+    pub signer: std::sync::Arc<keys::Signer>,
 }
 
 /// Opens the store, creates the owner on first start, and serves both ports until
 /// SIGINT or SIGTERM; then drains requests and flushes last-used times.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let oauth = std::sync::Arc::new(config.oauth()?);
     create_data_dir(&config.data_dir)?;
     let db = store::open_with(&config.database_url(), &config.db_options())
         .await
@@ -43,6 +47,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let secrets = std::sync::Arc::new(secrets::SecretBox::load_or_create(
         &config.secrets_key_file(),
     )?);
+    store::oauth::ensure_keys(&db, || keys::generate(&secrets))
+        .await
+        .context("creating the OAuth signing keys")?;
 
     let public = TcpListener::bind(config.public_listen)
         .await
@@ -60,6 +67,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         audit,
         audit_retention_days: config.audit_retention_days,
         secrets,
+        oauth,
+        signer: std::sync::Arc::default(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

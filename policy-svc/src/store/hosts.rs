@@ -180,8 +180,8 @@ pub async fn list_connections(db: &Db, gateway_id: i64) -> Result<Vec<Connection
 /// Rows are updated in one order (tokens, then connections, each by id), so that two
 /// replicas flushing at once on PostgreSQL wait for each other instead of deadlocking;
 /// a time never moves backwards (another replica may have written a later one).
-pub async fn record_last_used(db: &Db, uses: &[(i64, i64)], at: i64) -> Result<()> {
-    let mut tokens: Vec<i64> = uses.iter().map(|&(token, _)| token).collect();
+pub async fn record_last_used(db: &Db, uses: &[(Option<i64>, i64)], at: i64) -> Result<()> {
+    let mut tokens: Vec<i64> = uses.iter().filter_map(|&(token, _)| token).collect();
     let mut connections: Vec<i64> = uses.iter().map(|&(_, connection)| connection).collect();
     for ids in [&mut tokens, &mut connections] {
         ids.sort_unstable();
