@@ -54,6 +54,7 @@ impl Replicas {
             check_timeout_ms: None,
             trusted_ca: None,
             issuer: None,
+            jwks_refresh_s: None,
         };
         let envoy =
             Envoy::start_with_checks(&opts, &[a.check_port, b.check_port], dir.path()).await;

@@ -112,6 +112,7 @@ async fn an_https_upstream_is_reached_over_verified_tls() {
         check_timeout_ms: None,
         trusted_ca: Some(cert.clone()),
         issuer: None,
+        jwks_refresh_s: None,
     };
     let gateway = Envoy::start(&opts, dir.path()).await;
 

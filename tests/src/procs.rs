@@ -304,6 +304,8 @@ pub struct EnvoyOptions {
     pub trusted_ca: Option<PathBuf>,
     /// Replaces the filter's OAuth `issuer` (the policy service's public URL).
     pub issuer: Option<String>,
+    /// Replaces the filter's `jwks_refresh_s`.
+    pub jwks_refresh_s: Option<u64>,
 }
 
 pub struct Envoy {
@@ -377,6 +379,9 @@ impl Envoy {
         }
         if let Some(issuer) = &opts.issuer {
             plugin["issuer"] = issuer.as_str().into();
+        }
+        if let Some(seconds) = opts.jwks_refresh_s {
+            plugin["jwks_refresh_s"] = seconds.into();
         }
         config["configuration"]["value"] = plugin.to_string().into();
         for cluster in resources["clusters"].as_sequence_mut().expect("clusters") {
@@ -502,13 +507,18 @@ impl Stack {
     }
 
     async fn start_opts(stateless: bool) -> Stack {
-        Self::start_with(stateless, &[]).await
+        Self::start_with(stateless, &[], None).await
     }
 
-    /// With extra environment for the policy service (see [`Policy::start_with`]).
-    /// Envoy's ports are chosen first, so the policy service knows the data plane's URL
-    /// (the base of OAuth resources) and Envoy the policy service's (the issuer).
-    pub async fn start_with(stateless: bool, env: &[(&str, &str)]) -> Stack {
+    /// With extra environment for the policy service (see [`Policy::start_with`]) and,
+    /// optionally, the filter's `jwks_refresh_s`. Envoy's ports are chosen first, so
+    /// the policy service knows the data plane's URL (the base of OAuth resources) and
+    /// Envoy the policy service's (the issuer).
+    pub async fn start_with(
+        stateless: bool,
+        env: &[(&str, &str)],
+        jwks_refresh_s: Option<u64>,
+    ) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
         let (port, admin_port) = (free_port(), free_port());
         let resource_base = format!("http://127.0.0.1:{port}");
@@ -523,6 +533,7 @@ impl Stack {
                 .then_some(crate::db::POSTGRES_CHECK_TIMEOUT_MS),
             trusted_ca: None,
             issuer: Some(policy.public_url()),
+            jwks_refresh_s,
         };
         let envoy = Envoy::start_config(
             &Envoy::render(&opts, port, admin_port),

@@ -647,6 +647,7 @@ async fn consent_page(
         "<p>Signed in as <strong>{user}</strong>.</p>\
          <p>Allow <strong>{client}</strong> to use the gateway <strong>{gateway}</strong> as you?</p>\
          <p><small>{resource}</small></p>\
+         <p><small>Your answer goes back to {redirect}</small></p>\
          <form method=\"post\" action=\"/oauth/consent\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">{hidden}{identities}\
          <button type=\"submit\" name=\"decision\" value=\"allow\">Allow</button>\
@@ -655,6 +656,7 @@ async fn consent_page(
         client = escape(&authz.client.client_name),
         gateway = escape(&authz.gateway_name),
         resource = escape(&authz.resource),
+        redirect = escape(&authz.redirect_uri),
         csrf = session_csrf(session),
         hidden = hidden_authz_fields(p),
     );
