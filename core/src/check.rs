@@ -29,6 +29,16 @@ pub struct CheckRequest {
 pub enum Credential {
     /// An opaque API token, as the hex SHA-256 of the whole token.
     ApiToken { hash: String },
+    /// An OAuth access token (JWT) whose signature, issuer, audience and expiry the
+    /// filter verified; only its identifiers travel, never the token.
+    Oauth {
+        /// The grant (refresh-token family) it was issued under.
+        grant: i64,
+        /// The connection it acts for.
+        connection: i64,
+        /// Its `jti`, for the logs.
+        jti: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

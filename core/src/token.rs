@@ -24,16 +24,28 @@ pub enum TokenKind {
     PerUser,
     /// Personal admin API token.
     Admin,
+    /// OAuth refresh token of a headed host (only ever sent to the token endpoint).
+    Refresh,
+    /// OAuth authorization code (single use, short-lived).
+    Code,
 }
 
 impl TokenKind {
-    pub const ALL: [TokenKind; 3] = [TokenKind::HostApi, TokenKind::PerUser, TokenKind::Admin];
+    pub const ALL: [TokenKind; 5] = [
+        TokenKind::HostApi,
+        TokenKind::PerUser,
+        TokenKind::Admin,
+        TokenKind::Refresh,
+        TokenKind::Code,
+    ];
 
     pub const fn prefix(self) -> &'static str {
         match self {
             TokenKind::HostApi => "mcpgt",
             TokenKind::PerUser => "mcpgu",
             TokenKind::Admin => "mcpga",
+            TokenKind::Refresh => "mcpgr",
+            TokenKind::Code => "mcpgc",
         }
     }
 }

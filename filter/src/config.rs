@@ -4,7 +4,7 @@ use serde::Deserialize;
 
 /// Given to Envoy as a JSON `google.protobuf.StringValue` in the wasm filter's
 /// `configuration`. Unknown fields are refused so a typo fails at load, not at 3 a.m.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterConfig {
     /// Envoy cluster that reaches the policy service's check port.
@@ -20,6 +20,22 @@ pub struct FilterConfig {
     /// `:scheme` and `:authority`.
     #[serde(default)]
     pub public_base_url: Option<String>,
+    /// The policy service's public URL, as the OAuth issuer. When set, the filter
+    /// accepts OAuth access tokens (JWTs) from headed hosts and serves each MCP URL's
+    /// protected-resource metadata (RFC 9728) naming it as the authorization server.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Verification keys (a JWKS document), when they are given here. Without them the
+    /// filter fetches the policy service's JWKS through `policy_cluster`.
+    #[serde(default)]
+    pub jwks: Option<serde_json::Value>,
+    /// Seconds between JWKS refreshes from the policy service.
+    #[serde(default = "default_jwks_refresh_s")]
+    pub jwks_refresh_s: u64,
+}
+
+const fn default_jwks_refresh_s() -> u64 {
+    30
 }
 
 fn default_policy_authority() -> String {
@@ -34,6 +50,10 @@ const fn default_check_timeout_ms() -> u64 {
 /// to a sick policy service.
 pub const MAX_CHECK_TIMEOUT_MS: u64 = 10_000;
 
+/// A rotation is announced (the next key published) at least this long before the key
+/// signs; refreshing less often would refuse fresh tokens after a rotation.
+pub const MAX_JWKS_REFRESH_S: u64 = 3600;
+
 impl FilterConfig {
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
         let config: FilterConfig = serde_json::from_slice(bytes)
@@ -46,17 +66,41 @@ impl FilterConfig {
                 "check_timeout_ms must be between 1 and {MAX_CHECK_TIMEOUT_MS}"
             ));
         }
-        if let Some(url) = &config.public_base_url {
-            let ok = (url.starts_with("http://") || url.starts_with("https://"))
+        let base_ok = |url: &str| {
+            (url.starts_with("http://") || url.starts_with("https://"))
                 && !url.ends_with('/')
-                && !url.contains(char::is_whitespace);
-            if !ok {
+                && !url.contains(char::is_whitespace)
+        };
+        for (field, url) in [
+            ("public_base_url", &config.public_base_url),
+            ("issuer", &config.issuer),
+        ] {
+            if let Some(url) = url.as_deref().filter(|u| !base_ok(u)) {
                 return Err(format!(
-                    "public_base_url must be an http(s) URL without a trailing slash, got {url:?}"
+                    "{field} must be an http(s) URL without a trailing slash, got {url:?}"
                 ));
             }
         }
+        if !(1..=MAX_JWKS_REFRESH_S).contains(&config.jwks_refresh_s) {
+            return Err(format!(
+                "jwks_refresh_s must be between 1 and {MAX_JWKS_REFRESH_S}"
+            ));
+        }
+        if let Some(jwks) = &config.jwks {
+            if config.issuer.is_none() {
+                return Err("jwks is only used with issuer: set both".into());
+            }
+            let keys = crate::jwt::Keys::from_value(jwks).map_err(|e| format!("jwks: {e}"))?;
+            if keys.is_empty() {
+                return Err("jwks holds no Ed25519 key".into());
+            }
+        }
         Ok(config)
+    }
+
+    /// Whether the keys come from the policy service (no `jwks` given here).
+    pub fn fetches_jwks(&self) -> bool {
+        self.issuer.is_some() && self.jwks.is_none()
     }
 }
 
@@ -71,6 +115,38 @@ mod tests {
         assert_eq!(c.policy_authority, "mcpguard-policy");
         assert_eq!(c.check_timeout_ms, 300);
         assert_eq!(c.public_base_url, None);
+        assert_eq!((c.issuer, c.jwks, c.jwks_refresh_s), (None, None, 30));
+    }
+
+    #[test]
+    fn oauth_fields_are_checked_at_load() {
+        let c =
+            FilterConfig::parse(br#"{"policy_cluster":"p","issuer":"http://as:8080"}"#).unwrap();
+        assert!(c.fetches_jwks());
+        let (_, jwks) = crate::jwt::tests::key(1, "k1");
+        let inline =
+            serde_json::json!({"policy_cluster": "p", "issuer": "http://as", "jwks": jwks});
+        let c = FilterConfig::parse(inline.to_string().as_bytes()).unwrap();
+        assert!(!c.fetches_jwks());
+        for (bad, why) in [
+            (r#"{"policy_cluster":"p","issuer":"as"}"#, "issuer"),
+            (
+                r#"{"policy_cluster":"p","issuer":"http://as","jwks_refresh_s":0}"#,
+                "jwks_refresh_s",
+            ),
+            (r#"{"policy_cluster":"p","jwks":{"keys":[]}}"#, "issuer"),
+            (
+                r#"{"policy_cluster":"p","issuer":"http://as","jwks":{"keys":[]}}"#,
+                "no Ed25519",
+            ),
+            (
+                r#"{"policy_cluster":"p","issuer":"http://as","jwks":{}}"#,
+                "jwks",
+            ),
+        ] {
+            let err = FilterConfig::parse(bad.as_bytes()).unwrap_err();
+            assert!(err.contains(why), "{err} should mention {why}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use mcpguard_core::route::{McpPath, PathError};
 use mcpguard_core::token::{TokenHash, TokenKind, parse_token};
 
 use crate::config::FilterConfig;
+use crate::jwt::{self, Keys};
 
 /// Set by the filter on requests it authorised; Envoy's forwarding routes match on it.
 /// The filter removes any client-sent copy first, so it cannot be forged.
@@ -45,9 +46,29 @@ pub enum Start {
     PassThrough,
     Refuse(Refusal),
     Check(CheckRequest),
+    /// Answer 200 with this JSON: an MCP URL's protected-resource metadata.
+    Metadata(String),
+    /// A JWT arrived before any verification keys (just after start): fetch them, then
+    /// decide again. If they still cannot be had, refuse with
+    /// [`DenyCode::PolicyUnavailable`].
+    NeedKeys,
 }
 
-pub fn start(req: &Incoming<'_>, config: &FilterConfig) -> Start {
+/// What OAuth verification needs besides the request: the keys known so far (`None`
+/// until the first JWKS arrived) and the time, in unix seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock<'a> {
+    pub keys: Option<&'a Keys>,
+    pub now: i64,
+}
+
+/// RFC 9728 §3.1: the metadata of `/mcp/g/s` lives at this prefix followed by it.
+pub const METADATA_PREFIX: &str = "/.well-known/oauth-protected-resource";
+
+pub fn start(req: &Incoming<'_>, config: &FilterConfig, clock: Clock<'_>) -> Start {
+    if let Some(resource_path) = req.path.strip_prefix(METADATA_PREFIX) {
+        return metadata(req, config, resource_path);
+    }
     let path = match McpPath::parse(req.path) {
         Ok(p) => p,
         Err(PathError::NotMcp) => return Start::PassThrough,
@@ -63,10 +84,34 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig) -> Start {
     let Some(token) = mcpguard_core::bearer_token(header) else {
         return refuse(DenyCode::TokenMalformed);
     };
+    if let (Some(issuer), true) = (&config.issuer, jwt::looks_like_jwt(token)) {
+        let Some(keys) = clock.keys else {
+            return Start::NeedKeys;
+        };
+        let audience = resource(req, config, path.gateway, path.server);
+        return match jwt::verify(token, keys, issuer, &audience, clock.now) {
+            Ok(claims) => Start::Check(CheckRequest {
+                credential: Credential::Oauth {
+                    grant: claims.gid,
+                    connection: claims.cid,
+                    jti: claims.jti,
+                },
+                gateway: path.gateway.to_owned(),
+                server: path.server.to_owned(),
+                mcp_method: bounded(req.mcp_method),
+                tool: bounded(req.tool),
+                request_id: req.request_id.map(str::to_owned),
+            }),
+            Err(code) => refuse(code),
+        };
+    }
     match parse_token(token) {
         Ok(TokenKind::HostApi | TokenKind::PerUser) => {}
-        // Admin tokens are for the admin API only; never let one act on the data plane.
-        Ok(TokenKind::Admin) => return refuse(DenyCode::TokenUnknown),
+        // Admin tokens are for the admin API only, refresh tokens and codes for the
+        // token endpoint; never let one act on the data plane.
+        Ok(TokenKind::Admin | TokenKind::Refresh | TokenKind::Code) => {
+            return refuse(DenyCode::TokenUnknown);
+        }
         Err(_) => return refuse(DenyCode::TokenMalformed),
     }
     Start::Check(CheckRequest {
@@ -81,17 +126,44 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig) -> Start {
     })
 }
 
-/// The base is `public_base_url`, else the request's own scheme and authority.
-fn resource_metadata_url(req: &Incoming<'_>, config: &FilterConfig) -> String {
-    let base = match &config.public_base_url {
+/// The gateway's public base: `public_base_url`, else the request's own scheme and
+/// authority.
+fn base_url(req: &Incoming<'_>, config: &FilterConfig) -> String {
+    match &config.public_base_url {
         Some(base) => base.clone(),
         None => format!(
             "{}://{}",
             req.scheme.unwrap_or("http"),
             req.authority.unwrap_or("localhost")
         ),
+    }
+}
+
+fn resource_metadata_url(req: &Incoming<'_>, config: &FilterConfig) -> String {
+    mcpguard_core::check::resource_metadata_url(&base_url(req, config), req.path)
+}
+
+/// The resource identifier (RFC 8707) of an MCP URL: what access tokens name as their
+/// audience.
+fn resource(req: &Incoming<'_>, config: &FilterConfig, gateway: &str, server: &str) -> String {
+    mcpguard_core::oauth::resource_url(&base_url(req, config), gateway, server)
+}
+
+/// The protected-resource metadata of `/mcp/{g}/{s}`, when OAuth is configured; other
+/// well-known paths are not ours.
+fn metadata(req: &Incoming<'_>, config: &FilterConfig, resource_path: &str) -> Start {
+    let Some(issuer) = &config.issuer else {
+        return Start::PassThrough;
     };
-    mcpguard_core::check::resource_metadata_url(&base, req.path)
+    match McpPath::parse(resource_path) {
+        Ok(p) if p.rest.is_empty() => {
+            Start::Metadata(mcpguard_core::oauth::protected_resource_metadata(
+                &resource(req, config, p.gateway, p.server),
+                issuer,
+            ))
+        }
+        _ => Start::PassThrough,
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -191,6 +263,10 @@ mod tests {
         }
     }
 
+    fn start_(req: &Incoming<'_>, config: &FilterConfig) -> Start {
+        start(req, config, Clock { keys: None, now: 0 })
+    }
+
     fn refused(start: Start) -> Refusal {
         match start {
             Start::Refuse(r) => r,
@@ -208,20 +284,20 @@ mod tests {
     #[test]
     fn non_mcp_paths_pass_through_to_the_routes() {
         assert_eq!(
-            start(&incoming("/healthz", None), &config()),
+            start_(&incoming("/healthz", None), &config()),
             Start::PassThrough
         );
     }
 
     #[test]
     fn malformed_mcp_path_is_404_without_callout() {
-        let r = refused(start(&incoming("/mcp/eng", Some("Bearer x")), &config()));
+        let r = refused(start_(&incoming("/mcp/eng", Some("Bearer x")), &config()));
         assert_eq!((r.code, r.status()), (DenyCode::UnknownRoute, 404));
     }
 
     #[test]
     fn missing_token_gets_401_pointing_at_resource_metadata() {
-        let r = refused(start(&incoming("/mcp/eng/github?x=1", None), &config()));
+        let r = refused(start_(&incoming("/mcp/eng/github?x=1", None), &config()));
         assert_eq!((r.code, r.status()), (DenyCode::TokenMissing, 401));
         assert_eq!(
             header(&r, "www-authenticate"),
@@ -239,7 +315,7 @@ mod tests {
             br#"{"policy_cluster":"p","public_base_url":"https://mcp.example.com"}"#,
         )
         .unwrap();
-        let r = refused(start(&incoming("/mcp/eng/github", None), &c));
+        let r = refused(start_(&incoming("/mcp/eng/github", None), &c));
         assert!(header(&r, "www-authenticate").unwrap().contains(
             "https://mcp.example.com/.well-known/oauth-protected-resource/mcp/eng/github"
         ));
@@ -256,7 +332,7 @@ mod tests {
             (format!("Bearer {typo}"), DenyCode::TokenMalformed),
             (format!("Bearer {admin}"), DenyCode::TokenUnknown),
         ] {
-            let r = refused(start(&incoming("/mcp/eng/github", Some(&auth)), &config()));
+            let r = refused(start_(&incoming("/mcp/eng/github", Some(&auth)), &config()));
             assert_eq!(r.code, code, "{auth}");
             let challenge = header(&r, "www-authenticate").unwrap();
             assert!(
@@ -271,7 +347,7 @@ mod tests {
     fn well_formed_token_is_checked_by_hash_never_in_clear() {
         let t = token();
         let auth = format!("Bearer {t}");
-        let Start::Check(req) = start(&incoming("/mcp/eng/github/x", Some(&auth)), &config())
+        let Start::Check(req) = start_(&incoming("/mcp/eng/github/x", Some(&auth)), &config())
         else {
             panic!("expected a check");
         };
@@ -297,13 +373,99 @@ mod tests {
         let mut req = incoming("/mcp/eng/github", Some(&auth));
         req.mcp_method = Some("tools/call");
         req.tool = Some(&long);
-        let Start::Check(check) = start(&req, &config()) else {
+        let Start::Check(check) = start_(&req, &config()) else {
             panic!("expected a check");
         };
         assert_eq!(check.mcp_method.as_deref(), Some("tools/call"));
         assert_eq!(
             check.tool.as_ref().map(|t| t.chars().count()),
             Some(MAX_NAME)
+        );
+    }
+
+    fn oauth_config() -> FilterConfig {
+        FilterConfig::parse(br#"{"policy_cluster":"p","issuer":"http://as"}"#).unwrap()
+    }
+
+    #[test]
+    fn each_mcp_url_has_its_protected_resource_metadata_when_oauth_is_on() {
+        let req = incoming("/.well-known/oauth-protected-resource/mcp/eng/github", None);
+        let Start::Metadata(doc) = start_(&req, &oauth_config()) else {
+            panic!("expected metadata");
+        };
+        let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+        assert_eq!(doc["resource"], "http://gw.local:10000/mcp/eng/github");
+        assert_eq!(doc["authorization_servers"][0], "http://as");
+        assert_eq!(start_(&req, &config()), Start::PassThrough, "OAuth off");
+        for other in [
+            "/.well-known/oauth-protected-resource",
+            "/.well-known/oauth-protected-resource/mcp/eng",
+            "/.well-known/oauth-protected-resource/mcp/eng/github/x",
+            "/.well-known/oauth-protected-resourcex/mcp/eng/github",
+        ] {
+            assert_eq!(
+                start_(&incoming(other, None), &oauth_config()),
+                Start::PassThrough,
+                "{other}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_verified_jwt_is_checked_by_its_identifiers_never_the_token() {
+        let (key, jwks) = crate::jwt::tests::key(3, "k1");
+        let keys = Keys::from_value(&jwks).unwrap();
+        let mut claims = crate::jwt::tests::claims();
+        claims.iss = "http://as".into();
+        let jwt = crate::jwt::tests::sign(&key, "k1", &claims);
+        let auth = format!("Bearer {jwt}");
+        let req = incoming("/mcp/eng/github", Some(&auth));
+        let clock = Clock {
+            keys: Some(&keys),
+            now: 1_500,
+        };
+        let Start::Check(check) = start(&req, &oauth_config(), clock) else {
+            panic!("expected a check");
+        };
+        assert_eq!(
+            check.credential,
+            Credential::Oauth {
+                grant: 7,
+                connection: 8,
+                jti: "jti-1".into()
+            }
+        );
+        assert!(!serde_json::to_string(&check).unwrap().contains(&jwt));
+
+        // Refused without a callout, with the contract's codes and a challenge.
+        let other = incoming("/mcp/eng/other", Some(&auth));
+        for (r, code) in [
+            (&other, DenyCode::TokenWrongGateway),
+            (&req, DenyCode::TokenExpired),
+        ] {
+            let now = if code == DenyCode::TokenExpired {
+                2_000
+            } else {
+                1_500
+            };
+            let clock = Clock {
+                keys: Some(&keys),
+                now,
+            };
+            let refusal = refused(start(r, &oauth_config(), clock));
+            assert_eq!((refusal.code, refusal.status()), (code, 401));
+            assert!(
+                header(&refusal, "www-authenticate")
+                    .unwrap()
+                    .contains("invalid_token")
+            );
+        }
+        // Keys not there yet: fetch them first, the client's token is not at fault.
+        assert_eq!(start_(&req, &oauth_config()), Start::NeedKeys);
+        // OAuth off: a JWT is just not an mcpguard token.
+        assert_eq!(
+            refused(start(&req, &config(), clock)).code,
+            DenyCode::TokenMalformed
         );
     }
 

@@ -1,16 +1,27 @@
 //! proxy-wasm glue: reads headers from Envoy, hands them to `decide`, and carries out
 //! the answer. No decision is made here.
 
+use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use mcpguard_core::check::{CHECK_PATH, DenyCode};
+use mcpguard_core::oauth::CHECK_JWKS_PATH;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 
 use crate::config::FilterConfig;
-use crate::decide::{self, Finish, Incoming, ROUTE_HEADER, Refusal, Start};
+use crate::decide::{self, Clock, Finish, Incoming, ROUTE_HEADER, Refusal, Start};
+use crate::jwt::Keys;
+
+/// The JWT verification keys, shared by the root context (which refreshes them) and
+/// every request of this VM.
+type SharedKeys = Rc<RefCell<Option<Rc<Keys>>>>;
+
+/// How often to retry while no JWKS has arrived yet: requests with JWTs are refused
+/// (503) until one does.
+const JWKS_RETRY: Duration = Duration::from_millis(250);
 
 proxy_wasm::main! {{
     // Also installs a panic hook that logs at critical through Envoy.
@@ -57,9 +68,73 @@ impl Metrics {
 struct Root {
     config: Option<Rc<FilterConfig>>,
     metrics: Option<Rc<Metrics>>,
+    keys: SharedKeys,
+    /// A JWKS fetch is in flight.
+    fetching: bool,
 }
 
-impl Context for Root {}
+impl Root {
+    fn fetch_jwks(&mut self) {
+        let Some(config) = self.config.clone() else {
+            return;
+        };
+        let dispatched = self.dispatch_http_call(
+            &config.policy_cluster,
+            vec![
+                (":method", "GET"),
+                (":path", CHECK_JWKS_PATH),
+                (":authority", &config.policy_authority),
+            ],
+            None,
+            vec![],
+            Duration::from_millis(config.check_timeout_ms.max(1000)),
+        );
+        match dispatched {
+            Ok(_) => self.fetching = true,
+            Err(status) => log::error!(
+                "JWKS fetch from cluster {:?} failed to start: {status:?}",
+                config.policy_cluster
+            ),
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        self.fetching = false;
+        let status = self.get_http_call_response_header(":status");
+        let body = self
+            .get_http_call_response_body(0, body_size)
+            .unwrap_or_default();
+        let refresh = self
+            .config
+            .as_ref()
+            .map_or(JWKS_RETRY, |c| Duration::from_secs(c.jwks_refresh_s));
+        match (status.as_deref(), Keys::from_jwks(&body)) {
+            (Some("200"), Ok(keys)) => {
+                log::debug!("JWKS refreshed: {keys:?}");
+                *self.keys.borrow_mut() = Some(Rc::new(keys));
+                self.set_tick_period(refresh);
+            }
+            (status, parsed) => {
+                // Keep the keys we had: tokens they verify still go through the check,
+                // which fails closed on its own if the policy service is down.
+                log::warn!(
+                    "JWKS refresh failed (status {status:?}, {:?})",
+                    parsed.err()
+                );
+                let known = self.keys.borrow().is_some();
+                self.set_tick_period(if known { refresh } else { JWKS_RETRY });
+            }
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -71,8 +146,22 @@ impl RootContext for Root {
                     config.policy_cluster,
                     config.check_timeout_ms
                 );
+                if let Some(jwks) = &config.jwks {
+                    match Keys::from_value(jwks) {
+                        Ok(keys) => *self.keys.borrow_mut() = Some(Rc::new(keys)),
+                        Err(e) => {
+                            log::error!("jwks: {e}");
+                            return false;
+                        }
+                    }
+                }
+                let fetch = config.fetches_jwks();
                 self.config = Some(Rc::new(config));
                 self.metrics = Some(Rc::new(Metrics::define()));
+                if fetch {
+                    // The first tick fetches; later ones refresh.
+                    self.set_tick_period(JWKS_RETRY);
+                }
                 true
             }
             Err(e) => {
@@ -82,8 +171,17 @@ impl RootContext for Root {
         }
     }
 
+    fn on_tick(&mut self) {
+        if !self.fetching {
+            self.fetch_jwks();
+        }
+    }
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Request {
+            keys: self.keys.clone(),
+            awaiting_keys: false,
+            fetched_keys: false,
             config: self.config.clone(),
             metrics: self.metrics.clone(),
             path: String::new(),
@@ -101,6 +199,11 @@ struct Request {
     /// such a stream is refused.
     config: Option<Rc<FilterConfig>>,
     metrics: Option<Rc<Metrics>>,
+    keys: SharedKeys,
+    /// Where the pending callout goes: the JWKS (first JWT after start) or the check.
+    awaiting_keys: bool,
+    /// This request already fetched the JWKS once; no second attempt.
+    fetched_keys: bool,
     /// The client's `:path`, kept for rewriting once the check answers.
     path: String,
     request_id: Option<String>,
@@ -157,6 +260,14 @@ impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         // Whatever happens next, a client can never choose a forwarding route itself.
         self.set_http_request_header(ROUTE_HEADER, None);
+        self.decide()
+    }
+}
+
+impl Request {
+    /// Reads what the decision needs from Envoy and acts on it; `Pause` unless the
+    /// request is not ours.
+    fn decide(&mut self) -> Action {
         // One host call for all headers rather than one per header: each call costs a
         // round trip through Envoy's ABI layer, on every request.
         let headers = self.get_http_request_headers();
@@ -183,10 +294,58 @@ impl HttpContext for Request {
             mcp_method: mcp_method.as_deref(),
             tool: tool.as_deref(),
         };
-        match decide::start(&incoming, &config) {
+        let keys = self.keys.borrow().clone();
+        let now = self
+            .get_current_time()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let clock = Clock {
+            keys: keys.as_deref(),
+            now,
+        };
+        match decide::start(&incoming, &config, clock) {
             Start::PassThrough => Action::Continue,
+            Start::Metadata(doc) => {
+                self.send_http_response(
+                    200,
+                    vec![
+                        ("content-type", "application/json"),
+                        ("cache-control", "max-age=300"),
+                    ],
+                    Some(doc.as_bytes()),
+                );
+                Action::Pause
+            }
             Start::Refuse(refusal) => {
                 self.refuse(refusal);
+                Action::Pause
+            }
+            Start::NeedKeys if self.fetched_keys => {
+                self.refuse(Refusal::new(DenyCode::PolicyUnavailable, None));
+                Action::Pause
+            }
+            Start::NeedKeys => {
+                let dispatched = self.dispatch_http_call(
+                    &config.policy_cluster,
+                    vec![
+                        (":method", "GET"),
+                        (":path", CHECK_JWKS_PATH),
+                        (":authority", &config.policy_authority),
+                    ],
+                    None,
+                    vec![],
+                    Duration::from_millis(config.check_timeout_ms),
+                );
+                match dispatched {
+                    Ok(_) => {
+                        self.awaiting_keys = true;
+                        self.fetched_keys = true;
+                    }
+                    Err(status) => {
+                        log::error!("JWKS fetch failed to start: {status:?}");
+                        self.refuse(Refusal::new(DenyCode::PolicyUnavailable, None));
+                    }
+                }
                 Action::Pause
             }
             Start::Check(check) => {
@@ -236,6 +395,19 @@ impl Context for Request {
             .get_http_call_response_header(":status")
             .and_then(|s| s.parse::<u16>().ok());
         let body = self.get_http_call_response_body(0, body_size);
+        if self.awaiting_keys {
+            self.awaiting_keys = false;
+            match (status, Keys::from_jwks(body.as_deref().unwrap_or_default())) {
+                (Some(200), Ok(keys)) => *self.keys.borrow_mut() = Some(Rc::new(keys)),
+                (status, parsed) => {
+                    log::warn!("JWKS fetch failed (status {status:?}, {:?})", parsed.err())
+                }
+            }
+            if let Action::Continue = self.decide() {
+                self.resume_http_request();
+            }
+            return;
+        }
         if status != Some(200) {
             log::warn!(
                 "policy check answered {} (no status: unreachable or timed out) request_id={}",

@@ -74,6 +74,30 @@ pub struct Config {
     /// ones are sealed under `--secrets-key-file`. Drop it once `reseal` has run.
     #[arg(long, env = "MCPGUARD_PREVIOUS_SECRETS_KEY_FILE", global = true)]
     pub previous_secrets_key_file: Option<PathBuf>,
+    /// This service's public URL: the OAuth issuer (the `iss` of access tokens and the
+    /// base of the OAuth endpoints). Default: `http://<public listen address>`.
+    #[arg(long, env = "MCPGUARD_ISSUER")]
+    pub issuer: Option<String>,
+
+    /// Public base URLs of the gateways' data planes (Envoy), comma-separated: OAuth
+    /// tokens are issued only for resources `<base>/mcp/{gateway}/{server}` under one.
+    #[arg(
+        long,
+        env = "MCPGUARD_RESOURCE_BASE_URLS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:10000"
+    )]
+    pub resource_base_urls: Vec<String>,
+
+    /// Lifetime of OAuth access tokens (JWTs), in seconds.
+    #[arg(long, env = "MCPGUARD_ACCESS_TOKEN_TTL_SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    pub access_token_ttl_secs: u32,
+
+    /// Lifetime of OAuth refresh tokens, in days.
+    #[arg(long, env = "MCPGUARD_REFRESH_TOKEN_TTL_DAYS", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..=365))]
+    pub refresh_token_ttl_days: u32,
 
     /// Days to keep audit entries; 0 keeps them forever.
     #[arg(long, env = "MCPGUARD_AUDIT_RETENTION_DAYS", default_value_t = 90)]
@@ -125,6 +149,36 @@ impl Config {
             &self.secrets_key_file(),
             self.previous_secrets_key_file.as_deref(),
         )
+    }
+
+    pub fn oauth(&self) -> anyhow::Result<crate::routes::oauth::OauthConfig> {
+        let issuer = self
+            .issuer
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.public_listen));
+        let valid_base = |u: &str| {
+            (u.starts_with("http://") || u.starts_with("https://"))
+                && !u.ends_with('/')
+                && url::Url::parse(u).is_ok_and(|p| p.path() == "/" && p.query().is_none())
+        };
+        if !valid_base(&issuer) {
+            anyhow::bail!(
+                "--issuer must be an http(s) URL with no path or trailing slash, got {issuer:?}"
+            );
+        }
+        for base in &self.resource_base_urls {
+            if !valid_base(base) {
+                anyhow::bail!(
+                    "--resource-base-urls: {base:?} must be an http(s) URL with no path or trailing slash"
+                );
+            }
+        }
+        Ok(crate::routes::oauth::OauthConfig {
+            issuer,
+            resource_base_urls: self.resource_base_urls.clone(),
+            access_token_ttl_secs: i64::from(self.access_token_ttl_secs),
+            refresh_token_ttl_ms: i64::from(self.refresh_token_ttl_days) * 86_400_000,
+        })
     }
 
     pub fn database_url(&self) -> String {

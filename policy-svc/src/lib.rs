@@ -6,6 +6,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 mod extract;
+pub mod keys;
 pub mod routes;
 pub mod secrets;
 pub mod store;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub audit: audit::Audit,
     pub audit_retention_days: u32,
     pub secrets: std::sync::Arc<secrets::SecretBox>,
+    pub oauth: std::sync::Arc<routes::oauth::OauthConfig>,
+    pub signer: std::sync::Arc<keys::Signer>,
 }
 
 /// `mcpguard-policy reseal`: moves every stored sealed value to the current key.
@@ -52,6 +55,7 @@ pub async fn reseal(config: &Config) -> anyhow::Result<store::rekey::Resealed> {
 /// Opens the store, creates the owner on first start, and serves both ports until
 /// SIGINT or SIGTERM; then drains requests and flushes last-used times.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let oauth = std::sync::Arc::new(config.oauth()?);
     create_data_dir(&config.data_dir)?;
     let db = store::open_with(&config.database_url(), &config.db_options())
         .await
@@ -64,6 +68,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
              open; run `mcpguard-policy reseal`, then drop --previous-secrets-key-file"
         );
     }
+    store::oauth::ensure_keys(&db, || keys::generate(&secrets))
+        .await
+        .context("creating the OAuth signing keys")?;
 
     let public = TcpListener::bind(config.public_listen)
         .await
@@ -81,6 +88,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         audit,
         audit_retention_days: config.audit_retention_days,
         secrets,
+        oauth,
+        signer: std::sync::Arc::default(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

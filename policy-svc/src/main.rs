@@ -17,9 +17,13 @@ async fn main() -> std::process::ExitCode {
             }),
         Some(Command::Reseal) => mcpguard_policy::reseal(&config).await.map(|r| {
             println!(
-                "re-sealed {} identities and {} shared credentials under the current key; \
-                 {} already under it; {} replaced meanwhile by an admin",
-                r.identities, r.shared_credentials, r.already_current, r.changed_meanwhile
+                "re-sealed {} identities, {} shared credentials and {} signing keys under the \
+                 current key; {} already under it; {} replaced meanwhile",
+                r.identities,
+                r.shared_credentials,
+                r.signing_keys,
+                r.already_current,
+                r.changed_meanwhile
             );
         }),
     };

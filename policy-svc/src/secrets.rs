@@ -168,6 +168,11 @@ pub fn identity_binding(user_id: i64, server_id: i64) -> String {
     format!("mcpguard identity user={user_id} server={server_id}")
 }
 
+/// What an OAuth signing key's sealed private half is bound to.
+pub fn signing_key_binding(kid: &str) -> String {
+    format!("mcpguard signing key kid={kid}")
+}
+
 /// What an exposure's shared credential is bound to.
 pub fn shared_binding(gateway_id: i64, server_id: i64) -> String {
     format!("mcpguard shared gateway={gateway_id} server={server_id}")

@@ -1,7 +1,7 @@
 //! "Last used" times, recorded off the check path: the check hands uses to a channel
 //! and a background task writes them, coalesced, once a second.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -16,7 +16,7 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub struct Usage {
-    tx: mpsc::Sender<(i64, i64)>,
+    tx: mpsc::Sender<(Option<i64>, i64)>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -36,7 +36,8 @@ impl Usage {
 
     /// Never waits: when the writer falls behind, the use is counted as dropped (a
     /// "last used" time may lag; a decision never does).
-    pub fn record(&self, token_id: i64, connection_id: i64) {
+    /// `token_id`: the API token used, if the credential was one.
+    pub fn record(&self, token_id: Option<i64>, connection_id: i64) {
         if self.tx.try_send((token_id, connection_id)).is_err() {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
@@ -46,13 +47,13 @@ impl Usage {
     }
 }
 
-async fn write_loop(db: Db, mut rx: mpsc::Receiver<(i64, i64)>) {
-    let mut pending: HashMap<i64, i64> = HashMap::new();
+async fn write_loop(db: Db, mut rx: mpsc::Receiver<(Option<i64>, i64)>) {
+    let mut pending: HashSet<(Option<i64>, i64)> = HashSet::new();
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     loop {
         tokio::select! {
             used = rx.recv() => match used {
-                Some((token, connection)) => { pending.insert(token, connection); }
+                Some(used) => { pending.insert(used); }
                 None => break,
             },
             _ = tick.tick() => flush(&db, &mut pending).await,
@@ -61,11 +62,11 @@ async fn write_loop(db: Db, mut rx: mpsc::Receiver<(i64, i64)>) {
     flush(&db, &mut pending).await;
 }
 
-async fn flush(db: &Db, pending: &mut HashMap<i64, i64>) {
+async fn flush(db: &Db, pending: &mut HashSet<(Option<i64>, i64)>) {
     if pending.is_empty() {
         return;
     }
-    let uses: Vec<(i64, i64)> = pending.drain().collect();
+    let uses: Vec<(Option<i64>, i64)> = pending.drain().collect();
     if let Err(e) = store::hosts::record_last_used(db, &uses, store::now_ms()).await {
         tracing::warn!(error = %e, count = uses.len(), "could not record last-used times");
     }

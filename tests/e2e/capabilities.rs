@@ -83,6 +83,8 @@ fn body(method: &str, path: &str, f: &Fixture) -> Option<Value> {
         ("POST", "/api/v1/roles") => json!({"name": "new-role", "capabilities": []}),
         ("PUT", "/api/v1/roles/{id}") => json!({"capabilities": ["audit.read", "users.manage"]}),
         ("POST", "/api/v1/users") => json!({"name": "new-user", "role_id": f.role}),
+        ("PUT", "/api/v1/users/{id}/password") => json!({"password": "a new long password"}),
+        ("POST", "/api/v1/oauth/signing-keys/rotate") => json!({}),
         ("PUT", "/api/v1/users/{id}/identities/{server_id}") => {
             json!({"credential": {"type": "bearer", "token": "replaced"}})
         }
@@ -114,6 +116,7 @@ async fn snapshot(owner: &Admin, f: &Fixture) -> Value {
         format!("/api/v1/users/{}/identities", f.user),
         "/api/v1/users/1/identities".to_owned(),
         "/api/v1/audit?kind=admin&limit=1000".to_owned(),
+        "/api/v1/oauth/signing-keys".to_owned(),
     ] {
         let (status, v) = owner.get(&path).await;
         assert_eq!(status, 200, "{path}: {v}");

@@ -49,6 +49,8 @@ async fn a_policy_service_too_slow_to_answer_means_503_within_the_deadline() {
         check_port: silent_port,
         check_timeout_ms: Some(200),
         trusted_ca: None,
+        issuer: None,
+        jwks_refresh_s: None,
     };
     let envoy = Envoy::start(&opts, dir.path()).await;
     let token = mcpguard_core::token::format_token(

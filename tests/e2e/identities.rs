@@ -370,13 +370,13 @@ async fn rotating_the_secrets_key_keeps_every_credential_and_retires_the_old_key
     let said = String::from_utf8_lossy(&resealed.stdout);
     assert!(resealed.status.success(), "{said}");
     assert!(
-        said.contains("re-sealed 1 identities and 1 shared credentials under the current key; 1 already under it"),
+        said.contains("re-sealed 1 identities, 1 shared credentials and 2 signing keys under the current key; 1 already under it"),
         "{said}"
     );
     let twice = stack.policy.command(&["reseal"], &rotating);
     let said = String::from_utf8_lossy(&twice.stdout);
     assert!(
-        said.contains("re-sealed 0 identities and 0 shared credentials under the current key; 3 already under it"),
+        said.contains("re-sealed 0 identities, 0 shared credentials and 0 signing keys under the current key; 5 already under it"),
         "{said}"
     );
 

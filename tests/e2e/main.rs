@@ -11,6 +11,7 @@ mod envoy_config;
 mod ext_authz;
 mod failure;
 mod identities;
+mod oauth;
 mod routing;
 mod scaleout;
 mod tls;

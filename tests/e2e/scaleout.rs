@@ -53,6 +53,8 @@ impl Replicas {
             check_port: a.check_port,
             check_timeout_ms: None,
             trusted_ca: None,
+            issuer: None,
+            jwks_refresh_s: None,
         };
         let envoy =
             Envoy::start_with_checks(&opts, &[a.check_port, b.check_port], dir.path()).await;

@@ -111,6 +111,8 @@ async fn an_https_upstream_is_reached_over_verified_tls() {
         check_port: policy.check_port,
         check_timeout_ms: None,
         trusted_ca: Some(cert.clone()),
+        issuer: None,
+        jwks_refresh_s: None,
     };
     let gateway = Envoy::start(&opts, dir.path()).await;
 

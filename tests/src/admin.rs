@@ -181,6 +181,34 @@ impl Admin {
         v["id"].as_i64().unwrap()
     }
 
+    /// A user with no capabilities who can sign in on the OAuth pages; returns the id.
+    pub async fn person(&self, name: &str, password: &str) -> i64 {
+        let (status, role) = self
+            .post(
+                "/api/v1/roles",
+                json!({"name": format!("{name}-role"), "capabilities": []}),
+            )
+            .await;
+        assert_eq!(status, 201, "{role}");
+        let id = self
+            .created(
+                "/api/v1/users",
+                json!({"name": name, "role_id": role["id"]}),
+            )
+            .await["id"]
+            .as_i64()
+            .unwrap();
+        let (status, v) = self
+            .call(
+                Method::PUT,
+                &format!("/api/v1/users/{id}/password"),
+                Some(json!({"password": password})),
+            )
+            .await;
+        assert_eq!(status, 204, "{v}");
+        id
+    }
+
     /// A gateway `gateway` exposing a new server `server` at `upstream_url`, and a host
     /// with one token on that gateway.
     pub async fn provision(&self, gateway: &str, server: &str, upstream_url: &str) -> Provisioned {

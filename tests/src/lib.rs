@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod db;
 pub mod mcp;
+pub mod oauth;
 pub mod procs;
 pub mod toggles;
 

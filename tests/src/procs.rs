@@ -268,10 +268,12 @@ impl Policy {
     }
 
     pub fn admin(&self) -> Admin {
-        Admin::new(
-            format!("http://127.0.0.1:{}", self.public_port),
-            ADMIN_TOKEN,
-        )
+        Admin::new(self.public_url(), ADMIN_TOKEN)
+    }
+
+    /// The public port's URL: the admin API, and the OAuth issuer.
+    pub fn public_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.public_port)
     }
 }
 
@@ -321,6 +323,10 @@ pub struct EnvoyOptions {
     pub check_timeout_ms: Option<u64>,
     /// Replaces the system CA bundle the https upstream cluster trusts.
     pub trusted_ca: Option<PathBuf>,
+    /// Replaces the filter's OAuth `issuer` (the policy service's public URL).
+    pub issuer: Option<String>,
+    /// Replaces the filter's `jwks_refresh_s`.
+    pub jwks_refresh_s: Option<u64>,
 }
 
 pub struct Envoy {
@@ -383,16 +389,22 @@ impl Envoy {
         let config = &mut wasm["typed_config"]["config"];
         config["vm_config"]["code"]["local"]["filename"] =
             Envoy::wasm().display().to_string().into();
+        let mut plugin: serde_json::Value = serde_json::from_str(
+            config["configuration"]["value"]
+                .as_str()
+                .expect("plugin config"),
+        )
+        .unwrap();
         if let Some(ms) = opts.check_timeout_ms {
-            let mut plugin: serde_json::Value = serde_json::from_str(
-                config["configuration"]["value"]
-                    .as_str()
-                    .expect("plugin config"),
-            )
-            .unwrap();
             plugin["check_timeout_ms"] = ms.into();
-            config["configuration"]["value"] = plugin.to_string().into();
         }
+        if let Some(issuer) = &opts.issuer {
+            plugin["issuer"] = issuer.as_str().into();
+        }
+        if let Some(seconds) = opts.jwks_refresh_s {
+            plugin["jwks_refresh_s"] = seconds.into();
+        }
+        config["configuration"]["value"] = plugin.to_string().into();
         for cluster in resources["clusters"].as_sequence_mut().expect("clusters") {
             if let (Some(ca), true) = (
                 &opts.trusted_ca,
@@ -516,8 +528,24 @@ impl Stack {
     }
 
     async fn start_opts(stateless: bool) -> Stack {
+        Self::start_with(stateless, &[], None).await
+    }
+
+    /// With extra environment for the policy service (see [`Policy::start_with`]) and,
+    /// optionally, the filter's `jwks_refresh_s`. Envoy's ports are chosen first, so
+    /// the policy service knows the data plane's URL (the base of OAuth resources) and
+    /// Envoy the policy service's (the issuer).
+    pub async fn start_with(
+        stateless: bool,
+        env: &[(&str, &str)],
+        jwks_refresh_s: Option<u64>,
+    ) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
-        let policy = Policy::start(&dir.path().join("data"), dir.path()).await;
+        let (port, admin_port) = (free_port(), free_port());
+        let resource_base = format!("http://127.0.0.1:{port}");
+        let mut env = env.to_vec();
+        env.push(("MCPGUARD_RESOURCE_BASE_URLS", &resource_base));
+        let policy = Policy::start_with(&dir.path().join("data"), dir.path(), &env).await;
         let demo = Demo::spawn(dir.path(), stateless).await;
         let opts = EnvoyOptions {
             config: "envoy/mcpguard.yaml",
@@ -525,8 +553,16 @@ impl Stack {
             check_timeout_ms: crate::db::postgres_requested()
                 .then_some(crate::db::POSTGRES_CHECK_TIMEOUT_MS),
             trusted_ca: None,
+            issuer: Some(policy.public_url()),
+            jwks_refresh_s,
         };
-        let envoy = Envoy::start(&opts, dir.path()).await;
+        let envoy = Envoy::start_config(
+            &Envoy::render(&opts, port, admin_port),
+            port,
+            admin_port,
+            dir.path(),
+        )
+        .await;
         Stack {
             envoy,
             demo,

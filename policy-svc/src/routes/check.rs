@@ -24,14 +24,23 @@ async fn run(
     Json(req): Json<CheckRequest>,
 ) -> Result<Json<CheckResponse>, ApiError> {
     let started = Instant::now();
-    let Credential::ApiToken { hash } = &req.credential;
-    let presented = TokenHash::from_hex(hash).ok_or_else(|| {
-        ApiError::bad_request("invalid_hash", "credential.hash must be 64 hex digits")
-    })?;
+    let presented = match &req.credential {
+        Credential::ApiToken { hash } => Some(TokenHash::from_hex(hash).ok_or_else(|| {
+            ApiError::bad_request("invalid_hash", "credential.hash must be 64 hex digits")
+        })?),
+        Credential::Oauth { .. } => None,
+    };
     // No answer from the database in time, or an error: 503, which the filter turns
     // into a refusal (`policy_unavailable`). Fail closed, and fast.
     let deadline = deadline.map(|Extension(d)| d).unwrap_or_default().0;
-    let load = check::load(&state.db, hash, &req.server);
+    let load = async {
+        match &req.credential {
+            Credential::ApiToken { hash } => check::load(&state.db, hash, &req.server).await,
+            Credential::Oauth { grant, .. } => {
+                check::load_oauth(&state.db, *grant, &req.server).await
+            }
+        }
+    };
     let row = match tokio::time::timeout(deadline, load).await {
         Ok(Ok(row)) => row,
         Ok(Err(e)) => {
@@ -44,19 +53,32 @@ async fn run(
         }
     };
     let now = store::now_ms();
-    let decision = check::decide(
-        row.as_ref(),
-        &presented,
-        &req.gateway,
-        now,
-        state.secrets.opener(),
-    );
+    let decision = match (&req.credential, &presented) {
+        (Credential::Oauth { connection, .. }, _) => check::decide_oauth(
+            row.as_ref(),
+            *connection,
+            &req.gateway,
+            state.secrets.opener(),
+        ),
+        (_, Some(presented)) => check::decide(
+            row.as_ref(),
+            presented,
+            &req.gateway,
+            now,
+            state.secrets.opener(),
+        ),
+        (_, None) => CheckResponse::Deny {
+            code: mcpguard_core::check::DenyCode::TokenUnknown,
+        },
+    };
     let (action, code) = match &decision {
         CheckResponse::Allow { .. } => ("allow", None),
         CheckResponse::Deny { code } => ("deny", Some(code.as_str())),
     };
     if let (CheckResponse::Allow { .. }, Some(row)) = (&decision, &row) {
-        state.usage.record(row.token_id, row.connection_id);
+        // An OAuth row's id is its grant's, not an API token's.
+        let token = presented.is_some().then_some(row.token_id);
+        state.usage.record(token, row.connection_id);
     }
     tracing::debug!(gateway = %req.gateway, server = %req.server, action, code, connection_id = ?row.as_ref().map(|r| r.connection_id), request_id = ?req.request_id, "check");
     state.audit.decision(Event {

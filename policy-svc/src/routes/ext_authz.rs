@@ -85,8 +85,9 @@ async fn run(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Res
     };
     match parse_token(token) {
         Ok(TokenKind::HostApi | TokenKind::PerUser) => {}
-        // Admin tokens are for the admin API only; never let one act on the data plane.
-        Ok(TokenKind::Admin) => {
+        // Admin tokens are for the admin API only, refresh tokens and codes for the
+        // token endpoint; never let one act on the data plane.
+        Ok(TokenKind::Admin | TokenKind::Refresh | TokenKind::Code) => {
             return seen.refuse(&state, DenyCode::TokenUnknown, Some(&metadata()));
         }
         Err(_) => return seen.refuse(&state, DenyCode::TokenMalformed, Some(&metadata())),
@@ -113,7 +114,7 @@ async fn run(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Res
     match decision {
         CheckResponse::Allow { inject, .. } => {
             if let Some(row) = &row {
-                state.usage.record(row.token_id, row.connection_id);
+                state.usage.record(Some(row.token_id), row.connection_id);
             }
             seen.record(&state, now, None);
             allow(inject.map(|h| (h.name, h.value)))
@@ -287,6 +288,8 @@ mod tests {
             secrets: std::sync::Arc::new(
                 crate::secrets::SecretBox::load_or_create(&dir.path().join("secrets.key")).unwrap(),
             ),
+            oauth: std::sync::Arc::new(crate::routes::oauth::OauthConfig::for_tests()),
+            signer: std::sync::Arc::default(),
         });
         Fixture {
             app,

@@ -5,6 +5,7 @@ mod check;
 mod ext_authz;
 mod gateways;
 mod hosts;
+pub mod oauth;
 mod servers;
 mod toggles;
 mod users;
@@ -74,6 +75,7 @@ pub fn admin_api() -> Vec<Endpoint> {
     all.extend(toggles::endpoints());
     all.extend(users::endpoints());
     all.extend(audit::endpoints());
+    all.extend(signing_keys_endpoints());
     all
 }
 
@@ -97,9 +99,11 @@ async fn catalog() -> Json<Vec<EndpointInfo>> {
     )
 }
 
-/// The public port: the admin API (and, later, OAuth pages).
+/// The public port: the admin API, and the OAuth endpoints and pages.
 pub fn public(state: AppState) -> Router {
-    let mut router = Router::new().route("/healthz", get(healthz));
+    let mut router = Router::new()
+        .route("/healthz", get(healthz))
+        .merge(oauth::routes());
     for e in admin_api() {
         let (gate_state, required) = (state.clone(), e.capability);
         let gate = axum::middleware::from_fn(move |req: Request, next: Next| {
@@ -117,10 +121,59 @@ pub fn public(state: AppState) -> Router {
 pub fn check(state: AppState) -> Router {
     check::routes()
         .merge(ext_authz::routes())
+        .merge(oauth::check_routes())
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+fn signing_keys_endpoints() -> Vec<Endpoint> {
+    vec![
+        endpoint(
+            Verb::Get,
+            "/api/v1/oauth/signing-keys",
+            None,
+            list_signing_keys,
+        ),
+        // Whoever can rotate the keys can cut every headed host off until clients
+        // refresh; `users.manage` already grants everything else.
+        endpoint(
+            Verb::Post,
+            "/api/v1/oauth/signing-keys/rotate",
+            Some(Capability::UsersManage),
+            rotate_signing_keys,
+        ),
+    ]
+}
+
+async fn list_signing_keys(
+    State(state): State<AppState>,
+) -> Result<Json<Vec<crate::store::oauth::KeyInfo>>, ApiError> {
+    Ok(Json(crate::store::oauth::list_keys(&state.db).await?))
+}
+
+/// The next key (published since the last rotation) starts signing; the active one
+/// retires and stays published until its tokens have expired; a new next key appears.
+async fn rotate_signing_keys(
+    State(state): State<AppState>,
+    admin: auth::Admin,
+) -> Result<Json<Vec<crate::store::oauth::KeyInfo>>, ApiError> {
+    let before = crate::store::oauth::list_keys(&state.db).await?;
+    let next = crate::keys::generate(&state.secrets)?;
+    crate::store::oauth::rotate_keys(&state.db, next).await?;
+    let after = crate::store::oauth::list_keys(&state.db).await?;
+    audit_admin(
+        &state,
+        &admin,
+        "signing_key.rotate",
+        "oauth/signing-keys".into(),
+        state_of(&before),
+        state_of(&after),
+    )
+    .await?;
+    tracing::info!("OAuth signing keys rotated");
+    Ok(Json(after))
 }
 
 async fn healthz(State(state): State<AppState>) -> Result<axum::Json<serde_json::Value>, ApiError> {

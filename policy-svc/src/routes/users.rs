@@ -46,6 +46,12 @@ pub fn endpoints() -> Vec<Endpoint> {
             put_identity,
         ),
         endpoint(
+            Verb::Put,
+            "/api/v1/users/{id}/password",
+            manage,
+            set_password,
+        ),
+        endpoint(
             Verb::Get,
             "/api/v1/users/{id}/identities",
             manage,
@@ -305,4 +311,51 @@ async fn list_identities(
         return Err(ApiError::NotFound("user"));
     }
     Ok(Json(identities::list_for_user(&state.db, user_id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordBody {
+    password: String,
+}
+
+/// Sets the password a user signs in with on the OAuth pages. Never returned, logged
+/// or audited; only its argon2id hash is stored.
+async fn set_password(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(user_id): Path<i64>,
+    Json(body): Json<PasswordBody>,
+) -> Result<StatusCode, ApiError> {
+    let length = body.password.chars().count();
+    if !(12..=1024).contains(&length) || body.password.chars().any(char::is_control) {
+        return Err(ApiError::unprocessable(
+            "invalid_password",
+            "a password is 12 to 1024 printable characters",
+        ));
+    }
+    if !store::user_exists(&state.db, user_id).await? {
+        return Err(ApiError::NotFound("user"));
+    }
+    let password = body.password;
+    let hash = tokio::task::spawn_blocking(move || super::oauth::hash_password(&password))
+        .await
+        .map_err(|_| ApiError::Unavailable)?
+        .map_err(|e| {
+            tracing::error!(error = %e, "could not hash a password");
+            ApiError::Unavailable
+        })?;
+    if !crate::store::oauth::set_password(&state.db, user_id, &hash).await? {
+        return Err(ApiError::NotFound("user"));
+    }
+    audit_admin(
+        &state,
+        &admin,
+        "user.set_password",
+        format!("users/{user_id}"),
+        None,
+        None,
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -202,12 +202,14 @@ pub struct User {
     pub enabled: DbBool,
     #[serde(serialize_with = "crate::timefmt::rfc3339")]
     pub created_at: i64,
+    /// Whether the user can sign in on the OAuth pages; the hash is never shown.
+    pub has_password: DbBool,
 }
 
 pub async fn create_user(db: &Db, name: &str, role_id: i64) -> Result<User> {
     Ok(sqlx::query_as(
         "INSERT INTO users (name, role_id, enabled, created_at) VALUES ($1, $2, $3, $4)
-         RETURNING id, name, role_id, enabled, created_at",
+         RETURNING id, name, role_id, enabled, created_at, password_hash IS NOT NULL AS has_password",
     )
     .bind(name)
     .bind(role_id)
@@ -218,11 +220,12 @@ pub async fn create_user(db: &Db, name: &str, role_id: i64) -> Result<User> {
 }
 
 pub async fn list_users(db: &Db) -> Result<Vec<User>> {
-    Ok(
-        sqlx::query_as("SELECT id, name, role_id, enabled, created_at FROM users ORDER BY id")
-            .fetch_all(db)
-            .await?,
+    Ok(sqlx::query_as(
+        "SELECT id, name, role_id, enabled, created_at, password_hash IS NOT NULL AS has_password
+             FROM users ORDER BY id",
     )
+    .fetch_all(db)
+    .await?)
 }
 
 #[derive(Debug, serde::Serialize, sqlx::FromRow)]

@@ -66,6 +66,36 @@ pub async fn load(db: &Db, token_hash: &str, server_slug: &str) -> Result<Option
     .await?)
 }
 
+/// The same row for an OAuth access token, read through its grant: `token_id` is the
+/// grant's id, `revoked_at` the grant's (revoking the family stops its access tokens),
+/// `token_hash` empty and `expires_at` none (the filter checked the JWT's expiry).
+pub async fn load_oauth(db: &Db, grant_id: i64, server_slug: &str) -> Result<Option<CheckRow>> {
+    Ok(sqlx::query_as(
+        "SELECT gr.id AS token_id, '' AS token_hash, CAST(NULL AS BIGINT) AS expires_at, gr.revoked_at,
+                c.id AS connection_id, c.host_id, c.user_id, c.enabled AS connection_enabled,
+                h.enabled AS host_enabled, u.enabled AS user_enabled,
+                g.slug AS gateway_slug, g.enabled AS gateway_enabled,
+                s.enabled AS server_enabled, s.upstream_scheme, s.upstream_authority,
+                s.upstream_path, e.identity, s.id AS server_id,
+                i.id AS identity_id, i.enabled AS identity_enabled,
+                i.header_name AS identity_header, i.sealed AS identity_sealed,
+                g.id AS gateway_id, e.credential_header AS shared_header, e.credential_sealed AS shared_sealed
+         FROM oauth_grants gr
+         JOIN connections c ON c.id = gr.connection_id
+         JOIN hosts h ON h.id = c.host_id
+         JOIN users u ON u.id = c.user_id
+         JOIN gateways g ON g.id = c.gateway_id
+         LEFT JOIN servers s ON s.slug = $2
+         LEFT JOIN exposures e ON e.gateway_id = g.id AND e.server_id = s.id
+         LEFT JOIN identities i ON i.user_id = c.user_id AND i.server_id = s.id
+         WHERE gr.id = $1",
+    )
+    .bind(grant_id)
+    .bind(server_slug)
+    .fetch_optional(db)
+    .await?)
+}
+
 /// Decides a request from what `load` read. Layers are checked from the credential
 /// outward, so the refusal names the first layer that is off. `unseal` opens a sealed
 /// credential given what it is bound to (`None` if it cannot: the request is refused).
@@ -91,6 +121,35 @@ pub fn decide(
     if row.expires_at.is_some_and(|t| t <= now_ms) {
         return deny(DenyCode::TokenExpired);
     }
+    decide_layers(row, gateway_slug, unseal)
+}
+
+/// Decides a request carrying a verified OAuth access token, from what `load_oauth`
+/// read: the grant must be live and the token's connection the grant's; then every
+/// layer exactly as for API tokens.
+pub fn decide_oauth(
+    row: Option<&CheckRow>,
+    connection_id: i64,
+    gateway_slug: &str,
+    unseal: impl FnOnce(&str, &[u8]) -> Option<String>,
+) -> CheckResponse {
+    let deny = |code| CheckResponse::Deny { code };
+    let Some(row) = row.filter(|r| r.connection_id == connection_id) else {
+        return deny(DenyCode::TokenUnknown);
+    };
+    if row.revoked_at.is_some() {
+        return deny(DenyCode::TokenRevoked);
+    }
+    decide_layers(row, gateway_slug, unseal)
+}
+
+/// The layers after the credential: gateway, host, user, connection, server, identity.
+fn decide_layers(
+    row: &CheckRow,
+    gateway_slug: &str,
+    unseal: impl FnOnce(&str, &[u8]) -> Option<String>,
+) -> CheckResponse {
+    let deny = |code| CheckResponse::Deny { code };
     if row.gateway_slug != gateway_slug {
         return deny(DenyCode::TokenWrongGateway);
     }
@@ -340,6 +399,33 @@ mod tests {
         let mut r = row();
         r.expires_at = Some(1_001);
         assert_eq!(code(&r), None);
+    }
+
+    #[test]
+    fn oauth_tokens_pass_the_same_layers_through_their_grant() {
+        let mut r = row();
+        r.token_hash = String::new();
+        let oauth =
+            |r: &CheckRow, connection| match decide_oauth(Some(r), connection, "eng", opened) {
+                CheckResponse::Deny { code } => Some(code),
+                CheckResponse::Allow { .. } => None,
+            };
+        assert_eq!(oauth(&r, 2), None);
+        assert_eq!(
+            oauth(&r, 99),
+            Some(DenyCode::TokenUnknown),
+            "another connection"
+        );
+        assert_eq!(
+            decide_oauth(None, 2, "eng", opened),
+            CheckResponse::Deny {
+                code: DenyCode::TokenUnknown
+            }
+        );
+        r.host_enabled = DbBool(false);
+        assert_eq!(oauth(&r, 2), Some(DenyCode::HostDisabled));
+        r.revoked_at = Some(1);
+        assert_eq!(oauth(&r, 2), Some(DenyCode::TokenRevoked), "family revoked");
     }
 
     #[test]

@@ -185,14 +185,15 @@ pub async fn list_connections(db: &Db, gateway_id: i64) -> Result<Vec<Connection
 }
 
 /// Records when tokens (and so their connections) were last used, in one transaction,
-/// one statement per table and chunk of ids. Rows are updated in one order (tokens,
-/// then connections, each by id), so that two replicas flushing at once on PostgreSQL
-/// wait for each other instead of deadlocking; a time never moves backwards (another
-/// replica may have written a later one).
-pub async fn record_last_used(db: &Db, uses: &[(i64, i64)], at: i64) -> Result<()> {
+/// one statement per table and chunk of ids. A use by an OAuth access token has no
+/// token row (`None`): only its connection is updated. Rows are updated in one order
+/// (tokens, then connections, each by id), so that two replicas flushing at once on
+/// PostgreSQL wait for each other instead of deadlocking; a time never moves backwards
+/// (another replica may have written a later one).
+pub async fn record_last_used(db: &Db, uses: &[(Option<i64>, i64)], at: i64) -> Result<()> {
     // Ids per statement: well under both backends' parameter limits.
     const IDS_PER_UPDATE: usize = 1_000;
-    let mut tokens: Vec<i64> = uses.iter().map(|&(token, _)| token).collect();
+    let mut tokens: Vec<i64> = uses.iter().filter_map(|&(token, _)| token).collect();
     let mut connections: Vec<i64> = uses.iter().map(|&(_, connection)| connection).collect();
     for ids in [&mut tokens, &mut connections] {
         ids.sort_unstable();

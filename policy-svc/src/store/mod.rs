@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod check;
 pub mod hosts;
 pub mod identities;
+pub mod oauth;
 pub mod rekey;
 pub mod toggles;
 
