@@ -39,6 +39,13 @@ mod tests {
     }
 }
 
+/// 256 random bits, base64url: one-time secrets (links, sessions), client ids, `jti`s.
+pub fn random_id() -> Result<String, getrandom::Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)?;
+    Ok(mcpguard_core::oauth::base64url(&bytes))
+}
+
 /// Seals credentials at rest with XChaCha20-Poly1305 under the operator's key. Each
 /// sealed value is bound to what it belongs to (associated data), so a ciphertext
 /// copied onto another user's row does not open.

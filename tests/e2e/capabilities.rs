@@ -17,6 +17,7 @@ struct Fixture {
     user: i64,
     admin_token: i64,
     identity: i64,
+    enrollment: i64,
 }
 
 async fn fixture(owner: &Admin) -> Fixture {
@@ -38,6 +39,12 @@ async fn fixture(owner: &Admin) -> Fixture {
         .post(&format!("/api/v1/users/{user}/admin-tokens"), json!({}))
         .await;
     let identity = owner.make_per_user(&p, "downstream").await;
+    let (_, enrollment) = owner
+        .post(
+            &format!("/api/v1/hosts/{}/enrollments", p.host_id),
+            json!({"gateway_id": p.gateway_id, "user_id": user}),
+        )
+        .await;
     Fixture {
         gateway: p.gateway_id,
         server: p.server_id,
@@ -48,6 +55,7 @@ async fn fixture(owner: &Admin) -> Fixture {
         user,
         admin_token: at["id"].as_i64().unwrap(),
         identity,
+        enrollment: enrollment["id"].as_i64().unwrap(),
     }
 }
 
@@ -63,6 +71,7 @@ fn concrete(path: &str, f: &Fixture) -> String {
         Some("users") => f.user,
         Some("admin-tokens") => f.admin_token,
         Some("identities") => f.identity,
+        Some("enrollments") => f.enrollment,
         _ => 0,
     };
     path.replace("{id}", &id.to_string())
@@ -80,6 +89,9 @@ fn body(method: &str, path: &str, f: &Fixture) -> Option<Value> {
         ("PUT", "/api/v1/gateways/{id}/servers/{server_id}") => json!({"identity": "per_user"}),
         ("POST", "/api/v1/hosts") => json!({"name": "New bot"}),
         ("POST", "/api/v1/hosts/{id}/tokens") => json!({"gateway_id": f.gateway}),
+        ("POST", "/api/v1/hosts/{id}/enrollments") => {
+            json!({"gateway_id": f.gateway, "user_id": f.user})
+        }
         ("POST", "/api/v1/roles") => json!({"name": "new-role", "capabilities": []}),
         ("PUT", "/api/v1/roles/{id}") => json!({"capabilities": ["audit.read", "users.manage"]}),
         ("POST", "/api/v1/users") => json!({"name": "new-user", "role_id": f.role}),
@@ -91,7 +103,8 @@ fn body(method: &str, path: &str, f: &Fixture) -> Option<Value> {
         ("POST", p)
             if p.ends_with("/disable")
                 || p.ends_with("/enable")
-                || p.ends_with("/admin-tokens") =>
+                || p.ends_with("/admin-tokens")
+                || p.ends_with("/token") =>
         {
             json!({})
         }
@@ -112,6 +125,7 @@ async fn snapshot(owner: &Admin, f: &Fixture) -> Value {
         format!("/api/v1/gateways/{}/servers", f.gateway),
         format!("/api/v1/gateways/{}/connections", f.gateway),
         format!("/api/v1/hosts/{}/tokens", f.host),
+        format!("/api/v1/hosts/{}/enrollments", f.host),
         format!("/api/v1/users/{}/admin-tokens", f.user),
         format!("/api/v1/users/{}/identities", f.user),
         "/api/v1/users/1/identities".to_owned(),

@@ -2,6 +2,7 @@
 //! never the agent's token and never another user's; identities are sealed at rest.
 
 use mcpguard_e2e::mcp::{self, call_text, initialize_with};
+use mcpguard_e2e::oauth::RawClient;
 use mcpguard_e2e::{Admin, Stack};
 use reqwest::Method;
 use serde_json::json;
@@ -383,13 +384,36 @@ async fn rotating_the_secrets_key_keeps_every_credential_and_retires_the_old_key
     // 4. The old key retired: everything still injected under the new key alone ...
     stack
         .policy
-        .restart_with(stack.dir.path(), &[("MCPGUARD_SECRETS_KEY_FILE", &new_key)])
+        .restart_with(
+            stack.dir.path(),
+            &[
+                ("MCPGUARD_SECRETS_KEY_FILE", &new_key),
+                ("MCPGUARD_PREVIOUS_SECRETS_KEY_FILE", ""),
+            ],
+        )
         .await;
     everything_injected(true).await;
+    // The OAuth signing keys were re-sealed too: a headed app still gets signed tokens.
+    owner.person("carol", "correct horse battery staple").await;
+    let app = RawClient::register(&stack.policy.public_url(), "Desk app").await;
+    let tokens = app
+        .sign_in(&svc, "carol", "correct horse battery staple")
+        .await;
+    assert!(
+        tokens["access_token"]
+            .as_str()
+            .is_some_and(|t| t.contains('.'))
+    );
     // ... and nothing opens under the old key any more: refused, never sent without it.
     stack
         .policy
-        .restart_with(stack.dir.path(), &[("MCPGUARD_SECRETS_KEY_FILE", &old_key)])
+        .restart_with(
+            stack.dir.path(),
+            &[
+                ("MCPGUARD_SECRETS_KEY_FILE", &old_key),
+                ("MCPGUARD_PREVIOUS_SECRETS_KEY_FILE", ""),
+            ],
+        )
         .await;
     for url in [&demo, &svc] {
         let refused = initialize_with(url, Some(&alice_token)).await;

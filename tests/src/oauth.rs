@@ -69,7 +69,11 @@ impl Default for Browser {
 
 impl Browser {
     async fn page(&mut self, resp: reqwest::Response) -> Page {
-        for name in ["mcpguard_login_csrf", "mcpguard_session"] {
+        for name in [
+            "mcpguard_login_csrf",
+            "mcpguard_session",
+            "mcpguard_enroll_csrf",
+        ] {
             if let Some(c) = set_cookie(&resp, name) {
                 self.cookies
                     .retain(|old| !old.starts_with(&format!("{name}=")));

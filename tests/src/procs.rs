@@ -135,6 +135,8 @@ pub struct Policy {
     /// with `MCPGUARD_TEST_DATABASE=postgres` (or one a test chose); `None` means the
     /// SQLite file in `data_dir`.
     pub database_url: Option<String>,
+    /// The extra environment it was started with, kept for restarts.
+    env: Vec<(String, String)>,
 }
 
 impl Policy {
@@ -164,12 +166,13 @@ impl Policy {
         self.restart_with(log_dir, &[]).await;
     }
 
-    /// Like [`Policy::restart`], with extra environment variables as in
-    /// [`Policy::start_with`].
+    /// Like [`Policy::restart`], with the environment it was started with changed by
+    /// `extra` (as in [`Policy::start_with`]; later values win).
     pub async fn restart_with(&mut self, log_dir: &Path, extra: &[(&str, &str)]) {
         self.proc.kill();
-        let url = self.database_url.clone();
+        let (url, started_with) = (self.database_url.clone(), self.env.clone());
         let mut env: Vec<(&str, &str)> = url.iter().map(|u| ("DATABASE_URL", u.as_str())).collect();
+        env.extend(started_with.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         env.extend_from_slice(extra);
         *self = Self::spawn(
             &self.data_dir.clone(),
@@ -264,6 +267,11 @@ impl Policy {
             check_port,
             data_dir: data_dir.to_path_buf(),
             database_url,
+            env: env
+                .iter()
+                .filter(|(k, _)| *k != "DATABASE_URL")
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         }
     }
 

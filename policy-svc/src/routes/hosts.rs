@@ -72,21 +72,23 @@ struct NewToken {
 
 /// The one response that ever holds the secret.
 #[derive(Serialize)]
-struct IssuedToken {
+pub(super) struct IssuedToken {
     #[serde(flatten)]
-    meta: hosts::ApiToken,
-    token: String,
+    pub(super) meta: hosts::ApiToken,
+    pub(super) token: String,
     /// Per-user servers on this gateway the token's user has no identity for yet: each
     /// refuses the token (`identity_missing`) until one is saved.
-    missing_identities: Vec<identities::Missing>,
+    pub(super) missing_identities: Vec<identities::Missing>,
 }
 
-async fn create_token(
-    State(state): State<AppState>,
-    admin: Admin,
-    Path(host_id): Path<i64>,
-    Json(body): Json<NewToken>,
-) -> Result<(StatusCode, Json<IssuedToken>), ApiError> {
+/// Refuses a (host, gateway, user) that cannot have a token-based connection: no such
+/// host (404), a headed host (409), no such gateway or user (422).
+pub(super) async fn connection_target(
+    state: &AppState,
+    host_id: i64,
+    gateway_id: i64,
+    user_id: i64,
+) -> Result<(), ApiError> {
     let host = hosts::get_host(&state.db, host_id)
         .await?
         .ok_or(ApiError::NotFound("host"))?;
@@ -96,19 +98,29 @@ async fn create_token(
             "API tokens are for token-based hosts; headed hosts connect with OAuth",
         ));
     }
-    if !catalog::gateway_exists(&state.db, body.gateway_id).await? {
+    if !catalog::gateway_exists(&state.db, gateway_id).await? {
         return Err(ApiError::unprocessable(
             "unknown_gateway",
             "gateway_id names no gateway",
         ));
     }
-    let user_id = body.user_id.unwrap_or(admin.user_id);
     if !users::user_exists(&state.db, user_id).await? {
         return Err(ApiError::unprocessable(
             "unknown_user",
             "user_id names no user",
         ));
     }
+    Ok(())
+}
+
+async fn create_token(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(host_id): Path<i64>,
+    Json(body): Json<NewToken>,
+) -> Result<(StatusCode, Json<IssuedToken>), ApiError> {
+    let user_id = body.user_id.unwrap_or(admin.user_id);
+    connection_target(&state, host_id, body.gateway_id, user_id).await?;
     let expires_at = match body.expires_at.as_deref() {
         None => None,
         Some(s) => {

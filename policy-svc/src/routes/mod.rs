@@ -2,6 +2,7 @@
 
 mod audit;
 mod check;
+mod enrollments;
 mod ext_authz;
 mod gateways;
 mod hosts;
@@ -72,6 +73,7 @@ pub fn admin_api() -> Vec<Endpoint> {
     all.extend(gateways::endpoints());
     all.extend(servers::endpoints());
     all.extend(hosts::endpoints());
+    all.extend(enrollments::endpoints());
     all.extend(toggles::endpoints());
     all.extend(users::endpoints());
     all.extend(audit::endpoints());
@@ -103,7 +105,8 @@ async fn catalog() -> Json<Vec<EndpointInfo>> {
 pub fn public(state: AppState) -> Router {
     let mut router = Router::new()
         .route("/healthz", get(healthz))
-        .merge(oauth::routes());
+        .merge(oauth::routes())
+        .merge(enrollments::pages());
     for e in admin_api() {
         let (gate_state, required) = (state.clone(), e.capability);
         let gate = axum::middleware::from_fn(move |req: Request, next: Next| {

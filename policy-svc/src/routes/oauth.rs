@@ -22,6 +22,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::secrets::random_id;
 use crate::store::{self, now_ms, oauth as db};
 use crate::{AppState, keys, secrets};
 
@@ -284,13 +285,6 @@ async fn register(
     ))
 }
 
-/// 256 random bits, base64url: client ids, session tokens, `jti`s.
-fn random_id() -> Result<String, getrandom::Error> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes)?;
-    Ok(core_oauth::base64url(&bytes))
-}
-
 fn sha256_hex(s: &str) -> String {
     hex::encode(Sha256::digest(s.as_bytes()))
 }
@@ -508,7 +502,7 @@ pub fn escape(s: &str) -> String {
     out
 }
 
-fn html(status: StatusCode, title: &str, body: String) -> Response {
+pub(super) fn html(status: StatusCode, title: &str, body: String) -> Response {
     let page = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t} · mcpguard</title>\
          <style>body{{font-family:sans-serif;max-width:32em;margin:3em auto}}label,input,button{{display:block;margin:.4em 0}}</style>\
@@ -550,7 +544,7 @@ fn hidden_authz_fields(p: &Params) -> String {
         .collect()
 }
 
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+pub(super) fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -561,7 +555,7 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
-fn secure_attr(issuer: &str) -> &'static str {
+pub(super) fn secure_attr(issuer: &str) -> &'static str {
     if issuer.starts_with("https://") {
         "; Secure"
     } else {
@@ -569,7 +563,7 @@ fn secure_attr(issuer: &str) -> &'static str {
     }
 }
 
-fn ct_eq(a: &str, b: &str) -> bool {
+pub(super) fn ct_eq(a: &str, b: &str) -> bool {
     a.as_bytes().ct_eq(b.as_bytes()).into()
 }
 
@@ -622,17 +616,19 @@ async fn consent_page(
     session: &str,
     user: (i64, String),
 ) -> Response {
-    let missing = match db::missing_identities(&state.db, authz.gateway_id, user.0).await {
-        Ok(m) => m,
-        Err(e) => return OauthError::from(e).into_response(),
-    };
+    let missing =
+        match store::identities::missing_on_gateway(&state.db, authz.gateway_id, user.0).await {
+            Ok(m) => m,
+            Err(e) => return OauthError::from(e).into_response(),
+        };
     let identities: String = missing
         .iter()
-        .map(|(id, name, slug)| {
+        .map(|m| {
             format!(
-                "<label>Your token for <strong>{}</strong> ({}), optional <input name=\"identity_{id}\" type=\"password\" autocomplete=\"off\"></label>",
-                escape(name),
-                escape(slug)
+                "<label>Your token for <strong>{}</strong> ({}), optional <input name=\"identity_{}\" type=\"password\" autocomplete=\"off\"></label>",
+                escape(&m.name),
+                escape(&m.slug),
+                m.server_id
             )
         })
         .collect();
@@ -725,6 +721,24 @@ fn verify_password(password: &str, hash: &str) -> bool {
         .is_ok()
 }
 
+/// The user a name and password sign in, if they match an enabled user with a
+/// password. Takes as long for an unknown name as for a wrong password.
+pub(super) async fn sign_in(
+    state: &AppState,
+    username: &str,
+    password: &str,
+) -> Result<Option<i64>, store::StoreError> {
+    let (user_id, hash, enabled) = match db::password_of(&state.db, username).await? {
+        Some((id, Some(hash), enabled)) => (Some(id), hash, enabled.0),
+        _ => (None, dummy_hash().to_owned(), false),
+    };
+    let password = password.to_owned();
+    let verified = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+        .await
+        .unwrap_or(false);
+    Ok(user_id.filter(|_| verified && enabled))
+}
+
 async fn login(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -761,19 +775,11 @@ async fn login(
             Some("Enter your user name and password."),
         );
     };
-    let user = match db::password_of(&state.db, username).await {
+    let user_id = match sign_in(&state, username, password).await {
         Ok(u) => u,
         Err(e) => return OauthError::from(e).into_response(),
     };
-    let (user_id, hash, enabled) = match user {
-        Some((id, Some(hash), enabled)) => (Some(id), hash, enabled.0),
-        _ => (None, dummy_hash().to_owned(), false),
-    };
-    let password = password.to_owned();
-    let verified = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
-        .await
-        .unwrap_or(false);
-    let Some(user_id) = user_id.filter(|_| verified && enabled) else {
+    let Some(user_id) = user_id else {
         tracing::info!(client_id = %authz.client.client_id, "oauth sign-in refused");
         return login_page(&issuer, &p, &authz, Some("Wrong user name or password."));
     };
@@ -876,11 +882,14 @@ async fn grant_code(
 ) -> Result<String, Response> {
     let fail = |e: store::StoreError| OauthError::from(e).into_response();
     // Validate every identity field before storing any, so a bad one changes nothing.
-    let missing = db::missing_identities(&state.db, authz.gateway_id, user_id)
+    let missing = store::identities::missing_on_gateway(&state.db, authz.gateway_id, user_id)
         .await
         .map_err(fail)?;
     let mut brought = Vec::new();
-    for (server_id, name, _) in &missing {
+    for store::identities::Missing {
+        server_id, name, ..
+    } in &missing
+    {
         let Ok(Some(value)) = p.get(&format!("identity_{server_id}")) else {
             continue;
         };
@@ -897,26 +906,12 @@ async fn grant_code(
                 ),
             ));
         };
-        brought.push((*server_id, header_name, header_value));
+        brought.push((*server_id, (header_name, header_value)));
     }
-    for (server_id, header_name, value) in brought {
-        let sealed = state
-            .secrets
-            .seal(&value, &secrets::identity_binding(user_id, server_id))
-            .map_err(|e| OauthError::server_error(e).into_response())?;
-        let identity = store::identities::put(&state.db, user_id, server_id, &header_name, &sealed)
+    for (server_id, header) in brought {
+        super::users::save_identity(state, user_id, user_id, server_id, header)
             .await
-            .map_err(fail)?;
-        let _ = state
-            .audit
-            .admin(
-                user_id,
-                "identity.set",
-                format!("identities/{}", identity.id),
-                None,
-                super::state_of(&identity),
-            )
-            .await;
+            .map_err(IntoResponse::into_response)?;
     }
     let first = authz.client.host_id.is_none();
     let host_id = db::host_for_client(&state.db, &authz.client)

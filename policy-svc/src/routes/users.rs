@@ -282,6 +282,21 @@ async fn put_identity(
     if !catalog::server_exists(&state.db, server_id).await? {
         return Err(ApiError::NotFound("server"));
     }
+    let identity =
+        save_identity(&state, admin.user_id, user_id, server_id, (header, value)).await?;
+    Ok(Json(identity))
+}
+
+/// Seals and saves a user's credential (a checked header and value) for a server, and
+/// audits it as done by `actor`. Metadata only: the credential itself is never logged,
+/// audited or returned.
+pub(super) async fn save_identity(
+    state: &AppState,
+    actor: i64,
+    user_id: i64,
+    server_id: i64,
+    (header, value): (String, String),
+) -> Result<identities::Identity, ApiError> {
     let sealed = state
         .secrets
         .seal(&value, &secrets::identity_binding(user_id, server_id))
@@ -290,17 +305,17 @@ async fn put_identity(
             ApiError::Unavailable
         })?;
     let identity = identities::put(&state.db, user_id, server_id, &header, &sealed).await?;
-    // Metadata only: the credential itself is never logged, audited or returned.
-    audit_admin(
-        &state,
-        &admin,
-        "identity.set",
-        format!("identities/{}", identity.id),
-        None,
-        state_of(&identity),
-    )
-    .await?;
-    Ok(Json(identity))
+    state
+        .audit
+        .admin(
+            actor,
+            "identity.set",
+            format!("identities/{}", identity.id),
+            None,
+            state_of(&identity),
+        )
+        .await?;
+    Ok(identity)
 }
 
 async fn list_identities(

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod audit;
 pub mod catalog;
 pub mod check;
+pub mod enrollments;
 pub mod hosts;
 pub mod identities;
 pub mod oauth;

@@ -475,25 +475,6 @@ pub async fn grant_client(db: &Db, grant_id: i64) -> Result<Option<String>> {
     .await?)
 }
 
-/// Per-user servers exposed by a gateway for which the user has no identity yet: the
-/// consent page asks for one each. (id, name, slug).
-pub async fn missing_identities(
-    db: &Db,
-    gateway_id: i64,
-    user_id: i64,
-) -> Result<Vec<(i64, String, String)>> {
-    Ok(sqlx::query_as(
-        "SELECT s.id, s.name, s.slug FROM exposures e JOIN servers s ON s.id = e.server_id
-         WHERE e.gateway_id = $1 AND e.identity = 'per_user'
-           AND NOT EXISTS (SELECT 1 FROM identities i WHERE i.user_id = $2 AND i.server_id = s.id)
-         ORDER BY s.id",
-    )
-    .bind(gateway_id)
-    .bind(user_id)
-    .fetch_all(db)
-    .await?)
-}
-
 /// A resource's gateway, if the gateway exists and exposes the server: (gateway id,
 /// gateway name).
 pub async fn resource_target(
