@@ -761,6 +761,24 @@ async fn login(
             Some("Enter your user name and password."),
         );
     };
+    // Names longer than any user's are not tracked (they cannot sign in anyway).
+    let tracked = username.chars().count() <= 200;
+    let now = now_ms();
+    match db::login_locked_until(&state.db, username).await {
+        Ok(Some(until)) if until > now => {
+            tracing::warn!(client_id = %authz.client.client_id, "oauth sign-in refused: locked after failed attempts");
+            let mut page = login_page(
+                &issuer,
+                &p,
+                &authz,
+                Some("Too many failed sign-ins under this name; try again in a few minutes."),
+            );
+            *page.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            return page;
+        }
+        Ok(_) => {}
+        Err(e) => return OauthError::from(e).into_response(),
+    }
     let user = match db::password_of(&state.db, username).await {
         Ok(u) => u,
         Err(e) => return OauthError::from(e).into_response(),
@@ -775,8 +793,14 @@ async fn login(
         .unwrap_or(false);
     let Some(user_id) = user_id.filter(|_| verified && enabled) else {
         tracing::info!(client_id = %authz.client.client_id, "oauth sign-in refused");
+        if tracked && let Err(e) = db::record_login_failure(&state.db, username, now).await {
+            return OauthError::from(e).into_response();
+        }
         return login_page(&issuer, &p, &authz, Some("Wrong user name or password."));
     };
+    if let Err(e) = db::clear_login_failures(&state.db, username).await {
+        return OauthError::from(e).into_response();
+    }
     let Ok(session) = random_id() else {
         return OauthError::server_error("no randomness").into_response();
     };

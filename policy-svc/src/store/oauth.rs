@@ -267,6 +267,57 @@ pub async fn session_user(db: &Db, token_hash: &str) -> Result<Option<(i64, Stri
     .await?)
 }
 
+/// Until when sign-in under `name` is locked (unix ms), if it is.
+pub async fn login_locked_until(db: &Db, name: &str) -> Result<Option<i64>> {
+    Ok(
+        sqlx::query_scalar("SELECT locked_until FROM oauth_login_failures WHERE name = $1")
+            .bind(name)
+            .fetch_optional(db)
+            .await?,
+    )
+}
+
+/// Counts a failed sign-in under `name` and locks it as [`lockout_ms`] says.
+pub async fn record_login_failure(db: &Db, name: &str, now: i64) -> Result<()> {
+    let failures: i64 = sqlx::query_scalar(
+        "INSERT INTO oauth_login_failures (name, failures, locked_until) VALUES ($1, 1, 0)
+         ON CONFLICT (name) DO UPDATE SET failures = oauth_login_failures.failures + 1
+         RETURNING failures",
+    )
+    .bind(name)
+    .fetch_one(db)
+    .await?;
+    let lock = lockout_ms(failures);
+    if lock > 0 {
+        sqlx::query("UPDATE oauth_login_failures SET locked_until = $1 WHERE name = $2")
+            .bind(now + lock)
+            .bind(name)
+            .execute(db)
+            .await?;
+    }
+    Ok(())
+}
+
+pub async fn clear_login_failures(db: &Db, name: &str) -> Result<()> {
+    sqlx::query("DELETE FROM oauth_login_failures WHERE name = $1")
+        .bind(name)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// How long sign-in waits after `failures` failed attempts in a row: nothing for the
+/// first four (typos), then a minute, doubling up to 15 minutes. Online guessing stays
+/// slow even though argon2 alone would allow several guesses a second.
+pub fn lockout_ms(failures: i64) -> i64 {
+    const FREE: i64 = 4;
+    if failures <= FREE {
+        return 0;
+    }
+    let doublings = u32::try_from((failures - FREE - 1).min(10)).unwrap_or(10);
+    (60_000i64 << doublings).min(15 * 60_000)
+}
+
 // ---- codes, grants, refresh tokens ----
 
 pub struct NewCode<'a> {
@@ -513,8 +564,9 @@ pub async fn resource_target(
     .await?)
 }
 
-/// Deletes what can no longer be used: expired sessions and refresh tokens, and codes a
-/// day past their expiry (kept that long so a late replay still revokes its grant).
+/// Deletes what can no longer be used: expired sessions and refresh tokens, codes a
+/// day past their expiry (kept that long so a late replay still revokes its grant), and
+/// failed sign-in counts not under a lock.
 /// Grants stay, for the record. Returns the number of rows deleted.
 pub async fn purge_expired(db: &Db, now: i64) -> Result<u64> {
     let mut deleted = 0;
@@ -527,6 +579,11 @@ pub async fn purge_expired(db: &Db, now: i64) -> Result<u64> {
         (
             "DELETE FROM oauth_codes WHERE expires_at < $1",
             now - 86_400_000,
+        ),
+        // Counts of failed sign-ins fade: an hour without a lock starts the count over.
+        (
+            "DELETE FROM oauth_login_failures WHERE locked_until < $1",
+            now,
         ),
     ] {
         deleted += sqlx::query(sql)
@@ -589,6 +646,35 @@ mod tests {
             states(&published_keys(&db, -1).await.unwrap()),
             [("k2", "active"), ("k3", "next")]
         );
+    }
+
+    #[test]
+    fn sign_in_lockout_grows_and_is_bounded() {
+        let waits: Vec<i64> = (1..=10).map(lockout_ms).collect();
+        assert_eq!(
+            waits,
+            [
+                0, 0, 0, 0, 60_000, 120_000, 240_000, 480_000, 900_000, 900_000
+            ]
+        );
+        assert_eq!(lockout_ms(1_000_000), 900_000);
+    }
+
+    #[tokio::test]
+    async fn failed_sign_ins_lock_the_name_until_a_success_clears_it() {
+        let (db, _dir) = db().await;
+        for _ in 0..4 {
+            record_login_failure(&db, "alice", 1_000).await.unwrap();
+        }
+        assert_eq!(login_locked_until(&db, "alice").await.unwrap(), Some(0));
+        record_login_failure(&db, "alice", 1_000).await.unwrap();
+        assert_eq!(
+            login_locked_until(&db, "alice").await.unwrap(),
+            Some(61_000)
+        );
+        assert_eq!(login_locked_until(&db, "bob").await.unwrap(), None);
+        clear_login_failures(&db, "alice").await.unwrap();
+        assert_eq!(login_locked_until(&db, "alice").await.unwrap(), None);
     }
 
     #[tokio::test]
