@@ -19,14 +19,6 @@ CREATE TABLE oauth_signing_keys (
     retired_at BIGINT
 );
 
--- Failed sign-ins by user name, whether or not such a user exists (so a lockout tells
--- nothing): after five in a row, signing in under that name waits, longer each time.
-CREATE TABLE oauth_login_failures (
-    name TEXT PRIMARY KEY,
-    failures INTEGER NOT NULL,
-    locked_until BIGINT NOT NULL
-);
-
 -- Dynamically registered public clients (RFC 7591). host_id: the headed host created
 -- on the client's first successful authorization.
 CREATE TABLE oauth_clients (
