@@ -1,18 +1,17 @@
 //! `mcpguard-bench` (run by `make bench`): the same MCP workload through three Envoy
 //! setups that differ only in their auth filter, interleaved a b c a b c, then the
-//! policy service's check endpoint on its own. Loopback only, bounded duration; the
-//! report goes to stdout and `target/bench/report.md`, raw runs to `results.json`.
+//! policy service's check endpoint on its own, on SQLite and on PostgreSQL, interleaved
+//! sqlite postgres sqlite postgres. Loopback only, bounded duration; the report goes to
+//! stdout and `target/bench/report.md`, raw runs to `results.json`.
 //!
-//!   mcpguard-bench [--duration S] [--rounds N] [--concurrency 1,8,32]
-//!                  [--check-duration S] [--check-rounds N] [--check-concurrency 1,8,32]
-//!                  [--only envoy|check] [--setups a,b,c] [--hold]
-//!
-//! `--hold` starts everything, prints the ports and waits (for profiling by hand).
-//! Needs release builds of the policy service and the demo MCP server (`target/release`,
-//! or `$MCPGUARD_BIN_DIR`), the filter's `.wasm`, Envoy (`$MCPGUARD_ENVOY`, else
-//! `.venv/bin/envoy`) and `wrk`.
+//! See [`USAGE`] for the options. `--hold` starts everything, prints the ports and
+//! waits (for profiling by hand). Needs release builds of the policy service and the
+//! demo MCP server (`target/release`, or `$MCPGUARD_BIN_DIR`), the filter's `.wasm`,
+//! Envoy (`$MCPGUARD_ENVOY`, else `.venv/bin/envoy`), `wrk`, and PostgreSQL's server
+//! binaries unless `--no-postgres` (see `pg.rs`).
 
 mod envoy;
+mod pg;
 mod procs;
 mod report;
 mod seed;
@@ -27,16 +26,84 @@ use mcpguard_core::check::{CHECK_PATH, CheckRequest, Credential};
 
 use envoy::{Envoy, Setup};
 use procs::{Proc, Usage, http, http_ok};
+use seed::Backend;
 
-const USAGE: &str = "usage: mcpguard-bench [--duration S] [--rounds N] [--concurrency 1,8,32] \
-[--check-duration S] [--check-rounds N] [--check-concurrency 1,8,32] [--only envoy|check] \
-[--setups a,b,c] [--hold]";
+const USAGE: &str = "\
+usage: mcpguard-bench [options]
+  --duration S               seconds per measured Envoy run (5)
+  --rounds N                 rounds of a b c per concurrency (3)
+  --concurrency 1,8,32       wrk connections for the Envoy workload
+  --setups a,b,c             which Envoy setups: a bare, b native ext_authz, c mcpguard
+  --check-duration S         seconds per measured check-endpoint run (5)
+  --check-rounds N           rounds of sqlite postgres per concurrency (2)
+  --check-concurrency 1,8,32 wrk connections for the check endpoint
+  --only envoy|check         run one of the two benchmarks
+  --no-postgres              check endpoint on SQLite only: no throwaway PostgreSQL
+                             cluster (its server binaries are then not needed)
+  --hold                     start everything, print pids and ports, wait for Ctrl-C
+  -h, --help                 this text";
 
 /// Distinct MCP requests in the Envoy workload (each with its own token).
 const MCP_REQUESTS: usize = 2_000;
 /// Distinct check requests in the check-endpoint workload.
 const CHECK_REQUESTS: usize = 10_000;
 const WARMUP_SECONDS: u32 = 2;
+/// The throwaway cluster keeps PostgreSQL's defaults (shared_buffers 128MB, fsync and
+/// synchronous_commit on), except for a quieter log.
+const POSTGRES_SETTINGS: &[(&str, &str)] = &[("log_min_messages", "warning")];
+
+/// A policy service (release, default settings) on free loopback ports.
+struct PolicyService {
+    proc: Proc,
+    check_port: u16,
+}
+
+impl PolicyService {
+    /// On SQLite its store is `target/bench/data`; on PostgreSQL, `database_url`
+    /// (its data dir, `target/bench/data-postgres`, then holds only its keys).
+    fn start(
+        bin: &Path,
+        out_dir: &Path,
+        backend: Backend,
+        database_url: Option<&str>,
+    ) -> Result<PolicyService> {
+        let (public_port, check_port) = (procs::free_port()?, procs::free_port()?);
+        let (name, data_dir) = match backend {
+            Backend::Sqlite => ("policy", out_dir.join("data")),
+            Backend::Postgres => ("policy-postgres", out_dir.join("data-postgres")),
+        };
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "--public-listen",
+            &format!("127.0.0.1:{public_port}"),
+            "--check-listen",
+            &format!("127.0.0.1:{check_port}"),
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .env_remove("MCPGUARD_BOOTSTRAP_ADMIN_TOKEN")
+        .env_remove("DATABASE_URL");
+        if let Some(url) = database_url {
+            cmd.env("DATABASE_URL", url);
+        }
+        let mut proc = Proc::spawn(name, cmd, out_dir)?;
+        proc.wait_ready(&format!("policy service ({})", backend.name()), || {
+            http_ok(check_port, "/healthz") && http_ok(public_port, "/healthz")
+        })?;
+        Ok(PolicyService { proc, check_port })
+    }
+}
+
+/// What the report says of the PostgreSQL server, from `postgres --version`.
+fn postgres_description(version: &str) -> String {
+    let short = version
+        .strip_prefix("postgres (PostgreSQL) ")
+        .unwrap_or(version);
+    format!(
+        "PostgreSQL {short}, a throwaway cluster on loopback TCP with default settings \
+         (shared_buffers 128MB, fsync on); the policy service's default pool of 8 connections"
+    )
+}
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -49,6 +116,8 @@ struct Options {
     envoy: bool,
     check: bool,
     setups: Vec<Setup>,
+    /// Also run the check endpoint on PostgreSQL.
+    postgres: bool,
     hold: bool,
 }
 
@@ -58,7 +127,7 @@ fn parse_list(s: &str) -> Result<Vec<u32>> {
         .collect()
 }
 
-fn options() -> Result<Options> {
+fn options(args: impl IntoIterator<Item = String>) -> Result<Options> {
     let mut o = Options {
         duration: 5,
         rounds: 3,
@@ -69,9 +138,10 @@ fn options() -> Result<Options> {
         envoy: true,
         check: true,
         setups: Setup::ALL.to_vec(),
+        postgres: true,
         hold: false,
     };
-    let mut args = std::env::args().skip(1);
+    let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let mut value = || args.next().context(USAGE);
         match arg.as_str() {
@@ -93,6 +163,7 @@ fn options() -> Result<Options> {
                     .filter(|s| v.split(',').any(|x| x.trim() == s.letter()))
                     .collect();
             }
+            "--no-postgres" => o.postgres = false,
             "--hold" => o.hold = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -101,7 +172,10 @@ fn options() -> Result<Options> {
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
-    if o.duration == 0 || o.rounds == 0 || o.concurrency.contains(&0) {
+    if [o.duration, o.rounds, o.check_duration, o.check_rounds].contains(&0)
+        || o.concurrency.contains(&0)
+        || o.check_concurrency.contains(&0)
+    {
         bail!("durations, rounds and concurrencies must be positive\n{USAGE}");
     }
     Ok(o)
@@ -131,7 +205,8 @@ fn release_binary(root: &Path, name: &str) -> Result<PathBuf> {
 /// One measured wrk run and what the processes spent during it.
 #[derive(Debug, Clone)]
 pub struct Run {
-    /// `a`, `b`, `c`, or `check`.
+    /// `a`, `b`, `c`, or the check endpoint on a backend: `check-sqlite`,
+    /// `check-postgres`.
     pub target: &'static str,
     pub connections: u32,
     pub round: u32,
@@ -139,6 +214,8 @@ pub struct Run {
     pub envoy: Option<Usage>,
     pub policy: Option<Usage>,
     pub upstream: Option<Usage>,
+    /// CPU seconds of the PostgreSQL server (postmaster and backends), when it served.
+    pub database_cpu_s: Option<f64>,
     /// Share of all CPUs busy during the run (from /proc/stat), 0..1.
     pub machine_busy: f64,
 }
@@ -148,6 +225,8 @@ struct Measured {
     envoy: Option<u32>,
     policy: Option<u32>,
     upstream: Option<u32>,
+    /// The postmaster, whose process tree's CPU is counted.
+    database: Option<u32>,
     ticks: f64,
 }
 
@@ -182,9 +261,14 @@ fn measure(
             *slot = Some(procs::usage(pid, m.ticks)?);
         }
     }
+    let db_before = m.database.map(|pid| procs::tree_cpu(pid, m.ticks));
     let (total0, idle0) = machine_cpu();
     let outcome = go()?;
     let (total1, idle1) = machine_cpu();
+    let database_cpu_s = m
+        .database
+        .zip(db_before)
+        .map(|(pid, before)| procs::tree_cpu(pid, m.ticks) - before);
     let mut after = [None; 3];
     for ((slot, pid), b) in after.iter_mut().zip(pids).zip(before) {
         if let (Some(pid), Some(b)) = (pid, b) {
@@ -205,6 +289,7 @@ fn measure(
         envoy: after[0],
         policy: after[1],
         upstream: after[2],
+        database_cpu_s,
         machine_busy: 1.0 - idle / total,
     })
 }
@@ -363,7 +448,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> Result<()> {
-    let opts = options()?;
+    let opts = options(std::env::args().skip(1))?;
     let root = workspace_root();
     if !wrk::available() {
         bail!("wrk is missing: apt-get install -y wrk (make bench does this)");
@@ -391,44 +476,54 @@ fn run() -> Result<()> {
         std::net::TcpStream::connect(("127.0.0.1", demo_port)).is_ok()
     })?;
 
-    eprintln!("seeding the data set...");
-    let seeded = tokio::runtime::Builder::new_current_thread()
+    let data = seed::generate()?;
+    let upstream = format!("127.0.0.1:{demo_port}");
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?
-        .block_on(seed::seed(
-            &out_dir.join("data"),
-            &format!("127.0.0.1:{demo_port}"),
-        ))?;
-    eprintln!("{}", seed::describe(&seeded));
-    let (public_port, check_port) = (procs::free_port()?, procs::free_port()?);
-    let mut cmd = Command::new(&policy_bin);
-    cmd.args([
-        "--public-listen",
-        &format!("127.0.0.1:{public_port}"),
-        "--check-listen",
-        &format!("127.0.0.1:{check_port}"),
-        "--data-dir",
-    ])
-    .arg(out_dir.join("data"))
-    .env_remove("MCPGUARD_BOOTSTRAP_ADMIN_TOKEN");
-    let mut policy = Proc::spawn("policy", cmd, &out_dir)?;
-    policy.wait_ready("policy service", || {
-        http_ok(check_port, "/healthz") && http_ok(public_port, "/healthz")
-    })?;
+        .build()?;
+    eprintln!("seeding the data set (sqlite)...");
+    let sqlite_url = seed::sqlite_url(&out_dir.join("data"))?;
+    let mut seeded = vec![(
+        Backend::Sqlite,
+        runtime.block_on(seed::seed(&sqlite_url, &data, &upstream))?,
+    )];
+    let mut policy = PolicyService::start(&policy_bin, &out_dir, Backend::Sqlite, None)?;
+    let check_port = policy.check_port;
 
     let mcp_list = out_dir.join("mcp-requests.tsv");
-    let mcp = mcp_lines(&seeded.live);
+    let mcp = mcp_lines(&data.live);
     write_list(&mcp_list, &mcp)?;
     let check_list = out_dir.join("check-requests.tsv");
-    let checks = check_lines(&seeded.live)?;
+    let checks = check_lines(&data.live)?;
     write_list(&check_list, &checks)?;
     sanity_check_policy(check_port, &checks)?;
+
+    // The PostgreSQL side of the check benchmark, set up (and sanity-checked) before
+    // any measuring so a problem shows at once. It idles during the Envoy runs: the
+    // seed ends with VACUUM ANALYZE, so autovacuum has nothing left to do then.
+    // Declared in this order so the service stops before its cluster.
+    let mut postgres: Option<(pg::Postgres, PolicyService)> = None;
+    if opts.postgres && (opts.check || opts.hold) {
+        eprintln!("starting a throwaway PostgreSQL cluster...");
+        let cluster = pg::Postgres::start(POSTGRES_SETTINGS)?;
+        let url = cluster.create_database("mcpguard_bench")?;
+        eprintln!("seeding the data set (postgres)...");
+        let seconds = runtime
+            .block_on(seed::seed(&url, &data, &upstream))
+            .with_context(|| format!("PostgreSQL log:\n{}", cluster.log_tail()))?;
+        seeded.push((Backend::Postgres, seconds));
+        let service = PolicyService::start(&policy_bin, &out_dir, Backend::Postgres, Some(&url))?;
+        sanity_check_policy(service.check_port, &checks)?;
+        postgres = Some((cluster, service));
+    }
+    drop(runtime);
+    eprintln!("{}", seed::describe(&data, &seeded));
 
     let mut envoys = Vec::new();
     if opts.envoy || opts.hold {
         for setup in &opts.setups {
             let e = Envoy::start(&root, *setup, check_port, demo_port, &out_dir)?;
-            sanity_check_envoy(&e, &mcp, &seeded.revoked_example)?;
+            sanity_check_envoy(&e, &mcp, &data.revoked_example)?;
             eprintln!(
                 "{} on 127.0.0.1:{} (admin {}), pid {} ({})",
                 setup.label(),
@@ -442,15 +537,24 @@ fn run() -> Result<()> {
     }
     if opts.hold {
         eprintln!(
-            "holding: policy pid {} check port {check_port}, demo pid {} port {demo_port}; \
+            "holding: policy (sqlite) pid {} check port {check_port}, demo pid {} port {demo_port}; \
              workload lists in {}; Ctrl-C to stop",
-            policy.pid(),
+            policy.proc.pid(),
             demo.pid(),
             out_dir.display()
         );
+        if let Some((cluster, service)) = &postgres {
+            eprintln!(
+                "          policy (postgres) pid {} check port {}; PostgreSQL at {}",
+                service.proc.pid(),
+                service.check_port,
+                cluster.url("mcpguard_bench")
+            );
+        }
         loop {
             std::thread::sleep(std::time::Duration::from_secs(1));
-            if !policy.alive() || !demo.alive() {
+            let pg_alive = postgres.as_mut().is_none_or(|(_, p)| p.proc.alive());
+            if !policy.proc.alive() || !demo.alive() || !pg_alive {
                 bail!("a process exited");
             }
         }
@@ -458,7 +562,7 @@ fn run() -> Result<()> {
 
     // Refusals logged from here on count against the workload (the sanity checks above
     // were refused on purpose).
-    let log_offset = std::fs::metadata(&policy.log).map_or(0, |m| m.len() as usize);
+    let log_offset = std::fs::metadata(&policy.proc.log).map_or(0, |m| m.len() as usize);
     let mut runs: Vec<Run> = Vec::new();
     let answers = |e: &Envoy| {
         ["2xx", "4xx", "5xx"].map(|class| {
@@ -475,8 +579,9 @@ fn run() -> Result<()> {
                 for e in &envoys {
                     let m = Measured {
                         envoy: Some(e.proc.pid()),
-                        policy: Some(policy.pid()),
+                        policy: Some(policy.proc.pid()),
                         upstream: Some(demo.pid()),
+                        database: None,
                         ticks,
                     };
                     let run = measure(&m, e.setup.letter(), c, round, || {
@@ -507,33 +612,67 @@ fn run() -> Result<()> {
     drop(envoys);
 
     if opts.check {
-        wrk::run(&script, &check_list, check_port, 8, WARMUP_SECONDS)?;
+        // Interleaved per concurrency: sqlite postgres sqlite postgres.
+        let mut targets: Vec<(&'static str, &mut PolicyService, Option<u32>)> =
+            vec![(Backend::Sqlite.check_target(), &mut policy, None)];
+        if let Some((cluster, service)) = postgres.as_mut() {
+            let pid = cluster.postmaster_pid();
+            targets.push((Backend::Postgres.check_target(), service, pid));
+        }
+        for (_, service, _) in &targets {
+            wrk::run(&script, &check_list, service.check_port, 8, WARMUP_SECONDS)?;
+        }
         for &c in &opts.check_concurrency {
             for round in 1..=opts.check_rounds {
-                let m = Measured {
-                    envoy: None,
-                    policy: Some(policy.pid()),
-                    upstream: None,
-                    ticks,
-                };
-                let run = measure(&m, "check", c, round, || {
-                    wrk::run(&script, &check_list, check_port, c, opts.check_duration)
-                })?;
-                eprintln!("{}", report::progress(&run));
-                runs.push(run);
+                for (target, service, database) in &targets {
+                    let m = Measured {
+                        envoy: None,
+                        policy: Some(service.proc.pid()),
+                        upstream: None,
+                        database: *database,
+                        ticks,
+                    };
+                    let run = measure(&m, target, c, round, || {
+                        wrk::run(
+                            &script,
+                            &check_list,
+                            service.check_port,
+                            c,
+                            opts.check_duration,
+                        )
+                    })?;
+                    eprintln!("{}", report::progress(&run));
+                    runs.push(run);
+                }
             }
         }
     }
-    if !policy.alive() {
-        bail!("the policy service died:\n{}", policy.log_tail());
+    if !policy.proc.alive() {
+        bail!("the policy service died:\n{}", policy.proc.log_tail());
     }
-    let denied = std::fs::read_to_string(&policy.log)
-        .unwrap_or_default()
-        .get(log_offset..)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("deny"))
-        .count();
+    if let Some((cluster, service)) = postgres.as_mut()
+        && !service.proc.alive()
+    {
+        bail!(
+            "the policy service on PostgreSQL died:\n{}\nPostgreSQL log:\n{}",
+            service.proc.log_tail(),
+            cluster.log_tail()
+        );
+    }
+    let denied_in = |log: &Path, offset: usize| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .get(offset..)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("deny"))
+            .count()
+    };
+    // The PostgreSQL service saw only allowed sanity checks before measuring.
+    let denied = denied_in(&policy.proc.log, log_offset)
+        + postgres
+            .as_ref()
+            .map_or(0, |(_, service)| denied_in(&service.proc.log, 0));
 
     let env = report::Environment {
         date: command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
@@ -549,7 +688,11 @@ fn run() -> Result<()> {
         ),
         envoy: command_line(&envoy_bin.display().to_string(), &["--version"]),
         wrk: wrk::version(),
-        data_set: seed::describe(&seeded),
+        data_set: seed::describe(&data, &seeded),
+        postgres: postgres
+            .as_ref()
+            .map(|(cluster, _)| postgres_description(&cluster.version()))
+            .unwrap_or_default(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
         duration: opts.duration,
         rounds: opts.rounds,
@@ -573,4 +716,32 @@ fn run() -> Result<()> {
         out_dir.join("report.md").display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Options> {
+        options(args.iter().map(|a| a.to_string()))
+    }
+
+    #[test]
+    fn postgres_runs_unless_told_not_to() {
+        assert!(parse(&[]).unwrap().postgres);
+        let o = parse(&["--no-postgres", "--check-concurrency", "4,16"]).unwrap();
+        assert!(!o.postgres);
+        assert_eq!(o.check_concurrency, [4, 16]);
+        assert!(o.envoy && o.check);
+        assert!(USAGE.contains("--no-postgres"));
+    }
+
+    #[test]
+    fn zero_durations_rounds_and_connections_are_refused() {
+        assert!(parse(&["--check-rounds", "0"]).is_err());
+        assert!(parse(&["--check-concurrency", "1,0"]).is_err());
+        assert!(parse(&["--duration", "0"]).is_err());
+        assert!(parse(&["--only", "both"]).is_err());
+        assert!(!parse(&["--only", "check"]).unwrap().envoy);
+    }
 }

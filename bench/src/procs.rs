@@ -105,23 +105,24 @@ pub fn clock_ticks_per_second() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// Parent pid and user + system CPU ticks from the text of `/proc/<pid>/stat`.
+fn parent_and_ticks(stat: &str) -> Option<(u32, f64)> {
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let (_, after) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // ppid is field 4 of the whole line (1 after `state`); utime and stime are fields
+    // 14 and 15 (11 and 12 after `state`).
+    let ppid = fields.get(1)?.parse().ok()?;
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((ppid, utime + stime))
+}
+
 pub fn usage(pid: u32, ticks: f64) -> Result<Usage> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .context("unexpected /proc/pid/stat format")?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after `state`.
-    let field = |i: usize| -> Result<f64> {
-        Ok(fields
-            .get(i)
-            .context("short /proc/pid/stat")?
-            .parse::<f64>()?)
-    };
-    let cpu_s = (field(11)? + field(12)?) / ticks;
+    let (_, cpu_ticks) = parent_and_ticks(&stat).context("unexpected /proc/pid/stat format")?;
+    let cpu_s = cpu_ticks / ticks;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let hwm_kib = status
         .lines()
@@ -132,6 +133,44 @@ pub fn usage(pid: u32, ticks: f64) -> Result<Usage> {
         cpu_s,
         peak_rss_mib: hwm_kib / 1024.0,
     })
+}
+
+/// CPU seconds (user + system) of `pid` and every live descendant: a PostgreSQL
+/// server's work is done in its backend processes. A descendant that exits between two
+/// readings takes its share with it; the pool's backends live as long as the pool.
+pub fn tree_cpu(pid: u32, ticks: f64) -> f64 {
+    let mut procs: Vec<(u32, u32, f64)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if let Some((ppid, t)) = parent_and_ticks(&stat) {
+            procs.push((p, ppid, t));
+        }
+    }
+    tree_ticks(pid, &procs) / ticks
+}
+
+/// The ticks of `root` and its descendants among `(pid, ppid, ticks)`.
+fn tree_ticks(root: u32, procs: &[(u32, u32, f64)]) -> f64 {
+    let mut members = vec![root];
+    let mut i = 0;
+    while let Some(&p) = members.get(i) {
+        members.extend(procs.iter().filter(|x| x.1 == p).map(|x| x.0));
+        i += 1;
+    }
+    procs
+        .iter()
+        .filter(|x| members.contains(&x.0))
+        .map(|x| x.2)
+        .sum()
 }
 
 /// Resets VmHWM to the current RSS (`echo 5 > /proc/<pid>/clear_refs`, Linux >= 4.0),
@@ -235,6 +274,16 @@ mod tests {
         let u = usage(pid, clock_ticks_per_second()).unwrap();
         assert!(u.cpu_s >= 0.0);
         assert!(u.peak_rss_mib > 0.0);
+    }
+
+    #[test]
+    fn a_process_tree_adds_up_its_descendants_only() {
+        let stat = "42 (postgres: bench (x) idle) S 7 42 42 0 -1 4194560 100 0 0 0 30 12 0 0";
+        assert_eq!(parent_and_ticks(stat), Some((7, 42.0)));
+        let procs = [(7, 1, 1.0), (8, 7, 2.0), (9, 8, 4.0), (10, 1, 8.0)];
+        assert_eq!(tree_ticks(7, &procs), 7.0);
+        assert_eq!(tree_ticks(9, &procs), 4.0);
+        assert!(tree_cpu(std::process::id(), clock_ticks_per_second()) >= 0.0);
     }
 
     #[test]

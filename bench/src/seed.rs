@@ -1,12 +1,14 @@
-//! The benchmark's data set, written straight into a fresh SQLite store (opened and
-//! migrated by the policy service's own `store::open`): 100 gateways, 1,000 servers,
-//! 10,000 token-based hosts, 100 users, 50,000 connections, 50,000 API tokens.
+//! The benchmark's data set, written straight into a fresh store (SQLite, or a fresh
+//! PostgreSQL database; opened and migrated by the policy service's own `store::open`):
+//! 100 gateways, 1,000 servers, 10,000 token-based hosts, 100 users, 50,000
+//! connections, 50,000 API tokens.
 //!
 //! Rows are inserted with literal values built here (numbers, slugs, hex hashes; nothing
 //! from outside), 500 per statement, in one transaction: seconds instead of the minutes
-//! 160,000 admin API calls would take. The shape follows the schema in
-//! `policy-svc/migrations/sqlite`; the sanity checks in `main` prove the policy service
-//! reads it as it reads its own rows.
+//! 160,000 admin API calls would take. The shape follows the schemas in
+//! `policy-svc/migrations/{sqlite,postgres}`; the only difference the rows see is how a
+//! boolean is written ([`Backend::boolean`]). The sanity checks in `main` prove the
+//! policy service reads the rows as it reads its own.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -15,6 +17,62 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use mcpguard_core::token::{TokenHash, TokenKind, format_token};
 use mcpguard_policy::store;
+
+/// The database a store lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn of_url(url: &str) -> Backend {
+        if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+
+    /// The name of its runs of the check endpoint in the report and `results.json`.
+    pub fn check_target(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "check-sqlite",
+            Backend::Postgres => "check-postgres",
+        }
+    }
+
+    /// A boolean literal for an `enabled` column: INTEGER 0/1 in the SQLite schema,
+    /// BOOLEAN in the PostgreSQL one (which refuses an integer there).
+    pub fn boolean(self, value: bool) -> &'static str {
+        match (self, value) {
+            (Backend::Sqlite, true) => "1",
+            (Backend::Sqlite, false) => "0",
+            (Backend::Postgres, true) => "TRUE",
+            (Backend::Postgres, false) => "FALSE",
+        }
+    }
+}
+
+/// Tables whose ids the seed sets explicitly. On PostgreSQL their identity sequences
+/// are moved past the seeded ids afterwards, so rows the service adds later (none in
+/// the benchmark; an admin call made by hand with `--hold`) do not collide.
+const SEEDED_TABLES: [&str; 7] = [
+    "roles",
+    "users",
+    "gateways",
+    "servers",
+    "hosts",
+    "connections",
+    "api_tokens",
+];
 
 pub const GATEWAYS: usize = 100;
 pub const SERVERS: usize = 1_000;
@@ -37,8 +95,10 @@ pub struct Credential {
     pub server: String,
 }
 
-pub struct Seeded {
-    pub seconds: f64,
+/// The data set's tokens, generated once and seeded into each store.
+pub struct DataSet {
+    secrets: Vec<String>,
+    hashes: Vec<String>,
     /// Every live token, in id order.
     pub live: Vec<Credential>,
     pub revoked: usize,
@@ -103,24 +163,62 @@ async fn insert(
     Ok(())
 }
 
-/// Creates the store in `data_dir` (as the policy service would) and fills it. Every
-/// server's upstream is the demo MCP server at `upstream_authority`.
-pub async fn seed(data_dir: &Path, upstream_authority: &str) -> Result<Seeded> {
-    let start = Instant::now();
-    std::fs::create_dir_all(data_dir)?;
-    let url = format!(
-        "sqlite://{}?mode=rwc",
-        data_dir.join("mcpguard.db").display()
-    );
-    let db = store::open(&url, 1)
-        .await
-        .context("opening the store to seed")?;
-    let now = store::now_ms();
+/// Generates the tokens (deterministic: the same on every run and for every backend).
+pub fn generate() -> Result<DataSet> {
     let mut secrets = Vec::with_capacity(TOKENS);
     for t in 0..TOKENS {
         secrets.push(token_secret(t)?);
     }
     let hashes: Vec<String> = secrets.iter().map(|s| TokenHash::of(s).to_hex()).collect();
+    let mut live = Vec::with_capacity(TOKENS);
+    let mut revoked = Vec::new();
+    for (t, (token, hash)) in secrets.iter().zip(&hashes).enumerate() {
+        let g = token_gateway(t);
+        // Spread requests over every server the gateway exposes.
+        let k = (t / GATEWAYS) % EXPOSED_PER_GATEWAY;
+        let credential = Credential {
+            token: token.clone(),
+            hash: hash.clone(),
+            gateway: gateway_slug(g),
+            server: server_slug(exposed_server(g, k)),
+        };
+        if t % REVOKED_EVERY == 0 {
+            revoked.push(credential);
+        } else {
+            live.push(credential);
+        }
+    }
+    let revoked_example = revoked.first().cloned().context("no revoked token")?;
+    Ok(DataSet {
+        secrets,
+        hashes,
+        live,
+        revoked: revoked.len(),
+        revoked_example,
+    })
+}
+
+/// The SQLite store's URL in `data_dir`, as the policy service would open it.
+pub fn sqlite_url(data_dir: &Path) -> Result<String> {
+    std::fs::create_dir_all(data_dir)?;
+    Ok(format!(
+        "sqlite://{}?mode=rwc",
+        data_dir.join("mcpguard.db").display()
+    ))
+}
+
+/// Creates the store at `url` (SQLite or an empty PostgreSQL database, migrated as the
+/// policy service would) and fills it with `data`. Every server's upstream is the demo
+/// MCP server at `upstream_authority`. Returns the seconds it took.
+pub async fn seed(url: &str, data: &DataSet, upstream_authority: &str) -> Result<f64> {
+    let start = Instant::now();
+    let backend = Backend::of_url(url);
+    let on = backend.boolean(true);
+    let db = store::open(url, 1)
+        .await
+        .with_context(|| format!("opening the {} store to seed", backend.name()))?;
+    let now = store::now_ms();
+    let (secrets, hashes) = (&data.secrets, &data.hashes);
 
     let mut tx = db.begin().await?;
     let conn: &mut sqlx::AnyConnection = &mut tx;
@@ -133,7 +231,7 @@ pub async fn seed(data_dir: &Path, upstream_authority: &str) -> Result<Seeded> {
     insert(
         conn,
         "INSERT INTO users (id, name, role_id, enabled, created_at)",
-        (0..USERS).map(|u| format!("({}, 'user-{u}', 1, 1, {now})", u + 1)),
+        (0..USERS).map(|u| format!("({}, 'user-{u}', 1, {on}, {now})", u + 1)),
     )
     .await?;
     insert(
@@ -141,7 +239,7 @@ pub async fn seed(data_dir: &Path, upstream_authority: &str) -> Result<Seeded> {
         "INSERT INTO gateways (id, name, slug, enabled, created_at)",
         (0..GATEWAYS).map(|g| {
             format!(
-                "({}, 'Gateway {g}', '{}', 1, {now})",
+                "({}, 'Gateway {g}', '{}', {on}, {now})",
                 g + 1,
                 gateway_slug(g)
             )
@@ -153,7 +251,7 @@ pub async fn seed(data_dir: &Path, upstream_authority: &str) -> Result<Seeded> {
         "INSERT INTO servers (id, name, slug, upstream_scheme, upstream_authority, upstream_path, enabled, created_at)",
         (0..SERVERS).map(|s| {
             format!(
-                "({}, 'Server {s}', '{}', 'http', '{upstream_authority}', '/mcp', 1, {now})",
+                "({}, 'Server {s}', '{}', 'http', '{upstream_authority}', '/mcp', {on}, {now})",
                 s + 1,
                 server_slug(s)
             )
@@ -172,7 +270,7 @@ pub async fn seed(data_dir: &Path, upstream_authority: &str) -> Result<Seeded> {
     insert(
         conn,
         "INSERT INTO hosts (id, name, kind, enabled, created_at)",
-        (0..HOSTS).map(|h| format!("({}, 'Agent {h}', 'token', 1, {now})", h + 1)),
+        (0..HOSTS).map(|h| format!("({}, 'Agent {h}', 'token', {on}, {now})", h + 1)),
     )
     .await?;
     insert(
@@ -181,7 +279,7 @@ pub async fn seed(data_dir: &Path, upstream_authority: &str) -> Result<Seeded> {
         (0..TOKENS).map(|t| {
             let host = t / CONNECTIONS_PER_HOST;
             format!(
-                "({}, {}, {}, {}, 1, {now})",
+                "({}, {}, {}, {}, {on}, {now})",
                 t + 1,
                 host + 1,
                 token_gateway(t) + 1,
@@ -208,34 +306,25 @@ pub async fn seed(data_dir: &Path, upstream_authority: &str) -> Result<Seeded> {
         }),
     )
     .await?;
-    tx.commit().await?;
-    db.close().await;
-
-    let mut live = Vec::with_capacity(TOKENS);
-    let mut revoked = Vec::new();
-    for (t, (token, hash)) in secrets.into_iter().zip(hashes).enumerate() {
-        let g = token_gateway(t);
-        // Spread requests over every server the gateway exposes.
-        let k = (t / GATEWAYS) % EXPOSED_PER_GATEWAY;
-        let credential = Credential {
-            token,
-            hash,
-            gateway: gateway_slug(g),
-            server: server_slug(exposed_server(g, k)),
-        };
-        if t % REVOKED_EVERY == 0 {
-            revoked.push(credential);
-        } else {
-            live.push(credential);
+    if backend == Backend::Postgres {
+        for table in SEEDED_TABLES {
+            let sql = format!(
+                "SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))"
+            );
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut *conn)
+                .await
+                .with_context(|| format!("seeding: the id sequence of {table}"))?;
         }
     }
-    let revoked_example = revoked.first().cloned().context("no revoked token")?;
-    Ok(Seeded {
-        seconds: start.elapsed().as_secs_f64(),
-        live,
-        revoked: revoked.len(),
-        revoked_example,
-    })
+    tx.commit().await?;
+    if backend == Backend::Postgres {
+        // Statistics and visibility map as autovacuum would leave them on a settled
+        // store, done now so that autovacuum does not wake up during the measured runs.
+        sqlx::raw_sql("VACUUM ANALYZE").execute(&db).await?;
+    }
+    db.close().await;
+    Ok(start.elapsed().as_secs_f64())
 }
 
 /// `count` credentials taken at an even stride across all of `live`, so a workload
@@ -248,16 +337,21 @@ pub fn spread(live: &[Credential], count: usize) -> Vec<&Credential> {
         .collect()
 }
 
-/// A short description of the data set for the report.
-pub fn describe(seeded: &Seeded) -> String {
+/// A short description of the data set for the report; `seeded` lists how long each
+/// store took to seed.
+pub fn describe(data: &DataSet, seeded: &[(Backend, f64)]) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
         "{GATEWAYS} gateways, {SERVERS} servers ({EXPOSED_PER_GATEWAY} exposed per gateway), \
          {HOSTS} token-based hosts, {USERS} users, {TOKENS} connections, {TOKENS} API tokens \
-         ({} revoked); seeded by SQL in {:.1} s",
-        seeded.revoked, seeded.seconds
+         ({} revoked); seeded by SQL in",
+        data.revoked
     );
+    for (i, (backend, seconds)) in seeded.iter().enumerate() {
+        let sep = if i == 0 { "" } else { "," };
+        let _ = write!(s, "{sep} {seconds:.1} s ({})", backend.name());
+    }
     s
 }
 
@@ -283,6 +377,35 @@ mod tests {
             let s = exposed_server(g, k);
             assert!((0..EXPOSED_PER_GATEWAY).any(|j| exposed_server(g, j) == s));
         }
+    }
+
+    #[test]
+    fn booleans_are_written_as_each_schema_wants_them() {
+        assert_eq!(
+            Backend::of_url("sqlite:///tmp/x.db?mode=rwc"),
+            Backend::Sqlite
+        );
+        assert_eq!(
+            Backend::of_url("postgres://u@127.0.0.1:5/db"),
+            Backend::Postgres
+        );
+        assert_eq!(Backend::of_url("postgresql://u@h/db"), Backend::Postgres);
+        assert_eq!(Backend::Sqlite.boolean(true), "1");
+        assert_eq!(Backend::Sqlite.boolean(false), "0");
+        assert_eq!(Backend::Postgres.boolean(true), "TRUE");
+        assert_eq!(Backend::Postgres.boolean(false), "FALSE");
+    }
+
+    #[test]
+    fn the_data_set_is_the_same_on_every_run() {
+        let a = generate().unwrap();
+        assert_eq!(a.live.len() + a.revoked, TOKENS);
+        assert_eq!(a.revoked, TOKENS / REVOKED_EVERY);
+        let b = generate().unwrap();
+        assert_eq!(a.live[1234].token, b.live[1234].token);
+        assert_eq!(a.revoked_example.hash, b.revoked_example.hash);
+        let described = describe(&a, &[(Backend::Sqlite, 1.34), (Backend::Postgres, 3.0)]);
+        assert!(described.ends_with("seeded by SQL in 1.3 s (sqlite), 3.0 s (postgres)"));
     }
 
     #[test]

@@ -4,6 +4,8 @@
 use std::io::Write;
 use std::net::SocketAddr;
 
+use axum::serve::ListenerExt;
+
 const USAGE: &str = "usage: mcpguard-demo-mcp [--listen 127.0.0.1:9100] [--stateless]";
 
 #[tokio::main]
@@ -35,6 +37,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("listening on {}", listener.local_addr()?);
     std::io::stdout().flush()?;
+    // Answers go out at once, not after the client's delayed ACK (Nagle).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, mcpguard_demo_mcp::router(stateless))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

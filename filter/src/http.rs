@@ -260,8 +260,6 @@ impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         // Whatever happens next, a client can never choose a forwarding route itself.
         self.set_http_request_header(ROUTE_HEADER, None);
-        self.path = self.get_http_request_header(":path").unwrap_or_default();
-        self.request_id = self.get_http_request_header("x-request-id");
         self.decide()
     }
 }
@@ -270,20 +268,28 @@ impl Request {
     /// Reads what the decision needs from Envoy and acts on it; `Pause` unless the
     /// request is not ours.
     fn decide(&mut self) -> Action {
+        // One host call for all headers rather than one per header: each call costs a
+        // round trip through Envoy's ABI layer, on every request.
+        let headers = self.get_http_request_headers();
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        self.path = header(":path").unwrap_or_default().to_owned();
+        self.request_id = header("x-request-id").map(str::to_owned);
         let Some(config) = self.config.clone() else {
             self.refuse(Refusal::new(DenyCode::PolicyUnavailable, None));
             return Action::Pause;
         };
-        let scheme = self.get_http_request_header(":scheme");
-        let authority = self.get_http_request_header(":authority");
-        let authorization = self.get_http_request_header("authorization");
         let mcp_method = self.mcp_metadata(&["method"]);
         let tool = self.mcp_metadata(&["params", "name"]);
         let incoming = Incoming {
             path: &self.path,
-            scheme: scheme.as_deref(),
-            authority: authority.as_deref(),
-            authorization: authorization.as_deref(),
+            scheme: header(":scheme"),
+            authority: header(":authority"),
+            authorization: header("authorization"),
             request_id: self.request_id.as_deref(),
             mcp_method: mcp_method.as_deref(),
             tool: tool.as_deref(),

@@ -25,11 +25,11 @@ pub struct Config {
 
     /// Directory for the SQLite database and the bootstrap admin token; created if
     /// missing (mode 0700).
-    #[arg(long, env = "MCPGUARD_DATA_DIR", default_value = "data")]
+    #[arg(long, env = "MCPGUARD_DATA_DIR", default_value = "data", global = true)]
     pub data_dir: PathBuf,
 
     /// Database URL. Default: `sqlite://<data dir>/mcpguard.db`.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", global = true)]
     pub database_url: Option<String>,
 
     /// Admin token for the owner created on first start with an empty database.
@@ -67,9 +67,13 @@ pub struct Config {
     /// 32-byte key (64 hex characters) that seals identities at rest. Default:
     /// `<data dir>/secrets.key`, created on first start (mode 0600). Back it up: without
     /// it, stored identities cannot be opened.
-    #[arg(long, env = "MCPGUARD_SECRETS_KEY_FILE")]
+    #[arg(long, env = "MCPGUARD_SECRETS_KEY_FILE", global = true)]
     pub secrets_key_file: Option<PathBuf>,
 
+    /// The key being retired during a rotation: values sealed under it still open, new
+    /// ones are sealed under `--secrets-key-file`. Drop it once `reseal` has run.
+    #[arg(long, env = "MCPGUARD_PREVIOUS_SECRETS_KEY_FILE", global = true)]
+    pub previous_secrets_key_file: Option<PathBuf>,
     /// This service's public URL: the OAuth issuer (the `iss` of access tokens and the
     /// base of the OAuth endpoints). Default: `http://<public listen address>`.
     #[arg(long, env = "MCPGUARD_ISSUER")]
@@ -102,6 +106,22 @@ pub struct Config {
     /// Log filter, in `tracing` EnvFilter syntax.
     #[arg(long, env = "MCPGUARD_LOG", default_value = "info")]
     pub log: String,
+
+    /// Without a command: serve.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Operator commands; they use the database and key flags above, then exit.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Write a new random secrets key (64 hex characters, mode 0600) to PATH; never
+    /// replaces an existing file. Step 1 of a key rotation (see the README).
+    NewSecretsKey { path: PathBuf },
+    /// Re-seal every stored identity and shared credential that opens only under
+    /// `--previous-secrets-key-file` under `--secrets-key-file`. Changes nothing if a
+    /// value opens under neither. Safe while replicas serve; safe to run twice.
+    Reseal,
 }
 
 impl Config {
@@ -121,6 +141,14 @@ impl Config {
         self.secrets_key_file
             .clone()
             .unwrap_or_else(|| self.data_dir.join("secrets.key"))
+    }
+
+    /// The secrets key (created on first start), and the previous one during a rotation.
+    pub fn secret_box(&self) -> anyhow::Result<crate::secrets::SecretBox> {
+        crate::secrets::SecretBox::load(
+            &self.secrets_key_file(),
+            self.previous_secrets_key_file.as_deref(),
+        )
     }
 
     pub fn oauth(&self) -> anyhow::Result<crate::routes::oauth::OauthConfig> {

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use mcpguard_core::oauth::{AccessClaims, JWT_ALG};
 
-use crate::secrets::SecretBox;
+use crate::secrets::{SecretBox, signing_key_binding};
 use crate::store::{self, Db, StoreError, oauth::NewKey};
 
 /// PKCS#8 v1 prefix of an Ed25519 private key (RFC 8410): the DER that jsonwebtoken
@@ -15,10 +15,6 @@ use crate::store::{self, Db, StoreError, oauth::NewKey};
 const ED25519_PKCS8_PREFIX: [u8; 16] = [
     0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
 ];
-
-fn binding(kid: &str) -> String {
-    format!("mcpguard signing key kid={kid}")
-}
 
 fn pkcs8(seed: &[u8; 32]) -> Vec<u8> {
     [ED25519_PKCS8_PREFIX.as_slice(), seed].concat()
@@ -48,7 +44,7 @@ pub fn generate(secrets: &SecretBox) -> Result<NewKey, StoreError> {
     let public_x = public_x(&der).map_err(|e| StoreError::Keys(e.to_string()))?;
     // The seed is sealed hex-encoded: SecretBox seals text.
     let sealed_private = secrets
-        .seal(&hex::encode(seed), &binding(&kid))
+        .seal(&hex::encode(seed), &signing_key_binding(&kid))
         .map_err(no_randomness)?;
     Ok(NewKey {
         kid,
@@ -102,7 +98,7 @@ impl Signer {
                 Some(key) => key,
                 None => {
                     let seed_hex = secrets
-                        .open(&sealed, &binding(&kid))
+                        .open(&sealed, &signing_key_binding(&kid))
                         .ok_or(SignError::Sealed)?;
                     let mut seed = [0u8; 32];
                     hex::decode_to_slice(seed_hex.trim(), &mut seed)
@@ -147,11 +143,11 @@ mod tests {
         let secrets = SecretBox::load_or_create(&dir.path().join("k")).unwrap();
         let key = generate(&secrets).unwrap();
         let seed_hex = secrets
-            .open(&key.sealed_private, &binding(&key.kid))
+            .open(&key.sealed_private, &signing_key_binding(&key.kid))
             .unwrap();
         assert!(
             secrets
-                .open(&key.sealed_private, &binding("other"))
+                .open(&key.sealed_private, &signing_key_binding("other"))
                 .is_none()
         );
         let mut seed = [0u8; 32];

@@ -1,5 +1,6 @@
 use clap::Parser;
 use mcpguard_policy::Config;
+use mcpguard_policy::config::Command;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -8,7 +9,25 @@ async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
-    match mcpguard_policy::run(config).await {
+    let done = match &config.command {
+        None => mcpguard_policy::run(config.clone()).await,
+        Some(Command::NewSecretsKey { path }) => mcpguard_policy::secrets::create_key_file(path)
+            .map(|()| {
+                println!("wrote a new secrets key to {}", path.display());
+            }),
+        Some(Command::Reseal) => mcpguard_policy::reseal(&config).await.map(|r| {
+            println!(
+                "re-sealed {} identities, {} shared credentials and {} signing keys under the \
+                 current key; {} already under it; {} replaced meanwhile",
+                r.identities,
+                r.shared_credentials,
+                r.signing_keys,
+                r.already_current,
+                r.changed_meanwhile
+            );
+        }),
+    };
+    match done {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -42,36 +42,73 @@ mod tests {
 /// Seals credentials at rest with XChaCha20-Poly1305 under the operator's key. Each
 /// sealed value is bound to what it belongs to (associated data), so a ciphertext
 /// copied onto another user's row does not open.
+///
+/// During a key rotation it also holds the previous key: values are sealed under the
+/// current key and open under either, so replicas keep serving while `reseal` moves
+/// every stored value to the current key.
 pub struct SecretBox {
-    cipher: chacha20poly1305::XChaCha20Poly1305,
+    current: chacha20poly1305::XChaCha20Poly1305,
+    previous: Option<chacha20poly1305::XChaCha20Poly1305>,
 }
 
 const NONCE: usize = 24;
+
+/// Which key opened a sealed value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opened {
+    Current(String),
+    Previous(String),
+}
+
+/// Writes a fresh random key to `path` (mode 0600); refuses to replace an existing file,
+/// which may be the only copy of a key that stored values need.
+pub fn create_key_file(path: &std::path::Path) -> anyhow::Result<()> {
+    if path.exists() {
+        anyhow::bail!("{} exists; not replacing a key", path.display());
+    }
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key)?;
+    crate::write_secret_file(path, &hex::encode(key))
+}
+
+fn read_key(path: &std::path::Path) -> anyhow::Result<chacha20poly1305::XChaCha20Poly1305> {
+    use anyhow::Context;
+    use chacha20poly1305::KeyInit;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the secrets key {}", path.display()))?;
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut key).map_err(|_| {
+        anyhow::anyhow!(
+            "{} must hold 64 hex characters (a 32-byte key)",
+            path.display()
+        )
+    })?;
+    Ok(chacha20poly1305::XChaCha20Poly1305::new(&key.into()))
+}
 
 impl SecretBox {
     /// The key is 32 bytes, hex-encoded (64 characters) in `path`. A missing file is
     /// created with a fresh key (mode 0600), so a first start needs no setup.
     pub fn load_or_create(path: &std::path::Path) -> anyhow::Result<Self> {
-        use anyhow::Context;
-        use chacha20poly1305::KeyInit;
         if !path.exists() {
-            let mut key = [0u8; 32];
-            getrandom::fill(&mut key)?;
-            crate::write_secret_file(path, &hex::encode(key))?;
+            create_key_file(path)?;
             tracing::info!(path = %path.display(), "created a new secrets key");
         }
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the secrets key {}", path.display()))?;
-        let mut key = [0u8; 32];
-        hex::decode_to_slice(text.trim(), &mut key).map_err(|_| {
-            anyhow::anyhow!(
-                "{} must hold 64 hex characters (a 32-byte key)",
-                path.display()
-            )
-        })?;
         Ok(SecretBox {
-            cipher: chacha20poly1305::XChaCha20Poly1305::new(&key.into()),
+            current: read_key(path)?,
+            previous: None,
         })
+    }
+
+    /// The current key as [`SecretBox::load_or_create`], and the key being retired,
+    /// which must exist.
+    pub fn load(
+        path: &std::path::Path,
+        previous: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        let mut sb = Self::load_or_create(path)?;
+        sb.previous = previous.map(read_key).transpose()?;
+        Ok(sb)
     }
 
     pub fn seal(&self, plain: &str, bound_to: &str) -> Result<Vec<u8>, getrandom::Error> {
@@ -79,7 +116,7 @@ impl SecretBox {
         let mut nonce = [0u8; NONCE];
         getrandom::fill(&mut nonce)?;
         let sealed = self
-            .cipher
+            .current
             .encrypt(
                 &nonce.into(),
                 Payload {
@@ -94,29 +131,46 @@ impl SecretBox {
     /// `None` when the value was sealed under another key, for something else, or has
     /// been tampered with.
     pub fn open(&self, sealed: &[u8], bound_to: &str) -> Option<String> {
+        match self.open_which(sealed, bound_to)? {
+            Opened::Current(v) | Opened::Previous(v) => Some(v),
+        }
+    }
+
+    /// Like [`SecretBox::open`], saying which key opened it.
+    pub fn open_which(&self, sealed: &[u8], bound_to: &str) -> Option<Opened> {
         use chacha20poly1305::aead::{Aead, Payload};
         if sealed.len() < NONCE {
             return None;
         }
         let (nonce, body) = sealed.split_at(NONCE);
         let nonce: [u8; NONCE] = nonce.try_into().ok()?;
-        let plain = self
-            .cipher
-            .decrypt(
-                &nonce.into(),
-                Payload {
-                    msg: body,
-                    aad: bound_to.as_bytes(),
-                },
-            )
-            .ok()?;
-        String::from_utf8(plain).ok()
+        let open = |cipher: &chacha20poly1305::XChaCha20Poly1305| {
+            let plain = cipher
+                .decrypt(
+                    &nonce.into(),
+                    Payload {
+                        msg: body,
+                        aad: bound_to.as_bytes(),
+                    },
+                )
+                .ok()?;
+            String::from_utf8(plain).ok()
+        };
+        if let Some(v) = open(&self.current) {
+            return Some(Opened::Current(v));
+        }
+        self.previous.as_ref().and_then(open).map(Opened::Previous)
     }
 }
 
 /// What an identity's sealed value is bound to.
 pub fn identity_binding(user_id: i64, server_id: i64) -> String {
     format!("mcpguard identity user={user_id} server={server_id}")
+}
+
+/// What an OAuth signing key's sealed private half is bound to.
+pub fn signing_key_binding(kid: &str) -> String {
+    format!("mcpguard signing key kid={kid}")
 }
 
 /// What an exposure's shared credential is bound to.
@@ -161,6 +215,41 @@ mod box_tests {
             std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
             0o600
         );
+    }
+
+    #[test]
+    fn during_a_rotation_values_seal_under_the_new_key_and_open_under_either() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old_key, new_key) = (dir.path().join("old"), dir.path().join("new"));
+        let bound = identity_binding(1, 2);
+        let old = SecretBox::load_or_create(&old_key).unwrap();
+        let sealed_old = old.seal("Bearer alice", &bound).unwrap();
+
+        create_key_file(&new_key).unwrap();
+        let before = std::fs::read(&new_key).unwrap();
+        assert!(
+            create_key_file(&new_key).is_err(),
+            "an existing key is never replaced"
+        );
+        assert_eq!(std::fs::read(&new_key).unwrap(), before);
+
+        let rotating = SecretBox::load(&new_key, Some(&old_key)).unwrap();
+        assert_eq!(
+            rotating.open_which(&sealed_old, &bound),
+            Some(Opened::Previous("Bearer alice".into()))
+        );
+        let sealed_new = rotating.seal("Bearer alice", &bound).unwrap();
+        assert_eq!(
+            rotating.open_which(&sealed_new, &bound),
+            Some(Opened::Current("Bearer alice".into()))
+        );
+        // After the rotation the old key is gone: only re-sealed values open.
+        let rotated = SecretBox::load(&new_key, None).unwrap();
+        assert_eq!(rotated.open(&sealed_old, &bound), None);
+        assert!(rotated.open(&sealed_new, &bound).is_some());
+        assert_eq!(old.open(&sealed_new, &bound), None);
+        // A previous key that does not exist is an error, not a fresh key.
+        assert!(SecretBox::load(&new_key, Some(&dir.path().join("missing"))).is_err());
     }
 }
 

@@ -6,14 +6,6 @@ use mcpguard_e2e::{Admin, Stack};
 use reqwest::Method;
 use serde_json::json;
 
-async fn user(owner: &Admin, name: &str, role: i64) -> i64 {
-    let (status, u) = owner
-        .post("/api/v1/users", json!({"name": name, "role_id": role}))
-        .await;
-    assert_eq!(status, 201, "{u}");
-    u["id"].as_i64().unwrap()
-}
-
 async fn set_identity(owner: &Admin, user: i64, server: i64, credential: serde_json::Value) -> i64 {
     let path = format!("/api/v1/users/{user}/identities/{server}");
     let (status, v) = owner
@@ -34,22 +26,11 @@ async fn each_users_token_reaches_the_downstream_as_that_user_and_only_that_user
     let p = owner
         .provision("eng", "demo", &stack.demo.upstream_url())
         .await;
-    let path = format!("/api/v1/gateways/{}/servers/{}", p.gateway_id, p.server_id);
-    let (status, _) = owner
-        .call(Method::PUT, &path, Some(json!({"identity": "per_user"})))
+    owner
+        .expose_as(p.gateway_id, p.server_id, json!({"identity": "per_user"}))
         .await;
-    assert_eq!(status, 200);
-    let (_, role) = owner
-        .post(
-            "/api/v1/roles",
-            json!({"name": "member", "capabilities": []}),
-        )
-        .await;
-    let role = role["id"].as_i64().unwrap();
-    let (alice, bob) = (
-        user(&owner, "alice", role).await,
-        user(&owner, "bob", role).await,
-    );
+    let users = owner.end_users(&["alice", "bob"]).await;
+    let (alice, bob) = (users[0], users[1]);
     let alice_identity = set_identity(
         &owner,
         alice,
@@ -66,20 +47,8 @@ async fn each_users_token_reaches_the_downstream_as_that_user_and_only_that_user
     .await;
 
     // One agent (host), one token per end user.
-    let token_for = |user: i64| {
-        let owner = owner.clone();
-        async move {
-            let (status, t) = owner
-                .post(
-                    &format!("/api/v1/hosts/{}/tokens", p.host_id),
-                    json!({"gateway_id": p.gateway_id, "user_id": user}),
-                )
-                .await;
-            assert_eq!(status, 201, "{t}");
-            t["token"].as_str().unwrap().to_owned()
-        }
-    };
-    let (alice_token, bob_token) = (token_for(alice).await, token_for(bob).await);
+    let alice_token = owner.user_token(p.host_id, p.gateway_id, alice).await;
+    let bob_token = owner.user_token(p.host_id, p.gateway_id, bob).await;
     let url = stack.envoy.mcp_url("eng", "demo");
     let a = mcp::connect(&url, Some(&alice_token))
         .await
@@ -112,6 +81,22 @@ async fn each_users_token_reaches_the_downstream_as_that_user_and_only_that_user
         (missing.status, missing.code().as_str()),
         (403, "identity_missing")
     );
+    // A new connection says which identities its user must still bring: the owner's
+    // lacks one for `demo`, Alice's lacks none.
+    let path = format!("/api/v1/hosts/{}/tokens", p.host_id);
+    for (user, expected) in [
+        (
+            1,
+            json!([{"server_id": p.server_id, "slug": "demo", "name": "Server demo"}]),
+        ),
+        (alice, json!([])),
+    ] {
+        let (status, issued) = owner
+            .post(&path, json!({"gateway_id": p.gateway_id, "user_id": user}))
+            .await;
+        assert_eq!(status, 201, "{issued}");
+        assert_eq!(issued["missing_identities"], expected, "user {user}");
+    }
 
     // Disabling Alice's identity cuts Alice only.
     owner.set_enabled("identities", alice_identity, false).await;
@@ -139,11 +124,8 @@ async fn each_users_token_reaches_the_downstream_as_that_user_and_only_that_user
     );
     assert_eq!(initialize_with(&url, Some(&alice_token)).await.status, 200);
 
-    // The credentials are nowhere in clear: database files, logs, audit trail.
-    let mut raw = Vec::new();
-    for entry in std::fs::read_dir(&stack.policy.data_dir).unwrap() {
-        raw.extend(std::fs::read(entry.unwrap().path()).unwrap());
-    }
+    // The credentials are nowhere in clear: database, logs, audit trail.
+    let raw = stack.policy.stored_bytes();
     let raw = String::from_utf8_lossy(&raw);
     let (_, audit) = owner.get("/api/v1/audit?limit=1000").await;
     let (_, listed) = owner
@@ -264,11 +246,156 @@ async fn a_shared_exposure_sends_its_service_credential_for_every_caller() {
         "none"
     );
 
-    let mut raw = Vec::new();
-    for entry in std::fs::read_dir(&stack.policy.data_dir).unwrap() {
-        raw.extend(std::fs::read(entry.unwrap().path()).unwrap());
-    }
+    let raw = stack.policy.stored_bytes();
     assert!(!String::from_utf8_lossy(&raw).contains("shared-service-secret"));
     let (_, audit) = owner.get("/api/v1/audit?kind=admin").await;
     assert!(!audit.to_string().contains("shared-service-secret"));
+}
+
+/// `whoami` through Envoy on a fresh MCP session: the `Authorization` the upstream got.
+async fn whoami(url: &str, token: &str) -> String {
+    let client = mcp::connect(url, Some(token)).await.expect("connects");
+    call_text(&client, "whoami", json!({})).await.unwrap()
+}
+
+#[tokio::test]
+async fn rotating_the_secrets_key_keeps_every_credential_and_retires_the_old_key() {
+    let mut stack = Stack::start().await;
+    let owner = stack.admin();
+    let p = owner
+        .provision("eng", "demo", &stack.demo.upstream_url())
+        .await;
+    // `demo` per-user with Alice's identity; `svc` shared, with a service credential.
+    owner
+        .expose_as(p.gateway_id, p.server_id, json!({"identity": "per_user"}))
+        .await;
+    let svc = owner.server("svc", &stack.demo.upstream_url()).await;
+    let shared = json!({"identity": "shared",
+        "credential": {"type": "bearer", "token": "service-downstream-secret"}});
+    owner.expose_as(p.gateway_id, svc, shared).await;
+    let users = owner.end_users(&["alice", "bob"]).await;
+    let (alice, bob) = (users[0], users[1]);
+    set_identity(
+        &owner,
+        alice,
+        p.server_id,
+        json!({"type": "bearer", "token": "alice-downstream-secret"}),
+    )
+    .await;
+    let alice_token = owner.user_token(p.host_id, p.gateway_id, alice).await;
+    let bob_token = owner.user_token(p.host_id, p.gateway_id, bob).await;
+    let (demo, svc) = (
+        stack.envoy.mcp_url("eng", "demo"),
+        stack.envoy.mcp_url("eng", "svc"),
+    );
+    let everything_injected = |bob_too: bool| {
+        let (demo, svc, alice_token, bob_token) = (&demo, &svc, &alice_token, &bob_token);
+        async move {
+            assert_eq!(
+                whoami(demo, alice_token).await,
+                "Bearer alice-downstream-secret"
+            );
+            assert_eq!(
+                whoami(svc, alice_token).await,
+                "Bearer service-downstream-secret"
+            );
+            if bob_too {
+                assert_eq!(
+                    whoami(demo, bob_token).await,
+                    "Bearer bob-downstream-secret"
+                );
+            }
+        }
+    };
+    everything_injected(false).await;
+
+    // 1. A new key, written once.
+    let old_key = stack.policy.data_dir.join("secrets.key");
+    let new_key = stack.dir.path().join("new.key");
+    let new_key_arg = new_key.display().to_string();
+    let out = stack
+        .policy
+        .command(&["new-secrets-key", &new_key_arg], &[]);
+    assert!(out.status.success(), "{out:?}");
+    let written = std::fs::read_to_string(&new_key).unwrap();
+    assert!(written.trim().len() == 64 && written.trim().chars().all(|c| c.is_ascii_hexdigit()));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&new_key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let again = stack
+        .policy
+        .command(&["new-secrets-key", &new_key_arg], &[]);
+    assert!(!again.status.success(), "an existing key file is replaced");
+    assert_eq!(std::fs::read_to_string(&new_key).unwrap(), written);
+
+    // 2. Serve with the new key and the old one as previous: everything still opens, and
+    // what is saved now is sealed under the new key.
+    let (old_key, new_key) = (old_key.display().to_string(), new_key_arg);
+    let rotating = [
+        ("MCPGUARD_SECRETS_KEY_FILE", new_key.as_str()),
+        ("MCPGUARD_PREVIOUS_SECRETS_KEY_FILE", old_key.as_str()),
+    ];
+    stack.policy.restart_with(stack.dir.path(), &rotating).await;
+    set_identity(
+        &owner,
+        bob,
+        p.server_id,
+        json!({"type": "bearer", "token": "bob-downstream-secret"}),
+    )
+    .await;
+    everything_injected(true).await;
+
+    // 3. Re-seal, first with the wrong previous key: refused, nothing changed.
+    let other_key = stack.dir.path().join("other.key").display().to_string();
+    assert!(
+        stack
+            .policy
+            .command(&["new-secrets-key", &other_key], &[])
+            .status
+            .success()
+    );
+    let wrong = stack.policy.command(
+        &["reseal"],
+        &[
+            ("MCPGUARD_SECRETS_KEY_FILE", new_key.as_str()),
+            ("MCPGUARD_PREVIOUS_SECRETS_KEY_FILE", other_key.as_str()),
+        ],
+    );
+    let said = String::from_utf8_lossy(&wrong.stdout);
+    assert!(!wrong.status.success(), "{said}");
+    assert!(said.contains("opens under neither"), "{said}");
+    let resealed = stack.policy.command(&["reseal"], &rotating);
+    let said = String::from_utf8_lossy(&resealed.stdout);
+    assert!(resealed.status.success(), "{said}");
+    assert!(
+        said.contains("re-sealed 1 identities, 1 shared credentials and 2 signing keys under the current key; 1 already under it"),
+        "{said}"
+    );
+    let twice = stack.policy.command(&["reseal"], &rotating);
+    let said = String::from_utf8_lossy(&twice.stdout);
+    assert!(
+        said.contains("re-sealed 0 identities, 0 shared credentials and 0 signing keys under the current key; 5 already under it"),
+        "{said}"
+    );
+
+    // 4. The old key retired: everything still injected under the new key alone ...
+    stack
+        .policy
+        .restart_with(stack.dir.path(), &[("MCPGUARD_SECRETS_KEY_FILE", &new_key)])
+        .await;
+    everything_injected(true).await;
+    // ... and nothing opens under the old key any more: refused, never sent without it.
+    stack
+        .policy
+        .restart_with(stack.dir.path(), &[("MCPGUARD_SECRETS_KEY_FILE", &old_key)])
+        .await;
+    for url in [&demo, &svc] {
+        let refused = initialize_with(url, Some(&alice_token)).await;
+        assert_eq!(
+            (refused.status, refused.code().as_str()),
+            (503, "policy_unavailable")
+        );
+    }
 }

@@ -335,30 +335,10 @@ async fn a_revocation_or_toggle_made_on_one_replica_holds_on_every_replica() {
 
     // An identity stored through A is injected by both replicas: they share the key
     // that seals it. Alice's token is issued through B.
-    let exposure = format!("/api/v1/gateways/{}/servers/{}", p.gateway_id, p.server_id);
-    let (status, v) = admin_b
-        .call(
-            Method::PUT,
-            &exposure,
-            Some(json!({"identity": "per_user"})),
-        )
+    admin_b
+        .expose_as(p.gateway_id, p.server_id, json!({"identity": "per_user"}))
         .await;
-    assert_eq!(status, 200, "{v}");
-    let (status, role) = admin_a
-        .post(
-            "/api/v1/roles",
-            json!({"name": "member", "capabilities": []}),
-        )
-        .await;
-    assert_eq!(status, 201, "{role}");
-    let (status, alice) = admin_a
-        .post(
-            "/api/v1/users",
-            json!({"name": "alice", "role_id": role["id"]}),
-        )
-        .await;
-    assert_eq!(status, 201, "{alice}");
-    let alice = alice["id"].as_i64().unwrap();
+    let alice = admin_a.end_users(&["alice"]).await[0];
     let (status, v) = admin_a
         .call(
             Method::PUT,
@@ -367,18 +347,12 @@ async fn a_revocation_or_toggle_made_on_one_replica_holds_on_every_replica() {
         )
         .await;
     assert_eq!(status, 200, "{v}");
-    let (status, issued) = admin_b
-        .post(
-            &format!("/api/v1/hosts/{}/tokens", p.host_id),
-            json!({"gateway_id": p.gateway_id, "user_id": alice}),
-        )
-        .await;
-    assert_eq!(status, 201, "{issued}");
+    let alice_token = admin_b.user_token(p.host_id, p.gateway_id, alice).await;
     let whoami = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
         "params": {"name": "whoami", "arguments": {}}});
     r.expect_on_both_for(
         &url,
-        issued["token"].as_str().unwrap(),
+        &alice_token,
         &whoami,
         (200, "Bearer alice-downstream-secret"),
     )

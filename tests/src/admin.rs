@@ -92,11 +92,49 @@ impl Admin {
     }
 
     pub async fn expose(&self, gateway_id: i64, server_id: i64) {
-        let path = format!("/api/v1/gateways/{gateway_id}/servers/{server_id}");
-        let (status, v) = self
-            .call(Method::PUT, &path, Some(json!({"identity": "shared"})))
+        self.expose_as(gateway_id, server_id, json!({"identity": "shared"}))
             .await;
+    }
+
+    /// Exposes a server on a gateway, or replaces the exposure, with this body
+    /// (`{"identity": …, "credential"?: …}`); returns the 200 body.
+    pub async fn expose_as(&self, gateway_id: i64, server_id: i64, body: Value) -> Value {
+        let path = format!("/api/v1/gateways/{gateway_id}/servers/{server_id}");
+        let (status, v) = self.call(Method::PUT, &path, Some(body)).await;
         assert_eq!(status, 200, "PUT {path}: {v}");
+        v
+    }
+
+    /// End users: users holding a role (`member`, created here) with no capabilities.
+    pub async fn end_users(&self, names: &[&str]) -> Vec<i64> {
+        let role = self
+            .created(
+                "/api/v1/roles",
+                json!({"name": "member", "capabilities": []}),
+            )
+            .await;
+        let mut ids = Vec::new();
+        for name in names {
+            let user = self
+                .created(
+                    "/api/v1/users",
+                    json!({"name": name, "role_id": role["id"]}),
+                )
+                .await;
+            ids.push(user["id"].as_i64().unwrap());
+        }
+        ids
+    }
+
+    /// A token of the host on the gateway, for one of the agent's end users.
+    pub async fn user_token(&self, host_id: i64, gateway_id: i64, user_id: i64) -> String {
+        let t = self
+            .created(
+                &format!("/api/v1/hosts/{host_id}/tokens"),
+                json!({"gateway_id": gateway_id, "user_id": user_id}),
+            )
+            .await;
+        t["token"].as_str().unwrap().to_owned()
     }
 
     pub async fn host(&self, name: &str) -> i64 {
@@ -134,11 +172,8 @@ impl Admin {
     /// Switches `p`'s exposure to per-user and gives the token's user (the caller) an
     /// identity for the server; returns the identity's id.
     pub async fn make_per_user(&self, p: &Provisioned, downstream_token: &str) -> i64 {
-        let path = format!("/api/v1/gateways/{}/servers/{}", p.gateway_id, p.server_id);
-        let (status, v) = self
-            .call(Method::PUT, &path, Some(json!({"identity": "per_user"})))
+        self.expose_as(p.gateway_id, p.server_id, json!({"identity": "per_user"}))
             .await;
-        assert_eq!(status, 200, "{v}");
         let path = format!("/api/v1/users/1/identities/{}", p.server_id);
         let body = json!({"credential": {"type": "bearer", "token": downstream_token}});
         let (status, v) = self.call(Method::PUT, &path, Some(body)).await;

@@ -161,9 +161,16 @@ impl Policy {
 
     /// Stops the service (if running) and starts it again on the same ports and data.
     pub async fn restart(&mut self, log_dir: &Path) {
+        self.restart_with(log_dir, &[]).await;
+    }
+
+    /// Like [`Policy::restart`], with extra environment variables as in
+    /// [`Policy::start_with`].
+    pub async fn restart_with(&mut self, log_dir: &Path, extra: &[(&str, &str)]) {
         self.proc.kill();
         let url = self.database_url.clone();
-        let env: Vec<(&str, &str)> = url.iter().map(|u| ("DATABASE_URL", u.as_str())).collect();
+        let mut env: Vec<(&str, &str)> = url.iter().map(|u| ("DATABASE_URL", u.as_str())).collect();
+        env.extend_from_slice(extra);
         *self = Self::spawn(
             &self.data_dir.clone(),
             log_dir,
@@ -171,6 +178,20 @@ impl Policy {
             &env,
         )
         .await;
+    }
+
+    /// Runs an operator command (`mcpguard-policy [flags] <args>`) on this service's data
+    /// dir and database, with extra environment variables; returns when it exits.
+    pub fn command(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+        let mut cmd = Command::new(binary("mcpguard-policy"));
+        cmd.arg("--data-dir").arg(&self.data_dir).args(args);
+        if let Some(url) = &self.database_url {
+            cmd.env("DATABASE_URL", url);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("running mcpguard-policy")
     }
 
     /// Everything its database holds, as bytes to search: the SQLite files in the data

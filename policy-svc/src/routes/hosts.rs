@@ -10,7 +10,7 @@ use crate::AppState;
 use crate::auth::{Admin, Capability};
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
-use crate::store::{admin as users, catalog, hosts, now_ms};
+use crate::store::{admin as users, catalog, hosts, identities, now_ms};
 use crate::{secrets, timefmt};
 
 pub fn endpoints() -> Vec<Endpoint> {
@@ -76,6 +76,9 @@ struct IssuedToken {
     #[serde(flatten)]
     meta: hosts::ApiToken,
     token: String,
+    /// Per-user servers on this gateway the token's user has no identity for yet: each
+    /// refuses the token (`identity_missing`) until one is saved.
+    missing_identities: Vec<identities::Missing>,
 }
 
 async fn create_token(
@@ -149,7 +152,16 @@ async fn create_token(
         state_of(&meta),
     )
     .await?;
-    Ok((StatusCode::CREATED, Json(IssuedToken { meta, token })))
+    let missing_identities =
+        identities::missing_on_gateway(&state.db, body.gateway_id, user_id).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(IssuedToken {
+            meta,
+            token,
+            missing_identities,
+        }),
+    ))
 }
 
 async fn list_tokens(

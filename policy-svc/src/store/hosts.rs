@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::{Db, DbBool, Result, now_ms};
+use super::{Db, DbBool, Result, now_ms, placeholders};
 use crate::timefmt;
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -45,26 +45,26 @@ pub async fn get_host(db: &Db, id: i64) -> Result<Option<Host>> {
     )
 }
 
-/// The connection for (host, gateway, user), created on first use.
-pub async fn connect(db: &Db, host_id: i64, gateway_id: i64, user_id: i64) -> Result<i64> {
-    sqlx::query(
+/// The connection for (host, gateway, user), created on first use. One statement (the
+/// no-op update makes `RETURNING` answer for an existing row too), so it also runs
+/// inside a caller's transaction.
+pub async fn connect<'e>(
+    db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    host_id: i64,
+    gateway_id: i64,
+    user_id: i64,
+) -> Result<i64> {
+    Ok(sqlx::query_scalar(
         "INSERT INTO connections (host_id, gateway_id, user_id, enabled, created_at)
          VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (host_id, gateway_id, user_id) DO NOTHING",
+         ON CONFLICT (host_id, gateway_id, user_id) DO UPDATE SET host_id = excluded.host_id
+         RETURNING id",
     )
     .bind(host_id)
     .bind(gateway_id)
     .bind(user_id)
     .bind(true)
     .bind(now_ms())
-    .execute(db)
-    .await?;
-    Ok(sqlx::query_scalar(
-        "SELECT id FROM connections WHERE host_id = $1 AND gateway_id = $2 AND user_id = $3",
-    )
-    .bind(host_id)
-    .bind(gateway_id)
-    .bind(user_id)
     .fetch_one(db)
     .await?)
 }
@@ -100,7 +100,18 @@ pub struct NewToken<'a> {
 }
 
 pub async fn insert_token(db: &Db, t: &NewToken<'_>) -> Result<ApiToken> {
-    let id: i64 = sqlx::query_scalar(
+    let id = insert_token_row(db, t).await?;
+    get_token(db, id)
+        .await?
+        .ok_or(super::StoreError::Db(sqlx::Error::RowNotFound))
+}
+
+/// The insert alone (returns the id), for use inside a caller's transaction.
+pub async fn insert_token_row<'e>(
+    db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    t: &NewToken<'_>,
+) -> Result<i64> {
+    Ok(sqlx::query_scalar(
         "INSERT INTO api_tokens (connection_id, token_hash, prefix, created_by, created_at, expires_at)
          VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
     )
@@ -111,10 +122,7 @@ pub async fn insert_token(db: &Db, t: &NewToken<'_>) -> Result<ApiToken> {
     .bind(now_ms())
     .bind(t.expires_at)
     .fetch_one(db)
-    .await?;
-    get_token(db, id)
-        .await?
-        .ok_or(super::StoreError::Db(sqlx::Error::RowNotFound))
+    .await?)
 }
 
 pub async fn list_tokens(db: &Db, host_id: i64) -> Result<Vec<ApiToken>> {
@@ -176,11 +184,15 @@ pub async fn list_connections(db: &Db, gateway_id: i64) -> Result<Vec<Connection
     .await?)
 }
 
-/// Records when tokens (and so their connections) were last used, in one transaction.
-/// Rows are updated in one order (tokens, then connections, each by id), so that two
-/// replicas flushing at once on PostgreSQL wait for each other instead of deadlocking;
-/// a time never moves backwards (another replica may have written a later one).
+/// Records when tokens (and so their connections) were last used, in one transaction,
+/// one statement per table and chunk of ids. A use by an OAuth access token has no
+/// token row (`None`): only its connection is updated. Rows are updated in one order
+/// (tokens, then connections, each by id), so that two replicas flushing at once on
+/// PostgreSQL wait for each other instead of deadlocking; a time never moves backwards
+/// (another replica may have written a later one).
 pub async fn record_last_used(db: &Db, uses: &[(Option<i64>, i64)], at: i64) -> Result<()> {
+    // Ids per statement: well under both backends' parameter limits.
+    const IDS_PER_UPDATE: usize = 1_000;
     let mut tokens: Vec<i64> = uses.iter().filter_map(|&(token, _)| token).collect();
     let mut connections: Vec<i64> = uses.iter().map(|&(_, connection)| connection).collect();
     for ids in [&mut tokens, &mut connections] {
@@ -188,25 +200,19 @@ pub async fn record_last_used(db: &Db, uses: &[(Option<i64>, i64)], at: i64) -> 
         ids.dedup();
     }
     let mut tx = db.begin().await?;
-    for id in tokens {
-        sqlx::query(
-            "UPDATE api_tokens SET last_used_at = $1
-             WHERE id = $2 AND (last_used_at IS NULL OR last_used_at < $1)",
-        )
-        .bind(at)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    }
-    for id in connections {
-        sqlx::query(
-            "UPDATE connections SET last_used_at = $1
-             WHERE id = $2 AND (last_used_at IS NULL OR last_used_at < $1)",
-        )
-        .bind(at)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+    for (table, ids) in [("api_tokens", tokens), ("connections", connections)] {
+        for chunk in ids.chunks(IDS_PER_UPDATE) {
+            let sql = format!(
+                "UPDATE {table} SET last_used_at = $1
+                 WHERE (last_used_at IS NULL OR last_used_at < $1) AND id IN ({})",
+                placeholders(2, chunk.len())
+            );
+            let mut update = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(at);
+            for id in chunk {
+                update = update.bind(*id);
+            }
+            update.execute(&mut *tx).await?;
+        }
     }
     tx.commit().await?;
     Ok(())

@@ -50,3 +50,27 @@ pub async fn list_for_user(db: &Db, user_id: i64) -> Result<Vec<Identity>> {
     .fetch_all(db)
     .await?)
 }
+
+/// A per-user server a user has no identity for, on one gateway.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct Missing {
+    pub server_id: i64,
+    pub slug: String,
+    pub name: String,
+}
+
+/// The servers the gateway exposes per-user for which the user has no identity: what a
+/// new connection must still be given before those servers answer it.
+pub async fn missing_on_gateway(db: &Db, gateway_id: i64, user_id: i64) -> Result<Vec<Missing>> {
+    Ok(sqlx::query_as(
+        "SELECT s.id AS server_id, s.slug, s.name
+         FROM exposures e JOIN servers s ON s.id = e.server_id
+         WHERE e.gateway_id = $1 AND e.identity = 'per_user'
+           AND NOT EXISTS (SELECT 1 FROM identities i WHERE i.user_id = $2 AND i.server_id = s.id)
+         ORDER BY s.id",
+    )
+    .bind(gateway_id)
+    .bind(user_id)
+    .fetch_all(db)
+    .await?)
+}

@@ -9,6 +9,7 @@ pub mod check;
 pub mod hosts;
 pub mod identities;
 pub mod oauth;
+pub mod rekey;
 pub mod toggles;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -194,6 +195,16 @@ pub async fn ping(db: &Db) -> Result<()> {
     Ok(())
 }
 
+/// `$first, $first+1, …`: `count` numbered placeholders. Statements with a variable
+/// number of values are built with these, not sqlx's `QueryBuilder`, which writes `?`
+/// through `Any` and PostgreSQL does not accept that.
+pub(crate) fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A transaction that reads and then writes. On SQLite it takes the write lock up front
 /// (`BEGIN IMMEDIATE`): a deferred transaction that tries to upgrade from reading to
 /// writing while another connection has committed fails at once with "database is
@@ -203,5 +214,14 @@ pub async fn begin_write(db: &Db) -> Result<sqlx::Transaction<'static, sqlx::Any
         Ok(db.begin_with("BEGIN IMMEDIATE").await?)
     } else {
         Ok(db.begin().await?)
+    }
+}
+
+#[cfg(test)]
+mod placeholder_tests {
+    #[test]
+    fn placeholders_are_numbered_from_first() {
+        assert_eq!(super::placeholders(3, 2), "$3, $4");
+        assert_eq!(super::placeholders(1, 0), "");
     }
 }
