@@ -206,6 +206,14 @@ Try it, in another shell:
   # 3. MCP initialize through Envoy:
   curl -s -X POST $MCP_URL -H 'content-type: application/json' -H 'accept: application/json, text/event-stream' -H "authorization: Bearer \$TOKEN" -d '{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"curl","version":"0"}}}'
 
+A desktop MCP client (headed host, OAuth): give yourself a password, then point the
+client at $MCP_URL; it registers itself, you sign in as \`owner\` and allow the gateway,
+and the client appears in GET $ADMIN_URL/api/v1/hosts (kind oauth):
+
+  curl -s -X PUT $ADMIN_URL/api/v1/users/1/password \\
+    -H "authorization: Bearer \$ADMIN_TOKEN" -H 'content-type: application/json' \\
+    -d '{"password":"a long passphrase of yours"}'
+
 Ctrl-C stops everything.
 EOF
 

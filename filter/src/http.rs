@@ -19,8 +19,8 @@ use crate::jwt::Keys;
 /// every request of this VM.
 type SharedKeys = Rc<RefCell<Option<Rc<Keys>>>>;
 
-/// How often to retry while no JWKS has arrived yet: requests with JWTs are refused
-/// (503) until one does.
+/// How often the root context retries while it has no JWKS yet (a request carrying a
+/// JWT meanwhile fetches one itself rather than wait).
 const JWKS_RETRY: Duration = Duration::from_millis(250);
 
 proxy_wasm::main! {{

@@ -34,16 +34,18 @@ fn public_x(der: &[u8]) -> Result<String, jsonwebtoken::errors::Error> {
 
 /// A new key pair, its private half sealed.
 pub fn generate(secrets: &SecretBox) -> Result<NewKey, StoreError> {
+    let no_randomness = |e: getrandom::Error| StoreError::Keys(format!("no randomness: {e}"));
     let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed)?;
+    getrandom::fill(&mut seed).map_err(no_randomness)?;
     let mut id = [0u8; 12];
-    getrandom::fill(&mut id)?;
+    getrandom::fill(&mut id).map_err(no_randomness)?;
     let kid = mcpguard_core::oauth::base64url(&id);
     let der = pkcs8(&seed);
-    let public_x = public_x(&der)
-        .map_err(|e| StoreError::Db(sqlx::Error::Protocol(format!("key generation: {e}"))))?;
+    let public_x = public_x(&der).map_err(|e| StoreError::Keys(e.to_string()))?;
     // The seed is sealed hex-encoded: SecretBox seals text.
-    let sealed_private = secrets.seal(&hex::encode(seed), &signing_key_binding(&kid))?;
+    let sealed_private = secrets
+        .seal(&hex::encode(seed), &signing_key_binding(&kid))
+        .map_err(no_randomness)?;
     Ok(NewKey {
         kid,
         public_x,

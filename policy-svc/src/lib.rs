@@ -68,7 +68,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
              open; run `mcpguard-policy reseal`, then drop --previous-secrets-key-file"
         );
     }
-    store::oauth::ensure_keys(&db, || keys::generate(&secrets))
+    store::oauth::ensure_keys(&db, &mut || keys::generate(&secrets))
         .await
         .context("creating the OAuth signing keys")?;
 
@@ -82,6 +82,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let (usage, usage_writer) = Usage::spawn(db.clone());
     let (audit, audit_writer) = audit::Audit::spawn(db.clone(), config.audit_retention_days);
+    tokio::spawn(oauth_housekeeping(db.clone()));
     let state = AppState {
         db,
         usage,
@@ -118,6 +119,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = usage_writer.await;
     let _ = audit_writer.await;
     Ok(())
+}
+
+/// Hourly: deletes OAuth sessions, codes and refresh tokens that can no longer be used.
+async fn oauth_housekeeping(db: store::Db) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        match store::oauth::purge_expired(&db, store::now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                deleted = n,
+                "expired OAuth sessions, codes and refresh tokens deleted"
+            ),
+            Err(e) => tracing::warn!(error = %e, "OAuth housekeeping failed"),
+        }
+    }
 }
 
 fn create_data_dir(dir: &Path) -> anyhow::Result<()> {

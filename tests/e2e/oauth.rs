@@ -551,6 +551,46 @@ async fn sign_in_and_consent_refuse_forged_forms_and_bad_requests() {
     );
 }
 
+/// One sign-in attempt on a fresh sign-in page: the status and the page.
+async fn try_sign_in(
+    client: &RawClient,
+    resource: &str,
+    user: &str,
+    password: &str,
+) -> (u16, String) {
+    let (_, challenge) = pkce("lock");
+    let mut browser = Browser::default();
+    let login = browser
+        .get(&client.authorization_url(resource, &challenge, "st"))
+        .await;
+    let mut form = form_inputs(&login.body);
+    form.insert("username".into(), user.into());
+    form.insert("password".into(), password.into());
+    let answer = browser
+        .post(&format!("{}/oauth/login", client.issuer), &form)
+        .await;
+    (answer.status, answer.body)
+}
+
+#[tokio::test]
+async fn repeated_wrong_passwords_lock_the_name_whether_or_not_it_exists() {
+    let stack = Stack::start().await;
+    setup(&stack).await;
+    let url = stack.envoy.mcp_url("eng", "demo");
+    let client = RawClient::register(&stack.policy.public_url(), "Guessing client").await;
+    for name in ["alice", "nobody-by-this-name"] {
+        for attempt in 1..=5 {
+            let (status, _) = try_sign_in(&client, &url, name, "wrong password").await;
+            assert_eq!(status, 401, "{name}, attempt {attempt}");
+        }
+        // Locked now: even the right password waits, and the answer is the same for a
+        // name no user has.
+        let (status, page) = try_sign_in(&client, &url, name, PASSWORD).await;
+        assert_eq!(status, 429, "{name}");
+        assert!(page.contains("Too many failed sign-ins"), "{page}");
+    }
+}
+
 #[tokio::test]
 async fn key_rotation_keeps_issued_tokens_valid_and_new_ones_work_at_once() {
     let stack = Stack::start().await;

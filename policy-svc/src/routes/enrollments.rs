@@ -14,7 +14,7 @@ use mcpguard_core::token::{TokenHash, TokenKind, display_prefix};
 use serde::{Deserialize, Serialize};
 
 use super::hosts::{IssuedToken, connection_target};
-use super::oauth::{cookie, ct_eq, escape, html, secure_attr, sign_in};
+use super::oauth::{SignIn, cookie, ct_eq, escape, html, secure_attr, sign_in};
 use super::users::save_identity;
 use super::{Credential, Endpoint, Verb, audit_admin, endpoint, state_of};
 use crate::AppState;
@@ -387,17 +387,21 @@ async fn submit(
     // Only the invited user may complete it.
     let signed_in = match (field("username"), field("password")) {
         (Some(name), Some(password)) => match sign_in(&state, name, password).await {
-            Ok(user) => user,
+            Ok(answer) => answer,
             Err(e) => return ApiError::from(e).into_response(),
         },
-        _ => None,
+        _ => SignIn::Refused,
     };
-    if signed_in != Some(opened.enrollment.user_id) {
-        tracing::info!(
-            enrollment_id = opened.enrollment.id,
-            "enrollment sign-in refused"
-        );
-        return again(StatusCode::UNAUTHORIZED, "Wrong user name or password.");
+    match signed_in {
+        SignIn::User(id) if id == opened.enrollment.user_id => {}
+        SignIn::Locked => return again(StatusCode::TOO_MANY_REQUESTS, SignIn::LOCKED_MESSAGE),
+        _ => {
+            tracing::info!(
+                enrollment_id = opened.enrollment.id,
+                "enrollment sign-in refused"
+            );
+            return again(StatusCode::UNAUTHORIZED, "Wrong user name or password.");
+        }
     }
     // Every identity checked before any is saved: a refused form changes nothing.
     let mut credentials = Vec::new();

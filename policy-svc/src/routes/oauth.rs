@@ -721,13 +721,38 @@ fn verify_password(password: &str, hash: &str) -> bool {
         .is_ok()
 }
 
-/// The user a name and password sign in, if they match an enabled user with a
-/// password. Takes as long for an unknown name as for a wrong password.
+/// What a sign-in with a name and password came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SignIn {
+    User(i64),
+    /// Wrong name or password, or a disabled user: the same answer for each.
+    Refused,
+    /// Too many failures in a row under this name; refused without checking.
+    Locked,
+}
+
+impl SignIn {
+    pub(super) const LOCKED_MESSAGE: &str =
+        "Too many failed sign-ins under this name; try again in a few minutes.";
+}
+
+/// Signs in an enabled user with a password: for the OAuth sign-in page and the
+/// enrollment page alike. Takes as long for an unknown name as for a wrong password;
+/// failures in a row lock the name, whether it exists or not.
 pub(super) async fn sign_in(
     state: &AppState,
     username: &str,
     password: &str,
-) -> Result<Option<i64>, store::StoreError> {
+) -> Result<SignIn, store::StoreError> {
+    // Names longer than any user's are not tracked (they cannot sign in anyway).
+    let tracked = username.chars().count() <= 200;
+    let now = now_ms();
+    if db::login_locked_until(&state.db, username)
+        .await?
+        .is_some_and(|until| until > now)
+    {
+        return Ok(SignIn::Locked);
+    }
     let (user_id, hash, enabled) = match db::password_of(&state.db, username).await? {
         Some((id, Some(hash), enabled)) => (Some(id), hash, enabled.0),
         _ => (None, dummy_hash().to_owned(), false),
@@ -736,7 +761,18 @@ pub(super) async fn sign_in(
     let verified = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
         .await
         .unwrap_or(false);
-    Ok(user_id.filter(|_| verified && enabled))
+    match user_id.filter(|_| verified && enabled) {
+        Some(id) => {
+            db::clear_login_failures(&state.db, username).await?;
+            Ok(SignIn::User(id))
+        }
+        None => {
+            if tracked {
+                db::record_login_failure(&state.db, username, now).await?;
+            }
+            Ok(SignIn::Refused)
+        }
+    }
 }
 
 async fn login(
@@ -776,12 +812,18 @@ async fn login(
         );
     };
     let user_id = match sign_in(&state, username, password).await {
-        Ok(u) => u,
+        Ok(SignIn::User(id)) => id,
+        Ok(SignIn::Locked) => {
+            tracing::warn!(client_id = %authz.client.client_id, "oauth sign-in refused: locked after failed attempts");
+            let mut page = login_page(&issuer, &p, &authz, Some(SignIn::LOCKED_MESSAGE));
+            *page.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            return page;
+        }
+        Ok(SignIn::Refused) => {
+            tracing::info!(client_id = %authz.client.client_id, "oauth sign-in refused");
+            return login_page(&issuer, &p, &authz, Some("Wrong user name or password."));
+        }
         Err(e) => return OauthError::from(e).into_response(),
-    };
-    let Some(user_id) = user_id else {
-        tracing::info!(client_id = %authz.client.client_id, "oauth sign-in refused");
-        return login_page(&issuer, &p, &authz, Some("Wrong user name or password."));
     };
     let Ok(session) = random_id() else {
         return OauthError::server_error("no randomness").into_response();

@@ -32,6 +32,10 @@ pub enum StoreError {
     Db(sqlx::Error),
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Key material could not be made (no randomness from the OS, or a key the crypto
+    /// library refuses): nothing was stored.
+    #[error("key material: {0}")]
+    Keys(String),
 }
 
 impl From<sqlx::Error> for StoreError {

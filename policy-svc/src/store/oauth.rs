@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use super::{Db, DbBool, Result, StoreError, begin_write, now_ms};
+use super::{Db, DbBool, Result, begin_write, now_ms};
 use crate::timefmt;
 
 // ---- signing keys ----
@@ -54,7 +54,7 @@ async fn insert_key(
 
 /// Makes sure there is an active and a next key (first start, or a database from
 /// before OAuth). Replicas starting together serialise on the write transaction.
-pub async fn ensure_keys(db: &Db, mut generate: impl FnMut() -> Result<NewKey>) -> Result<()> {
+pub async fn ensure_keys(db: &Db, generate: &mut impl FnMut() -> Result<NewKey>) -> Result<()> {
     let mut tx = begin_write(db).await?;
     lock_keys(&mut tx).await?;
     for state in ["active", "next"] {
@@ -265,6 +265,57 @@ pub async fn session_user(db: &Db, token_hash: &str) -> Result<Option<(i64, Stri
     .bind(true)
     .fetch_optional(db)
     .await?)
+}
+
+/// Until when sign-in under `name` is locked (unix ms), if it is.
+pub async fn login_locked_until(db: &Db, name: &str) -> Result<Option<i64>> {
+    Ok(
+        sqlx::query_scalar("SELECT locked_until FROM oauth_login_failures WHERE name = $1")
+            .bind(name)
+            .fetch_optional(db)
+            .await?,
+    )
+}
+
+/// Counts a failed sign-in under `name` and locks it as [`lockout_ms`] says.
+pub async fn record_login_failure(db: &Db, name: &str, now: i64) -> Result<()> {
+    let failures: i64 = sqlx::query_scalar(
+        "INSERT INTO oauth_login_failures (name, failures, locked_until) VALUES ($1, 1, 0)
+         ON CONFLICT (name) DO UPDATE SET failures = oauth_login_failures.failures + 1
+         RETURNING failures",
+    )
+    .bind(name)
+    .fetch_one(db)
+    .await?;
+    let lock = lockout_ms(failures);
+    if lock > 0 {
+        sqlx::query("UPDATE oauth_login_failures SET locked_until = $1 WHERE name = $2")
+            .bind(now + lock)
+            .bind(name)
+            .execute(db)
+            .await?;
+    }
+    Ok(())
+}
+
+pub async fn clear_login_failures(db: &Db, name: &str) -> Result<()> {
+    sqlx::query("DELETE FROM oauth_login_failures WHERE name = $1")
+        .bind(name)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// How long sign-in waits after `failures` failed attempts in a row: nothing for the
+/// first four (typos), then a minute, doubling up to 15 minutes. Online guessing stays
+/// slow even though argon2 alone would allow several guesses a second.
+pub fn lockout_ms(failures: i64) -> i64 {
+    const FREE: i64 = 4;
+    if failures <= FREE {
+        return 0;
+    }
+    let doublings = u32::try_from((failures - FREE - 1).min(10)).unwrap_or(10);
+    (60_000i64 << doublings).min(15 * 60_000)
 }
 
 // ---- codes, grants, refresh tokens ----
@@ -494,8 +545,132 @@ pub async fn resource_target(
     .await?)
 }
 
-impl From<getrandom::Error> for StoreError {
-    fn from(e: getrandom::Error) -> Self {
-        StoreError::Db(sqlx::Error::Protocol(format!("no randomness: {e}")))
+/// Deletes what can no longer be used: expired sessions and refresh tokens, codes a
+/// day past their expiry (kept that long so a late replay still revokes its grant), and
+/// failed sign-in counts not under a lock.
+/// Grants stay, for the record. Returns the number of rows deleted.
+pub async fn purge_expired(db: &Db, now: i64) -> Result<u64> {
+    let mut deleted = 0;
+    for (sql, cutoff) in [
+        ("DELETE FROM oauth_sessions WHERE expires_at < $1", now),
+        (
+            "DELETE FROM oauth_refresh_tokens WHERE expires_at < $1",
+            now,
+        ),
+        (
+            "DELETE FROM oauth_codes WHERE expires_at < $1",
+            now - 86_400_000,
+        ),
+        // Counts of failed sign-ins fade: an hour without a lock starts the count over.
+        (
+            "DELETE FROM oauth_login_failures WHERE locked_until < $1",
+            now,
+        ),
+    ] {
+        deleted += sqlx::query(sql)
+            .bind(cutoff)
+            .execute(db)
+            .await?
+            .rows_affected();
+    }
+    Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn db() -> (Db, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+        (super::super::open(&url, 2).await.unwrap(), dir)
+    }
+
+    fn key(kid: &str) -> Result<NewKey> {
+        Ok(NewKey {
+            kid: kid.into(),
+            public_x: format!("x-{kid}"),
+            sealed_private: vec![1, 2, 3],
+        })
+    }
+
+    fn states(keys: &[KeyInfo]) -> Vec<(&str, &str)> {
+        keys.iter()
+            .map(|k| (k.kid.as_str(), k.state.as_str()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn keys_rotate_next_to_active_and_retired_ones_stay_published_for_a_while() {
+        let (db, _dir) = db().await;
+        let mut n = 0;
+        let mut generate = || {
+            n += 1;
+            key(&format!("k{n}"))
+        };
+        ensure_keys(&db, &mut generate).await.unwrap();
+        ensure_keys(&db, &mut generate).await.unwrap();
+        assert_eq!(
+            states(&list_keys(&db).await.unwrap()),
+            [("k1", "active"), ("k2", "next")]
+        );
+        assert_eq!(active_key(&db).await.unwrap().unwrap().0, "k1");
+        rotate_keys(&db, key("k3").unwrap()).await.unwrap();
+        assert_eq!(
+            states(&list_keys(&db).await.unwrap()),
+            [("k1", "retired"), ("k2", "active"), ("k3", "next")]
+        );
+        assert_eq!(active_key(&db).await.unwrap().unwrap().0, "k2");
+        assert_eq!(published_keys(&db, 60_000).await.unwrap().len(), 3);
+        // Once its tokens can no longer be alive, a retired key is no longer published.
+        assert_eq!(
+            states(&published_keys(&db, -1).await.unwrap()),
+            [("k2", "active"), ("k3", "next")]
+        );
+    }
+
+    #[test]
+    fn sign_in_lockout_grows_and_is_bounded() {
+        let waits: Vec<i64> = (1..=10).map(lockout_ms).collect();
+        assert_eq!(
+            waits,
+            [
+                0, 0, 0, 0, 60_000, 120_000, 240_000, 480_000, 900_000, 900_000
+            ]
+        );
+        assert_eq!(lockout_ms(1_000_000), 900_000);
+    }
+
+    #[tokio::test]
+    async fn failed_sign_ins_lock_the_name_until_a_success_clears_it() {
+        let (db, _dir) = db().await;
+        for _ in 0..4 {
+            record_login_failure(&db, "alice", 1_000).await.unwrap();
+        }
+        assert_eq!(login_locked_until(&db, "alice").await.unwrap(), Some(0));
+        record_login_failure(&db, "alice", 1_000).await.unwrap();
+        assert_eq!(
+            login_locked_until(&db, "alice").await.unwrap(),
+            Some(61_000)
+        );
+        assert_eq!(login_locked_until(&db, "bob").await.unwrap(), None);
+        clear_login_failures(&db, "alice").await.unwrap();
+        assert_eq!(login_locked_until(&db, "alice").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn expired_sessions_and_refresh_tokens_are_purged() {
+        let (db, _dir) = db().await;
+        for sql in [
+            "INSERT INTO roles (id, name, created_at) VALUES (1, 'r', 0)",
+            "INSERT INTO users (id, name, role_id, enabled, created_at) VALUES (1, 'u', 1, 1, 0)",
+        ] {
+            sqlx::query(sql).execute(&db).await.unwrap();
+        }
+        insert_session(&db, "live", 1, 60_000).await.unwrap();
+        insert_session(&db, "dead", 1, -1).await.unwrap();
+        assert_eq!(purge_expired(&db, now_ms()).await.unwrap(), 1);
+        assert!(session_user(&db, "live").await.unwrap().is_some());
+        assert!(session_user(&db, "dead").await.unwrap().is_none());
     }
 }
