@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::{Db, Result, placeholders};
+use super::{Db, Result, placeholders, pow2_chunks};
 use crate::timefmt;
 
 /// One audit entry, as written and as read back.
@@ -46,16 +46,16 @@ fn json_text<S: serde::Serializer>(
 const COLUMNS: &str = "id, at, kind, action, code, actor_user_id, target, before_state, after_state, host_id, \
      user_id, connection_id, gateway, server, mcp_method, tool, latency_us, request_id";
 
-/// Rows per INSERT: 17 parameters each stays far under SQLite's (32,766) and
+/// Most rows per INSERT: 17 parameters each stays far under SQLite's (32,766) and
 /// PostgreSQL's (65,535) limits.
-const ROWS_PER_INSERT: usize = 500;
+const ROWS_PER_INSERT: usize = 256;
 
 /// Appends events in one transaction (`id` is assigned by the database), many rows per
 /// statement: one round trip per batch instead of one per event.
 pub async fn append(db: &Db, events: &[Event]) -> Result<()> {
     const COLUMNS_PER_ROW: usize = 17;
     let mut tx = db.begin().await?;
-    for chunk in events.chunks(ROWS_PER_INSERT) {
+    for chunk in pow2_chunks(events, ROWS_PER_INSERT) {
         let rows: Vec<String> = (0..chunk.len())
             .map(|r| {
                 format!(

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::{Db, DbBool, Result, now_ms, placeholders};
+use super::{Db, DbBool, Result, now_ms, placeholders, pow2_chunks};
 use crate::timefmt;
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -192,7 +192,7 @@ pub async fn list_connections(db: &Db, gateway_id: i64) -> Result<Vec<Connection
 /// (another replica may have written a later one).
 pub async fn record_last_used(db: &Db, uses: &[(Option<i64>, i64)], at: i64) -> Result<()> {
     // Ids per statement: well under both backends' parameter limits.
-    const IDS_PER_UPDATE: usize = 1_000;
+    const IDS_PER_UPDATE: usize = 512;
     let mut tokens: Vec<i64> = uses.iter().filter_map(|&(token, _)| token).collect();
     let mut connections: Vec<i64> = uses.iter().map(|&(_, connection)| connection).collect();
     for ids in [&mut tokens, &mut connections] {
@@ -201,7 +201,7 @@ pub async fn record_last_used(db: &Db, uses: &[(Option<i64>, i64)], at: i64) -> 
     }
     let mut tx = db.begin().await?;
     for (table, ids) in [("api_tokens", tokens), ("connections", connections)] {
-        for chunk in ids.chunks(IDS_PER_UPDATE) {
+        for chunk in pow2_chunks(&ids, IDS_PER_UPDATE) {
             let sql = format!(
                 "UPDATE {table} SET last_used_at = $1
                  WHERE (last_used_at IS NULL OR last_used_at < $1) AND id IN ({})",
