@@ -180,22 +180,14 @@ async fn users_enroll_on_the_page_and_the_agent_acts_for_each_with_their_own_ide
     let b = mcp::connect(&url, Some(bob_token))
         .await
         .expect("bob's token");
-    let calls = (0..40).map(|i| {
-        let (client, expected) = if i % 2 == 0 {
-            (&a, "Bearer alice-downstream-secret")
-        } else {
-            (&b, "Bearer bob-downstream-secret")
-        };
-        async move {
-            (
-                call_text(client, "whoami", json!({})).await.unwrap(),
-                expected,
-            )
-        }
-    });
-    for (seen, expected) in futures::future::join_all(calls).await {
-        assert_eq!(seen, expected);
-    }
+    mcp::each_sees_its_own(
+        &[
+            (&a, "Bearer alice-downstream-secret"),
+            (&b, "Bearer bob-downstream-secret"),
+        ],
+        20,
+    )
+    .await;
     // The per-user token is an API token of the host like any other: break-glass and
     // revocation apply to it.
     owner.set_enabled("users", alice, false).await;

@@ -59,22 +59,14 @@ async fn each_users_token_reaches_the_downstream_as_that_user_and_only_that_user
         .expect("bob connects");
 
     // Many interleaved concurrent calls: each sees its own user's credential.
-    let calls = (0..40).map(|i| {
-        let (client, expected) = if i % 2 == 0 {
-            (&a, "Bearer alice-downstream-secret")
-        } else {
-            (&b, "Bearer bob-downstream-secret")
-        };
-        async move {
-            (
-                call_text(client, "whoami", json!({})).await.unwrap(),
-                expected,
-            )
-        }
-    });
-    for (seen, expected) in futures::future::join_all(calls).await {
-        assert_eq!(seen, expected);
-    }
+    mcp::each_sees_its_own(
+        &[
+            (&a, "Bearer alice-downstream-secret"),
+            (&b, "Bearer bob-downstream-secret"),
+        ],
+        20,
+    )
+    .await;
 
     // The agent's own user (the owner) has no identity for this server.
     let missing = initialize_with(&url, Some(&p.token)).await;

@@ -49,6 +49,24 @@ pub async fn call_text(client: &Client, tool: &str, args: Value) -> Result<Strin
         .unwrap_or_default())
 }
 
+/// `whoami` `rounds` times on each client, all at once and interleaved: each must see
+/// exactly its own expected `Authorization` every time.
+pub async fn each_sees_its_own(clients: &[(&Client, &str)], rounds: usize) {
+    let calls = (0..rounds)
+        .flat_map(|_| clients.iter())
+        .map(|&(client, expected)| async move {
+            (
+                call_text(client, "whoami", serde_json::json!({}))
+                    .await
+                    .unwrap(),
+                expected,
+            )
+        });
+    for (seen, expected) in futures::future::join_all(calls).await {
+        assert_eq!(seen, expected);
+    }
+}
+
 /// The HTTP status behind a failed call, when the SDK exposes one.
 pub fn status_of_service_error(err: &ServiceError) -> Option<u16> {
     match err {

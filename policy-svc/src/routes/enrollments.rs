@@ -13,7 +13,7 @@ use axum::routing::get;
 use mcpguard_core::token::{TokenHash, TokenKind, display_prefix};
 use serde::{Deserialize, Serialize};
 
-use super::hosts::{IssuedToken, connection_target};
+use super::hosts::{IssuedToken, connection_target, issued};
 use super::oauth::{SignIn, cookie, ct_eq, escape, html, secure_attr, sign_in};
 use super::users::save_identity;
 use super::{Credential, Endpoint, Verb, audit_admin, endpoint, state_of};
@@ -200,27 +200,8 @@ async fn claim(
     let meta = hosts::get_token(&state.db, token_id)
         .await?
         .ok_or(ApiError::NotFound("token"))?;
-    tracing::info!(enrollment_id = id, token_id, prefix = %meta.prefix, "per-user token issued");
-    audit_admin(
-        &state,
-        &admin,
-        "token.create",
-        format!("tokens/{token_id}"),
-        None,
-        state_of(&meta),
-    )
-    .await?;
-    let missing_identities =
-        identities::missing_on_gateway(&state.db, enrollment.gateway_id, enrollment.user_id)
-            .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(IssuedToken {
-            meta,
-            token,
-            missing_identities,
-        }),
-    ))
+    tracing::info!(enrollment_id = id, "per-user token claimed");
+    issued(&state, &admin, meta, token).await
 }
 
 // ---- the page ----

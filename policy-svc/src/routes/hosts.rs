@@ -74,11 +74,11 @@ struct NewToken {
 #[derive(Serialize)]
 pub(super) struct IssuedToken {
     #[serde(flatten)]
-    pub(super) meta: hosts::ApiToken,
-    pub(super) token: String,
+    meta: hosts::ApiToken,
+    token: String,
     /// Per-user servers on this gateway the token's user has no identity for yet: each
     /// refuses the token (`identity_missing`) until one is saved.
-    pub(super) missing_identities: Vec<identities::Missing>,
+    missing_identities: Vec<identities::Missing>,
 }
 
 /// Refuses a (host, gateway, user) that cannot have a token-based connection: no such
@@ -153,11 +153,21 @@ async fn create_token(
         },
     )
     .await?;
-    tracing::info!(token_id = meta.id, host_id, connection_id, prefix = %meta.prefix, "API token issued");
-    // The metadata only: the secret is never written anywhere but this one response.
+    issued(&state, &admin, meta, token).await
+}
+
+/// Audits a token just issued and answers with it: the one response that ever holds
+/// the secret, which is written nowhere else (the audit entry holds the metadata).
+pub(super) async fn issued(
+    state: &AppState,
+    admin: &Admin,
+    meta: hosts::ApiToken,
+    token: String,
+) -> Result<(StatusCode, Json<IssuedToken>), ApiError> {
+    tracing::info!(token_id = meta.id, host_id = meta.host_id, connection_id = meta.connection_id, prefix = %meta.prefix, "API token issued");
     audit_admin(
-        &state,
-        &admin,
+        state,
+        admin,
         "token.create",
         format!("tokens/{}", meta.id),
         None,
@@ -165,7 +175,7 @@ async fn create_token(
     )
     .await?;
     let missing_identities =
-        identities::missing_on_gateway(&state.db, body.gateway_id, user_id).await?;
+        identities::missing_on_gateway(&state.db, meta.gateway_id, meta.user_id).await?;
     Ok((
         StatusCode::CREATED,
         Json(IssuedToken {
