@@ -8,15 +8,15 @@
 //! waits (for profiling by hand). Needs release builds of the policy service and the
 //! demo MCP server (`target/release`, or `$MCPGUARD_BIN_DIR`), the filter's `.wasm`,
 //! Envoy (`$MCPGUARD_ENVOY`, else `.venv/bin/envoy`), `wrk`, and PostgreSQL's server
-//! binaries unless `--no-postgres` (see `pg.rs`).
+//! binaries unless `--no-postgres` (see `pgcluster/`).
 
 mod envoy;
-mod pg;
 mod procs;
 mod report;
 mod seed;
 mod wrk;
 
+use mcpguard_pgcluster::Cluster;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -502,10 +502,11 @@ fn run() -> Result<()> {
     // any measuring so a problem shows at once. It idles during the Envoy runs: the
     // seed ends with VACUUM ANALYZE, so autovacuum has nothing left to do then.
     // Declared in this order so the service stops before its cluster.
-    let mut postgres: Option<(pg::Postgres, PolicyService)> = None;
+    let mut postgres: Option<(Cluster, PolicyService)> = None;
     if opts.postgres && (opts.check || opts.hold) {
         eprintln!("starting a throwaway PostgreSQL cluster...");
-        let cluster = pg::Postgres::start(POSTGRES_SETTINGS)?;
+        let cluster = Cluster::start(POSTGRES_SETTINGS)
+            .context("starting PostgreSQL for the check benchmark (--no-postgres skips it)")?;
         let url = cluster.create_database("mcpguard_bench")?;
         eprintln!("seeding the data set (postgres)...");
         let seconds = runtime

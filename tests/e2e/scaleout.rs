@@ -532,7 +532,7 @@ async fn a_stopped_database_means_fast_503s_then_service_when_it_returns() {
     let url = r.url();
     expect_n(&url, &p.token, 2, (200, "")).await;
 
-    r.pg.stop();
+    r.pg.stop().expect("stopping PostgreSQL");
     let http = reqwest::Client::new();
     for i in 0..8 {
         let token = if i % 2 == 0 { &p.token } else { &revoked };
@@ -566,7 +566,7 @@ async fn a_stopped_database_means_fast_503s_then_service_when_it_returns() {
         assert!(!health.status().is_success(), "{}", health.status());
     }
 
-    r.pg.restart();
+    r.pg.restart().expect("starting PostgreSQL again");
     // Served again: 6 requests in a row allowed (each replica reconnects on its next
     // check; until then, 503s).
     let started = Instant::now();

@@ -1,12 +1,13 @@
-//! A throwaway PostgreSQL cluster for the check benchmark, as the test harness makes
-//! them (`tests/src/db.rs`): `initdb` into a temp dir, one free loopback port, no Unix
-//! socket, trust authentication. As root, the server programs run as the `postgres` OS
-//! user through `runuser` (PostgreSQL refuses to run as root).
+//! A throwaway PostgreSQL cluster, for the end-to-end tests (`tests/src/db.rs`) and the
+//! check benchmark: `initdb` into a temp dir (`$TMPDIR/mcpguard-pg-*`, which
+//! `scripts/postgres.sh` also sweeps), one free loopback port, no Unix socket, trust
+//! authentication. As root, the server programs run as the `postgres` OS user through
+//! `runuser` (PostgreSQL refuses to run as root).
 //!
-//! It is stopped and deleted on `Drop`, and also when the benchmark dies without
-//! dropping it (an error path that exits, Ctrl-C, a kill): a small watchdog shell
-//! ignores the terminal's signals and waits on a pipe only this process holds; when the
-//! pipe closes it stops the cluster (`pg_ctl -m immediate`) and removes the temp dir.
+//! It is stopped and deleted on `Drop`, and also when the process dies without dropping
+//! it (an error path that exits, Ctrl-C, a kill): a small watchdog shell ignores the
+//! terminal's signals and waits on a pipe only this process holds; when the pipe closes
+//! it stops the cluster (`pg_ctl -m immediate`) and removes the temp dir.
 //!
 //! Server binaries: `$MCPGUARD_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`
 //! (Debian's `postgresql` package), else `PATH`.
@@ -14,44 +15,43 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::procs::free_port;
-
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub struct Postgres {
-    pub port: u16,
+pub struct Cluster {
+    port: u16,
     /// The temp dir: `data/` (the cluster) and `postgres.log`.
     dir: PathBuf,
     bin: PathBuf,
     /// Whether server programs run as the `postgres` user (we are root).
     as_postgres: bool,
     /// Stops the cluster and deletes `dir` once its stdin closes.
-    watchdog: Option<Child>,
+    watchdog: Mutex<Option<Child>>,
 }
 
-impl Postgres {
+impl Cluster {
     /// Creates and starts a cluster; `settings` go to `postgresql.auto.conf` as they are.
-    pub fn start(settings: &[(&str, &str)]) -> Result<Postgres> {
+    pub fn start(settings: &[(&str, &str)]) -> Result<Cluster> {
         let bin = server_bin()?;
         let as_postgres = running_as_root();
         let dir = std::env::temp_dir().join(format!(
-            "mcpguard-bench-pg-{}-{}",
+            "mcpguard-pg-{}-{}",
             std::process::id(),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos())
         ));
         std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut pg = Postgres {
+        let mut pg = Cluster {
             port: 0,
             dir,
             bin,
             as_postgres,
-            watchdog: None,
+            watchdog: Mutex::new(None),
         };
         // Armed before anything else, so a failure below still removes the dir.
         pg.arm_watchdog()?;
@@ -94,34 +94,66 @@ impl Postgres {
         Ok(pg)
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
     /// Creates an empty database; returns its URL.
     pub fn create_database(&self, name: &str) -> Result<String> {
+        self.psql("postgres", &format!("CREATE DATABASE {name}"))?;
+        Ok(self.url(name))
+    }
+
+    /// Runs SQL on one database as the superuser (unaligned, tuples only); returns
+    /// psql's output.
+    pub fn psql(&self, database: &str, sql: &str) -> Result<String> {
         let out = Command::new(self.bin.join("psql"))
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+            .args([
+                "-X",
+                "-q",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+            ])
             .args([
                 "-p",
                 &self.port.to_string(),
                 "-U",
                 "postgres",
                 "-d",
-                "postgres",
+                database,
             ])
-            .args(["-c", &format!("CREATE DATABASE {name}")])
+            .args(["-c", sql])
             .current_dir(&self.dir)
             .stdin(Stdio::null())
             .output()
             .context("running psql")?;
         if !out.status.success() {
             bail!(
-                "CREATE DATABASE {name} failed: {}",
+                "psql {sql:?} failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Ok(self.url(name))
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Stops the server (fast shutdown: clients are disconnected) and waits for it.
+    pub fn stop(&self) -> Result<()> {
+        self.run("pg_ctl", &["-D", "data", "-m", "fast", "-w", "stop"])
+    }
+
+    /// Starts the server again after [`Cluster::stop`], on the same port and data.
+    pub fn restart(&self) -> Result<()> {
+        if !self.try_start() {
+            bail!("PostgreSQL did not start again; log:\n{}", self.log_tail());
+        }
+        Ok(())
     }
 
     /// `postgres --version`, e.g. `postgres (PostgreSQL) 15.14 (Debian 15.14-0+deb12u1)`.
@@ -150,7 +182,8 @@ impl Postgres {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
-    fn is_ready(&self) -> bool {
+    /// Whether the server accepts connections (`pg_isready`).
+    pub fn is_ready(&self) -> bool {
         Command::new(self.bin.join("pg_isready"))
             .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-U", "postgres", "-d", "postgres", "-t", "2"])
@@ -243,14 +276,17 @@ impl Postgres {
             .stderr(Stdio::null())
             .spawn()
             .context("starting the PostgreSQL watchdog")?;
-        self.watchdog = Some(child);
+        if let Ok(mut watchdog) = self.watchdog.lock() {
+            *watchdog = Some(child);
+        }
         Ok(())
     }
 }
 
-impl Drop for Postgres {
+impl Drop for Cluster {
     fn drop(&mut self) {
-        if let Some(mut child) = self.watchdog.take() {
+        let watchdog = self.watchdog.get_mut().map(Option::take).ok().flatten();
+        if let Some(mut child) = watchdog {
             // Closing stdin (after a newline, for good measure) sets it off.
             if let Some(mut stdin) = child.stdin.take() {
                 let _ = stdin.write_all(b"\n");
@@ -264,13 +300,32 @@ impl Drop for Postgres {
 /// `settings`.
 fn auto_conf(port: u16, settings: &[(&str, &str)]) -> String {
     let mut conf = format!(
-        "# mcpguard-bench\nlisten_addresses = '127.0.0.1'\nport = {port}\n\
+        "# mcpguard\nlisten_addresses = '127.0.0.1'\nport = {port}\n\
          unix_socket_directories = ''\n"
     );
     for (k, v) in settings {
         conf.push_str(&format!("{k} = {v}\n"));
     }
     conf
+}
+
+/// Everything a database holds, as SQL text (`pg_dump --data-only`).
+pub fn dump(database_url: &str) -> Result<String> {
+    let out = Command::new(server_bin()?.join("pg_dump"))
+        .args(["--data-only", "--no-owner", "-d", database_url])
+        .stdin(Stdio::null())
+        .output()
+        .context("running pg_dump")?;
+    if !out.status.success() {
+        bail!("pg_dump failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
 }
 
 fn sh_quote(path: &Path) -> String {
@@ -290,7 +345,7 @@ fn postgres_user() -> Result<(u32, u32)> {
         if !out.status.success() {
             bail!(
                 "running as root needs the `postgres` OS user (Debian's postgresql package \
-                 creates it), or use --no-postgres"
+                 creates it)"
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
@@ -325,7 +380,7 @@ pub fn server_bin() -> Result<PathBuf> {
         .find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists())
         .context(
             "PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install -y \
-             postgresql, set MCPGUARD_PG_BIN, or pass --no-postgres",
+             postgresql (`make test` does), or set MCPGUARD_PG_BIN",
         )
 }
 
