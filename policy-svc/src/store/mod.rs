@@ -208,7 +208,7 @@ pub(crate) fn placeholders(first: usize, count: usize) -> String {
 
 /// Splits `items` into chunks whose lengths are powers of two, at most `max` (itself a
 /// power of two), largest first. Statements built per chunk then come in a few shapes
-/// only (9 up to 256), which the per-connection statement cache holds; one shape per
+/// only (5 up to 16), which the per-connection statement cache holds; one shape per
 /// batch size would fill it with large statements that are never reused (the policy
 /// service grew to 240 MiB in `make bench`).
 pub(crate) fn pow2_chunks<T>(items: &[T], max: usize) -> impl Iterator<Item = &[T]> {
