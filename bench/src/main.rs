@@ -41,6 +41,8 @@ usage: mcpguard-bench [options]
   --no-postgres              check endpoint on SQLite only: no throwaway PostgreSQL
                              cluster (its server binaries are then not needed)
   --hold                     start everything, print pids and ports, wait for Ctrl-C
+                             (Ctrl-C or SIGTERM stops every server the bench started,
+                             at any point of a run)
   -h, --help                 this text";
 
 /// Distinct MCP requests in the Envoy workload (each with its own token).
@@ -449,6 +451,7 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> Result<()> {
     let opts = options(std::env::args().skip(1))?;
+    procs::stop_all_on_signal()?;
     let root = workspace_root();
     if !wrk::available() {
         bail!("wrk is missing: apt-get install -y wrk (make bench does this)");

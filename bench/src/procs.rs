@@ -1,11 +1,13 @@
 //! The processes under test: started from release builds on free loopback ports, polled
-//! until ready, measured through `/proc`, and killed on `Drop`.
+//! until ready, measured through `/proc`, and killed on `Drop`, or on SIGINT/SIGTERM
+//! (see [`stop_all_on_signal`]).
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -19,8 +21,50 @@ pub fn free_port() -> Result<u16> {
         .port())
 }
 
+/// Every running child. `Drop` does not run when the bench is killed by a signal,
+/// so the signal thread needs to reach them too.
+static CHILDREN: Mutex<Vec<Child>> = Mutex::new(Vec::new());
+
+fn children() -> MutexGuard<'static, Vec<Child>> {
+    // A panic while holding the lock leaves the list itself intact.
+    CHILDREN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// On SIGINT or SIGTERM, kills every child and exits (130 or 143). A terminal's Ctrl-C
+/// reaches the children anyway; a `kill`, or a Ctrl-C to a bench started in the
+/// background, would otherwise leave Envoys and policy services running. PostgreSQL
+/// has its own watchdog (`mcpguard-pgcluster`).
+pub fn stop_all_on_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let (mut int, mut term) = runtime.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+        ))
+    })?;
+    std::thread::spawn(move || {
+        let code = runtime.block_on(async {
+            tokio::select! {
+                _ = int.recv() => 130,
+                _ = term.recv() => 143,
+            }
+        });
+        for child in children().iter_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        eprintln!("mcpguard-bench: stopped by a signal; its processes were killed");
+        std::process::exit(code);
+    });
+    Ok(())
+}
+
+/// A child process; the child itself lives in [`CHILDREN`].
 pub struct Proc {
-    child: Child,
+    pid: u32,
     pub log: PathBuf,
 }
 
@@ -35,18 +79,27 @@ impl Proc {
             .stderr(err)
             .spawn()
             .with_context(|| format!("starting {name}: {cmd:?}"))?;
-        Ok(Proc { child, log })
+        let pid = child.id();
+        children().push(child);
+        Ok(Proc { pid, log })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
+    }
+
+    fn try_wait(&self) -> std::io::Result<Option<ExitStatus>> {
+        match children().iter_mut().find(|c| c.id() == self.pid) {
+            Some(child) => child.try_wait(),
+            None => Err(std::io::Error::other("not a child of this bench")),
+        }
     }
 
     /// Polls `ready` every 50 ms until it holds; fails if the process exits first.
     pub fn wait_ready(&mut self, what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
         let start = Instant::now();
         loop {
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(status) = self.try_wait()? {
                 bail!(
                     "{what} exited early ({status}); last lines of {}:\n{}",
                     self.log.display(),
@@ -74,14 +127,18 @@ impl Proc {
     }
 
     pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        matches!(self.try_wait(), Ok(None))
     }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let mut children = children();
+        if let Some(i) = children.iter().position(|c| c.id() == self.pid) {
+            let mut child = children.swap_remove(i);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
