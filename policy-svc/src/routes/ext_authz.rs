@@ -10,7 +10,8 @@
 //!   header — list it in `allowed_upstream_headers`;
 //! - deny: the contract's status and `{"error":{"code","message"}}` body, with
 //!   `WWW-Authenticate` on 401s, which Envoy relays to the client as they are;
-//! - store error: `503 policy_unavailable`. Envoy treats any 5xx from the authorization
+//! - store error, or no answer from the store within `--check-deadline-ms` (as on
+//!   `/v1/check`): `503 policy_unavailable`. Envoy treats any 5xx from the authorization
 //!   service as a failure and answers `status_on_error` (configure 503) itself: fail closed.
 //!
 //! Every decision is logged and audited as on `/v1/check`, including the refusals the
@@ -22,6 +23,7 @@
 
 use std::time::Instant;
 
+use axum::Extension;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
@@ -32,6 +34,7 @@ use mcpguard_core::route::{McpPath, PathError};
 use mcpguard_core::token::{TokenHash, TokenKind, parse_token};
 
 use crate::AppState;
+use crate::config::CheckDeadline;
 use crate::store::{self, audit::Event, check};
 
 /// The `http_service.path_prefix` Envoy's ext_authz filter must be configured with.
@@ -51,7 +54,12 @@ pub fn routes() -> Router<AppState> {
     Router::new().route(&format!("{PATH_PREFIX}/{{*path}}"), any(run))
 }
 
-async fn run(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
+async fn run(
+    State(state): State<AppState>,
+    deadline: Option<Extension<CheckDeadline>>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
     let started = Instant::now();
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let full = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
@@ -94,9 +102,21 @@ async fn run(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Res
     }
 
     let presented = TokenHash::of(token);
-    let row = match check::load(&state.db, &presented.to_hex(), path.server).await {
-        Ok(row) => row,
-        Err(e) => {
+    // The same deadline as /v1/check: a slow store is a quick refusal, not a wait.
+    let deadline = deadline.map(|Extension(d)| d).unwrap_or_default().0;
+    let hash = presented.to_hex();
+    let load = check::load(&state.db, &hash, path.server);
+    let row = match tokio::time::timeout(deadline, load).await {
+        Ok(Ok(row)) => row,
+        Err(_) => {
+            tracing::warn!(
+                deadline_ms = deadline.as_millis(),
+                request_id = seen.request_id,
+                "ext_authz check: database read passed its deadline; refusing"
+            );
+            return refuse(DenyCode::PolicyUnavailable, None);
+        }
+        Ok(Err(e)) => {
             // As on /v1/check, a failed read is not a decision: it is refused, not audited.
             tracing::error!(error = %e, gateway = path.gateway, server = path.server, request_id = seen.request_id, "ext_authz check could not read the store; refusing");
             return refuse(DenyCode::PolicyUnavailable, None);
@@ -515,6 +535,27 @@ mod tests {
         .await;
         assert_eq!((a.status, a.code().as_str()), (503, "policy_unavailable"));
         assert_eq!(a.header(HEADERS_TO_REMOVE), None);
+    }
+
+    #[tokio::test]
+    async fn a_store_slower_than_the_deadline_is_a_quick_503() {
+        let f = fixture().await;
+        // Every pooled connection busy: the read would wait out the pool's 1 s acquire
+        // timeout; the check's deadline (200 ms by default) answers first.
+        let _held = (f.db.acquire().await.unwrap(), f.db.acquire().await.unwrap());
+        let started = std::time::Instant::now();
+        let a = ask(
+            &f.app,
+            "/mcp/eng/demo",
+            Some(&format!("Bearer {}", f.token)),
+        )
+        .await;
+        let took = started.elapsed();
+        assert_eq!((a.status, a.code().as_str()), (503, "policy_unavailable"));
+        assert!(
+            took < std::time::Duration::from_millis(800),
+            "took {took:?}"
+        );
     }
 
     #[test]
