@@ -39,9 +39,16 @@ pub struct CheckRow {
     pub shared_sealed: Option<Vec<u8>>,
 }
 
-pub async fn load(db: &Db, token_hash: &str, server_slug: &str) -> Result<Option<CheckRow>> {
-    Ok(sqlx::query_as(
-        "SELECT t.id AS token_id, t.token_hash, t.expires_at, t.revoked_at,
+/// The check's one statement, for a credential read from `$credential`: every layer
+/// behind the connection (host, user, gateway, server, exposure, identity) is joined the
+/// same way for every kind of credential, so a layer added here applies to all of them.
+/// A macro, so that each statement stays one `&'static str`.
+macro_rules! check_select {
+    ($credential_columns:literal, $credential:literal, $matches:literal) => {
+        concat!(
+            "SELECT ",
+            $credential_columns,
+            ",
                 c.id AS connection_id, c.host_id, c.user_id, c.enabled AS connection_enabled,
                 h.enabled AS host_enabled, u.enabled AS user_enabled,
                 g.slug AS gateway_slug, g.enabled AS gateway_enabled,
@@ -50,16 +57,27 @@ pub async fn load(db: &Db, token_hash: &str, server_slug: &str) -> Result<Option
                 i.id AS identity_id, i.enabled AS identity_enabled,
                 i.header_name AS identity_header, i.sealed AS identity_sealed,
                 g.id AS gateway_id, e.credential_header AS shared_header, e.credential_sealed AS shared_sealed
-         FROM api_tokens t
-         JOIN connections c ON c.id = t.connection_id
+         FROM ",
+            $credential,
+            "
          JOIN hosts h ON h.id = c.host_id
          JOIN users u ON u.id = c.user_id
          JOIN gateways g ON g.id = c.gateway_id
          LEFT JOIN servers s ON s.slug = $2
          LEFT JOIN exposures e ON e.gateway_id = g.id AND e.server_id = s.id
          LEFT JOIN identities i ON i.user_id = c.user_id AND i.server_id = s.id
-         WHERE t.token_hash = $1",
-    )
+         WHERE ",
+            $matches
+        )
+    };
+}
+
+pub async fn load(db: &Db, token_hash: &str, server_slug: &str) -> Result<Option<CheckRow>> {
+    Ok(sqlx::query_as(check_select!(
+        "t.id AS token_id, t.token_hash, t.expires_at, t.revoked_at",
+        "api_tokens t JOIN connections c ON c.id = t.connection_id",
+        "t.token_hash = $1"
+    ))
     .bind(token_hash)
     .bind(server_slug)
     .fetch_optional(db)
@@ -70,26 +88,11 @@ pub async fn load(db: &Db, token_hash: &str, server_slug: &str) -> Result<Option
 /// grant's id, `revoked_at` the grant's (revoking the family stops its access tokens),
 /// `token_hash` empty and `expires_at` none (the filter checked the JWT's expiry).
 pub async fn load_oauth(db: &Db, grant_id: i64, server_slug: &str) -> Result<Option<CheckRow>> {
-    Ok(sqlx::query_as(
-        "SELECT gr.id AS token_id, '' AS token_hash, CAST(NULL AS BIGINT) AS expires_at, gr.revoked_at,
-                c.id AS connection_id, c.host_id, c.user_id, c.enabled AS connection_enabled,
-                h.enabled AS host_enabled, u.enabled AS user_enabled,
-                g.slug AS gateway_slug, g.enabled AS gateway_enabled,
-                s.enabled AS server_enabled, s.upstream_scheme, s.upstream_authority,
-                s.upstream_path, e.identity, s.id AS server_id,
-                i.id AS identity_id, i.enabled AS identity_enabled,
-                i.header_name AS identity_header, i.sealed AS identity_sealed,
-                g.id AS gateway_id, e.credential_header AS shared_header, e.credential_sealed AS shared_sealed
-         FROM oauth_grants gr
-         JOIN connections c ON c.id = gr.connection_id
-         JOIN hosts h ON h.id = c.host_id
-         JOIN users u ON u.id = c.user_id
-         JOIN gateways g ON g.id = c.gateway_id
-         LEFT JOIN servers s ON s.slug = $2
-         LEFT JOIN exposures e ON e.gateway_id = g.id AND e.server_id = s.id
-         LEFT JOIN identities i ON i.user_id = c.user_id AND i.server_id = s.id
-         WHERE gr.id = $1",
-    )
+    Ok(sqlx::query_as(check_select!(
+        "gr.id AS token_id, '' AS token_hash, CAST(NULL AS BIGINT) AS expires_at, gr.revoked_at",
+        "oauth_grants gr JOIN connections c ON c.id = gr.connection_id",
+        "gr.id = $1"
+    ))
     .bind(grant_id)
     .bind(server_slug)
     .fetch_optional(db)
