@@ -73,23 +73,33 @@ struct Root {
     fetching: bool,
 }
 
+/// Asks the policy service for its JWKS; the answer comes to `ctx`'s
+/// `on_http_call_response`.
+fn fetch_jwks(
+    ctx: &impl Context,
+    config: &FilterConfig,
+    timeout: Duration,
+) -> Result<u32, proxy_wasm::types::Status> {
+    ctx.dispatch_http_call(
+        &config.policy_cluster,
+        vec![
+            (":method", "GET"),
+            (":path", CHECK_JWKS_PATH),
+            (":authority", &config.policy_authority),
+        ],
+        None,
+        vec![],
+        timeout,
+    )
+}
+
 impl Root {
-    fn fetch_jwks(&mut self) {
+    fn refresh_jwks(&mut self) {
         let Some(config) = self.config.clone() else {
             return;
         };
-        let dispatched = self.dispatch_http_call(
-            &config.policy_cluster,
-            vec![
-                (":method", "GET"),
-                (":path", CHECK_JWKS_PATH),
-                (":authority", &config.policy_authority),
-            ],
-            None,
-            vec![],
-            Duration::from_millis(config.check_timeout_ms.max(1000)),
-        );
-        match dispatched {
+        let timeout = Duration::from_millis(config.check_timeout_ms.max(1000));
+        match fetch_jwks(self, &config, timeout) {
             Ok(_) => self.fetching = true,
             Err(status) => log::error!(
                 "JWKS fetch from cluster {:?} failed to start: {status:?}",
@@ -173,7 +183,7 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         if !self.fetching {
-            self.fetch_jwks();
+            self.refresh_jwks();
         }
     }
 
@@ -325,18 +335,8 @@ impl Request {
                 Action::Pause
             }
             Start::NeedKeys => {
-                let dispatched = self.dispatch_http_call(
-                    &config.policy_cluster,
-                    vec![
-                        (":method", "GET"),
-                        (":path", CHECK_JWKS_PATH),
-                        (":authority", &config.policy_authority),
-                    ],
-                    None,
-                    vec![],
-                    Duration::from_millis(config.check_timeout_ms),
-                );
-                match dispatched {
+                let timeout = Duration::from_millis(config.check_timeout_ms);
+                match fetch_jwks(self, &config, timeout) {
                     Ok(_) => {
                         self.awaiting_keys = true;
                         self.fetched_keys = true;
