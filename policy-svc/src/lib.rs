@@ -28,6 +28,8 @@ pub use usage::Usage;
 #[derive(Clone)]
 pub struct AppState {
     pub db: Db,
+    /// Where the check reads its row (on SQLite, not through `db`).
+    pub check_reads: store::check::Reads,
     pub usage: Usage,
     pub audit: audit::Audit,
     pub audit_retention_days: u32,
@@ -83,7 +85,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (usage, usage_writer) = Usage::spawn(db.clone());
     let (audit, audit_writer) = audit::Audit::spawn(db.clone(), config.audit_retention_days);
     tokio::spawn(oauth_housekeeping(db.clone()));
+    let check_reads =
+        store::check::Reads::for_store(&db, &config.database_url(), config.check_deadline().0);
     let state = AppState {
+        check_reads,
         db,
         usage,
         audit,

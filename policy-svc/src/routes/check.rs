@@ -33,22 +33,18 @@ async fn run(
     // No answer from the database in time, or an error: 503, which the filter turns
     // into a refusal (`policy_unavailable`). Fail closed, and fast.
     let deadline = deadline.map(|Extension(d)| d).unwrap_or_default().0;
-    let load = async {
-        match &req.credential {
-            Credential::ApiToken { hash } => check::load(&state.db, hash, &req.server).await,
-            Credential::Oauth { grant, .. } => {
-                check::load_oauth(&state.db, *grant, &req.server).await
-            }
-        }
+    let credential = match &req.credential {
+        Credential::ApiToken { hash } => check::Credential::ApiToken(hash),
+        Credential::Oauth { grant, .. } => check::Credential::Grant(*grant),
     };
-    let row = match tokio::time::timeout(deadline, load).await {
-        Ok(Ok(row)) => row,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, request_id = ?req.request_id, "check: database read failed");
-            return Err(ApiError::Unavailable);
-        }
-        Err(_) => {
-            tracing::warn!(deadline_ms = deadline.as_millis(), request_id = ?req.request_id, "check: database read passed its deadline");
+    let row = match state
+        .check_reads
+        .load(credential, &req.server, deadline)
+        .await
+    {
+        Ok(row) => row,
+        Err(e) => {
+            tracing::warn!(error = %e, request_id = ?req.request_id, "check: no answer from the store; refusing");
             return Err(ApiError::Unavailable);
         }
     };

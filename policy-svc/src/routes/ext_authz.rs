@@ -105,20 +105,14 @@ async fn run(
     // The same deadline as /v1/check: a slow store is a quick refusal, not a wait.
     let deadline = deadline.map(|Extension(d)| d).unwrap_or_default().0;
     let hash = presented.to_hex();
-    let load = check::load(&state.db, &hash, path.server);
-    let row = match tokio::time::timeout(deadline, load).await {
-        Ok(Ok(row)) => row,
-        Err(_) => {
-            tracing::warn!(
-                deadline_ms = deadline.as_millis(),
-                request_id = seen.request_id,
-                "ext_authz check: database read passed its deadline; refusing"
-            );
-            return refuse(DenyCode::PolicyUnavailable, None);
-        }
-        Ok(Err(e)) => {
+    let read = state
+        .check_reads
+        .load(check::Credential::ApiToken(&hash), path.server, deadline);
+    let row = match read.await {
+        Ok(row) => row,
+        Err(e) => {
             // As on /v1/check, a failed read is not a decision: it is refused, not audited.
-            tracing::error!(error = %e, gateway = path.gateway, server = path.server, request_id = seen.request_id, "ext_authz check could not read the store; refusing");
+            tracing::warn!(error = %e, gateway = path.gateway, server = path.server, request_id = seen.request_id, "ext_authz check: no answer from the store; refusing");
             return refuse(DenyCode::PolicyUnavailable, None);
         }
     };
@@ -261,17 +255,23 @@ mod tests {
     use tower::ServiceExt;
 
     use crate::store::Db;
+    use crate::store::check::Reads;
 
     struct Fixture {
         app: Router,
         db: Db,
         token: String,
         token_id: i64,
-        _dir: tempfile::TempDir,
+        dir: tempfile::TempDir,
     }
 
-    /// A store with gateway `eng` exposing server `demo` (shared) and one token for it.
+    /// A store with gateway `eng` exposing server `demo` (shared) and one token for it;
+    /// checks read it as they do when shipped (on SQLite, not through the pool).
     async fn fixture() -> Fixture {
+        fixture_reading(|db, url| Reads::for_store(db, url, CheckDeadline::default().0)).await
+    }
+
+    async fn fixture_reading(reads: impl FnOnce(&Db, &str) -> Reads) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
         let db = store::open(&url, 2).await.unwrap();
@@ -301,6 +301,7 @@ mod tests {
         let (usage, _writer) = crate::Usage::spawn(db.clone());
         let (audit, _audit_writer) = crate::audit::Audit::spawn(db.clone(), 0);
         let app = super::super::check(AppState {
+            check_reads: reads(&db, &url),
             db: db.clone(),
             usage,
             audit,
@@ -316,7 +317,7 @@ mod tests {
             db,
             token,
             token_id: 7,
-            _dir: dir,
+            dir,
         }
     }
 
@@ -525,8 +526,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_store_failure_is_a_5xx_so_envoy_fails_closed() {
+        // Through the pool: the pool is closed.
+        let f = fixture_reading(|db, _| Reads::Pool(db.clone())).await;
+        f.db.close().await;
+        assert_503_without_allow_headers(&f).await;
+        // On SQLite: the file is no longer a database.
         let f = fixture().await;
         f.db.close().await;
+        let path = f.dir.path().join("t.db");
+        std::fs::write(&path, vec![b'x'; 8192]).unwrap();
+        assert_503_without_allow_headers(&f).await;
+    }
+
+    async fn assert_503_without_allow_headers(f: &Fixture) {
         let a = ask(
             &f.app,
             "/mcp/eng/demo",
@@ -539,10 +551,26 @@ mod tests {
 
     #[tokio::test]
     async fn a_store_slower_than_the_deadline_is_a_quick_503() {
-        let f = fixture().await;
-        // Every pooled connection busy: the read would wait out the pool's 1 s acquire
-        // timeout; the check's deadline (200 ms by default) answers first.
+        // Through the pool (PostgreSQL's way): every pooled connection busy, the read
+        // would wait out the pool's 1 s acquire timeout.
+        let f = fixture_reading(|db, _| Reads::Pool(db.clone())).await;
         let _held = (f.db.acquire().await.unwrap(), f.db.acquire().await.unwrap());
+        assert_quick_503(&f).await;
+        // On SQLite: another connection holds the file locked.
+        let f = fixture().await;
+        let path = f.dir.path().join("t.db");
+        f.db.close().await;
+        let holder = rusqlite::Connection::open(path).unwrap();
+        holder
+            .execute_batch(
+                "PRAGMA locking_mode = EXCLUSIVE; BEGIN; UPDATE hosts SET enabled = 1; COMMIT;",
+            )
+            .unwrap();
+        assert_quick_503(&f).await;
+    }
+
+    /// The check's deadline (200 ms by default) answers well before anything else would.
+    async fn assert_quick_503(f: &Fixture) {
         let started = std::time::Instant::now();
         let a = ask(
             &f.app,

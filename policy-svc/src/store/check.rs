@@ -3,11 +3,16 @@
 use mcpguard_core::check::{CheckResponse, DenyCode, InjectHeader, Scheme, Upstream};
 use mcpguard_core::token::TokenHash;
 
-use super::{Db, DbBool, Result};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::sqlite_reads::{SqliteReadError, SqliteReads};
+use super::{Db, DbBool, Result, StoreError};
 use crate::secrets::{identity_binding, shared_binding};
 
 /// Everything the decision needs, read in one query.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct CheckRow {
     pub token_id: i64,
     pub token_hash: String,
@@ -72,31 +77,94 @@ macro_rules! check_select {
     };
 }
 
-pub async fn load(db: &Db, token_hash: &str, server_slug: &str) -> Result<Option<CheckRow>> {
-    Ok(sqlx::query_as(check_select!(
-        "t.id AS token_id, t.token_hash, t.expires_at, t.revoked_at",
-        "api_tokens t JOIN connections c ON c.id = t.connection_id",
-        "t.token_hash = $1"
-    ))
-    .bind(token_hash)
-    .bind(server_slug)
-    .fetch_optional(db)
-    .await?)
+/// The statement for an API token, by its hash (`$1`), and the server's slug (`$2`).
+pub(crate) const API_TOKEN_SELECT: &str = check_select!(
+    "t.id AS token_id, t.token_hash, t.expires_at, t.revoked_at",
+    "api_tokens t JOIN connections c ON c.id = t.connection_id",
+    "t.token_hash = $1"
+);
+
+/// The same row for an OAuth access token, read through its grant (`$1`): `token_id` is
+/// the grant's id, `revoked_at` the grant's (revoking the family stops its access
+/// tokens), `token_hash` empty and `expires_at` none (the filter checked the JWT's expiry).
+pub(crate) const OAUTH_SELECT: &str = check_select!(
+    "gr.id AS token_id, '' AS token_hash, CAST(NULL AS BIGINT) AS expires_at, gr.revoked_at",
+    "oauth_grants gr JOIN connections c ON c.id = gr.connection_id",
+    "gr.id = $1"
+);
+
+/// What the check's row is read by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential<'a> {
+    /// An API token's hash, in hex.
+    ApiToken(&'a str),
+    /// An OAuth access token's grant.
+    Grant(i64),
 }
 
-/// The same row for an OAuth access token, read through its grant: `token_id` is the
-/// grant's id, `revoked_at` the grant's (revoking the family stops its access tokens),
-/// `token_hash` empty and `expires_at` none (the filter checked the JWT's expiry).
-pub async fn load_oauth(db: &Db, grant_id: i64, server_slug: &str) -> Result<Option<CheckRow>> {
-    Ok(sqlx::query_as(check_select!(
-        "gr.id AS token_id, '' AS token_hash, CAST(NULL AS BIGINT) AS expires_at, gr.revoked_at",
-        "oauth_grants gr JOIN connections c ON c.id = gr.connection_id",
-        "gr.id = $1"
-    ))
-    .bind(grant_id)
-    .bind(server_slug)
-    .fetch_optional(db)
-    .await?)
+/// Why a check has no row to decide on: it is refused with `policy_unavailable`.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("no answer from the store within {} ms", .0.as_millis())]
+    Deadline(Duration),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("sqlite: {0}")]
+    Sqlite(rusqlite::Error),
+}
+
+/// Where checks read their row: [`SqliteReads`] on a SQLite file, else the pool.
+#[derive(Debug, Clone)]
+pub enum Reads {
+    Pool(Db),
+    Sqlite(Arc<SqliteReads>),
+}
+
+impl Reads {
+    /// For the store at `url`, which `db` is the pool of; a read gives up after
+    /// `deadline`.
+    pub fn for_store(db: &Db, url: &str, deadline: Duration) -> Reads {
+        let file = url
+            .starts_with("sqlite:")
+            .then(|| sqlx::sqlite::SqliteConnectOptions::from_str(url).ok())
+            .flatten()
+            .map(|o| o.get_filename().to_path_buf())
+            // An in-memory database has a made-up name and lives only in its connections.
+            .filter(|path| path.is_file());
+        match file {
+            Some(path) => Reads::Sqlite(Arc::new(SqliteReads::new(path, deadline))),
+            None => Reads::Pool(db.clone()),
+        }
+    }
+
+    /// The row for `credential` and `server`, or `None` when the credential is unknown;
+    /// an error when the store gave no answer within `deadline` (on SQLite, the one
+    /// given to [`Reads::for_store`]).
+    pub async fn load(
+        &self,
+        credential: Credential<'_>,
+        server: &str,
+        deadline: Duration,
+    ) -> Result<Option<CheckRow>, ReadError> {
+        match self {
+            Reads::Pool(db) => tokio::time::timeout(deadline, load(db, credential, server))
+                .await
+                .map_err(|_| ReadError::Deadline(deadline))?
+                .map_err(ReadError::Store),
+            Reads::Sqlite(reads) => reads.load(credential, server).map_err(|e| match e {
+                SqliteReadError::Deadline => ReadError::Deadline(deadline),
+                SqliteReadError::Sqlite(e) => ReadError::Sqlite(e),
+            }),
+        }
+    }
+}
+
+async fn load(db: &Db, credential: Credential<'_>, server: &str) -> Result<Option<CheckRow>> {
+    let query = match credential {
+        Credential::ApiToken(hash) => sqlx::query_as(API_TOKEN_SELECT).bind(hash),
+        Credential::Grant(grant) => sqlx::query_as(OAUTH_SELECT).bind(grant),
+    };
+    Ok(query.bind(server).fetch_optional(db).await?)
 }
 
 /// Decides a request from what `load` read. Layers are checked from the credential

@@ -11,6 +11,7 @@ pub mod hosts;
 pub mod identities;
 pub mod oauth;
 pub mod rekey;
+pub mod sqlite_reads;
 pub mod toggles;
 
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -1,0 +1,306 @@
+//! The check's store read on SQLite, through `rusqlite` on the request's own thread.
+//!
+//! Through sqlx, a SQLite statement is a round trip to its connection's worker thread,
+//! and the pool pings each connection it takes back: two thread wake-ups per check, the
+//! largest cost of a check in `make bench`. The check is one indexed read of a database
+//! that lives in the page cache, so it runs right where the request is served, on
+//! connections of its own, and costs about 40% less CPU (BENCHMARKS.md). The statement
+//! is the one sqlx runs on PostgreSQL.
+//!
+//! A read can hold its thread only so long: SQLite's busy handler gives up on a locked
+//! database at the check's deadline, and a progress handler interrupts a statement that
+//! runs past it. Either way the check is refused with 503, as a slow pool read is.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row};
+
+use super::DbBool;
+use super::check::{API_TOKEN_SELECT, CheckRow, Credential, OAUTH_SELECT};
+
+/// SQLite calls the progress handler every this many virtual-machine steps: a check
+/// runs a few hundred, so a statement past its deadline is cut within microseconds.
+const PROGRESS_STEPS: i32 = 100;
+
+/// Connections to one SQLite file, each used by one read at a time. A read holds its
+/// connection only while it runs on a thread, so there are never more of them than
+/// threads that serve checks; none is opened until a check needs it.
+pub struct SqliteReads {
+    path: PathBuf,
+    deadline: Duration,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteReads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteReads")
+            .field("path", &self.path)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a read gave no row.
+#[derive(Debug, thiserror::Error)]
+pub enum SqliteReadError {
+    /// Locked by another connection, or still running, at the deadline.
+    #[error("no answer within the deadline")]
+    Deadline,
+    #[error(transparent)]
+    Sqlite(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for SqliteReadError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(ErrorCode::OperationInterrupted | ErrorCode::DatabaseBusy) => {
+                SqliteReadError::Deadline
+            }
+            _ => SqliteReadError::Sqlite(e),
+        }
+    }
+}
+
+impl SqliteReads {
+    /// Reads from the SQLite file at `path`, giving up after `deadline`.
+    pub fn new(path: PathBuf, deadline: Duration) -> Self {
+        SqliteReads {
+            path,
+            deadline,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The check's row for `credential` and `server`; `None` when the credential is
+    /// unknown.
+    pub fn load(
+        &self,
+        credential: Credential<'_>,
+        server: &str,
+    ) -> Result<Option<CheckRow>, SqliteReadError> {
+        let conn = match self.idle.lock().ok().and_then(|mut idle| idle.pop()) {
+            Some(conn) => conn,
+            None => self.connect()?,
+        };
+        let (started, deadline) = (Instant::now(), self.deadline);
+        conn.progress_handler(PROGRESS_STEPS, Some(move || started.elapsed() > deadline))?;
+        let row = read(&conn, credential, server);
+        // A connection that failed is dropped, not reused: the next read opens a new one.
+        if row.is_ok()
+            && let Ok(mut idle) = self.idle.lock()
+        {
+            idle.push(conn);
+        }
+        Ok(row?)
+    }
+
+    fn connect(&self) -> rusqlite::Result<Connection> {
+        // Opened read-write but `query_only`: a read-only connection to a WAL database
+        // cannot open when no other connection holds its shared-memory file.
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(self.deadline)?;
+        conn.pragma_update(None, "query_only", true)?;
+        Ok(conn)
+    }
+}
+
+fn read(
+    conn: &Connection,
+    credential: Credential<'_>,
+    server: &str,
+) -> rusqlite::Result<Option<CheckRow>> {
+    // SQLite numbers parameters in order of first use, and `$2` comes first in the
+    // statement: bind by name.
+    match credential {
+        Credential::ApiToken(hash) => conn
+            .prepare_cached(API_TOKEN_SELECT)?
+            .query_row(
+                rusqlite::named_params! {"$1": hash, "$2": server},
+                check_row,
+            )
+            .optional(),
+        Credential::Grant(grant) => conn
+            .prepare_cached(OAUTH_SELECT)?
+            .query_row(
+                rusqlite::named_params! {"$1": grant, "$2": server},
+                check_row,
+            )
+            .optional(),
+    }
+}
+
+/// The row in the statement's column order, which is the order of [`CheckRow`]'s fields.
+fn check_row(r: &Row<'_>) -> rusqlite::Result<CheckRow> {
+    let flag = |i: usize| r.get::<_, i64>(i).map(|v| DbBool(v != 0));
+    let maybe_flag = |i: usize| {
+        r.get::<_, Option<i64>>(i)
+            .map(|v| v.map(|v| DbBool(v != 0)))
+    };
+    Ok(CheckRow {
+        token_id: r.get(0)?,
+        token_hash: r.get(1)?,
+        expires_at: r.get(2)?,
+        revoked_at: r.get(3)?,
+        connection_id: r.get(4)?,
+        host_id: r.get(5)?,
+        user_id: r.get(6)?,
+        connection_enabled: flag(7)?,
+        host_enabled: flag(8)?,
+        user_enabled: flag(9)?,
+        gateway_slug: r.get(10)?,
+        gateway_enabled: flag(11)?,
+        server_enabled: maybe_flag(12)?,
+        upstream_scheme: r.get(13)?,
+        upstream_authority: r.get(14)?,
+        upstream_path: r.get(15)?,
+        identity: r.get(16)?,
+        server_id: r.get(17)?,
+        identity_id: r.get(18)?,
+        identity_enabled: maybe_flag(19)?,
+        identity_header: r.get(20)?,
+        identity_sealed: r.get(21)?,
+        gateway_id: r.get(22)?,
+        shared_header: r.get(23)?,
+        shared_sealed: r.get(24)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{self, Db};
+
+    /// Gateway `eng` exposing `demo` (shared, with a service credential) and `pu`
+    /// (per-user; the user has an identity there), and `off` exposed nowhere; one
+    /// connection with API token `aa…` (expiring) and OAuth grant 5 (revoked).
+    async fn store() -> (tempfile::TempDir, PathBuf, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let db = store::open(&url, 2).await.unwrap();
+        for sql in [
+            "INSERT INTO roles (id, name, created_at) VALUES (1, 'owner', 1)",
+            "INSERT INTO users (id, name, role_id, enabled, created_at) VALUES (1, 'owner', 1, 1, 1)",
+            "INSERT INTO gateways (id, name, slug, enabled, created_at) VALUES (3, 'Eng', 'eng', 1, 1)",
+            "INSERT INTO servers (id, name, slug, upstream_scheme, upstream_authority, upstream_path, enabled, created_at) VALUES
+             (1, 'Demo', 'demo', 'http', '127.0.0.1:9100', '/mcp', 1, 1),
+             (2, 'Per user', 'pu', 'https', 'pu.example:443', '/', 0, 1),
+             (4, 'Off', 'off', 'http', 'off.example:80', '/x', 1, 1)",
+            "INSERT INTO exposures (gateway_id, server_id, identity, created_at, credential_header, credential_sealed) VALUES
+             (3, 1, 'shared', 1, 'x-api-key', x'0102'), (3, 2, 'per_user', 1, NULL, NULL)",
+            "INSERT INTO identities (id, user_id, server_id, header_name, sealed, enabled, created_at) VALUES (9, 1, 2, 'authorization', x'ff00', 0, 1)",
+            "INSERT INTO hosts (id, name, kind, enabled, created_at) VALUES (1, 'Bot', 'token', 0, 1)",
+            "INSERT INTO connections (id, host_id, gateway_id, user_id, enabled, created_at) VALUES (6, 1, 3, 1, 1, 1)",
+            "INSERT INTO api_tokens (id, connection_id, token_hash, prefix, created_by, created_at, expires_at) VALUES (7, 6, 'aa', 'mcpgt_aa', 1, 1, 99)",
+            "INSERT INTO oauth_clients (id, client_id, client_name, redirect_uris, host_id, created_at) VALUES (1, 'c', 'C', '[]', 1, 1)",
+            "INSERT INTO oauth_grants (id, client_id, user_id, connection_id, resource, created_at, revoked_at) VALUES (5, 1, 1, 6, 'r', 1, 42)",
+        ] {
+            sqlx::query(sql).execute(&db).await.unwrap();
+        }
+        (dir, path, db)
+    }
+
+    #[tokio::test]
+    async fn reads_the_same_rows_as_the_pool() {
+        let (_dir, path, db) = store().await;
+        let reads = SqliteReads::new(path, Duration::from_secs(1));
+        let pool = crate::store::check::Reads::Pool(db);
+        let mut found = 0;
+        for credential in [
+            Credential::ApiToken("aa"),
+            Credential::ApiToken("bb"),
+            Credential::Grant(5),
+            Credential::Grant(6),
+        ] {
+            for server in ["demo", "pu", "off", "none"] {
+                let expected = pool
+                    .load(credential, server, Duration::from_secs(1))
+                    .await
+                    .unwrap();
+                let row = reads.load(credential, server).unwrap();
+                assert_eq!(row, expected, "{credential:?} {server}");
+                found += usize::from(row.is_some());
+            }
+        }
+        // A row for each known credential and server name (a server unknown or not
+        // exposed is the decision's to refuse); none for the unknown credentials.
+        assert_eq!(found, 8);
+        let row = reads
+            .load(Credential::ApiToken("aa"), "pu")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (row.identity_id, row.identity_enabled, row.server_enabled),
+            (Some(9), Some(DbBool(false)), Some(DbBool(false)))
+        );
+        assert_eq!(row.expires_at, Some(99));
+        assert!(!row.host_enabled.0 && row.user_enabled.0);
+        let row = reads.load(Credential::Grant(5), "demo").unwrap().unwrap();
+        assert_eq!(
+            (row.revoked_at, row.shared_sealed),
+            (Some(42), Some(vec![1, 2]))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_change_is_seen_by_the_next_read() {
+        let (_dir, path, db) = store().await;
+        let reads = SqliteReads::new(path, Duration::from_secs(1));
+        let enabled = |reads: &SqliteReads| {
+            let row = reads.load(Credential::ApiToken("aa"), "demo").unwrap();
+            row.unwrap().host_enabled.0
+        };
+        assert!(!enabled(&reads));
+        sqlx::query("UPDATE hosts SET enabled = 1")
+            .execute(&db)
+            .await
+            .unwrap();
+        assert!(enabled(&reads), "the connection kept an old snapshot");
+    }
+
+    #[tokio::test]
+    async fn a_locked_database_is_given_up_at_the_deadline_and_read_again_after() {
+        let (_dir, path, db) = store().await;
+        // A connection in exclusive locking mode that has written keeps every other
+        // connection out, readers included, until it closes. It can only take that
+        // lock while no other connection has the file open.
+        db.close().await;
+        let holder = Connection::open(&path).unwrap();
+        holder
+            .execute_batch(
+                "PRAGMA locking_mode = EXCLUSIVE; BEGIN; UPDATE hosts SET enabled = 1; COMMIT;",
+            )
+            .unwrap();
+        let reads = SqliteReads::new(path, Duration::from_millis(100));
+        let started = Instant::now();
+        let refused = reads.load(Credential::ApiToken("aa"), "demo");
+        let took = started.elapsed();
+        assert!(
+            matches!(refused, Err(SqliteReadError::Deadline)),
+            "{refused:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(90) && took < Duration::from_millis(900),
+            "took {took:?}"
+        );
+        drop(holder);
+        let row = reads.load(Credential::ApiToken("aa"), "demo").unwrap();
+        assert!(row.unwrap().host_enabled.0, "the holder's write is seen");
+    }
+
+    #[tokio::test]
+    async fn a_statement_past_its_deadline_is_interrupted() {
+        let (_dir, path, _db) = store().await;
+        let reads = SqliteReads::new(path, Duration::ZERO);
+        let interrupted = reads.load(Credential::ApiToken("aa"), "demo");
+        assert!(
+            matches!(interrupted, Err(SqliteReadError::Deadline)),
+            "{interrupted:?}"
+        );
+    }
+}
