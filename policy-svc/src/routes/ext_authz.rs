@@ -3,8 +3,8 @@
 //! Envoy sends the client's method, `Authorization`, `Host` and path — prefixed with the
 //! filter's `path_prefix`, which must be [`PATH_PREFIX`] — with no body. The decision is
 //! the check endpoint's own: the same token parsing (`mcpguard_core`), the same single
-//! store read ([`check::load`]) and the same pure [`check::decide`]. What differs is only
-//! the wire form, which is Envoy's:
+//! store read ([`check::Reads::load`]) and the same pure [`check::decide`]. What
+//! differs is only the wire form, which is Envoy's:
 //! - allow: `200`, with `x-envoy-auth-headers-to-remove: authorization` (the upstream never
 //!   sees the client's token) and, when the exposure injects a downstream credential, that
 //!   header — list it in `allowed_upstream_headers`;

@@ -167,9 +167,10 @@ async fn load(db: &Db, credential: Credential<'_>, server: &str) -> Result<Optio
     Ok(query.bind(server).fetch_optional(db).await?)
 }
 
-/// Decides a request from what `load` read. Layers are checked from the credential
-/// outward, so the refusal names the first layer that is off. `unseal` opens a sealed
-/// credential given what it is bound to (`None` if it cannot: the request is refused).
+/// Decides a request from what [`Reads::load`] read for an API token. Layers are
+/// checked from the credential outward, so the refusal names the first layer that is
+/// off. `unseal` opens a sealed credential given what it is bound to (`None` if it
+/// cannot: the request is refused).
 pub fn decide(
     row: Option<&CheckRow>,
     presented: &TokenHash,
@@ -195,7 +196,7 @@ pub fn decide(
     decide_layers(row, gateway_slug, unseal)
 }
 
-/// Decides a request carrying a verified OAuth access token, from what `load_oauth`
+/// Decides a request carrying a verified OAuth access token, from what [`Reads::load`]
 /// read: the grant must be live and the token's connection the grant's; then every
 /// layer exactly as for API tokens.
 pub fn decide_oauth(
