@@ -34,8 +34,8 @@ async fn run(
     // into a refusal (`policy_unavailable`). Fail closed, and fast.
     let deadline = deadline.map(|Extension(d)| d).unwrap_or_default().0;
     let credential = match &req.credential {
-        Credential::ApiToken { hash } => check::Credential::ApiToken(hash),
-        Credential::Oauth { grant, .. } => check::Credential::Grant(*grant),
+        Credential::ApiToken { hash } => check::Lookup::ApiToken(hash),
+        Credential::Oauth { grant, .. } => check::Lookup::Grant(*grant),
     };
     let row = match state
         .check_reads

@@ -107,7 +107,7 @@ async fn run(
     let hash = presented.to_hex();
     let read = state
         .check_reads
-        .load(check::Credential::ApiToken(&hash), path.server, deadline);
+        .load(check::Lookup::ApiToken(&hash), path.server, deadline);
     let row = match read.await {
         Ok(row) => row,
         Err(e) => {
@@ -268,7 +268,7 @@ mod tests {
     /// A store with gateway `eng` exposing server `demo` (shared) and one token for it;
     /// checks read it as they do when shipped (on SQLite, not through the pool).
     async fn fixture() -> Fixture {
-        fixture_reading(|db, url| Reads::for_store(db, url, CheckDeadline::default().0)).await
+        fixture_reading(Reads::for_store).await
     }
 
     async fn fixture_reading(reads: impl FnOnce(&Db, &str) -> Reads) -> Fixture {

@@ -1,11 +1,11 @@
 //! The check: one read of the authoritative store per request, then a pure decision.
 
-use mcpguard_core::check::{CheckResponse, DenyCode, InjectHeader, Scheme, Upstream};
-use mcpguard_core::token::TokenHash;
-
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use mcpguard_core::check::{CheckResponse, DenyCode, InjectHeader, Scheme, Upstream};
+use mcpguard_core::token::TokenHash;
 
 use super::sqlite_reads::{SqliteReadError, SqliteReads};
 use super::{Db, DbBool, Result, StoreError};
@@ -93,9 +93,9 @@ pub(crate) const OAUTH_SELECT: &str = check_select!(
     "gr.id = $1"
 );
 
-/// What the check's row is read by.
+/// What the check's row is looked up by: the credential the request carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Credential<'a> {
+pub enum Lookup<'a> {
     /// An API token's hash, in hex.
     ApiToken(&'a str),
     /// An OAuth access token's grant.
@@ -108,7 +108,7 @@ pub enum ReadError {
     #[error("no answer from the store within {} ms", .0.as_millis())]
     Deadline(Duration),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error("sqlite: {0}")]
     Sqlite(rusqlite::Error),
 }
@@ -121,9 +121,8 @@ pub enum Reads {
 }
 
 impl Reads {
-    /// For the store at `url`, which `db` is the pool of; a read gives up after
-    /// `deadline`.
-    pub fn for_store(db: &Db, url: &str, deadline: Duration) -> Reads {
+    /// For the store at `url`, which `db` is the pool of.
+    pub fn for_store(db: &Db, url: &str) -> Reads {
         let file = url
             .starts_with("sqlite:")
             .then(|| sqlx::sqlite::SqliteConnectOptions::from_str(url).ok())
@@ -132,17 +131,16 @@ impl Reads {
             // An in-memory database has a made-up name and lives only in its connections.
             .filter(|path| path.is_file());
         match file {
-            Some(path) => Reads::Sqlite(Arc::new(SqliteReads::new(path, deadline))),
+            Some(path) => Reads::Sqlite(Arc::new(SqliteReads::new(path))),
             None => Reads::Pool(db.clone()),
         }
     }
 
     /// The row for `credential` and `server`, or `None` when the credential is unknown;
-    /// an error when the store gave no answer within `deadline` (on SQLite, the one
-    /// given to [`Reads::for_store`]).
+    /// an error when the store gave no answer within `deadline`.
     pub async fn load(
         &self,
-        credential: Credential<'_>,
+        credential: Lookup<'_>,
         server: &str,
         deadline: Duration,
     ) -> Result<Option<CheckRow>, ReadError> {
@@ -151,18 +149,20 @@ impl Reads {
                 .await
                 .map_err(|_| ReadError::Deadline(deadline))?
                 .map_err(ReadError::Store),
-            Reads::Sqlite(reads) => reads.load(credential, server).map_err(|e| match e {
-                SqliteReadError::Deadline => ReadError::Deadline(deadline),
-                SqliteReadError::Sqlite(e) => ReadError::Sqlite(e),
-            }),
+            Reads::Sqlite(reads) => reads
+                .load(credential, server, deadline)
+                .map_err(|e| match e {
+                    SqliteReadError::Deadline => ReadError::Deadline(deadline),
+                    SqliteReadError::Sqlite(e) => ReadError::Sqlite(e),
+                }),
         }
     }
 }
 
-async fn load(db: &Db, credential: Credential<'_>, server: &str) -> Result<Option<CheckRow>> {
+async fn load(db: &Db, credential: Lookup<'_>, server: &str) -> Result<Option<CheckRow>> {
     let query = match credential {
-        Credential::ApiToken(hash) => sqlx::query_as(API_TOKEN_SELECT).bind(hash),
-        Credential::Grant(grant) => sqlx::query_as(OAUTH_SELECT).bind(grant),
+        Lookup::ApiToken(hash) => sqlx::query_as(API_TOKEN_SELECT).bind(hash),
+        Lookup::Grant(grant) => sqlx::query_as(OAUTH_SELECT).bind(grant),
     };
     Ok(query.bind(server).fetch_optional(db).await?)
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row};
 
 use super::DbBool;
-use super::check::{API_TOKEN_SELECT, CheckRow, Credential, OAUTH_SELECT};
+use super::check::{API_TOKEN_SELECT, CheckRow, Lookup, OAUTH_SELECT};
 
 /// SQLite calls the progress handler every this many virtual-machine steps: a check
 /// runs a few hundred, so a statement past its deadline is cut within microseconds.
@@ -29,7 +29,6 @@ const PROGRESS_STEPS: i32 = 100;
 /// threads that serve checks; none is opened until a check needs it.
 pub struct SqliteReads {
     path: PathBuf,
-    deadline: Duration,
     idle: Mutex<Vec<Connection>>,
 }
 
@@ -37,7 +36,6 @@ impl std::fmt::Debug for SqliteReads {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteReads")
             .field("path", &self.path)
-            .field("deadline", &self.deadline)
             .finish_non_exhaustive()
     }
 }
@@ -64,27 +62,28 @@ impl From<rusqlite::Error> for SqliteReadError {
 }
 
 impl SqliteReads {
-    /// Reads from the SQLite file at `path`, giving up after `deadline`.
-    pub fn new(path: PathBuf, deadline: Duration) -> Self {
+    /// Reads from the SQLite file at `path`.
+    pub fn new(path: PathBuf) -> Self {
         SqliteReads {
             path,
-            deadline,
             idle: Mutex::new(Vec::new()),
         }
     }
 
     /// The check's row for `credential` and `server`; `None` when the credential is
-    /// unknown.
+    /// unknown. Gives up once `deadline` has passed.
     pub fn load(
         &self,
-        credential: Credential<'_>,
+        credential: Lookup<'_>,
         server: &str,
+        deadline: Duration,
     ) -> Result<Option<CheckRow>, SqliteReadError> {
         let conn = match self.idle.lock().ok().and_then(|mut idle| idle.pop()) {
             Some(conn) => conn,
             None => self.connect()?,
         };
-        let (started, deadline) = (Instant::now(), self.deadline);
+        let started = Instant::now();
+        conn.busy_timeout(deadline)?;
         conn.progress_handler(PROGRESS_STEPS, Some(move || started.elapsed() > deadline))?;
         let row = read(&conn, credential, server);
         // A connection that failed is dropped, not reused: the next read opens a new one.
@@ -97,13 +96,13 @@ impl SqliteReads {
     }
 
     fn connect(&self) -> rusqlite::Result<Connection> {
-        // Opened read-write but `query_only`: a read-only connection to a WAL database
-        // cannot open when no other connection holds its shared-memory file.
+        // Opened read-write as the pool's connections are (a read-only connection to a
+        // WAL database opens only under extra conditions), but `query_only`: it never
+        // writes.
         let conn = Connection::open_with_flags(
             &self.path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
-        conn.busy_timeout(self.deadline)?;
         conn.pragma_update(None, "query_only", true)?;
         Ok(conn)
     }
@@ -111,20 +110,20 @@ impl SqliteReads {
 
 fn read(
     conn: &Connection,
-    credential: Credential<'_>,
+    credential: Lookup<'_>,
     server: &str,
 ) -> rusqlite::Result<Option<CheckRow>> {
     // SQLite numbers parameters in order of first use, and `$2` comes first in the
     // statement: bind by name.
     match credential {
-        Credential::ApiToken(hash) => conn
+        Lookup::ApiToken(hash) => conn
             .prepare_cached(API_TOKEN_SELECT)?
             .query_row(
                 rusqlite::named_params! {"$1": hash, "$2": server},
                 check_row,
             )
             .optional(),
-        Credential::Grant(grant) => conn
+        Lookup::Grant(grant) => conn
             .prepare_cached(OAUTH_SELECT)?
             .query_row(
                 rusqlite::named_params! {"$1": grant, "$2": server},
@@ -175,6 +174,8 @@ mod tests {
     use super::*;
     use crate::store::{self, Db};
 
+    const SECOND: Duration = Duration::from_secs(1);
+
     /// Gateway `eng` exposing `demo` (shared, with a service credential) and `pu`
     /// (per-user; the user has an identity there), and `off` exposed nowhere; one
     /// connection with API token `aa…` (expiring) and OAuth grant 5 (revoked).
@@ -208,21 +209,21 @@ mod tests {
     #[tokio::test]
     async fn reads_the_same_rows_as_the_pool() {
         let (_dir, path, db) = store().await;
-        let reads = SqliteReads::new(path, Duration::from_secs(1));
+        let reads = SqliteReads::new(path);
         let pool = crate::store::check::Reads::Pool(db);
         let mut found = 0;
         for credential in [
-            Credential::ApiToken("aa"),
-            Credential::ApiToken("bb"),
-            Credential::Grant(5),
-            Credential::Grant(6),
+            Lookup::ApiToken("aa"),
+            Lookup::ApiToken("bb"),
+            Lookup::Grant(5),
+            Lookup::Grant(6),
         ] {
             for server in ["demo", "pu", "off", "none"] {
                 let expected = pool
                     .load(credential, server, Duration::from_secs(1))
                     .await
                     .unwrap();
-                let row = reads.load(credential, server).unwrap();
+                let row = reads.load(credential, server, SECOND).unwrap();
                 assert_eq!(row, expected, "{credential:?} {server}");
                 found += usize::from(row.is_some());
             }
@@ -231,7 +232,7 @@ mod tests {
         // exposed is the decision's to refuse); none for the unknown credentials.
         assert_eq!(found, 8);
         let row = reads
-            .load(Credential::ApiToken("aa"), "pu")
+            .load(Lookup::ApiToken("aa"), "pu", SECOND)
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -240,7 +241,10 @@ mod tests {
         );
         assert_eq!(row.expires_at, Some(99));
         assert!(!row.host_enabled.0 && row.user_enabled.0);
-        let row = reads.load(Credential::Grant(5), "demo").unwrap().unwrap();
+        let row = reads
+            .load(Lookup::Grant(5), "demo", SECOND)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (row.revoked_at, row.shared_sealed),
             (Some(42), Some(vec![1, 2]))
@@ -250,9 +254,9 @@ mod tests {
     #[tokio::test]
     async fn a_change_is_seen_by_the_next_read() {
         let (_dir, path, db) = store().await;
-        let reads = SqliteReads::new(path, Duration::from_secs(1));
+        let reads = SqliteReads::new(path);
         let enabled = |reads: &SqliteReads| {
-            let row = reads.load(Credential::ApiToken("aa"), "demo").unwrap();
+            let row = reads.load(Lookup::ApiToken("aa"), "demo", SECOND).unwrap();
             row.unwrap().host_enabled.0
         };
         assert!(!enabled(&reads));
@@ -276,9 +280,9 @@ mod tests {
                 "PRAGMA locking_mode = EXCLUSIVE; BEGIN; UPDATE hosts SET enabled = 1; COMMIT;",
             )
             .unwrap();
-        let reads = SqliteReads::new(path, Duration::from_millis(100));
+        let reads = SqliteReads::new(path);
         let started = Instant::now();
-        let refused = reads.load(Credential::ApiToken("aa"), "demo");
+        let refused = reads.load(Lookup::ApiToken("aa"), "demo", Duration::from_millis(100));
         let took = started.elapsed();
         assert!(
             matches!(refused, Err(SqliteReadError::Deadline)),
@@ -289,15 +293,16 @@ mod tests {
             "took {took:?}"
         );
         drop(holder);
-        let row = reads.load(Credential::ApiToken("aa"), "demo").unwrap();
+        let row = reads.load(Lookup::ApiToken("aa"), "demo", SECOND).unwrap();
         assert!(row.unwrap().host_enabled.0, "the holder's write is seen");
     }
 
     #[tokio::test]
     async fn a_statement_past_its_deadline_is_interrupted() {
         let (_dir, path, _db) = store().await;
-        let reads = SqliteReads::new(path, Duration::ZERO);
-        let interrupted = reads.load(Credential::ApiToken("aa"), "demo");
+        let reads = SqliteReads::new(path);
+        assert!(reads.load(Lookup::ApiToken("aa"), "demo", SECOND).is_ok());
+        let interrupted = reads.load(Lookup::ApiToken("aa"), "demo", Duration::ZERO);
         assert!(
             matches!(interrupted, Err(SqliteReadError::Deadline)),
             "{interrupted:?}"
