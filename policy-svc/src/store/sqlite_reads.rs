@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, ToSql};
 
 use super::DbBool;
 use super::check::{API_TOKEN_SELECT, CheckRow, Lookup, OAUTH_SELECT};
@@ -113,24 +113,15 @@ fn read(
     credential: Lookup<'_>,
     server: &str,
 ) -> rusqlite::Result<Option<CheckRow>> {
+    let (statement, key): (&str, &dyn ToSql) = match &credential {
+        Lookup::ApiToken(hash) => (API_TOKEN_SELECT, hash),
+        Lookup::Grant(grant) => (OAUTH_SELECT, grant),
+    };
     // SQLite numbers parameters in order of first use, and `$2` comes first in the
     // statement: bind by name.
-    match credential {
-        Lookup::ApiToken(hash) => conn
-            .prepare_cached(API_TOKEN_SELECT)?
-            .query_row(
-                rusqlite::named_params! {"$1": hash, "$2": server},
-                check_row,
-            )
-            .optional(),
-        Lookup::Grant(grant) => conn
-            .prepare_cached(OAUTH_SELECT)?
-            .query_row(
-                rusqlite::named_params! {"$1": grant, "$2": server},
-                check_row,
-            )
-            .optional(),
-    }
+    conn.prepare_cached(statement)?
+        .query_row(&[("$1", key), ("$2", &server)], check_row)
+        .optional()
 }
 
 /// The row in the statement's column order, which is the order of [`CheckRow`]'s fields.
