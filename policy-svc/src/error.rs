@@ -44,6 +44,12 @@ impl ApiError {
         }
     }
 
+    /// The OS gave no randomness for a token or code: logged, and 503 to the caller.
+    pub fn no_randomness(e: getrandom::Error) -> Self {
+        tracing::error!(error = %e, "no randomness from the OS");
+        ApiError::Unavailable
+    }
+
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         ApiError::BadRequest {
             code,

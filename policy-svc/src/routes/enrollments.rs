@@ -93,10 +93,7 @@ async fn create(
         ));
     }
     connection_target(&state, host_id, body.gateway_id, body.user_id).await?;
-    let code = secrets::random_id().map_err(|e| {
-        tracing::error!(error = %e, "no randomness from the OS");
-        ApiError::Unavailable
-    })?;
+    let code = secrets::random_id().map_err(ApiError::no_randomness)?;
     let enrollment = db::create(
         &state.db,
         &db::NewEnrollment {
@@ -162,6 +159,12 @@ async fn claim(
         .ok_or(ApiError::NotFound("enrollment"))?;
     let not_yet =
         |code: &'static str, message: &'static str| Err(ApiError::conflict(code, message));
+    let claimed = || {
+        not_yet(
+            "enrollment_claimed",
+            "this enrollment's token was claimed already",
+        )
+    };
     match enrollment.status(now_ms()) {
         Status::Completed => {}
         Status::Pending => {
@@ -171,17 +174,9 @@ async fn claim(
             );
         }
         Status::Expired => return not_yet("enrollment_expired", "the enrollment link expired"),
-        Status::Claimed => {
-            return not_yet(
-                "enrollment_claimed",
-                "this enrollment's token was claimed already",
-            );
-        }
+        Status::Claimed => return claimed(),
     }
-    let token = secrets::mint(TokenKind::PerUser).map_err(|e| {
-        tracing::error!(error = %e, "no randomness from the OS");
-        ApiError::Unavailable
-    })?;
+    let token = secrets::mint(TokenKind::PerUser).map_err(ApiError::no_randomness)?;
     let hash = TokenHash::of(&token).to_hex();
     let Some(token_id) = db::claim(
         &state.db,
@@ -192,10 +187,8 @@ async fn claim(
     )
     .await?
     else {
-        return not_yet(
-            "enrollment_claimed",
-            "this enrollment's token was claimed already",
-        );
+        // Claimed by another call since the status was read.
+        return claimed();
     };
     let meta = hosts::get_token(&state.db, token_id)
         .await?

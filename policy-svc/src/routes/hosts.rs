@@ -136,10 +136,7 @@ async fn create_token(
             Some(t)
         }
     };
-    let token = secrets::mint(TokenKind::HostApi).map_err(|e| {
-        tracing::error!(error = %e, "no randomness from the OS");
-        ApiError::Unavailable
-    })?;
+    let token = secrets::mint(TokenKind::HostApi).map_err(ApiError::no_randomness)?;
     let connection_id = hosts::connect(&state.db, host_id, body.gateway_id, user_id).await?;
     let hash = TokenHash::of(&token).to_hex();
     let meta = hosts::insert_token(

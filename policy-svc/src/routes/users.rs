@@ -210,10 +210,7 @@ async fn create_admin_token(
     if !store::user_exists(&state.db, user_id).await? {
         return Err(ApiError::NotFound("user"));
     }
-    let token = secrets::mint(TokenKind::Admin).map_err(|e| {
-        tracing::error!(error = %e, "no randomness from the OS");
-        ApiError::Unavailable
-    })?;
+    let token = secrets::mint(TokenKind::Admin).map_err(ApiError::no_randomness)?;
     let meta = store::insert_admin_token(
         &state.db,
         user_id,
