@@ -119,9 +119,10 @@ pub enum Command {
     /// Write a new random secrets key (64 hex characters, mode 0600) to PATH; never
     /// replaces an existing file. Step 1 of a key rotation (see the README).
     NewSecretsKey { path: PathBuf },
-    /// Re-seal every stored identity and shared credential that opens only under
-    /// `--previous-secrets-key-file` under `--secrets-key-file`. Changes nothing if a
-    /// value opens under neither. Safe while replicas serve; safe to run twice.
+    /// Re-seal every stored identity, shared credential and OAuth signing key that opens
+    /// only under `--previous-secrets-key-file` under `--secrets-key-file`. Changes
+    /// nothing if a value opens under neither. Safe while replicas serve; safe to run
+    /// twice.
     Reseal,
 }
 
