@@ -14,11 +14,9 @@ use anyhow::{Context, Result, bail};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A loopback port that was free a moment ago.
+/// A loopback port for a process to listen on (see [`mcpguard_loopback`]).
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    mcpguard_loopback::free_port().context("choosing a loopback port")
 }
 
 /// Every running child. `Drop` does not run when the bench is killed by a signal,

@@ -76,9 +76,9 @@ impl Cluster {
                 "--no-instructions",
             ],
         )?;
-        // A port that was free a moment ago may be taken by the time the server binds.
+        // Another process may take the port before the server binds it.
         for attempt in 0.. {
-            pg.port = free_port()?;
+            pg.port = mcpguard_loopback::free_port().context("choosing a port")?;
             std::fs::write(
                 pg.dir.join("data/postgresql.auto.conf"),
                 auto_conf(pg.port, settings),
@@ -320,12 +320,6 @@ pub fn dump(database_url: &str) -> Result<String> {
         bail!("pg_dump failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A loopback port that was free a moment ago.
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).context("finding a free port")?;
-    Ok(listener.local_addr()?.port())
 }
 
 fn sh_quote(path: &Path) -> String {

@@ -26,10 +26,7 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port for a process to listen on (see [`mcpguard_loopback`]).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free loopback port")
+    mcpguard_loopback::free_port().expect("a free loopback port")
 }

@@ -549,14 +549,7 @@ impl Stack {
         jwks_refresh_s: Option<u64>,
     ) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
-        // Held (bound) until just before Envoy starts, so that no other test's
-        // `free_port` hands them out while the policy service and demo server start.
-        let reserve = || {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-            let port = listener.local_addr().expect("bound address").port();
-            (listener, port)
-        };
-        let ((envoy_hold, port), (admin_hold, admin_port)) = (reserve(), reserve());
+        let (port, admin_port) = (free_port(), free_port());
         let resource_base = format!("http://127.0.0.1:{port}");
         let mut env = env.to_vec();
         env.push(("MCPGUARD_RESOURCE_BASE_URLS", &resource_base));
@@ -571,7 +564,6 @@ impl Stack {
             issuer: Some(policy.public_url()),
             jwks_refresh_s,
         };
-        drop((envoy_hold, admin_hold));
         let envoy = Envoy::start_config(
             &Envoy::render(&opts, port, admin_port),
             port,
