@@ -5,9 +5,10 @@
 //! connection (a test's HTTP client, Envoy's upstream pool, a PostgreSQL client) may
 //! take it as its source port. CI lost a run to exactly that. The ports handed out here
 //! lie outside the ephemeral range (`net.ipv4.ip_local_port_range`), which the kernel
-//! never picks on its own, and one process never hands out the same port twice.
-//! Another process choosing ports the same way could still collide; each process
-//! starts at its own place in the band, and a port found bound is skipped.
+//! never picks on its own, and one process hands out a port again only after going
+//! round the whole band (12,768 ports with Linux's default range). Another process
+//! choosing ports the same way could still collide; each process starts at its own
+//! place in the band, and a port found bound is skipped.
 
 use std::io;
 use std::net::TcpListener;
@@ -17,7 +18,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// Where the band starts when it lies below the ephemeral range: clear of the
 /// commonly configured service ports, and of `make run`'s (8080–10000).
 const BAND_FLOOR: u16 = 20_000;
-/// Fewer free-standing ports than this and the band is not worth using.
+/// A band narrower than this is not worth using.
 const MIN_BAND: u32 = 1_000;
 /// Linux's default, for when `/proc` cannot be read.
 const DEFAULT_EPHEMERAL: (u16, u16) = (32_768, 60_999);
