@@ -7,7 +7,7 @@ use std::time::Duration;
 use mcpguard_core::check::{CheckResponse, DenyCode, InjectHeader, Scheme, Upstream};
 use mcpguard_core::token::TokenHash;
 
-use super::sqlite_reads::{SqliteReadError, SqliteReads};
+use super::sqlite_reads::SqliteReads;
 use super::{Db, DbBool, Result, StoreError};
 use crate::secrets::{identity_binding, shared_binding};
 
@@ -149,12 +149,7 @@ impl Reads {
                 .await
                 .map_err(|_| ReadError::Deadline(deadline))?
                 .map_err(ReadError::Store),
-            Reads::Sqlite(reads) => reads
-                .load(credential, server, deadline)
-                .map_err(|e| match e {
-                    SqliteReadError::Deadline => ReadError::Deadline(deadline),
-                    SqliteReadError::Sqlite(e) => ReadError::Sqlite(e),
-                }),
+            Reads::Sqlite(reads) => reads.load(credential, server, deadline),
         }
     }
 }

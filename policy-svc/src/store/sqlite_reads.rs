@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, ToSql};
 
 use super::DbBool;
-use super::check::{API_TOKEN_SELECT, CheckRow, Lookup, OAUTH_SELECT};
+use super::check::{API_TOKEN_SELECT, CheckRow, Lookup, OAUTH_SELECT, ReadError};
 
 /// SQLite calls the progress handler every this many virtual-machine steps: a check
 /// runs a few hundred, so a statement past its deadline is cut within microseconds.
@@ -40,24 +40,14 @@ impl std::fmt::Debug for SqliteReads {
     }
 }
 
-/// Why a read gave no row.
-#[derive(Debug, thiserror::Error)]
-pub enum SqliteReadError {
-    /// Locked by another connection, or still running, at the deadline.
-    #[error("no answer within the deadline")]
-    Deadline,
-    #[error(transparent)]
-    Sqlite(rusqlite::Error),
-}
-
-impl From<rusqlite::Error> for SqliteReadError {
-    fn from(e: rusqlite::Error) -> Self {
-        match e.sqlite_error_code() {
-            Some(ErrorCode::OperationInterrupted | ErrorCode::DatabaseBusy) => {
-                SqliteReadError::Deadline
-            }
-            _ => SqliteReadError::Sqlite(e),
+/// Locked by another connection, or still running, at the deadline: the busy handler
+/// and the progress handler end a read with these codes.
+fn read_error(e: rusqlite::Error, deadline: Duration) -> ReadError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::OperationInterrupted | ErrorCode::DatabaseBusy) => {
+            ReadError::Deadline(deadline)
         }
+        _ => ReadError::Sqlite(e),
     }
 }
 
@@ -77,7 +67,17 @@ impl SqliteReads {
         credential: Lookup<'_>,
         server: &str,
         deadline: Duration,
-    ) -> Result<Option<CheckRow>, SqliteReadError> {
+    ) -> Result<Option<CheckRow>, ReadError> {
+        self.try_load(credential, server, deadline)
+            .map_err(|e| read_error(e, deadline))
+    }
+
+    fn try_load(
+        &self,
+        credential: Lookup<'_>,
+        server: &str,
+        deadline: Duration,
+    ) -> rusqlite::Result<Option<CheckRow>> {
         let conn = match self.idle.lock().ok().and_then(|mut idle| idle.pop()) {
             Some(conn) => conn,
             None => self.connect()?,
@@ -85,14 +85,13 @@ impl SqliteReads {
         let started = Instant::now();
         conn.busy_timeout(deadline)?;
         conn.progress_handler(PROGRESS_STEPS, Some(move || started.elapsed() > deadline))?;
-        let row = read(&conn, credential, server);
-        // A connection that failed is dropped, not reused: the next read opens a new one.
-        if row.is_ok()
-            && let Ok(mut idle) = self.idle.lock()
-        {
+        let row = read(&conn, credential, server)?;
+        // Only a connection that served its read goes back: one that failed is dropped,
+        // and the next read opens a new one.
+        if let Ok(mut idle) = self.idle.lock() {
             idle.push(conn);
         }
-        Ok(row?)
+        Ok(row)
     }
 
     fn connect(&self) -> rusqlite::Result<Connection> {
@@ -210,10 +209,7 @@ mod tests {
             Lookup::Grant(6),
         ] {
             for server in ["demo", "pu", "off", "none"] {
-                let expected = pool
-                    .load(credential, server, Duration::from_secs(1))
-                    .await
-                    .unwrap();
+                let expected = pool.load(credential, server, SECOND).await.unwrap();
                 let row = reads.load(credential, server, SECOND).unwrap();
                 assert_eq!(row, expected, "{credential:?} {server}");
                 found += usize::from(row.is_some());
@@ -276,7 +272,7 @@ mod tests {
         let refused = reads.load(Lookup::ApiToken("aa"), "demo", Duration::from_millis(100));
         let took = started.elapsed();
         assert!(
-            matches!(refused, Err(SqliteReadError::Deadline)),
+            matches!(refused, Err(ReadError::Deadline(_))),
             "{refused:?}"
         );
         assert!(
@@ -295,7 +291,7 @@ mod tests {
         assert!(reads.load(Lookup::ApiToken("aa"), "demo", SECOND).is_ok());
         let interrupted = reads.load(Lookup::ApiToken("aa"), "demo", Duration::ZERO);
         assert!(
-            matches!(interrupted, Err(SqliteReadError::Deadline)),
+            matches!(interrupted, Err(ReadError::Deadline(_))),
             "{interrupted:?}"
         );
     }
