@@ -191,8 +191,8 @@ pub async fn list_connections(db: &Db, gateway_id: i64) -> Result<Vec<Connection
 /// PostgreSQL wait for each other instead of deadlocking; a time never moves backwards
 /// (another replica may have written a later one).
 pub async fn record_last_used(db: &Db, uses: &[(Option<i64>, i64)], at: i64) -> Result<()> {
-    // Ids per statement: binding costs grow with the square of the parameters on
-    // SQLite (see `audit::ROWS_PER_INSERT`).
+    // Ids per statement: bounded, so the statements come in a few small shapes
+    // (`pow2_chunks`).
     const IDS_PER_UPDATE: usize = 64;
     let mut tokens: Vec<i64> = uses.iter().filter_map(|&(token, _)| token).collect();
     let mut connections: Vec<i64> = uses.iter().map(|&(_, connection)| connection).collect();
@@ -204,11 +204,13 @@ pub async fn record_last_used(db: &Db, uses: &[(Option<i64>, i64)], at: i64) -> 
     for (table, ids) in [("api_tokens", tokens), ("connections", connections)] {
         for chunk in pow2_chunks(&ids, IDS_PER_UPDATE) {
             let sql = format!(
-                "UPDATE {table} SET last_used_at = $1
-                 WHERE (last_used_at IS NULL OR last_used_at < $1) AND id IN ({})",
-                placeholders(2, chunk.len())
+                "UPDATE {table} SET last_used_at = {}
+                 WHERE (last_used_at IS NULL OR last_used_at < {}) AND id IN ({})",
+                placeholders(db, 1, 1),
+                placeholders(db, 2, 1),
+                placeholders(db, 3, chunk.len())
             );
-            let mut update = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(at);
+            let mut update = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(at).bind(at);
             for id in chunk {
                 update = update.bind(*id);
             }

@@ -1,6 +1,7 @@
 //! The authoritative store, through sqlx's `Any` driver: SQLite by default, PostgreSQL
-//! for scale-out, one set of queries for both (`$N` placeholders, BIGINT unix-ms times,
-//! flags read through [`DbBool`]). Handlers never see sqlx types.
+//! for scale-out, one set of queries for both (`$N` placeholders, or [`placeholders`]
+//! where the number of values varies; BIGINT unix-ms times; flags read through
+//! [`DbBool`]). Handlers never see sqlx types.
 
 pub mod admin;
 pub mod audit;
@@ -197,14 +198,30 @@ pub async fn ping(db: &Db) -> Result<()> {
     Ok(())
 }
 
-/// `$first, $first+1, …`: `count` numbered placeholders. Statements with a variable
+/// `count` placeholders for values bound in order, the first of them the statement's
+/// `first`th value: `$first, $first+1, …` on PostgreSQL, `?, ?, …` on SQLite. SQLite
+/// finds each numbered parameter by a linear scan of the statement's parameter names
+/// when it is bound (`sqlite3_bind_parameter_name`), so binding n of them costs n²;
+/// a plain `?` has no name to look up. On SQLite a statement built with these must
+/// not also use `$N`: sqlx numbers the `?`s apart from them. Statements with a variable
 /// number of values are built with these, not sqlx's `QueryBuilder`, which writes `?`
 /// through `Any` and PostgreSQL does not accept that.
-pub(crate) fn placeholders(first: usize, count: usize) -> String {
+pub(crate) fn placeholders(db: &Db, first: usize, count: usize) -> String {
+    let sqlite = is_sqlite(db);
     (first..first + count)
-        .map(|n| format!("${n}"))
+        .map(|n| {
+            if sqlite {
+                "?".to_owned()
+            } else {
+                format!("${n}")
+            }
+        })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+fn is_sqlite(db: &Db) -> bool {
+    db.connect_options().database_url.scheme() == "sqlite"
 }
 
 /// Splits `items` into chunks whose lengths are powers of two, at most `max` (itself a
@@ -235,7 +252,7 @@ pub(crate) fn pow2_chunks<T>(items: &[T], max: usize) -> impl Iterator<Item = &[
 /// writing while another connection has committed fails at once with "database is
 /// locked", without waiting out the busy timeout.
 pub async fn begin_write(db: &Db) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
-    if db.connect_options().database_url.scheme() == "sqlite" {
+    if is_sqlite(db) {
         Ok(db.begin_with("BEGIN IMMEDIATE").await?)
     } else {
         Ok(db.begin().await?)
@@ -255,9 +272,15 @@ mod placeholder_tests {
         assert_eq!(super::pow2_chunks::<u32>(&[], 256).count(), 0);
     }
 
-    #[test]
-    fn placeholders_are_numbered_from_first() {
-        assert_eq!(super::placeholders(3, 2), "$3, $4");
-        assert_eq!(super::placeholders(1, 0), "");
+    #[tokio::test]
+    async fn placeholders_are_numbered_on_postgres_and_plain_on_sqlite() {
+        sqlx::any::install_default_drivers();
+        // Lazy pools: nothing connects, only the URL's scheme is read.
+        let pool = |url| sqlx::any::AnyPoolOptions::new().connect_lazy(url).unwrap();
+        let postgres = pool("postgres://mcpguard@127.0.0.1:1/none");
+        assert_eq!(super::placeholders(&postgres, 3, 2), "$3, $4");
+        assert_eq!(super::placeholders(&postgres, 1, 0), "");
+        let sqlite = pool("sqlite::memory:");
+        assert_eq!(super::placeholders(&sqlite, 3, 2), "?, ?");
     }
 }
