@@ -123,6 +123,53 @@ fn check_target_met(x: &Cell) -> bool {
     x.rps >= 30_000.0 && x.p99 < 2.0 && x.errors == 0
 }
 
+/// Per round, `f` of the `(x, y)` targets' runs at `connections`, as `x / y`: each
+/// round runs its targets one after the other, so these are side by side.
+fn round_ratios(
+    runs: &[Run],
+    (x, y): (&str, &str),
+    connections: u32,
+    f: impl Fn(&Run) -> f64,
+) -> Vec<f64> {
+    let of = |target: &str, round: u32| {
+        runs.iter()
+            .find(|r| r.target == target && r.connections == connections && r.round == round)
+            .map(&f)
+    };
+    let mut rounds: Vec<u32> = runs.iter().map(|r| r.round).collect();
+    rounds.sort_unstable();
+    rounds.dedup();
+    rounds
+        .into_iter()
+        .filter_map(|round| match (of(x, round), of(y, round)) {
+            (Some(x), Some(y)) if y > 0.0 => Some(x / y),
+            _ => None,
+        })
+        .collect()
+}
+
+/// ` (low–high)` over the rounds, or nothing for fewer than two.
+fn spread(per_round: &[f64]) -> String {
+    let low = per_round.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = per_round.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if per_round.len() < 2 {
+        String::new()
+    } else {
+        format!(" ({low:.2}–{high:.2})")
+    }
+}
+
+/// Met or missed only when every round agrees: one round's noise must not decide it.
+fn verdict(per_round: &[f64], met: impl Fn(f64) -> bool) -> String {
+    let n = per_round.len();
+    match per_round.iter().filter(|&&r| met(r)).count() {
+        _ if n == 0 => "-".to_owned(),
+        k if k == n => "met".to_owned(),
+        0 => "**missed**".to_owned(),
+        k => format!("**unsettled** ({k} of {n} rounds met it)"),
+    }
+}
+
 /// `x / y` to two decimals, `-` when `y` is zero.
 fn ratio(x: f64, y: f64) -> String {
     if y > 0.0 {
@@ -287,33 +334,40 @@ pub fn markdown(env: &Environment, runs: &[Run]) -> String {
         let _ = writeln!(s, "\n### Ratios and targets\n");
         let _ = writeln!(
             s,
+            "Each ratio: of the medians above, then in brackets its range over the rounds (a round's runs are side by side). \
+             A target is met or missed when every round agrees; otherwise it is unsettled, and the count says how many rounds met it.\n"
+        );
+        let _ = writeln!(
+            s,
             "| conns | c/a req/s | c/b req/s | c/b p99 | (c) >= (b) req/s | (c) p99 <= (b) p99 | c/a >= 0.45 (at 8) |"
         );
         let _ = writeln!(s, "|---:|---:|---:|---:|---|---|---|");
         for &c in &envoy_cs {
             let (a, b, cc) = (cell(runs, "a", c), cell(runs, "b", c), cell(runs, "c", c));
-            let ratio = |x: Option<f64>, y: Option<f64>| match (x, y) {
-                (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),
-                _ => "-".to_owned(),
+            let with_rounds = |x: Option<Cell>,
+                               y: Option<Cell>,
+                               f: fn(&Cell) -> f64,
+                               per_round: &[f64]| match x.zip(y) {
+                Some((x, y)) => format!("{}{}", ratio(f(&x), f(&y)), spread(per_round)),
+                None => "-".to_owned(),
             };
-            let verdict = |ok: Option<bool>| match ok {
-                Some(true) => "met",
-                Some(false) => "**missed**",
-                None => "-",
-            };
-            let c_vs_b = cc.zip(b);
+            let rps = |r: &Run| r.outcome.rps();
+            let p99 = |r: &Run| r.outcome.p99_ms;
+            let c_over_a = round_ratios(runs, ("c", "a"), c, rps);
+            let c_over_b = round_ratios(runs, ("c", "b"), c, rps);
+            let c_over_b_p99 = round_ratios(runs, ("c", "b"), c, p99);
             let _ = writeln!(
                 s,
                 "| {c} | {} | {} | {} | {} | {} | {} |",
-                ratio(cc.map(|x| x.rps), a.map(|x| x.rps)),
-                ratio(cc.map(|x| x.rps), b.map(|x| x.rps)),
-                ratio(cc.map(|x| x.p99), b.map(|x| x.p99)),
-                verdict(c_vs_b.map(|(c, b)| c.rps >= b.rps)),
-                verdict(c_vs_b.map(|(c, b)| c.p99 <= b.p99)),
+                with_rounds(cc, a, |x| x.rps, &c_over_a),
+                with_rounds(cc, b, |x| x.rps, &c_over_b),
+                with_rounds(cc, b, |x| x.p99, &c_over_b_p99),
+                verdict(&c_over_b, |r| r >= 1.0),
+                verdict(&c_over_b_p99, |r| r <= 1.0),
                 if c == 8 {
-                    verdict(cc.zip(a).map(|(c, a)| c.rps >= 0.45 * a.rps))
+                    verdict(&c_over_a, |r| r >= 0.45)
                 } else {
-                    "-"
+                    "-".to_owned()
                 }
             );
         }
@@ -446,6 +500,56 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
         assert_eq!(median(vec![]), 0.0);
+    }
+
+    fn run(target: &'static str, round: u32, requests: u64, p99_ms: f64) -> Run {
+        Run {
+            target,
+            connections: 8,
+            round,
+            outcome: crate::wrk::Outcome {
+                requests,
+                seconds: 1.0,
+                p99_ms,
+                ..Default::default()
+            },
+            envoy: None,
+            policy: None,
+            upstream: None,
+            database_cpu_s: None,
+            machine_busy: 0.0,
+        }
+    }
+
+    #[test]
+    fn targets_are_judged_round_by_round() {
+        // (c) ahead of (b) in round 1 only; behind (a) by more than half in both.
+        let runs = [
+            run("a", 1, 1000, 1.0),
+            run("b", 1, 400, 2.0),
+            run("c", 1, 440, 1.8),
+            run("a", 2, 1000, 1.0),
+            run("b", 2, 460, 2.0),
+            run("c", 2, 420, 2.5),
+        ];
+        let rps = |r: &Run| r.outcome.rps();
+        let c_over_b = round_ratios(&runs, ("c", "b"), 8, rps);
+        assert_eq!(c_over_b.len(), 2);
+        assert!((c_over_b[0] - 1.1).abs() < 1e-9);
+        assert_eq!(
+            verdict(&c_over_b, |r| r >= 1.0),
+            "**unsettled** (1 of 2 rounds met it)"
+        );
+        let c_over_a = round_ratios(&runs, ("c", "a"), 8, rps);
+        assert_eq!(verdict(&c_over_a, |r| r >= 0.45), "**missed**");
+        assert_eq!(verdict(&c_over_a, |r| r >= 0.4), "met");
+        assert_eq!(spread(&c_over_a), " (0.42–0.44)");
+        assert_eq!(spread(&c_over_a[..1]), "");
+        // No runs at that concurrency: no verdict.
+        assert_eq!(
+            verdict(&round_ratios(&runs, ("c", "b"), 32, rps), |r| r >= 1.0),
+            "-"
+        );
     }
 
     #[test]
