@@ -38,9 +38,10 @@ pub struct Config {
     #[arg(long, env = "MCPGUARD_BOOTSTRAP_ADMIN_TOKEN", hide_env_values = true)]
     pub bootstrap_admin_token: Option<String>,
 
-    /// Largest number of database connections (the pool size). With PostgreSQL it is
-    /// per replica: replicas x this must stay under the server's `max_connections`. On
-    /// SQLite the check reads on connections of its own besides, one per thread at most.
+    /// Largest number of database connections (the pool size). The check reads on
+    /// connections of its own besides, one per worker thread at most. With PostgreSQL
+    /// both are per replica: replicas x (this + threads) must stay under the server's
+    /// `max_connections`.
     #[arg(long, env = "MCPGUARD_DB_MAX_CONNECTIONS", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub db_max_connections: u32,

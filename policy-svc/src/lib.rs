@@ -85,7 +85,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (usage, usage_writer) = Usage::spawn(db.clone());
     let (audit, audit_writer) = audit::Audit::spawn(db.clone(), config.audit_retention_days);
     tokio::spawn(oauth_housekeeping(db.clone()));
-    let check_reads = store::check::Reads::for_store(&db, &config.database_url());
+    let check_reads =
+        store::check::Reads::for_store(&db, &config.database_url(), config.check_deadline().0);
     let state = AppState {
         check_reads,
         db,

@@ -268,7 +268,8 @@ mod tests {
     /// A store with gateway `eng` exposing server `demo` (shared) and one token for it;
     /// checks read it as they do when shipped (on SQLite, not through the pool).
     async fn fixture() -> Fixture {
-        fixture_reading(Reads::for_store).await
+        fixture_reading(|db, url| Reads::for_store(db, url, std::time::Duration::from_secs(1)))
+            .await
     }
 
     async fn fixture_reading(reads: impl FnOnce(&Db, &str) -> Reads) -> Fixture {

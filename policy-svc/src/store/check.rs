@@ -7,6 +7,7 @@ use std::time::Duration;
 use mcpguard_core::check::{CheckResponse, DenyCode, InjectHeader, Scheme, Upstream};
 use mcpguard_core::token::TokenHash;
 
+use super::pg_reads::PgReads;
 use super::sqlite_reads::SqliteReads;
 use super::{Db, DbBool, Result, StoreError};
 use crate::secrets::{identity_binding, shared_binding};
@@ -111,18 +112,40 @@ pub enum ReadError {
     Store(StoreError),
     #[error("sqlite: {0}")]
     Sqlite(rusqlite::Error),
+    #[error("postgres: {0}")]
+    Postgres(tokio_postgres::Error),
 }
 
-/// Where checks read their row: [`SqliteReads`] on a SQLite file, else the pool.
+/// Where checks read their row: [`SqliteReads`] on a SQLite file, [`PgReads`] on
+/// PostgreSQL, else the pool.
 #[derive(Debug, Clone)]
 pub enum Reads {
     Pool(Db),
     Sqlite(Arc<SqliteReads>),
+    Postgres(Arc<PgReads>),
 }
 
 impl Reads {
-    /// For the store at `url`, which `db` is the pool of.
-    pub fn for_store(db: &Db, url: &str) -> Reads {
+    /// For the store at `url`, which `db` is the pool of. On PostgreSQL, `deadline` (the
+    /// check's) is also the read connections' `statement_timeout`.
+    pub fn for_store(db: &Db, url: &str, deadline: Duration) -> Reads {
+        if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            match tokio_postgres::Config::from_str(url) {
+                Ok(config) => {
+                    return Reads::Postgres(Arc::new(PgReads::new(
+                        config,
+                        pg_read_connections(),
+                        deadline,
+                    )));
+                }
+                // sqlx accepts a few URL options of its own; the check still works
+                // through the pool, at about half the throughput.
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "the database URL is not one tokio-postgres reads: checks read through the pool"
+                ),
+            }
+        }
         let file = url
             .starts_with("sqlite:")
             .then(|| sqlx::sqlite::SqliteConnectOptions::from_str(url).ok())
@@ -150,8 +173,15 @@ impl Reads {
                 .map_err(|_| ReadError::Deadline(deadline))?
                 .map_err(ReadError::Store),
             Reads::Sqlite(reads) => reads.load(credential, server, deadline),
+            Reads::Postgres(reads) => reads.load(credential, server, deadline).await,
         }
     }
+}
+
+/// One pipelined connection per runtime worker thread: enough to keep as many
+/// PostgreSQL backends busy as there are threads sending them checks.
+fn pg_read_connections() -> usize {
+    tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers())
 }
 
 async fn load(db: &Db, credential: Lookup<'_>, server: &str) -> Result<Option<CheckRow>> {
@@ -295,6 +325,97 @@ fn decide_layers(
             base_path: path.clone(),
         },
         inject,
+    }
+}
+
+/// The store the read paths are tested on, SQLite and PostgreSQL alike.
+#[cfg(test)]
+pub(crate) mod fixture {
+    use std::time::Duration;
+
+    use super::{Lookup, Reads};
+    use crate::store::{Db, DbBool};
+
+    pub const SECOND: Duration = Duration::from_secs(1);
+
+    /// Gateway `eng` exposing `demo` (shared, with a service credential) and `pu`
+    /// (per-user; the user has an identity there), and `off` exposed nowhere; one
+    /// connection with API token `aa…` (expiring) and OAuth grant 5 (revoked).
+    pub async fn seed(db: &Db) {
+        for sql in [
+            "INSERT INTO roles (id, name, created_at) VALUES (1, 'owner', 1)",
+            "INSERT INTO users (id, name, role_id, enabled, created_at) VALUES (1, 'owner', 1, TRUE, 1)",
+            "INSERT INTO gateways (id, name, slug, enabled, created_at) VALUES (3, 'Eng', 'eng', TRUE, 1)",
+            "INSERT INTO servers (id, name, slug, upstream_scheme, upstream_authority, upstream_path, enabled, created_at) VALUES
+             (1, 'Demo', 'demo', 'http', '127.0.0.1:9100', '/mcp', TRUE, 1),
+             (2, 'Per user', 'pu', 'https', 'pu.example:443', '/', FALSE, 1),
+             (4, 'Off', 'off', 'http', 'off.example:80', '/x', TRUE, 1)",
+            "INSERT INTO hosts (id, name, kind, enabled, created_at) VALUES (1, 'Bot', 'token', FALSE, 1)",
+            "INSERT INTO connections (id, host_id, gateway_id, user_id, enabled, created_at) VALUES (6, 1, 3, 1, TRUE, 1)",
+            "INSERT INTO api_tokens (id, connection_id, token_hash, prefix, created_by, created_at, expires_at) VALUES (7, 6, 'aa', 'mcpgt_aa', 1, 1, 99)",
+            "INSERT INTO oauth_clients (id, client_id, client_name, redirect_uris, host_id, created_at) VALUES (1, 'c', 'C', '[]', 1, 1)",
+            "INSERT INTO oauth_grants (id, client_id, user_id, connection_id, resource, created_at, revoked_at) VALUES (5, 1, 1, 6, 'r', 1, 42)",
+        ] {
+            sqlx::query(sql).execute(db).await.unwrap();
+        }
+        // Blobs are bound: SQLite and PostgreSQL write their literals differently.
+        sqlx::query(
+            "INSERT INTO exposures (gateway_id, server_id, identity, created_at, credential_header, credential_sealed) VALUES
+             (3, 1, 'shared', 1, 'x-api-key', $1), (3, 2, 'per_user', 1, NULL, NULL)",
+        )
+        .bind(vec![1u8, 2])
+        .execute(db)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO identities (id, user_id, server_id, header_name, sealed, enabled, created_at) VALUES (9, 1, 2, 'authorization', $1, FALSE, 1)",
+        )
+        .bind(vec![0xffu8, 0])
+        .execute(db)
+        .await
+        .unwrap();
+    }
+
+    /// `reads` finds what the pool finds in the [`seed`]ed store `db`, field for field.
+    pub async fn reads_like_the_pool(reads: &Reads, db: Db) {
+        let pool = Reads::Pool(db);
+        let mut found = 0;
+        for credential in [
+            Lookup::ApiToken("aa"),
+            Lookup::ApiToken("bb"),
+            Lookup::Grant(5),
+            Lookup::Grant(6),
+        ] {
+            for server in ["demo", "pu", "off", "none"] {
+                let expected = pool.load(credential, server, SECOND).await.unwrap();
+                let row = reads.load(credential, server, SECOND).await.unwrap();
+                assert_eq!(row, expected, "{credential:?} {server}");
+                found += usize::from(row.is_some());
+            }
+        }
+        // A row for each known credential and server name (a server unknown or not
+        // exposed is the decision's to refuse); none for the unknown credentials.
+        assert_eq!(found, 8);
+        let load = |credential, server| async move {
+            reads
+                .load(credential, server, SECOND)
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        let row = load(Lookup::ApiToken("aa"), "pu").await;
+        assert_eq!(
+            (row.identity_id, row.identity_enabled, row.server_enabled),
+            (Some(9), Some(DbBool(false)), Some(DbBool(false)))
+        );
+        assert_eq!(row.identity_sealed, Some(vec![0xff, 0]));
+        assert_eq!(row.expires_at, Some(99));
+        assert!(!row.host_enabled.0 && row.user_enabled.0);
+        let row = load(Lookup::Grant(5), "demo").await;
+        assert_eq!(
+            (row.revoked_at, row.shared_sealed),
+            (Some(42), Some(vec![1, 2]))
+        );
     }
 }
 
@@ -502,5 +623,27 @@ mod tests {
         r.host_enabled = DbBool(false);
         r.gateway_enabled = DbBool(false);
         assert_eq!(code(&r), Some(DenyCode::TokenRevoked));
+    }
+
+    #[tokio::test]
+    async fn postgres_is_read_over_its_own_connections_unless_the_url_is_sqlx_only() {
+        sqlx::any::install_default_drivers();
+        let kind = |url: &str| {
+            // A lazy pool: nothing connects, and neither do the reads before a check.
+            let db = sqlx::any::AnyPoolOptions::new().connect_lazy(url).unwrap();
+            match Reads::for_store(&db, url, Duration::from_millis(200)) {
+                Reads::Pool(_) => "pool",
+                Reads::Sqlite(_) => "sqlite",
+                Reads::Postgres(_) => "postgres",
+            }
+        };
+        assert_eq!(kind("postgres://mcpguard:pw@127.0.0.1:1/db"), "postgres");
+        assert_eq!(kind("postgresql://127.0.0.1:1/db?sslmode=disable"), "postgres");
+        assert_eq!(
+            kind("postgres://127.0.0.1:1/db?statement-cache-capacity=10"),
+            "pool"
+        );
+        // An in-memory SQLite database lives only in the pool's connections.
+        assert_eq!(kind("sqlite::memory:"), "pool");
     }
 }

@@ -11,6 +11,7 @@ pub mod enrollments;
 pub mod hosts;
 pub mod identities;
 pub mod oauth;
+pub mod pg_reads;
 pub mod rekey;
 pub mod sqlite_reads;
 pub mod toggles;

@@ -162,80 +162,24 @@ fn check_row(r: &Row<'_>) -> rusqlite::Result<CheckRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::check::Reads;
+    use crate::store::check::fixture::{SECOND, reads_like_the_pool, seed};
     use crate::store::{self, Db};
 
-    const SECOND: Duration = Duration::from_secs(1);
-
-    /// Gateway `eng` exposing `demo` (shared, with a service credential) and `pu`
-    /// (per-user; the user has an identity there), and `off` exposed nowhere; one
-    /// connection with API token `aa…` (expiring) and OAuth grant 5 (revoked).
     async fn store() -> (tempfile::TempDir, PathBuf, Db) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         let url = format!("sqlite://{}?mode=rwc", path.display());
         let db = store::open(&url, 2).await.unwrap();
-        for sql in [
-            "INSERT INTO roles (id, name, created_at) VALUES (1, 'owner', 1)",
-            "INSERT INTO users (id, name, role_id, enabled, created_at) VALUES (1, 'owner', 1, 1, 1)",
-            "INSERT INTO gateways (id, name, slug, enabled, created_at) VALUES (3, 'Eng', 'eng', 1, 1)",
-            "INSERT INTO servers (id, name, slug, upstream_scheme, upstream_authority, upstream_path, enabled, created_at) VALUES
-             (1, 'Demo', 'demo', 'http', '127.0.0.1:9100', '/mcp', 1, 1),
-             (2, 'Per user', 'pu', 'https', 'pu.example:443', '/', 0, 1),
-             (4, 'Off', 'off', 'http', 'off.example:80', '/x', 1, 1)",
-            "INSERT INTO exposures (gateway_id, server_id, identity, created_at, credential_header, credential_sealed) VALUES
-             (3, 1, 'shared', 1, 'x-api-key', x'0102'), (3, 2, 'per_user', 1, NULL, NULL)",
-            "INSERT INTO identities (id, user_id, server_id, header_name, sealed, enabled, created_at) VALUES (9, 1, 2, 'authorization', x'ff00', 0, 1)",
-            "INSERT INTO hosts (id, name, kind, enabled, created_at) VALUES (1, 'Bot', 'token', 0, 1)",
-            "INSERT INTO connections (id, host_id, gateway_id, user_id, enabled, created_at) VALUES (6, 1, 3, 1, 1, 1)",
-            "INSERT INTO api_tokens (id, connection_id, token_hash, prefix, created_by, created_at, expires_at) VALUES (7, 6, 'aa', 'mcpgt_aa', 1, 1, 99)",
-            "INSERT INTO oauth_clients (id, client_id, client_name, redirect_uris, host_id, created_at) VALUES (1, 'c', 'C', '[]', 1, 1)",
-            "INSERT INTO oauth_grants (id, client_id, user_id, connection_id, resource, created_at, revoked_at) VALUES (5, 1, 1, 6, 'r', 1, 42)",
-        ] {
-            sqlx::query(sql).execute(&db).await.unwrap();
-        }
+        seed(&db).await;
         (dir, path, db)
     }
 
     #[tokio::test]
     async fn reads_the_same_rows_as_the_pool() {
         let (_dir, path, db) = store().await;
-        let reads = SqliteReads::new(path);
-        let pool = crate::store::check::Reads::Pool(db);
-        let mut found = 0;
-        for credential in [
-            Lookup::ApiToken("aa"),
-            Lookup::ApiToken("bb"),
-            Lookup::Grant(5),
-            Lookup::Grant(6),
-        ] {
-            for server in ["demo", "pu", "off", "none"] {
-                let expected = pool.load(credential, server, SECOND).await.unwrap();
-                let row = reads.load(credential, server, SECOND).unwrap();
-                assert_eq!(row, expected, "{credential:?} {server}");
-                found += usize::from(row.is_some());
-            }
-        }
-        // A row for each known credential and server name (a server unknown or not
-        // exposed is the decision's to refuse); none for the unknown credentials.
-        assert_eq!(found, 8);
-        let row = reads
-            .load(Lookup::ApiToken("aa"), "pu", SECOND)
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            (row.identity_id, row.identity_enabled, row.server_enabled),
-            (Some(9), Some(DbBool(false)), Some(DbBool(false)))
-        );
-        assert_eq!(row.expires_at, Some(99));
-        assert!(!row.host_enabled.0 && row.user_enabled.0);
-        let row = reads
-            .load(Lookup::Grant(5), "demo", SECOND)
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            (row.revoked_at, row.shared_sealed),
-            (Some(42), Some(vec![1, 2]))
-        );
+        let reads = Reads::Sqlite(std::sync::Arc::new(SqliteReads::new(path)));
+        reads_like_the_pool(&reads, db).await;
     }
 
     #[tokio::test]
