@@ -103,7 +103,8 @@ fn postgres_description(version: &str) -> String {
         .unwrap_or(version);
     format!(
         "PostgreSQL {short}, a throwaway cluster on loopback TCP with default settings \
-         (shared_buffers 128MB, fsync on); the policy service's default pool of 8 connections"
+         (shared_buffers 128MB, fsync on); the policy service's defaults: checks read over \
+         one pipelined connection per worker thread, the writers use its pool of 8"
     )
 }
 

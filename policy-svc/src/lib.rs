@@ -28,7 +28,7 @@ pub use usage::Usage;
 #[derive(Clone)]
 pub struct AppState {
     pub db: Db,
-    /// Where the check reads its row (on SQLite, not through `db`).
+    /// Where the check reads its row (on SQLite and PostgreSQL, not through `db`).
     pub check_reads: store::check::Reads,
     pub usage: Usage,
     pub audit: audit::Audit,

@@ -94,6 +94,43 @@ pub(crate) const OAUTH_SELECT: &str = check_select!(
     "gr.id = $1"
 );
 
+/// The [`CheckRow`] of a row read by index, in the statements' column order (the order
+/// of [`CheckRow`]'s fields): `$row.$get(i)` reads a column, `$flag(i)` and
+/// `$maybe_flag(i)` a flag and a nullable flag, each a `Result`. For the read paths
+/// whose rows are not sqlx's (sqlx maps by name, through `FromRow`).
+macro_rules! check_row_by_index {
+    ($row:ident . $get:ident, $flag:ident, $maybe_flag:ident) => {
+        CheckRow {
+            token_id: $row.$get(0)?,
+            token_hash: $row.$get(1)?,
+            expires_at: $row.$get(2)?,
+            revoked_at: $row.$get(3)?,
+            connection_id: $row.$get(4)?,
+            host_id: $row.$get(5)?,
+            user_id: $row.$get(6)?,
+            connection_enabled: $flag(7)?,
+            host_enabled: $flag(8)?,
+            user_enabled: $flag(9)?,
+            gateway_slug: $row.$get(10)?,
+            gateway_enabled: $flag(11)?,
+            server_enabled: $maybe_flag(12)?,
+            upstream_scheme: $row.$get(13)?,
+            upstream_authority: $row.$get(14)?,
+            upstream_path: $row.$get(15)?,
+            identity: $row.$get(16)?,
+            server_id: $row.$get(17)?,
+            identity_id: $row.$get(18)?,
+            identity_enabled: $maybe_flag(19)?,
+            identity_header: $row.$get(20)?,
+            identity_sealed: $row.$get(21)?,
+            gateway_id: $row.$get(22)?,
+            shared_header: $row.$get(23)?,
+            shared_sealed: $row.$get(24)?,
+        }
+    };
+}
+pub(crate) use check_row_by_index;
+
 /// What the check's row is looked up by: the credential the request carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lookup<'a> {
@@ -139,7 +176,7 @@ impl Reads {
                     )));
                 }
                 // sqlx accepts a few URL options of its own; the check still works
-                // through the pool, at about half the throughput.
+                // through the pool, with its extra round trip per check (BENCHMARKS.md).
                 Err(e) => tracing::warn!(
                     error = %e,
                     "the database URL is not one tokio-postgres reads: checks read through the pool"
@@ -638,7 +675,10 @@ mod tests {
             }
         };
         assert_eq!(kind("postgres://mcpguard:pw@127.0.0.1:1/db"), "postgres");
-        assert_eq!(kind("postgresql://127.0.0.1:1/db?sslmode=disable"), "postgres");
+        assert_eq!(
+            kind("postgresql://127.0.0.1:1/db?sslmode=disable"),
+            "postgres"
+        );
         assert_eq!(
             kind("postgres://127.0.0.1:1/db?statement-cache-capacity=10"),
             "pool"

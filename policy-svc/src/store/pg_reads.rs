@@ -21,7 +21,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::DbBool;
-use super::check::{API_TOKEN_SELECT, CheckRow, Lookup, OAUTH_SELECT, ReadError};
+use super::check::{
+    API_TOKEN_SELECT, CheckRow, Lookup, OAUTH_SELECT, ReadError, check_row_by_index,
+};
 
 /// A connection with the check's two statements prepared on it.
 struct Session {
@@ -150,37 +152,11 @@ async fn read(
     row.as_ref().map(check_row).transpose()
 }
 
-/// The row in the statement's column order, which is the order of [`CheckRow`]'s fields.
+/// The check's row, column by column.
 fn check_row(r: &Row) -> Result<CheckRow, tokio_postgres::Error> {
     let flag = |i: usize| r.try_get::<_, bool>(i).map(DbBool);
     let maybe_flag = |i: usize| r.try_get::<_, Option<bool>>(i).map(|v| v.map(DbBool));
-    Ok(CheckRow {
-        token_id: r.try_get(0)?,
-        token_hash: r.try_get(1)?,
-        expires_at: r.try_get(2)?,
-        revoked_at: r.try_get(3)?,
-        connection_id: r.try_get(4)?,
-        host_id: r.try_get(5)?,
-        user_id: r.try_get(6)?,
-        connection_enabled: flag(7)?,
-        host_enabled: flag(8)?,
-        user_enabled: flag(9)?,
-        gateway_slug: r.try_get(10)?,
-        gateway_enabled: flag(11)?,
-        server_enabled: maybe_flag(12)?,
-        upstream_scheme: r.try_get(13)?,
-        upstream_authority: r.try_get(14)?,
-        upstream_path: r.try_get(15)?,
-        identity: r.try_get(16)?,
-        server_id: r.try_get(17)?,
-        identity_id: r.try_get(18)?,
-        identity_enabled: maybe_flag(19)?,
-        identity_header: r.try_get(20)?,
-        identity_sealed: r.try_get(21)?,
-        gateway_id: r.try_get(22)?,
-        shared_header: r.try_get(23)?,
-        shared_sealed: r.try_get(24)?,
-    })
+    Ok(check_row_by_index!(r.try_get, flag, maybe_flag))
 }
 
 #[cfg(test)]

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, ToSql};
 
 use super::DbBool;
-use super::check::{API_TOKEN_SELECT, CheckRow, Lookup, OAUTH_SELECT, ReadError};
+use super::check::{
+    API_TOKEN_SELECT, CheckRow, Lookup, OAUTH_SELECT, ReadError, check_row_by_index,
+};
 
 /// SQLite calls the progress handler every this many virtual-machine steps: a check
 /// runs a few hundred, so a statement past its deadline is cut within microseconds.
@@ -123,40 +125,14 @@ fn read(
         .optional()
 }
 
-/// The row in the statement's column order, which is the order of [`CheckRow`]'s fields.
+/// The check's row, column by column.
 fn check_row(r: &Row<'_>) -> rusqlite::Result<CheckRow> {
     let flag = |i: usize| r.get::<_, i64>(i).map(|v| DbBool(v != 0));
     let maybe_flag = |i: usize| {
         r.get::<_, Option<i64>>(i)
             .map(|v| v.map(|v| DbBool(v != 0)))
     };
-    Ok(CheckRow {
-        token_id: r.get(0)?,
-        token_hash: r.get(1)?,
-        expires_at: r.get(2)?,
-        revoked_at: r.get(3)?,
-        connection_id: r.get(4)?,
-        host_id: r.get(5)?,
-        user_id: r.get(6)?,
-        connection_enabled: flag(7)?,
-        host_enabled: flag(8)?,
-        user_enabled: flag(9)?,
-        gateway_slug: r.get(10)?,
-        gateway_enabled: flag(11)?,
-        server_enabled: maybe_flag(12)?,
-        upstream_scheme: r.get(13)?,
-        upstream_authority: r.get(14)?,
-        upstream_path: r.get(15)?,
-        identity: r.get(16)?,
-        server_id: r.get(17)?,
-        identity_id: r.get(18)?,
-        identity_enabled: maybe_flag(19)?,
-        identity_header: r.get(20)?,
-        identity_sealed: r.get(21)?,
-        gateway_id: r.get(22)?,
-        shared_header: r.get(23)?,
-        shared_sealed: r.get(24)?,
-    })
+    Ok(check_row_by_index!(r.get, flag, maybe_flag))
 }
 
 #[cfg(test)]
