@@ -52,9 +52,6 @@ impl From<sqlx::Error> for StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// A pooled connection idle this long is pinged before use.
-const IDLE_PING_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// How the pool talks to the database (`--db-*` flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DbOptions {
@@ -107,20 +104,10 @@ pub async fn open_with(url: &str, options: &DbOptions) -> Result<Db> {
     let pool = AnyPoolOptions::new()
         .max_connections(options.max_connections)
         .acquire_timeout(options.acquire_timeout)
-        // sqlx pings a connection on every checkout by default: one more round trip to
-        // the SQLite worker thread (or the database) per statement, on every check (see
-        // BENCHMARKS.md). Ping only connections idle long enough to have gone stale (a
-        // restarted server, a dropped idle TCP session); sqlx still pings every
-        // connection when it returns to the pool.
-        .test_before_acquire(false)
-        .before_acquire(|conn, meta| {
-            Box::pin(async move {
-                if meta.idle_for >= IDLE_PING_AFTER {
-                    conn.ping().await?;
-                }
-                Ok(true)
-            })
-        })
+        // sqlx pings each connection before handing it out (its default): a connection
+        // that died with a restarted server is replaced, not used. The check does not
+        // pay for this ping: on a SQLite file and on PostgreSQL it reads on connections
+        // of its own (check::Reads).
         .after_connect(move |conn, _| {
             Box::pin(async move {
                 if conn.backend_name() == "PostgreSQL" {
