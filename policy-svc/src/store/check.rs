@@ -205,14 +205,26 @@ impl Reads {
         deadline: Duration,
     ) -> Result<Option<CheckRow>, ReadError> {
         match self {
-            Reads::Pool(db) => tokio::time::timeout(deadline, load(db, credential, server))
-                .await
-                .map_err(|_| ReadError::Deadline(deadline))?
-                .map_err(ReadError::Store),
+            Reads::Pool(db) => {
+                within(deadline, load(db, credential, server), ReadError::Store).await
+            }
             Reads::Sqlite(reads) => reads.load(credential, server, deadline),
             Reads::Postgres(reads) => reads.load(credential, server, deadline).await,
         }
     }
+}
+
+/// `read`'s answer, its error through `error`, or [`ReadError::Deadline`] once
+/// `deadline` has passed (`read` is then dropped).
+pub(crate) async fn within<T, E>(
+    deadline: Duration,
+    read: impl Future<Output = std::result::Result<T, E>>,
+    error: impl FnOnce(E) -> ReadError,
+) -> Result<T, ReadError> {
+    tokio::time::timeout(deadline, read)
+        .await
+        .map_err(|_| ReadError::Deadline(deadline))?
+        .map_err(error)
 }
 
 /// One pipelined connection per runtime worker thread: enough to keep as many
@@ -370,7 +382,7 @@ fn decide_layers(
 pub(crate) mod fixture {
     use std::time::Duration;
 
-    use super::{Lookup, Reads};
+    use super::{CheckRow, Lookup, ReadError, Reads};
     use crate::store::{Db, DbBool};
 
     pub const SECOND: Duration = Duration::from_secs(1);
@@ -411,6 +423,21 @@ pub(crate) mod fixture {
         .execute(db)
         .await
         .unwrap();
+    }
+
+    /// A read of a store kept locked past its 100 ms deadline was refused at the deadline.
+    pub fn assert_refused_at_deadline(
+        refused: &Result<Option<CheckRow>, ReadError>,
+        took: Duration,
+    ) {
+        assert!(
+            matches!(refused, Err(ReadError::Deadline(_))),
+            "{refused:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(90) && took < Duration::from_millis(900),
+            "took {took:?}"
+        );
     }
 
     /// `reads` finds what the pool finds in the [`seed`]ed store `db`, field for field.

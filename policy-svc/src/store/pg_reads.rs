@@ -22,7 +22,7 @@ use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::DbBool;
 use super::check::{
-    API_TOKEN_SELECT, CheckRow, Lookup, OAUTH_SELECT, ReadError, check_row_by_index,
+    API_TOKEN_SELECT, CheckRow, Lookup, OAUTH_SELECT, ReadError, check_row_by_index, within,
 };
 
 /// A connection with the check's two statements prepared on it.
@@ -78,10 +78,12 @@ impl PgReads {
         server: &str,
         deadline: Duration,
     ) -> Result<Option<CheckRow>, ReadError> {
-        tokio::time::timeout(deadline, self.try_load(credential, server))
-            .await
-            .map_err(|_| ReadError::Deadline(deadline))?
-            .map_err(ReadError::Postgres)
+        within(
+            deadline,
+            self.try_load(credential, server),
+            ReadError::Postgres,
+        )
+        .await
     }
 
     async fn try_load(
@@ -168,7 +170,9 @@ mod tests {
 
     use super::*;
     use crate::store::check::Reads;
-    use crate::store::check::fixture::{SECOND, reads_like_the_pool, seed};
+    use crate::store::check::fixture::{
+        SECOND, assert_refused_at_deadline, reads_like_the_pool, seed,
+    };
     use crate::store::{self, Db};
 
     /// A throwaway cluster with the [`seed`]ed store, and reads over `connections`.
@@ -239,14 +243,7 @@ mod tests {
         let started = Instant::now();
         let refused = reads.load(Lookup::ApiToken("aa"), "demo", deadline).await;
         let took = started.elapsed();
-        assert!(
-            matches!(refused, Err(ReadError::Deadline(_))),
-            "{refused:?}"
-        );
-        assert!(
-            took >= Duration::from_millis(90) && took < Duration::from_millis(900),
-            "took {took:?}"
-        );
+        assert_refused_at_deadline(&refused, took);
         sqlx::query("UPDATE hosts SET enabled = TRUE")
             .execute(&mut *holder)
             .await
