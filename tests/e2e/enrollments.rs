@@ -6,10 +6,8 @@ use std::collections::HashMap;
 
 use mcpguard_e2e::Stack;
 use mcpguard_e2e::mcp::{self, call_text, initialize_with};
-use mcpguard_e2e::oauth::{Browser, form_inputs};
+use mcpguard_e2e::oauth::{Browser, PASSWORD, form_inputs};
 use serde_json::{Value, json};
-
-const PASSWORD: &str = "correct horse battery staple";
 
 /// The enrollment form with these answers (and the page's CSRF value).
 fn answers(

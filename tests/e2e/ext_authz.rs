@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mcpguard_e2e::mcp::{self, call_text, initialize_with};
-use mcpguard_e2e::oauth::RawClient;
+use mcpguard_e2e::oauth::{PASSWORD, RawClient};
 use mcpguard_e2e::{Demo, Envoy, Policy, free_port, workspace_root};
 use serde_json::json;
 
@@ -209,14 +209,12 @@ async fn native_ext_authz_allows_live_tokens_and_refuses_unknown_and_revoked_one
 
     // An OAuth access token of a headed host: verified by the wasm filter only, so in
     // this mode it is refused as no API token (README, "Native ext_authz").
-    admin.person("alice", "correct horse battery staple").await;
+    admin.person("alice", PASSWORD).await;
     let app = RawClient::register(&policy.public_url(), "Headed app").await;
     // Issued for the policy service's default resource base: which URL does not matter
     // here, since no access token is accepted in this mode.
     let resource = "http://127.0.0.1:10000/mcp/eng/demo";
-    let tokens = app
-        .sign_in(resource, "alice", "correct horse battery staple")
-        .await;
+    let tokens = app.sign_in(resource, "alice", PASSWORD).await;
     let access = tokens["access_token"].as_str().unwrap();
     let headed = initialize_with(&url, Some(access)).await;
     assert_eq!(

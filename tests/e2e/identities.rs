@@ -2,7 +2,7 @@
 //! never the agent's token and never another user's; identities are sealed at rest.
 
 use mcpguard_e2e::mcp::{self, call_text, initialize_with};
-use mcpguard_e2e::oauth::RawClient;
+use mcpguard_e2e::oauth::{PASSWORD, RawClient};
 use mcpguard_e2e::{Admin, Stack};
 use reqwest::Method;
 use serde_json::json;
@@ -386,11 +386,9 @@ async fn rotating_the_secrets_key_keeps_every_credential_and_retires_the_old_key
         .await;
     everything_injected(true).await;
     // The OAuth signing keys were re-sealed too: a headed app still gets signed tokens.
-    owner.person("carol", "correct horse battery staple").await;
+    owner.person("carol", PASSWORD).await;
     let app = RawClient::register(&stack.policy.public_url(), "Desk app").await;
-    let tokens = app
-        .sign_in(&svc, "carol", "correct horse battery staple")
-        .await;
+    let tokens = app.sign_in(&svc, "carol", PASSWORD).await;
     assert!(
         tokens["access_token"]
             .as_str()

@@ -6,7 +6,7 @@
 //! The negative cases use a hand-driven client, as no SDK makes those mistakes.
 
 use mcpguard_e2e::mcp::{self, call_text, initialize_with};
-use mcpguard_e2e::oauth::{Browser, RawClient, form_inputs, pkce, query_param};
+use mcpguard_e2e::oauth::{Browser, PASSWORD, RawClient, form_inputs, pkce, query_param};
 use mcpguard_e2e::{Admin, Stack};
 use reqwest::Method;
 use rmcp::ServiceExt;
@@ -17,8 +17,6 @@ use rmcp::transport::auth::{
 };
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use serde_json::{Value, json};
-
-const PASSWORD: &str = "correct horse battery staple";
 
 /// A gateway `eng` exposing the demo server as `demo` (and again as `other`), and a
 /// person who can sign in.

@@ -6,6 +6,9 @@ use std::collections::HashMap;
 use reqwest::redirect::Policy;
 use serde_json::{Value, json};
 
+/// The password the tests give the people they create (`Admin::person`).
+pub const PASSWORD: &str = "correct horse battery staple";
+
 /// The pages' hidden and named inputs, by name (the pages are ours and simple).
 pub fn form_inputs(html: &str) -> HashMap<String, String> {
     let mut out = HashMap::new();
