@@ -248,7 +248,7 @@ impl DenyCode {
 /// authority without a trailing slash; any query on `path` is dropped.
 pub fn resource_metadata_url(base: &str, path: &str) -> String {
     let path = path.split('?').next().unwrap_or_default();
-    format!("{base}/.well-known/oauth-protected-resource{path}")
+    format!("{base}{}{path}", crate::oauth::RESOURCE_METADATA_PREFIX)
 }
 
 #[cfg(test)]

@@ -140,6 +140,9 @@ pub fn resource_url(base: &str, gateway: &str, server: &str) -> String {
     format!("{base}/mcp/{gateway}/{server}")
 }
 
+/// RFC 9728 §3.1: the metadata of `/mcp/g/s` lives at this prefix followed by it.
+pub const RESOURCE_METADATA_PREFIX: &str = "/.well-known/oauth-protected-resource";
+
 /// RFC 9728 §2: the protected-resource metadata of one MCP endpoint, naming the
 /// policy service as its authorization server.
 pub fn protected_resource_metadata(resource: &str, authorization_server: &str) -> String {

@@ -90,7 +90,8 @@ impl FilterConfig {
             if config.issuer.is_none() {
                 return Err("jwks is only used with issuer: set both".into());
             }
-            let keys = crate::jwt::Keys::from_value(jwks).map_err(|e| format!("jwks: {e}"))?;
+            let keys =
+                mcpguard_core::jwt::Keys::from_value(jwks).map_err(|e| format!("jwks: {e}"))?;
             if keys.is_empty() {
                 return Err("jwks holds no Ed25519 key".into());
             }
@@ -123,7 +124,7 @@ mod tests {
         let c =
             FilterConfig::parse(br#"{"policy_cluster":"p","issuer":"http://as:8080"}"#).unwrap();
         assert!(c.fetches_jwks());
-        let (_, jwks) = crate::jwt::tests::key(1, "k1");
+        let (_, jwks) = mcpguard_core::jwt::testing::key(1, "k1");
         let inline =
             serde_json::json!({"policy_cluster": "p", "issuer": "http://as", "jwks": jwks});
         let c = FilterConfig::parse(inline.to_string().as_bytes()).unwrap();

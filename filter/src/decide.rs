@@ -6,7 +6,7 @@ use mcpguard_core::route::{McpPath, PathError};
 use mcpguard_core::token::{TokenHash, TokenKind, parse_token};
 
 use crate::config::FilterConfig;
-use crate::jwt::{self, Keys};
+use mcpguard_core::jwt::{self, Keys};
 
 /// Set by the filter on requests it authorised; Envoy's forwarding routes match on it.
 /// The filter removes any client-sent copy first, so it cannot be forged.
@@ -62,11 +62,11 @@ pub struct Clock<'a> {
     pub now: i64,
 }
 
-/// RFC 9728 §3.1: the metadata of `/mcp/g/s` lives at this prefix followed by it.
-pub const METADATA_PREFIX: &str = "/.well-known/oauth-protected-resource";
-
 pub fn start(req: &Incoming<'_>, config: &FilterConfig, clock: Clock<'_>) -> Start {
-    if let Some(resource_path) = req.path.strip_prefix(METADATA_PREFIX) {
+    if let Some(resource_path) = req
+        .path
+        .strip_prefix(mcpguard_core::oauth::RESOURCE_METADATA_PREFIX)
+    {
         return metadata(req, config, resource_path);
     }
     let path = match McpPath::parse(req.path) {
@@ -413,11 +413,11 @@ mod tests {
 
     #[test]
     fn a_verified_jwt_is_checked_by_its_identifiers_never_the_token() {
-        let (key, jwks) = crate::jwt::tests::key(3, "k1");
+        let (key, jwks) = mcpguard_core::jwt::testing::key(3, "k1");
         let keys = Keys::from_value(&jwks).unwrap();
-        let mut claims = crate::jwt::tests::claims();
+        let mut claims = mcpguard_core::jwt::testing::claims();
         claims.iss = "http://as".into();
-        let jwt = crate::jwt::tests::sign(&key, "k1", &claims);
+        let jwt = mcpguard_core::jwt::testing::sign(&key, "k1", &claims);
         let auth = format!("Bearer {jwt}");
         let req = incoming("/mcp/eng/github", Some(&auth));
         let clock = Clock {

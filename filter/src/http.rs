@@ -13,7 +13,7 @@ use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 
 use crate::config::FilterConfig;
 use crate::decide::{self, Clock, Finish, Incoming, ROUTE_HEADER, Refusal, Start};
-use crate::jwt::Keys;
+use mcpguard_core::jwt::Keys;
 
 /// The JWT verification keys, shared by the root context (which refreshes them) and
 /// every request of this VM.

@@ -4,7 +4,6 @@
 
 pub mod config;
 pub mod decide;
-pub mod jwt;
 
 #[cfg(target_arch = "wasm32")]
 mod http;

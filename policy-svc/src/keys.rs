@@ -1,10 +1,13 @@
 //! Access-token signing keys (Ed25519): generated here, private halves sealed at rest
 //! with the [`SecretBox`], public halves published as a JWKS. Every replica reads the
 //! active key from the store, so a rotation on one replica holds on all of them.
+//! [`Verifier`] holds the published halves for verifying tokens presented here.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use mcpguard_core::jwt::{self, Keys};
 use mcpguard_core::oauth::{AccessClaims, JWT_ALG};
 
 use crate::secrets::{SecretBox, signing_key_binding};
@@ -119,6 +122,85 @@ impl Signer {
     }
 }
 
+/// The published keys, as the ext_authz endpoint verifies access tokens with them: read
+/// from the store, like the JWKS the filter fetches, and kept between requests as the
+/// filter keeps its JWKS. Keeping them is safe because a key stays published until
+/// every token it signed has expired, and a `next` key is published before it signs.
+#[derive(Default)]
+pub struct Verifier {
+    read: Mutex<Option<KeysRead>>,
+}
+
+struct KeysRead {
+    keys: Arc<Keys>,
+    at: Instant,
+}
+
+/// Keys older than this are read again by the next token: a `next` key is known here
+/// within the filter's default `jwks_refresh_s` of being created, like in the filter.
+const KEYS_REFRESH: Duration = Duration::from_secs(30);
+
+/// A token naming a key not among those held makes the verifier read them again, at
+/// most this often: made-up `kid`s cannot turn every request into a store read.
+const KEYS_MISS_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Verifier {
+    /// The keys to verify `token` with: those held, or read again if they are old or
+    /// lack the key `token` names. A failed read is an error (the caller fails closed);
+    /// the keys held stay for the next token.
+    pub async fn keys_for(
+        &self,
+        token: &str,
+        db: &Db,
+        max_token_age_ms: i64,
+        deadline: Duration,
+    ) -> Result<Arc<Keys>, StoreError> {
+        if let Some(keys) = self.held_unless_stale(token) {
+            return Ok(keys);
+        }
+        let read =
+            tokio::time::timeout(deadline, store::oauth::published_keys(db, max_token_age_ms))
+                .await
+                .map_err(|_| {
+                    StoreError::Keys(format!(
+                        "no answer from the store within {} ms",
+                        deadline.as_millis()
+                    ))
+                })??;
+        let keys = Arc::new(Keys::from_value(&jwks(&read)).map_err(StoreError::Keys)?);
+        if let Ok(mut held) = self.read.lock() {
+            *held = Some(KeysRead {
+                keys: keys.clone(),
+                at: Instant::now(),
+            });
+        }
+        Ok(keys)
+    }
+
+    /// The keys held, if they will do for `token`; otherwise `None`, and the caller
+    /// reads. Claims the read by restarting the clock, so concurrent tokens use the
+    /// keys held (or wait out the miss interval) instead of reading too.
+    fn held_unless_stale(&self, token: &str) -> Option<Arc<Keys>> {
+        let mut held = self.read.lock().ok()?;
+        let read = held.as_mut()?;
+        let age = read.at.elapsed();
+        let missing = jwt::kid(token).is_some_and(|kid| !read.keys.knows(&kid));
+        if age < KEYS_REFRESH && !(missing && age >= KEYS_MISS_INTERVAL) {
+            return Some(read.keys.clone());
+        }
+        read.at = Instant::now();
+        None
+    }
+
+    /// Makes the keys held look `by` older, as if that much time had passed.
+    #[cfg(test)]
+    pub fn backdate(&self, by: Duration) {
+        if let Some(read) = self.read.lock().unwrap().as_mut() {
+            read.at = read.at.checked_sub(by).unwrap();
+        }
+    }
+}
+
 /// The JWKS document of the published keys.
 pub fn jwks(keys: &[store::oauth::KeyInfo]) -> serde_json::Value {
     serde_json::json!({
@@ -172,5 +254,78 @@ mod tests {
         validation.set_audience(&["a"]);
         let got = jsonwebtoken::decode::<AccessClaims>(&jwt, &decoding, &validation).unwrap();
         assert_eq!(got.claims, claims);
+    }
+
+    /// A JWT whose header names `kid` (the rest does not matter to the verifier's keys).
+    fn naming(kid: &str) -> String {
+        let header = mcpguard_core::oauth::base64url(
+            format!(r#"{{"alg":"EdDSA","typ":"at+jwt","kid":"{kid}"}}"#).as_bytes(),
+        );
+        format!("{header}.e30.c2ln")
+    }
+
+    #[tokio::test]
+    async fn the_verifier_rereads_keys_when_old_or_missing_one_but_not_on_every_made_up_kid() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+        let db = store::open(&url, 2).await.unwrap();
+        let secrets = SecretBox::load_or_create(&dir.path().join("k")).unwrap();
+        store::oauth::ensure_keys(&db, &mut || generate(&secrets))
+            .await
+            .unwrap();
+        let published = |keys: &Keys| keys.len();
+        let kids = || async {
+            store::oauth::published_keys(&db, 60_000)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|k| k.kid)
+                .collect::<Vec<_>>()
+        };
+        let deadline = Duration::from_secs(1);
+        let verifier = Verifier::default();
+        let first = kids().await;
+        let keys = verifier
+            .keys_for(&naming(&first[0]), &db, 60_000, deadline)
+            .await
+            .unwrap();
+        assert_eq!(published(&keys), 2, "active and next");
+
+        // Two rotations publish a key the verifier has not read.
+        for _ in 0..2 {
+            store::oauth::rotate_keys(&db, generate(&secrets).unwrap())
+                .await
+                .unwrap();
+        }
+        let newest = kids().await.last().unwrap().clone();
+        assert!(!keys.knows(&newest));
+        // Just after a read, a token naming an unknown key is verified with the keys
+        // held (and refused), without reading: made-up kids cost no store read.
+        let held = verifier
+            .keys_for(&naming(&newest), &db, 60_000, deadline)
+            .await
+            .unwrap();
+        assert!(!held.knows(&newest));
+        // A second later it reads, and the new key is known.
+        verifier.backdate(KEYS_MISS_INTERVAL);
+        let reread = verifier
+            .keys_for(&naming(&newest), &db, 60_000, deadline)
+            .await
+            .unwrap();
+        assert!(reread.knows(&newest));
+        assert_eq!(published(&reread), 4, "two retired, active, next");
+        // That read restarted the clock: the next made-up kid does not read again.
+        assert!(verifier.held_unless_stale(&naming("made-up")).is_some());
+
+        // Old keys are read again whichever kid the token names; a store that fails
+        // the read is an error, not the old keys.
+        verifier.backdate(KEYS_REFRESH);
+        db.close().await;
+        assert!(
+            verifier
+                .keys_for(&naming(&newest), &db, 60_000, deadline)
+                .await
+                .is_err()
+        );
     }
 }

@@ -36,6 +36,8 @@ pub struct AppState {
     pub secrets: std::sync::Arc<secrets::SecretBox>,
     pub oauth: std::sync::Arc<routes::oauth::OauthConfig>,
     pub signer: std::sync::Arc<keys::Signer>,
+    /// Verifies access tokens presented to the ext_authz endpoint.
+    pub verifier: std::sync::Arc<keys::Verifier>,
 }
 
 /// `mcpguard-policy reseal`: moves every stored sealed value to the current key.
@@ -96,6 +98,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         secrets,
         oauth,
         signer: std::sync::Arc::default(),
+        verifier: std::sync::Arc::default(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mcpguard_e2e::mcp::{self, call_text, initialize_with};
-use mcpguard_e2e::oauth::{PASSWORD, RawClient};
+use mcpguard_e2e::oauth::{PASSWORD, RawClient, sdk_connect};
 use mcpguard_e2e::{Demo, Envoy, Policy, free_port, workspace_root};
 use serde_json::json;
 
@@ -59,8 +59,10 @@ impl ExtAuthzEnvoy {
         serde_json::to_string_pretty(&cfg).unwrap()
     }
 
-    async fn start(check_port: u16, demo_port: u16, dir: &Path) -> ExtAuthzEnvoy {
-        let (port, admin_port) = (free_port(), free_port());
+    /// On `port`, chosen beforehand so the policy service can be told the data plane's
+    /// URL (the base of OAuth resources).
+    async fn start(port: u16, check_port: u16, demo_port: u16, dir: &Path) -> ExtAuthzEnvoy {
+        let admin_port = free_port();
         let config = dir.join(format!("envoy-ext-authz-{port}.json"));
         std::fs::write(
             &config,
@@ -134,7 +136,7 @@ async fn native_ext_authz_allows_live_tokens_and_refuses_unknown_and_revoked_one
     let dir = tempfile::tempdir().unwrap();
     let mut policy = Policy::start(&dir.path().join("data"), dir.path()).await;
     let demo = Demo::start(dir.path()).await;
-    let envoy = ExtAuthzEnvoy::start(policy.check_port, demo.port, dir.path()).await;
+    let envoy = ExtAuthzEnvoy::start(free_port(), policy.check_port, demo.port, dir.path()).await;
     let admin = policy.admin();
     let p = admin.provision("eng", "demo", &demo.upstream_url()).await;
     let url = envoy.mcp_url("eng", "demo");
@@ -207,23 +209,6 @@ async fn native_ext_authz_allows_live_tokens_and_refuses_unknown_and_revoked_one
             .contains(r#"error="invalid_token""#)
     );
 
-    // An OAuth access token of a headed host: verified by the wasm filter only, so in
-    // this mode it is refused as no API token (README, "Native ext_authz").
-    admin.person("alice", PASSWORD).await;
-    let app = RawClient::register(&policy.public_url(), "Headed app").await;
-    // Issued for the policy service's default resource base: which URL does not matter
-    // here, since no access token is accepted in this mode.
-    let resource = "http://127.0.0.1:10000/mcp/eng/demo";
-    let tokens = app.sign_in(resource, "alice", PASSWORD).await;
-    let access = tokens["access_token"].as_str().unwrap();
-    let headed = initialize_with(&url, Some(access)).await;
-    assert_eq!(
-        (headed.status, headed.code().as_str()),
-        (401, "token_malformed"),
-        "{}",
-        headed.body
-    );
-
     // Revoked: refused on the very next request, open session included.
     admin.revoke(p.token_id).await;
     let revoked = initialize_with(&url, Some(&p.token)).await;
@@ -252,5 +237,89 @@ async fn native_ext_authz_allows_live_tokens_and_refuses_unknown_and_revoked_one
     assert_eq!(
         (down.status, down.code().as_str()),
         (503, "policy_unavailable")
+    );
+}
+
+#[tokio::test]
+async fn a_headed_app_connects_through_native_ext_authz_with_the_official_sdk() {
+    let dir = tempfile::tempdir().unwrap();
+    // The policy service issues tokens for this Envoy's URL: it is chosen first.
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let policy = Policy::start_with(
+        &dir.path().join("data"),
+        dir.path(),
+        &[("MCPGUARD_RESOURCE_BASE_URLS", &base)],
+    )
+    .await;
+    let demo = Demo::start(dir.path()).await;
+    let envoy = ExtAuthzEnvoy::start(port, policy.check_port, demo.port, dir.path()).await;
+    let admin = policy.admin();
+    let gateway = admin.gateway("eng").await;
+    for slug in ["demo", "other"] {
+        let server = admin.server(slug, &demo.upstream_url()).await;
+        admin.expose(gateway, server).await;
+    }
+    admin.person("alice", PASSWORD).await;
+    let url = envoy.mcp_url("eng", "demo");
+    let issuer = policy.public_url();
+
+    // The 401 points at the metadata, which Envoy routes to the policy service with no
+    // token; it names this URL as the resource and the policy service as its issuer.
+    let refused = initialize_with(&url, None).await;
+    assert_eq!(refused.status, 401);
+    let challenge = refused.header("www-authenticate").unwrap().to_owned();
+    let metadata_url = format!("{base}/.well-known/oauth-protected-resource/mcp/eng/demo");
+    assert!(challenge.contains(&metadata_url), "{challenge}");
+    let prm = reqwest::get(&metadata_url).await.unwrap();
+    assert_eq!(prm.status(), 200);
+    let prm: serde_json::Value = prm.json().await.unwrap();
+    assert_eq!(prm["resource"], url);
+    assert_eq!(prm["authorization_servers"], json!([issuer]));
+
+    // The official SDK finds its way from the challenge, signs in, and calls tools
+    // through Envoy's ext_authz; the upstream never sees the access token.
+    let (auth, client) = sdk_connect(&url, &challenge, &issuer, "Headed app").await;
+    assert_eq!(
+        call_text(&client, "echo", json!({"text": "headed"}))
+            .await
+            .unwrap(),
+        "headed"
+    );
+    assert_eq!(
+        call_text(&client, "whoami", json!({})).await.unwrap(),
+        "none"
+    );
+    let access = auth.get_access_token().await.unwrap();
+    // Its audience is this MCP URL: not another server's on the same gateway.
+    let elsewhere = initialize_with(&envoy.mcp_url("eng", "other"), Some(&access)).await;
+    assert_eq!(
+        (elsewhere.status, elsewhere.code().as_str()),
+        (401, "token_wrong_gateway")
+    );
+
+    // Revoking the grant (its refresh token) refuses its access token on the next
+    // request: verified here, checked uncached like an API token.
+    let raw = RawClient::register(&issuer, "Raw client").await;
+    let tokens = raw.sign_in(&url, "alice", PASSWORD).await;
+    let access = tokens["access_token"].as_str().unwrap();
+    assert_eq!(initialize_with(&url, Some(access)).await.status, 200);
+    assert_eq!(
+        raw.revoke(tokens["refresh_token"].as_str().unwrap()).await,
+        200
+    );
+    let revoked = initialize_with(&url, Some(access)).await;
+    assert_eq!(
+        (revoked.status, revoked.code().as_str()),
+        (401, "token_revoked"),
+        "{}",
+        revoked.body
+    );
+    // The SDK's own grant is untouched.
+    assert_eq!(
+        call_text(&client, "echo", json!({"text": "still"}))
+            .await
+            .unwrap(),
+        "still"
     );
 }

@@ -6,16 +6,11 @@
 //! The negative cases use a hand-driven client, as no SDK makes those mistakes.
 
 use mcpguard_e2e::mcp::{self, call_text, initialize_with};
-use mcpguard_e2e::oauth::{Browser, PASSWORD, RawClient, form_inputs, pkce, query_param};
+use mcpguard_e2e::oauth::{
+    Browser, PASSWORD, RawClient, form_inputs, pkce, query_param, sdk_connect,
+};
 use mcpguard_e2e::{Admin, Stack};
 use reqwest::Method;
-use rmcp::ServiceExt;
-use rmcp::model::ClientConfig;
-use rmcp::transport::StreamableHttpClientTransport;
-use rmcp::transport::auth::{
-    AuthClient, AuthorizationManager, AuthorizationRequest, AuthorizationSession,
-};
-use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use serde_json::{Value, json};
 
 /// A gateway `eng` exposing the demo server as `demo` (and again as `other`), and a
@@ -70,43 +65,9 @@ async fn a_headed_app_connects_with_the_official_sdk_and_appears_as_a_host() {
     assert_eq!(asm["issuer"], issuer);
     assert_eq!(asm["code_challenge_methods_supported"], json!(["S256"]));
 
-    // The SDK: discovery from the challenge, registration, authorization URL.
-    let mut manager = AuthorizationManager::new(url.as_str()).await.unwrap();
-    let resolved = manager
-        .resolve_metadata_from_challenge(Some(&challenge))
-        .await
-        .unwrap();
-    manager.set_metadata(resolved.metadata);
-    let redirect_uri = "http://127.0.0.1:1/callback";
-    let session = AuthorizationSession::new(
-        manager,
-        AuthorizationRequest::new(redirect_uri).with_client_name("Claude Desktop"),
-    )
-    .await
-    .map_err(|(_, e)| e)
-    .unwrap();
-
-    // The user signs in and allows; the SDK exchanges the code (PKCE) for tokens.
-    let back = Browser::default()
-        .authorize(
-            &issuer,
-            session.get_authorization_url(),
-            "alice",
-            PASSWORD,
-            &[],
-        )
-        .await;
-    assert!(back.starts_with(redirect_uri), "{back}");
-    assert_eq!(query_param(&back, "iss").as_deref(), Some(issuer.as_str()));
-    session.handle_callback_url(&back).await.unwrap();
-
-    // tools/call through Envoy with the access token.
-    let auth = AuthClient::new(reqwest::Client::default(), session.auth_manager);
-    let transport = StreamableHttpClientTransport::with_client(
-        auth.clone(),
-        StreamableHttpClientTransportConfig::with_uri(url.as_str()),
-    );
-    let client = ClientConfig::default().serve(transport).await.unwrap();
+    // The SDK: discovery from the challenge, registration; the user signs in and
+    // allows; the code is exchanged (PKCE). Then tools/call through Envoy.
+    let (auth, client) = sdk_connect(&url, &challenge, &issuer, "Claude Desktop").await;
     assert_eq!(
         call_text(&client, "echo", json!({"text": "hi"}))
             .await

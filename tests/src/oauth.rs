@@ -4,6 +4,13 @@
 use std::collections::HashMap;
 
 use reqwest::redirect::Policy;
+use rmcp::ServiceExt;
+use rmcp::model::ClientConfig;
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::auth::{
+    AuthClient, AuthorizationManager, AuthorizationRequest, AuthorizationSession,
+};
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use serde_json::{Value, json};
 
 /// The password the tests give the people they create (`Admin::person`).
@@ -281,4 +288,51 @@ impl RawClient {
         assert_eq!(status, 200, "{tokens}");
         tokens
     }
+}
+
+/// A headed app on the official Rust SDK (rmcp, feature `auth`), as the MCP
+/// authorization spec has it: discovery from the gateway's 401 `challenge` (the
+/// protected-resource metadata at the gateway, then the issuer's metadata),
+/// registration, the user (`alice`, playing the browser) signing in and allowing, the
+/// code exchanged with PKCE, then an MCP session at `url`. Returns the SDK's HTTP
+/// client (it holds the tokens) and the session.
+pub async fn sdk_connect(
+    url: &str,
+    challenge: &str,
+    issuer: &str,
+    client_name: &str,
+) -> (AuthClient<reqwest::Client>, crate::mcp::Client) {
+    let mut manager = AuthorizationManager::new(url).await.unwrap();
+    let resolved = manager
+        .resolve_metadata_from_challenge(Some(challenge))
+        .await
+        .unwrap();
+    manager.set_metadata(resolved.metadata);
+    let redirect_uri = "http://127.0.0.1:1/callback";
+    let session = AuthorizationSession::new(
+        manager,
+        AuthorizationRequest::new(redirect_uri).with_client_name(client_name),
+    )
+    .await
+    .map_err(|(_, e)| e)
+    .unwrap();
+    let back = Browser::default()
+        .authorize(
+            issuer,
+            session.get_authorization_url(),
+            "alice",
+            PASSWORD,
+            &[],
+        )
+        .await;
+    assert!(back.starts_with(redirect_uri), "{back}");
+    assert_eq!(query_param(&back, "iss").as_deref(), Some(issuer));
+    session.handle_callback_url(&back).await.unwrap();
+    let auth = AuthClient::new(reqwest::Client::default(), session.auth_manager);
+    let transport = StreamableHttpClientTransport::with_client(
+        auth.clone(),
+        StreamableHttpClientTransportConfig::with_uri(url),
+    );
+    let client = ClientConfig::default().serve(transport).await.unwrap();
+    (auth, client)
 }

@@ -3,8 +3,12 @@
 //! Envoy sends the client's method, `Authorization`, `Host` and path — prefixed with the
 //! filter's `path_prefix`, which must be [`PATH_PREFIX`] — with no body. The decision is
 //! the check endpoint's own: the same token parsing (`mcpguard_core`), the same single
-//! store read ([`check::Reads::load`]) and the same pure [`check::decide`]. What
-//! differs is only the wire form, which is Envoy's:
+//! store read ([`check::Reads::load`]) and the same pure [`check::decide`]. OAuth access
+//! tokens are verified here as the wasm filter verifies them ([`mcpguard_core::jwt`]),
+//! with the published keys held by [`Verifier`](crate::keys::Verifier), and the
+//! protected-resource metadata the filter answers itself is served here for Envoy to
+//! route to ([`resource_metadata`]). What differs is only the wire form, which is
+//! Envoy's:
 //! - allow: `200`, with `x-envoy-auth-headers-to-remove: authorization` (the upstream never
 //!   sees the client's token) and, when the exposure injects a downstream credential, that
 //!   header — list it in `allowed_upstream_headers`;
@@ -28,8 +32,10 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::any;
+use axum::routing::{any, get};
 use mcpguard_core::check::{CheckResponse, DenyCode};
+use mcpguard_core::jwt;
+use mcpguard_core::oauth::{RESOURCE_METADATA_PREFIX, protected_resource_metadata, resource_url};
 use mcpguard_core::route::{McpPath, PathError};
 use mcpguard_core::token::{TokenHash, TokenKind, parse_token};
 
@@ -51,7 +57,22 @@ const MCP_METHOD_HEADER: &str = "x-mcpguard-mcp-method";
 const MCP_TOOL_HEADER: &str = "x-mcpguard-mcp-tool";
 
 pub fn routes() -> Router<AppState> {
-    Router::new().route(&format!("{PATH_PREFIX}/{{*path}}"), any(run))
+    Router::new()
+        .route(&format!("{PATH_PREFIX}/{{*path}}"), any(run))
+        .route(
+            &format!("{RESOURCE_METADATA_PREFIX}/{{*path}}"),
+            get(resource_metadata),
+        )
+}
+
+/// How the client proved who it is, once its token has been looked at.
+enum Presented {
+    ApiToken(TokenHash),
+    /// A verified access token's grant and connection.
+    Oauth {
+        grant: i64,
+        connection: i64,
+    },
 }
 
 async fn run(
@@ -82,32 +103,37 @@ async fn run(
     };
     seen.gateway = Some(path.gateway);
     seen.server = Some(path.server);
-    // The client's host: `Host` over HTTP/1.1, `:authority` (the URI's) over HTTP/2.
-    let host = uri.authority().map(|a| a.as_str()).or(header("host"));
-    let metadata = || resource_metadata_url(header("x-forwarded-proto"), host, original);
+    let base = client_base_url(&uri, &headers);
+    let metadata = || mcpguard_core::check::resource_metadata_url(&base, original);
     let Some(authorization) = header("authorization") else {
         return seen.refuse(&state, DenyCode::TokenMissing, Some(&metadata()));
     };
     let Some(token) = mcpguard_core::bearer_token(authorization) else {
         return seen.refuse(&state, DenyCode::TokenMalformed, Some(&metadata()));
     };
-    match parse_token(token) {
-        Ok(TokenKind::HostApi | TokenKind::PerUser) => {}
-        // Admin tokens are for the admin API only, refresh tokens and codes for the
-        // token endpoint; never let one act on the data plane.
-        Ok(TokenKind::Admin | TokenKind::Refresh | TokenKind::Code) => {
-            return seen.refuse(&state, DenyCode::TokenUnknown, Some(&metadata()));
-        }
-        Err(_) => return seen.refuse(&state, DenyCode::TokenMalformed, Some(&metadata())),
-    }
-
-    let presented = TokenHash::of(token);
     // The same deadline as /v1/check: a slow store is a quick refusal, not a wait.
     let deadline = deadline.map(|Extension(d)| d).unwrap_or_default().0;
-    let hash = presented.to_hex();
-    let read = state
-        .check_reads
-        .load(check::Lookup::ApiToken(&hash), path.server, deadline);
+    let audience = resource_url(&base, path.gateway, path.server);
+    let presented = match present(&state, token, &audience, deadline).await {
+        Ok(presented) => presented,
+        Err(Unpresentable::Refused(code)) => {
+            return seen.refuse(&state, code, Some(&metadata()));
+        }
+        Err(Unpresentable::NoKeys(e)) => {
+            tracing::warn!(error = %e, gateway = path.gateway, server = path.server, request_id = seen.request_id, "ext_authz check: no verification keys from the store; refusing");
+            return refuse(DenyCode::PolicyUnavailable, None);
+        }
+    };
+
+    let hex;
+    let lookup = match &presented {
+        Presented::ApiToken(hash) => {
+            hex = hash.to_hex();
+            check::Lookup::ApiToken(&hex)
+        }
+        Presented::Oauth { grant, .. } => check::Lookup::Grant(*grant),
+    };
+    let read = state.check_reads.load(lookup, path.server, deadline);
     let row = match read.await {
         Ok(row) => row,
         Err(e) => {
@@ -117,23 +143,75 @@ async fn run(
         }
     };
     let now = store::now_ms();
-    let decision = check::decide(
-        row.as_ref(),
-        &presented,
-        path.gateway,
-        now,
-        state.secrets.opener(),
-    );
+    let decision = match &presented {
+        Presented::ApiToken(hash) => check::decide(
+            row.as_ref(),
+            hash,
+            path.gateway,
+            now,
+            state.secrets.opener(),
+        ),
+        Presented::Oauth { connection, .. } => check::decide_oauth(
+            row.as_ref(),
+            *connection,
+            path.gateway,
+            state.secrets.opener(),
+        ),
+    };
     seen.row = row.as_ref();
     match decision {
         CheckResponse::Allow { inject, .. } => {
             if let Some(row) = &row {
-                state.usage.record(Some(row.token_id), row.connection_id);
+                // An OAuth row's id is its grant's, not an API token's.
+                let token = matches!(presented, Presented::ApiToken(_)).then_some(row.token_id);
+                state.usage.record(token, row.connection_id);
             }
             seen.record(&state, now, None);
             allow(inject.map(|h| (h.name, h.value)))
         }
         CheckResponse::Deny { code } => seen.refuse(&state, code, None),
+    }
+}
+
+/// Why a bearer token goes no further than its own look.
+enum Unpresentable {
+    Refused(DenyCode),
+    /// An access token, and no keys to verify it with: not a decision.
+    NoKeys(store::StoreError),
+}
+
+/// What the token proves, before the store is asked: an API token's hash, or an access
+/// token verified for `audience` (this request's MCP URL, as the filter checks it).
+async fn present(
+    state: &AppState,
+    token: &str,
+    audience: &str,
+    deadline: std::time::Duration,
+) -> Result<Presented, Unpresentable> {
+    if jwt::looks_like_jwt(token) {
+        let keys = state
+            .verifier
+            .keys_for(token, &state.db, state.oauth.max_token_age_ms(), deadline)
+            .await
+            .map_err(Unpresentable::NoKeys)?;
+        let now_s = store::now_ms() / 1000;
+        let claims = jwt::verify(token, &keys, &state.oauth.issuer, audience, now_s)
+            .map_err(Unpresentable::Refused)?;
+        return Ok(Presented::Oauth {
+            grant: claims.gid,
+            connection: claims.cid,
+        });
+    }
+    match parse_token(token) {
+        Ok(TokenKind::HostApi | TokenKind::PerUser) => {
+            Ok(Presented::ApiToken(TokenHash::of(token)))
+        }
+        // Admin tokens are for the admin API only, refresh tokens and codes for the
+        // token endpoint; never let one act on the data plane.
+        Ok(TokenKind::Admin | TokenKind::Refresh | TokenKind::Code) => {
+            Err(Unpresentable::Refused(DenyCode::TokenUnknown))
+        }
+        Err(_) => Err(Unpresentable::Refused(DenyCode::TokenMalformed)),
     }
 }
 
@@ -233,16 +311,52 @@ fn refuse(code: DenyCode, resource_metadata: Option<&str>) -> Response {
     response
 }
 
-/// RFC 9728 §3.1: the metadata of resource `https://h/mcp/g/s` lives at
-/// `https://h/.well-known/oauth-protected-resource/mcp/g/s`. Envoy sends the client's
-/// host; the scheme only when `x-forwarded-proto` is among the allowed headers.
-fn resource_metadata_url(scheme: Option<&str>, host: Option<&str>, path: &str) -> String {
-    let scheme = match scheme {
+/// RFC 9728: the protected-resource metadata of `/mcp/{g}/{s}`, which names this
+/// service as the authorization server. The wasm filter answers it itself; with
+/// ext_authz, Envoy routes `/.well-known/oauth-protected-resource/mcp/` here, to the
+/// check port (`bench/envoy/ext-authz.yaml`).
+async fn resource_metadata(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let resource_path = uri
+        .path()
+        .strip_prefix(RESOURCE_METADATA_PREFIX)
+        .unwrap_or_default();
+    match McpPath::parse(resource_path) {
+        Ok(p) if p.rest.is_empty() => {
+            let resource = resource_url(&client_base_url(&uri, &headers), p.gateway, p.server);
+            let doc = protected_resource_metadata(&resource, &state.oauth.issuer);
+            (
+                [
+                    (axum::http::header::CONTENT_TYPE, "application/json"),
+                    (axum::http::header::CACHE_CONTROL, "max-age=300"),
+                ],
+                doc,
+            )
+                .into_response()
+        }
+        _ => refuse(DenyCode::UnknownRoute, None),
+    }
+}
+
+/// The data plane's scheme and authority as the client used them: the base of the
+/// request's resource URL (an access token's audience) and of its metadata URL. Envoy
+/// sends the client's host (`Host` over HTTP/1.1, `:authority` over HTTP/2); the
+/// scheme only in `x-forwarded-proto`, when that header is passed on.
+fn client_base_url(uri: &Uri, headers: &HeaderMap) -> String {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let scheme = match header("x-forwarded-proto") {
         Some("https") => "https",
         _ => "http",
     };
-    let host = host.unwrap_or("localhost");
-    mcpguard_core::check::resource_metadata_url(&format!("{scheme}://{host}"), path)
+    let host = uri
+        .authority()
+        .map(|a| a.as_str())
+        .or(header("host"))
+        .unwrap_or("localhost");
+    format!("{scheme}://{host}")
 }
 
 #[cfg(test)]
@@ -251,6 +365,7 @@ mod tests {
     use axum::body::Body;
     use axum::http::Request;
     use http_body_util::BodyExt;
+    use mcpguard_core::oauth::AccessClaims;
     use mcpguard_core::token::format_token;
     use tower::ServiceExt;
 
@@ -263,6 +378,35 @@ mod tests {
         token: String,
         token_id: i64,
         dir: tempfile::TempDir,
+        secrets: std::sync::Arc<crate::secrets::SecretBox>,
+        verifier: std::sync::Arc<crate::keys::Verifier>,
+    }
+
+    /// The grant of the fixture's OAuth client on connection 1.
+    const GRANT: i64 = 5;
+
+    impl Fixture {
+        /// An access token signed with the store's active key, as the token endpoint
+        /// signs one: for `/mcp/eng/demo` on `gw.local:10000`, grant [`GRANT`].
+        async fn access_token(&self, edit: impl FnOnce(&mut AccessClaims)) -> String {
+            let now = store::now_ms() / 1000;
+            let mut claims = AccessClaims {
+                iss: crate::routes::oauth::OauthConfig::for_tests().issuer,
+                aud: "http://gw.local:10000/mcp/eng/demo".into(),
+                sub: "1".into(),
+                exp: now + 300,
+                iat: now,
+                jti: "j1".into(),
+                client_id: "c".into(),
+                gid: GRANT,
+                cid: 1,
+            };
+            edit(&mut claims);
+            crate::keys::Signer::default()
+                .sign(&self.db, &self.secrets, &claims)
+                .await
+                .unwrap()
+        }
     }
 
     /// A store with gateway `eng` exposing server `demo` (shared) and one token for it;
@@ -286,6 +430,8 @@ mod tests {
             "INSERT INTO exposures (gateway_id, server_id, identity, created_at) VALUES (1, 1, 'shared', $1)",
             "INSERT INTO hosts (id, name, kind, enabled, created_at) VALUES (1, 'Bot', 'token', 1, $1)",
             "INSERT INTO connections (id, host_id, gateway_id, user_id, enabled, created_at) VALUES (1, 1, 1, 1, 1, $1)",
+            "INSERT INTO oauth_clients (id, client_id, client_name, redirect_uris, host_id, created_at) VALUES (1, 'c', 'App', '[]', 1, $1)",
+            "INSERT INTO oauth_grants (id, client_id, user_id, connection_id, resource, created_at) VALUES (5, 1, 1, 1, 'http://gw.local:10000/mcp/eng/demo', $1)",
         ] {
             sqlx::query(sql).bind(now).execute(&db).await.unwrap();
         }
@@ -299,6 +445,13 @@ mod tests {
         .execute(&db)
         .await
         .unwrap();
+        let secrets = std::sync::Arc::new(
+            crate::secrets::SecretBox::load_or_create(&dir.path().join("secrets.key")).unwrap(),
+        );
+        store::oauth::ensure_keys(&db, &mut || crate::keys::generate(&secrets))
+            .await
+            .unwrap();
+        let verifier = std::sync::Arc::new(crate::keys::Verifier::default());
         let (usage, _writer) = crate::Usage::spawn(db.clone());
         let (audit, _audit_writer) = crate::audit::Audit::spawn(db.clone(), 0);
         let app = super::super::check(AppState {
@@ -307,11 +460,10 @@ mod tests {
             usage,
             audit,
             audit_retention_days: 0,
-            secrets: std::sync::Arc::new(
-                crate::secrets::SecretBox::load_or_create(&dir.path().join("secrets.key")).unwrap(),
-            ),
+            secrets: secrets.clone(),
             oauth: std::sync::Arc::new(crate::routes::oauth::OauthConfig::for_tests()),
             signer: std::sync::Arc::default(),
+            verifier: verifier.clone(),
         });
         Fixture {
             app,
@@ -319,6 +471,8 @@ mod tests {
             token,
             token_id: 7,
             dir,
+            secrets,
+            verifier,
         }
     }
 
@@ -466,6 +620,142 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_oauth_access_token_is_verified_here_then_checked_by_its_grant() {
+        let f = fixture().await;
+        let bearer = |t: &str| format!("Bearer {t}");
+        let good = f.access_token(|_| {}).await;
+        let a = ask(&f.app, "/mcp/eng/demo", Some(&bearer(&good))).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.header(HEADERS_TO_REMOVE), Some("authorization"));
+
+        // Verification failures: the filter's codes, with the bearer challenge.
+        let other_server = f
+            .access_token(|c| c.aud = "http://gw.local:10000/mcp/eng/other".into())
+            .await;
+        let other_host = f
+            .access_token(|c| c.aud = "http://evil:10000/mcp/eng/demo".into())
+            .await;
+        let expired = f.access_token(|c| c.exp = c.iat - 1).await;
+        let foreign = f.access_token(|c| c.iss = "http://evil".into()).await;
+        let mut tampered = good.clone();
+        let at = good.rfind('.').unwrap() + 2;
+        let flipped = if &good[at..=at] == "A" { "B" } else { "A" };
+        tampered.replace_range(at..=at, flipped);
+        for (token, code) in [
+            (&other_server, "token_wrong_gateway"),
+            (&other_host, "token_wrong_gateway"),
+            (&expired, "token_expired"),
+            (&foreign, "token_unknown"),
+            (&tampered, "token_unknown"),
+        ] {
+            let a = ask(&f.app, "/mcp/eng/demo", Some(&bearer(token))).await;
+            assert_eq!((a.status, a.code().as_str()), (401, code), "{}", a.body);
+            let challenge = a.header("www-authenticate").unwrap();
+            assert!(
+                challenge.contains(r#"error="invalid_token""#),
+                "{challenge}"
+            );
+            assert!(
+                challenge
+                    .contains("gw.local:10000/.well-known/oauth-protected-resource/mcp/eng/demo")
+            );
+        }
+        // The token's audience is the MCP URL the client used: the same token is good
+        // for no other gateway or server.
+        let a = ask(&f.app, "/mcp/eng/other", Some(&bearer(&good))).await;
+        assert_eq!((a.status, a.code().as_str()), (401, "token_wrong_gateway"));
+
+        // Signed and for this URL, but its connection is not its grant's.
+        let wrong_connection = f.access_token(|c| c.cid = 2).await;
+        let a = ask(&f.app, "/mcp/eng/demo", Some(&bearer(&wrong_connection))).await;
+        assert_eq!((a.status, a.code().as_str()), (401, "token_unknown"));
+
+        // The layers, read uncached as for API tokens.
+        sqlx::query("UPDATE hosts SET enabled = 0")
+            .execute(&f.db)
+            .await
+            .unwrap();
+        let a = ask(&f.app, "/mcp/eng/demo", Some(&bearer(&good))).await;
+        assert_eq!((a.status, a.code().as_str()), (403, "host_disabled"));
+        sqlx::query("UPDATE hosts SET enabled = 1")
+            .execute(&f.db)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE oauth_grants SET revoked_at = 1 WHERE id = $1")
+            .bind(GRANT)
+            .execute(&f.db)
+            .await
+            .unwrap();
+        let a = ask(&f.app, "/mcp/eng/demo", Some(&bearer(&good))).await;
+        assert_eq!((a.status, a.code().as_str()), (401, "token_revoked"));
+    }
+
+    #[tokio::test]
+    async fn a_token_signed_by_a_key_rotated_in_later_is_verified() {
+        let f = fixture().await;
+        let first = f.access_token(|_| {}).await;
+        let bearer = |t: &str| format!("Bearer {t}");
+        assert_eq!(
+            ask(&f.app, "/mcp/eng/demo", Some(&bearer(&first)))
+                .await
+                .status,
+            200
+        );
+        // Two rotations: the active key is one this service has never read.
+        for _ in 0..2 {
+            store::oauth::rotate_keys(&f.db, crate::keys::generate(&f.secrets).unwrap())
+                .await
+                .unwrap();
+        }
+        f.verifier.backdate(std::time::Duration::from_secs(1));
+        let rotated = f.access_token(|_| {}).await;
+        let a = ask(&f.app, "/mcp/eng/demo", Some(&bearer(&rotated))).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        // Tokens of the retired key stay good until they expire.
+        assert_eq!(
+            ask(&f.app, "/mcp/eng/demo", Some(&bearer(&first)))
+                .await
+                .status,
+            200
+        );
+    }
+
+    #[tokio::test]
+    async fn the_resource_metadata_names_the_clients_url_and_this_issuer() {
+        let f = fixture().await;
+        let get = |path: &str, proto: Option<&'static str>| {
+            let mut req = Request::get(path).header("host", "gw.local:10000");
+            if let Some(p) = proto {
+                req = req.header("x-forwarded-proto", p);
+            }
+            f.app.clone().oneshot(req.body(Body::empty()).unwrap())
+        };
+        let resp = get(
+            "/.well-known/oauth-protected-resource/mcp/eng/demo",
+            Some("https"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(doc["resource"], "https://gw.local:10000/mcp/eng/demo");
+        assert_eq!(
+            doc["authorization_servers"],
+            serde_json::json!([crate::routes::oauth::OauthConfig::for_tests().issuer])
+        );
+        for path in [
+            "/.well-known/oauth-protected-resource/mcp/eng",
+            "/.well-known/oauth-protected-resource/mcp/eng/demo/x",
+            "/.well-known/oauth-protected-resource/other",
+        ] {
+            let resp = get(path, None).await.unwrap();
+            assert_eq!(resp.status(), 404, "{path}");
+        }
+    }
+
+    #[tokio::test]
     async fn every_decision_is_audited_with_the_layer_that_refused() {
         let f = fixture().await;
         let bearer = format!("Bearer {}", f.token);
@@ -599,14 +889,16 @@ mod tests {
     }
 
     #[test]
-    fn metadata_url_follows_rfc_9728() {
-        assert_eq!(
-            resource_metadata_url(Some("https"), Some("mcp.example.com"), "/mcp/g/s?x=1"),
-            "https://mcp.example.com/.well-known/oauth-protected-resource/mcp/g/s"
-        );
-        assert_eq!(
-            resource_metadata_url(None, None, "/mcp/g/s"),
-            "http://localhost/.well-known/oauth-protected-resource/mcp/g/s"
-        );
+    fn the_client_base_url_comes_from_its_host_and_forwarded_scheme() {
+        let mut headers = HeaderMap::new();
+        let uri: Uri = "/mcp/g/s".parse().unwrap();
+        assert_eq!(client_base_url(&uri, &headers), "http://localhost");
+        headers.insert("host", HeaderValue::from_static("mcp.example.com"));
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        assert_eq!(client_base_url(&uri, &headers), "https://mcp.example.com");
+        // HTTP/2: the URI's authority.
+        let uri: Uri = "http://gw.local:10000/mcp/g/s".parse().unwrap();
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("ftp"));
+        assert_eq!(client_base_url(&uri, &headers), "http://gw.local:10000");
     }
 }

@@ -1,11 +1,13 @@
-//! OAuth access tokens (JWTs signed by the policy service), verified in the filter so
-//! that bad ones are refused without a callout: signature against a published key,
-//! then issuer, audience and expiry. Plain functions; the clock is an argument.
+//! OAuth access tokens (JWTs signed by the policy service): signature against a
+//! published key, then issuer, audience and expiry. The wasm filter verifies them so
+//! that bad ones are refused without a callout; the policy service's ext_authz endpoint
+//! verifies them the same way. Plain functions; the clock is an argument.
 
 use ed25519_dalek::{Signature, VerifyingKey};
-use mcpguard_core::check::DenyCode;
-use mcpguard_core::oauth::{AccessClaims, ClaimsError, JWT_ALG, base64url_decode, check_claims};
 use serde::Deserialize;
+
+use crate::check::DenyCode;
+use crate::oauth::{AccessClaims, ClaimsError, JWT_ALG, base64url_decode, check_claims};
 
 /// The verification keys of a JWKS, by `kid`. Only Ed25519 (`OKP`) keys are used;
 /// others are skipped, so the policy service can add key types later.
@@ -59,6 +61,11 @@ impl Keys {
     fn get(&self, kid: &str) -> Option<&VerifyingKey> {
         self.0.iter().find(|(k, _)| k == kid).map(|(_, key)| key)
     }
+
+    /// Whether a key of this `kid` is among these.
+    pub fn knows(&self, kid: &str) -> bool {
+        self.get(kid).is_some()
+    }
 }
 
 /// Whether a bearer credential is shaped like a JWT (three base64url parts), so it is
@@ -79,6 +86,16 @@ struct Header {
     kid: Option<String>,
 }
 
+/// The `kid` a JWT's header names, if it has a readable header naming one: lets a
+/// verifier that keeps keys tell "a key I have not read yet" from "a bad token".
+pub fn kid(token: &str) -> Option<String> {
+    parse_header(token.split('.').next()?)?.kid
+}
+
+fn parse_header(part: &str) -> Option<Header> {
+    serde_json::from_slice(&base64url_decode(part)?).ok()
+}
+
 /// Verifies an access token for `audience` (this request's MCP URL) at `now` (unix
 /// seconds); the refusal code on failure. Ed25519 directly rather than a JWT library:
 /// one algorithm is all the filter accepts, and the .wasm stays a third of the size.
@@ -96,8 +113,7 @@ pub fn verify(
         return Err(DenyCode::TokenMalformed);
     };
     let decoded = |part: &str| base64url_decode(part).ok_or(DenyCode::TokenMalformed);
-    let head: Header =
-        serde_json::from_slice(&decoded(header)?).map_err(|_| DenyCode::TokenMalformed)?;
+    let head = parse_header(header).ok_or(DenyCode::TokenMalformed)?;
     // Only our own kind of token: an EdDSA access token (RFC 9068), never `none` or an
     // algorithm picked by the sender.
     if head.alg != JWT_ALG || head.typ.as_deref() != Some("at+jwt") {
@@ -124,12 +140,16 @@ pub fn verify(
     Ok(claims)
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
+/// Keys and tokens signed the way the policy service signs them, for tests (here and,
+/// with the `testing` feature, in the filter's).
+#[cfg(any(test, feature = "testing"))]
+#[allow(clippy::unwrap_used)] // test fixtures: a broken one should stop the test
+pub mod testing {
     use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
-    /// A test key pair: (kid, PKCS#8 DER of the private key, JWKS).
+    use crate::oauth::AccessClaims;
+
+    /// A test key pair: the signing key and a JWKS publishing it under `kid`.
     pub fn key(seed: u8, kid: &str) -> (EncodingKey, serde_json::Value) {
         let mut der = vec![
             0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
@@ -163,6 +183,13 @@ pub(crate) mod tests {
         header.typ = Some("at+jwt".into());
         jsonwebtoken::encode(&header, claims, key).unwrap()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{claims, key, sign};
+    use super::*;
+    use jsonwebtoken::{Algorithm, Header};
 
     #[test]
     fn a_good_token_verifies_and_each_flaw_has_its_code() {
@@ -230,8 +257,8 @@ pub(crate) mod tests {
         );
         let none = format!(
             "{}.{}.",
-            mcpguard_core::oauth::base64url(br#"{"alg":"none","typ":"at+jwt","kid":"k1"}"#),
-            mcpguard_core::oauth::base64url(serde_json::to_string(&claims()).unwrap().as_bytes())
+            crate::oauth::base64url(br#"{"alg":"none","typ":"at+jwt","kid":"k1"}"#),
+            crate::oauth::base64url(serde_json::to_string(&claims()).unwrap().as_bytes())
         );
         assert!(verify(&none, &keys, "http://as", aud, 1_500).is_err());
     }
