@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use super::hosts::{IssuedToken, connection_target, issued};
 use super::oauth::{SignIn, cookie, ct_eq, escape, html, secure_attr, sign_in};
-use super::users::save_identity;
-use super::{Credential, Endpoint, Verb, audit_admin, endpoint, state_of};
+use super::users::{identities_from_form, save_identities};
+use super::{Endpoint, Verb, audit_admin, endpoint, state_of};
 use crate::AppState;
 use crate::auth::{Admin, Capability};
 use crate::error::ApiError;
@@ -378,29 +378,19 @@ async fn submit(
         }
     }
     // Every identity checked before any is saved: a refused form changes nothing.
-    let mut credentials = Vec::new();
-    for m in &opened.missing {
-        let token = field(&format!("identity_{}", m.server_id)).unwrap_or_default();
-        match (Credential::Bearer {
-            token: token.trim().to_owned(),
-        })
-        .into_header()
-        {
-            Ok(header) => credentials.push((m.server_id, header)),
-            Err(_) => {
-                let error = format!(
-                    "Enter your access token for {} (one word, no spaces).",
-                    m.name
-                );
-                return again(StatusCode::UNPROCESSABLE_ENTITY, &error);
-            }
+    let checked = match identities_from_form(&opened.missing, field, true) {
+        Ok(checked) => checked,
+        Err(m) => {
+            let error = format!(
+                "Enter your access token for {} (one word, no spaces).",
+                m.name
+            );
+            return again(StatusCode::UNPROCESSABLE_ENTITY, &error);
         }
-    }
+    };
     let user_id = opened.enrollment.user_id;
-    for (server_id, header) in credentials {
-        if let Err(e) = save_identity(&state, user_id, user_id, server_id, header).await {
-            return e.into_response();
-        }
+    if let Err(e) = save_identities(&state, user_id, checked).await {
+        return e.into_response();
     }
     match db::complete(&state.db, opened.enrollment.id).await {
         Ok(true) => {}

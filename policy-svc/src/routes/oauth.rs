@@ -927,34 +927,20 @@ async fn grant_code(
     let missing = store::identities::missing_on_gateway(&state.db, authz.gateway_id, user_id)
         .await
         .map_err(fail)?;
-    let mut brought = Vec::new();
-    for store::identities::Missing {
-        server_id, name, ..
-    } in &missing
-    {
-        let Ok(Some(value)) = p.get(&format!("identity_{server_id}")) else {
-            continue;
-        };
-        let credential = super::Credential::Bearer {
-            token: value.trim().to_owned(),
-        };
-        let Ok((header_name, header_value)) = credential.into_header() else {
-            return Err(html(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "Cannot continue",
-                format!(
-                    "<p>The token for {} must be one word, without spaces.</p>",
-                    escape(name)
-                ),
-            ));
-        };
-        brought.push((*server_id, (header_name, header_value)));
-    }
-    for (server_id, header) in brought {
-        super::users::save_identity(state, user_id, user_id, server_id, header)
-            .await
-            .map_err(IntoResponse::into_response)?;
-    }
+    let field = |name: &str| p.get(name).ok().flatten();
+    let brought = super::users::identities_from_form(&missing, field, false).map_err(|m| {
+        html(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Cannot continue",
+            format!(
+                "<p>The token for {} must be one word, without spaces.</p>",
+                escape(&m.name)
+            ),
+        )
+    })?;
+    super::users::save_identities(state, user_id, brought)
+        .await
+        .map_err(IntoResponse::into_response)?;
     let first = authz.client.host_id.is_none();
     let host_id = db::host_for_client(&state.db, &authz.client)
         .await
