@@ -103,8 +103,10 @@ async fn run(
     };
     seen.gateway = Some(path.gateway);
     seen.server = Some(path.server);
-    let base = client_base_url(&uri, &headers);
-    let metadata = || mcpguard_core::check::resource_metadata_url(&base, original);
+    // Built only when needed (a refusal's challenge, an access token's audience), not
+    // for every API token.
+    let base = || client_base_url(&uri, &headers);
+    let metadata = || mcpguard_core::check::resource_metadata_url(&base(), original);
     let Some(authorization) = header("authorization") else {
         return seen.refuse(&state, DenyCode::TokenMissing, Some(&metadata()));
     };
@@ -113,8 +115,8 @@ async fn run(
     };
     // The same deadline as /v1/check: a slow store is a quick refusal, not a wait.
     let deadline = deadline.map(|Extension(d)| d).unwrap_or_default().0;
-    let audience = resource_url(&base, path.gateway, path.server);
-    let presented = match present(&state, token, &audience, deadline).await {
+    let audience = || resource_url(&base(), path.gateway, path.server);
+    let presented = match present(&state, token, audience, deadline).await {
         Ok(presented) => presented,
         Err(Unpresentable::Refused(code)) => {
             return seen.refuse(&state, code, Some(&metadata()));
@@ -185,7 +187,7 @@ enum Unpresentable {
 async fn present(
     state: &AppState,
     token: &str,
-    audience: &str,
+    audience: impl FnOnce() -> String,
     deadline: std::time::Duration,
 ) -> Result<Presented, Unpresentable> {
     if jwt::looks_like_jwt(token) {
@@ -195,7 +197,7 @@ async fn present(
             .await
             .map_err(Unpresentable::NoKeys)?;
         let now_s = store::now_ms() / 1000;
-        let claims = jwt::verify(token, &keys, &state.oauth.issuer, audience, now_s)
+        let claims = jwt::verify(token, &keys, &state.oauth.issuer, &audience(), now_s)
             .map_err(Unpresentable::Refused)?;
         return Ok(Presented::Oauth {
             grant: claims.gid,
