@@ -7,7 +7,8 @@
 #                then again with every policy service on PostgreSQL (scripts/postgres.sh)
 #   make test-postgres  only the PostgreSQL pass
 #   make run     build + envoy, then a local gateway (scripts/run.sh); Ctrl-C stops it
-#   make bench   the MCP workload through bare Envoy, native ext_authz and mcpguard, and
+#   make bench   the MCP workload through bare Envoy, native ext_authz and mcpguard (wasm,
+#                and as an Envoy dynamic module), and
 #                the check endpoint alone (release builds, wrk; ~5 min; see BENCHMARKS.md)
 #   make bench-breakglass  the break-glass proof at length (>=100 toggles under load)
 #   make lint    rustfmt check, clippy (host and wasm32) with warnings as errors
@@ -68,7 +69,7 @@ BENCH_ARGS ?=
 bench: bootstrap wasm-target envoy
 	@bench/ensure-wrk.sh
 	cargo build --release --target $(WASM_TARGET) -p mcpguard-filter
-	cargo build --release -p mcpguard-policy -p mcpguard-demo-mcp -p mcpguard-bench
+	cargo build --release -p mcpguard-policy -p mcpguard-demo-mcp -p mcpguard-bench -p mcpguard-dynamic-module
 	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) target/release/mcpguard-bench $(BENCH_ARGS)
 
 lint: bootstrap wasm-target

@@ -1,5 +1,6 @@
-//! The three Envoy setups, rendered from the YAML files in the repository with this
-//! run's ports (and, for the wasm, an absolute path). Nothing else is changed.
+//! The Envoy setups, rendered from the YAML files in the repository with this run's
+//! ports (and, for the wasm and the dynamic module, an absolute path). Nothing else is
+//! changed.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,16 +18,24 @@ pub enum Setup {
     ExtAuthz,
     /// (c) the mcpguard wasm filter.
     Mcpguard,
+    /// (d) the same filter as an Envoy dynamic module (an experiment).
+    DynamicModule,
 }
 
 impl Setup {
-    pub const ALL: [Setup; 3] = [Setup::Bare, Setup::ExtAuthz, Setup::Mcpguard];
+    pub const ALL: [Setup; 4] = [
+        Setup::Bare,
+        Setup::ExtAuthz,
+        Setup::Mcpguard,
+        Setup::DynamicModule,
+    ];
 
     pub const fn letter(self) -> &'static str {
         match self {
             Setup::Bare => "a",
             Setup::ExtAuthz => "b",
             Setup::Mcpguard => "c",
+            Setup::DynamicModule => "d",
         }
     }
 
@@ -35,6 +44,7 @@ impl Setup {
             Setup::Bare => "(a) bare Envoy",
             Setup::ExtAuthz => "(b) native ext_authz",
             Setup::Mcpguard => "(c) mcpguard wasm",
+            Setup::DynamicModule => "(d) mcpguard dynamic module",
         }
     }
 
@@ -44,6 +54,7 @@ impl Setup {
             Setup::Bare => "bench/envoy/noauth.yaml",
             Setup::ExtAuthz => "bench/envoy/ext-authz.yaml",
             Setup::Mcpguard => "envoy/mcpguard.yaml",
+            Setup::DynamicModule => "bench/envoy/dynamic-module.yaml",
         }
     }
 }
@@ -85,6 +96,11 @@ pub fn render(root: &Path, setup: Setup, ports: &Ports) -> Result<String> {
             filter["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] =
                 wasm.display().to_string().into();
         }
+        if filter["name"] == "envoy.filters.http.dynamic_modules" {
+            let module = dynamic_module_path(root)?;
+            filter["typed_config"]["dynamic_module_config"]["module"]["local"]["filename"] =
+                module.display().to_string().into();
+        }
         if filter["name"] == "envoy.filters.http.ext_authz" {
             filter["typed_config"]["http_service"]["server_uri"]["uri"] =
                 format!("http://127.0.0.1:{}", ports.check).into();
@@ -107,6 +123,17 @@ pub fn wasm_path(root: &Path) -> Result<PathBuf> {
     let path = root.join("target/wasm32-wasip1/release/mcpguard_filter.wasm");
     if !path.exists() {
         bail!("{} is missing: run `make build`", path.display());
+    }
+    Ok(path)
+}
+
+pub fn dynamic_module_path(root: &Path) -> Result<PathBuf> {
+    let path = root.join("target/release/libmcpguard_dynamic_module.so");
+    if !path.exists() {
+        bail!(
+            "{} is missing: cargo build --release -p mcpguard-dynamic-module",
+            path.display()
+        );
     }
     Ok(path)
 }

@@ -1,14 +1,14 @@
-//! `mcpguard-bench` (run by `make bench`): the same MCP workload through three Envoy
-//! setups that differ only in their auth filter, interleaved a b c a b c, then the
+//! `mcpguard-bench` (run by `make bench`): the same MCP workload through four Envoy
+//! setups that differ only in their auth filter, interleaved a b c d a b c d, then the
 //! policy service's check endpoint on its own, on SQLite and on PostgreSQL, interleaved
 //! sqlite postgres sqlite postgres. Loopback only, bounded duration; the report goes to
 //! stdout and `target/bench/report.md`, raw runs to `results.json`.
 //!
 //! See [`USAGE`] for the options. `--hold` starts everything, prints the ports and
 //! waits (for profiling by hand). Needs release builds of the policy service and the
-//! demo MCP server (`target/release`, or `$MCPGUARD_BIN_DIR`), the filter's `.wasm`,
-//! Envoy (`$MCPGUARD_ENVOY`, else `.venv/bin/envoy`), `wrk`, and PostgreSQL's server
-//! binaries unless `--no-postgres` (see `pgcluster/`).
+//! demo MCP server (`target/release`, or `$MCPGUARD_BIN_DIR`), the filter's `.wasm`
+//! and dynamic module, Envoy (`$MCPGUARD_ENVOY`, else `.venv/bin/envoy`), `wrk`, and
+//! PostgreSQL's server binaries unless `--no-postgres` (see `pgcluster/`).
 
 mod envoy;
 mod procs;
@@ -31,9 +31,10 @@ use seed::Backend;
 const USAGE: &str = "\
 usage: mcpguard-bench [options]
   --duration S               seconds per measured Envoy run (5)
-  --rounds N                 rounds of a b c per concurrency (3)
+  --rounds N                 rounds of a b c d per concurrency (3)
   --concurrency 1,8,32       wrk connections for the Envoy workload
-  --setups a,b,c             which Envoy setups: a bare, b native ext_authz, c mcpguard
+  --setups a,b,c,d           which Envoy setups: a bare, b native ext_authz, c mcpguard
+                             wasm, d mcpguard dynamic module
   --check-duration S         seconds per measured check-endpoint run (5)
   --check-rounds N           rounds of sqlite postgres per concurrency (2)
   --check-concurrency 1,8,32 wrk connections for the check endpoint

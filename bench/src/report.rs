@@ -190,6 +190,65 @@ fn concurrencies(runs: &[Run], target: &str) -> Vec<u32> {
     cs
 }
 
+/// The targets' table for setup `x` ((c), or the experiment (d)): its ratios to bare
+/// Envoy and to native ext_authz, judged round by round; for (d) also its ratio to (c).
+fn targets(s: &mut String, runs: &[Run], cs: &std::collections::BTreeSet<u32>, x: Setup) {
+    let l = x.letter();
+    let vs_c = x != Setup::Mcpguard;
+    let _ = writeln!(
+        s,
+        "| conns | {l}/a req/s | {l}/b req/s | {l}/b p99 | ({l}) >= (b) req/s | ({l}) p99 <= (b) p99 | {l}/a >= 0.45 (at 8) |{}",
+        if vs_c { " d/c req/s |" } else { "" }
+    );
+    let _ = writeln!(
+        s,
+        "|---:|---:|---:|---:|---|---|---|{}",
+        if vs_c { "---:|" } else { "" }
+    );
+    for &c in cs {
+        let (a, b, cc, xx) = (
+            cell(runs, "a", c),
+            cell(runs, "b", c),
+            cell(runs, "c", c),
+            cell(runs, l, c),
+        );
+        let with_rounds = |x: Option<Cell>,
+                           y: Option<Cell>,
+                           f: fn(&Cell) -> f64,
+                           per_round: &[f64]| match x.zip(y) {
+            Some((x, y)) => format!("{}{}", ratio(f(&x), f(&y)), spread(per_round)),
+            None => "-".to_owned(),
+        };
+        let rps = |r: &Run| r.outcome.rps();
+        let p99 = |r: &Run| r.outcome.p99_ms;
+        let over_a = round_ratios(runs, (l, "a"), c, rps);
+        let over_b = round_ratios(runs, (l, "b"), c, rps);
+        let over_b_p99 = round_ratios(runs, (l, "b"), c, p99);
+        let _ = writeln!(
+            s,
+            "| {c} | {} | {} | {} | {} | {} | {} |{}",
+            with_rounds(xx, a, |x| x.rps, &over_a),
+            with_rounds(xx, b, |x| x.rps, &over_b),
+            with_rounds(xx, b, |x| x.p99, &over_b_p99),
+            verdict(&over_b, |r| r >= 1.0),
+            verdict(&over_b_p99, |r| r <= 1.0),
+            if c == 8 {
+                verdict(&over_a, |r| r >= 0.45)
+            } else {
+                "-".to_owned()
+            },
+            if vs_c {
+                format!(
+                    " {} |",
+                    with_rounds(xx, cc, |x| x.rps, &round_ratios(runs, (l, "c"), c, rps))
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+}
+
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -292,6 +351,7 @@ pub fn markdown(env: &Environment, runs: &[Run]) -> String {
         .into_iter()
         .chain(concurrencies(runs, "b"))
         .chain(concurrencies(runs, "c"))
+        .chain(concurrencies(runs, "d"))
         .collect::<std::collections::BTreeSet<_>>();
     if !envoy_cs.is_empty() {
         let _ = writeln!(
@@ -300,8 +360,15 @@ pub fn markdown(env: &Environment, runs: &[Run]) -> String {
         );
         let _ = writeln!(
             s,
-            "Each row: median of {} runs of {} s, rounds interleaved a b c.\n",
-            env.rounds, env.duration
+            "Each row: median of {} runs of {} s, rounds interleaved {}.\n",
+            env.rounds,
+            env.duration,
+            Setup::ALL
+                .iter()
+                .map(|x| x.letter())
+                .filter(|l| !concurrencies(runs, l).is_empty())
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         let _ = writeln!(
             s,
@@ -337,39 +404,13 @@ pub fn markdown(env: &Environment, runs: &[Run]) -> String {
             "Each ratio: of the medians above, then in brackets its range over the rounds (a round's runs are side by side). \
              A target is met or missed when every round agrees; otherwise it is unsettled, and the count says how many rounds met it.\n"
         );
-        let _ = writeln!(
-            s,
-            "| conns | c/a req/s | c/b req/s | c/b p99 | (c) >= (b) req/s | (c) p99 <= (b) p99 | c/a >= 0.45 (at 8) |"
-        );
-        let _ = writeln!(s, "|---:|---:|---:|---:|---|---|---|");
-        for &c in &envoy_cs {
-            let (a, b, cc) = (cell(runs, "a", c), cell(runs, "b", c), cell(runs, "c", c));
-            let with_rounds = |x: Option<Cell>,
-                               y: Option<Cell>,
-                               f: fn(&Cell) -> f64,
-                               per_round: &[f64]| match x.zip(y) {
-                Some((x, y)) => format!("{}{}", ratio(f(&x), f(&y)), spread(per_round)),
-                None => "-".to_owned(),
-            };
-            let rps = |r: &Run| r.outcome.rps();
-            let p99 = |r: &Run| r.outcome.p99_ms;
-            let c_over_a = round_ratios(runs, ("c", "a"), c, rps);
-            let c_over_b = round_ratios(runs, ("c", "b"), c, rps);
-            let c_over_b_p99 = round_ratios(runs, ("c", "b"), c, p99);
+        targets(&mut s, runs, &envoy_cs, Setup::Mcpguard);
+        if !concurrencies(runs, Setup::DynamicModule.letter()).is_empty() {
             let _ = writeln!(
                 s,
-                "| {c} | {} | {} | {} | {} | {} | {} |",
-                with_rounds(cc, a, |x| x.rps, &c_over_a),
-                with_rounds(cc, b, |x| x.rps, &c_over_b),
-                with_rounds(cc, b, |x| x.p99, &c_over_b_p99),
-                verdict(&c_over_b, |r| r >= 1.0),
-                verdict(&c_over_b_p99, |r| r <= 1.0),
-                if c == 8 {
-                    verdict(&c_over_a, |r| r >= 0.45)
-                } else {
-                    "-".to_owned()
-                }
+                "\n(d), the same filter as an Envoy dynamic module instead of wasm (an experiment), against the same targets:\n"
             );
+            targets(&mut s, runs, &envoy_cs, Setup::DynamicModule);
         }
         let _ = writeln!(s);
     }

@@ -7,6 +7,7 @@ mod admin_api;
 mod audit;
 mod breakglass;
 mod capabilities;
+mod dynamic_module;
 mod enrollments;
 mod envoy_config;
 mod ext_authz;

@@ -366,6 +366,17 @@ impl Envoy {
         path
     }
 
+    /// The filter as an Envoy dynamic module (debug build; `make build` makes it).
+    pub fn dynamic_module() -> PathBuf {
+        let path = workspace_root().join("target/debug/libmcpguard_dynamic_module.so");
+        assert!(
+            path.exists(),
+            "{} is missing: run `make build`",
+            path.display()
+        );
+        path
+    }
+
     /// The shipped config with this test's ports and absolute paths, as JSON.
     pub fn render(opts: &EnvoyOptions, port: u16, admin_port: u16) -> String {
         Self::render_with_checks(opts, &[opts.check_port], port, admin_port)
@@ -390,19 +401,27 @@ impl Envoy {
         let filters = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
             .as_sequence_mut()
             .expect("http_filters");
-        let wasm = filters
+        // The mcpguard filter: the wasm one, or the same as a dynamic module.
+        let filter = filters
             .iter_mut()
-            .find(|f| f["name"] == "envoy.filters.http.wasm")
-            .expect("the wasm filter is configured");
-        let config = &mut wasm["typed_config"]["config"];
-        config["vm_config"]["code"]["local"]["filename"] =
-            Envoy::wasm().display().to_string().into();
-        let mut plugin: serde_json::Value = serde_json::from_str(
-            config["configuration"]["value"]
-                .as_str()
-                .expect("plugin config"),
-        )
-        .unwrap();
+            .find(|f| {
+                f["name"] == "envoy.filters.http.wasm"
+                    || f["name"] == "envoy.filters.http.dynamic_modules"
+            })
+            .expect("the mcpguard filter is configured");
+        let plugin_config = if filter["name"] == "envoy.filters.http.wasm" {
+            let config = &mut filter["typed_config"]["config"];
+            config["vm_config"]["code"]["local"]["filename"] =
+                Envoy::wasm().display().to_string().into();
+            &mut config["configuration"]["value"]
+        } else {
+            let config = &mut filter["typed_config"];
+            config["dynamic_module_config"]["module"]["local"]["filename"] =
+                Envoy::dynamic_module().display().to_string().into();
+            &mut config["filter_config"]["value"]
+        };
+        let mut plugin: serde_json::Value =
+            serde_json::from_str(plugin_config.as_str().expect("plugin config")).unwrap();
         if let Some(ms) = opts.check_timeout_ms {
             plugin["check_timeout_ms"] = ms.into();
         }
@@ -412,7 +431,7 @@ impl Envoy {
         if let Some(seconds) = opts.jwks_refresh_s {
             plugin["jwks_refresh_s"] = seconds.into();
         }
-        config["configuration"]["value"] = plugin.to_string().into();
+        *plugin_config = plugin.to_string().into();
         for cluster in resources["clusters"].as_sequence_mut().expect("clusters") {
             if let (Some(ca), true) = (
                 &opts.trusted_ca,
@@ -539,11 +558,26 @@ impl Stack {
         Self::start_with(stateless, &[], None).await
     }
 
+    /// With Envoy's config `config` (relative to the workspace root) instead of
+    /// `envoy/mcpguard.yaml`: e.g. the filter as a dynamic module.
+    pub async fn start_config(config: &'static str) -> Stack {
+        Self::start_full(config, false, &[], None).await
+    }
+
     /// With extra environment for the policy service (see [`Policy::start_with`]) and,
     /// optionally, the filter's `jwks_refresh_s`. Envoy's ports are chosen first, so
     /// the policy service knows the data plane's URL (the base of OAuth resources) and
     /// Envoy the policy service's (the issuer).
     pub async fn start_with(
+        stateless: bool,
+        env: &[(&str, &str)],
+        jwks_refresh_s: Option<u64>,
+    ) -> Stack {
+        Self::start_full("envoy/mcpguard.yaml", stateless, env, jwks_refresh_s).await
+    }
+
+    async fn start_full(
+        config: &'static str,
         stateless: bool,
         env: &[(&str, &str)],
         jwks_refresh_s: Option<u64>,
@@ -556,7 +590,7 @@ impl Stack {
         let policy = Policy::start_with(&dir.path().join("data"), dir.path(), &env).await;
         let demo = Demo::spawn(dir.path(), stateless).await;
         let opts = EnvoyOptions {
-            config: "envoy/mcpguard.yaml",
+            config,
             check_port: policy.check_port,
             check_timeout_ms: crate::db::postgres_requested()
                 .then_some(crate::db::POSTGRES_CHECK_TIMEOUT_MS),

@@ -1,0 +1,204 @@
+//! What the wasm filter's `http.rs` does, through the dynamic-module ABI instead of
+//! proxy-wasm: read the request, let `decide` answer, carry the answer out.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use mcpguard_core::check::{CHECK_PATH, DenyCode};
+use mcpguard_core::jwt::Keys;
+use mcpguard_filter::config::FilterConfig;
+use mcpguard_filter::decide::{self, Clock, Finish, Incoming, ROUTE_HEADER, Refusal, Start};
+
+use crate::abi::{ConfigSite, HeadersStatus, Level, Stream, log};
+
+/// Where Envoy's `envoy.filters.http.mcp` puts what it parsed from the JSON-RPC body.
+const MCP_METADATA: &str = "envoy.filters.http.mcp";
+
+/// One filter config, shared by the streams of every worker.
+pub struct Config {
+    filter: FilterConfig,
+    /// Only keys given in the config (`jwks`): this module does not fetch a JWKS, so
+    /// an access token without them is refused `policy_unavailable`.
+    keys: Option<Keys>,
+    allowed: Option<usize>,
+    denied: Vec<Option<usize>>,
+}
+
+impl Config {
+    /// `None` rejects the config; the reason is logged.
+    pub fn new(bytes: &[u8], site: &ConfigSite) -> Option<Config> {
+        let filter = FilterConfig::parse(bytes)
+            .map_err(|e| log(Level::Error, || format!("mcpguard: {e}")))
+            .ok()?;
+        let keys = match &filter.jwks {
+            Some(jwks) => Some(
+                Keys::from_value(jwks)
+                    .map_err(|e| log(Level::Error, || format!("mcpguard: jwks: {e}")))
+                    .ok()?,
+            ),
+            None => None,
+        };
+        log(Level::Info, || {
+            format!(
+                "mcpguard: configured, policy cluster {:?}, check timeout {} ms",
+                filter.policy_cluster, filter.check_timeout_ms
+            )
+        });
+        Some(Config {
+            filter,
+            keys,
+            allowed: site.define_counter("mcpguard.allowed"),
+            denied: DenyCode::ALL
+                .iter()
+                .map(|c| site.define_counter(&format!("mcpguard.denied.{}", c.as_str())))
+                .collect(),
+        })
+    }
+}
+
+/// One request.
+pub struct Request {
+    config: Arc<Config>,
+    /// The client's `:path`, kept for rewriting once the check answers.
+    path: String,
+    request_id: Option<String>,
+}
+
+impl Request {
+    pub fn new(config: Arc<Config>) -> Request {
+        Request {
+            config,
+            path: String::new(),
+            request_id: None,
+        }
+    }
+
+    pub fn on_request_headers(&mut self, s: &Stream<'_>) -> HeadersStatus {
+        // Whatever happens next, a client can never choose a forwarding route itself.
+        s.set_request_header(ROUTE_HEADER, None);
+        let headers = s.request_headers();
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        self.path = header(":path").unwrap_or_default().to_owned();
+        self.request_id = header("x-request-id").map(str::to_owned);
+        // The tool name sits in a nested struct (`params.name`), which this ABI cannot
+        // read; the method is enough for the decision, the tool is only audited.
+        let mcp_method = s.metadata_string(MCP_METADATA, "method");
+        let incoming = Incoming {
+            path: &self.path,
+            scheme: header(":scheme"),
+            authority: header(":authority"),
+            authorization: header("authorization"),
+            request_id: self.request_id.as_deref(),
+            mcp_method: mcp_method.as_deref(),
+            tool: None,
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let config = &self.config.filter;
+        let clock = Clock {
+            keys: self.config.keys.as_ref(),
+            now,
+        };
+        match decide::start(&incoming, config, clock) {
+            Start::PassThrough => return HeadersStatus::Continue,
+            Start::Metadata(doc) => s.send_response(
+                200,
+                &[
+                    ("content-type", "application/json"),
+                    ("cache-control", "max-age=300"),
+                ],
+                doc.as_bytes(),
+            ),
+            Start::Refuse(refusal) => self.refuse(s, refusal),
+            Start::NeedKeys => {
+                self.refuse(s, Refusal::new(DenyCode::PolicyUnavailable, None));
+            }
+            Start::Check(check) => {
+                let started = serde_json::to_vec(&check).is_ok_and(|body| {
+                    s.callout(
+                        &config.policy_cluster,
+                        &[
+                            (":method", "POST"),
+                            (":path", CHECK_PATH),
+                            (":authority", &config.policy_authority),
+                            ("content-type", "application/json"),
+                        ],
+                        &body,
+                        config.check_timeout_ms,
+                    )
+                });
+                if !started {
+                    log(Level::Error, || {
+                        format!(
+                            "mcpguard: check callout to cluster {:?} failed to start",
+                            config.policy_cluster
+                        )
+                    });
+                    self.refuse(s, Refusal::new(DenyCode::PolicyUnavailable, None));
+                }
+            }
+        }
+        // Paused until the check answers; the body waits in Envoy's buffer.
+        HeadersStatus::StopAllIterationAndWatermark
+    }
+
+    /// The check's answer: `status` is `None` when the callout failed (unreachable,
+    /// timed out, reset).
+    pub fn on_check_answer(&mut self, s: &Stream<'_>, status: Option<u16>, body: &[u8]) {
+        if status != Some(200) {
+            log(Level::Warn, || {
+                format!(
+                    "mcpguard: policy check answered {} (no status: unreachable or timed out) request_id={}",
+                    status.map_or_else(|| "nothing".to_owned(), |s| s.to_string()),
+                    self.request_id.as_deref().unwrap_or("-"),
+                )
+            });
+        }
+        match decide::finish(status, Some(body), &self.path) {
+            Finish::Forward(forward) => {
+                s.set_request_header(":authority", Some(&forward.authority));
+                s.set_request_header(":path", Some(&forward.path));
+                s.set_request_header("authorization", None);
+                if let Some((name, value)) = &forward.inject {
+                    s.set_request_header(name, Some(value));
+                }
+                // Set last: only now may the request match a forwarding route.
+                s.set_request_header(ROUTE_HEADER, Some(forward.route));
+                s.clear_route_cache();
+                if let Some(id) = self.config.allowed {
+                    s.increment_counter(id);
+                }
+                s.continue_decoding();
+            }
+            Finish::Refuse(refusal) => self.refuse(s, refusal),
+        }
+    }
+
+    fn refuse(&self, s: &Stream<'_>, refusal: Refusal) {
+        log(Level::Info, || {
+            format!(
+                "mcpguard: refused {} {} ({}) request_id={}",
+                refusal.status(),
+                self.path.split('?').next().unwrap_or_default(),
+                refusal.code.as_str(),
+                self.request_id.as_deref().unwrap_or("-"),
+            )
+        });
+        let index = DenyCode::ALL.iter().position(|c| *c == refusal.code);
+        if let Some(id) = index.and_then(|i| self.config.denied.get(i).copied().flatten()) {
+            s.increment_counter(id);
+        }
+        let headers: Vec<(&str, &str)> = refusal
+            .headers
+            .iter()
+            .map(|(n, v)| (*n, v.as_str()))
+            .collect();
+        s.send_response(refusal.status(), &headers, refusal.body.as_bytes());
+    }
+}
