@@ -77,26 +77,12 @@ impl Request {
         // Whatever happens next, a client can never choose a forwarding route itself.
         s.set_request_header(ROUTE_HEADER, None);
         let headers = s.request_headers();
-        let header = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
-        self.path = header(":path").unwrap_or_default().to_owned();
-        self.request_id = header("x-request-id").map(str::to_owned);
         // The tool name sits in a nested struct (`params.name`), which this ABI cannot
         // read; the method is enough for the decision, the tool is only audited.
         let mcp_method = s.metadata_string(MCP_METADATA, "method");
-        let incoming = Incoming {
-            path: &self.path,
-            scheme: header(":scheme"),
-            authority: header(":authority"),
-            authorization: header("authorization"),
-            request_id: self.request_id.as_deref(),
-            mcp_method: mcp_method.as_deref(),
-            tool: None,
-        };
+        let incoming = Incoming::from_headers(&headers, mcp_method.as_deref(), None);
+        self.path = incoming.path.to_owned();
+        self.request_id = incoming.request_id.map(str::to_owned);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
@@ -151,25 +137,14 @@ impl Request {
     /// The check's answer: `status` is `None` when the callout failed (unreachable,
     /// timed out, reset).
     pub fn on_check_answer(&mut self, s: &Stream<'_>, status: Option<u16>, body: &[u8]) {
-        if status != Some(200) {
-            log(Level::Warn, || {
-                format!(
-                    "mcpguard: policy check answered {} (no status: unreachable or timed out) request_id={}",
-                    status.map_or_else(|| "nothing".to_owned(), |s| s.to_string()),
-                    self.request_id.as_deref().unwrap_or("-"),
-                )
-            });
+        if let Some(note) = decide::unanswered_check(status, self.request_id.as_deref()) {
+            log(Level::Warn, || format!("mcpguard: {note}"));
         }
         match decide::finish(status, Some(body), &self.path) {
             Finish::Forward(forward) => {
-                s.set_request_header(":authority", Some(&forward.authority));
-                s.set_request_header(":path", Some(&forward.path));
-                s.set_request_header("authorization", None);
-                if let Some((name, value)) = &forward.inject {
-                    s.set_request_header(name, Some(value));
+                for (name, value) in forward.header_edits() {
+                    s.set_request_header(name, value);
                 }
-                // Set last: only now may the request match a forwarding route.
-                s.set_request_header(ROUTE_HEADER, Some(forward.route));
                 s.clear_route_cache();
                 if let Some(id) = self.config.allowed {
                     s.increment_counter(id);
@@ -183,11 +158,8 @@ impl Request {
     fn refuse(&self, s: &Stream<'_>, refusal: Refusal) {
         log(Level::Info, || {
             format!(
-                "mcpguard: refused {} {} ({}) request_id={}",
-                refusal.status(),
-                self.path.split('?').next().unwrap_or_default(),
-                refusal.code.as_str(),
-                self.request_id.as_deref().unwrap_or("-"),
+                "mcpguard: {}",
+                refusal.log_line(&self.path, self.request_id.as_deref())
             )
         });
         let index = DenyCode::ALL.iter().position(|c| *c == refusal.code);

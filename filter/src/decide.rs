@@ -26,6 +26,32 @@ pub struct Incoming<'a> {
     pub tool: Option<&'a str>,
 }
 
+impl<'a> Incoming<'a> {
+    /// From the request's headers, as the glue copies them out of Envoy in one call,
+    /// and what Envoy's MCP filter parsed from the body.
+    pub fn from_headers(
+        headers: &'a [(String, String)],
+        mcp_method: Option<&'a str>,
+        tool: Option<&'a str>,
+    ) -> Self {
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        Incoming {
+            path: header(":path").unwrap_or_default(),
+            scheme: header(":scheme"),
+            authority: header(":authority"),
+            authorization: header("authorization"),
+            request_id: header("x-request-id"),
+            mcp_method,
+            tool,
+        }
+    }
+}
+
 /// Longest method or tool name passed on; longer ones are cut (they are for the audit
 /// trail, and a client controls them).
 pub const MAX_NAME: usize = 128;
@@ -183,6 +209,37 @@ pub struct Forward {
     pub inject: Option<(String, String)>,
 }
 
+impl Forward {
+    /// The request-header edits that carry the request to its upstream, in the order
+    /// to apply them; `None` removes the header. The client's `Authorization` goes
+    /// before an injected credential is set (which may use the same name), and the
+    /// route header comes last: only then may the request match a forwarding route.
+    pub fn header_edits(&self) -> Vec<(&str, Option<&str>)> {
+        let mut edits = vec![
+            (":authority", Some(self.authority.as_str())),
+            (":path", Some(self.path.as_str())),
+            ("authorization", None),
+        ];
+        if let Some((name, value)) = &self.inject {
+            edits.push((name.as_str(), Some(value.as_str())));
+        }
+        edits.push((ROUTE_HEADER, Some(self.route)));
+        edits
+    }
+}
+
+/// What to log when the check callout did not answer 200 (`None`: no answer at all,
+/// unreachable or timed out); nothing when it did.
+pub fn unanswered_check(status: Option<u16>, request_id: Option<&str>) -> Option<String> {
+    (status != Some(200)).then(|| {
+        format!(
+            "policy check answered {} (no status: unreachable or timed out) request_id={}",
+            status.map_or_else(|| "nothing".to_owned(), |s| s.to_string()),
+            request_id.unwrap_or("-"),
+        )
+    })
+}
+
 /// Turns the check callout's outcome into the filter's answer. Anything but a
 /// well-formed 200 refuses the request: the filter fails closed.
 pub fn finish(status: Option<u16>, body: Option<&[u8]>, request_path: &str) -> Finish {
@@ -234,6 +291,17 @@ impl Refusal {
 
     pub fn status(&self) -> u32 {
         u32::from(self.code.status())
+    }
+
+    /// The log line of a refusal: the path without its query, never the token.
+    pub fn log_line(&self, path: &str, request_id: Option<&str>) -> String {
+        format!(
+            "refused {} {} ({}) request_id={}",
+            self.status(),
+            path.split('?').next().unwrap_or_default(),
+            self.code.as_str(),
+            request_id.unwrap_or("-"),
+        )
     }
 }
 
@@ -545,5 +613,77 @@ mod tests {
             };
             assert_eq!((r.code, r.status()), (DenyCode::PolicyUnavailable, 503));
         }
+    }
+    #[test]
+    fn header_edits_drop_the_clients_token_before_injecting_and_set_the_route_last() {
+        let forward = Forward {
+            authority: "up:443".into(),
+            path: "/mcp".into(),
+            route: "https",
+            inject: Some(("authorization".into(), "Bearer per-user".into())),
+        };
+        assert_eq!(
+            forward.header_edits(),
+            vec![
+                (":authority", Some("up:443")),
+                (":path", Some("/mcp")),
+                ("authorization", None),
+                ("authorization", Some("Bearer per-user")),
+                (ROUTE_HEADER, Some("https")),
+            ]
+        );
+        let plain = Forward {
+            inject: None,
+            ..forward
+        };
+        assert_eq!(plain.header_edits().len(), 4);
+        assert_eq!(plain.header_edits()[3], (ROUTE_HEADER, Some("https")));
+    }
+
+    #[test]
+    fn incoming_is_read_from_the_headers_envoy_hands_over() {
+        let headers: Vec<(String, String)> = [
+            (":path", "/mcp/eng/demo"),
+            (":scheme", "https"),
+            (":authority", "gw:10000"),
+            ("authorization", "Bearer t"),
+            ("x-request-id", "rid"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let req = Incoming::from_headers(&headers, Some("tools/call"), None);
+        assert_eq!(
+            (req.path, req.scheme, req.authority, req.authorization),
+            (
+                "/mcp/eng/demo",
+                Some("https"),
+                Some("gw:10000"),
+                Some("Bearer t")
+            )
+        );
+        assert_eq!(
+            (req.request_id, req.mcp_method),
+            (Some("rid"), Some("tools/call"))
+        );
+        let bare = Incoming::from_headers(&[], None, None);
+        assert_eq!((bare.path, bare.authorization), ("", None));
+    }
+
+    #[test]
+    fn log_lines_name_no_token_and_no_query() {
+        let r = Refusal::new(DenyCode::TokenRevoked, None);
+        let line = r.log_line("/mcp/eng/demo?token=secret", Some("rid"));
+        assert_eq!(
+            line,
+            "refused 401 /mcp/eng/demo (token_revoked) request_id=rid"
+        );
+        assert_eq!(unanswered_check(Some(200), None), None);
+        assert_eq!(
+            unanswered_check(None, None).as_deref(),
+            Some(
+                "policy check answered nothing (no status: unreachable or timed out) request_id=-"
+            )
+        );
     }
 }

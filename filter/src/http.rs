@@ -222,11 +222,8 @@ struct Request {
 impl Request {
     fn refuse(&self, refusal: Refusal) {
         log::info!(
-            "refused {} {} ({}) request_id={}",
-            refusal.status(),
-            self.path.split('?').next().unwrap_or_default(),
-            refusal.code.as_str(),
-            self.request_id.as_deref().unwrap_or("-"),
+            "{}",
+            refusal.log_line(&self.path, self.request_id.as_deref())
         );
         if let Some(m) = &self.metrics {
             m.denied(refusal.code);
@@ -240,14 +237,9 @@ impl Request {
     }
 
     fn forward(&self, forward: decide::Forward) {
-        self.set_http_request_header(":authority", Some(&forward.authority));
-        self.set_http_request_header(":path", Some(&forward.path));
-        self.set_http_request_header("authorization", None);
-        if let Some((name, value)) = &forward.inject {
-            self.set_http_request_header(name, Some(value));
+        for (name, value) in forward.header_edits() {
+            self.set_http_request_header(name, value);
         }
-        // Set last: only now may the request match a forwarding route.
-        self.set_http_request_header(ROUTE_HEADER, Some(forward.route));
         if let Some(m) = &self.metrics {
             m.allowed();
         }
@@ -281,28 +273,14 @@ impl Request {
         // One host call for all headers rather than one per header: each call costs a
         // round trip through Envoy's ABI layer, on every request.
         let headers = self.get_http_request_headers();
-        let header = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
-        self.path = header(":path").unwrap_or_default().to_owned();
-        self.request_id = header("x-request-id").map(str::to_owned);
+        let mcp_method = self.mcp_metadata(&["method"]);
+        let tool = self.mcp_metadata(&["params", "name"]);
+        let incoming = Incoming::from_headers(&headers, mcp_method.as_deref(), tool.as_deref());
+        self.path = incoming.path.to_owned();
+        self.request_id = incoming.request_id.map(str::to_owned);
         let Some(config) = self.config.clone() else {
             self.refuse(Refusal::new(DenyCode::PolicyUnavailable, None));
             return Action::Pause;
-        };
-        let mcp_method = self.mcp_metadata(&["method"]);
-        let tool = self.mcp_metadata(&["params", "name"]);
-        let incoming = Incoming {
-            path: &self.path,
-            scheme: header(":scheme"),
-            authority: header(":authority"),
-            authorization: header("authorization"),
-            request_id: self.request_id.as_deref(),
-            mcp_method: mcp_method.as_deref(),
-            tool: tool.as_deref(),
         };
         let keys = self.keys.borrow().clone();
         let now = self
@@ -408,12 +386,8 @@ impl Context for Request {
             }
             return;
         }
-        if status != Some(200) {
-            log::warn!(
-                "policy check answered {} (no status: unreachable or timed out) request_id={}",
-                status.map_or_else(|| "nothing".to_owned(), |s| s.to_string()),
-                self.request_id.as_deref().unwrap_or("-"),
-            );
+        if let Some(note) = decide::unanswered_check(status, self.request_id.as_deref()) {
+            log::warn!("{note}");
         }
         match decide::finish(status, body.as_deref(), &self.path) {
             Finish::Forward(forward) => self.forward(forward),
