@@ -65,6 +65,17 @@ struct ModuleHeader {
     value: ModuleBuffer,
 }
 
+/// Borrows `headers` for one call into Envoy.
+fn module_headers(headers: &[(&str, &str)]) -> Vec<ModuleHeader> {
+    headers
+        .iter()
+        .map(|(k, v)| ModuleHeader {
+            key: ModuleBuffer::of(k.as_bytes()),
+            value: ModuleBuffer::of(v.as_bytes()),
+        })
+        .collect()
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct EnvoyHeader {
@@ -264,13 +275,7 @@ impl<'hook> Stream<'hook> {
     }
 
     pub fn send_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
-        let mut raw: Vec<ModuleHeader> = headers
-            .iter()
-            .map(|(k, v)| ModuleHeader {
-                key: ModuleBuffer::of(k.as_bytes()),
-                value: ModuleBuffer::of(v.as_bytes()),
-            })
-            .collect();
+        let mut raw = module_headers(headers);
         // SAFETY: `ptr` is this hook's stream; everything passed outlives the call.
         unsafe {
             envoy_dynamic_module_callback_http_send_response(
@@ -293,13 +298,7 @@ impl<'hook> Stream<'hook> {
         body: &[u8],
         timeout_ms: u64,
     ) -> bool {
-        let mut raw: Vec<ModuleHeader> = headers
-            .iter()
-            .map(|(k, v)| ModuleHeader {
-                key: ModuleBuffer::of(k.as_bytes()),
-                value: ModuleBuffer::of(v.as_bytes()),
-            })
-            .collect();
+        let mut raw = module_headers(headers);
         let mut id = 0;
         // SAFETY: `ptr` is this hook's stream; everything passed outlives the call.
         let result = unsafe {

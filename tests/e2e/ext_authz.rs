@@ -165,24 +165,7 @@ async fn native_ext_authz_allows_live_tokens_and_refuses_unknown_and_revoked_one
     );
     // Audited like the wasm filter's checks: Envoy's MCP filter names method and tool,
     // Envoy's x-request-id joins the logs (the writer batches: poll, bounded).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let entry = loop {
-        let (status, page) = admin
-            .get("/api/v1/audit?kind=decision&decision=allow")
-            .await;
-        assert_eq!(status, 200, "{page}");
-        let found = page["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["tool"] == "whoami")
-            .cloned();
-        if let Some(e) = found {
-            break e;
-        }
-        assert!(Instant::now() < deadline, "no audited whoami: {page}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let entry = admin.allowed_decision(|e| e["tool"] == "whoami").await;
     assert_eq!(entry["mcp_method"], "tools/call", "{entry}");
     assert_eq!(entry["connection_id"], p.connection_id, "{entry}");
     assert!(entry["request_id"].is_string(), "{entry}");

@@ -159,6 +159,27 @@ impl Admin {
         assert_eq!(status, 204, "revoking token {token_id}: {v}");
     }
 
+    /// The first audited allow decision `matches` accepts, polled for up to 10 s (the
+    /// audit writer batches).
+    pub async fn allowed_decision(&self, matches: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let (status, page) = self.get("/api/v1/audit?kind=decision&decision=allow").await;
+            assert_eq!(status, 200, "{page}");
+            let found = page["entries"]
+                .as_array()
+                .and_then(|entries| entries.iter().find(|e| matches(e)).cloned());
+            if let Some(entry) = found {
+                return entry;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no such audited decision: {page}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Break-glass toggle; asserts the call succeeded and returned the new state.
     pub async fn set_enabled(&self, kind: &str, id: i64, enabled: bool) {
         let verb = if enabled { "enable" } else { "disable" };
