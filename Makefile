@@ -8,8 +8,8 @@
 #   make test-postgres  only the PostgreSQL pass
 #   make run     build + envoy, then a local gateway (scripts/run.sh); Ctrl-C stops it
 #   make bench   the MCP workload through bare Envoy, native ext_authz and mcpguard (wasm,
-#                and as an Envoy dynamic module), and
-#                the check endpoint alone (release builds, wrk; ~5 min; see BENCHMARKS.md)
+#                and as an Envoy dynamic module), and the check endpoint alone (release
+#                builds, wrk; ~5 min of measurement, ~9 with the builds; see BENCHMARKS.md)
 #   make bench-breakglass  the break-glass proof at length (>=100 toggles under load)
 #   make lint    rustfmt check, clippy (host and wasm32) with warnings as errors
 #   make clean   cargo clean, and remove .venv and .run
