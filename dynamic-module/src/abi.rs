@@ -350,11 +350,12 @@ unsafe fn stream<'hook>(ptr: FilterEnvoyPtr) -> Stream<'hook> {
 }
 
 /// # Safety
-/// `ptr` must come from `on_http_filter_new` and not yet be destroyed; Envoy calls a
-/// stream's hooks on its worker thread, one at a time, so the `&mut` is unique.
-unsafe fn request<'hook>(ptr: *const c_void) -> &'hook mut Request {
+/// `ptr` must come from `on_http_filter_new` and not yet be destroyed. Shared only:
+/// hooks of one stream can nest (a callout answered inside the call that starts it),
+/// so `Request` keeps its state in cells.
+unsafe fn request<'hook>(ptr: *const c_void) -> &'hook Request {
     // SAFETY: the caller's contract.
-    unsafe { &mut *(ptr as *mut Request) }
+    unsafe { &*(ptr as *const Request) }
 }
 
 static ABI_VERSION: &[u8] = b"v0.1.0\0";

@@ -1,6 +1,7 @@
 //! What the wasm filter's `http.rs` does, through the dynamic-module ABI instead of
 //! proxy-wasm: read the request, let `decide` answer, carry the answer out.
 
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -56,24 +57,29 @@ impl Config {
     }
 }
 
-/// One request.
+/// One request. Its hooks take `&self`: Envoy may deliver a callout's answer inside
+/// the call that starts it (a reply Envoy makes itself), so `on_check_answer` can run
+/// while `on_request_headers` is still on the stack.
 pub struct Request {
     config: Arc<Config>,
     /// The client's `:path`, kept for rewriting once the check answers.
-    path: String,
-    request_id: Option<String>,
+    path: RefCell<String>,
+    request_id: RefCell<Option<String>>,
+    /// The check has answered (possibly before the callout call returned).
+    answered: Cell<bool>,
 }
 
 impl Request {
     pub fn new(config: Arc<Config>) -> Request {
         Request {
             config,
-            path: String::new(),
-            request_id: None,
+            path: RefCell::default(),
+            request_id: RefCell::default(),
+            answered: Cell::new(false),
         }
     }
 
-    pub fn on_request_headers(&mut self, s: &Stream<'_>) -> HeadersStatus {
+    pub fn on_request_headers(&self, s: &Stream<'_>) -> HeadersStatus {
         // Whatever happens next, a client can never choose a forwarding route itself.
         s.set_request_header(ROUTE_HEADER, None);
         let headers = s.request_headers();
@@ -81,8 +87,9 @@ impl Request {
         // read; the method is enough for the decision, the tool is only audited.
         let mcp_method = s.metadata_string(MCP_METADATA, "method");
         let incoming = Incoming::from_headers(&headers, mcp_method.as_deref(), None);
-        self.path = incoming.path.to_owned();
-        self.request_id = incoming.request_id.map(str::to_owned);
+        self.path.replace(incoming.path.to_owned());
+        self.request_id
+            .replace(incoming.request_id.map(str::to_owned));
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
@@ -119,7 +126,9 @@ impl Request {
                         config.check_timeout_ms,
                     )
                 });
-                if !started {
+                // Not started, unless Envoy answered it at once (and that answer was
+                // carried out already).
+                if !started && !self.answered.get() {
                     log(Level::Error, || {
                         format!(
                             "mcpguard: check callout to cluster {:?} failed to start",
@@ -136,11 +145,14 @@ impl Request {
 
     /// The check's answer: `status` is `None` when the callout failed (unreachable,
     /// timed out, reset).
-    pub fn on_check_answer(&mut self, s: &Stream<'_>, status: Option<u16>, body: &[u8]) {
-        if let Some(note) = decide::unanswered_check(status, self.request_id.as_deref()) {
+    pub fn on_check_answer(&self, s: &Stream<'_>, status: Option<u16>, body: &[u8]) {
+        self.answered.set(true);
+        let request_id = self.request_id.borrow().clone();
+        if let Some(note) = decide::unanswered_check(status, request_id.as_deref()) {
             log(Level::Warn, || format!("mcpguard: {note}"));
         }
-        match decide::finish(status, Some(body), &self.path) {
+        let path = self.path.borrow().clone();
+        match decide::finish(status, Some(body), &path) {
             Finish::Forward(forward) => {
                 for (name, value) in forward.header_edits() {
                     s.set_request_header(name, value);
@@ -159,7 +171,7 @@ impl Request {
         log(Level::Info, || {
             format!(
                 "mcpguard: {}",
-                refusal.log_line(&self.path, self.request_id.as_deref())
+                refusal.log_line(&self.path.borrow(), self.request_id.borrow().as_deref())
             )
         });
         let index = DenyCode::ALL.iter().position(|c| *c == refusal.code);

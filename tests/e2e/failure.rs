@@ -89,3 +89,56 @@ async fn a_policy_service_that_comes_back_is_used_again() {
     stack.policy.restart(stack.dir.path()).await;
     assert_eq!(initialize_with(&url, Some(&p.token)).await.status, 200);
 }
+
+/// A policy cluster with no healthy host: Envoy answers the callout itself, at once
+/// (inside the call that starts it), with a 503 of its own. Both builds of the filter
+/// refuse once, with the contract's body, and Envoy keeps serving.
+#[tokio::test]
+async fn a_policy_cluster_with_no_healthy_host_means_503_in_either_build_of_the_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = mcpguard_core::token::format_token(
+        mcpguard_core::token::TokenKind::HostApi,
+        &"a".repeat(40),
+    )
+    .unwrap();
+    for config in ["envoy/mcpguard.yaml", "bench/envoy/dynamic-module.yaml"] {
+        let opts = EnvoyOptions {
+            config,
+            check_port: mcpguard_e2e::free_port(),
+            check_timeout_ms: None,
+            trusted_ca: None,
+            issuer: None,
+            jwks_refresh_s: None,
+        };
+        let (port, admin_port) = (mcpguard_e2e::free_port(), mcpguard_e2e::free_port());
+        let mut rendered: serde_json::Value =
+            serde_json::from_str(&Envoy::render(&opts, port, admin_port)).unwrap();
+        for cluster in rendered["static_resources"]["clusters"]
+            .as_array_mut()
+            .unwrap()
+        {
+            if cluster["name"] == "mcpguard_policy" {
+                cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["health_status"] =
+                    "UNHEALTHY".into();
+            }
+        }
+        let envoy = Envoy::start_config(&rendered.to_string(), port, admin_port, dir.path()).await;
+        for _ in 0..3 {
+            let a = initialize_with(&envoy.mcp_url("eng", "demo"), Some(&token)).await;
+            assert_eq!(
+                (a.status, a.code().as_str()),
+                (503, "policy_unavailable"),
+                "{config}: {}",
+                a.body
+            );
+        }
+        assert!(
+            reqwest::get(format!("http://127.0.0.1:{admin_port}/ready"))
+                .await
+                .unwrap()
+                .status()
+                .is_success(),
+            "{config}: Envoy still up"
+        );
+    }
+}
