@@ -8,7 +8,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use mcpguard_core::check::{CHECK_PATH, DenyCode};
 use mcpguard_core::jwt::Keys;
 use mcpguard_filter::config::FilterConfig;
-use mcpguard_filter::decide::{self, Clock, Finish, Incoming, ROUTE_HEADER, Refusal, Start};
+use mcpguard_filter::counters::Counters;
+use mcpguard_filter::decide::{
+    self, Clock, Finish, Incoming, METADATA_HEADERS, ROUTE_HEADER, Refusal, Start,
+};
 
 use crate::abi::{ConfigSite, HeadersStatus, Level, Stream, log};
 
@@ -21,8 +24,7 @@ pub struct Config {
     /// Only keys given in the config (`jwks`): this module does not fetch a JWKS, so
     /// an access token without them is refused `policy_unavailable`.
     keys: Option<Keys>,
-    allowed: Option<usize>,
-    denied: Vec<Option<usize>>,
+    counters: Counters<usize>,
 }
 
 impl Config {
@@ -48,11 +50,7 @@ impl Config {
         Some(Config {
             filter,
             keys,
-            allowed: site.define_counter("mcpguard.allowed"),
-            denied: DenyCode::ALL
-                .iter()
-                .map(|c| site.define_counter(&format!("mcpguard.denied.{}", c.as_str())))
-                .collect(),
+            counters: Counters::define(|name| site.define_counter(name)),
         })
     }
 }
@@ -100,14 +98,7 @@ impl Request {
         };
         match decide::start(&incoming, config, clock) {
             Start::PassThrough => return HeadersStatus::Continue,
-            Start::Metadata(doc) => s.send_response(
-                200,
-                &[
-                    ("content-type", "application/json"),
-                    ("cache-control", "max-age=300"),
-                ],
-                doc.as_bytes(),
-            ),
+            Start::Metadata(doc) => s.send_response(200, &METADATA_HEADERS, doc.as_bytes()),
             Start::Refuse(refusal) => self.refuse(s, refusal),
             Start::NeedKeys => {
                 self.refuse(s, Refusal::new(DenyCode::PolicyUnavailable, None));
@@ -158,7 +149,7 @@ impl Request {
                     s.set_request_header(name, value);
                 }
                 s.clear_route_cache();
-                if let Some(id) = self.config.allowed {
+                if let Some(id) = self.config.counters.allowed() {
                     s.increment_counter(id);
                 }
                 s.continue_decoding();
@@ -174,8 +165,7 @@ impl Request {
                 refusal.log_line(&self.path.borrow(), self.request_id.borrow().as_deref())
             )
         });
-        let index = DenyCode::ALL.iter().position(|c| *c == refusal.code);
-        if let Some(id) = index.and_then(|i| self.config.denied.get(i).copied().flatten()) {
+        if let Some(id) = self.config.counters.denied(refusal.code) {
             s.increment_counter(id);
         }
         let headers: Vec<(&str, &str)> = refusal

@@ -65,6 +65,12 @@ fn bounded(name: Option<&str>) -> Option<String> {
     Some(name[..end].to_owned())
 }
 
+/// The headers of the 200 that answers [`Start::Metadata`].
+pub const METADATA_HEADERS: [(&str, &str); 2] = [
+    ("content-type", "application/json"),
+    ("cache-control", "max-age=300"),
+];
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Start {
     /// Not an MCP path: let Envoy's routes decide (they never forward such requests

@@ -12,7 +12,10 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 
 use crate::config::FilterConfig;
-use crate::decide::{self, Clock, Finish, Incoming, ROUTE_HEADER, Refusal, Start};
+use crate::counters::Counters;
+use crate::decide::{
+    self, Clock, Finish, Incoming, METADATA_HEADERS, ROUTE_HEADER, Refusal, Start,
+};
 use mcpguard_core::jwt::Keys;
 
 /// The JWT verification keys, shared by the root context (which refreshes them) and
@@ -31,36 +34,11 @@ proxy_wasm::main! {{
 
 /// Counters in Envoy's stats (`wasmcustom.mcpguard.*`), so an operator sees refusals by
 /// reason in `/stats` and Prometheus output.
-struct Metrics {
-    allowed: Option<u32>,
-    denied: Vec<Option<u32>>,
-}
+type Metrics = Counters<u32>;
 
-impl Metrics {
-    fn define() -> Self {
-        let counter = |name: &str| hostcalls::define_metric(MetricType::Counter, name).ok();
-        Metrics {
-            allowed: counter("mcpguard.allowed"),
-            denied: DenyCode::ALL
-                .iter()
-                .map(|c| counter(&format!("mcpguard.denied.{}", c.as_str())))
-                .collect(),
-        }
-    }
-
-    fn count(id: Option<u32>) {
-        if let Some(id) = id {
-            let _ = hostcalls::increment_metric(id, 1);
-        }
-    }
-
-    fn allowed(&self) {
-        Self::count(self.allowed);
-    }
-
-    fn denied(&self, code: DenyCode) {
-        let index = DenyCode::ALL.iter().position(|c| *c == code);
-        Self::count(index.and_then(|i| self.denied.get(i).copied().flatten()));
+fn count(id: Option<u32>) {
+    if let Some(id) = id {
+        let _ = hostcalls::increment_metric(id, 1);
     }
 }
 
@@ -167,7 +145,9 @@ impl RootContext for Root {
                 }
                 let fetch = config.fetches_jwks();
                 self.config = Some(Rc::new(config));
-                self.metrics = Some(Rc::new(Metrics::define()));
+                self.metrics = Some(Rc::new(Metrics::define(|name| {
+                    hostcalls::define_metric(MetricType::Counter, name).ok()
+                })));
                 if fetch {
                     // The first tick fetches; later ones refresh.
                     self.set_tick_period(JWKS_RETRY);
@@ -226,7 +206,7 @@ impl Request {
             refusal.log_line(&self.path, self.request_id.as_deref())
         );
         if let Some(m) = &self.metrics {
-            m.denied(refusal.code);
+            count(m.denied(refusal.code));
         }
         let headers = refusal
             .headers
@@ -241,7 +221,7 @@ impl Request {
             self.set_http_request_header(name, value);
         }
         if let Some(m) = &self.metrics {
-            m.allowed();
+            count(m.allowed());
         }
         self.resume_http_request();
     }
@@ -294,14 +274,7 @@ impl Request {
         match decide::start(&incoming, &config, clock) {
             Start::PassThrough => Action::Continue,
             Start::Metadata(doc) => {
-                self.send_http_response(
-                    200,
-                    vec![
-                        ("content-type", "application/json"),
-                        ("cache-control", "max-age=300"),
-                    ],
-                    Some(doc.as_bytes()),
-                );
+                self.send_http_response(200, METADATA_HEADERS.to_vec(), Some(doc.as_bytes()));
                 Action::Pause
             }
             Start::Refuse(refusal) => {

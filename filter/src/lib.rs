@@ -3,6 +3,7 @@
 //! only exists in the `.wasm`.
 
 pub mod config;
+pub mod counters;
 pub mod decide;
 
 #[cfg(target_arch = "wasm32")]
