@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 mod extract;
 pub mod keys;
+mod queue;
 pub mod routes;
 pub mod secrets;
 pub mod store;
