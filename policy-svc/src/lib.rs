@@ -58,7 +58,8 @@ pub async fn reseal(config: &Config) -> anyhow::Result<store::rekey::Resealed> {
 }
 
 /// Opens the store, creates the owner on first start, and serves both ports until
-/// SIGINT or SIGTERM; then drains requests and flushes last-used times.
+/// SIGINT or SIGTERM; then drains requests and writes the queued audit entries and
+/// last-used times.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let oauth = std::sync::Arc::new(config.oauth()?);
     create_data_dir(&config.data_dir)?;
