@@ -4,17 +4,11 @@
 use std::time::Duration;
 
 use mcpguard_e2e::Stack;
-use mcpguard_e2e::mcp::initialize_with;
+use mcpguard_e2e::mcp::{expect_refusal, initialize_with};
 use mcpguard_e2e::toggles::{Plan, five_layers, prove};
 
 async fn assert_refused(url: &str, token: &str, code: &str) {
-    let a = initialize_with(url, Some(token)).await;
-    assert_eq!(
-        (a.status, a.code().as_str()),
-        (403, code),
-        "{url}: {}",
-        a.body
-    );
+    expect_refusal(url, Some(token), (403, code)).await;
 }
 
 async fn assert_allowed(url: &str, token: &str) {

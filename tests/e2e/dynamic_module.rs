@@ -3,7 +3,9 @@
 //! out by native glue instead of proxy-wasm.
 
 use mcpguard_e2e::Stack;
-use mcpguard_e2e::mcp::{self, call_text, initialize_with, post_initialize};
+use mcpguard_e2e::mcp::{
+    self, call_text, challenge_and_metadata, expect_refusal, initialize_with, post_initialize,
+};
 use serde_json::json;
 
 const CONFIG: &str = "bench/envoy/dynamic-module.yaml";
@@ -56,21 +58,7 @@ async fn the_dynamic_module_allows_live_tokens_and_refuses_the_rest() {
         .await;
 
     // No token: the challenge, and the metadata it points at, answered by the module.
-    let none = initialize_with(&url, None).await;
-    assert_eq!((none.status, none.code().as_str()), (401, "token_missing"));
-    let challenge = none.header("www-authenticate").unwrap();
-    let metadata_url = format!(
-        "{}/.well-known/oauth-protected-resource/mcp/eng/demo",
-        stack.envoy.base_url()
-    );
-    assert!(challenge.contains(&metadata_url), "{challenge}");
-    let prm: serde_json::Value = reqwest::get(&metadata_url)
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(prm["resource"], url);
+    challenge_and_metadata(&url).await;
 
     // A forged route header does not stand in for a token.
     let forged = post_initialize(&url, &[("x-mcpguard-route", "http")]).await;
@@ -81,21 +69,14 @@ async fn the_dynamic_module_allows_live_tokens_and_refuses_the_rest() {
 
     // Revoked: refused on the very next request.
     admin.revoke(p.token_id).await;
-    let revoked = initialize_with(&url, Some(&p.token)).await;
-    assert_eq!(
-        (revoked.status, revoked.code().as_str()),
-        (401, "token_revoked"),
-        "{}",
-        revoked.body
-    );
+    expect_refusal(&url, Some(&p.token), (401, "token_revoked")).await;
 
     // A disabled layer is a 403 naming it.
     let fresh = admin.token(p.host_id, p.gateway_id).await;
     let fresh = fresh["token"].as_str().unwrap();
     assert_eq!(initialize_with(&url, Some(fresh)).await.status, 200);
     admin.set_enabled("gateways", p.gateway_id, false).await;
-    let off = initialize_with(&url, Some(fresh)).await;
-    assert_eq!((off.status, off.code().as_str()), (403, "gateway_disabled"));
+    expect_refusal(&url, Some(fresh), (403, "gateway_disabled")).await;
     assert!(
         stack
             .envoy
@@ -106,9 +87,5 @@ async fn the_dynamic_module_allows_live_tokens_and_refuses_the_rest() {
 
     // The policy service gone: refused with 503 and the contract's body, never passed.
     stack.policy.proc.kill();
-    let down = initialize_with(&url, Some(fresh)).await;
-    assert_eq!(
-        (down.status, down.code().as_str()),
-        (503, "policy_unavailable")
-    );
+    expect_refusal(&url, Some(fresh), (503, "policy_unavailable")).await;
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mcpguard_e2e::mcp::{self, call_text, initialize_with};
+use mcpguard_e2e::mcp::{self, call_text, challenge_and_metadata, expect_refusal, initialize_with};
 use mcpguard_e2e::oauth::{PASSWORD, RawClient, sdk_connect};
 use mcpguard_e2e::{Demo, Envoy, Policy, free_port, workspace_root};
 use serde_json::json;
@@ -171,8 +171,7 @@ async fn native_ext_authz_allows_live_tokens_and_refuses_unknown_and_revoked_one
     assert!(entry["request_id"].is_string(), "{entry}");
 
     // No token: the challenge that points at the resource metadata.
-    let none = initialize_with(&url, None).await;
-    assert_eq!((none.status, none.code().as_str()), (401, "token_missing"));
+    let none = expect_refusal(&url, None, (401, "token_missing")).await;
     assert_eq!(none.header("content-type"), Some("application/json"));
     assert!(
         none.header("www-authenticate")
@@ -188,11 +187,7 @@ async fn native_ext_authz_allows_live_tokens_and_refuses_unknown_and_revoked_one
         &"Z".repeat(40),
     )
     .unwrap();
-    let unknown = initialize_with(&url, Some(&forged)).await;
-    assert_eq!(
-        (unknown.status, unknown.code().as_str()),
-        (401, "token_unknown")
-    );
+    let unknown = expect_refusal(&url, Some(&forged), (401, "token_unknown")).await;
     assert!(
         unknown
             .header("www-authenticate")
@@ -202,13 +197,7 @@ async fn native_ext_authz_allows_live_tokens_and_refuses_unknown_and_revoked_one
 
     // Revoked: refused on the very next request, open session included.
     admin.revoke(p.token_id).await;
-    let revoked = initialize_with(&url, Some(&p.token)).await;
-    assert_eq!(
-        (revoked.status, revoked.code().as_str()),
-        (401, "token_revoked"),
-        "{}",
-        revoked.body
-    );
+    expect_refusal(&url, Some(&p.token), (401, "token_revoked")).await;
     let err = call_text(&client, "echo", json!({"text": "x"}))
         .await
         .expect_err("the open session is refused too");
@@ -219,16 +208,11 @@ async fn native_ext_authz_allows_live_tokens_and_refuses_unknown_and_revoked_one
     let fresh = fresh["token"].as_str().unwrap();
     assert_eq!(initialize_with(&url, Some(fresh)).await.status, 200);
     admin.set_enabled("gateways", p.gateway_id, false).await;
-    let off = initialize_with(&url, Some(fresh)).await;
-    assert_eq!((off.status, off.code().as_str()), (403, "gateway_disabled"));
+    expect_refusal(&url, Some(fresh), (403, "gateway_disabled")).await;
 
     // The policy service gone: refused with 503 and the contract's body, never passed.
     policy.proc.kill();
-    let down = initialize_with(&url, Some(fresh)).await;
-    assert_eq!(
-        (down.status, down.code().as_str()),
-        (503, "policy_unavailable")
-    );
+    expect_refusal(&url, Some(fresh), (503, "policy_unavailable")).await;
 }
 
 #[tokio::test]
@@ -257,15 +241,7 @@ async fn a_headed_app_connects_through_native_ext_authz_with_the_official_sdk() 
 
     // The 401 points at the metadata, which Envoy routes to the policy service with no
     // token; it names this URL as the resource and the policy service as its issuer.
-    let refused = initialize_with(&url, None).await;
-    assert_eq!(refused.status, 401);
-    let challenge = refused.header("www-authenticate").unwrap().to_owned();
-    let metadata_url = format!("{base}/.well-known/oauth-protected-resource/mcp/eng/demo");
-    assert!(challenge.contains(&metadata_url), "{challenge}");
-    let prm = reqwest::get(&metadata_url).await.unwrap();
-    assert_eq!(prm.status(), 200);
-    let prm: serde_json::Value = prm.json().await.unwrap();
-    assert_eq!(prm["resource"], url);
+    let (challenge, prm) = challenge_and_metadata(&url).await;
     assert_eq!(prm["authorization_servers"], json!([issuer]));
 
     // The official SDK finds its way from the challenge, signs in, and calls tools

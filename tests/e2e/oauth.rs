@@ -5,7 +5,7 @@
 //! tokens), exchanges the code with PKCE, calls a tool through Envoy and refreshes.
 //! The negative cases use a hand-driven client, as no SDK makes those mistakes.
 
-use mcpguard_e2e::mcp::{self, call_text, initialize_with};
+use mcpguard_e2e::mcp::{self, call_text, challenge_and_metadata, initialize_with};
 use mcpguard_e2e::oauth::{
     Browser, PASSWORD, RawClient, form_inputs, pkce, query_param, sdk_connect,
 };
@@ -40,21 +40,7 @@ async fn a_headed_app_connects_with_the_official_sdk_and_appears_as_a_host() {
     let issuer = stack.policy.public_url();
 
     // The 401 says where to go; the metadata is reachable through Envoy with no token.
-    let refused = initialize_with(&url, None).await;
-    assert_eq!(refused.status, 401);
-    let challenge = refused.header("www-authenticate").unwrap().to_owned();
-    let metadata_url = format!(
-        "{}/.well-known/oauth-protected-resource/mcp/eng/demo",
-        stack.envoy.base_url()
-    );
-    assert!(challenge.contains(&metadata_url), "{challenge}");
-    let prm: Value = reqwest::get(&metadata_url)
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(prm["resource"], url);
+    let (challenge, prm) = challenge_and_metadata(&url).await;
     assert_eq!(prm["authorization_servers"], json!([issuer]));
     let asm: Value = reqwest::get(format!("{issuer}/.well-known/oauth-authorization-server"))
         .await

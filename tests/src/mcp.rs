@@ -154,3 +154,42 @@ pub async fn initialize_with(url: &str, token: Option<&str>) -> Answer {
         None => post_initialize(url, &[]).await,
     }
 }
+
+/// POSTs `initialize` with `token` (or none) and asserts the answer's status and
+/// `error.code`; returns the answer for further checks.
+pub async fn expect_refusal(url: &str, token: Option<&str>, (status, code): (u16, &str)) -> Answer {
+    let answer = initialize_with(url, token).await;
+    assert_eq!(
+        (answer.status, answer.code().as_str()),
+        (status, code),
+        "{url}: {}",
+        answer.body
+    );
+    answer
+}
+
+/// The challenge an `initialize` with no token gets at `url` (`{base}/mcp/...`), and the
+/// RFC 9728 metadata it points at (`{base}/.well-known/oauth-protected-resource/mcp/...`),
+/// fetched with no token: a 401 `token_missing` whose challenge names that document,
+/// and a document that names `url` as its resource.
+pub async fn challenge_and_metadata(url: &str) -> (String, Value) {
+    let refused = expect_refusal(url, None, (401, "token_missing")).await;
+    let challenge = refused
+        .header("www-authenticate")
+        .expect("a 401 carries a challenge")
+        .to_owned();
+    let path = url.find("/mcp/").expect("an MCP URL: {base}/mcp/...");
+    let metadata_url = format!(
+        "{}/.well-known/oauth-protected-resource{}",
+        &url[..path],
+        &url[path..]
+    );
+    assert!(challenge.contains(&metadata_url), "{challenge}");
+    let resp = reqwest::get(&metadata_url)
+        .await
+        .expect("metadata reachable");
+    assert_eq!(resp.status(), 200, "{metadata_url}");
+    let metadata: Value = resp.json().await.expect("metadata is JSON");
+    assert_eq!(metadata["resource"], url, "{metadata}");
+    (challenge, metadata)
+}

@@ -117,7 +117,15 @@ fn binary(name: &str) -> PathBuf {
     let dir = std::env::var_os("MCPGUARD_BIN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/debug"));
-    let path = dir.join(name);
+    present(dir.join(name))
+}
+
+/// A build output at `relative` to the workspace root.
+fn built(relative: &str) -> PathBuf {
+    present(workspace_root().join(relative))
+}
+
+fn present(path: PathBuf) -> PathBuf {
     assert!(
         path.exists(),
         "{} is missing: run `make build` (or `make test`)",
@@ -357,24 +365,12 @@ impl Envoy {
     }
 
     pub fn wasm() -> PathBuf {
-        let path = workspace_root().join("target/wasm32-wasip1/release/mcpguard_filter.wasm");
-        assert!(
-            path.exists(),
-            "{} is missing: run `make build`",
-            path.display()
-        );
-        path
+        built("target/wasm32-wasip1/release/mcpguard_filter.wasm")
     }
 
     /// The filter as an Envoy dynamic module (debug build; `make build` makes it).
     pub fn dynamic_module() -> PathBuf {
-        let path = workspace_root().join("target/debug/libmcpguard_dynamic_module.so");
-        assert!(
-            path.exists(),
-            "{} is missing: run `make build`",
-            path.display()
-        );
-        path
+        built("target/debug/libmcpguard_dynamic_module.so")
     }
 
     /// The shipped config with this test's ports and absolute paths, as JSON.
