@@ -152,8 +152,7 @@ mod tests {
     #[tokio::test]
     async fn every_queued_decision_is_written_before_the_writer_ends_with_the_last_handle() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
-        let db = store::open(&url, 2).await.unwrap();
+        let db = store::open_sqlite_file(&dir.path().join("t.db")).await;
         let (audit, writer) = Audit::spawn(db.clone(), 0);
         // More than one transaction's worth, queued well within one tick.
         let queued = BATCH + 3;

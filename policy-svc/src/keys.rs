@@ -267,8 +267,7 @@ mod tests {
     #[tokio::test]
     async fn the_verifier_rereads_keys_when_old_or_missing_one_but_not_on_every_made_up_kid() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
-        let db = store::open(&url, 2).await.unwrap();
+        let db = store::open_sqlite_file(&dir.path().join("t.db")).await;
         let secrets = SecretBox::load_or_create(&dir.path().join("k")).unwrap();
         store::oauth::ensure_keys(&db, &mut || generate(&secrets))
             .await

@@ -156,8 +156,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_spanning_several_statements_reads_back_field_for_field() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
-        let db = super::super::open(&url, 2).await.unwrap();
+        let db = super::super::open_sqlite_file(&dir.path().join("t.db")).await;
         // 16 + 16 + 4 + 1 rows: every statement shape binds its values in order.
         let events: Vec<Event> = (0..37_i64)
             .map(|i| Event {

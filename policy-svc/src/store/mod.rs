@@ -85,6 +85,13 @@ pub async fn open(url: &str, max_connections: u32) -> Result<Db> {
     .await
 }
 
+/// A store in a new SQLite file at `path`, for unit tests.
+#[cfg(test)]
+pub async fn open_sqlite_file(path: &std::path::Path) -> Db {
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    open(&url, 2).await.unwrap()
+}
+
 /// Opens the pool and brings the schema up to date. Several replicas may do this at
 /// once on one PostgreSQL database: sqlx's migrator holds an advisory lock.
 pub async fn open_with(url: &str, options: &DbOptions) -> Result<Db> {

@@ -582,8 +582,10 @@ mod tests {
 
     async fn db() -> (Db, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
-        (super::super::open(&url, 2).await.unwrap(), dir)
+        (
+            super::super::open_sqlite_file(&dir.path().join("t.db")).await,
+            dir,
+        )
     }
 
     fn key(kid: &str) -> Result<NewKey> {

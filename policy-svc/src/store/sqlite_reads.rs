@@ -147,8 +147,7 @@ mod tests {
     async fn store() -> (tempfile::TempDir, PathBuf, Db) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let url = format!("sqlite://{}?mode=rwc", path.display());
-        let db = store::open(&url, 2).await.unwrap();
+        let db = store::open_sqlite_file(&path).await;
         seed(&db).await;
         (dir, path, db)
     }
