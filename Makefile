@@ -32,7 +32,7 @@ wasm-target:
 	@rustup target list --installed | grep -qx '$(WASM_TARGET)' || rustup target add $(WASM_TARGET)
 
 build: bootstrap wasm-target
-	cargo build --release --target $(WASM_TARGET) -p mcpguard-filter
+	cargo build --release --target $(WASM_TARGET) -p mcpguard-filter -p mcpguard-crash-filter
 	cargo build --workspace --all-targets
 
 envoy: $(ENVOY_STAMP)

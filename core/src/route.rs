@@ -32,6 +32,52 @@ pub enum PathError {
     Malformed,
 }
 
+/// Whether what follows the server slug can only mean a path below the server's own:
+/// `/`-separated segments of plain characters, none empty (`//`) or a dot segment,
+/// and nothing an upstream might decode or split differently than we do. Refused:
+/// percent-encoding (`%2e%2e`, `%252e`, `%5c`, `%2f`), backslashes, `;` (path
+/// parameters: `/..;/` is `..` to some servlet containers), `#`, controls and
+/// non-ASCII. A trailing `/` is allowed. Envoy normalises the path before the filter
+/// sees it (envoy/mcpguard.yaml); this is the filter's own line behind that.
+fn is_plain_rest(rest: &str) -> bool {
+    if rest.is_empty() {
+        return true;
+    }
+    let Some(inner) = rest.strip_prefix('/') else {
+        return false;
+    };
+    let inner = inner.strip_suffix('/').unwrap_or(inner);
+    if inner.is_empty() {
+        return rest == "/";
+    }
+    inner.split('/').all(|seg| {
+        !seg.is_empty()
+            && seg != "."
+            && seg != ".."
+            && seg.bytes().all(|b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(
+                        b,
+                        b'-' | b'.'
+                            | b'_'
+                            | b'~'
+                            | b'!'
+                            | b'$'
+                            | b'&'
+                            | b'\''
+                            | b'('
+                            | b')'
+                            | b'*'
+                            | b'+'
+                            | b','
+                            | b'='
+                            | b':'
+                            | b'@'
+                    )
+            })
+    })
+}
+
 impl<'a> McpPath<'a> {
     pub fn parse(path: &'a str) -> Result<Self, PathError> {
         let (path, query) = match path.split_once('?') {
@@ -46,14 +92,7 @@ impl<'a> McpPath<'a> {
             return Err(PathError::Malformed);
         }
         let rest = &after[gateway.len() + 1 + server.len()..];
-        // Dot segments and encoded slashes could walk out of the upstream's base path.
-        let lowered = rest.to_ascii_lowercase();
-        if rest.split('/').any(|seg| seg == ".." || seg == ".")
-            || lowered.contains("%2f")
-            || lowered.contains("%2e")
-            || rest.contains('\\')
-            || rest.contains('#')
-        {
+        if !is_plain_rest(rest) {
             return Err(PathError::Malformed);
         }
         Ok(McpPath {
@@ -120,6 +159,11 @@ mod tests {
         );
         let p = McpPath::parse("/mcp/eng/github/").unwrap();
         assert_eq!(p.rest, "/");
+        let p = McpPath::parse("/mcp/eng/github/v1.2/a-b_c~d/x@y:z/").unwrap();
+        assert_eq!(p.rest, "/v1.2/a-b_c~d/x@y:z/");
+        // The query is not part of the path walk: it is passed on as it came.
+        let p = McpPath::parse("/mcp/eng/github?q=%2e%2e/x").unwrap();
+        assert_eq!((p.rest, p.query), ("", Some("q=%2e%2e/x")));
     }
 
     #[test]
@@ -140,6 +184,19 @@ mod tests {
             "/mcp/eng/github/%2e%2e/x",
             "/mcp/eng/github\\x",
             "/mcp/eng/github/a\\b",
+            // Walks an upstream might still make of what passed Envoy.
+            "/mcp/eng/github/..;/x",
+            "/mcp/eng/github/x/..;/..;/y",
+            "/mcp/eng/github/%5c..%5cx",
+            "/mcp/eng/github/%252e%252e/x",
+            "/mcp/eng/github//x",
+            "/mcp/eng/github/x//",
+            "/mcp/eng/github/a;b",
+            "/mcp/eng/github/%41",
+            "/mcp/eng/github/caf\u{e9}",
+            "/mcp/eng/github/a\tb",
+            "/mcp/eng/github/a#b",
+            "/mcp/eng/github/...x/../y",
         ] {
             assert_eq!(McpPath::parse(bad), Err(PathError::Malformed), "{bad}");
         }

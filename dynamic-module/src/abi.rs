@@ -210,8 +210,9 @@ pub struct Stream<'hook> {
 }
 
 impl<'hook> Stream<'hook> {
-    /// Every request header, copied out of Envoy in one call.
-    pub fn request_headers(&self) -> Vec<(String, String)> {
+    /// Every request header, copied out of Envoy in one call, as bytes (a client may
+    /// send values that are not UTF-8).
+    pub fn request_headers(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
         // SAFETY: `ptr` is this hook's stream; Envoy fills at most `len` entries, whose
         // bytes stay valid until the hook returns, and we copy them before that.
         unsafe {
@@ -234,12 +235,7 @@ impl<'hook> Stream<'hook> {
                 return Vec::new();
             }
             raw.iter()
-                .map(|h| {
-                    (
-                        String::from_utf8_lossy(h.key.bytes()).into_owned(),
-                        String::from_utf8_lossy(h.value.bytes()).into_owned(),
-                    )
-                })
+                .map(|h| (h.key.bytes().to_vec(), h.value.bytes().to_vec()))
                 .collect()
         }
     }

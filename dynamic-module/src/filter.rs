@@ -10,7 +10,7 @@ use mcpguard_core::jwt::Keys;
 use mcpguard_filter::config::FilterConfig;
 use mcpguard_filter::counters::Counters;
 use mcpguard_filter::decide::{
-    self, Clock, Finish, Incoming, METADATA_HEADERS, ROUTE_HEADER, Refusal, Start,
+    self, Clock, Finish, Incoming, METADATA_HEADERS, ROUTE_HEADER, RawHeaders, Refusal, Start,
 };
 
 use crate::abi::{ConfigSite, HeadersStatus, Level, Stream, log};
@@ -78,9 +78,21 @@ impl Request {
     }
 
     pub fn on_request_headers(&self, s: &Stream<'_>) -> HeadersStatus {
+        let all = s.request_headers();
         // Whatever happens next, a client can never choose a forwarding route itself.
-        s.set_request_header(ROUTE_HEADER, None);
-        let headers = s.request_headers();
+        // Envoy picked (and cached) the route from the client's headers before this
+        // hook, and this ABI, unlike proxy-wasm's, does not clear that cache when a
+        // header is removed: without the clear, a forged route header plus any `Host`
+        // made a request that this filter passes through (not an MCP path) use a
+        // forwarding route, an open proxy.
+        if all
+            .iter()
+            .any(|(k, _)| k.as_slice() == ROUTE_HEADER.as_bytes())
+        {
+            s.set_request_header(ROUTE_HEADER, None);
+            s.clear_route_cache();
+        }
+        let headers = RawHeaders::from_pairs(&all);
         // The tool name sits in a nested struct (`params.name`), which this ABI cannot
         // read; the method is enough for the decision, the tool is only audited.
         let mcp_method = s.metadata_string(MCP_METADATA, "method");

@@ -12,6 +12,50 @@ use mcpguard_core::jwt::{self, Keys};
 /// The filter removes any client-sent copy first, so it cannot be forged.
 pub const ROUTE_HEADER: &str = "x-mcpguard-route";
 
+/// The request headers the decision reads, in the order [`RawHeaders`] holds them.
+pub const NEEDED_HEADERS: [&str; 5] = [
+    ":path",
+    ":scheme",
+    ":authority",
+    "authorization",
+    "x-request-id",
+];
+
+/// The values of [`NEEDED_HEADERS`] as Envoy hands them over: bytes, since a client
+/// may send any byte Envoy's codec lets through (obs-text such as `\xff` included),
+/// and proxy-wasm's string getters panic on the first one that is not UTF-8.
+#[derive(Debug, Default, Clone)]
+pub struct RawHeaders([Option<Vec<u8>>; 5]);
+
+impl RawHeaders {
+    /// Reads each needed header with `get` (one host call each).
+    pub fn read(mut get: impl FnMut(&str) -> Option<Vec<u8>>) -> Self {
+        RawHeaders(NEEDED_HEADERS.map(&mut get))
+    }
+
+    /// Picks the needed headers out of all of a request's headers.
+    pub fn from_pairs<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)]) -> Self {
+        Self::read(|name| {
+            pairs
+                .iter()
+                .find(|(k, _)| k.as_ref() == name.as_bytes())
+                .map(|(_, v)| v.as_ref().to_vec())
+        })
+    }
+
+    fn text(&self, i: usize) -> Option<&str> {
+        self.0[i]
+            .as_deref()
+            .and_then(|b| std::str::from_utf8(b).ok())
+    }
+
+    fn garbled(&self, i: usize) -> bool {
+        self.0[i]
+            .as_deref()
+            .is_some_and(|b| std::str::from_utf8(b).is_err())
+    }
+}
+
 /// The request headers the decision needs.
 #[derive(Debug, Default, Clone)]
 pub struct Incoming<'a> {
@@ -24,30 +68,42 @@ pub struct Incoming<'a> {
     pub mcp_method: Option<&'a str>,
     /// Tool name of a `tools/call`, likewise.
     pub tool: Option<&'a str>,
+    /// A header the decision cannot do without arrived as bytes that are not UTF-8:
+    /// the request is refused for it (`:path`: `unknown_route`, `authorization`:
+    /// `token_malformed`). Other headers that are not UTF-8 count as absent.
+    pub garbled: Option<Garbled>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Garbled {
+    Path,
+    Authorization,
 }
 
 impl<'a> Incoming<'a> {
-    /// From the request's headers, as the glue copies them out of Envoy in one call,
-    /// and what Envoy's MCP filter parsed from the body.
+    /// From the request's headers, as the glue copies them out of Envoy, and what
+    /// Envoy's MCP filter parsed from the body.
     pub fn from_headers(
-        headers: &'a [(String, String)],
+        headers: &'a RawHeaders,
         mcp_method: Option<&'a str>,
         tool: Option<&'a str>,
     ) -> Self {
-        let header = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
+        let garbled = if headers.garbled(0) {
+            Some(Garbled::Path)
+        } else if headers.garbled(3) {
+            Some(Garbled::Authorization)
+        } else {
+            None
         };
         Incoming {
-            path: header(":path").unwrap_or_default(),
-            scheme: header(":scheme"),
-            authority: header(":authority"),
-            authorization: header("authorization"),
-            request_id: header("x-request-id"),
+            path: headers.text(0).unwrap_or_default(),
+            scheme: headers.text(1),
+            authority: headers.text(2),
+            authorization: headers.text(3),
+            request_id: headers.text(4),
             mcp_method,
             tool,
+            garbled,
         }
     }
 }
@@ -95,6 +151,9 @@ pub struct Clock<'a> {
 }
 
 pub fn start(req: &Incoming<'_>, config: &FilterConfig, clock: Clock<'_>) -> Start {
+    if req.garbled == Some(Garbled::Path) {
+        return Start::Refuse(Refusal::new(DenyCode::UnknownRoute, None));
+    }
     if let Some(resource_path) = req
         .path
         .strip_prefix(mcpguard_core::oauth::RESOURCE_METADATA_PREFIX)
@@ -110,6 +169,9 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig, clock: Clock<'_>) -> Sta
     };
     let metadata = resource_metadata_url(req, config);
     let refuse = |code| Start::Refuse(Refusal::new(code, Some(&metadata)));
+    if req.garbled == Some(Garbled::Authorization) {
+        return refuse(DenyCode::TokenMalformed);
+    }
     let Some(header) = req.authorization else {
         return refuse(DenyCode::TokenMissing);
     };
@@ -334,6 +396,7 @@ mod tests {
             request_id: Some("rid-1"),
             mcp_method: None,
             tool: None,
+            garbled: None,
         }
     }
 
@@ -648,16 +711,14 @@ mod tests {
 
     #[test]
     fn incoming_is_read_from_the_headers_envoy_hands_over() {
-        let headers: Vec<(String, String)> = [
+        let headers = RawHeaders::from_pairs(&[
             (":path", "/mcp/eng/demo"),
             (":scheme", "https"),
             (":authority", "gw:10000"),
             ("authorization", "Bearer t"),
             ("x-request-id", "rid"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+            ("x-other", "ignored"),
+        ]);
         let req = Incoming::from_headers(&headers, Some("tools/call"), None);
         assert_eq!(
             (req.path, req.scheme, req.authority, req.authorization),
@@ -672,8 +733,50 @@ mod tests {
             (req.request_id, req.mcp_method),
             (Some("rid"), Some("tools/call"))
         );
-        let bare = Incoming::from_headers(&[], None, None);
-        assert_eq!((bare.path, bare.authorization), ("", None));
+        let none = RawHeaders::default();
+        let bare = Incoming::from_headers(&none, None, None);
+        assert_eq!(
+            (bare.path, bare.authorization, bare.garbled),
+            ("", None, None)
+        );
+    }
+
+    #[test]
+    fn headers_that_are_not_utf8_are_refused_or_ignored_never_a_panic() {
+        let config = config();
+        let clock = Clock { keys: None, now: 0 };
+        let bearer = format!("Bearer {}", token());
+        let decide = |pairs: &[(&str, &[u8])]| {
+            let raw = RawHeaders::from_pairs(pairs);
+            let req = Incoming::from_headers(&raw, None, None);
+            start(&req, &config, clock)
+        };
+        let refused = |s: Start| match s {
+            Start::Refuse(r) => r.code,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        assert_eq!(
+            refused(decide(&[(":path", b"/mcp/eng/\xffdemo")])),
+            DenyCode::UnknownRoute
+        );
+        assert_eq!(
+            refused(decide(&[
+                (":path", b"/mcp/eng/demo"),
+                ("authorization", b"Bearer \xff\xfe"),
+            ])),
+            DenyCode::TokenMalformed
+        );
+        // Not needed for the decision: dropped, and the request is checked as usual.
+        let checked = decide(&[
+            (":path", b"/mcp/eng/demo"),
+            ("authorization", bearer.as_bytes()),
+            ("x-request-id", b"\xff"),
+            (":authority", b"h\xc3"),
+        ]);
+        assert!(
+            matches!(&checked, Start::Check(c) if c.request_id.is_none()),
+            "{checked:?}"
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 use crate::config::FilterConfig;
 use crate::counters::Counters;
 use crate::decide::{
-    self, Clock, Finish, Incoming, METADATA_HEADERS, ROUTE_HEADER, Refusal, Start,
+    self, Clock, Finish, Incoming, METADATA_HEADERS, ROUTE_HEADER, RawHeaders, Refusal, Start,
 };
 use mcpguard_core::jwt::Keys;
 
@@ -96,7 +96,9 @@ impl Context for Root {
         _trailers: usize,
     ) {
         self.fetching = false;
-        let status = self.get_http_call_response_header(":status");
+        let status = self
+            .get_http_call_response_header_bytes(":status")
+            .and_then(|s| String::from_utf8(s).ok());
         let body = self
             .get_http_call_response_body(0, body_size)
             .unwrap_or_default();
@@ -250,9 +252,10 @@ impl Request {
     /// Reads what the decision needs from Envoy and acts on it; `Pause` unless the
     /// request is not ours.
     fn decide(&mut self) -> Action {
-        // One host call for all headers rather than one per header: each call costs a
-        // round trip through Envoy's ABI layer, on every request.
-        let headers = self.get_http_request_headers();
+        // As bytes, one host call per needed header: proxy-wasm's string getters (and
+        // its all-headers getter, for names) unwrap UTF-8, and one client-sent byte
+        // that is not UTF-8 would panic the VM for every request on this worker.
+        let headers = RawHeaders::read(|name| self.get_http_request_header_bytes(name));
         let mcp_method = self.mcp_metadata(&["method"]);
         let tool = self.mcp_metadata(&["params", "name"]);
         let incoming = Incoming::from_headers(&headers, mcp_method.as_deref(), tool.as_deref());
@@ -343,8 +346,8 @@ impl Context for Request {
         _trailers: usize,
     ) {
         let status = self
-            .get_http_call_response_header(":status")
-            .and_then(|s| s.parse::<u16>().ok());
+            .get_http_call_response_header_bytes(":status")
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok());
         let body = self.get_http_call_response_body(0, body_size);
         if self.awaiting_keys {
             self.awaiting_keys = false;

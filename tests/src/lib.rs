@@ -12,6 +12,7 @@ pub mod db;
 pub mod mcp;
 pub mod oauth;
 pub mod procs;
+pub mod raw;
 pub mod toggles;
 
 pub use admin::Admin;
