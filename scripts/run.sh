@@ -106,10 +106,24 @@ wait_ready() { # name probe-command...
     done
 }
 
+# The logs hold what the services print, the bootstrap admin token among it: only
+# this user may read them, also when .run/ or a log was left by an older run with
+# looser modes (a mode is applied only when a file is created).
+umask 077
 mkdir -p "$RUN_DIR"
+chmod 700 "$RUN_DIR"
+chmod 600 "$RUN_DIR"/*.log 2>/dev/null || true
 start policy env NO_COLOR=1 target/debug/mcpguard-policy \
     --public-listen 127.0.0.1:8080 --check-listen 127.0.0.1:8081 --data-dir "$DATA_DIR"
 start demo-mcp target/debug/mcpguard-demo-mcp --listen 127.0.0.1:9100
+wait_ready policy curl -fsS --max-time 2 "$ADMIN_URL/healthz"
+wait_ready policy curl -fsS --max-time 2 http://127.0.0.1:8081/healthz
+# Envoy proves itself to the check port with the secret the policy service made on
+# its first start (envoy/mcpguard.yaml reads it from this variable); exported, not
+# passed as an argument, so it is not on any command line.
+[[ -s $DATA_DIR/check-secret ]] || die "$DATA_DIR/check-secret is missing after the policy service started"
+MCPGUARD_CHECK_SECRET=$(tr -d '[:space:]' <"$DATA_DIR/check-secret")
+export MCPGUARD_CHECK_SECRET
 # Envoy in its own session, so terminal signals and our shell's exit do not reach it
 # unasked (see docs). The launcher records its PID, then execs Envoy (the venv's
 # `envoy` execs the real binary in turn), so the recorded PID is Envoy's.
@@ -117,8 +131,6 @@ start demo-mcp target/debug/mcpguard-demo-mcp --listen 127.0.0.1:9100
 start envoy setsid bash -c 'echo $$ >"$0"; exec "$@"' "$RUN_DIR/envoy.pid" \
     "$ENVOY" -c envoy/mcpguard.yaml --concurrency 1 --disable-hot-restart --log-level warn
 
-wait_ready policy curl -fsS --max-time 2 "$ADMIN_URL/healthz"
-wait_ready policy curl -fsS --max-time 2 http://127.0.0.1:8081/healthz
 wait_ready demo-mcp port_in_use 9100
 wait_ready envoy curl -fsS --max-time 2 http://127.0.0.1:9901/ready
 [[ $(cat "$RUN_DIR/envoy.pid") == "${pids[envoy]}" ]] ||

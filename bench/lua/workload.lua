@@ -16,6 +16,8 @@ end
 
 function init(args)
    local list = args[1]
+   -- Set by mcpguard-bench for runs against the check port, as Envoy adds it.
+   local check_secret = os.getenv("BENCH_CHECK_SECRET")
    for line in io.lines(list) do
       local path, token, body = line:match("^([^\t]*)\t([^\t]*)\t(.*)$")
       if path then
@@ -25,6 +27,9 @@ function init(args)
          }
          if token ~= "" then
             headers["Authorization"] = "Bearer " .. token
+         end
+         if check_secret then
+            headers["x-mcpguard-check-secret"] = check_secret
          end
          reqs[#reqs + 1] = wrk.format("POST", path, headers, body)
       end

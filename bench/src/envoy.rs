@@ -107,7 +107,7 @@ pub fn render(root: &Path, setup: Setup, ports: &Ports) -> Result<String> {
         }
     }
     for cluster in seq(&mut resources["clusters"]) {
-        if cluster["name"] == "mcpguard_policy" {
+        if cluster["name"] == "mcpguard_policy" || cluster["name"] == "mcpguard_policy_metadata" {
             cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
                 ["socket_address"]["port_value"] = ports.check.into();
         }
@@ -173,7 +173,8 @@ impl Envoy {
         let config = dir.join(format!("envoy-{}.json", setup.letter()));
         std::fs::write(&config, render(root, setup, &ports)?)?;
         let mut cmd = Command::new(executable(root)?);
-        cmd.arg("-c")
+        cmd.env("MCPGUARD_CHECK_SECRET", crate::procs::check_secret())
+            .arg("-c")
             .arg(&config)
             .args([
                 "--concurrency",

@@ -86,6 +86,9 @@ impl PolicyService {
         .arg(data_dir)
         .env_remove("MCPGUARD_BOOTSTRAP_ADMIN_TOKEN")
         .env_remove("DATABASE_URL");
+        let secret_file = out_dir.join("check-secret");
+        std::fs::write(&secret_file, procs::check_secret())?;
+        cmd.env("MCPGUARD_CHECK_SECRET_FILE", &secret_file);
         if let Some(url) = database_url {
             cmd.env("DATABASE_URL", url);
         }
@@ -418,7 +421,10 @@ fn sanity_check_policy(check_port: u16, lines: &[(String, String, String)]) -> R
             check_port,
             "POST",
             path,
-            &[("content-type", "application/json")],
+            &[
+                ("content-type", "application/json"),
+                ("x-mcpguard-check-secret", procs::check_secret()),
+            ],
             body,
         )?;
         if status != 200 || !answer.contains("\"decision\":\"allow\"") {
@@ -578,7 +584,7 @@ fn run() -> Result<()> {
     let answers_before: Vec<[u64; 3]> = envoys.iter().map(answers).collect();
     if opts.envoy {
         for e in &envoys {
-            wrk::run(&script, &mcp_list, e.port, 8, WARMUP_SECONDS)?;
+            wrk::run(&script, &mcp_list, e.port, 8, WARMUP_SECONDS, None)?;
         }
         for &c in &opts.concurrency {
             for round in 1..=opts.rounds {
@@ -591,7 +597,7 @@ fn run() -> Result<()> {
                         ticks,
                     };
                     let run = measure(&m, e.setup.letter(), c, round, || {
-                        wrk::run(&script, &mcp_list, e.port, c, opts.duration)
+                        wrk::run(&script, &mcp_list, e.port, c, opts.duration, None)
                     })?;
                     eprintln!("{}", report::progress(&run));
                     runs.push(run);
@@ -626,7 +632,14 @@ fn run() -> Result<()> {
             targets.push((Backend::Postgres.check_target(), service, pid));
         }
         for (_, service, _) in &targets {
-            wrk::run(&script, &check_list, service.check_port, 8, WARMUP_SECONDS)?;
+            wrk::run(
+                &script,
+                &check_list,
+                service.check_port,
+                8,
+                WARMUP_SECONDS,
+                Some(procs::check_secret()),
+            )?;
         }
         for &c in &opts.check_concurrency {
             for round in 1..=opts.check_rounds {
@@ -645,6 +658,7 @@ fn run() -> Result<()> {
                             service.check_port,
                             c,
                             opts.check_duration,
+                            Some(procs::check_secret()),
                         )
                     })?;
                     eprintln!("{}", report::progress(&run));

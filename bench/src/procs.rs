@@ -14,6 +14,21 @@ use anyhow::{Context, Result, bail};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The check secret the benchmark's policy services and Envoys share (random per run,
+/// from the OS); the check-endpoint runs send it as Envoy would.
+pub fn check_secret() -> &'static str {
+    static SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SECRET.get_or_init(|| {
+        let mut bytes = [0u8; 32];
+        let read = File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+        if read.is_err() {
+            // Only loopback processes of this run ever see it; still, say so.
+            eprintln!("no /dev/urandom: the benchmark's check secret is not random");
+        }
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    })
+}
+
 /// A loopback port for a process to listen on (see [`mcpguard_loopback`]).
 pub fn free_port() -> Result<u16> {
     mcpguard_loopback::free_port().context("choosing a loopback port")

@@ -59,16 +59,23 @@ pub fn version() -> String {
 }
 
 /// One closed-loop run: `connections` connections over `min(connections, 2)` threads
-/// (the machine has 2 cores), for `seconds`, cycling through the request list.
+/// (the machine has 2 cores), for `seconds`, cycling through the request list. With
+/// `check_secret`, every request carries it as Envoy's callouts do (runs against the
+/// check port; never through Envoy, which would pass it on upstream).
 pub fn run(
     script: &Path,
     list: &Path,
     port: u16,
     connections: u32,
     seconds: u32,
+    check_secret: Option<&str>,
 ) -> Result<Outcome> {
     let threads = connections.clamp(1, 2);
-    let out = Command::new("wrk")
+    let mut cmd = Command::new("wrk");
+    if let Some(secret) = check_secret {
+        cmd.env("BENCH_CHECK_SECRET", secret);
+    }
+    let out = cmd
         .arg(format!("-t{threads}"))
         .arg(format!("-c{connections}"))
         .arg(format!("-d{seconds}s"))

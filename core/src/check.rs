@@ -23,22 +23,39 @@ pub struct CheckRequest {
     pub request_id: Option<String>,
 }
 
-/// How the caller proved who it is. Never the token itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// How the caller proved who it is: proof of possession of a live token, never
+/// something guessable (ids) and never an opaque API token in clear.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Credential {
     /// An opaque API token, as the hex SHA-256 of the whole token.
     ApiToken { hash: String },
-    /// An OAuth access token (JWT) whose signature, issuer, audience and expiry the
-    /// filter verified; only its identifiers travel, never the token.
+    /// An OAuth access token (JWT) that the filter verified (signature, issuer,
+    /// audience, expiry). It travels whole, because its signature is the proof: the
+    /// policy service verifies it again before it hands out a credential, so knowing
+    /// a grant's or connection's id gets nobody anything. A JWT is short-lived and
+    /// bound to its audience; the check port only answers Envoy.
     Oauth {
-        /// The grant (refresh-token family) it was issued under.
-        grant: i64,
-        /// The connection it acts for.
-        connection: i64,
-        /// Its `jti`, for the logs.
-        jti: String,
+        token: String,
+        /// The audience the filter verified: this request's MCP URL.
+        resource: String,
     },
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // An access token is a bearer secret: never print it.
+        match self {
+            Credential::ApiToken { hash } => {
+                f.debug_struct("ApiToken").field("hash", hash).finish()
+            }
+            Credential::Oauth { resource, .. } => f
+                .debug_struct("Oauth")
+                .field("token", &"<redacted>")
+                .field("resource", resource)
+                .finish(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,6 +260,34 @@ impl DenyCode {
     }
 }
 
+/// Longest `x-request-id` kept (Envoy's own are 36-character UUIDs).
+pub const MAX_REQUEST_ID: usize = 128;
+/// Longest MCP method or tool name kept, in characters.
+pub const MAX_NAME: usize = 128;
+
+/// The part of a client-controlled `x-request-id` worth logging and storing: its
+/// first [`MAX_REQUEST_ID`] bytes of visible ASCII, up to the first other byte. A
+/// client that sends 50 kB, or control characters, gets neither into a log line or
+/// an audit row.
+pub fn bounded_request_id(id: &str) -> &str {
+    let end = id
+        .bytes()
+        .take(MAX_REQUEST_ID)
+        .position(|b| !b.is_ascii_graphic())
+        .unwrap_or_else(|| id.len().min(MAX_REQUEST_ID));
+    &id[..end]
+}
+
+/// A method or tool name cut to [`MAX_NAME`] characters: they are for the audit trail,
+/// and a client controls them.
+pub fn bounded_name(name: &str) -> &str {
+    let end = name
+        .char_indices()
+        .nth(MAX_NAME)
+        .map_or(name.len(), |(i, _)| i);
+    &name[..end]
+}
+
 /// RFC 9728 §3.1: the metadata of resource `https://h/mcp/g/s` lives at
 /// `https://h/.well-known/oauth-protected-resource/mcp/g/s`. `base` is scheme and
 /// authority without a trailing slash; any query on `path` is dropped.
@@ -254,6 +299,21 @@ pub fn resource_metadata_url(base: &str, path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_controlled_names_are_bounded() {
+        let uuid = "f43dbca0-dc6d-471a-9771-adaa888f1c94";
+        assert_eq!(bounded_request_id(uuid), uuid);
+        assert_eq!(
+            bounded_request_id(&"x".repeat(50_000)).len(),
+            MAX_REQUEST_ID
+        );
+        assert_eq!(bounded_request_id("abc\ndef"), "abc");
+        assert_eq!(bounded_request_id("ab c"), "ab");
+        assert_eq!(bounded_request_id("é"), "");
+        assert_eq!(bounded_name(&"é".repeat(500)).chars().count(), MAX_NAME);
+        assert_eq!(bounded_name("tools/call"), "tools/call");
+    }
 
     #[test]
     fn wire_names_match_as_str() {
@@ -316,6 +376,18 @@ mod tests {
         let json = serde_json::to_string(&req).unwrap();
         assert_eq!(serde_json::from_str::<CheckRequest>(&json).unwrap(), req);
         assert!(json.contains(r#""kind":"api_token""#));
+        let oauth = Credential::Oauth {
+            token: "eyJ.secret.sig".into(),
+            resource: "http://gw/mcp/eng/github".into(),
+        };
+        assert!(!format!("{oauth:?}").contains("secret"));
+        // The ids of old never prove anything: such a request does not parse.
+        assert!(
+            serde_json::from_str::<Credential>(
+                r#"{"kind":"oauth","grant":1,"connection":1,"jti":"x"}"#
+            )
+            .is_err()
+        );
 
         let allow = CheckResponse::Allow {
             upstream: Upstream {

@@ -1,7 +1,7 @@
 //! What the filter does with a request, as plain functions of what Envoy hands it.
 //! The proxy-wasm glue (`http.rs`) only moves data between Envoy and these functions.
 
-use mcpguard_core::check::{CheckRequest, CheckResponse, Credential, DenyCode};
+use mcpguard_core::check::{CheckRequest, CheckResponse, Credential, DenyCode, bounded_request_id};
 use mcpguard_core::route::{McpPath, PathError};
 use mcpguard_core::token::{TokenHash, TokenKind, parse_token};
 
@@ -108,17 +108,8 @@ impl<'a> Incoming<'a> {
     }
 }
 
-/// Longest method or tool name passed on; longer ones are cut (they are for the audit
-/// trail, and a client controls them).
-pub const MAX_NAME: usize = 128;
-
 fn bounded(name: Option<&str>) -> Option<String> {
-    let name = name?;
-    let end = name
-        .char_indices()
-        .nth(MAX_NAME)
-        .map_or(name.len(), |(i, _)| i);
-    Some(name[..end].to_owned())
+    name.map(|n| mcpguard_core::check::bounded_name(n).to_owned())
 }
 
 /// The headers of the 200 that answers [`Start::Metadata`].
@@ -184,17 +175,16 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig, clock: Clock<'_>) -> Sta
         };
         let audience = resource(req, config, path.gateway, path.server);
         return match jwt::verify(token, keys, issuer, &audience, clock.now) {
-            Ok(claims) => Start::Check(CheckRequest {
+            Ok(_) => Start::Check(CheckRequest {
                 credential: Credential::Oauth {
-                    grant: claims.gid,
-                    connection: claims.cid,
-                    jti: claims.jti,
+                    token: token.to_owned(),
+                    resource: audience,
                 },
                 gateway: path.gateway.to_owned(),
                 server: path.server.to_owned(),
                 mcp_method: bounded(req.mcp_method),
                 tool: bounded(req.tool),
-                request_id: req.request_id.map(str::to_owned),
+                request_id: req.request_id.map(|id| bounded_request_id(id).to_owned()),
             }),
             Err(code) => refuse(code),
         };
@@ -216,7 +206,7 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig, clock: Clock<'_>) -> Sta
         server: path.server.to_owned(),
         mcp_method: bounded(req.mcp_method),
         tool: bounded(req.tool),
-        request_id: req.request_id.map(str::to_owned),
+        request_id: req.request_id.map(|id| bounded_request_id(id).to_owned()),
     })
 }
 
@@ -376,7 +366,7 @@ impl Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mcpguard_core::check::{InjectHeader, Scheme, Upstream};
+    use mcpguard_core::check::{InjectHeader, MAX_NAME, Scheme, Upstream};
     use mcpguard_core::token::format_token;
 
     fn config() -> FilterConfig {
@@ -549,7 +539,7 @@ mod tests {
     }
 
     #[test]
-    fn a_verified_jwt_is_checked_by_its_identifiers_never_the_token() {
+    fn a_verified_jwt_is_checked_with_the_token_itself_as_proof() {
         let (key, jwks) = mcpguard_core::jwt::testing::key(3, "k1");
         let keys = Keys::from_value(&jwks).unwrap();
         let mut claims = mcpguard_core::jwt::testing::claims();
@@ -564,15 +554,13 @@ mod tests {
         let Start::Check(check) = start(&req, &oauth_config(), clock) else {
             panic!("expected a check");
         };
-        assert_eq!(
-            check.credential,
-            Credential::Oauth {
-                grant: 7,
-                connection: 8,
-                jti: "jti-1".into()
-            }
-        );
-        assert!(!serde_json::to_string(&check).unwrap().contains(&jwt));
+        // The policy service verifies the token again before it hands out a
+        // credential; ids alone would be guessable.
+        let Credential::Oauth { token, resource } = &check.credential else {
+            panic!("expected an OAuth credential: {:?}", check.credential);
+        };
+        assert_eq!(token, &jwt);
+        assert_eq!(resource, &claims.aud);
 
         // Refused without a callout, with the contract's codes and a challenge.
         let other = incoming("/mcp/eng/other", Some(&auth));

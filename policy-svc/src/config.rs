@@ -23,6 +23,20 @@ pub struct Config {
     #[arg(long, env = "MCPGUARD_CHECK_LISTEN", default_value = "127.0.0.1:8081")]
     pub check_listen: SocketAddr,
 
+    /// How the check port knows its caller is Envoy. `secret`: every call must carry
+    /// the check secret (`--check-secret-file`) in `x-mcpguard-check-secret`, which
+    /// Envoy adds from its environment (`MCPGUARD_CHECK_SECRET`). `mesh`: no secret;
+    /// only for a mesh whose mTLS and AuthorizationPolicy admit nothing but the
+    /// gateway's workload to the check port (see SECURITY.md).
+    #[arg(long, env = "MCPGUARD_CHECK_AUTH", value_enum, default_value_t = CheckAuthMode::Secret)]
+    pub check_auth: CheckAuthMode,
+
+    /// The check secret (32+ visible characters). Default: `<data dir>/check-secret`,
+    /// created on first start (64 random hex digits, mode 0600). Replicas behind one
+    /// Envoy share one secret.
+    #[arg(long, env = "MCPGUARD_CHECK_SECRET_FILE")]
+    pub check_secret_file: Option<PathBuf>,
+
     /// Directory for the SQLite database and the bootstrap admin token; created if
     /// missing (mode 0700).
     #[arg(long, env = "MCPGUARD_DATA_DIR", default_value = "data", global = true)]
@@ -114,6 +128,12 @@ pub struct Config {
     pub command: Option<Command>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckAuthMode {
+    Secret,
+    Mesh,
+}
+
 /// Operator commands; they use the database and key flags above, then exit.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
@@ -138,6 +158,20 @@ impl Config {
 
     pub fn check_deadline(&self) -> CheckDeadline {
         CheckDeadline(Duration::from_millis(self.check_deadline_ms))
+    }
+
+    /// How the check port authenticates its caller (the secret file is created on
+    /// first start).
+    pub fn check_auth(&self) -> anyhow::Result<crate::check_auth::CheckAuth> {
+        match self.check_auth {
+            CheckAuthMode::Mesh => Ok(crate::check_auth::CheckAuth::Mesh),
+            CheckAuthMode::Secret => crate::check_auth::CheckAuth::from_file(
+                &self
+                    .check_secret_file
+                    .clone()
+                    .unwrap_or_else(|| self.data_dir.join("check-secret")),
+            ),
+        }
     }
 
     pub fn secrets_key_file(&self) -> PathBuf {

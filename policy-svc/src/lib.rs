@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod check_auth;
 pub mod config;
 pub mod error;
 mod extract;
@@ -68,6 +69,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("opening the database")?;
     bootstrap(&db, &config).await?;
     let secrets = std::sync::Arc::new(config.secret_box()?);
+    let check_auth = config.check_auth()?;
+    if let check_auth::CheckAuth::Mesh = check_auth {
+        tracing::warn!(
+            "--check-auth mesh: the check port admits any caller that reaches it; only the \
+             mesh (mTLS and an AuthorizationPolicy) keeps other workloads off it"
+        );
+    }
     if config.previous_secrets_key_file.is_some() {
         tracing::warn!(
             "secrets key rotation in progress: values sealed under the previous key still \
@@ -114,7 +122,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let public_server = axum::serve(public.tap_io(nodelay), routes::public(state.clone()))
         .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let check_routes = routes::check(state).layer(axum::Extension(config.check_deadline()));
+    let check_routes = routes::check(state)
+        .layer(axum::Extension(config.check_deadline()))
+        .layer(axum::middleware::from_fn_with_state(
+            check_auth,
+            check_auth::require,
+        ));
     let check_server =
         axum::serve(check.tap_io(nodelay), check_routes).with_graceful_shutdown(stopped(stop_rx));
     let signal = async move {

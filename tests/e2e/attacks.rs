@@ -249,3 +249,86 @@ async fn a_failed_vm_refuses_then_recovers() {
     assert!(envoy.stat("wasm.mcpguard.vm_reload_success").await >= 1);
     assert_eq!(upstream_requests(&envoy).await, 0);
 }
+
+/// A direct call to the check port, as any process on the host could make.
+async fn direct(
+    port: u16,
+    path: &str,
+    secret: Option<&str>,
+    body: serde_json::Value,
+) -> (u16, String) {
+    let mut req = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}{path}"))
+        .timeout(Duration::from_secs(10))
+        .json(&body);
+    if let Some(s) = secret {
+        req = req.header("x-mcpguard-check-secret", s);
+    }
+    let resp = req.send().await.expect("check port reachable");
+    (
+        resp.status().as_u16(),
+        resp.text().await.unwrap_or_default(),
+    )
+}
+
+#[tokio::test]
+async fn the_check_port_hands_credentials_to_envoy_only() {
+    let stack = Stack::start().await;
+    let admin = stack.admin();
+    let p = admin
+        .provision("eng", "demo", &stack.demo.upstream_url())
+        .await;
+    let downstream = "shared-downstream-secret-0123456789";
+    admin
+        .expose_as(
+            p.gateway_id,
+            p.server_id,
+            serde_json::json!({"identity": "shared",
+                "credential": {"type": "bearer", "token": downstream}}),
+        )
+        .await;
+    let check_port = stack.policy.check_port;
+    let hash = mcpguard_core::token::TokenHash::of(&p.token).to_hex();
+    let api_check = serde_json::json!({
+        "credential": {"kind": "api_token", "hash": hash},
+        "gateway": "eng", "server": "demo",
+    });
+    // Anyone but Envoy: 401 and nothing else, on every decision endpoint.
+    let secret = mcpguard_e2e::procs::check_secret();
+    let wrong = "0".repeat(secret.len());
+    for s in [None, Some(""), Some(wrong.as_str())] {
+        for path in ["/v1/check", "/v1/ext_authz/mcp/eng/demo"] {
+            let (status, body) = direct(check_port, path, s, api_check.clone()).await;
+            assert_eq!(status, 401, "{path} with {s:?}: {body}");
+            assert!(body.contains("check_unauthenticated"), "{body}");
+            assert!(!body.contains(downstream), "{path}: {body}");
+        }
+    }
+    // With the secret, guessable ids are no proof: the old OAuth shape does not parse,
+    // and a made-up access token for a real grant is refused.
+    let ids = serde_json::json!({
+        "credential": {"kind": "oauth", "grant": 1, "connection": p.connection_id, "jti": "x"},
+        "gateway": "eng", "server": "demo",
+    });
+    let (status, body) = direct(check_port, "/v1/check", Some(secret), ids).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(!body.contains(downstream), "{body}");
+    let forged = serde_json::json!({
+        "credential": {"kind": "oauth",
+            "token": "eyJhbGciOiJFZERTQSIsInR5cCI6ImF0K2p3dCJ9.eyJnaWQiOjEsImNpZCI6MX0.c2ln",
+            "resource": stack.envoy.mcp_url("eng", "demo")},
+        "gateway": "eng", "server": "demo",
+    });
+    let (status, body) = direct(check_port, "/v1/check", Some(secret), forged).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"deny\""), "{body}");
+    assert!(!body.contains(downstream), "{body}");
+    // Envoy itself holds the secret: the token works through it, credential injected.
+    let client = mcpguard_e2e::mcp::connect(&stack.envoy.mcp_url("eng", "demo"), Some(&p.token))
+        .await
+        .expect("the token works through Envoy");
+    let seen = mcpguard_e2e::mcp::call_text(&client, "whoami", serde_json::json!({}))
+        .await
+        .unwrap();
+    assert!(seen.contains(downstream), "{seen}");
+}

@@ -51,7 +51,8 @@ impl ExtAuthzEnvoy {
         route["typed_per_filter_config"]["envoy.filters.http.dynamic_forward_proxy"]["host_rewrite_literal"] =
             format!("127.0.0.1:{demo_port}").into();
         for cluster in resources["clusters"].as_sequence_mut().unwrap() {
-            if cluster["name"] == "mcpguard_policy" {
+            if cluster["name"] == "mcpguard_policy" || cluster["name"] == "mcpguard_policy_metadata"
+            {
                 cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
                     ["socket_address"]["port_value"] = check_port.into();
             }
@@ -72,6 +73,7 @@ impl ExtAuthzEnvoy {
         let log = dir.join(format!("envoy-ext-authz-{port}.log"));
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(Envoy::executable())
+            .env("MCPGUARD_CHECK_SECRET", mcpguard_e2e::procs::check_secret())
             .arg("-c")
             .arg(&config)
             .args(["--concurrency", "1", "--disable-hot-restart"])

@@ -252,6 +252,10 @@ async fn expect_n(url: &str, token: &str, n: usize, expected: (u16, &str)) {
 async fn direct_check(policy: &Policy, token: &str) -> (u16, serde_json::Value) {
     let resp = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{}/v1/check", policy.check_port))
+        .header(
+            "x-mcpguard-check-secret",
+            mcpguard_e2e::procs::check_secret(),
+        )
         .timeout(Duration::from_secs(30))
         .json(&json!({
             "credential": {"kind": "api_token", "hash": TokenHash::of(token).to_hex()},

@@ -11,6 +11,21 @@ use crate::{Admin, free_port, workspace_root};
 pub const ADMIN_TOKEN: &str = "mcpga_e2e-test-admin-token-000000000000000000";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The check secret every policy service and Envoy of this test process share (as
+/// replicas behind one Envoy do): random per process, from the OS.
+pub fn check_secret() -> &'static str {
+    static SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SECRET.get_or_init(|| {
+        let mut bytes = [0u8; 32];
+        std::io::Read::read_exact(
+            &mut File::open("/dev/urandom").expect("/dev/urandom"),
+            &mut bytes,
+        )
+        .expect("random bytes");
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    })
+}
+
 /// A child process whose output goes to a log file; killed on drop. When a test is
 /// failing, the end of the log is printed so the cause is in the test output.
 pub struct Proc {
@@ -247,6 +262,9 @@ impl Policy {
             .arg(data_dir)
             .env("MCPGUARD_BOOTSTRAP_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("MCPGUARD_LOG", "info,mcpguard_policy=debug");
+        let secret_file = log_dir.join("check-secret");
+        std::fs::write(&secret_file, check_secret()).expect("writing the check secret");
+        cmd.env("MCPGUARD_CHECK_SECRET_FILE", &secret_file);
         for (k, v) in env {
             // An empty value means "unset" (for variables the harness sets by default).
             if v.is_empty() {
@@ -480,7 +498,8 @@ impl Envoy {
         let config_path = log_dir.join(format!("envoy-{port}.json"));
         std::fs::write(&config_path, config).expect("writing envoy config");
         let mut cmd = Command::new(Self::executable());
-        cmd.arg("-c")
+        cmd.env("MCPGUARD_CHECK_SECRET", check_secret())
+            .arg("-c")
             .arg(&config_path)
             .args([
                 "--concurrency",

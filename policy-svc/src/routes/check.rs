@@ -5,8 +5,14 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Extension, Router};
-use mcpguard_core::check::{CHECK_PATH, CheckRequest, CheckResponse, Credential};
+use mcpguard_core::check::{
+    CHECK_PATH, CheckRequest, CheckResponse, Credential, DenyCode, bounded_name, bounded_request_id,
+};
+use mcpguard_core::jwt;
+use mcpguard_core::oauth::resource_url;
 use mcpguard_core::token::TokenHash;
+
+use super::ext_authz::{Presented, Unpresentable};
 
 use crate::AppState;
 use crate::config::CheckDeadline;
@@ -24,74 +30,131 @@ async fn run(
     Json(req): Json<CheckRequest>,
 ) -> Result<Json<CheckResponse>, ApiError> {
     let started = Instant::now();
-    let presented = match &req.credential {
-        Credential::ApiToken { hash } => Some(TokenHash::from_hex(hash).ok_or_else(|| {
-            ApiError::bad_request("invalid_hash", "credential.hash must be 64 hex digits")
-        })?),
-        Credential::Oauth { .. } => None,
-    };
     // No answer from the database in time, or an error: 503, which the filter turns
     // into a refusal (`policy_unavailable`). Fail closed, and fast.
     let deadline = deadline.map(|Extension(d)| d).unwrap_or_default().0;
-    let credential = match &req.credential {
-        Credential::ApiToken { hash } => check::Lookup::ApiToken(hash),
-        Credential::Oauth { grant, .. } => check::Lookup::Grant(*grant),
+    let request_id = req.request_id.as_deref().map(bounded_request_id);
+    let presented = match present(&state, &req, deadline).await? {
+        Ok(presented) => presented,
+        Err(code) => {
+            let decision = CheckResponse::Deny { code };
+            record(&state, &req, request_id, &decision, None, started);
+            return Ok(Json(decision));
+        }
     };
-    let row = match state
-        .check_reads
-        .load(credential, &req.server, deadline)
-        .await
-    {
+    let hex;
+    let lookup = match &presented {
+        Presented::ApiToken(hash) => {
+            hex = hash.to_hex();
+            check::Lookup::ApiToken(&hex)
+        }
+        Presented::Oauth { grant, .. } => check::Lookup::Grant(*grant),
+    };
+    let row = match state.check_reads.load(lookup, &req.server, deadline).await {
         Ok(row) => row,
         Err(e) => {
-            tracing::warn!(error = %e, request_id = ?req.request_id, "check: no answer from the store; refusing");
+            tracing::warn!(error = %e, request_id = ?request_id, "check: no answer from the store; refusing");
             return Err(ApiError::Unavailable);
         }
     };
     let now = store::now_ms();
-    let decision = match (&req.credential, &presented) {
-        (Credential::Oauth { connection, .. }, _) => check::decide_oauth(
+    let decision = match &presented {
+        Presented::Oauth { connection, .. } => check::decide_oauth(
             row.as_ref(),
             *connection,
             &req.gateway,
             state.secrets.opener(),
         ),
-        (_, Some(presented)) => check::decide(
+        Presented::ApiToken(hash) => check::decide(
             row.as_ref(),
-            presented,
+            hash,
             &req.gateway,
             now,
             state.secrets.opener(),
         ),
-        (_, None) => CheckResponse::Deny {
-            code: mcpguard_core::check::DenyCode::TokenUnknown,
-        },
-    };
-    let (action, code) = match &decision {
-        CheckResponse::Allow { .. } => ("allow", None),
-        CheckResponse::Deny { code } => ("deny", Some(code.as_str())),
     };
     if let (CheckResponse::Allow { .. }, Some(row)) = (&decision, &row) {
         // An OAuth row's id is its grant's, not an API token's.
-        let token = presented.is_some().then_some(row.token_id);
+        let token = matches!(presented, Presented::ApiToken(_)).then_some(row.token_id);
         state.usage.record(token, row.connection_id);
     }
-    tracing::debug!(gateway = %req.gateway, server = %req.server, action, code, connection_id = ?row.as_ref().map(|r| r.connection_id), request_id = ?req.request_id, "check");
+    record(&state, &req, request_id, &decision, row.as_ref(), started);
+    Ok(Json(decision))
+}
+
+/// What the request's credential proves, before the store is asked: an API token's
+/// hash, or an access token verified here as well (signature, issuer, expiry, and an
+/// audience that is this request's MCP URL under one of `--resource-base-urls`).
+/// `Ok(Err(code))` is a refusal to answer; `Err` a request that is not a check at all
+/// (bad hash: 400) or a store that cannot give the keys (503).
+async fn present(
+    state: &AppState,
+    req: &CheckRequest,
+    deadline: std::time::Duration,
+) -> Result<Result<Presented, DenyCode>, ApiError> {
+    match &req.credential {
+        Credential::ApiToken { hash } => {
+            let hash = TokenHash::from_hex(hash).ok_or_else(|| {
+                ApiError::bad_request("invalid_hash", "credential.hash must be 64 hex digits")
+            })?;
+            Ok(Ok(Presented::ApiToken(hash)))
+        }
+        Credential::Oauth { token, resource } => {
+            let ours = state
+                .oauth
+                .resource_base_urls
+                .iter()
+                .any(|base| resource_url(base, &req.gateway, &req.server) == *resource);
+            if !ours {
+                return Ok(Err(DenyCode::TokenWrongGateway));
+            }
+            if !jwt::looks_like_jwt(token) {
+                return Ok(Err(DenyCode::TokenMalformed));
+            }
+            match super::ext_authz::present(state, token, || resource.clone(), deadline).await {
+                Ok(presented) => Ok(Ok(presented)),
+                Err(Unpresentable::Refused(code)) => Ok(Err(code)),
+                Err(Unpresentable::NoKeys(e)) => {
+                    tracing::warn!(error = %e, request_id = ?req.request_id.as_deref().map(bounded_request_id), "check: no verification keys from the store; refusing");
+                    Err(ApiError::Unavailable)
+                }
+            }
+        }
+    }
+}
+
+/// Logs and audits one decision.
+fn record(
+    state: &AppState,
+    req: &CheckRequest,
+    request_id: Option<&str>,
+    decision: &CheckResponse,
+    row: Option<&check::CheckRow>,
+    started: Instant,
+) {
+    let now = store::now_ms();
+    let (action, code) = match decision {
+        CheckResponse::Allow { .. } => ("allow", None),
+        CheckResponse::Deny { code } => ("deny", Some(code.as_str())),
+    };
+    tracing::debug!(gateway = %req.gateway, server = %req.server, action, code, connection_id = ?row.map(|r| r.connection_id), request_id = ?request_id, "check");
     state.audit.decision(Event {
         at: now,
         kind: "decision".into(),
         action: action.into(),
         code: code.map(str::to_owned),
-        host_id: row.as_ref().map(|r| r.host_id),
-        user_id: row.as_ref().map(|r| r.user_id),
-        connection_id: row.as_ref().map(|r| r.connection_id),
-        gateway: Some(req.gateway),
-        server: Some(req.server),
-        mcp_method: req.mcp_method,
-        tool: req.tool,
+        host_id: row.map(|r| r.host_id),
+        user_id: row.map(|r| r.user_id),
+        connection_id: row.map(|r| r.connection_id),
+        gateway: Some(req.gateway.clone()),
+        server: Some(req.server.clone()),
+        mcp_method: req
+            .mcp_method
+            .as_deref()
+            .map(|n| bounded_name(n).to_owned()),
+        tool: req.tool.as_deref().map(|n| bounded_name(n).to_owned()),
         latency_us: i64::try_from(started.elapsed().as_micros()).ok(),
-        request_id: req.request_id,
+        request_id: request_id.map(str::to_owned),
         ..Event::default()
     });
-    Ok(Json(decision))
 }

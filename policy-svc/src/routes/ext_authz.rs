@@ -33,7 +33,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use mcpguard_core::check::{CheckResponse, DenyCode};
+use mcpguard_core::check::{CheckResponse, DenyCode, bounded_name, bounded_request_id};
 use mcpguard_core::jwt;
 use mcpguard_core::oauth::{RESOURCE_METADATA_PREFIX, protected_resource_metadata, resource_url};
 use mcpguard_core::route::{McpPath, PathError};
@@ -66,7 +66,7 @@ pub fn routes() -> Router<AppState> {
 }
 
 /// How the client proved who it is, once its token has been looked at.
-enum Presented {
+pub(super) enum Presented {
     ApiToken(TokenHash),
     /// A verified access token's grant and connection.
     Oauth {
@@ -87,9 +87,13 @@ async fn run(
     let original = full.strip_prefix(PATH_PREFIX).unwrap_or(full);
     let mut seen = Seen {
         started: Some(started),
-        request_id: header("x-request-id"),
-        mcp_method: header(MCP_METHOD_HEADER).filter(|v| !v.is_empty()),
-        tool: header(MCP_TOOL_HEADER).filter(|v| !v.is_empty()),
+        request_id: header("x-request-id").map(bounded_request_id),
+        mcp_method: header(MCP_METHOD_HEADER)
+            .filter(|v| !v.is_empty())
+            .map(bounded_name),
+        tool: header(MCP_TOOL_HEADER)
+            .filter(|v| !v.is_empty())
+            .map(bounded_name),
         ..Seen::default()
     };
 
@@ -176,7 +180,7 @@ async fn run(
 }
 
 /// Why a bearer token goes no further than its own look.
-enum Unpresentable {
+pub(super) enum Unpresentable {
     Refused(DenyCode),
     /// An access token, and no keys to verify it with: not a decision.
     NoKeys(store::StoreError),
@@ -184,7 +188,7 @@ enum Unpresentable {
 
 /// What the token proves, before the store is asked: an API token's hash, or an access
 /// token verified for `audience` (this request's MCP URL, as the filter checks it).
-async fn present(
+pub(super) async fn present(
     state: &AppState,
     token: &str,
     audience: impl FnOnce() -> String,
