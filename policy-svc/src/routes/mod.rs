@@ -19,19 +19,29 @@ use axum::routing::{MethodRouter, delete, get, post, put};
 use serde::Serialize;
 
 use crate::AppState;
-use crate::auth::{self, Capability};
+use crate::auth::{self, Capability, Scope};
 use crate::error::ApiError;
 use crate::extract::Json;
 
-/// One admin API endpoint and the capability it needs (`None`: any authenticated
-/// admin). The router is built from this table and nothing else, with the capability
-/// checked in front of each handler, so an endpoint cannot exist without declaring
-/// what it requires; `GET /api/v1/endpoints` serves the table.
+/// One admin API endpoint, the capability it needs (`None`: any authenticated admin)
+/// and its scope (what a host-bound admin token may reach through it; `Global`, refused
+/// to such tokens, unless declared otherwise with [`Endpoint::scope`]). The router is
+/// built from this table and nothing else, with both checked in front of each handler,
+/// so an endpoint cannot exist without declaring what it requires;
+/// `GET /api/v1/endpoints` serves the table.
 pub struct Endpoint {
     pub method: Verb,
     pub path: &'static str,
     pub capability: Option<Capability>,
+    pub scope: Scope,
     handler: MethodRouter<AppState>,
+}
+
+impl Endpoint {
+    /// Declares what a host-bound admin token may reach through this endpoint.
+    pub fn scope(self, scope: Scope) -> Endpoint {
+        Endpoint { scope, ..self }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -63,13 +73,14 @@ where
         method,
         path,
         capability,
+        scope: Scope::Global,
         handler,
     }
 }
 
 /// Every admin endpoint.
 pub fn admin_api() -> Vec<Endpoint> {
-    let mut all = vec![endpoint(Verb::Get, "/api/v1/endpoints", None, catalog)];
+    let mut all = vec![endpoint(Verb::Get, "/api/v1/endpoints", None, catalog).scope(Scope::Caller)];
     all.extend(gateways::endpoints());
     all.extend(servers::endpoints());
     all.extend(hosts::endpoints());
@@ -86,6 +97,9 @@ struct EndpointInfo {
     method: Verb,
     path: &'static str,
     capability: Option<&'static str>,
+    /// `global`, `host` (a host-bound token reaches it on its own host only) or
+    /// `caller` (open to every admin token).
+    scope: &'static str,
 }
 
 async fn catalog() -> Json<Vec<EndpointInfo>> {
@@ -96,6 +110,7 @@ async fn catalog() -> Json<Vec<EndpointInfo>> {
                 method: e.method,
                 path: e.path,
                 capability: e.capability.map(Capability::as_str),
+                scope: e.scope.as_str(),
             })
             .collect(),
     )
@@ -108,9 +123,9 @@ pub fn public(state: AppState) -> Router {
         .merge(oauth::routes())
         .merge(enrollments::pages());
     for e in admin_api() {
-        let (gate_state, required) = (state.clone(), e.capability);
+        let (gate_state, rule) = (state.clone(), (e.capability, e.scope));
         let gate = axum::middleware::from_fn(move |req: Request, next: Next| {
-            auth::authorize(gate_state.clone(), required, req, next)
+            auth::authorize(gate_state.clone(), rule, req, next)
         });
         router = router.route(e.path, e.handler.route_layer(gate));
     }
@@ -133,10 +148,11 @@ pub fn check(state: AppState) -> Router {
 
 fn signing_keys_endpoints() -> Vec<Endpoint> {
     vec![
+        // Signing keys belong to sign-in, the users area (rotating needs users.manage).
         endpoint(
             Verb::Get,
             "/api/v1/oauth/signing-keys",
-            None,
+            Some(Capability::UsersRead),
             list_signing_keys,
         ),
         // Whoever can rotate the keys can cut every headed host off until clients

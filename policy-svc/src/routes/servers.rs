@@ -20,7 +20,12 @@ pub fn endpoints() -> Vec<Endpoint> {
             Some(Capability::ServersManage),
             create,
         ),
-        endpoint(Verb::Get, "/api/v1/servers", None, list),
+        endpoint(
+            Verb::Get,
+            "/api/v1/servers",
+            Some(Capability::ServersRead),
+            list,
+        ),
     ]
 }
 
