@@ -12,6 +12,7 @@ pub mod routes;
 pub mod secrets;
 pub mod store;
 mod timefmt;
+pub mod upstream_policy;
 mod usage;
 
 use std::path::Path;
@@ -39,6 +40,9 @@ pub struct AppState {
     pub signer: std::sync::Arc<keys::Signer>,
     /// Verifies access tokens presented to the ext_authz endpoint.
     pub verifier: std::sync::Arc<keys::Verifier>,
+    /// Which addresses upstream servers may have: checked when a server is registered,
+    /// and callable per request (`permits`, `resolve`).
+    pub upstreams: std::sync::Arc<upstream_policy::UpstreamPolicy>,
 }
 
 /// `mcpguard-policy reseal`: moves every stored sealed value to the current key.
@@ -101,6 +105,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         oauth,
         signer: std::sync::Arc::default(),
         verifier: std::sync::Arc::default(),
+        upstreams: std::sync::Arc::new(config.upstream_policy()),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

@@ -11,6 +11,7 @@ use crate::auth::{Admin, Capability};
 use crate::error::ApiError;
 use crate::extract::Json;
 use crate::store::{StoreError, catalog};
+use crate::upstream_policy::Refused;
 
 pub fn endpoints() -> Vec<Endpoint> {
     vec![
@@ -62,6 +63,7 @@ async fn create(
     let name = super::validate_name(&body.name)?;
     let slug = super::validate_slug(&body.slug)?;
     let upstream = parse_upstream(&body.upstream_url)?;
+    permitted(&state, &upstream).await?;
     match catalog::create_server(&state.db, name, slug, &upstream).await {
         Ok(s) => {
             let view = ServerView::from(s);
@@ -88,6 +90,37 @@ async fn create(
 async fn list(State(state): State<AppState>) -> Result<Json<Vec<ServerView>>, ApiError> {
     let servers = catalog::list_servers(&state.db).await?;
     Ok(Json(servers.into_iter().map(Into::into).collect()))
+}
+
+/// Refuses an upstream at an address the upstream policy denies (422 `upstream_denied`,
+/// naming the rule): a literal address as it is, a name by every address it resolves
+/// to now. A name that does not resolve yet is accepted (logged): registration cannot
+/// see the future anyway, which is why the data plane judges the addresses it
+/// connects to as well.
+async fn permitted(state: &AppState, upstream: &catalog::UpstreamParts) -> Result<(), ApiError> {
+    let (host, port) = split_authority(&upstream.authority)?;
+    match state.upstreams.resolve(host, port).await {
+        Ok(_) => Ok(()),
+        Err(Refused::Denied(denied)) => {
+            tracing::warn!(upstream = %upstream.authority, %denied, "server registration refused");
+            Err(ApiError::unprocessable(
+                "upstream_denied",
+                format!("upstream_url {host}: {denied}"),
+            ))
+        }
+        Err(e @ Refused::Unresolvable { .. }) => {
+            tracing::warn!(upstream = %upstream.authority, error = %e, "server registered with a name that does not resolve yet");
+            Ok(())
+        }
+    }
+}
+
+/// `host:port` (or `[v6]:port`) as [`parse_upstream`] wrote it.
+fn split_authority(authority: &str) -> Result<(&str, u16), ApiError> {
+    authority
+        .rsplit_once(':')
+        .and_then(|(host, port)| Some((host, port.parse().ok()?)))
+        .ok_or_else(|| ApiError::unprocessable("invalid_upstream_url", "upstream_url has no port"))
 }
 
 /// Splits an upstream URL into what the filter needs. Only plain http(s) URLs with a

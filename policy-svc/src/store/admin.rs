@@ -309,3 +309,75 @@ pub async fn revoke_admin_token(db: &Db, id: i64) -> Result<bool> {
             .await?;
     Ok(done.rows_affected() > 0)
 }
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{Connection, SqliteConnection};
+
+    use crate::auth::Capability;
+
+    /// Migration 0008 gives each existing role the reads its capabilities imply: the
+    /// same rule as `Capability::implies`, written out in SQL. Checked for a role of each
+    /// capability alone, the owner (all of them) and a role with none.
+    #[tokio::test]
+    async fn migration_0008_adds_the_reads_capability_implies_to_existing_roles() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("m.db").display());
+        let mut conn = SqliteConnection::connect(&url).await.unwrap();
+        let migrations: Vec<_> = super::super::SQLITE_MIGRATIONS.iter().collect();
+        let (before, from_0008): (Vec<_>, Vec<_>) =
+            migrations.into_iter().partition(|m| m.version < 8);
+        for m in before {
+            sqlx::raw_sql(m.sql.clone()).execute(&mut conn).await.unwrap();
+        }
+        let old = &Capability::ALL[..10];
+        let mut roles: Vec<(String, Vec<Capability>)> = old
+            .iter()
+            .map(|c| (c.as_str().to_owned(), vec![*c]))
+            .collect();
+        roles.push(("owner".into(), old.to_vec()));
+        roles.push(("member".into(), vec![]));
+        for (id, (name, caps)) in roles.iter().enumerate() {
+            sqlx::query("INSERT INTO roles (id, name, created_at) VALUES (?, ?, 0)")
+                .bind(id as i64)
+                .bind(name)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            for cap in caps {
+                sqlx::query("INSERT INTO role_capabilities (role_id, capability) VALUES (?, ?)")
+                    .bind(id as i64)
+                    .bind(cap.as_str())
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }
+        let m0008 = from_0008.iter().find(|m| m.version == 8).unwrap();
+        sqlx::raw_sql(m0008.sql.clone())
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        for (id, (name, caps)) in roles.iter().enumerate() {
+            let mut got: Vec<String> = sqlx::query_scalar(
+                "SELECT capability FROM role_capabilities WHERE role_id = ? ORDER BY capability",
+            )
+            .bind(id as i64)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+            got.sort();
+            let want: Vec<String> = Capability::closure(caps)
+                .iter()
+                .map(|c| c.as_str().to_owned())
+                .collect();
+            assert_eq!(got, want, "role {name}");
+        }
+        let owner: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM role_capabilities WHERE role_id = 10")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(owner as usize, Capability::ALL.len(), "the owner reads everything");
+    }
+}
