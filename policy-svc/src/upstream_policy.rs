@@ -51,7 +51,9 @@ impl Network {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
@@ -103,7 +105,9 @@ impl Network {
     fn base(&self) -> IpAddr {
         match self.addr {
             IpAddr::V4(a) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
             }
             IpAddr::V6(a) => {
@@ -321,7 +325,9 @@ impl UpstreamPolicy {
                     Ok(Ok(found)) => addrs.extend(found),
                     Ok(Err(_)) | Err(_) if !addrs.is_empty() => {}
                     Ok(Err(e)) => return Err(unresolvable(e.to_string())),
-                    Err(_) => return Err(unresolvable(format!("no answer in {RESOLVE_TIMEOUT:?}"))),
+                    Err(_) => {
+                        return Err(unresolvable(format!("no answer in {RESOLVE_TIMEOUT:?}")));
+                    }
                 }
                 if addrs.is_empty() {
                     return Err(unresolvable("no addresses".into()));
@@ -408,7 +414,14 @@ mod tests {
         assert!(!net("192.0.2.7").contains("192.0.2.8".parse().unwrap()));
         assert_eq!(net(" 10.0.0.0/8 ").to_string(), "10.0.0.0/8");
         for bad in [
-            "", "10.0.0.0/33", "::/129", "10.0.0.0/-1", "ten/8", "10.1.2.3/8", "10.0.0.0/", "a/b/c",
+            "",
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0.0/-1",
+            "ten/8",
+            "10.1.2.3/8",
+            "10.0.0.0/",
+            "a/b/c",
         ] {
             assert!(bad.parse::<Network>().is_err(), "{bad:?}");
         }
@@ -494,11 +507,20 @@ mod tests {
             let denied = p.permits(addr(target)).unwrap_err();
             assert!(matches!(denied.rule, Rule::BuiltIn { .. }), "{target}");
         }
-        for ok in ["127.0.0.1:80", "10.1.2.3:443", "[2001:db8::1]:443", "8.8.8.8:443"] {
+        for ok in [
+            "127.0.0.1:80",
+            "10.1.2.3:443",
+            "[2001:db8::1]:443",
+            "8.8.8.8:443",
+        ] {
             assert_eq!(p.permits(addr(ok)), Ok(()), "{ok}");
         }
         let denied = p.permits(addr("169.254.169.254:80")).unwrap_err();
-        assert!(denied.to_string().contains("169.254.0.0/16 is always denied"));
+        assert!(
+            denied
+                .to_string()
+                .contains("169.254.0.0/16 is always denied")
+        );
     }
 
     #[test]
@@ -545,11 +567,14 @@ mod tests {
             p.resolve("127.0.0.1", 9100).await,
             Ok(vec![addr("127.0.0.1:9100")])
         );
-        assert_eq!(
-            p.resolve("[::1]", 9100).await,
-            Ok(vec![addr("[::1]:9100")])
-        );
-        for host in ["localhost", "LOCALHOST.", "envoy.localhost", "[::1]", "127.0.0.1"] {
+        assert_eq!(p.resolve("[::1]", 9100).await, Ok(vec![addr("[::1]:9100")]));
+        for host in [
+            "localhost",
+            "LOCALHOST.",
+            "envoy.localhost",
+            "[::1]",
+            "127.0.0.1",
+        ] {
             let refused = p.resolve(host, 9901).await.unwrap_err();
             assert!(
                 matches!(&refused, Refused::Denied(d) if matches!(d.rule, Rule::Listener { .. })),

@@ -32,16 +32,12 @@ const CSRF_COOKIE: &str = "mcpguard_enroll_csrf";
 
 pub fn endpoints() -> Vec<Endpoint> {
     let manage = Some(Capability::TokensManage);
-    let (own_host, own_enrollment) = (
-        Scope::Host(HostOf::Host),
-        Scope::Host(HostOf::Enrollment),
-    );
+    let (own_host, own_enrollment) = (Scope::Host(HostOf::Host), Scope::Host(HostOf::Enrollment));
     vec![
         endpoint(Verb::Post, "/api/v1/hosts/{id}/enrollments", manage, create).scope(own_host),
         endpoint(Verb::Get, "/api/v1/hosts/{id}/enrollments", manage, list).scope(own_host),
         endpoint(Verb::Get, "/api/v1/enrollments/{id}", manage, get_one).scope(own_enrollment),
-        endpoint(Verb::Post, "/api/v1/enrollments/{id}/token", manage, claim)
-            .scope(own_enrollment),
+        endpoint(Verb::Post, "/api/v1/enrollments/{id}/token", manage, claim).scope(own_enrollment),
     ]
 }
 

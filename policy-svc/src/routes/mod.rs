@@ -80,7 +80,8 @@ where
 
 /// Every admin endpoint.
 pub fn admin_api() -> Vec<Endpoint> {
-    let mut all = vec![endpoint(Verb::Get, "/api/v1/endpoints", None, catalog).scope(Scope::Caller)];
+    let mut all =
+        vec![endpoint(Verb::Get, "/api/v1/endpoints", None, catalog).scope(Scope::Caller)];
     all.extend(gateways::endpoints());
     all.extend(servers::endpoints());
     all.extend(hosts::endpoints());

@@ -328,7 +328,10 @@ mod tests {
         let (before, from_0008): (Vec<_>, Vec<_>) =
             migrations.into_iter().partition(|m| m.version < 8);
         for m in before {
-            sqlx::raw_sql(m.sql.clone()).execute(&mut conn).await.unwrap();
+            sqlx::raw_sql(m.sql.clone())
+                .execute(&mut conn)
+                .await
+                .unwrap();
         }
         let old = &Capability::ALL[..10];
         let mut roles: Vec<(String, Vec<Capability>)> = old
@@ -378,6 +381,10 @@ mod tests {
                 .fetch_one(&mut conn)
                 .await
                 .unwrap();
-        assert_eq!(owner as usize, Capability::ALL.len(), "the owner reads everything");
+        assert_eq!(
+            owner as usize,
+            Capability::ALL.len(),
+            "the owner reads everything"
+        );
     }
 }
