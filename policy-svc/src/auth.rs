@@ -274,3 +274,44 @@ impl<S: Send + Sync> FromRequestParts<S> for Admin {
             .ok_or(ApiError::Unauthenticated)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Capability;
+
+    #[test]
+    fn capabilities_imply_only_reads_and_the_closure_is_stable() {
+        for cap in Capability::ALL {
+            for implied in cap.implies() {
+                assert!(
+                    implied.as_str().ends_with(".read"),
+                    "{cap} implies {implied}"
+                );
+                assert!(implied.implies().is_empty(), "{implied} implies more");
+            }
+            let once = Capability::closure(&[cap]);
+            assert!(once.contains(&cap));
+            assert_eq!(Capability::closure(&once), once, "{cap}");
+        }
+        assert_eq!(Capability::closure(&[]), vec![]);
+        assert_eq!(
+            Capability::closure(&Capability::ALL).len(),
+            Capability::ALL.len()
+        );
+        // Every read is implied by something an admin had before the reads existed, so
+        // the owner role keeps everything through the migration.
+        for read in Capability::ALL
+            .iter()
+            .filter(|c| c.as_str().ends_with(".read"))
+        {
+            if *read != Capability::AuditRead {
+                assert!(
+                    Capability::ALL[..10]
+                        .iter()
+                        .any(|c| c.implies().contains(read)),
+                    "{read}"
+                );
+            }
+        }
+    }
+}

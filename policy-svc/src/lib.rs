@@ -107,6 +107,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         verifier: std::sync::Arc::default(),
         upstreams: std::sync::Arc::new(config.upstream_policy()),
     };
+    tokio::spawn(routes::warn_about_registered(
+        state.db.clone(),
+        state.upstreams.clone(),
+    ));
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;

@@ -461,13 +461,35 @@ async fn servers_inside_the_deployment_cannot_be_registered_and_so_cannot_be_rea
 #[tokio::test]
 async fn operators_deny_and_allow_networks_for_upstreams() {
     let dir = tempfile::tempdir().unwrap();
-    let denying = Policy::start_with(
-        &dir.path().join("deny"),
-        dir.path(),
-        &[("MCPGUARD_UPSTREAM_DENY_NETWORKS", "127.0.0.0/8,::1/128")],
-    )
-    .await;
-    for url in ["http://127.0.0.1:9100/mcp", "http://localhost:9100/mcp"] {
+    let mut denying = Policy::start(&dir.path().join("deny"), dir.path()).await;
+    let (status, v) = denying
+        .admin()
+        .post(
+            "/api/v1/servers",
+            json!({"name": "before", "slug": "before", "upstream_url": "http://127.0.0.1:9100/mcp"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    denying
+        .restart_with(
+            dir.path(),
+            &[("MCPGUARD_UPSTREAM_DENY_NETWORKS", "127.0.0.0/8,::1/128")],
+        )
+        .await;
+    // A server registered before the rule is named in the log at start.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !denying
+        .proc
+        .log_text()
+        .contains("a registered server's upstream is refused by the upstream policy")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no warning about the server registered before the rule"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for url in ["http://127.0.0.1:9101/mcp", "http://localhost:9101/mcp"] {
         let (status, v) = denying
             .admin()
             .post(

@@ -11,6 +11,8 @@ mod servers;
 mod toggles;
 mod users;
 
+pub(crate) use servers::warn_about_registered;
+
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::handler::Handler;
@@ -316,5 +318,41 @@ impl Credential {
             ));
         }
         Ok((name, value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the gate relies on: an endpoint open to every admin shows only the caller
+    /// (or static facts), and a host-scoped one has the `{id}` the gate reads.
+    #[test]
+    fn the_endpoint_table_declares_scopes_the_gate_can_enforce() {
+        let all = admin_api();
+        for e in &all {
+            if e.capability.is_none() {
+                assert_eq!(e.scope, Scope::Caller, "{} needs no capability", e.path);
+                assert_eq!(e.method, Verb::Get, "{}", e.path);
+            }
+            if let Scope::Host(_) = e.scope {
+                assert!(e.path.contains("/{id}"), "{}", e.path);
+                assert!(e.capability.is_some(), "{}", e.path);
+            }
+        }
+        let host_scoped: Vec<&str> = all
+            .iter()
+            .filter(|e| matches!(e.scope, Scope::Host(_)))
+            .map(|e| e.path)
+            .collect();
+        for path in [
+            "/api/v1/hosts/{id}/tokens",
+            "/api/v1/tokens/{id}",
+            "/api/v1/hosts/{id}/enrollments",
+            "/api/v1/enrollments/{id}",
+            "/api/v1/enrollments/{id}/token",
+        ] {
+            assert!(host_scoped.contains(&path), "{path}");
+        }
     }
 }

@@ -115,6 +115,30 @@ async fn permitted(state: &AppState, upstream: &catalog::UpstreamParts) -> Resul
     }
 }
 
+/// Logs a warning for each registered server whose upstream the policy refuses now (one
+/// registered before these rules, or before the flags changed), so that operators can
+/// disable or re-register it. Run in the background at start: names are resolved.
+pub(crate) async fn warn_about_registered(
+    db: crate::store::Db,
+    policy: std::sync::Arc<crate::upstream_policy::UpstreamPolicy>,
+) {
+    let servers = match catalog::list_servers(&db).await {
+        Ok(servers) => servers,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list servers to check their upstreams");
+            return;
+        }
+    };
+    for server in servers {
+        let Ok((host, port)) = split_authority(&server.upstream_authority) else {
+            continue;
+        };
+        if let Err(Refused::Denied(denied)) = policy.resolve(host, port).await {
+            tracing::warn!(server_id = server.id, slug = %server.slug, %denied, "a registered server's upstream is refused by the upstream policy: disable it (POST /api/v1/servers/{{id}}/disable) or register it elsewhere");
+        }
+    }
+}
+
 /// `host:port` (or `[v6]:port`) as [`parse_upstream`] wrote it.
 fn split_authority(authority: &str) -> Result<(&str, u16), ApiError> {
     authority
