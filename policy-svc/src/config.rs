@@ -226,6 +226,20 @@ impl Config {
             what: "Envoy's admin",
             listen,
         }));
+        // Envoy's own data plane as an upstream would loop requests through the gateway
+        // with the server's credential. Known here when a base URL names an address.
+        listeners.extend(self.resource_base_urls.iter().filter_map(|base| {
+            let url = url::Url::parse(base).ok()?;
+            let ip = match url.host()? {
+                url::Host::Ipv4(ip) => std::net::IpAddr::V4(ip),
+                url::Host::Ipv6(ip) => std::net::IpAddr::V6(ip),
+                url::Host::Domain(_) => return None,
+            };
+            Some(Listener {
+                what: "Envoy's data plane (--resource-base-urls)",
+                listen: SocketAddr::new(ip, url.port_or_known_default()?),
+            })
+        }));
         UpstreamPolicy::new(
             listeners,
             self.upstream_deny_networks.clone(),

@@ -405,6 +405,10 @@ async fn servers_inside_the_deployment_cannot_be_registered_and_so_cannot_be_rea
             "the policy service's check port",
         ),
         (
+            format!("http://127.0.0.1:{}/mcp/eng/demo", stack.envoy.port),
+            "Envoy's data plane",
+        ),
+        (
             format!("http://0.0.0.0:{}/mcp", stack.demo.port),
             "0.0.0.0/8",
         ),
