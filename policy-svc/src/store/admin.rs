@@ -312,22 +312,18 @@ pub async fn revoke_admin_token(db: &Db, id: i64) -> Result<bool> {
 
 #[cfg(test)]
 mod tests {
-    use sqlx::{Connection, SqliteConnection};
+    use sqlx::{AnyConnection, Connection};
 
     use crate::auth::Capability;
 
     /// Migration 0008 gives each existing role the reads its capabilities imply: the
     /// same rule as `Capability::implies`, written out in SQL. Checked for a role of each
-    /// capability alone, the owner (all of them) and a role with none.
-    #[tokio::test]
-    async fn migration_0008_adds_the_reads_capability_implies_to_existing_roles() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("m.db").display());
-        let mut conn = SqliteConnection::connect(&url).await.unwrap();
-        let migrations: Vec<_> = super::super::SQLITE_MIGRATIONS.iter().collect();
-        let (before, from_0008): (Vec<_>, Vec<_>) =
-            migrations.into_iter().partition(|m| m.version < 8);
-        for m in before {
+    /// capability alone, the owner (all of them) and a role with none, on a store
+    /// migrated to 0007 with these roles in it.
+    async fn migration_0008_follows_implies(url: &str, migrator: &sqlx::migrate::Migrator) {
+        sqlx::any::install_default_drivers();
+        let mut conn = AnyConnection::connect(url).await.unwrap();
+        for m in migrator.iter().filter(|m| m.version < 8) {
             sqlx::raw_sql(m.sql.clone())
                 .execute(&mut conn)
                 .await
@@ -341,14 +337,14 @@ mod tests {
         roles.push(("owner".into(), old.to_vec()));
         roles.push(("member".into(), vec![]));
         for (id, (name, caps)) in roles.iter().enumerate() {
-            sqlx::query("INSERT INTO roles (id, name, created_at) VALUES (?, ?, 0)")
+            sqlx::query("INSERT INTO roles (id, name, created_at) VALUES ($1, $2, 0)")
                 .bind(id as i64)
                 .bind(name)
                 .execute(&mut conn)
                 .await
                 .unwrap();
             for cap in caps {
-                sqlx::query("INSERT INTO role_capabilities (role_id, capability) VALUES (?, ?)")
+                sqlx::query("INSERT INTO role_capabilities (role_id, capability) VALUES ($1, $2)")
                     .bind(id as i64)
                     .bind(cap.as_str())
                     .execute(&mut conn)
@@ -356,19 +352,18 @@ mod tests {
                     .unwrap();
             }
         }
-        let m0008 = from_0008.iter().find(|m| m.version == 8).unwrap();
+        let m0008 = migrator.iter().find(|m| m.version == 8).unwrap();
         sqlx::raw_sql(m0008.sql.clone())
             .execute(&mut conn)
             .await
             .unwrap();
         for (id, (name, caps)) in roles.iter().enumerate() {
-            let mut got: Vec<String> = sqlx::query_scalar(
-                "SELECT capability FROM role_capabilities WHERE role_id = ? ORDER BY capability",
-            )
-            .bind(id as i64)
-            .fetch_all(&mut conn)
-            .await
-            .unwrap();
+            let mut got: Vec<String> =
+                sqlx::query_scalar("SELECT capability FROM role_capabilities WHERE role_id = $1")
+                    .bind(id as i64)
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap();
             got.sort();
             let want: Vec<String> = Capability::closure(caps)
                 .iter()
@@ -376,15 +371,31 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "role {name}");
         }
-        let owner: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM role_capabilities WHERE role_id = 10")
+        let owner = roles.iter().position(|(n, _)| n == "owner").unwrap();
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM role_capabilities WHERE role_id = $1")
+                .bind(owner as i64)
                 .fetch_one(&mut conn)
                 .await
                 .unwrap();
         assert_eq!(
-            owner as usize,
+            n as usize,
             Capability::ALL.len(),
             "the owner reads everything"
         );
+    }
+
+    #[tokio::test]
+    async fn migration_0008_adds_the_reads_capability_implies_to_existing_roles_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("m.db").display());
+        migration_0008_follows_implies(&url, &super::super::SQLITE_MIGRATIONS).await;
+    }
+
+    #[tokio::test]
+    async fn migration_0008_adds_the_reads_capability_implies_to_existing_roles_postgres() {
+        let cluster = mcpguard_pgcluster::Cluster::start(&[("fsync", "off")]).unwrap();
+        let url = cluster.create_database("m").unwrap();
+        migration_0008_follows_implies(&url, &super::super::POSTGRES_MIGRATIONS).await;
     }
 }
