@@ -343,6 +343,26 @@ impl UpstreamPolicy {
     }
 }
 
+impl UpstreamPolicy {
+    /// [`UpstreamPolicy::resolve`] for an authority as servers store it (`host:port`,
+    /// `[v6]:port`); one without a port is refused as unresolvable.
+    pub async fn resolve_authority(&self, authority: &str) -> Result<Vec<SocketAddr>, Refused> {
+        match split_authority(authority) {
+            Some((host, port)) => self.resolve(host, port).await,
+            None => Err(Refused::Unresolvable {
+                host: authority.to_owned(),
+                why: "no port".into(),
+            }),
+        }
+    }
+}
+
+/// `host:port` or `[v6]:port` split into the host (brackets kept) and the port.
+pub fn split_authority(authority: &str) -> Option<(&str, u16)> {
+    let (host, port) = authority.rsplit_once(':')?;
+    Some((host, port.parse().ok()?))
+}
+
 impl Default for UpstreamPolicy {
     /// The built-in denials only: no listeners known, no operator lists.
     fn default() -> Self {
@@ -587,6 +607,18 @@ mod tests {
         ));
         assert!(matches!(
             p.resolve("no-such-host.invalid", 80).await,
+            Err(Refused::Unresolvable { .. })
+        ));
+        assert_eq!(
+            p.resolve_authority("[::1]:9100").await,
+            Ok(vec![addr("[::1]:9100")])
+        );
+        assert!(matches!(
+            p.resolve_authority("localhost:9901").await,
+            Err(Refused::Denied(_))
+        ));
+        assert!(matches!(
+            p.resolve_authority("localhost").await,
             Err(Refused::Unresolvable { .. })
         ));
     }

@@ -98,14 +98,13 @@ async fn list(State(state): State<AppState>) -> Result<Json<Vec<ServerView>>, Ap
 /// see the future anyway, which is why the data plane judges the addresses it
 /// connects to as well.
 async fn permitted(state: &AppState, upstream: &catalog::UpstreamParts) -> Result<(), ApiError> {
-    let (host, port) = split_authority(&upstream.authority)?;
-    match state.upstreams.resolve(host, port).await {
+    match state.upstreams.resolve_authority(&upstream.authority).await {
         Ok(_) => Ok(()),
         Err(Refused::Denied(denied)) => {
             tracing::warn!(upstream = %upstream.authority, %denied, "server registration refused");
             Err(ApiError::unprocessable(
                 "upstream_denied",
-                format!("upstream_url {host}: {denied}"),
+                format!("upstream_url {}: {denied}", upstream.authority),
             ))
         }
         Err(e @ Refused::Unresolvable { .. }) => {
@@ -130,21 +129,12 @@ pub(crate) async fn warn_about_registered(
         }
     };
     for server in servers {
-        let Ok((host, port)) = split_authority(&server.upstream_authority) else {
-            continue;
-        };
-        if let Err(Refused::Denied(denied)) = policy.resolve(host, port).await {
+        if let Err(Refused::Denied(denied)) =
+            policy.resolve_authority(&server.upstream_authority).await
+        {
             tracing::warn!(server_id = server.id, slug = %server.slug, %denied, "a registered server's upstream is refused by the upstream policy: disable it (POST /api/v1/servers/{{id}}/disable) or register it elsewhere");
         }
     }
-}
-
-/// `host:port` (or `[v6]:port`) as [`parse_upstream`] wrote it.
-fn split_authority(authority: &str) -> Result<(&str, u16), ApiError> {
-    authority
-        .rsplit_once(':')
-        .and_then(|(host, port)| Some((host, port.parse().ok()?)))
-        .ok_or_else(|| ApiError::unprocessable("invalid_upstream_url", "upstream_url has no port"))
 }
 
 /// Splits an upstream URL into what the filter needs. Only plain http(s) URLs with a
