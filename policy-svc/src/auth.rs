@@ -24,10 +24,15 @@ pub enum Capability {
     ServersManage,
     UsersManage,
     AuditRead,
+    GatewaysRead,
+    ServersRead,
+    HostsRead,
+    ConnectionsRead,
+    UsersRead,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 10] = [
+    pub const ALL: [Capability; 15] = [
         Capability::TokensManage,
         Capability::HostsToggle,
         Capability::ConnectionsToggle,
@@ -38,6 +43,11 @@ impl Capability {
         Capability::ServersManage,
         Capability::UsersManage,
         Capability::AuditRead,
+        Capability::GatewaysRead,
+        Capability::ServersRead,
+        Capability::HostsRead,
+        Capability::ConnectionsRead,
+        Capability::UsersRead,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -52,7 +62,49 @@ impl Capability {
             Capability::ServersManage => "servers.manage",
             Capability::UsersManage => "users.manage",
             Capability::AuditRead => "audit.read",
+            Capability::GatewaysRead => "gateways.read",
+            Capability::ServersRead => "servers.read",
+            Capability::HostsRead => "hosts.read",
+            Capability::ConnectionsRead => "connections.read",
+            Capability::UsersRead => "users.read",
         }
+    }
+
+    /// The reads a capability cannot be used without: you pick a gateway, server, host
+    /// or user by its id from a listing. Kept closed under this rule wherever a role is
+    /// written (and applied again when a caller is authenticated, so a role stored by
+    /// an older replica reads the same); migration 0008 applied it to existing roles.
+    /// `audit.read` implies nothing: the audit log is its own area.
+    pub const fn implies(self) -> &'static [Capability] {
+        use Capability::*;
+        match self {
+            // Exposing picks a server from the catalog.
+            GatewaysManage => &[GatewaysRead, ServersRead],
+            GatewaysToggle => &[GatewaysRead],
+            ServersManage | ServersToggle => &[ServersRead],
+            HostsToggle => &[HostsRead],
+            // Tokens and enrollments name a host and a gateway.
+            TokensManage => &[HostsRead, GatewaysRead],
+            // Connections are listed per gateway.
+            ConnectionsToggle => &[ConnectionsRead, GatewaysRead],
+            // Identities are listed per user (`GET /api/v1/users/{id}/identities`).
+            IdentitiesToggle => &[UsersRead],
+            // Identities name a server.
+            UsersManage => &[UsersRead, ServersRead],
+            AuditRead | GatewaysRead | ServersRead | HostsRead | ConnectionsRead | UsersRead => &[],
+        }
+    }
+
+    /// `caps` with every capability they imply (one step is enough: reads imply
+    /// nothing), sorted and without duplicates.
+    pub fn closure(caps: &[Capability]) -> Vec<Capability> {
+        let mut all: Vec<Capability> = caps
+            .iter()
+            .flat_map(|c| std::iter::once(*c).chain(c.implies().iter().copied()))
+            .collect();
+        all.sort_by_key(|c| c.as_str());
+        all.dedup();
+        all
     }
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -70,16 +122,54 @@ impl std::fmt::Display for Capability {
 #[derive(Debug, Clone)]
 pub struct Admin {
     pub user_id: i64,
+    /// The admin token the call was made with.
+    pub token_id: i64,
+    /// The host a host-bound admin token (an agent's own) is confined to: it reaches
+    /// only that host's tokens and enrollments (see `routes::Scope`).
+    pub host_id: Option<i64>,
     pub capabilities: Vec<Capability>,
 }
 
+/// Whose data an endpoint reaches, for host-bound admin tokens (an agent's own
+/// credential), which reach only their host's tokens and enrollments. Declared per
+/// endpoint in the endpoint table, beside its capability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every host's data, or none host's in particular: refused to host-bound tokens.
+    Global,
+    /// Only the caller's own record, or static facts (the endpoint table, the
+    /// capability names): open to every admin token.
+    Caller,
+    /// One host's tokens or enrollments; the path's `{id}` leads to the host.
+    Host(HostOf),
+}
+
+/// What the `{id}` in a host-scoped path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostOf {
+    Host,
+    Token,
+    Enrollment,
+}
+
+impl Scope {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Scope::Global => "global",
+            Scope::Caller => "caller",
+            Scope::Host(_) => "host",
+        }
+    }
+}
+
 /// The admin API's gate, in front of every admin endpoint: authenticates the bearer
-/// token and checks the endpoint's capability before the handler reads or changes
-/// anything. `None` means any authenticated admin.
+/// token, checks the endpoint's capability (`None`: any authenticated admin) and, for
+/// a host-bound token, that the call stays on its host, before the handler reads or
+/// changes anything.
 pub async fn authorize(
     state: AppState,
-    required: Option<Capability>,
-    mut req: Request,
+    (required, scope): (Option<Capability>, Scope),
+    req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     let admin = authenticate(&state, req.headers()).await?;
@@ -87,8 +177,69 @@ pub async fn authorize(
         tracing::warn!(user_id = admin.user_id, capability = cap.as_str(), path = %req.uri().path(), "admin call refused: missing capability");
         return Err(ApiError::MissingCapability(cap));
     }
+    let mut req = match admin.host_id {
+        Some(bound) => confine(&state, &admin, bound, scope, req).await?,
+        None => req,
+    };
     req.extensions_mut().insert(admin);
     Ok(next.run(req).await)
+}
+
+/// A host-bound token's call goes through only on its own host: elsewhere a
+/// host-scoped endpoint answers 404 as if the thing did not exist (so the token learns
+/// nothing about other hosts), and every other endpoint 403 `host_bound_token`.
+async fn confine(
+    state: &AppState,
+    admin: &Admin,
+    bound: i64,
+    scope: Scope,
+    req: Request,
+) -> Result<Request, ApiError> {
+    let of = match scope {
+        Scope::Caller => return Ok(req),
+        Scope::Global => {
+            tracing::warn!(user_id = admin.user_id, token_id = admin.token_id, host_id = bound, path = %req.uri().path(), "admin call refused: host-bound token");
+            return Err(ApiError::forbidden(
+                "host_bound_token",
+                format!(
+                    "this admin token is bound to host {bound}: it reaches only that host's \
+                     tokens and enrollments"
+                ),
+            ));
+        }
+        Scope::Host(of) => of,
+    };
+    let (mut parts, body) = req.into_parts();
+    let id = axum::extract::RawPathParams::from_request_parts(&mut parts, state)
+        .await
+        .ok()
+        .and_then(|params| {
+            params
+                .iter()
+                .find(|(name, _)| *name == "id")
+                .and_then(|(_, v)| v.parse::<i64>().ok())
+        })
+        .ok_or_else(|| ApiError::bad_request("invalid_path", "the path's id is not a number"))?;
+    let (host, noun) = match of {
+        HostOf::Host => (Some(id), "host"),
+        HostOf::Token => (
+            store::hosts::get_token(&state.db, id)
+                .await?
+                .map(|t| t.host_id),
+            "token",
+        ),
+        HostOf::Enrollment => (
+            store::enrollments::get(&state.db, id)
+                .await?
+                .map(|e| e.host_id),
+            "enrollment",
+        ),
+    };
+    if host != Some(bound) {
+        tracing::warn!(user_id = admin.user_id, token_id = admin.token_id, host_id = bound, path = %parts.uri.path(), "admin call refused: another host's");
+        return Err(ApiError::NotFound(noun));
+    }
+    Ok(Request::from_parts(parts, body))
 }
 
 async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Admin, ApiError> {
@@ -102,7 +253,9 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Admin, Ap
         Some(id) if TokenHash::from_hex(&id.token_hash).is_some_and(|h| h.ct_eq(&presented)) => {
             Ok(Admin {
                 user_id: id.user_id,
-                capabilities: id.capabilities,
+                token_id: id.token_id,
+                host_id: id.host_id,
+                capabilities: Capability::closure(&id.capabilities),
             })
         }
         _ => Err(ApiError::Unauthenticated),
@@ -119,5 +272,46 @@ impl<S: Send + Sync> FromRequestParts<S> for Admin {
             .get::<Admin>()
             .cloned()
             .ok_or(ApiError::Unauthenticated)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Capability;
+
+    #[test]
+    fn capabilities_imply_only_reads_and_the_closure_is_stable() {
+        for cap in Capability::ALL {
+            for implied in cap.implies() {
+                assert!(
+                    implied.as_str().ends_with(".read"),
+                    "{cap} implies {implied}"
+                );
+                assert!(implied.implies().is_empty(), "{implied} implies more");
+            }
+            let once = Capability::closure(&[cap]);
+            assert!(once.contains(&cap));
+            assert_eq!(Capability::closure(&once), once, "{cap}");
+        }
+        assert_eq!(Capability::closure(&[]), vec![]);
+        assert_eq!(
+            Capability::closure(&Capability::ALL).len(),
+            Capability::ALL.len()
+        );
+        // Every read is implied by something an admin had before the reads existed, so
+        // the owner role keeps everything through the migration.
+        for read in Capability::ALL
+            .iter()
+            .filter(|c| c.as_str().ends_with(".read"))
+        {
+            if *read != Capability::AuditRead {
+                assert!(
+                    Capability::ALL[..10]
+                        .iter()
+                        .any(|c| c.implies().contains(read)),
+                    "{read}"
+                );
+            }
+        }
     }
 }

@@ -119,6 +119,30 @@ pub struct Config {
     #[arg(long, env = "MCPGUARD_AUDIT_RETENTION_DAYS", default_value_t = 90)]
     pub audit_retention_days: u32,
 
+    /// Envoy's admin address(es), comma-separated: never registered as an upstream
+    /// (its admin API stops Envoy and shows its configuration). A `0.0.0.0` or `[::]`
+    /// address means every local address on that port.
+    #[arg(
+        long,
+        env = "MCPGUARD_ENVOY_ADMIN_ADDR",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:9901"
+    )]
+    pub envoy_admin_addr: Vec<SocketAddr>,
+
+    /// Networks upstream servers may not be at (CIDRs, comma-separated), on top of the
+    /// ones always denied (this host's listeners, link-local and cloud metadata,
+    /// multicast, reserved). Production: add the loopback and private ranges your
+    /// upstreams do not use, e.g. `127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,
+    /// 192.168.0.0/16,fc00::/7`.
+    #[arg(long, env = "MCPGUARD_UPSTREAM_DENY_NETWORKS", value_delimiter = ',')]
+    pub upstream_deny_networks: Vec<crate::upstream_policy::Network>,
+
+    /// When set, the only networks upstream servers may be at (CIDRs, comma-separated);
+    /// the deny rules still apply. Default: any address that is not denied.
+    #[arg(long, env = "MCPGUARD_UPSTREAM_ALLOW_NETWORKS", value_delimiter = ',')]
+    pub upstream_allow_networks: Vec<crate::upstream_policy::Network>,
+
     /// Log filter, in `tracing` EnvFilter syntax.
     #[arg(long, env = "MCPGUARD_LOG", default_value = "info")]
     pub log: String,
@@ -216,6 +240,45 @@ impl Config {
             access_token_ttl_secs: i64::from(self.access_token_ttl_secs),
             refresh_token_ttl_ms: i64::from(self.refresh_token_ttl_days) * 86_400_000,
         })
+    }
+
+    /// The address policy for upstream servers: this service's listeners and Envoy's
+    /// admin are never one, plus the operator's lists.
+    pub fn upstream_policy(&self) -> crate::upstream_policy::UpstreamPolicy {
+        use crate::upstream_policy::{Listener, UpstreamPolicy};
+        let mut listeners = vec![
+            Listener {
+                what: "the policy service's public port",
+                listen: self.public_listen,
+            },
+            Listener {
+                what: "the policy service's check port",
+                listen: self.check_listen,
+            },
+        ];
+        listeners.extend(self.envoy_admin_addr.iter().map(|&listen| Listener {
+            what: "Envoy's admin",
+            listen,
+        }));
+        // Envoy's own data plane as an upstream would loop requests through the gateway
+        // with the server's credential. Known here when a base URL names an address.
+        listeners.extend(self.resource_base_urls.iter().filter_map(|base| {
+            let url = url::Url::parse(base).ok()?;
+            let ip = match url.host()? {
+                url::Host::Ipv4(ip) => std::net::IpAddr::V4(ip),
+                url::Host::Ipv6(ip) => std::net::IpAddr::V6(ip),
+                url::Host::Domain(_) => return None,
+            };
+            Some(Listener {
+                what: "Envoy's data plane (--resource-base-urls)",
+                listen: SocketAddr::new(ip, url.port_or_known_default()?),
+            })
+        }));
+        UpstreamPolicy::new(
+            listeners,
+            self.upstream_deny_networks.clone(),
+            self.upstream_allow_networks.clone(),
+        )
     }
 
     pub fn database_url(&self) -> String {

@@ -15,6 +15,10 @@ pub enum ApiError {
     Unauthenticated,
     #[error("this call needs the capability {0}")]
     MissingCapability(Capability),
+    /// Refused for a reason other than a missing capability (a host-bound admin token
+    /// outside its host, a token for a user who did not consent).
+    #[error("{message}")]
+    Forbidden { code: &'static str, message: String },
     #[error("{0} not found")]
     NotFound(&'static str),
     #[error("method not allowed on this path")]
@@ -32,6 +36,13 @@ pub enum ApiError {
 impl ApiError {
     pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
         ApiError::Unprocessable {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::Forbidden {
             code,
             message: message.into(),
         }
@@ -64,6 +75,7 @@ impl ApiError {
             ApiError::MissingCapability(_) => {
                 (StatusCode::FORBIDDEN, "missing_capability".to_owned())
             }
+            ApiError::Forbidden { code, .. } => (StatusCode::FORBIDDEN, (*code).to_owned()),
             ApiError::NotFound(what) => (StatusCode::NOT_FOUND, format!("{what}_not_found")),
             ApiError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,

@@ -13,6 +13,7 @@ pub mod routes;
 pub mod secrets;
 pub mod store;
 mod timefmt;
+pub mod upstream_policy;
 mod usage;
 
 use std::path::Path;
@@ -40,6 +41,9 @@ pub struct AppState {
     pub signer: std::sync::Arc<keys::Signer>,
     /// Verifies access tokens presented to the ext_authz endpoint.
     pub verifier: std::sync::Arc<keys::Verifier>,
+    /// Which addresses upstream servers may have: checked when a server is registered,
+    /// and callable per request (`permits`, `resolve`).
+    pub upstreams: std::sync::Arc<upstream_policy::UpstreamPolicy>,
 }
 
 /// `mcpguard-policy reseal`: moves every stored sealed value to the current key.
@@ -109,7 +113,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         oauth,
         signer: std::sync::Arc::default(),
         verifier: std::sync::Arc::default(),
+        upstreams: std::sync::Arc::new(config.upstream_policy()),
     };
+    tokio::spawn(routes::warn_about_registered(
+        state.db.clone(),
+        state.upstreams.clone(),
+    ));
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;

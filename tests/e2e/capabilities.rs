@@ -7,20 +7,20 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 /// Ids of one of each thing, for filling in paths.
-struct Fixture {
-    gateway: i64,
-    server: i64,
-    host: i64,
-    token: i64,
-    connection: i64,
-    role: i64,
-    user: i64,
-    admin_token: i64,
-    identity: i64,
-    enrollment: i64,
+pub(crate) struct Fixture {
+    pub(crate) gateway: i64,
+    pub(crate) server: i64,
+    pub(crate) host: i64,
+    pub(crate) token: i64,
+    pub(crate) connection: i64,
+    pub(crate) role: i64,
+    pub(crate) user: i64,
+    pub(crate) admin_token: i64,
+    pub(crate) identity: i64,
+    pub(crate) enrollment: i64,
 }
 
-async fn fixture(owner: &Admin) -> Fixture {
+pub(crate) async fn fixture(owner: &Admin) -> Fixture {
     let p = owner
         .provision("eng", "demo", "http://127.0.0.1:9/mcp")
         .await;
@@ -60,7 +60,7 @@ async fn fixture(owner: &Admin) -> Fixture {
 }
 
 /// The concrete path for an endpoint template, naming existing things.
-fn concrete(path: &str, f: &Fixture) -> String {
+pub(crate) fn concrete(path: &str, f: &Fixture) -> String {
     let id = match path.split('/').nth(3) {
         Some("gateways") => f.gateway,
         Some("servers") => f.server,
@@ -79,7 +79,7 @@ fn concrete(path: &str, f: &Fixture) -> String {
 }
 
 /// A body that would succeed, so a missing check would show as a change.
-fn body(method: &str, path: &str, f: &Fixture) -> Option<Value> {
+pub(crate) fn body(method: &str, path: &str, f: &Fixture) -> Option<Value> {
     let body = match (method, path) {
         ("GET" | "DELETE", _) => return None,
         ("POST", "/api/v1/gateways") => json!({"name": "New", "slug": "new-gateway"}),
@@ -114,7 +114,7 @@ fn body(method: &str, path: &str, f: &Fixture) -> Option<Value> {
 }
 
 /// Everything an admin call could change, read as the owner.
-async fn snapshot(owner: &Admin, f: &Fixture) -> Value {
+pub(crate) async fn snapshot(owner: &Admin, f: &Fixture) -> Value {
     let mut all = serde_json::Map::new();
     for path in [
         "/api/v1/gateways".to_owned(),
@@ -139,7 +139,7 @@ async fn snapshot(owner: &Admin, f: &Fixture) -> Value {
     Value::Object(all)
 }
 
-async fn caller_with(owner: &Admin, name: &str, capabilities: Vec<&str>) -> Admin {
+pub(crate) async fn caller_with(owner: &Admin, name: &str, capabilities: Vec<&str>) -> Admin {
     let (status, role) = owner
         .post(
             "/api/v1/roles",
@@ -176,19 +176,25 @@ async fn every_admin_endpoint_refuses_a_caller_lacking_its_capability_and_change
         .iter()
         .map(|c| c.as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(all_caps.len(), 10, "{all_caps:?}");
+    assert_eq!(all_caps.len(), 15, "{all_caps:?}");
     let (_, endpoints) = owner.get("/api/v1/endpoints").await;
     let endpoints = endpoints.as_array().unwrap().clone();
     assert!(endpoints.len() >= 30, "{endpoints:?}");
 
-    // One caller per capability, holding every capability but that one.
+    // What each capability brings along (a role holds the reads its capabilities
+    // cannot work without), as the service stores it.
+    let implied = implications(&owner, &all_caps).await;
+
+    // One caller per capability, holding every capability but that one and those that
+    // bring it along.
     let mut lacking = std::collections::HashMap::new();
     for cap in &all_caps {
         let others: Vec<&str> = all_caps
             .iter()
-            .filter(|c| *c != cap)
+            .filter(|c| !implied[*c].contains(cap))
             .map(String::as_str)
             .collect();
+        assert!(!others.is_empty() || all_caps.len() == 1);
         lacking.insert(
             cap.clone(),
             caller_with(&owner, &format!("lacks-{}", cap.replace('.', "-")), others).await,
@@ -232,6 +238,11 @@ async fn every_admin_endpoint_refuses_a_caller_lacking_its_capability_and_change
                     method, "GET",
                     "{method} {path} changes things: it must require a capability"
                 );
+                // Open to any admin: only the caller itself and static facts.
+                assert_eq!(
+                    e["scope"], "caller",
+                    "{method} {path} needs no capability, so it must show only the caller"
+                );
                 let (status, v) = nobody.call(m, &path, None).await;
                 assert_eq!(status, 200, "{method} {path} is open to any admin: {v}");
             }
@@ -239,6 +250,47 @@ async fn every_admin_endpoint_refuses_a_caller_lacking_its_capability_and_change
         walked += 1;
     }
     assert_eq!(walked, endpoints.len());
+
+    // The caller with no capability sees itself, and only itself.
+    let (status, me) = nobody.get("/api/v1/me").await;
+    assert_eq!(status, 200, "{me}");
+    assert_eq!(me["user"]["name"], "no-capabilities", "{me}");
+    assert_eq!(me["capabilities"], json!([]), "{me}");
+    assert_eq!(me["admin_token"]["host_id"], Value::Null, "{me}");
+    assert!(!me.to_string().contains("alice"), "{me}");
+}
+
+/// For each capability, the capabilities a role given only it holds (itself included).
+async fn implications(
+    owner: &Admin,
+    all_caps: &[String],
+) -> std::collections::HashMap<String, Vec<String>> {
+    let mut implied = std::collections::HashMap::new();
+    for cap in all_caps {
+        let (status, role) = owner
+            .post(
+                "/api/v1/roles",
+                json!({"name": format!("only-{cap}"), "capabilities": [cap]}),
+            )
+            .await;
+        assert_eq!(status, 201, "{role}");
+        let held: Vec<String> = role["capabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_owned())
+            .collect();
+        assert!(held.contains(cap), "{role}");
+        // Only reads are ever implied, and a read implies nothing.
+        for other in held.iter().filter(|c| *c != cap) {
+            assert!(other.ends_with(".read"), "{cap} implies {other}");
+        }
+        if cap.ends_with(".read") {
+            assert_eq!(held, vec![cap.clone()], "{cap} implies nothing");
+        }
+        implied.insert(cap.clone(), held);
+    }
+    implied
 }
 
 #[tokio::test]
@@ -279,6 +331,11 @@ async fn roles_and_personal_admin_tokens_work_and_a_revoked_one_stops() {
         )
         .await;
     assert_eq!(status, 200, "{updated}");
+    assert_eq!(
+        updated["capabilities"],
+        json!(["servers.manage", "servers.read"]),
+        "a role holds the reads its capabilities need"
+    );
     let (status, _) = operator
         .post(
             "/api/v1/servers",
@@ -314,9 +371,11 @@ async fn roles_and_personal_admin_tokens_work_and_a_revoked_one_stops() {
         .as_i64()
         .unwrap();
     owner.set_enabled("users", user, false).await;
-    assert_eq!(operator.get("/api/v1/gateways").await.0, 401);
+    assert_eq!(operator.get("/api/v1/servers").await.0, 401);
     owner.set_enabled("users", user, true).await;
-    assert_eq!(operator.get("/api/v1/gateways").await.0, 200);
+    assert_eq!(operator.get("/api/v1/servers").await.0, 200);
+    // Reads follow the role too: gateways.manage (and with it gateways.read) is gone.
+    assert_eq!(operator.get("/api/v1/gateways").await.0, 403);
     let (_, tokens) = owner
         .get(&format!("/api/v1/users/{user}/admin-tokens"))
         .await;
@@ -329,5 +388,5 @@ async fn roles_and_personal_admin_tokens_work_and_a_revoked_one_stops() {
         .call(Method::DELETE, &format!("/api/v1/admin-tokens/{id}"), None)
         .await;
     assert_eq!(status, 204);
-    assert_eq!(operator.get("/api/v1/gateways").await.0, 401);
+    assert_eq!(operator.get("/api/v1/servers").await.0, 401);
 }

@@ -276,13 +276,12 @@ async fn rotating_the_secrets_key_keeps_every_credential_and_retires_the_old_key
     )
     .await;
     let alice_token = owner.user_token(p.host_id, p.gateway_id, alice).await;
-    let bob_token = owner.user_token(p.host_id, p.gateway_id, bob).await;
     let (demo, svc) = (
         stack.envoy.mcp_url("eng", "demo"),
         stack.envoy.mcp_url("eng", "svc"),
     );
-    let everything_injected = |bob_too: bool| {
-        let (demo, svc, alice_token, bob_token) = (&demo, &svc, &alice_token, &bob_token);
+    let everything_injected = |bob_token: Option<String>| {
+        let (demo, svc, alice_token) = (&demo, &svc, &alice_token);
         async move {
             assert_eq!(
                 whoami(demo, alice_token).await,
@@ -292,15 +291,15 @@ async fn rotating_the_secrets_key_keeps_every_credential_and_retires_the_old_key
                 whoami(svc, alice_token).await,
                 "Bearer service-downstream-secret"
             );
-            if bob_too {
+            if let Some(bob_token) = bob_token {
                 assert_eq!(
-                    whoami(demo, bob_token).await,
+                    whoami(demo, &bob_token).await,
                     "Bearer bob-downstream-secret"
                 );
             }
         }
     };
-    everything_injected(false).await;
+    everything_injected(None).await;
 
     // 1. A new key, written once.
     let old_key = stack.policy.data_dir.join("secrets.key");
@@ -338,7 +337,9 @@ async fn rotating_the_secrets_key_keeps_every_credential_and_retires_the_old_key
         json!({"type": "bearer", "token": "bob-downstream-secret"}),
     )
     .await;
-    everything_injected(true).await;
+    // Bob consents (enrolls) once he has his identity, sealed under the new key.
+    let bob_token = owner.user_token(p.host_id, p.gateway_id, bob).await;
+    everything_injected(Some(bob_token.clone())).await;
 
     // 3. Re-seal, first with the wrong previous key: refused, nothing changed.
     let other_key = stack.dir.path().join("other.key").display().to_string();
@@ -384,7 +385,7 @@ async fn rotating_the_secrets_key_keeps_every_credential_and_retires_the_old_key
             ],
         )
         .await;
-    everything_injected(true).await;
+    everything_injected(Some(bob_token.clone())).await;
     // The OAuth signing keys were re-sealed too: a headed app still gets signed tokens.
     owner.person("carol", PASSWORD).await;
     let app = RawClient::register(&stack.policy.public_url(), "Desk app").await;

@@ -5,6 +5,7 @@
 
 mod admin_api;
 mod attacks;
+mod attacks_admin;
 mod audit;
 mod breakglass;
 mod capabilities;

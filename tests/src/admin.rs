@@ -126,12 +126,50 @@ impl Admin {
         ids
     }
 
-    /// A token of the host on the gateway, for one of the agent's end users.
+    /// A token of the host on the gateway for one of the agent's end users, made with
+    /// the user's consent as mcpguard requires: the user (given the tests' password)
+    /// signs in on an enrollment's page, then the agent claims the per-user token. The
+    /// user must already hold an identity for every per-user server of the gateway.
     pub async fn user_token(&self, host_id: i64, gateway_id: i64, user_id: i64) -> String {
+        let (status, users) = self.get("/api/v1/users").await;
+        assert_eq!(status, 200, "{users}");
+        let name = users
+            .as_array()
+            .and_then(|all| all.iter().find(|u| u["id"] == user_id))
+            .and_then(|u| u["name"].as_str())
+            .expect("the user exists")
+            .to_owned();
+        let (status, v) = self
+            .call(
+                Method::PUT,
+                &format!("/api/v1/users/{user_id}/password"),
+                Some(json!({"password": crate::oauth::PASSWORD})),
+            )
+            .await;
+        assert_eq!(status, 204, "{v}");
+        let enrollment = self
+            .created(
+                &format!("/api/v1/hosts/{host_id}/enrollments"),
+                json!({"gateway_id": gateway_id, "user_id": user_id}),
+            )
+            .await;
+        let url = enrollment["url"].as_str().unwrap();
+        let mut browser = crate::oauth::Browser::default();
+        let page = browser.get(url).await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        let mut form = std::collections::HashMap::new();
+        form.insert(
+            "csrf".to_owned(),
+            crate::oauth::form_inputs(&page.body)["csrf"].clone(),
+        );
+        form.insert("username".to_owned(), name);
+        form.insert("password".to_owned(), crate::oauth::PASSWORD.to_owned());
+        let done = browser.post(url, &form).await;
+        assert_eq!(done.status, 200, "enrolling user {user_id}: {}", done.body);
         let t = self
             .created(
-                &format!("/api/v1/hosts/{host_id}/tokens"),
-                json!({"gateway_id": gateway_id, "user_id": user_id}),
+                &format!("/api/v1/enrollments/{}/token", enrollment["id"]),
+                json!({}),
             )
             .await;
         t["token"].as_str().unwrap().to_owned()

@@ -600,8 +600,12 @@ impl Stack {
         let dir = tempfile::tempdir().expect("temp dir");
         let (port, admin_port) = (free_port(), free_port());
         let resource_base = format!("http://127.0.0.1:{port}");
+        // Envoy's admin is never an upstream: the policy service must know where it is.
+        let envoy_admin = format!("127.0.0.1:{admin_port}");
         let mut env = env.to_vec();
         env.push(("MCPGUARD_RESOURCE_BASE_URLS", &resource_base));
+        // Before the caller's, so that a test's own value wins (later values do).
+        env.insert(0, ("MCPGUARD_ENVOY_ADMIN_ADDR", &envoy_admin));
         let policy = Policy::start_with(&dir.path().join("data"), dir.path(), &env).await;
         let demo = Demo::spawn(dir.path(), stateless).await;
         let opts = EnvoyOptions {

@@ -18,7 +18,7 @@ use super::oauth::{SignIn, cookie, ct_eq, escape, html, secure_attr, sign_in};
 use super::users::{identities_from_form, save_identities};
 use super::{Endpoint, Verb, audit_admin, endpoint, state_of};
 use crate::AppState;
-use crate::auth::{Admin, Capability};
+use crate::auth::{Admin, Capability, HostOf, Scope};
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
 use crate::secrets;
@@ -32,11 +32,12 @@ const CSRF_COOKIE: &str = "mcpguard_enroll_csrf";
 
 pub fn endpoints() -> Vec<Endpoint> {
     let manage = Some(Capability::TokensManage);
+    let (own_host, own_enrollment) = (Scope::Host(HostOf::Host), Scope::Host(HostOf::Enrollment));
     vec![
-        endpoint(Verb::Post, "/api/v1/hosts/{id}/enrollments", manage, create),
-        endpoint(Verb::Get, "/api/v1/hosts/{id}/enrollments", manage, list),
-        endpoint(Verb::Get, "/api/v1/enrollments/{id}", manage, get_one),
-        endpoint(Verb::Post, "/api/v1/enrollments/{id}/token", manage, claim),
+        endpoint(Verb::Post, "/api/v1/hosts/{id}/enrollments", manage, create).scope(own_host),
+        endpoint(Verb::Get, "/api/v1/hosts/{id}/enrollments", manage, list).scope(own_host),
+        endpoint(Verb::Get, "/api/v1/enrollments/{id}", manage, get_one).scope(own_enrollment),
+        endpoint(Verb::Post, "/api/v1/enrollments/{id}/token", manage, claim).scope(own_enrollment),
     ]
 }
 

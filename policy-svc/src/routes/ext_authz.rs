@@ -470,6 +470,7 @@ mod tests {
             oauth: std::sync::Arc::new(crate::routes::oauth::OauthConfig::for_tests()),
             signer: std::sync::Arc::default(),
             verifier: verifier.clone(),
+            upstreams: std::sync::Arc::default(),
         });
         Fixture {
             app,

@@ -14,13 +14,14 @@ use crate::{AppState, secrets};
 
 pub fn endpoints() -> Vec<Endpoint> {
     let manage = Some(Capability::GatewaysManage);
+    let read = Some(Capability::GatewaysRead);
     vec![
         endpoint(Verb::Post, "/api/v1/gateways", manage, create),
-        endpoint(Verb::Get, "/api/v1/gateways", None, list),
+        endpoint(Verb::Get, "/api/v1/gateways", read, list),
         endpoint(
             Verb::Get,
             "/api/v1/gateways/{id}/servers",
-            None,
+            read,
             list_exposures,
         ),
         endpoint(
@@ -38,7 +39,7 @@ pub fn endpoints() -> Vec<Endpoint> {
         endpoint(
             Verb::Get,
             "/api/v1/gateways/{id}/connections",
-            None,
+            Some(Capability::ConnectionsRead),
             connections,
         ),
     ]

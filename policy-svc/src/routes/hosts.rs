@@ -7,25 +7,33 @@ use serde::{Deserialize, Serialize};
 
 use super::{Endpoint, Verb, audit_admin, endpoint, state_of};
 use crate::AppState;
-use crate::auth::{Admin, Capability};
+use crate::auth::{Admin, Capability, HostOf, Scope};
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
-use crate::store::{admin as users, catalog, hosts, identities, now_ms};
+use crate::store::{admin as users, catalog, enrollments, hosts, identities, now_ms};
 use crate::{secrets, timefmt};
 
 pub fn endpoints() -> Vec<Endpoint> {
     let manage = Some(Capability::TokensManage);
+    let own_host = Scope::Host(HostOf::Host);
     vec![
         endpoint(Verb::Post, "/api/v1/hosts", manage, create),
-        endpoint(Verb::Get, "/api/v1/hosts", None, list),
+        endpoint(
+            Verb::Get,
+            "/api/v1/hosts",
+            Some(Capability::HostsRead),
+            list,
+        ),
         endpoint(
             Verb::Post,
             "/api/v1/hosts/{id}/tokens",
             manage,
             create_token,
-        ),
-        endpoint(Verb::Get, "/api/v1/hosts/{id}/tokens", manage, list_tokens),
-        endpoint(Verb::Delete, "/api/v1/tokens/{id}", manage, revoke_token),
+        )
+        .scope(own_host),
+        endpoint(Verb::Get, "/api/v1/hosts/{id}/tokens", manage, list_tokens).scope(own_host),
+        endpoint(Verb::Delete, "/api/v1/tokens/{id}", manage, revoke_token)
+            .scope(Scope::Host(HostOf::Token)),
     ]
 }
 
@@ -113,6 +121,42 @@ pub(super) async fn connection_target(
     Ok(())
 }
 
+/// A token acts as its user: on shared servers and in the audit log always, and with
+/// the user's own identity on per-user servers. So only the user may make one for
+/// themselves (the caller), or the user consented by completing an enrollment for this
+/// host and gateway; `tokens.manage` alone is not consent. Required for every other
+/// user, whether or not the gateway has per-user servers today (one exposed tomorrow
+/// would inject that user's identity through a token made without them).
+async fn require_consent(
+    state: &AppState,
+    admin: &Admin,
+    host_id: i64,
+    gateway_id: i64,
+    user_id: i64,
+) -> Result<(), ApiError> {
+    if user_id == admin.user_id
+        || enrollments::consented(&state.db, host_id, gateway_id, user_id).await?
+    {
+        return Ok(());
+    }
+    tracing::warn!(
+        actor = admin.user_id,
+        user_id,
+        host_id,
+        gateway_id,
+        "token for another user refused: no consent"
+    );
+    Err(ApiError::forbidden(
+        "consent_required",
+        format!(
+            "user {user_id} has not consented to host {host_id} acting for them on gateway \
+             {gateway_id}: create an enrollment (POST /api/v1/hosts/{host_id}/enrollments) \
+             and have the user complete it, then claim its token; or leave out user_id to \
+             make a token for yourself"
+        ),
+    ))
+}
+
 async fn create_token(
     State(state): State<AppState>,
     admin: Admin,
@@ -121,6 +165,7 @@ async fn create_token(
 ) -> Result<(StatusCode, Json<IssuedToken>), ApiError> {
     let user_id = body.user_id.unwrap_or(admin.user_id);
     connection_target(&state, host_id, body.gateway_id, user_id).await?;
+    require_consent(&state, &admin, host_id, body.gateway_id, user_id).await?;
     let expires_at = match body.expires_at.as_deref() {
         None => None,
         Some(s) => {

@@ -11,6 +11,8 @@ mod servers;
 mod toggles;
 mod users;
 
+pub(crate) use servers::warn_about_registered;
+
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::handler::Handler;
@@ -19,19 +21,29 @@ use axum::routing::{MethodRouter, delete, get, post, put};
 use serde::Serialize;
 
 use crate::AppState;
-use crate::auth::{self, Capability};
+use crate::auth::{self, Capability, Scope};
 use crate::error::ApiError;
 use crate::extract::Json;
 
-/// One admin API endpoint and the capability it needs (`None`: any authenticated
-/// admin). The router is built from this table and nothing else, with the capability
-/// checked in front of each handler, so an endpoint cannot exist without declaring
-/// what it requires; `GET /api/v1/endpoints` serves the table.
+/// One admin API endpoint, the capability it needs (`None`: any authenticated admin)
+/// and its scope (what a host-bound admin token may reach through it; `Global`, refused
+/// to such tokens, unless declared otherwise with [`Endpoint::scope`]). The router is
+/// built from this table and nothing else, with both checked in front of each handler,
+/// so an endpoint cannot exist without declaring what it requires;
+/// `GET /api/v1/endpoints` serves the table.
 pub struct Endpoint {
     pub method: Verb,
     pub path: &'static str,
     pub capability: Option<Capability>,
+    pub scope: Scope,
     handler: MethodRouter<AppState>,
+}
+
+impl Endpoint {
+    /// Declares what a host-bound admin token may reach through this endpoint.
+    pub fn scope(self, scope: Scope) -> Endpoint {
+        Endpoint { scope, ..self }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -63,13 +75,15 @@ where
         method,
         path,
         capability,
+        scope: Scope::Global,
         handler,
     }
 }
 
 /// Every admin endpoint.
 pub fn admin_api() -> Vec<Endpoint> {
-    let mut all = vec![endpoint(Verb::Get, "/api/v1/endpoints", None, catalog)];
+    let mut all =
+        vec![endpoint(Verb::Get, "/api/v1/endpoints", None, catalog).scope(Scope::Caller)];
     all.extend(gateways::endpoints());
     all.extend(servers::endpoints());
     all.extend(hosts::endpoints());
@@ -86,6 +100,9 @@ struct EndpointInfo {
     method: Verb,
     path: &'static str,
     capability: Option<&'static str>,
+    /// `global`, `host` (a host-bound token reaches it on its own host only) or
+    /// `caller` (open to every admin token).
+    scope: &'static str,
 }
 
 async fn catalog() -> Json<Vec<EndpointInfo>> {
@@ -96,6 +113,7 @@ async fn catalog() -> Json<Vec<EndpointInfo>> {
                 method: e.method,
                 path: e.path,
                 capability: e.capability.map(Capability::as_str),
+                scope: e.scope.as_str(),
             })
             .collect(),
     )
@@ -108,9 +126,9 @@ pub fn public(state: AppState) -> Router {
         .merge(oauth::routes())
         .merge(enrollments::pages());
     for e in admin_api() {
-        let (gate_state, required) = (state.clone(), e.capability);
+        let (gate_state, rule) = (state.clone(), (e.capability, e.scope));
         let gate = axum::middleware::from_fn(move |req: Request, next: Next| {
-            auth::authorize(gate_state.clone(), required, req, next)
+            auth::authorize(gate_state.clone(), rule, req, next)
         });
         router = router.route(e.path, e.handler.route_layer(gate));
     }
@@ -133,10 +151,11 @@ pub fn check(state: AppState) -> Router {
 
 fn signing_keys_endpoints() -> Vec<Endpoint> {
     vec![
+        // Signing keys belong to sign-in, the users area (rotating needs users.manage).
         endpoint(
             Verb::Get,
             "/api/v1/oauth/signing-keys",
-            None,
+            Some(Capability::UsersRead),
             list_signing_keys,
         ),
         // Whoever can rotate the keys can cut every headed host off until clients
@@ -299,5 +318,41 @@ impl Credential {
             ));
         }
         Ok((name, value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the gate relies on: an endpoint open to every admin shows only the caller
+    /// (or static facts), and a host-scoped one has the `{id}` the gate reads.
+    #[test]
+    fn the_endpoint_table_declares_scopes_the_gate_can_enforce() {
+        let all = admin_api();
+        for e in &all {
+            if e.capability.is_none() {
+                assert_eq!(e.scope, Scope::Caller, "{} needs no capability", e.path);
+                assert_eq!(e.method, Verb::Get, "{}", e.path);
+            }
+            if let Scope::Host(_) = e.scope {
+                assert!(e.path.contains("/{id}"), "{}", e.path);
+                assert!(e.capability.is_some(), "{}", e.path);
+            }
+        }
+        let host_scoped: Vec<&str> = all
+            .iter()
+            .filter(|e| matches!(e.scope, Scope::Host(_)))
+            .map(|e| e.path)
+            .collect();
+        for path in [
+            "/api/v1/hosts/{id}/tokens",
+            "/api/v1/tokens/{id}",
+            "/api/v1/hosts/{id}/enrollments",
+            "/api/v1/enrollments/{id}",
+            "/api/v1/enrollments/{id}/token",
+        ] {
+            assert!(host_scoped.contains(&path), "{path}");
+        }
     }
 }

@@ -11,6 +11,7 @@ use crate::auth::{Admin, Capability};
 use crate::error::ApiError;
 use crate::extract::Json;
 use crate::store::{StoreError, catalog};
+use crate::upstream_policy::Refused;
 
 pub fn endpoints() -> Vec<Endpoint> {
     vec![
@@ -20,7 +21,12 @@ pub fn endpoints() -> Vec<Endpoint> {
             Some(Capability::ServersManage),
             create,
         ),
-        endpoint(Verb::Get, "/api/v1/servers", None, list),
+        endpoint(
+            Verb::Get,
+            "/api/v1/servers",
+            Some(Capability::ServersRead),
+            list,
+        ),
     ]
 }
 
@@ -57,6 +63,7 @@ async fn create(
     let name = super::validate_name(&body.name)?;
     let slug = super::validate_slug(&body.slug)?;
     let upstream = parse_upstream(&body.upstream_url)?;
+    permitted(&state, &upstream).await?;
     match catalog::create_server(&state.db, name, slug, &upstream).await {
         Ok(s) => {
             let view = ServerView::from(s);
@@ -83,6 +90,51 @@ async fn create(
 async fn list(State(state): State<AppState>) -> Result<Json<Vec<ServerView>>, ApiError> {
     let servers = catalog::list_servers(&state.db).await?;
     Ok(Json(servers.into_iter().map(Into::into).collect()))
+}
+
+/// Refuses an upstream at an address the upstream policy denies (422 `upstream_denied`,
+/// naming the rule): a literal address as it is, a name by every address it resolves
+/// to now. A name that does not resolve yet is accepted (logged): registration cannot
+/// see the future anyway, which is why the data plane judges the addresses it
+/// connects to as well.
+async fn permitted(state: &AppState, upstream: &catalog::UpstreamParts) -> Result<(), ApiError> {
+    match state.upstreams.resolve_authority(&upstream.authority).await {
+        Ok(_) => Ok(()),
+        Err(Refused::Denied(denied)) => {
+            tracing::warn!(upstream = %upstream.authority, %denied, "server registration refused");
+            Err(ApiError::unprocessable(
+                "upstream_denied",
+                format!("upstream_url {}: {denied}", upstream.authority),
+            ))
+        }
+        Err(e @ Refused::Unresolvable { .. }) => {
+            tracing::warn!(upstream = %upstream.authority, error = %e, "server registered with a name that does not resolve yet");
+            Ok(())
+        }
+    }
+}
+
+/// Logs a warning for each registered server whose upstream the policy refuses now (one
+/// registered before these rules, or before the flags changed), so that operators can
+/// disable or re-register it. Run in the background at start: names are resolved.
+pub(crate) async fn warn_about_registered(
+    db: crate::store::Db,
+    policy: std::sync::Arc<crate::upstream_policy::UpstreamPolicy>,
+) {
+    let servers = match catalog::list_servers(&db).await {
+        Ok(servers) => servers,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list servers to check their upstreams");
+            return;
+        }
+    };
+    for server in servers {
+        if let Err(Refused::Denied(denied)) =
+            policy.resolve_authority(&server.upstream_authority).await
+        {
+            tracing::warn!(server_id = server.id, slug = %server.slug, %denied, "a registered server's upstream is refused by the upstream policy: disable it (POST /api/v1/servers/{{id}}/disable) or register it elsewhere");
+        }
+    }
 }
 
 /// Splits an upstream URL into what the filter needs. Only plain http(s) URLs with a

@@ -6,7 +6,7 @@ use mcpguard_core::token::{TokenHash, TokenKind, display_prefix};
 use serde::{Deserialize, Serialize};
 
 use super::{Credential, Endpoint, Verb, audit_admin, endpoint, state_of};
-use crate::auth::{Admin, Capability};
+use crate::auth::{Admin, Capability, Scope};
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
 use crate::store::{StoreError, admin as store, catalog, identities};
@@ -14,13 +14,15 @@ use crate::{AppState, secrets};
 
 pub fn endpoints() -> Vec<Endpoint> {
     let manage = Some(Capability::UsersManage);
+    let read = Some(Capability::UsersRead);
     vec![
-        endpoint(Verb::Get, "/api/v1/capabilities", None, capabilities),
+        endpoint(Verb::Get, "/api/v1/me", None, me).scope(Scope::Caller),
+        endpoint(Verb::Get, "/api/v1/capabilities", None, capabilities).scope(Scope::Caller),
         endpoint(Verb::Post, "/api/v1/roles", manage, create_role),
-        endpoint(Verb::Get, "/api/v1/roles", None, list_roles),
+        endpoint(Verb::Get, "/api/v1/roles", read, list_roles),
         endpoint(Verb::Put, "/api/v1/roles/{id}", manage, update_role),
         endpoint(Verb::Post, "/api/v1/users", manage, create_user),
-        endpoint(Verb::Get, "/api/v1/users", None, list_users),
+        endpoint(Verb::Get, "/api/v1/users", read, list_users),
         endpoint(
             Verb::Post,
             "/api/v1/users/{id}/admin-tokens",
@@ -51,13 +53,53 @@ pub fn endpoints() -> Vec<Endpoint> {
             manage,
             set_password,
         ),
+        // Metadata only (never a credential); `identities.toggle` needs the ids.
         endpoint(
             Verb::Get,
             "/api/v1/users/{id}/identities",
-            manage,
+            read,
             list_identities,
         ),
     ]
+}
+
+/// The caller as the admin API sees it: who, with which role and capabilities (the
+/// reads they imply included), and the host its token is bound to. The one call a
+/// token with no capability can make that returns data, and that data is its own.
+#[derive(Serialize)]
+struct Me {
+    user: store::User,
+    role: MeRole,
+    capabilities: Vec<&'static str>,
+    admin_token: store::AdminToken,
+}
+
+#[derive(Serialize)]
+struct MeRole {
+    id: i64,
+    name: String,
+}
+
+async fn me(State(state): State<AppState>, admin: Admin) -> Result<Json<Me>, ApiError> {
+    // Gone since the gate authenticated it: answer as the gate would now.
+    let user = store::get_user(&state.db, admin.user_id)
+        .await?
+        .ok_or(ApiError::Unauthenticated)?;
+    let role = store::get_role(&state.db, user.role_id)
+        .await?
+        .ok_or(ApiError::Unauthenticated)?;
+    let admin_token = store::get_admin_token(&state.db, admin.token_id)
+        .await?
+        .ok_or(ApiError::Unauthenticated)?;
+    Ok(Json(Me {
+        role: MeRole {
+            id: role.id,
+            name: role.name,
+        },
+        user,
+        capabilities: admin.capabilities.iter().map(|c| c.as_str()).collect(),
+        admin_token,
+    }))
 }
 
 async fn capabilities() -> Json<Vec<&'static str>> {
@@ -202,13 +244,52 @@ struct IssuedAdminToken {
     token: String,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NewAdminToken {
+    /// Binds the token to one token-based host (an agent's own credential): it then
+    /// reaches only that host's tokens and enrollments.
+    #[serde(default)]
+    host_id: Option<i64>,
+}
+
+/// The body of `POST …/admin-tokens`: none, `{}` or `{"host_id": …}`.
+fn new_admin_token(body: &[u8]) -> Result<NewAdminToken, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(NewAdminToken::default());
+    }
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::unprocessable("invalid_body", e.to_string()),
+        _ => ApiError::bad_request("invalid_json", e.to_string()),
+    })
+}
+
 async fn create_admin_token(
     State(state): State<AppState>,
     admin: Admin,
     Path(user_id): Path<i64>,
+    body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<IssuedAdminToken>), ApiError> {
+    let body = new_admin_token(&body)?;
     if !store::user_exists(&state.db, user_id).await? {
         return Err(ApiError::NotFound("user"));
+    }
+    if let Some(host_id) = body.host_id {
+        match crate::store::hosts::get_host(&state.db, host_id).await? {
+            None => {
+                return Err(ApiError::unprocessable(
+                    "unknown_host",
+                    "host_id names no host",
+                ));
+            }
+            Some(host) if host.kind != "token" => {
+                return Err(ApiError::conflict(
+                    "host_not_token_based",
+                    "only a token-based host has tokens and enrollments to bind an admin token to",
+                ));
+            }
+            Some(_) => {}
+        }
     }
     let token = secrets::mint(TokenKind::Admin).map_err(ApiError::no_randomness)?;
     let meta = store::insert_admin_token(
@@ -216,6 +297,7 @@ async fn create_admin_token(
         user_id,
         &TokenHash::of(&token).to_hex(),
         display_prefix(&token),
+        body.host_id,
     )
     .await?;
     audit_admin(

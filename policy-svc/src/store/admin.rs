@@ -6,21 +6,24 @@ use crate::auth::Capability;
 /// Who an admin token belongs to, and what that user may do.
 pub struct AdminIdentity {
     pub user_id: i64,
+    pub token_id: i64,
     pub token_hash: String,
+    /// Set for a host-bound token.
+    pub host_id: Option<i64>,
     pub capabilities: Vec<Capability>,
 }
 
 /// Finds the live admin token with this hash, for an enabled user.
 pub async fn authenticate(db: &Db, token_hash: &str) -> Result<Option<AdminIdentity>> {
-    let row: Option<(i64, String, DbBool, i64)> = sqlx::query_as(
-        "SELECT u.id, t.token_hash, u.enabled, u.role_id
+    let row: Option<(i64, i64, String, Option<i64>, DbBool, i64)> = sqlx::query_as(
+        "SELECT u.id, t.id, t.token_hash, t.host_id, u.enabled, u.role_id
          FROM admin_tokens t JOIN users u ON u.id = t.user_id
          WHERE t.token_hash = $1 AND t.revoked_at IS NULL",
     )
     .bind(token_hash)
     .fetch_optional(db)
     .await?;
-    let Some((user_id, token_hash, enabled, role_id)) = row else {
+    let Some((user_id, token_id, token_hash, host_id, enabled, role_id)) = row else {
         return Ok(None);
     };
     if !enabled.0 {
@@ -34,7 +37,9 @@ pub async fn authenticate(db: &Db, token_hash: &str) -> Result<Option<AdminIdent
     let capabilities = names.iter().filter_map(|n| Capability::parse(n)).collect();
     Ok(Some(AdminIdentity {
         user_id,
+        token_id,
         token_hash,
+        host_id,
         capabilities,
     }))
 }
@@ -102,7 +107,9 @@ pub struct Role {
     pub created_at: i64,
 }
 
+/// Creates a role holding `caps` and the reads they imply ([`Capability::closure`]).
 pub async fn create_role(db: &Db, name: &str, caps: &[Capability]) -> Result<Role> {
+    let caps = &Capability::closure(caps)[..];
     let now = now_ms();
     let mut tx = db.begin().await?;
     let id: i64 =
@@ -134,8 +141,10 @@ fn names(caps: &[Capability]) -> Vec<String> {
     names
 }
 
-/// Replaces a role's capabilities; `None` if there is no such role.
+/// Replaces a role's capabilities with `caps` and the reads they imply; `None` if there
+/// is no such role.
 pub async fn set_role_capabilities(db: &Db, id: i64, caps: &[Capability]) -> Result<Option<Role>> {
+    let caps = &Capability::closure(caps)[..];
     let mut tx = super::begin_write(db).await?;
     let row: Option<(String, i64)> =
         sqlx::query_as("SELECT name, created_at FROM roles WHERE id = $1")
@@ -219,6 +228,16 @@ pub async fn create_user(db: &Db, name: &str, role_id: i64) -> Result<User> {
     .await?)
 }
 
+pub async fn get_user(db: &Db, id: i64) -> Result<Option<User>> {
+    Ok(sqlx::query_as(
+        "SELECT id, name, role_id, enabled, created_at, password_hash IS NOT NULL AS has_password
+             FROM users WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(db)
+    .await?)
+}
+
 pub async fn list_users(db: &Db) -> Result<Vec<User>> {
     Ok(sqlx::query_as(
         "SELECT id, name, role_id, enabled, created_at, password_hash IS NOT NULL AS has_password
@@ -233,6 +252,8 @@ pub struct AdminToken {
     pub id: i64,
     pub user_id: i64,
     pub prefix: String,
+    /// The host a host-bound token is confined to; `null`: not bound.
+    pub host_id: Option<i64>,
     #[serde(serialize_with = "crate::timefmt::rfc3339")]
     pub created_at: i64,
     #[serde(serialize_with = "crate::timefmt::rfc3339_opt")]
@@ -244,22 +265,34 @@ pub async fn insert_admin_token(
     user_id: i64,
     token_hash: &str,
     prefix: &str,
+    host_id: Option<i64>,
 ) -> Result<AdminToken> {
     Ok(sqlx::query_as(
-        "INSERT INTO admin_tokens (user_id, token_hash, prefix, created_at) VALUES ($1, $2, $3, $4)
-         RETURNING id, user_id, prefix, created_at, revoked_at",
+        "INSERT INTO admin_tokens (user_id, token_hash, prefix, created_at, host_id)
+         VALUES ($1, $2, $3, $4, $5)
+         RETURNING id, user_id, prefix, host_id, created_at, revoked_at",
     )
     .bind(user_id)
     .bind(token_hash)
     .bind(prefix)
     .bind(now_ms())
+    .bind(host_id)
     .fetch_one(db)
+    .await?)
+}
+
+pub async fn get_admin_token(db: &Db, id: i64) -> Result<Option<AdminToken>> {
+    Ok(sqlx::query_as(
+        "SELECT id, user_id, prefix, host_id, created_at, revoked_at FROM admin_tokens WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(db)
     .await?)
 }
 
 pub async fn list_admin_tokens(db: &Db, user_id: i64) -> Result<Vec<AdminToken>> {
     Ok(sqlx::query_as(
-        "SELECT id, user_id, prefix, created_at, revoked_at FROM admin_tokens WHERE user_id = $1 ORDER BY id",
+        "SELECT id, user_id, prefix, host_id, created_at, revoked_at FROM admin_tokens WHERE user_id = $1 ORDER BY id",
     )
     .bind(user_id)
     .fetch_all(db)
@@ -275,4 +308,94 @@ pub async fn revoke_admin_token(db: &Db, id: i64) -> Result<bool> {
             .execute(db)
             .await?;
     Ok(done.rows_affected() > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{AnyConnection, Connection};
+
+    use crate::auth::Capability;
+
+    /// Migration 0008 gives each existing role the reads its capabilities imply: the
+    /// same rule as `Capability::implies`, written out in SQL. Checked for a role of each
+    /// capability alone, the owner (all of them) and a role with none, on a store
+    /// migrated to 0007 with these roles in it.
+    async fn migration_0008_follows_implies(url: &str, migrator: &sqlx::migrate::Migrator) {
+        sqlx::any::install_default_drivers();
+        let mut conn = AnyConnection::connect(url).await.unwrap();
+        for m in migrator.iter().filter(|m| m.version < 8) {
+            sqlx::raw_sql(m.sql.clone())
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        let old = &Capability::ALL[..10];
+        let mut roles: Vec<(String, Vec<Capability>)> = old
+            .iter()
+            .map(|c| (c.as_str().to_owned(), vec![*c]))
+            .collect();
+        roles.push(("owner".into(), old.to_vec()));
+        roles.push(("member".into(), vec![]));
+        for (id, (name, caps)) in roles.iter().enumerate() {
+            sqlx::query("INSERT INTO roles (id, name, created_at) VALUES ($1, $2, 0)")
+                .bind(id as i64)
+                .bind(name)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            for cap in caps {
+                sqlx::query("INSERT INTO role_capabilities (role_id, capability) VALUES ($1, $2)")
+                    .bind(id as i64)
+                    .bind(cap.as_str())
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }
+        let m0008 = migrator.iter().find(|m| m.version == 8).unwrap();
+        sqlx::raw_sql(m0008.sql.clone())
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        for (id, (name, caps)) in roles.iter().enumerate() {
+            let mut got: Vec<String> =
+                sqlx::query_scalar("SELECT capability FROM role_capabilities WHERE role_id = $1")
+                    .bind(id as i64)
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap();
+            got.sort();
+            let want: Vec<String> = Capability::closure(caps)
+                .iter()
+                .map(|c| c.as_str().to_owned())
+                .collect();
+            assert_eq!(got, want, "role {name}");
+        }
+        let owner = roles.iter().position(|(n, _)| n == "owner").unwrap();
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM role_capabilities WHERE role_id = $1")
+                .bind(owner as i64)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(
+            n as usize,
+            Capability::ALL.len(),
+            "the owner reads everything"
+        );
+    }
+
+    #[tokio::test]
+    async fn migration_0008_adds_the_reads_capability_implies_to_existing_roles_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("m.db").display());
+        migration_0008_follows_implies(&url, &super::super::SQLITE_MIGRATIONS).await;
+    }
+
+    #[tokio::test]
+    async fn migration_0008_adds_the_reads_capability_implies_to_existing_roles_postgres() {
+        let cluster = mcpguard_pgcluster::Cluster::start(&[("fsync", "off")]).unwrap();
+        let url = cluster.create_database("m").unwrap();
+        migration_0008_follows_implies(&url, &super::super::POSTGRES_MIGRATIONS).await;
+    }
 }

@@ -92,6 +92,23 @@ pub async fn list_for_host(db: &Db, host_id: i64) -> Result<Vec<Enrollment>> {
         .await?)
 }
 
+/// Whether the user consented to the host acting for them on the gateway: they
+/// completed an enrollment for exactly that host and gateway (signed in on its page
+/// themselves). Claimed or not, and however long ago: consent is withdrawn by
+/// disabling the connection (or the user), not by time.
+pub async fn consented(db: &Db, host_id: i64, gateway_id: i64, user_id: i64) -> Result<bool> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM enrollments
+         WHERE host_id = $1 AND gateway_id = $2 AND user_id = $3 AND completed_at IS NOT NULL",
+    )
+    .bind(host_id)
+    .bind(gateway_id)
+    .bind(user_id)
+    .fetch_one(db)
+    .await?;
+    Ok(n > 0)
+}
+
 /// The enrollment a link's secret (its SHA-256) opens.
 pub async fn by_code(db: &Db, code_hash: &str) -> Result<Option<Enrollment>> {
     let sql = format!("SELECT {COLUMNS} FROM enrollments WHERE code_hash = $1");
