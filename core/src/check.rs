@@ -80,6 +80,12 @@ pub struct Upstream {
     pub authority: String,
     /// The server's base path, e.g. `/mcp`; may be empty.
     pub base_path: String,
+    /// The address Envoy connects to (`ip:port`), resolved and judged against the
+    /// upstream network policy by the policy service for this very request, so a name
+    /// that resolves elsewhere later (DNS rebinding) is never connected to. `authority`
+    /// stays the `Host` and the TLS name. The filter refuses an allow without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,11 +139,13 @@ pub enum DenyCode {
     IdentityMissing,
     ServerDisabled,
     GatewayDisabled,
+    UpstreamDenied,
+    UpstreamUnresolved,
     PolicyUnavailable,
 }
 
 impl DenyCode {
-    pub const ALL: [DenyCode; 16] = [
+    pub const ALL: [DenyCode; 18] = [
         DenyCode::TokenMissing,
         DenyCode::TokenMalformed,
         DenyCode::TokenUnknown,
@@ -153,6 +161,8 @@ impl DenyCode {
         DenyCode::IdentityMissing,
         DenyCode::ServerDisabled,
         DenyCode::GatewayDisabled,
+        DenyCode::UpstreamDenied,
+        DenyCode::UpstreamUnresolved,
         DenyCode::PolicyUnavailable,
     ];
 
@@ -173,6 +183,8 @@ impl DenyCode {
             DenyCode::IdentityMissing => "identity_missing",
             DenyCode::ServerDisabled => "server_disabled",
             DenyCode::GatewayDisabled => "gateway_disabled",
+            DenyCode::UpstreamDenied => "upstream_denied",
+            DenyCode::UpstreamUnresolved => "upstream_unresolved",
             DenyCode::PolicyUnavailable => "policy_unavailable",
         }
     }
@@ -193,7 +205,9 @@ impl DenyCode {
             | DenyCode::IdentityDisabled
             | DenyCode::IdentityMissing
             | DenyCode::ServerDisabled
-            | DenyCode::GatewayDisabled => 403,
+            | DenyCode::GatewayDisabled
+            | DenyCode::UpstreamDenied => 403,
+            DenyCode::UpstreamUnresolved => 502,
             DenyCode::PolicyUnavailable => 503,
         }
     }
@@ -216,6 +230,10 @@ impl DenyCode {
             DenyCode::IdentityMissing => "the user has no identity for this server",
             DenyCode::ServerDisabled => "the server is disabled",
             DenyCode::GatewayDisabled => "the gateway is disabled",
+            DenyCode::UpstreamDenied => {
+                "the server's upstream address is outside the networks this gateway may reach"
+            }
+            DenyCode::UpstreamUnresolved => "the server's upstream host name does not resolve",
             DenyCode::PolicyUnavailable => {
                 "the policy service could not be reached in time; refusing (fail closed)"
             }
@@ -394,6 +412,7 @@ mod tests {
                 scheme: Scheme::Https,
                 authority: "api.example.com:443".into(),
                 base_path: "/mcp".into(),
+                address: Some("192.0.2.7:443".into()),
             },
             inject: Some(InjectHeader {
                 name: "authorization".into(),

@@ -10,7 +10,8 @@ use mcpguard_core::jwt::Keys;
 use mcpguard_filter::config::FilterConfig;
 use mcpguard_filter::counters::Counters;
 use mcpguard_filter::decide::{
-    self, Clock, Finish, Incoming, METADATA_HEADERS, ROUTE_HEADER, RawHeaders, Refusal, Start,
+    self, ADDRESS_HEADER, Clock, Finish, Incoming, METADATA_HEADERS, ROUTE_HEADER, RawHeaders,
+    Refusal, Start,
 };
 
 use crate::abi::{ConfigSite, HeadersStatus, Level, Stream, log};
@@ -92,6 +93,8 @@ impl Request {
             s.set_request_header(ROUTE_HEADER, None);
             s.clear_route_cache();
         }
+        // Nor the address Envoy connects to (read by the cluster, not the route).
+        s.set_request_header(ADDRESS_HEADER, None);
         let headers = RawHeaders::from_pairs(&all);
         // The tool name sits in a nested struct (`params.name`), which this ABI cannot
         // read; the method is enough for the decision, the tool is only audited.

@@ -12,6 +12,12 @@ use mcpguard_core::jwt::{self, Keys};
 /// The filter removes any client-sent copy first, so it cannot be forged.
 pub const ROUTE_HEADER: &str = "x-mcpguard-route";
 
+/// Set by the filter on requests it authorised: the address (`ip:port`) the policy
+/// service resolved and judged for this request, which Envoy's original-destination
+/// clusters connect to. Removed from client requests first thing, like
+/// [`ROUTE_HEADER`], and from the upstream request by the cluster.
+pub const ADDRESS_HEADER: &str = "x-mcpguard-upstream-addr";
+
 /// The request headers the decision reads, in the order [`RawHeaders`] holds them.
 pub const NEEDED_HEADERS: [&str; 5] = [
     ":path",
@@ -256,10 +262,12 @@ pub enum Finish {
     Refuse(Refusal),
 }
 
-/// How to rewrite an authorised request so Envoy's dynamic forward proxy carries it.
+/// How to rewrite an authorised request so Envoy carries it to its upstream.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Forward {
     pub authority: String,
+    /// Where Envoy connects: [`ADDRESS_HEADER`].
+    pub address: String,
     pub path: String,
     /// Value of [`ROUTE_HEADER`]: `http` or `https`, picking the forward-proxy cluster.
     pub route: &'static str,
@@ -276,6 +284,7 @@ impl Forward {
         let mut edits = vec![
             (":authority", Some(self.authority.as_str())),
             (":path", Some(self.path.as_str())),
+            (ADDRESS_HEADER, Some(self.address.as_str())),
             ("authorization", None),
         ];
         if let Some((name, value)) = &self.inject {
@@ -317,12 +326,23 @@ pub fn finish(status: Option<u16>, body: Option<&[u8]>, request_path: &str) -> F
             // was already sent on the token-less 401 they saw first.
             Finish::Refuse(Refusal::new(code, None))
         }
-        CheckResponse::Allow { upstream, inject } => Finish::Forward(Forward {
-            authority: upstream.authority,
-            path: path.upstream_path(&upstream.base_path),
-            route: upstream.scheme.as_str(),
-            inject: inject.map(|h| (h.name, h.value)),
-        }),
+        CheckResponse::Allow { upstream, inject } => {
+            // An allow names the address to connect to; without one there is nowhere
+            // judged to send the request.
+            let Some(address) = upstream
+                .address
+                .filter(|a| a.parse::<std::net::SocketAddr>().is_ok())
+            else {
+                return unavailable();
+            };
+            Finish::Forward(Forward {
+                address,
+                authority: upstream.authority,
+                path: path.upstream_path(&upstream.base_path),
+                route: upstream.scheme.as_str(),
+                inject: inject.map(|h| (h.name, h.value)),
+            })
+        }
     }
 }
 
@@ -595,11 +615,16 @@ mod tests {
     }
 
     fn allow_body(scheme: Scheme, inject: Option<InjectHeader>) -> Vec<u8> {
+        allow_at(scheme, inject, Some("127.0.0.1:9100"))
+    }
+
+    fn allow_at(scheme: Scheme, inject: Option<InjectHeader>, address: Option<&str>) -> Vec<u8> {
         serde_json::to_vec(&CheckResponse::Allow {
             upstream: Upstream {
                 scheme,
-                authority: "127.0.0.1:9100".into(),
+                authority: "mcp.example:9100".into(),
                 base_path: "/mcp".into(),
+                address: address.map(str::to_owned),
             },
             inject,
         })
@@ -613,7 +638,8 @@ mod tests {
         assert_eq!(
             f,
             Finish::Forward(Forward {
-                authority: "127.0.0.1:9100".into(),
+                authority: "mcp.example:9100".into(),
+                address: "127.0.0.1:9100".into(),
                 path: "/mcp/sub?q=1".into(),
                 route: "http",
                 inject: None,
@@ -664,6 +690,12 @@ mod tests {
             (Some(200), None),            // empty
             (Some(200), Some(&b"{"[..])), // truncated
             (Some(200), Some(&br#"{"decision":"maybe"}"#[..])),
+            // An allow with no judged address to connect to, or not an address.
+            (Some(200), Some(&allow_at(Scheme::Http, None, None)[..])),
+            (
+                Some(200),
+                Some(&allow_at(Scheme::Http, None, Some("mcp.example:1"))[..]),
+            ),
         ] {
             let Finish::Refuse(r) = finish(status, body, "/mcp/eng/github") else {
                 panic!("{status:?} must not forward");
@@ -675,6 +707,7 @@ mod tests {
     fn header_edits_drop_the_clients_token_before_injecting_and_set_the_route_last() {
         let forward = Forward {
             authority: "up:443".into(),
+            address: "192.0.2.1:443".into(),
             path: "/mcp".into(),
             route: "https",
             inject: Some(("authorization".into(), "Bearer per-user".into())),
@@ -684,6 +717,7 @@ mod tests {
             vec![
                 (":authority", Some("up:443")),
                 (":path", Some("/mcp")),
+                (ADDRESS_HEADER, Some("192.0.2.1:443")),
                 ("authorization", None),
                 ("authorization", Some("Bearer per-user")),
                 (ROUTE_HEADER, Some("https")),
@@ -693,8 +727,8 @@ mod tests {
             inject: None,
             ..forward
         };
-        assert_eq!(plain.header_edits().len(), 4);
-        assert_eq!(plain.header_edits()[3], (ROUTE_HEADER, Some("https")));
+        assert_eq!(plain.header_edits().len(), 5);
+        assert_eq!(plain.header_edits()[4], (ROUTE_HEADER, Some("https")));
     }
 
     #[test]

@@ -14,7 +14,8 @@ use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 use crate::config::FilterConfig;
 use crate::counters::Counters;
 use crate::decide::{
-    self, Clock, Finish, Incoming, METADATA_HEADERS, ROUTE_HEADER, RawHeaders, Refusal, Start,
+    self, ADDRESS_HEADER, Clock, Finish, Incoming, METADATA_HEADERS, ROUTE_HEADER, RawHeaders,
+    Refusal, Start,
 };
 use mcpguard_core::jwt::Keys;
 
@@ -242,8 +243,10 @@ impl Request {
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        // Whatever happens next, a client can never choose a forwarding route itself.
+        // Whatever happens next, a client can never choose a forwarding route, or the
+        // address it connects to, itself.
         self.set_http_request_header(ROUTE_HEADER, None);
+        self.set_http_request_header(ADDRESS_HEADER, None);
         self.decide()
     }
 }

@@ -332,3 +332,56 @@ async fn the_check_port_hands_credentials_to_envoy_only() {
         .unwrap();
     assert!(seen.contains(downstream), "{seen}");
 }
+
+/// DNS rebinding, and a forged destination: Envoy connects only to the address the
+/// policy service resolved and judged for the very request, never to one a client
+/// names, and a name whose addresses the policy now refuses is refused at once.
+#[tokio::test]
+async fn every_request_connects_only_to_an_address_judged_for_it() {
+    let mut stack = Stack::start().await;
+    let spy = Spy::start().await;
+    let decoy = Spy::start().await;
+    let admin = stack.admin();
+    let by_name = format!("http://localhost:{}/base", spy.port);
+    let p = admin.provision("eng", "spy", &by_name).await;
+    let bearer = format!("Bearer {}", p.token);
+    let decoy_addr = format!("127.0.0.1:{}", decoy.port);
+    let headers: [(&[u8], &[u8]); 2] = [
+        (b"authorization", bearer.as_bytes()),
+        (b"x-mcpguard-upstream-addr", decoy_addr.as_bytes()),
+    ];
+    let (status, body) =
+        raw::request(stack.envoy.port, &head(b"/mcp/eng/spy", &headers), b"{}").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(spy.paths(), vec!["/base".to_owned()]);
+    assert_eq!(
+        spy.hosts(),
+        vec![format!("localhost:{}", spy.port)],
+        "the name stays the Host"
+    );
+    assert_eq!(
+        decoy.paths(),
+        Vec::<String>::new(),
+        "a client-named address was used"
+    );
+
+    // The name now resolves only into networks the operator denies (what a rebinding
+    // to an inside address looks like to the policy): refused on the next request.
+    stack
+        .policy
+        .restart_with(
+            stack.dir.path(),
+            &[("MCPGUARD_UPSTREAM_DENY_NETWORKS", "127.0.0.0/8,::1/128")],
+        )
+        .await;
+    let (status, body) =
+        raw::request(stack.envoy.port, &head(b"/mcp/eng/spy", &headers), b"{}").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("upstream_denied"), "{body}");
+    assert_eq!(
+        spy.paths().len(),
+        1,
+        "the refused request reached the upstream"
+    );
+    assert_eq!(decoy.paths(), Vec::<String>::new());
+}

@@ -124,6 +124,16 @@ impl Spy {
             .collect()
     }
 
+    /// The `Host` of each request that reached this upstream, in order.
+    pub fn hosts(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .expect("spy log")
+            .iter()
+            .map(|(_, h)| h.clone())
+            .collect()
+    }
+
     pub fn url(&self, base_path: &str) -> String {
         format!("http://127.0.0.1:{}{base_path}", self.port)
     }

@@ -13,6 +13,7 @@ use mcpguard_core::oauth::resource_url;
 use mcpguard_core::token::TokenHash;
 
 use super::ext_authz::{Presented, Unpresentable};
+use crate::upstream_policy::Refused;
 
 use crate::AppState;
 use crate::config::CheckDeadline;
@@ -73,6 +74,19 @@ async fn run(
             state.secrets.opener(),
         ),
     };
+    let decision = match decision {
+        CheckResponse::Allow {
+            mut upstream,
+            inject,
+        } => match pin(&state, &upstream.authority, deadline).await {
+            Ok(address) => {
+                upstream.address = Some(address.to_string());
+                CheckResponse::Allow { upstream, inject }
+            }
+            Err(code) => CheckResponse::Deny { code },
+        },
+        deny => deny,
+    };
     if let (CheckResponse::Allow { .. }, Some(row)) = (&decision, &row) {
         // An OAuth row's id is its grant's, not an API token's.
         let token = matches!(presented, Presented::ApiToken(_)).then_some(row.token_id);
@@ -119,6 +133,41 @@ async fn present(
                     Err(ApiError::Unavailable)
                 }
             }
+        }
+    }
+}
+
+/// The address Envoy is to connect to for an upstream `host:port`: resolved now (an
+/// address literal is not looked up) and judged by the upstream network policy, so
+/// that what Envoy connects to is exactly what was judged, whatever the name resolves
+/// to a moment later (DNS rebinding). IPv4 first, as Envoy's resolver would.
+async fn pin(
+    state: &AppState,
+    authority: &str,
+    deadline: std::time::Duration,
+) -> Result<std::net::SocketAddr, DenyCode> {
+    let resolved = tokio::time::timeout(deadline, state.upstreams.resolve_authority(authority));
+    match resolved.await {
+        Ok(Ok(addrs)) => addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(addrs.first())
+            .copied()
+            .ok_or(DenyCode::UpstreamUnresolved),
+        Ok(Err(Refused::Denied(denied))) => {
+            tracing::warn!(authority, %denied, "check: the upstream resolves into a denied network; refusing");
+            Err(DenyCode::UpstreamDenied)
+        }
+        Ok(Err(refused @ Refused::Unresolvable { .. })) => {
+            tracing::warn!(authority, %refused, "check: the upstream does not resolve; refusing");
+            Err(DenyCode::UpstreamUnresolved)
+        }
+        Err(_) => {
+            tracing::warn!(
+                authority,
+                "check: the upstream did not resolve within the check deadline; refusing"
+            );
+            Err(DenyCode::UpstreamUnresolved)
         }
     }
 }

@@ -372,6 +372,8 @@ fn decide_layers(
             scheme,
             authority: authority.clone(),
             base_path: path.clone(),
+            // Pinned by the check route, which resolves and judges the authority.
+            address: None,
         },
         inject,
     }
