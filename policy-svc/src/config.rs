@@ -101,6 +101,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=365))]
     pub refresh_token_ttl_days: u32,
 
+    /// Password hashes (argon2id, 19 MiB each) that may run at once: sign-ins, enrollment
+    /// sign-ins, password changes. Twice as many requests may wait; beyond that they get
+    /// 503 with `Retry-After`. Default: the number of CPUs.
+    #[arg(long, env = "MCPGUARD_PASSWORD_HASH_CONCURRENCY",
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub password_hash_concurrency: Option<u32>,
+
     /// Days to keep audit entries; 0 keeps them forever.
     #[arg(long, env = "MCPGUARD_AUDIT_RETENTION_DAYS", default_value_t = 90)]
     pub audit_retention_days: u32,
@@ -182,6 +189,14 @@ impl Config {
             access_token_ttl_secs: i64::from(self.access_token_ttl_secs),
             refresh_token_ttl_ms: i64::from(self.refresh_token_ttl_days) * 86_400_000,
         })
+    }
+
+    /// The bound on concurrent password hashes.
+    pub fn passwords(&self) -> crate::signin::Passwords {
+        match self.password_hash_concurrency {
+            Some(n) => crate::signin::Passwords::new(usize::try_from(n).unwrap_or(1)),
+            None => crate::signin::Passwords::per_cpu(),
+        }
     }
 
     pub fn database_url(&self) -> String {

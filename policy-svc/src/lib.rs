@@ -10,6 +10,7 @@ pub mod keys;
 mod queue;
 pub mod routes;
 pub mod secrets;
+pub mod signin;
 pub mod store;
 mod timefmt;
 mod usage;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub signer: std::sync::Arc<keys::Signer>,
     /// Verifies access tokens presented to the ext_authz endpoint.
     pub verifier: std::sync::Arc<keys::Verifier>,
+    /// The bound on concurrent password hashes (sign-in, enrollment, password set).
+    pub passwords: std::sync::Arc<signin::Passwords>,
 }
 
 /// `mcpguard-policy reseal`: moves every stored sealed value to the current key.
@@ -101,6 +104,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         oauth,
         signer: std::sync::Arc::default(),
         verifier: std::sync::Arc::default(),
+        passwords: std::sync::Arc::new(config.passwords()),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -112,7 +116,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let nodelay = |tcp: &mut tokio::net::TcpStream| {
         let _ = tcp.set_nodelay(true);
     };
-    let public_server = axum::serve(public.tap_io(nodelay), routes::public(state.clone()))
+    // The peer address: the sign-in throttle counts attempts per client.
+    let public_routes =
+        routes::public(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let public_server = axum::serve(public.tap_io(nodelay), public_routes)
         .with_graceful_shutdown(stopped(stop_rx.clone()));
     let check_routes = routes::check(state).layer(axum::Extension(config.check_deadline()));
     let check_server =
@@ -201,9 +208,12 @@ async fn bootstrap(db: &Db, config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes `secret` to `path`, readable by its owner only. The mode is applied to an
+/// existing file too (`mode` at open only applies to a file it creates), before the
+/// secret is written into it.
 pub(crate) fn write_secret_file(path: &Path, secret: &str) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -211,6 +221,8 @@ pub(crate) fn write_secret_file(path: &Path, secret: &str) -> anyhow::Result<()>
         .mode(0o600)
         .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} readable by its owner only", path.display()))?;
     writeln!(file, "{secret}")?;
     Ok(())
 }

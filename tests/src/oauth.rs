@@ -62,6 +62,8 @@ pub struct Browser {
 pub struct Page {
     pub status: u16,
     pub location: Option<String>,
+    /// `Retry-After` in seconds, on refusals that say when to come back.
+    pub retry_after: Option<u64>,
     pub body: String,
 }
 
@@ -78,6 +80,19 @@ impl Default for Browser {
 }
 
 impl Browser {
+    /// A browser whose connections come from `local` (a loopback address such as
+    /// 127.0.0.2): another client, as far as the policy service's peer address goes.
+    pub fn from_address(local: std::net::IpAddr) -> Browser {
+        Browser {
+            http: reqwest::Client::builder()
+                .redirect(Policy::none())
+                .local_address(local)
+                .build()
+                .unwrap(),
+            cookies: Vec::new(),
+        }
+    }
+
     async fn page(&mut self, resp: reqwest::Response) -> Page {
         for name in [
             "mcpguard_login_csrf",
@@ -97,6 +112,11 @@ impl Browser {
                 .get("location")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
+            retry_after: resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
             body: resp.text().await.unwrap_or_default(),
         }
     }

@@ -466,6 +466,7 @@ mod tests {
             oauth: std::sync::Arc::new(crate::routes::oauth::OauthConfig::for_tests()),
             signer: std::sync::Arc::default(),
             verifier: verifier.clone(),
+            passwords: std::sync::Arc::new(crate::signin::Passwords::new(1)),
         });
         Fixture {
             app,
