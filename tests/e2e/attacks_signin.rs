@@ -216,10 +216,10 @@ async fn an_attackers_wrong_passwords_never_keep_the_user_out() {
     assert_eq!(initialize_with(&url, Some(access)).await.status, 200);
 }
 
-/// Item 9: 40 guesses at once from one client. Before, all 40 were verified. The
-/// attempt is reserved in the database before the password is verified, so at most the
-/// client's free failures are (the hashing bound is raised so that all 40 reach the
-/// reservation together).
+/// Item 9: 40 guesses at once from one client, half of them to a second replica on the
+/// same database. Before, all 40 were verified. The attempt is reserved in the
+/// database before the password is verified, so at most the client's free failures are
+/// (the hashing bound is raised so that all 40 reach the reservation together).
 #[tokio::test]
 async fn parallel_guesses_are_not_all_verified() {
     const GUESSES: usize = 40;
@@ -234,12 +234,32 @@ async fn parallel_guesses_are_not_all_verified() {
         let browser = Browser::from_address(loopback(7));
         forms.push(sign_in_form(browser, &client, &url, "alice", &guess).await);
     }
-    let login = format!("{}/oauth/login", client.issuer);
-    let statuses: Vec<u16> = futures::future::join_all(forms.into_iter().map(|(mut b, form)| {
-        let login = login.clone();
-        async move { b.post(&login, &form).await.status }
-    }))
-    .await;
+    // A second replica on the same database takes half of them.
+    let db = stack.policy.database_url.clone().unwrap_or_else(|| {
+        let file = stack.policy.data_dir.join("mcpguard.db");
+        format!("sqlite://{}?mode=rwc", file.display())
+    });
+    let key = stack.policy.data_dir.join("secrets.key");
+    let base = stack.envoy.base_url();
+    let env = [
+        ("DATABASE_URL", db.as_str()),
+        ("MCPGUARD_SECRETS_KEY_FILE", &key.display().to_string()),
+        ("MCPGUARD_PASSWORD_HASH_CONCURRENCY", "20"),
+        ("MCPGUARD_RESOURCE_BASE_URLS", base.as_str()),
+    ]
+    .map(|(k, v)| (k, v.to_owned()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let replica = Policy::start_with(&stack.dir.path().join("b"), stack.dir.path(), &env).await;
+    let logins = [
+        format!("{}/oauth/login", client.issuer),
+        format!("{}/oauth/login", replica.public_url()),
+    ];
+    let statuses: Vec<u16> =
+        futures::future::join_all(forms.into_iter().enumerate().map(|(i, (mut b, form))| {
+            let login = logins[i % 2].clone();
+            async move { b.post(&login, &form).await.status }
+        }))
+        .await;
     let verified = statuses.iter().filter(|&&s| s == 401).count();
     eprintln!("{GUESSES} parallel guesses: {verified} verified; {statuses:?}");
     assert!(
