@@ -373,7 +373,7 @@ pub enum SignIn {
     /// Too many recent attempts from this client under this name (or under this name
     /// from everywhere): refused without verifying, retry after this many seconds.
     Throttled(u64),
-    /// Too many hashes at once: refused without reading or counting anything.
+    /// The hash waited too long in the queue (a stalled machine): not verified.
     Busy,
 }
 
@@ -389,10 +389,12 @@ impl SignIn {
 const MAX_NAME_CHARS: usize = 200;
 const MAX_PASSWORD_CHARS: usize = 1024;
 
-/// Signs in an enabled user with a password. Takes as long for an unknown name as for
-/// a wrong password, and throttles both alike.
+/// Signs in an enabled user with a password, once `admitted` to hash (the caller asks
+/// [`Passwords::admit`] before it reads anything, and answers [`Busy`] itself). Takes as
+/// long for an unknown name as for a wrong password, and throttles both alike.
 pub async fn sign_in(
     state: &AppState,
+    admitted: Admitted,
     client: &Client,
     username: &str,
     password: &str,
@@ -400,9 +402,6 @@ pub async fn sign_in(
     if username.chars().count() > MAX_NAME_CHARS || password.chars().count() > MAX_PASSWORD_CHARS {
         return Ok(SignIn::Refused);
     }
-    let Ok(admitted) = state.passwords.admit() else {
-        return Ok(SignIn::Busy);
-    };
     if let Reservation::Throttled { retry_after_ms } =
         db::reserve(&state.db, username, &client.0, now_ms()).await?
     {

@@ -360,12 +360,18 @@ async fn submit(
     };
     let again = |status, error: &str| form_page(&state, status, &code, &opened, &csrf, Some(error));
 
+    // Before the sign-in reads anything: beyond the hashing bound it costs nothing.
+    let Ok(admitted) = state.passwords.admit() else {
+        return busy_page();
+    };
     // Only the invited user may complete it.
     let signed_in = match (field("username"), field("password")) {
-        (Some(name), Some(password)) => match sign_in(&state, &client, name, password).await {
-            Ok(answer) => answer,
-            Err(e) => return ApiError::from(e).into_response(),
-        },
+        (Some(name), Some(password)) => {
+            match sign_in(&state, admitted, &client, name, password).await {
+                Ok(answer) => answer,
+                Err(e) => return ApiError::from(e).into_response(),
+            }
+        }
         _ => SignIn::Refused,
     };
     match signed_in {

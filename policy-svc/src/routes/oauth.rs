@@ -751,6 +751,10 @@ async fn login(
             "<p>The form expired or did not come from this site. Start again from your application.</p>".into(),
         );
     }
+    // Before any read: beyond the hashing bound a sign-in costs nothing.
+    let Ok(admitted) = state.passwords.admit() else {
+        return busy_page();
+    };
     let authz = match validate_authz(&state, &p).await {
         Ok(a) => a,
         Err(e) => return authz_error_response(&issuer, e),
@@ -763,7 +767,7 @@ async fn login(
             Some("Enter your user name and password."),
         );
     };
-    let user_id = match signin::sign_in(&state, &client, username, password).await {
+    let user_id = match signin::sign_in(&state, admitted, &client, username, password).await {
         Ok(SignIn::User(id)) => id,
         Ok(SignIn::Throttled(retry_after)) => {
             tracing::warn!(client_id = %authz.client.client_id, retry_after, "oauth sign-in throttled");
