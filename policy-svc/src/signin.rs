@@ -24,8 +24,10 @@
 //!   [`FREE_FAILURES`] guesses outside the budget.
 //!
 //! The client is the peer address of the connection (an IPv6 address by its /64, which
-//! one subscriber usually holds whole). Behind a reverse proxy every client has the
-//! proxy's address: the per-client limit then applies to everyone behind it.
+//! one subscriber usually holds whole). Behind a reverse proxy (an Istio sidecar, an
+//! ingress) every client has the proxy's address, and the per-client limit would hold
+//! everyone behind it together: list the proxies in `--trusted-proxies` and the client
+//! is read from the `X-Forwarded-For` they append ([`forwarded_client`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -237,6 +239,8 @@ fn dummy_hash(memory: &mut Memory) -> &'static str {
 
 /// The client a sign-in comes from, as the throttle counts it: the peer address (an
 /// IPv6 address by its /64), or `unknown` when the server was not asked to keep it.
+/// When the peer is a trusted proxy (`--trusted-proxies`), the address that proxy says
+/// it serves, from `X-Forwarded-For` ([`forwarded_client`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Client(pub String);
 
@@ -261,15 +265,103 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for Client {
+/// A network of trusted proxies: `10.0.0.0/8`, `127.0.0.6`, `fd00::/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    addr: IpAddr,
+    prefix: u32,
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s.trim(), None),
+        };
+        let addr = canonical(
+            addr.parse()
+                .map_err(|_| format!("{s:?}: not an IP address"))?,
+        );
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?,
+            None => max,
+        };
+        Ok(Network { addr, prefix })
+    }
+}
+
+impl Network {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let bits = |a: IpAddr| match a {
+            IpAddr::V4(v4) => (u128::from(u32::from(v4)) << 96, 32),
+            IpAddr::V6(v6) => (u128::from(v6), 128),
+        };
+        let ((net, family), (ip, ip_family)) = (bits(self.addr), bits(canonical(ip)));
+        if family != ip_family {
+            return false;
+        }
+        let mask = u128::MAX.checked_shl(128 - self.prefix).unwrap_or(0);
+        net & mask == ip & mask
+    }
+}
+
+/// The client behind trusted proxies: `X-Forwarded-For` read from the right (the hop
+/// our proxy appended) to the first address that is not a trusted proxy; what lies to
+/// its left came from the client and is not believed. A peer that is not a trusted
+/// proxy is the client, whatever it sends; an unreadable hop stops the walk.
+pub fn forwarded_client<'a>(
+    peer: IpAddr,
+    forwarded_for: impl Iterator<Item = &'a str>,
+    trusted: &[Network],
+) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(ip));
+    let mut client = peer;
+    if !is_trusted(client) {
+        return client;
+    }
+    let hops: Vec<&str> = forwarded_for.flat_map(|v| v.split(',')).collect();
+    // A proxy chain is short; a long header is someone else's.
+    for hop in hops.iter().rev().take(16) {
+        let hop = hop.trim();
+        let parsed = hop
+            .parse::<IpAddr>()
+            .or_else(|_| hop.parse::<SocketAddr>().map(|s| s.ip()));
+        let Ok(ip) = parsed else { break };
+        client = ip;
+        if !is_trusted(ip) {
+            break;
+        }
+    }
+    client
+}
+
+impl FromRequestParts<AppState> for Client {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0.ip());
-        Ok(Client::of(peer))
+        let forwarded = parts
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        let trusted = &state.oauth.trusted_proxies;
+        Ok(Client::of(
+            peer.map(|p| forwarded_client(p, forwarded, trusted)),
+        ))
     }
 }
 
@@ -551,6 +643,46 @@ mod tests {
             Client::of(ip("2001:db8:1:3::1"))
         );
         assert_eq!(Client::of(None).0, "unknown");
+    }
+
+    #[test]
+    fn behind_trusted_proxies_the_client_is_the_hop_they_saw() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let nets: Vec<Network> = ["10.0.0.0/8", "127.0.0.6", "fd00::/8"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        assert!(nets[0].contains(ip("10.200.1.2")) && !nets[0].contains(ip("11.0.0.1")));
+        assert!(nets[1].contains(ip("::ffff:127.0.0.6")) && !nets[1].contains(ip("127.0.0.7")));
+        assert!(nets[2].contains(ip("fd12::1")) && !nets[2].contains(ip("fe80::1")));
+        assert!(!nets[0].contains(ip("::a00:1")), "families do not mix");
+        assert!(
+            "0.0.0.0/0"
+                .parse::<Network>()
+                .unwrap()
+                .contains(ip("8.8.8.8"))
+        );
+        for bad in ["10.0.0.0/33", "nonsense", "::/129", "10.0.0.0/x"] {
+            assert!(bad.parse::<Network>().is_err(), "{bad}");
+        }
+        let client = |peer: &str, xff: &[&str]| {
+            forwarded_client(ip(peer), xff.iter().copied(), &nets).to_string()
+        };
+        // Not through a trusted proxy: the peer, whatever it claims.
+        assert_eq!(client("203.0.113.9", &["198.51.100.1"]), "203.0.113.9");
+        // Through the sidecar and an ingress: the first hop they did not add.
+        assert_eq!(
+            client("127.0.0.6", &["198.51.100.1, 203.0.113.5, 10.1.2.3"]),
+            "203.0.113.5"
+        );
+        assert_eq!(
+            client("127.0.0.6", &["198.51.100.1", "203.0.113.5:4711"]),
+            "203.0.113.5"
+        );
+        // No header, only trusted hops, or garbage: the last trusted hop.
+        assert_eq!(client("127.0.0.6", &[]), "127.0.0.6");
+        assert_eq!(client("127.0.0.6", &["10.9.9.9"]), "10.9.9.9");
+        assert_eq!(client("127.0.0.6", &["203.0.113.5, garbage"]), "127.0.0.6");
     }
 
     #[test]

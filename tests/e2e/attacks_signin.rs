@@ -283,6 +283,41 @@ async fn parallel_guesses_are_not_all_verified() {
     assert_eq!(status, 429);
 }
 
+/// Item 9, behind a reverse proxy (an Istio sidecar connects from 127.0.0.6): every
+/// client has the proxy's address, so without `--trusted-proxies` an attacker behind it
+/// holds the victim behind it back too. With it, the client is the hop the proxy
+/// appended to `X-Forwarded-For`; what a client writes there itself changes nothing,
+/// and a client that connects directly is its own address whatever it claims.
+#[tokio::test]
+async fn forwarded_for_names_the_client_only_from_a_trusted_proxy() {
+    let proxy = loopback(8);
+    let stack = Stack::start_with(false, &[("MCPGUARD_TRUSTED_PROXIES", "127.0.0.8")], None).await;
+    setup(&stack).await;
+    let url = stack.envoy.mcp_url("eng", "demo");
+    let client = RawClient::register(&stack.policy.public_url(), "Proxied client").await;
+    // Straight to the port, with a new made-up address each time: still one client.
+    for attempt in 1..=4 {
+        let spoofed = format!("198.51.100.{attempt}");
+        let browser = Browser::from_address(loopback(2)).with_header("x-forwarded-for", &spoofed);
+        let (status, _, _) = try_sign_in(browser, &client, &url, "alice", "wrong").await;
+        let expected = if attempt <= FREE_FAILURES { 401 } else { 429 };
+        assert_eq!(status, expected, "direct attempt {attempt}");
+    }
+    // Through the proxy: the attacker (203.0.113.7, as the proxy appends it) rotates
+    // what it writes to the left, and waits all the same.
+    for attempt in 1..=5 {
+        let xff = format!("10.{attempt}.0.1, 203.0.113.7");
+        let browser = Browser::from_address(proxy).with_header("x-forwarded-for", &xff);
+        let (status, _, _) = try_sign_in(browser, &client, &url, "alice", "wrong").await;
+        let expected = if attempt <= FREE_FAILURES { 401 } else { 429 };
+        assert_eq!(status, expected, "proxied attempt {attempt}");
+    }
+    // Alice, behind the same proxy, is another client.
+    let browser = Browser::from_address(proxy).with_header("x-forwarded-for", "203.0.113.9");
+    let (status, _, page) = try_sign_in(browser, &client, &url, "alice", PASSWORD).await;
+    assert_eq!(status, 303, "{page}");
+}
+
 /// Item 12: changing a user's password signs them out everywhere. Before, sessions,
 /// refresh tokens and access tokens opened with the old password kept working.
 #[tokio::test]

@@ -56,6 +56,8 @@ fn set_cookie(resp: &reqwest::Response, name: &str) -> Option<String> {
 pub struct Browser {
     http: reqwest::Client,
     cookies: Vec<String>,
+    /// Sent with every request (e.g. `x-forwarded-for`, as a proxy would).
+    headers: Vec<(String, String)>,
 }
 
 /// What the browser saw at one step.
@@ -75,6 +77,7 @@ impl Default for Browser {
                 .build()
                 .unwrap(),
             cookies: Vec::new(),
+            headers: Vec::new(),
         }
     }
 }
@@ -90,7 +93,25 @@ impl Browser {
                 .build()
                 .unwrap(),
             cookies: Vec::new(),
+            headers: Vec::new(),
         }
+    }
+
+    /// Sends `name: value` with every request from now on.
+    pub fn with_header(mut self, name: &str, value: &str) -> Browser {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let mut req = self
+            .http
+            .request(method, url)
+            .header("cookie", self.cookies.join("; "));
+        for (name, value) in &self.headers {
+            req = req.header(name, value);
+        }
+        req
     }
 
     async fn page(&mut self, resp: reqwest::Response) -> Page {
@@ -123,9 +144,7 @@ impl Browser {
 
     pub async fn get(&mut self, url: &str) -> Page {
         let resp = self
-            .http
-            .get(url)
-            .header("cookie", self.cookies.join("; "))
+            .request(reqwest::Method::GET, url)
             .send()
             .await
             .expect("policy service reachable");
@@ -134,9 +153,7 @@ impl Browser {
 
     pub async fn post(&mut self, url: &str, form: &HashMap<String, String>) -> Page {
         let resp = self
-            .http
-            .post(url)
-            .header("cookie", self.cookies.join("; "))
+            .request(reqwest::Method::POST, url)
             .form(form)
             .send()
             .await

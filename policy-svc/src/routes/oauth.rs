@@ -36,6 +36,8 @@ pub struct OauthConfig {
     pub resource_base_urls: Vec<String>,
     pub access_token_ttl_secs: i64,
     pub refresh_token_ttl_ms: i64,
+    /// Peers whose `X-Forwarded-For` names the client of a sign-in (`--trusted-proxies`).
+    pub trusted_proxies: Vec<crate::signin::Network>,
 }
 
 impl OauthConfig {
@@ -45,6 +47,7 @@ impl OauthConfig {
             resource_base_urls: vec!["http://127.0.0.1:10000".into()],
             access_token_ttl_secs: 300,
             refresh_token_ttl_ms: 86_400_000,
+            trusted_proxies: Vec::new(),
         }
     }
 
