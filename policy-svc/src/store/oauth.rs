@@ -626,6 +626,112 @@ mod tests {
         );
     }
 
+    /// Two users (1, 2), a gateway (1), a headed host (1, "App") that user 1 reaches.
+    async fn people_and_a_headed_host(db: &Db) {
+        for sql in [
+            "INSERT INTO roles (id, name, created_at) VALUES (1, 'r', 0)",
+            "INSERT INTO users (id, name, role_id, enabled, created_at) VALUES (1, 'u', 1, 1, 0)",
+            "INSERT INTO users (id, name, role_id, enabled, created_at) VALUES (2, 'v', 1, 1, 0)",
+            "INSERT INTO gateways (id, name, slug, enabled, created_at) VALUES (1, 'g', 'g', 1, 0)",
+            "INSERT INTO hosts (id, name, kind, enabled, created_at) VALUES (1, 'App', 'oauth', 1, 0)",
+            "INSERT INTO connections (id, host_id, gateway_id, user_id, enabled, created_at)
+             VALUES (1, 1, 1, 1, 1, 0)",
+        ] {
+            sqlx::query(sql).execute(db).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_password_change_ends_the_users_sessions_grants_and_pending_codes() {
+        let (db, _dir) = db().await;
+        people_and_a_headed_host(&db).await;
+        let client = insert_client(&db, "c1", "App", &["http://127.0.0.1/cb".into()])
+            .await
+            .unwrap();
+        for user in [1, 2] {
+            insert_session(&db, &format!("s{user}"), user, 60_000)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO oauth_grants (client_id, user_id, connection_id, resource, created_at)
+                 VALUES ($1, $2, 1, 'r', 0)",
+            )
+            .bind(client.id)
+            .bind(user)
+            .execute(&db)
+            .await
+            .unwrap();
+        }
+        insert_code(
+            &db,
+            &NewCode {
+                code_hash: "k1",
+                client_id: client.id,
+                user_id: 1,
+                connection_id: 1,
+                redirect_uri: "http://127.0.0.1/cb",
+                code_challenge: "x",
+                resource: "r",
+                scope: None,
+                ttl_ms: 60_000,
+            },
+        )
+        .await
+        .unwrap();
+        assert!(set_password(&db, 1, "$argon2id$new").await.unwrap());
+        assert!(session_user(&db, "s1").await.unwrap().is_none());
+        assert!(
+            session_user(&db, "s2").await.unwrap().is_some(),
+            "others keep theirs"
+        );
+        let revoked: Vec<(i64, Option<i64>)> =
+            sqlx::query_as("SELECT user_id, revoked_at FROM oauth_grants ORDER BY user_id")
+                .fetch_all(&db)
+                .await
+                .unwrap();
+        assert!(
+            revoked[0].1.is_some() && revoked[1].1.is_none(),
+            "{revoked:?}"
+        );
+        assert!(
+            get_code(&db, "k1")
+                .await
+                .unwrap()
+                .unwrap()
+                .used_at
+                .is_some()
+        );
+        assert!(!set_password(&db, 99, "$argon2id$new").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_new_client_of_an_app_the_user_already_runs_joins_its_host() {
+        let (db, _dir) = db().await;
+        people_and_a_headed_host(&db).await;
+        sqlx::query("UPDATE hosts SET enabled = 0 WHERE id = 1")
+            .execute(&db)
+            .await
+            .unwrap();
+        let uris = ["http://127.0.0.1/cb".to_owned()];
+        let again = insert_client(&db, "c2", "App", &uris).await.unwrap();
+        assert_eq!(host_for_client(&db, &again, 1).await.unwrap(), 1);
+        // Settled: the client keeps its host, whoever authorizes it next.
+        let again = get_client(&db, "c2").await.unwrap().unwrap();
+        assert_eq!(host_for_client(&db, &again, 2).await.unwrap(), 1);
+        // Another name, or another user's first client of the same name: a new host.
+        let other = insert_client(&db, "c3", "Other app", &uris).await.unwrap();
+        assert_ne!(host_for_client(&db, &other, 1).await.unwrap(), 1);
+        let theirs = insert_client(&db, "c4", "App", &uris).await.unwrap();
+        let new_host = host_for_client(&db, &theirs, 2).await.unwrap();
+        assert_ne!(new_host, 1);
+        let enabled: DbBool = sqlx::query_scalar("SELECT enabled FROM hosts WHERE id = $1")
+            .bind(new_host)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        assert!(enabled.0);
+    }
+
     #[tokio::test]
     async fn expired_sessions_and_refresh_tokens_are_purged() {
         let (db, _dir) = db().await;
