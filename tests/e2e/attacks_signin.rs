@@ -61,6 +61,66 @@ async fn try_sign_in(
     (answer.status, answer.retry_after, answer.body)
 }
 
+/// Item 8: every other place that runs argon2 shares the bound: the enrollment page's
+/// sign-in and `PUT /api/v1/users/{id}/password` (one hash at once here, two queued).
+#[tokio::test]
+async fn the_enrollment_page_and_password_set_share_the_hashing_bound() {
+    const BURST: usize = 30;
+    let stack =
+        Stack::start_with(false, &[("MCPGUARD_PASSWORD_HASH_CONCURRENCY", "1")], None).await;
+    let owner = stack.admin();
+    let p = owner
+        .provision("eng", "demo", &stack.demo.upstream_url())
+        .await;
+    let alice = owner.person("alice", PASSWORD).await;
+
+    let path = format!("/api/v1/users/{alice}/password");
+    let set = futures::future::join_all((0..BURST).map(|i| {
+        let body = json!({"password": format!("new passphrase {i:02}")});
+        owner.call(Method::PUT, &path, Some(body))
+    }))
+    .await;
+    let busy = set
+        .iter()
+        .filter(|(status, v)| *status == 503 && v["error"]["code"] == "busy")
+        .count();
+    let done = set.iter().filter(|(status, _)| *status == 204).count();
+    assert!(busy > 0 && done > 0 && busy + done == BURST, "{set:?}");
+
+    let (status, enrollment) = owner
+        .post(
+            &format!("/api/v1/hosts/{}/enrollments", p.host_id),
+            json!({"gateway_id": p.gateway_id, "user_id": alice}),
+        )
+        .await;
+    assert_eq!(status, 201, "{enrollment}");
+    let link = enrollment["url"].as_str().unwrap().to_owned();
+    let mut forms = Vec::new();
+    for i in 0..BURST {
+        let mut browser = Browser::default();
+        let page = browser.get(&link).await;
+        let mut form = form_inputs(&page.body);
+        form.insert("username".into(), format!("nobody-{i}"));
+        form.insert("password".into(), "a guess".into());
+        forms.push((browser, form));
+    }
+    let answers = futures::future::join_all(forms.into_iter().map(|(mut browser, form)| {
+        let link = link.clone();
+        async move { browser.post(&link, &form).await }
+    }))
+    .await;
+    let busy: Vec<_> = answers.iter().filter(|a| a.status == 503).collect();
+    assert!(
+        !busy.is_empty() && answers.iter().all(|a| a.status == 401 || a.status == 503),
+        "{:?}",
+        answers.iter().map(|a| a.status).collect::<Vec<_>>()
+    );
+    for page in busy {
+        assert_eq!(page.retry_after, Some(1));
+        assert!(page.body.contains("busy"), "{}", page.body);
+    }
+}
+
 /// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
 fn vm_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
