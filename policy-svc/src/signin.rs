@@ -497,7 +497,8 @@ pub async fn sign_in(
     if let Reservation::Throttled { retry_after_ms } =
         db::reserve(&state.db, username, &client.0, now_ms()).await?
     {
-        let secs = u64::try_from(retry_after_ms.max(0) / 1000 + 1).unwrap_or(1);
+        // Whole seconds, rounded up, at least one.
+        let secs = u64::try_from(retry_after_ms.max(1)).map_or(1, |ms| ms.div_ceil(1000));
         return Ok(SignIn::Throttled(secs));
     }
     let (user_id, hash, enabled) = match store::oauth::password_of(&state.db, username).await? {
