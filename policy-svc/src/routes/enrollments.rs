@@ -377,6 +377,11 @@ async fn submit(
     match signed_in {
         SignIn::User(id) if id == opened.enrollment.user_id => {}
         SignIn::Throttled(retry_after) => {
+            tracing::warn!(
+                enrollment_id = opened.enrollment.id,
+                retry_after,
+                "enrollment sign-in throttled"
+            );
             let page = again(StatusCode::TOO_MANY_REQUESTS, SignIn::THROTTLED_MESSAGE);
             return refused_for_now(page, StatusCode::TOO_MANY_REQUESTS, retry_after);
         }
