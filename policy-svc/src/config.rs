@@ -115,6 +115,20 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=365))]
     pub refresh_token_ttl_days: u32,
 
+    /// Password hashes (argon2id, 19 MiB each) that may run at once: sign-ins, enrollment
+    /// sign-ins, password changes. Twice as many requests may wait; beyond that they get
+    /// 503 with `Retry-After`. Default: the number of CPUs.
+    #[arg(long, env = "MCPGUARD_PASSWORD_HASH_CONCURRENCY",
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub password_hash_concurrency: Option<u32>,
+
+    /// Reverse proxies in front of the public port (addresses or networks, comma-separated,
+    /// e.g. `127.0.0.6` for an Istio sidecar): a sign-in whose peer is one of them is
+    /// counted for the client they name in `X-Forwarded-For` (the rightmost address that
+    /// is not a trusted proxy). Default: none; the peer address is the client.
+    #[arg(long, env = "MCPGUARD_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+
     /// Days to keep audit entries; 0 keeps them forever.
     #[arg(long, env = "MCPGUARD_AUDIT_RETENTION_DAYS", default_value_t = 90)]
     pub audit_retention_days: u32,
@@ -234,7 +248,17 @@ impl Config {
                 );
             }
         }
+        let trusted_proxies = self
+            .trusted_proxies
+            .iter()
+            .filter(|n| !n.trim().is_empty())
+            .map(|n| {
+                n.parse()
+                    .map_err(|e| anyhow::anyhow!("--trusted-proxies: {e}"))
+            })
+            .collect::<anyhow::Result<_>>()?;
         Ok(crate::routes::oauth::OauthConfig {
+            trusted_proxies,
             issuer,
             resource_base_urls: self.resource_base_urls.clone(),
             access_token_ttl_secs: i64::from(self.access_token_ttl_secs),
@@ -279,6 +303,14 @@ impl Config {
             self.upstream_deny_networks.clone(),
             self.upstream_allow_networks.clone(),
         )
+    }
+
+    /// The bound on concurrent password hashes.
+    pub fn passwords(&self) -> crate::signin::Passwords {
+        match self.password_hash_concurrency {
+            Some(n) => crate::signin::Passwords::new(usize::try_from(n).unwrap_or(1)),
+            None => crate::signin::Passwords::per_cpu(),
+        }
     }
 
     pub fn database_url(&self) -> String {

@@ -29,6 +29,9 @@ pub enum ApiError {
     Unprocessable { code: &'static str, message: String },
     #[error("temporarily unavailable, try again")]
     Unavailable,
+    /// Too many password hashes at once (`crate::signin::Busy`): 503 with `Retry-After`.
+    #[error("too many password hashes at once; try again in a second")]
+    Busy,
     #[error("internal error")]
     Internal(#[source] StoreError),
 }
@@ -86,6 +89,7 @@ impl ApiError {
                 (StatusCode::UNPROCESSABLE_ENTITY, (*code).to_owned())
             }
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable".to_owned()),
+            ApiError::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy".to_owned()),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal".to_owned()),
         }
     }
@@ -112,6 +116,12 @@ impl IntoResponse for ApiError {
             body["error"]["capability"] = cap.as_str().into();
         }
         let mut response = (status, axum::Json(body)).into_response();
+        if matches!(self, ApiError::Busy) {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(crate::signin::Busy::RETRY_AFTER_SECS),
+            );
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 "www-authenticate",

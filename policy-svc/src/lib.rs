@@ -11,6 +11,7 @@ pub mod keys;
 mod queue;
 pub mod routes;
 pub mod secrets;
+pub mod signin;
 pub mod store;
 mod timefmt;
 pub mod upstream_policy;
@@ -44,6 +45,8 @@ pub struct AppState {
     /// Which addresses upstream servers may have: checked when a server is registered,
     /// and callable per request (`permits`, `resolve`).
     pub upstreams: std::sync::Arc<upstream_policy::UpstreamPolicy>,
+    /// The bound on concurrent password hashes (sign-in, enrollment, password set).
+    pub passwords: std::sync::Arc<signin::Passwords>,
 }
 
 /// `mcpguard-policy reseal`: moves every stored sealed value to the current key.
@@ -114,6 +117,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         signer: std::sync::Arc::default(),
         verifier: std::sync::Arc::default(),
         upstreams: std::sync::Arc::new(config.upstream_policy()),
+        passwords: std::sync::Arc::new(config.passwords()),
     };
     tokio::spawn(routes::warn_about_registered(
         state.db.clone(),
@@ -129,7 +133,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let nodelay = |tcp: &mut tokio::net::TcpStream| {
         let _ = tcp.set_nodelay(true);
     };
-    let public_server = axum::serve(public.tap_io(nodelay), routes::public(state.clone()))
+    // The peer address: the sign-in throttle counts attempts per client.
+    let public_routes =
+        routes::public(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let public_server = axum::serve(public.tap_io(nodelay), public_routes)
         .with_graceful_shutdown(stopped(stop_rx.clone()));
     let check_routes = routes::check(state)
         .layer(axum::Extension(config.check_deadline()))
@@ -223,9 +230,12 @@ async fn bootstrap(db: &Db, config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes `secret` to `path`, readable by its owner only. The mode is applied to an
+/// existing file too (`mode` at open only applies to a file it creates), before the
+/// secret is written into it.
 pub(crate) fn write_secret_file(path: &Path, secret: &str) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -233,6 +243,8 @@ pub(crate) fn write_secret_file(path: &Path, secret: &str) -> anyhow::Result<()>
         .mode(0o600)
         .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} readable by its owner only", path.display()))?;
     writeln!(file, "{secret}")?;
     Ok(())
 }

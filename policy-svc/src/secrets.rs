@@ -78,9 +78,32 @@ pub fn create_key_file(path: &std::path::Path) -> anyhow::Result<()> {
     crate::write_secret_file(path, &hex::encode(key))
 }
 
+/// A key file that its group or other users may read is refused, not quietly fixed:
+/// whoever could read it may hold a copy (and a file mounted read-only, such as a
+/// Kubernetes secret, cannot be fixed from here anyway).
+fn check_key_mode(path: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("reading the secrets key {}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "the secrets key {} can be read by its group or other users (mode {:04o}); \
+             make it readable by its owner only (chmod 600, or defaultMode 0400 for a \
+             Kubernetes secret volume) and, if others may have read it, rotate the key",
+            path.display(),
+            mode & 0o7777
+        );
+    }
+    Ok(())
+}
+
 fn read_key(path: &std::path::Path) -> anyhow::Result<chacha20poly1305::XChaCha20Poly1305> {
     use anyhow::Context;
     use chacha20poly1305::KeyInit;
+    check_key_mode(path)?;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the secrets key {}", path.display()))?;
     let mut key = [0u8; 32];
@@ -222,6 +245,41 @@ mod box_tests {
             std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
             0o600
         );
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k");
+        SecretBox::load_or_create(&key).unwrap();
+        for loose in [0o644, 0o640, 0o604] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(loose)).unwrap();
+            let err = SecretBox::load_or_create(&key).err().unwrap().to_string();
+            assert!(
+                err.contains("can be read by its group or other users"),
+                "{err}"
+            );
+            assert!(
+                SecretBox::load(&dir.path().join("new"), Some(&key)).is_err(),
+                "the previous key too"
+            );
+        }
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(SecretBox::load_or_create(&key).is_ok());
+    }
+
+    #[test]
+    fn secret_files_are_made_owner_only_even_when_they_exist() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bootstrap-admin-token");
+        std::fs::write(&path, "old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        crate::write_secret_file(&path, "new").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new\n");
     }
 
     #[test]

@@ -518,21 +518,22 @@ async fn try_sign_in(
 }
 
 #[tokio::test]
-async fn repeated_wrong_passwords_lock_the_name_whether_or_not_it_exists() {
+async fn repeated_wrong_passwords_slow_the_client_whether_or_not_the_name_exists() {
     let stack = Stack::start().await;
     setup(&stack).await;
     let url = stack.envoy.mcp_url("eng", "demo");
     let client = RawClient::register(&stack.policy.public_url(), "Guessing client").await;
     for name in ["alice", "nobody-by-this-name"] {
-        for attempt in 1..=5 {
+        for attempt in 1..=3 {
             let (status, _) = try_sign_in(&client, &url, name, "wrong password").await;
             assert_eq!(status, 401, "{name}, attempt {attempt}");
         }
-        // Locked now: even the right password waits, and the answer is the same for a
-        // name no user has.
+        // This client waits now: even the right password is not verified, and the
+        // answer is the same for a name no user has. (Other clients are not held back:
+        // tests/e2e/attacks_signin.rs.)
         let (status, page) = try_sign_in(&client, &url, name, PASSWORD).await;
         assert_eq!(status, 429, "{name}");
-        assert!(page.contains("Too many failed sign-ins"), "{page}");
+        assert!(page.contains("Too many sign-in attempts"), "{page}");
     }
 }
 

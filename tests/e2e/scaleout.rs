@@ -36,6 +36,9 @@ impl Replicas {
         // Replicas share the key that seals identities, as they must in production.
         let key = dir.path().join("secrets.key");
         std::fs::write(&key, "5e".repeat(32)).unwrap();
+        // Readable by its owner only, or the service refuses it.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         let key = key.display().to_string();
         let mut env = env.to_vec();
         env.push(("DATABASE_URL", &url));

@@ -56,12 +56,16 @@ fn set_cookie(resp: &reqwest::Response, name: &str) -> Option<String> {
 pub struct Browser {
     http: reqwest::Client,
     cookies: Vec<String>,
+    /// Sent with every request (e.g. `x-forwarded-for`, as a proxy would).
+    headers: Vec<(String, String)>,
 }
 
 /// What the browser saw at one step.
 pub struct Page {
     pub status: u16,
     pub location: Option<String>,
+    /// `Retry-After` in seconds, on refusals that say when to come back.
+    pub retry_after: Option<u64>,
     pub body: String,
 }
 
@@ -73,11 +77,43 @@ impl Default for Browser {
                 .build()
                 .unwrap(),
             cookies: Vec::new(),
+            headers: Vec::new(),
         }
     }
 }
 
 impl Browser {
+    /// A browser whose connections come from `local` (a loopback address such as
+    /// 127.0.0.2): another client, as far as the policy service's peer address goes.
+    pub fn from_address(local: std::net::IpAddr) -> Browser {
+        Browser {
+            http: reqwest::Client::builder()
+                .redirect(Policy::none())
+                .local_address(local)
+                .build()
+                .unwrap(),
+            cookies: Vec::new(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// Sends `name: value` with every request from now on.
+    pub fn with_header(mut self, name: &str, value: &str) -> Browser {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let mut req = self
+            .http
+            .request(method, url)
+            .header("cookie", self.cookies.join("; "));
+        for (name, value) in &self.headers {
+            req = req.header(name, value);
+        }
+        req
+    }
+
     async fn page(&mut self, resp: reqwest::Response) -> Page {
         for name in [
             "mcpguard_login_csrf",
@@ -97,15 +133,18 @@ impl Browser {
                 .get("location")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
+            retry_after: resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
             body: resp.text().await.unwrap_or_default(),
         }
     }
 
     pub async fn get(&mut self, url: &str) -> Page {
         let resp = self
-            .http
-            .get(url)
-            .header("cookie", self.cookies.join("; "))
+            .request(reqwest::Method::GET, url)
             .send()
             .await
             .expect("policy service reachable");
@@ -114,9 +153,7 @@ impl Browser {
 
     pub async fn post(&mut self, url: &str, form: &HashMap<String, String>) -> Page {
         let resp = self
-            .http
-            .post(url)
-            .header("cookie", self.cookies.join("; "))
+            .request(reqwest::Method::POST, url)
             .form(form)
             .send()
             .await

@@ -72,6 +72,11 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The operating system's id of the process (to read `/proc/<pid>/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops the process now (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -128,7 +133,7 @@ async fn http_ok(url: &str) -> bool {
 
 /// Our binaries: `target/debug`, or `$MCPGUARD_BIN_DIR` (e.g. `target/release` for
 /// benchmarks).
-fn binary(name: &str) -> PathBuf {
+pub fn binary(name: &str) -> PathBuf {
     let dir = std::env::var_os("MCPGUARD_BIN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/debug"));

@@ -14,7 +14,7 @@ use mcpguard_core::token::{TokenHash, TokenKind, display_prefix};
 use serde::{Deserialize, Serialize};
 
 use super::hosts::{IssuedToken, connection_target, issued};
-use super::oauth::{SignIn, cookie, ct_eq, escape, html, secure_attr, sign_in};
+use super::oauth::{busy_page, cookie, ct_eq, escape, html, refused_for_now, secure_attr};
 use super::users::{identities_from_form, save_identities};
 use super::{Endpoint, Verb, audit_admin, endpoint, state_of};
 use crate::AppState;
@@ -22,6 +22,7 @@ use crate::auth::{Admin, Capability, HostOf, Scope};
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
 use crate::secrets;
+use crate::signin::{self, SignIn, sign_in};
 use crate::store::enrollments::{self as db, Enrollment, Status};
 use crate::store::{hosts, identities, now_ms};
 
@@ -322,6 +323,7 @@ async fn page(State(state): State<AppState>, Path(code): Path<String>) -> Respon
 
 async fn submit(
     State(state): State<AppState>,
+    client: signin::Client,
     Path(code): Path<String>,
     headers: HeaderMap,
     form: Result<Form<Vec<(String, String)>>, FormRejection>,
@@ -359,17 +361,32 @@ async fn submit(
     };
     let again = |status, error: &str| form_page(&state, status, &code, &opened, &csrf, Some(error));
 
+    // Before the sign-in reads anything: beyond the hashing bound it costs nothing.
+    let Ok(admitted) = state.passwords.admit() else {
+        return busy_page();
+    };
     // Only the invited user may complete it.
     let signed_in = match (field("username"), field("password")) {
-        (Some(name), Some(password)) => match sign_in(&state, name, password).await {
-            Ok(answer) => answer,
-            Err(e) => return ApiError::from(e).into_response(),
-        },
+        (Some(name), Some(password)) => {
+            match sign_in(&state, admitted, &client, name, password).await {
+                Ok(answer) => answer,
+                Err(e) => return ApiError::from(e).into_response(),
+            }
+        }
         _ => SignIn::Refused,
     };
     match signed_in {
         SignIn::User(id) if id == opened.enrollment.user_id => {}
-        SignIn::Locked => return again(StatusCode::TOO_MANY_REQUESTS, SignIn::LOCKED_MESSAGE),
+        SignIn::Throttled(retry_after) => {
+            tracing::warn!(
+                enrollment_id = opened.enrollment.id,
+                retry_after,
+                "enrollment sign-in throttled"
+            );
+            let page = again(StatusCode::TOO_MANY_REQUESTS, SignIn::THROTTLED_MESSAGE);
+            return refused_for_now(page, StatusCode::TOO_MANY_REQUESTS, retry_after);
+        }
+        SignIn::Busy => return busy_page(),
         _ => {
             tracing::info!(
                 enrollment_id = opened.enrollment.id,

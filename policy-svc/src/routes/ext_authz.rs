@@ -471,6 +471,7 @@ mod tests {
             signer: std::sync::Arc::default(),
             verifier: verifier.clone(),
             upstreams: std::sync::Arc::default(),
+            passwords: std::sync::Arc::new(crate::signin::Passwords::new(1)),
         });
         Fixture {
             app,

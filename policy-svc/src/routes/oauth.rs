@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::secrets::random_id;
+use crate::signin::{self, SignIn};
 use crate::store::{self, now_ms, oauth as db};
 use crate::{AppState, keys, secrets};
 
@@ -35,6 +36,8 @@ pub struct OauthConfig {
     pub resource_base_urls: Vec<String>,
     pub access_token_ttl_secs: i64,
     pub refresh_token_ttl_ms: i64,
+    /// Peers whose `X-Forwarded-For` names the client of a sign-in (`--trusted-proxies`).
+    pub trusted_proxies: Vec<crate::signin::Network>,
 }
 
 impl OauthConfig {
@@ -44,6 +47,7 @@ impl OauthConfig {
             resource_base_urls: vec!["http://127.0.0.1:10000".into()],
             access_token_ttl_secs: 300,
             refresh_token_ttl_ms: 86_400_000,
+            trusted_proxies: Vec::new(),
         }
     }
 
@@ -699,84 +703,35 @@ fn form_params(form: Result<Form<Vec<(String, String)>>, FormRejection>) -> Opti
     form.ok().map(|Form(pairs)| Params(pairs))
 }
 
-/// A hash to verify against when the user does not exist, so that the answer takes
-/// as long as for a wrong password (no user enumeration by timing).
-fn dummy_hash() -> &'static str {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DUMMY.get_or_init(|| hash_password("not the password").unwrap_or_default())
-}
-
-pub fn hash_password(password: &str) -> Result<String, String> {
-    use argon2::password_hash::PasswordHasher;
-    argon2::Argon2::default()
-        .hash_password(password.as_bytes())
-        .map(|h| h.to_string())
-        .map_err(|e| e.to_string())
-}
-
-fn verify_password(password: &str, hash: &str) -> bool {
-    use argon2::password_hash::PasswordVerifier;
-    argon2::Argon2::default()
-        .verify_password(password.as_bytes(), hash)
-        .is_ok()
-}
-
-/// What a sign-in with a name and password came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum SignIn {
-    User(i64),
-    /// Wrong name or password, or a disabled user: the same answer for each.
-    Refused,
-    /// Too many failures in a row under this name; refused without checking.
-    Locked,
-}
-
-impl SignIn {
-    pub(super) const LOCKED_MESSAGE: &str =
-        "Too many failed sign-ins under this name; try again in a few minutes.";
-}
-
-/// Signs in an enabled user with a password: for the OAuth sign-in page and the
-/// enrollment page alike. Takes as long for an unknown name as for a wrong password;
-/// failures in a row lock the name, whether it exists or not.
-pub(super) async fn sign_in(
-    state: &AppState,
-    username: &str,
-    password: &str,
-) -> Result<SignIn, store::StoreError> {
-    // Names longer than any user's are not tracked (they cannot sign in anyway).
-    let tracked = username.chars().count() <= 200;
-    let now = now_ms();
-    if db::login_locked_until(&state.db, username)
-        .await?
-        .is_some_and(|until| until > now)
-    {
-        return Ok(SignIn::Locked);
+/// A page that says "not now": `status`, and when to come back.
+pub(super) fn refused_for_now(
+    mut page: Response,
+    status: StatusCode,
+    retry_after: u64,
+) -> Response {
+    *page.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
+        page.headers_mut().insert(header::RETRY_AFTER, v);
     }
-    let (user_id, hash, enabled) = match db::password_of(&state.db, username).await? {
-        Some((id, Some(hash), enabled)) => (Some(id), hash, enabled.0),
-        _ => (None, dummy_hash().to_owned(), false),
-    };
-    let password = password.to_owned();
-    let verified = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
-        .await
-        .unwrap_or(false);
-    match user_id.filter(|_| verified && enabled) {
-        Some(id) => {
-            db::clear_login_failures(&state.db, username).await?;
-            Ok(SignIn::User(id))
-        }
-        None => {
-            if tracked {
-                db::record_login_failure(&state.db, username, now).await?;
-            }
-            Ok(SignIn::Refused)
-        }
-    }
+    page
+}
+
+/// Too many password hashes at once ([`signin::Busy`]): 503, retry in a second.
+pub(super) fn busy_page() -> Response {
+    refused_for_now(
+        html(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Try again",
+            format!("<p>{}</p>", escape(SignIn::BUSY_MESSAGE)),
+        ),
+        StatusCode::SERVICE_UNAVAILABLE,
+        signin::Busy::RETRY_AFTER_SECS,
+    )
 }
 
 async fn login(
     State(state): State<AppState>,
+    client: signin::Client,
     headers: HeaderMap,
     form: Result<Form<Vec<(String, String)>>, FormRejection>,
 ) -> Response {
@@ -799,6 +754,10 @@ async fn login(
             "<p>The form expired or did not come from this site. Start again from your application.</p>".into(),
         );
     }
+    // Before any read: beyond the hashing bound a sign-in costs nothing.
+    let Ok(admitted) = state.passwords.admit() else {
+        return busy_page();
+    };
     let authz = match validate_authz(&state, &p).await {
         Ok(a) => a,
         Err(e) => return authz_error_response(&issuer, e),
@@ -811,14 +770,14 @@ async fn login(
             Some("Enter your user name and password."),
         );
     };
-    let user_id = match sign_in(&state, username, password).await {
+    let user_id = match signin::sign_in(&state, admitted, &client, username, password).await {
         Ok(SignIn::User(id)) => id,
-        Ok(SignIn::Locked) => {
-            tracing::warn!(client_id = %authz.client.client_id, "oauth sign-in refused: locked after failed attempts");
-            let mut page = login_page(&issuer, &p, &authz, Some(SignIn::LOCKED_MESSAGE));
-            *page.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-            return page;
+        Ok(SignIn::Throttled(retry_after)) => {
+            tracing::warn!(client_id = %authz.client.client_id, retry_after, "oauth sign-in throttled");
+            let page = login_page(&issuer, &p, &authz, Some(SignIn::THROTTLED_MESSAGE));
+            return refused_for_now(page, StatusCode::TOO_MANY_REQUESTS, retry_after);
         }
+        Ok(SignIn::Busy) => return busy_page(),
         Ok(SignIn::Refused) => {
             tracing::info!(client_id = %authz.client.client_id, "oauth sign-in refused");
             return login_page(&issuer, &p, &authz, Some("Wrong user name or password."));
@@ -942,14 +901,14 @@ async fn grant_code(
         .await
         .map_err(IntoResponse::into_response)?;
     let first = authz.client.host_id.is_none();
-    let host_id = db::host_for_client(&state.db, &authz.client)
+    let host_id = db::host_for_client(&state.db, &authz.client, user_id)
         .await
         .map_err(fail)?;
     let connection_id = store::hosts::connect(&state.db, host_id, authz.gateway_id, user_id)
         .await
         .map_err(fail)?;
     if first {
-        tracing::info!(host_id, client_id = %authz.client.client_id, name = %authz.client.client_name, "headed host created");
+        tracing::info!(host_id, client_id = %authz.client.client_id, name = %authz.client.client_name, "client's first authorization: its headed host settled");
     }
     let code =
         secrets::mint(TokenKind::Code).map_err(|e| OauthError::server_error(e).into_response())?;
@@ -1345,14 +1304,5 @@ mod tests {
         assert_eq!(session_csrf("a"), session_csrf("a"));
         assert_ne!(session_csrf("a"), session_csrf("b"));
         assert!(!session_csrf("a").contains('a') || session_csrf("a") != "a");
-    }
-
-    #[test]
-    fn passwords_hash_with_argon2id_and_verify() {
-        let h = hash_password("correct horse").unwrap();
-        assert!(h.starts_with("$argon2id$"));
-        assert!(verify_password("correct horse", &h));
-        assert!(!verify_password("wrong horse", &h));
-        assert!(!verify_password("x", "not a hash"));
     }
 }

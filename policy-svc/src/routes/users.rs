@@ -459,8 +459,9 @@ struct PasswordBody {
     password: String,
 }
 
-/// Sets the password a user signs in with on the OAuth pages. Never returned, logged
-/// or audited; only its argon2id hash is stored.
+/// Sets the password a user signs in with on the OAuth pages, and signs the user out
+/// everywhere: their sign-in sessions end and their OAuth grants are revoked. The
+/// password is never returned, logged or audited; only its argon2id hash is stored.
 async fn set_password(
     State(state): State<AppState>,
     admin: Admin,
@@ -477,14 +478,17 @@ async fn set_password(
     if !store::user_exists(&state.db, user_id).await? {
         return Err(ApiError::NotFound("user"));
     }
-    let password = body.password;
-    let hash = tokio::task::spawn_blocking(move || super::oauth::hash_password(&password))
+    // The same bound on concurrent hashes as sign-in: 503 `busy` beyond it.
+    let admitted = state.passwords.admit().map_err(|_| ApiError::Busy)?;
+    let hash = admitted
+        .hash(body.password)
         .await
-        .map_err(|_| ApiError::Unavailable)?
+        .map_err(|_| ApiError::Busy)?
         .map_err(|e| {
             tracing::error!(error = %e, "could not hash a password");
             ApiError::Unavailable
         })?;
+    // Sessions and OAuth grants opened with the old password end with it.
     if !crate::store::oauth::set_password(&state.db, user_id, &hash).await? {
         return Err(ApiError::NotFound("user"));
     }

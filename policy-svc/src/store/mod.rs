@@ -13,6 +13,7 @@ pub mod identities;
 pub mod oauth;
 pub mod pg_reads;
 pub mod rekey;
+pub mod signin;
 pub mod sqlite_reads;
 pub mod toggles;
 

@@ -180,17 +180,27 @@ pub async fn get_client(db: &Db, client_id: &str) -> Result<Option<Client>> {
     .await?)
 }
 
-/// The client's headed host, created (named after the client) on its first
-/// authorization. Concurrent first authorizations end with one host.
-pub async fn host_for_client(db: &Db, client: &Client) -> Result<i64> {
+/// The client's headed host, settled on its first authorization (by `user_id`). A
+/// headed host is an app as its users run it: when this user already reaches a headed
+/// host of the same name (the same app registered again, which dynamic registration
+/// makes a new client), the client joins that host, so what an admin disabled (the
+/// host, or the user's connection through it) stays disabled; a disabled one is chosen
+/// first. Otherwise a new host, named after the client. Concurrent first
+/// authorizations end with one host.
+pub async fn host_for_client(db: &Db, client: &Client, user_id: i64) -> Result<i64> {
     if let Some(id) = client.host_id {
         return Ok(id);
     }
     let mut tx = begin_write(db).await?;
-    // A no-op write takes the row lock on PostgreSQL (SQLite holds the database lock),
-    // so a concurrent first authorization waits here and then sees our host.
+    // No-op writes take the row locks on PostgreSQL (SQLite holds the database lock):
+    // a concurrent first authorization of this client, or of another client of this
+    // user, waits here and then sees our host.
     sqlx::query("UPDATE oauth_clients SET host_id = host_id WHERE id = $1")
         .bind(client.id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE users SET id = id WHERE id = $1")
+        .bind(user_id)
         .execute(&mut *tx)
         .await?;
     let current: Option<i64> =
@@ -201,14 +211,29 @@ pub async fn host_for_client(db: &Db, client: &Client) -> Result<i64> {
     if let Some(id) = current {
         return Ok(id);
     }
-    let host_id: i64 = sqlx::query_scalar(
-        "INSERT INTO hosts (name, kind, enabled, created_at) VALUES ($1, 'oauth', $2, $3) RETURNING id",
+    let known: Option<i64> = sqlx::query_scalar(
+        "SELECT h.id FROM hosts h
+         WHERE h.kind = 'oauth' AND h.name = $1
+           AND EXISTS (SELECT 1 FROM connections c WHERE c.host_id = h.id AND c.user_id = $2)
+         ORDER BY h.enabled, h.id DESC LIMIT 1",
     )
     .bind(&client.client_name)
-    .bind(true)
-    .bind(now_ms())
-    .fetch_one(&mut *tx)
+    .bind(user_id)
+    .fetch_optional(&mut *tx)
     .await?;
+    let host_id = match known {
+        Some(id) => id,
+        None => {
+            sqlx::query_scalar(
+                "INSERT INTO hosts (name, kind, enabled, created_at) VALUES ($1, 'oauth', $2, $3) RETURNING id",
+            )
+            .bind(&client.client_name)
+            .bind(true)
+            .bind(now_ms())
+            .fetch_one(&mut *tx)
+            .await?
+        }
+    };
     sqlx::query("UPDATE oauth_clients SET host_id = $1 WHERE id = $2")
         .bind(host_id)
         .bind(client.id)
@@ -230,14 +255,40 @@ pub async fn password_of(db: &Db, name: &str) -> Result<Option<(i64, Option<Stri
     )
 }
 
-/// Sets a user's password hash; false if there is no such user.
+/// Sets a user's password hash and ends everything the old password opened: the
+/// user's sign-in sessions, and their OAuth grants (refresh tokens at once, access
+/// tokens on their next request, as the check reads the grant). Codes not yet
+/// exchanged are spent, so none becomes a grant afterwards. False if there is no such
+/// user (nothing changes).
 pub async fn set_password(db: &Db, user_id: i64, hash: &str) -> Result<bool> {
+    let now = now_ms();
+    let mut tx = begin_write(db).await?;
     let done = sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
         .bind(hash)
         .bind(user_id)
-        .execute(db)
+        .execute(&mut *tx)
         .await?;
-    Ok(done.rows_affected() > 0)
+    if done.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query("DELETE FROM oauth_sessions WHERE user_id = $1")
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE oauth_grants SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
+    )
+    .bind(now)
+    .bind(user_id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE oauth_codes SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL")
+        .bind(now)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(true)
 }
 
 pub async fn insert_session(db: &Db, token_hash: &str, user_id: i64, ttl_ms: i64) -> Result<()> {
@@ -265,57 +316,6 @@ pub async fn session_user(db: &Db, token_hash: &str) -> Result<Option<(i64, Stri
     .bind(true)
     .fetch_optional(db)
     .await?)
-}
-
-/// Until when sign-in under `name` is locked (unix ms), if it is.
-pub async fn login_locked_until(db: &Db, name: &str) -> Result<Option<i64>> {
-    Ok(
-        sqlx::query_scalar("SELECT locked_until FROM oauth_login_failures WHERE name = $1")
-            .bind(name)
-            .fetch_optional(db)
-            .await?,
-    )
-}
-
-/// Counts a failed sign-in under `name` and locks it as [`lockout_ms`] says.
-pub async fn record_login_failure(db: &Db, name: &str, now: i64) -> Result<()> {
-    let failures: i64 = sqlx::query_scalar(
-        "INSERT INTO oauth_login_failures (name, failures, locked_until) VALUES ($1, 1, 0)
-         ON CONFLICT (name) DO UPDATE SET failures = oauth_login_failures.failures + 1
-         RETURNING failures",
-    )
-    .bind(name)
-    .fetch_one(db)
-    .await?;
-    let lock = lockout_ms(failures);
-    if lock > 0 {
-        sqlx::query("UPDATE oauth_login_failures SET locked_until = $1 WHERE name = $2")
-            .bind(now + lock)
-            .bind(name)
-            .execute(db)
-            .await?;
-    }
-    Ok(())
-}
-
-pub async fn clear_login_failures(db: &Db, name: &str) -> Result<()> {
-    sqlx::query("DELETE FROM oauth_login_failures WHERE name = $1")
-        .bind(name)
-        .execute(db)
-        .await?;
-    Ok(())
-}
-
-/// How long sign-in waits after `failures` failed attempts in a row: nothing for the
-/// first four (typos), then a minute, doubling up to 15 minutes. Online guessing stays
-/// slow even though argon2 alone would allow several guesses a second.
-pub fn lockout_ms(failures: i64) -> i64 {
-    const FREE: i64 = 4;
-    if failures <= FREE {
-        return 0;
-    }
-    let doublings = u32::try_from((failures - FREE - 1).min(10)).unwrap_or(10);
-    (60_000i64 << doublings).min(15 * 60_000)
 }
 
 // ---- codes, grants, refresh tokens ----
@@ -547,8 +547,7 @@ pub async fn resource_target(
 
 /// Deletes what can no longer be used: expired sessions and refresh tokens, codes a
 /// day past their expiry (kept that long so a late replay still revokes its grant), and
-/// failed sign-in counts not under a lock.
-/// Grants stay, for the record. Returns the number of rows deleted.
+/// sign-in throttle records that no longer hold anything back. Grants stay, for the record. Returns the number of rows deleted.
 pub async fn purge_expired(db: &Db, now: i64) -> Result<u64> {
     let mut deleted = 0;
     for (sql, cutoff) in [
@@ -561,11 +560,6 @@ pub async fn purge_expired(db: &Db, now: i64) -> Result<u64> {
             "DELETE FROM oauth_codes WHERE expires_at < $1",
             now - 86_400_000,
         ),
-        // Counts of failed sign-ins fade: an hour without a lock starts the count over.
-        (
-            "DELETE FROM oauth_login_failures WHERE locked_until < $1",
-            now,
-        ),
     ] {
         deleted += sqlx::query(sql)
             .bind(cutoff)
@@ -573,6 +567,7 @@ pub async fn purge_expired(db: &Db, now: i64) -> Result<u64> {
             .await?
             .rows_affected();
     }
+    deleted += super::signin::purge(db, now).await?;
     Ok(deleted)
 }
 
@@ -631,33 +626,110 @@ mod tests {
         );
     }
 
-    #[test]
-    fn sign_in_lockout_grows_and_is_bounded() {
-        let waits: Vec<i64> = (1..=10).map(lockout_ms).collect();
-        assert_eq!(
-            waits,
-            [
-                0, 0, 0, 0, 60_000, 120_000, 240_000, 480_000, 900_000, 900_000
-            ]
-        );
-        assert_eq!(lockout_ms(1_000_000), 900_000);
+    /// Two users (1, 2), a gateway (1), a headed host (1, "App") that user 1 reaches.
+    async fn people_and_a_headed_host(db: &Db) {
+        for sql in [
+            "INSERT INTO roles (id, name, created_at) VALUES (1, 'r', 0)",
+            "INSERT INTO users (id, name, role_id, enabled, created_at) VALUES (1, 'u', 1, 1, 0)",
+            "INSERT INTO users (id, name, role_id, enabled, created_at) VALUES (2, 'v', 1, 1, 0)",
+            "INSERT INTO gateways (id, name, slug, enabled, created_at) VALUES (1, 'g', 'g', 1, 0)",
+            "INSERT INTO hosts (id, name, kind, enabled, created_at) VALUES (1, 'App', 'oauth', 1, 0)",
+            "INSERT INTO connections (id, host_id, gateway_id, user_id, enabled, created_at)
+             VALUES (1, 1, 1, 1, 1, 0)",
+        ] {
+            sqlx::query(sql).execute(db).await.unwrap();
+        }
     }
 
     #[tokio::test]
-    async fn failed_sign_ins_lock_the_name_until_a_success_clears_it() {
+    async fn a_password_change_ends_the_users_sessions_grants_and_pending_codes() {
         let (db, _dir) = db().await;
-        for _ in 0..4 {
-            record_login_failure(&db, "alice", 1_000).await.unwrap();
+        people_and_a_headed_host(&db).await;
+        let client = insert_client(&db, "c1", "App", &["http://127.0.0.1/cb".into()])
+            .await
+            .unwrap();
+        for user in [1, 2] {
+            insert_session(&db, &format!("s{user}"), user, 60_000)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO oauth_grants (client_id, user_id, connection_id, resource, created_at)
+                 VALUES ($1, $2, 1, 'r', 0)",
+            )
+            .bind(client.id)
+            .bind(user)
+            .execute(&db)
+            .await
+            .unwrap();
         }
-        assert_eq!(login_locked_until(&db, "alice").await.unwrap(), Some(0));
-        record_login_failure(&db, "alice", 1_000).await.unwrap();
-        assert_eq!(
-            login_locked_until(&db, "alice").await.unwrap(),
-            Some(61_000)
+        insert_code(
+            &db,
+            &NewCode {
+                code_hash: "k1",
+                client_id: client.id,
+                user_id: 1,
+                connection_id: 1,
+                redirect_uri: "http://127.0.0.1/cb",
+                code_challenge: "x",
+                resource: "r",
+                scope: None,
+                ttl_ms: 60_000,
+            },
+        )
+        .await
+        .unwrap();
+        assert!(set_password(&db, 1, "$argon2id$new").await.unwrap());
+        assert!(session_user(&db, "s1").await.unwrap().is_none());
+        assert!(
+            session_user(&db, "s2").await.unwrap().is_some(),
+            "others keep theirs"
         );
-        assert_eq!(login_locked_until(&db, "bob").await.unwrap(), None);
-        clear_login_failures(&db, "alice").await.unwrap();
-        assert_eq!(login_locked_until(&db, "alice").await.unwrap(), None);
+        let revoked: Vec<(i64, Option<i64>)> =
+            sqlx::query_as("SELECT user_id, revoked_at FROM oauth_grants ORDER BY user_id")
+                .fetch_all(&db)
+                .await
+                .unwrap();
+        assert!(
+            revoked[0].1.is_some() && revoked[1].1.is_none(),
+            "{revoked:?}"
+        );
+        assert!(
+            get_code(&db, "k1")
+                .await
+                .unwrap()
+                .unwrap()
+                .used_at
+                .is_some()
+        );
+        assert!(!set_password(&db, 99, "$argon2id$new").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_new_client_of_an_app_the_user_already_runs_joins_its_host() {
+        let (db, _dir) = db().await;
+        people_and_a_headed_host(&db).await;
+        sqlx::query("UPDATE hosts SET enabled = 0 WHERE id = 1")
+            .execute(&db)
+            .await
+            .unwrap();
+        let uris = ["http://127.0.0.1/cb".to_owned()];
+        let again = insert_client(&db, "c2", "App", &uris).await.unwrap();
+        assert_eq!(host_for_client(&db, &again, 1).await.unwrap(), 1);
+        // Settled: the client keeps its host, whoever authorizes it next.
+        let again = get_client(&db, "c2").await.unwrap().unwrap();
+        assert_eq!(host_for_client(&db, &again, 2).await.unwrap(), 1);
+        // Another name, or another user's first client of the same name: a new host.
+        let other = insert_client(&db, "c3", "Other app", &uris).await.unwrap();
+        assert_ne!(host_for_client(&db, &other, 1).await.unwrap(), 1);
+        let theirs = insert_client(&db, "c4", "App", &uris).await.unwrap();
+        let new_host = host_for_client(&db, &theirs, 2).await.unwrap();
+        assert_ne!(new_host, 1);
+        let enabled: DbBool = sqlx::query_scalar("SELECT enabled FROM hosts WHERE id = $1")
+            .bind(new_host)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        assert!(enabled.0);
     }
 
     #[tokio::test]
