@@ -298,7 +298,10 @@ async fn token_generation_creates_or_reuses_the_connection_and_connections_are_l
     let url = format!("http://127.0.0.1:{}{CHECK_PATH}", policy.check_port);
     let answer: Value = reqwest::Client::new()
         .post(&url)
-        .header("x-mcpguard-check-secret", mcpguard_e2e::procs::check_secret())
+        .header(
+            "x-mcpguard-check-secret",
+            mcpguard_e2e::procs::check_secret(),
+        )
         .json(&check)
         .send()
         .await
