@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use mcpguard_core::check::DenyCode;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -236,8 +237,8 @@ impl Anonymous {
 
     fn code(self) -> &'static str {
         match self {
-            Anonymous::TokenMalformed => "token_malformed",
-            Anonymous::TokenUnknown => "token_unknown",
+            Anonymous::TokenMalformed => DenyCode::TokenMalformed.as_str(),
+            Anonymous::TokenUnknown => DenyCode::TokenUnknown.as_str(),
         }
     }
 
