@@ -133,6 +133,15 @@ pub struct Config {
     #[arg(long, env = "MCPGUARD_AUDIT_RETENTION_DAYS", default_value_t = 90)]
     pub audit_retention_days: u32,
 
+    /// Refusals anyone can cause without a credential (`token_unknown`,
+    /// `token_malformed`) written to the audit log one by one per second, on this
+    /// replica. Beyond it they are counted, and each second's count is written as one
+    /// entry per code with `suppressed` set (and shown in `/api/v1/audit/status`).
+    /// 0 writes only the counts. Decisions that name a connection are always written.
+    #[arg(long, env = "MCPGUARD_AUDIT_ANONYMOUS_REFUSALS_PER_SEC",
+          default_value_t = crate::audit::DEFAULT_ANONYMOUS_REFUSALS_PER_SEC)]
+    pub audit_anonymous_refusals_per_sec: u32,
+
     /// Envoy's admin address(es), comma-separated: never registered as an upstream
     /// (its admin API stops Envoy and shows its configuration). A `0.0.0.0` or `[::]`
     /// address means every local address on that port.

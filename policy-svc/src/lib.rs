@@ -102,7 +102,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(public = %config.public_listen, check = %config.check_listen, "mcpguard policy service listening");
 
     let (usage, usage_writer) = Usage::spawn(db.clone());
-    let (audit, audit_writer) = audit::Audit::spawn(db.clone(), config.audit_retention_days);
+    let (audit, audit_writer) = audit::Audit::spawn_with_budget(
+        db.clone(),
+        config.audit_retention_days,
+        config.audit_anonymous_refusals_per_sec,
+    );
     tokio::spawn(oauth_housekeeping(db.clone()));
     let check_reads =
         store::check::Reads::for_store(&db, &config.database_url(), config.check_deadline().0);

@@ -5,15 +5,23 @@ use std::process::Command;
 
 use mcpguard_e2e::{Envoy, workspace_root};
 
+/// `envoy/*.yaml` and the examples in `envoy/examples/`.
 fn shipped_configs() -> Vec<std::path::PathBuf> {
-    let mut configs: Vec<_> = std::fs::read_dir(workspace_root().join("envoy"))
-        .unwrap()
+    let mut configs: Vec<_> = ["envoy", "envoy/examples"]
+        .into_iter()
+        .flat_map(|dir| std::fs::read_dir(workspace_root().join(dir)).unwrap())
         .map(|e| e.unwrap().path())
         .filter(|p| {
             p.extension().is_some_and(|e| e == "yaml") && !p.to_string_lossy().contains("istio")
         })
         .collect();
     configs.sort();
+    assert!(
+        configs
+            .iter()
+            .any(|p| p.ends_with("examples/ratelimit.yaml")),
+        "{configs:?}"
+    );
     configs
 }
 

@@ -30,6 +30,10 @@ pub struct Event {
     pub tool: Option<String>,
     pub latency_us: Option<i64>,
     pub request_id: Option<String>,
+    /// Summary rows only: how many anonymous refusals with this `code` in the second
+    /// starting at `at` were counted instead of written one by one (the audit budget,
+    /// `--audit-anonymous-refusals-per-sec`). `None` on every other row.
+    pub suppressed: Option<i64>,
 }
 
 /// States are stored as JSON text and shown as JSON.
@@ -44,7 +48,7 @@ fn json_text<S: serde::Serializer>(
 }
 
 const COLUMNS: &str = "id, at, kind, action, code, actor_user_id, target, before_state, after_state, host_id, \
-     user_id, connection_id, gateway, server, mcp_method, tool, latency_us, request_id";
+     user_id, connection_id, gateway, server, mcp_method, tool, latency_us, request_id, suppressed";
 
 /// Most rows per INSERT: a batch of 512 takes 32 statements (worker-thread round
 /// trips) instead of 512. Kept small since numbered parameters made SQLite's binding
@@ -55,7 +59,7 @@ const ROWS_PER_INSERT: usize = 16;
 /// Appends events in one transaction (`id` is assigned by the database), many rows per
 /// statement: one round trip per batch instead of one per event.
 pub async fn append(db: &Db, events: &[Event]) -> Result<()> {
-    const COLUMNS_PER_ROW: usize = 17;
+    const COLUMNS_PER_ROW: usize = 18;
     let mut tx = db.begin().await?;
     for chunk in pow2_chunks(events, ROWS_PER_INSERT) {
         let rows: Vec<String> = (0..chunk.len())
@@ -68,7 +72,7 @@ pub async fn append(db: &Db, events: &[Event]) -> Result<()> {
             .collect();
         let sql = format!(
             "INSERT INTO audit_events (at, kind, action, code, actor_user_id, target, before_state, after_state,
-                 host_id, user_id, connection_id, gateway, server, mcp_method, tool, latency_us, request_id)
+                 host_id, user_id, connection_id, gateway, server, mcp_method, tool, latency_us, request_id, suppressed)
              VALUES {}",
             rows.join(", ")
         );
@@ -91,7 +95,8 @@ pub async fn append(db: &Db, events: &[Event]) -> Result<()> {
                 .bind(&e.mcp_method)
                 .bind(&e.tool)
                 .bind(e.latency_us)
-                .bind(&e.request_id);
+                .bind(&e.request_id)
+                .bind(e.suppressed);
         }
         insert.execute(&mut *tx).await?;
     }
@@ -177,6 +182,7 @@ mod tests {
                 tool: (i % 5 != 0).then(|| format!("tool-{i}")),
                 latency_us: Some(400 + i),
                 request_id: Some(format!("req-{i}")),
+                suppressed: (i % 7 == 0).then_some(i * 1_000),
                 ..Event::default()
             })
             .collect();

@@ -198,6 +198,13 @@ impl Reads {
 
     /// The row for `credential` and `server`, or `None` when the credential is unknown;
     /// an error when the store gave no answer within `deadline`.
+    ///
+    /// A forged token with a valid format (prefix, length, checksum) costs one indexed
+    /// read here, deliberately: unknown credentials are not cached, since a negative
+    /// cache would go on refusing a token issued a moment ago (on any replica), and a
+    /// cache of check results is one more place a revocation must reach in time. What
+    /// bounds that cost is the operator's rate limit in Envoy
+    /// (`envoy/examples/ratelimit.yaml`); the audit budget bounds the rows it writes.
     pub async fn load(
         &self,
         credential: Lookup<'_>,
