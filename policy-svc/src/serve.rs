@@ -142,8 +142,14 @@ async fn connection(
         tokio::select! {
             _ = conn.as_mut() => return,
             _ = stop.wait_for(|stop| *stop) => break,
+            // From the first request's deadline to the idle timeout's.
+            () = activity.first_request.notified() => {}
             () = tokio::time::sleep_until(check_at.into()) => {
                 if activity.closes_at(&limits).is_some_and(|at| at <= Instant::now()) {
+                    if !activity.served.load(Ordering::Acquire) {
+                        // Never sent a request: nothing to finish, no GOAWAY to wait on.
+                        return;
+                    }
                     break;
                 }
             }
@@ -161,6 +167,9 @@ struct Activity {
     opened: Instant,
     in_flight: AtomicUsize,
     served: AtomicBool,
+    /// Wakes the connection's watch once, at its first request (only then: a timer
+    /// re-armed on every request would cost the check path).
+    first_request: tokio::sync::Notify,
     /// Since `opened`, when the last request in flight ended.
     idle_since_nanos: AtomicU64,
 }
@@ -171,13 +180,16 @@ impl Activity {
             opened: Instant::now(),
             in_flight: AtomicUsize::new(0),
             served: AtomicBool::new(false),
+            first_request: tokio::sync::Notify::new(),
             idle_since_nanos: AtomicU64::new(0),
         }
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.served.store(true, Ordering::Release);
+        if !self.served.swap(true, Ordering::AcqRel) {
+            self.first_request.notify_one();
+        }
         InFlight(self.clone())
     }
 

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod admin_api;
+mod attacks_limits;
 mod audit;
 mod breakglass;
 mod capabilities;

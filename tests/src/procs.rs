@@ -57,6 +57,11 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Its process id (e.g. to lower its resource limits from a test).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops the process now (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
