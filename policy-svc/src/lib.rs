@@ -6,6 +6,8 @@ pub mod auth;
 pub mod config;
 pub mod error;
 mod extract;
+#[cfg(test)]
+mod fuzz;
 pub mod keys;
 mod queue;
 pub mod routes;

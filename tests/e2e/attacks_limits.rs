@@ -271,7 +271,7 @@ async fn a_connection_flood_on_the_public_port_does_not_stop_the_check_port() {
     let closed = join_all(conns.iter_mut().map(|s| closed_by(s, deadline))).await;
     let held = closed.iter().filter(|c| !**c).count();
     assert!(
-        held <= 64 && held >= 32,
+        (32..=64).contains(&held),
         "{held} of {flood} connections held; the public budget is 64"
     );
 
