@@ -129,6 +129,61 @@ pub struct Config {
     #[arg(long, env = "MCPGUARD_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<String>,
 
+    /// Most connections the public port holds open at once. Past it a new connection
+    /// is closed at once, so a flood of this port never takes the file descriptors and
+    /// tasks the check port needs.
+    #[arg(long, env = "MCPGUARD_PUBLIC_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub public_max_connections: u32,
+
+    /// Most connections the check port holds open at once (its own budget). Envoy holds
+    /// one HTTP/2 connection per worker thread, and a few for health checks.
+    #[arg(long, env = "MCPGUARD_CHECK_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub check_max_connections: u32,
+
+    /// Largest request body on the public port, in bytes; larger ones get 413.
+    #[arg(long, env = "MCPGUARD_PUBLIC_MAX_BODY_BYTES", default_value_t = 262_144,
+          value_parser = clap::value_parser!(u32).range(1024..=67_108_864))]
+    pub public_max_body_bytes: u32,
+
+    /// Largest request body on the check port, in bytes; larger ones get 413. A check
+    /// is a few hundred bytes.
+    #[arg(long, env = "MCPGUARD_CHECK_MAX_BODY_BYTES", default_value_t = 16_384,
+          value_parser = clap::value_parser!(u32).range(1024..=67_108_864))]
+    pub check_max_body_bytes: u32,
+
+    /// Longest wait, in milliseconds, for a request's headers (HTTP/1.1: from the moment
+    /// the connection waits for a request, so it also ends idle keep-alive connections)
+    /// and for a new connection's first request (either protocol). Both ports.
+    #[arg(long, env = "MCPGUARD_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub header_read_timeout_ms: u64,
+
+    /// A connection with no request in flight for this long, in milliseconds, is closed
+    /// (HTTP/2 with GOAWAY, so nothing in flight is lost). Both ports.
+    #[arg(long, env = "MCPGUARD_IDLE_TIMEOUT_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
+    pub idle_timeout_ms: u64,
+
+    /// Longest one request may take, body upload included, in milliseconds; past it the
+    /// answer is 408 `request_timeout`. Both ports.
+    #[arg(long, env = "MCPGUARD_REQUEST_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub request_timeout_ms: u64,
+
+    /// Most requests in flight at once on one HTTP/2 connection (both ports); Envoy
+    /// opens another connection when its callouts need more.
+    #[arg(long, env = "MCPGUARD_H2_MAX_CONCURRENT_STREAMS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65_535))]
+    pub h2_max_concurrent_streams: u32,
+
+    /// On SIGTERM, longest wait for requests in flight, in milliseconds; connections
+    /// still open then are closed.
+    #[arg(long, env = "MCPGUARD_DRAIN_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub drain_timeout_ms: u64,
+
     /// Days to keep audit entries; 0 keeps them forever.
     #[arg(long, env = "MCPGUARD_AUDIT_RETENTION_DAYS", default_value_t = 90)]
     pub audit_retention_days: u32,
@@ -201,6 +256,25 @@ impl Config {
             acquire_timeout: Duration::from_millis(self.db_acquire_timeout_ms),
             statement_timeout: Duration::from_millis(self.db_statement_timeout_ms),
         }
+    }
+
+    /// The limits of the public port and of the check port.
+    pub fn port_limits(&self) -> (crate::serve::PortLimits, crate::serve::PortLimits) {
+        let common = crate::serve::PortLimits {
+            max_connections: self.public_max_connections,
+            max_body_bytes: self.public_max_body_bytes as usize,
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+            h2_max_concurrent_streams: self.h2_max_concurrent_streams,
+        };
+        let check = crate::serve::PortLimits {
+            max_connections: self.check_max_connections,
+            max_body_bytes: self.check_max_body_bytes as usize,
+            ..common
+        };
+        (common, check)
     }
 
     pub fn check_deadline(&self) -> CheckDeadline {

@@ -27,6 +27,10 @@ pub enum ApiError {
     Conflict { code: &'static str, message: String },
     #[error("{message}")]
     Unprocessable { code: &'static str, message: String },
+    #[error("the request body is larger than this endpoint accepts")]
+    BodyTooLarge,
+    #[error("the request took too long to arrive or to answer")]
+    RequestTimeout,
     #[error("temporarily unavailable, try again")]
     Unavailable,
     /// Too many password hashes at once (`crate::signin::Busy`): 503 with `Retry-After`.
@@ -88,6 +92,8 @@ impl ApiError {
             ApiError::Unprocessable { code, .. } => {
                 (StatusCode::UNPROCESSABLE_ENTITY, (*code).to_owned())
             }
+            ApiError::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large".to_owned()),
+            ApiError::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout".to_owned()),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable".to_owned()),
             ApiError::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy".to_owned()),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal".to_owned()),

@@ -26,6 +26,10 @@ impl From<JsonRejection> for ApiError {
             JsonRejection::MissingJsonContentType(_) => {
                 ApiError::bad_request("invalid_body", "expected Content-Type: application/json")
             }
+            // The body limit (serve.rs) cut it off: the size, not the JSON, is wrong.
+            other if other.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::BodyTooLarge
+            }
             other => ApiError::bad_request("invalid_json", other.body_text()),
         }
     }

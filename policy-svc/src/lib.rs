@@ -7,10 +7,13 @@ pub mod check_auth;
 pub mod config;
 pub mod error;
 mod extract;
+#[cfg(test)]
+mod fuzz;
 pub mod keys;
 mod queue;
 pub mod routes;
 pub mod secrets;
+pub mod serve;
 pub mod signin;
 pub mod store;
 mod timefmt;
@@ -20,7 +23,6 @@ mod usage;
 use std::path::Path;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use mcpguard_core::token::{TokenHash, TokenKind, display_prefix};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -128,40 +130,63 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         state.upstreams.clone(),
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-    // TCP_NODELAY: an answer is written in two segments (hyper's HTTP/2 flow-control
-    // update, then the response); with Nagle the second waits for the peer's delayed
-    // ACK of the first, which put 40 ms on a check's tail in `make bench`.
-    let nodelay = |tcp: &mut tokio::net::TcpStream| {
-        let _ = tcp.set_nodelay(true);
-    };
-    // The peer address: the sign-in throttle counts attempts per client.
-    let public_routes =
-        routes::public(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let public_server = axum::serve(public.tap_io(nodelay), public_routes)
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let check_routes = routes::check(state)
-        .layer(axum::Extension(config.check_deadline()))
-        .layer(axum::middleware::from_fn_with_state(
-            check_auth,
-            check_auth::require,
-        ));
-    let check_server =
-        axum::serve(check.tap_io(nodelay), check_routes).with_graceful_shutdown(stopped(stop_rx));
+    let (public_limits, check_limits) = budgeted(&config);
+    let public_app =
+        serve::limit_bodies(routes::public(state.clone()), public_limits.max_body_bytes);
+    let check_app = serve::limit_bodies(
+        routes::check(state)
+            .layer(axum::Extension(config.check_deadline()))
+            .layer(axum::middleware::from_fn_with_state(
+                check_auth,
+                check_auth::require,
+            )),
+        check_limits.max_body_bytes,
+    );
     let signal = async move {
         shutdown_signal().await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
     };
-    let (public_result, check_result, ()) = tokio::join!(public_server, check_server, signal);
-    public_result.context("public server")?;
-    check_result.context("check server")?;
+    tokio::join!(
+        serve::serve("public", public, public_app, public_limits, stop_rx.clone()),
+        serve::serve("check", check, check_app, check_limits, stop_rx),
+        signal
+    );
     // Both routers (and so every handle) are gone: the writers flush and end.
     let _ = usage_writer.await;
     let _ = audit_writer.await;
     Ok(())
+}
+
+/// The ports' limits, with the connection budgets cut to what the open-file limit
+/// (raised to its hard limit first) can hold besides the database connections.
+fn budgeted(config: &Config) -> (serve::PortLimits, serve::PortLimits) {
+    let (mut public, mut check) = config.port_limits();
+    let Some(open_files) = serve::raise_open_file_limit() else {
+        return (public, check);
+    };
+    let threads = std::thread::available_parallelism().map_or(4, |n| n.get() as u64);
+    // The pool, the check's own reads (one per worker thread), listeners, the database
+    // files, logs and the runtime's own descriptors.
+    let reserve = 64 + u64::from(config.db_max_connections) + threads;
+    let (public_fits, check_fits) = serve::fit_budgets(
+        open_files,
+        reserve,
+        public.max_connections,
+        check.max_connections,
+    );
+    if (public_fits, check_fits) != (public.max_connections, check.max_connections) {
+        tracing::warn!(
+            open_files,
+            public_max_connections = public_fits,
+            check_max_connections = check_fits,
+            "the open-file limit cannot hold the configured connection limits; lowered \
+             (raise the hard limit, e.g. LimitNOFILE= in systemd, to keep them)"
+        );
+    }
+    public.max_connections = public_fits;
+    check.max_connections = check_fits;
+    (public, check)
 }
 
 /// Hourly: deletes OAuth sessions, codes and refresh tokens that can no longer be used.

@@ -7,6 +7,7 @@ mod admin_api;
 mod attacks;
 mod attacks_admin;
 mod attacks_audit;
+mod attacks_limits;
 mod attacks_signin;
 mod audit;
 mod breakglass;
