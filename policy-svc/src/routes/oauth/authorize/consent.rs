@@ -12,6 +12,7 @@ use super::super::error::OauthError;
 use super::super::{Params, form_params};
 use super::request::{Authz, client_redirect, hidden_authz_fields, validate_authz};
 use super::session::{self, session_csrf};
+use crate::error::ApiError;
 use crate::pages::{PageError, escape, html};
 use crate::secrets::ct_eq;
 use crate::store::{self, oauth as db};
@@ -119,7 +120,11 @@ pub(in crate::routes::oauth) async fn consent(
 }
 
 /// After consent: identities the user brought, the headed host (on the client's first
-/// authorization), the connection, and the code.
+/// authorization), the connection, the audit entry, and the code. The code is stored
+/// only once its audit entry is written: a consent that cannot be audited fails as an
+/// admin call does (500 `internal`) and grants nothing. The host and connection it
+/// settled stay, as an admin change does when its audit write fails; they carry no
+/// credential, and the next consent reuses them.
 async fn grant_code(
     state: &AppState,
     p: &Params,
@@ -153,6 +158,17 @@ async fn grant_code(
         tracing::info!(host_id, client_id = %authz.client.client_id, name = %authz.client.client_name, "client's first authorization: its headed host settled");
     }
     let code = secrets::mint(TokenKind::Code).map_err(OauthError::server_error)?;
+    state
+        .audit
+        .admin(
+            user_id,
+            "oauth.authorize",
+            format!("connections/{connection_id}"),
+            None,
+            Some(serde_json::json!({"host_id": host_id, "client_id": authz.client.client_id, "resource": authz.resource})),
+        )
+        .await
+        .map_err(ApiError::from)?;
     db::insert_code(
         &state.db,
         &db::NewCode {
@@ -169,21 +185,13 @@ async fn grant_code(
     )
     .await
     .map_err(OauthError::from)?;
-    let _ = state
-        .audit
-        .admin(
-            user_id,
-            "oauth.authorize",
-            format!("connections/{connection_id}"),
-            None,
-            Some(serde_json::json!({"host_id": host_id, "client_id": authz.client.client_id, "resource": authz.resource})),
-        )
-        .await;
     Ok(code)
 }
 
 #[cfg(test)]
 mod tests {
+    use axum::response::IntoResponse;
+
     use super::*;
     use crate::store::Db;
 
@@ -255,6 +263,26 @@ mod tests {
             )
             .await,
             1
+        );
+    }
+
+    /// An admin action that cannot be audited fails: the consent answers an error and
+    /// no code exists to be exchanged.
+    #[tokio::test]
+    async fn a_consent_that_cannot_be_audited_grants_nothing() {
+        let (_dir, state, authz) = consenting().await;
+        sqlx::query("DROP TABLE audit_events")
+            .execute(&state.db)
+            .await
+            .unwrap();
+        let refused = grant_code(&state, &Params(Vec::new()), &authz, 1)
+            .await
+            .unwrap_err()
+            .into_response();
+        assert_eq!(refused.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            count(&state.db, "SELECT COUNT(*) FROM oauth_codes").await,
+            0
         );
     }
 }
