@@ -392,8 +392,7 @@ async fn set_password(
     Path(user_id): Path<i64>,
     Json(body): Json<PasswordBody>,
 ) -> Result<StatusCode, ApiError> {
-    let length = body.password.chars().count();
-    if !(12..=1024).contains(&length) || body.password.chars().any(char::is_control) {
+    if !crate::signin::is_settable_password(&body.password) {
         return Err(ApiError::unprocessable(
             "invalid_password",
             "a password is 12 to 1024 printable characters",

@@ -14,14 +14,14 @@ use crate::store::oauth as db;
 
 /// A validated authorization request.
 pub(super) struct Authz {
-    pub client: db::Client,
-    pub redirect_uri: String,
-    pub state: Option<String>,
-    pub code_challenge: String,
-    pub resource: String,
-    pub gateway_id: i64,
-    pub gateway_name: String,
-    pub scope: Option<String>,
+    pub(super) client: db::Client,
+    pub(super) redirect_uri: String,
+    pub(super) state: Option<String>,
+    pub(super) code_challenge: String,
+    pub(super) resource: String,
+    pub(super) gateway_id: i64,
+    pub(super) gateway_name: String,
+    pub(super) scope: Option<String>,
 }
 
 /// The authorization request's parameters, carried through the sign-in and consent
