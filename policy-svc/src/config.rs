@@ -309,7 +309,7 @@ impl Config {
         )
     }
 
-    pub fn oauth(&self) -> anyhow::Result<crate::routes::oauth::OauthConfig> {
+    pub fn oauth(&self) -> anyhow::Result<crate::oauth_config::OauthConfig> {
         let issuer = self
             .issuer
             .clone()
@@ -340,7 +340,7 @@ impl Config {
                     .map_err(|e| anyhow::anyhow!("--trusted-proxies: {e}"))
             })
             .collect::<anyhow::Result<_>>()?;
-        Ok(crate::routes::oauth::OauthConfig {
+        Ok(crate::oauth_config::OauthConfig {
             trusted_proxies,
             issuer,
             resource_base_urls: self.resource_base_urls.clone(),

@@ -9,7 +9,10 @@ pub mod error;
 mod extract;
 #[cfg(test)]
 mod fuzz;
+pub mod identities;
 pub mod keys;
+pub mod oauth_config;
+pub mod pages;
 mod queue;
 pub mod routes;
 pub mod secrets;
@@ -40,7 +43,7 @@ pub struct AppState {
     pub audit: audit::Audit,
     pub audit_retention_days: u32,
     pub secrets: std::sync::Arc<secrets::SecretBox>,
-    pub oauth: std::sync::Arc<routes::oauth::OauthConfig>,
+    pub oauth: std::sync::Arc<oauth_config::OauthConfig>,
     pub signer: std::sync::Arc<keys::Signer>,
     /// Verifies access tokens presented to the ext_authz endpoint.
     pub verifier: std::sync::Arc<keys::Verifier>,

@@ -39,6 +39,12 @@ mod tests {
     }
 }
 
+/// Whether two secrets (a CSRF value, a client id) are equal, compared in constant time.
+pub fn ct_eq(a: &str, b: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    a.as_bytes().ct_eq(b.as_bytes()).into()
+}
+
 /// 256 random bits, base64url: one-time secrets (links, sessions), client ids, `jti`s.
 pub fn random_id() -> Result<String, getrandom::Error> {
     let mut bytes = [0u8; 32];

@@ -480,6 +480,16 @@ impl SignIn {
 /// hashing or counting (no user can sign in with them).
 const MAX_NAME_CHARS: usize = 200;
 const MAX_PASSWORD_CHARS: usize = 1024;
+/// The shortest password an admin may set.
+const MIN_PASSWORD_CHARS: usize = 12;
+
+/// Whether `password` may be set (the admin API sets it): 12 to 1024
+/// printable characters, so that every password set is one [`sign_in`] accepts.
+pub fn is_settable_password(password: &str) -> bool {
+    let length = password.chars().count();
+    (MIN_PASSWORD_CHARS..=MAX_PASSWORD_CHARS).contains(&length)
+        && !password.chars().any(char::is_control)
+}
 
 /// Signs in an enabled user with a password, once `admitted` to hash (the caller asks
 /// [`Passwords::admit`] before it reads anything, and answers [`Busy`] itself). Takes as
@@ -522,6 +532,15 @@ mod tests {
     use super::*;
 
     const MIN: i64 = 60_000;
+
+    #[test]
+    fn every_password_that_can_be_set_can_sign_in() {
+        assert!(is_settable_password("twelve chars"));
+        assert!(is_settable_password(&"é".repeat(MAX_PASSWORD_CHARS)));
+        assert!(!is_settable_password("eleven char"));
+        assert!(!is_settable_password(&"a".repeat(MAX_PASSWORD_CHARS + 1)));
+        assert!(!is_settable_password("twelve\nchars"));
+    }
 
     /// `n` failed attempts by one client under one name, each as soon as allowed.
     fn attempts(n: i64, mut now: i64, mut tat: i64) -> (SourceState, i64, i64) {

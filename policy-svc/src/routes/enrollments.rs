@@ -14,14 +14,14 @@ use mcpguard_core::token::{TokenHash, TokenKind, display_prefix};
 use serde::{Deserialize, Serialize};
 
 use super::hosts::{IssuedToken, connection_target, issued};
-use super::oauth::{busy_page, cookie, ct_eq, escape, html, refused_for_now, secure_attr};
-use super::users::{identities_from_form, save_identities};
 use super::{Endpoint, Verb, audit_admin, endpoint, state_of};
 use crate::AppState;
 use crate::auth::{Admin, Capability, HostOf, Scope};
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
-use crate::secrets;
+use crate::identities::{identities_from_form, save_identities};
+use crate::pages::{PageError, cookie, escape, html, refused_for_now, secure_attr};
+use crate::secrets::{self, ct_eq};
 use crate::signin::{self, SignIn, sign_in};
 use crate::store::enrollments::{self as db, Enrollment, Status};
 use crate::store::{hosts, identities, now_ms};
@@ -201,8 +201,8 @@ async fn claim(
 
 // ---- the page ----
 
-fn link_not_valid() -> Response {
-    html(
+fn link_not_valid() -> PageError {
+    PageError::page(
         StatusCode::NOT_FOUND,
         "Link not valid",
         "<p>This enrollment link is not valid: it may have expired or been used already. \
@@ -222,7 +222,7 @@ struct Opened {
 
 /// The pending enrollment a link's secret opens, or the page that says why not. Unknown,
 /// expired and used links all look alike to whoever holds one.
-async fn open(state: &AppState, code: &str) -> Result<Opened, Response> {
+async fn open(state: &AppState, code: &str) -> Result<Opened, PageError> {
     let failed = |e: crate::store::StoreError| {
         tracing::error!(error = %e, "enrollment page: database error");
         unavailable()
@@ -295,30 +295,35 @@ fn form_page(
     response
 }
 
-/// A fresh CSRF value; `None` (logged) if the OS has no randomness to give.
-fn fresh_csrf() -> Option<String> {
+/// A fresh CSRF value, or (logged) the page that says the OS has no randomness to give.
+fn fresh_csrf() -> Result<String, PageError> {
     secrets::random_id()
         .inspect_err(|e| tracing::error!(error = %e, "no randomness from the OS"))
-        .ok()
+        .map_err(|_| unavailable())
 }
 
-fn unavailable() -> Response {
-    html(
+fn unavailable() -> PageError {
+    PageError::page(
         StatusCode::SERVICE_UNAVAILABLE,
         "Try again",
         "<p>The service is unavailable. Try again in a moment.</p>".into(),
     )
 }
 
-async fn page(State(state): State<AppState>, Path(code): Path<String>) -> Response {
-    let opened = match open(&state, &code).await {
-        Ok(o) => o,
-        Err(page) => return page,
-    };
-    match fresh_csrf() {
-        Some(csrf) => form_page(&state, StatusCode::OK, &code, &opened, &csrf, None),
-        None => unavailable(),
-    }
+async fn page(
+    State(state): State<AppState>,
+    Path(code): Path<String>,
+) -> Result<Response, PageError> {
+    let opened = open(&state, &code).await?;
+    let csrf = fresh_csrf()?;
+    Ok(form_page(
+        &state,
+        StatusCode::OK,
+        &code,
+        &opened,
+        &csrf,
+        None,
+    ))
 }
 
 async fn submit(
@@ -327,17 +332,13 @@ async fn submit(
     Path(code): Path<String>,
     headers: HeaderMap,
     form: Result<Form<Vec<(String, String)>>, FormRejection>,
-) -> Response {
-    let opened = match open(&state, &code).await {
-        Ok(o) => o,
-        Err(page) => return page,
+) -> Result<Response, PageError> {
+    let opened = open(&state, &code).await?;
+    let cannot = |status, message: &str| {
+        PageError::page(status, "Cannot enroll", format!("<p>{message}</p>"))
     };
     let Ok(Form(fields)) = form else {
-        return html(
-            StatusCode::BAD_REQUEST,
-            "Cannot enroll",
-            "<p>Malformed form.</p>".into(),
-        );
+        return Err(cannot(StatusCode::BAD_REQUEST, "Malformed form."));
     };
     let field = |name: &str| {
         fields
@@ -350,29 +351,30 @@ async fn submit(
         _ => false,
     };
     if !csrf_ok {
-        return html(
+        return Err(cannot(
             StatusCode::FORBIDDEN,
-            "Cannot enroll",
-            "<p>The form expired or did not come from this site. Open the link again.</p>".into(),
-        );
+            "The form expired or did not come from this site. Open the link again.",
+        ));
     }
-    let Some(csrf) = fresh_csrf() else {
-        return unavailable();
+    let csrf = fresh_csrf()?;
+    let again = |status, error: &str| {
+        PageError::shown(form_page(
+            &state,
+            status,
+            &code,
+            &opened,
+            &csrf,
+            Some(error),
+        ))
     };
-    let again = |status, error: &str| form_page(&state, status, &code, &opened, &csrf, Some(error));
 
     // Before the sign-in reads anything: beyond the hashing bound it costs nothing.
-    let Ok(admitted) = state.passwords.admit() else {
-        return busy_page();
-    };
+    let admitted = state.passwords.admit().map_err(|_| PageError::busy())?;
     // Only the invited user may complete it.
     let signed_in = match (field("username"), field("password")) {
-        (Some(name), Some(password)) => {
-            match sign_in(&state, admitted, &client, name, password).await {
-                Ok(answer) => answer,
-                Err(e) => return ApiError::from(e).into_response(),
-            }
-        }
+        (Some(name), Some(password)) => sign_in(&state, admitted, &client, name, password)
+            .await
+            .map_err(ApiError::from)?,
         _ => SignIn::Refused,
     };
     match signed_in {
@@ -384,39 +386,42 @@ async fn submit(
                 "enrollment sign-in throttled"
             );
             let page = again(StatusCode::TOO_MANY_REQUESTS, SignIn::THROTTLED_MESSAGE);
-            return refused_for_now(page, StatusCode::TOO_MANY_REQUESTS, retry_after);
+            return Err(PageError::shown(refused_for_now(
+                page.into_response(),
+                StatusCode::TOO_MANY_REQUESTS,
+                retry_after,
+            )));
         }
-        SignIn::Busy => return busy_page(),
+        SignIn::Busy => return Err(PageError::busy()),
         _ => {
             tracing::info!(
                 enrollment_id = opened.enrollment.id,
                 "enrollment sign-in refused"
             );
-            return again(StatusCode::UNAUTHORIZED, "Wrong user name or password.");
+            return Err(again(
+                StatusCode::UNAUTHORIZED,
+                "Wrong user name or password.",
+            ));
         }
     }
     // Every identity checked before any is saved: a refused form changes nothing.
-    let checked = match identities_from_form(&opened.missing, field, true) {
-        Ok(checked) => checked,
-        Err(m) => {
-            let error = format!(
-                "Enter your access token for {} (one word, no spaces).",
-                m.name
-            );
-            return again(StatusCode::UNPROCESSABLE_ENTITY, &error);
-        }
-    };
+    let checked = identities_from_form(&opened.missing, field, true).map_err(|m| {
+        let error = format!(
+            "Enter your access token for {} (one word, no spaces).",
+            m.name
+        );
+        again(StatusCode::UNPROCESSABLE_ENTITY, &error)
+    })?;
     let user_id = opened.enrollment.user_id;
-    if let Err(e) = save_identities(&state, user_id, checked).await {
-        return e.into_response();
-    }
-    match db::complete(&state.db, opened.enrollment.id).await {
-        Ok(true) => {}
+    save_identities(&state, user_id, checked).await?;
+    if !db::complete(&state.db, opened.enrollment.id)
+        .await
+        .map_err(ApiError::from)?
+    {
         // Expired, or completed by another submission, since the page was opened.
-        Ok(false) => return link_not_valid(),
-        Err(e) => return ApiError::from(e).into_response(),
+        return Err(link_not_valid());
     }
-    if let Err(e) = state
+    state
         .audit
         .admin(
             user_id,
@@ -426,15 +431,13 @@ async fn submit(
             None,
         )
         .await
-    {
-        return ApiError::from(e).into_response();
-    }
+        .map_err(ApiError::from)?;
     tracing::info!(
         enrollment_id = opened.enrollment.id,
         user_id,
         "enrollment completed"
     );
-    html(
+    Ok(html(
         StatusCode::OK,
         "Done",
         format!(
@@ -442,5 +445,5 @@ async fn submit(
             escape(&opened.host_name),
             escape(&opened.gateway_name)
         ),
-    )
+    ))
 }

@@ -4,11 +4,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 
-use super::{Credential, Endpoint, Verb, audit_admin, endpoint, state_of};
-
+use super::{Endpoint, Verb, audit_admin, endpoint, state_of};
 use crate::auth::{Admin, Capability};
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
+use crate::identities::Credential;
 use crate::store::{StoreError, catalog, hosts};
 use crate::{AppState, secrets};
 

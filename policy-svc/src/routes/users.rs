@@ -5,10 +5,11 @@ use axum::http::StatusCode;
 use mcpguard_core::token::{TokenHash, TokenKind, display_prefix};
 use serde::{Deserialize, Serialize};
 
-use super::{Credential, Endpoint, Verb, audit_admin, endpoint, state_of};
+use super::{Endpoint, Verb, audit_admin, endpoint, state_of};
 use crate::auth::{Admin, Capability, Scope};
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
+use crate::identities::{Credential, save_identity};
 use crate::store::{StoreError, admin as store, catalog, identities};
 use crate::{AppState, secrets};
 
@@ -366,83 +367,6 @@ async fn put_identity(
     Ok(Json(identity))
 }
 
-/// Identities checked and ready to save: server id, and the header that carries the
-/// credential upstream.
-pub(super) type CheckedIdentities = Vec<(i64, (String, String))>;
-
-/// The bearer tokens a person typed into a page's `identity_{server_id}` fields (the
-/// OAuth consent page, the enrollment page), one per server in `missing`, all checked
-/// before any is stored so that a refused form changes nothing. A field left empty is
-/// skipped, unless `required`. `Err` is the server whose field is refused.
-pub(super) fn identities_from_form<'a, 'f>(
-    missing: &'a [identities::Missing],
-    field: impl Fn(&str) -> Option<&'f str>,
-    required: bool,
-) -> Result<CheckedIdentities, &'a identities::Missing> {
-    let mut checked = Vec::new();
-    for m in missing {
-        let typed = field(&format!("identity_{}", m.server_id))
-            .map(str::trim)
-            .filter(|t| !t.is_empty());
-        let Some(token) = typed else {
-            if required {
-                return Err(m);
-            }
-            continue;
-        };
-        let header = super::Credential::Bearer {
-            token: token.to_owned(),
-        }
-        .into_header()
-        .map_err(|_| m)?;
-        checked.push((m.server_id, header));
-    }
-    Ok(checked)
-}
-
-/// Saves what [`identities_from_form`] checked, as set by the user themself.
-pub(super) async fn save_identities(
-    state: &AppState,
-    user_id: i64,
-    checked: CheckedIdentities,
-) -> Result<(), ApiError> {
-    for (server_id, header) in checked {
-        save_identity(state, user_id, user_id, server_id, header).await?;
-    }
-    Ok(())
-}
-
-/// Seals and saves a user's credential (a checked header and value) for a server, and
-/// audits it as done by `actor`. Metadata only: the credential itself is never logged,
-/// audited or returned.
-pub(super) async fn save_identity(
-    state: &AppState,
-    actor: i64,
-    user_id: i64,
-    server_id: i64,
-    (header, value): (String, String),
-) -> Result<identities::Identity, ApiError> {
-    let sealed = state
-        .secrets
-        .seal(&value, &secrets::identity_binding(user_id, server_id))
-        .map_err(|e| {
-            tracing::error!(error = %e, "could not seal an identity");
-            ApiError::Unavailable
-        })?;
-    let identity = identities::put(&state.db, user_id, server_id, &header, &sealed).await?;
-    state
-        .audit
-        .admin(
-            actor,
-            "identity.set",
-            format!("identities/{}", identity.id),
-            None,
-            state_of(&identity),
-        )
-        .await?;
-    Ok(identity)
-}
-
 async fn list_identities(
     State(state): State<AppState>,
     Path(user_id): Path<i64>,
@@ -468,8 +392,7 @@ async fn set_password(
     Path(user_id): Path<i64>,
     Json(body): Json<PasswordBody>,
 ) -> Result<StatusCode, ApiError> {
-    let length = body.password.chars().count();
-    if !(12..=1024).contains(&length) || body.password.chars().any(char::is_control) {
+    if !crate::signin::is_settable_password(&body.password) {
         return Err(ApiError::unprocessable(
             "invalid_password",
             "a password is 12 to 1024 printable characters",
@@ -502,54 +425,4 @@ async fn set_password(
     )
     .await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn missing(server_id: i64, name: &str) -> identities::Missing {
-        identities::Missing {
-            server_id,
-            slug: name.to_lowercase(),
-            name: name.into(),
-        }
-    }
-
-    #[test]
-    fn identity_fields_are_all_checked_before_any_is_kept() {
-        let servers = [missing(1, "GitHub"), missing(2, "Linear")];
-        let form = |fields: &'static [(&'static str, &'static str)]| {
-            move |name: &str| fields.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
-        };
-        let bearer = |t: &str| ("authorization".to_owned(), format!("Bearer {t}"));
-
-        let both = form(&[("identity_1", " gh-token "), ("identity_2", "lin")]);
-        for required in [true, false] {
-            assert_eq!(
-                identities_from_form(&servers, both, required).unwrap(),
-                vec![(1, bearer("gh-token")), (2, bearer("lin"))]
-            );
-        }
-        // Left empty (or blank): skipped on the consent page, refused on enrollment.
-        let one = form(&[("identity_1", "gh-token"), ("identity_2", "  ")]);
-        assert_eq!(
-            identities_from_form(&servers, one, false).unwrap(),
-            vec![(1, bearer("gh-token"))]
-        );
-        assert_eq!(
-            identities_from_form(&servers, one, true).unwrap_err().name,
-            "Linear"
-        );
-        // Not one word: refused, whichever field it is, even after a good one.
-        let spaced = form(&[("identity_1", "gh-token"), ("identity_2", "two words")]);
-        for required in [true, false] {
-            assert_eq!(
-                identities_from_form(&servers, spaced, required)
-                    .unwrap_err()
-                    .server_id,
-                2
-            );
-        }
-    }
 }
