@@ -1,22 +1,19 @@
-//! proxy-wasm glue: reads headers from Envoy, hands them to `decide`, and carries out
-//! the answer. No decision is made here.
+//! The proxy-wasm glue: the root context (configuration, counters, the JWKS refresh
+//! timer) and each request's [`Host`], over which [`Lifecycle`] runs the request. No
+//! decision is made here.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use mcpguard_core::check::{CHECK_PATH, DenyCode};
-use mcpguard_core::oauth::CHECK_JWKS_PATH;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 
 use crate::config::FilterConfig;
-use crate::counters::Counters;
-use crate::decide::{
-    self, ADDRESS_HEADER, Clock, Finish, Incoming, METADATA_HEADERS, ROUTE_HEADER, RawHeaders,
-    Refusal, Start,
-};
+use crate::counters::{Counters, Event};
+use crate::decide::RawHeaders;
+use crate::lifecycle::{self, Host, Lifecycle, McpField, Next};
 use mcpguard_core::jwt::Keys;
 
 /// The JWT verification keys, shared by the root context (which refreshes them) and
@@ -37,12 +34,6 @@ proxy_wasm::main! {{
 /// reason in `/stats` and Prometheus output.
 type Metrics = Counters<u32>;
 
-fn count(id: Option<u32>) {
-    if let Some(id) = id {
-        let _ = hostcalls::increment_metric(id, 1);
-    }
-}
-
 #[derive(Default)]
 struct Root {
     config: Option<Rc<FilterConfig>>,
@@ -52,33 +43,14 @@ struct Root {
     fetching: bool,
 }
 
-/// Asks the policy service for its JWKS; the answer comes to `ctx`'s
-/// `on_http_call_response`.
-fn fetch_jwks(
-    ctx: &impl Context,
-    config: &FilterConfig,
-    timeout: Duration,
-) -> Result<u32, proxy_wasm::types::Status> {
-    ctx.dispatch_http_call(
-        &config.policy_cluster,
-        vec![
-            (":method", "GET"),
-            (":path", CHECK_JWKS_PATH),
-            (":authority", &config.policy_authority),
-        ],
-        None,
-        vec![],
-        timeout,
-    )
-}
-
 impl Root {
     fn refresh_jwks(&mut self) {
         let Some(config) = self.config.clone() else {
             return;
         };
         let timeout = Duration::from_millis(config.check_timeout_ms.max(1000));
-        match fetch_jwks(self, &config, timeout) {
+        let headers = lifecycle::jwks_request(&config).to_vec();
+        match self.dispatch_http_call(&config.policy_cluster, headers, None, vec![], timeout) {
             Ok(_) => self.fetching = true,
             Err(status) => log::error!(
                 "JWKS fetch from cluster {:?} failed to start: {status:?}",
@@ -173,12 +145,9 @@ impl RootContext for Root {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Request {
             keys: self.keys.clone(),
-            awaiting_keys: false,
-            fetched_keys: false,
             config: self.config.clone(),
             metrics: self.metrics.clone(),
-            path: String::new(),
-            request_id: None,
+            lifecycle: Lifecycle::default(),
         }))
     }
 
@@ -193,149 +162,15 @@ struct Request {
     config: Option<Rc<FilterConfig>>,
     metrics: Option<Rc<Metrics>>,
     keys: SharedKeys,
-    /// Where the pending callout goes: the JWKS (first JWT after start) or the check.
-    awaiting_keys: bool,
-    /// This request already fetched the JWKS once; no second attempt.
-    fetched_keys: bool,
-    /// The client's `:path`, kept for rewriting once the check answers.
-    path: String,
-    request_id: Option<String>,
-}
-
-impl Request {
-    fn refuse(&self, refusal: Refusal) {
-        log::info!(
-            "{}",
-            refusal.log_line(&self.path, self.request_id.as_deref())
-        );
-        if let Some(m) = &self.metrics {
-            count(m.denied(refusal.code));
-        }
-        let headers = refusal
-            .headers
-            .iter()
-            .map(|(n, v)| (*n, v.as_str()))
-            .collect();
-        self.send_http_response(refusal.status(), headers, Some(refusal.body.as_bytes()));
-    }
-
-    fn forward(&self, forward: decide::Forward) {
-        for (name, value) in forward.header_edits() {
-            self.set_http_request_header(name, value);
-        }
-        if let Some(m) = &self.metrics {
-            count(m.allowed());
-        }
-        self.resume_http_request();
-    }
-}
-
-impl Request {
-    /// A value Envoy's `envoy.filters.http.mcp` parsed from the JSON-RPC body, if that
-    /// filter runs before this one and the body was MCP.
-    fn mcp_metadata(&self, key: &[&str]) -> Option<String> {
-        let mut path = vec!["metadata", "filter_metadata", "envoy.filters.http.mcp"];
-        path.extend_from_slice(key);
-        self.get_property(path)
-            .and_then(|v| String::from_utf8(v).ok())
-    }
+    lifecycle: Lifecycle,
 }
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        // Whatever happens next, a client can never choose a forwarding route, or the
-        // address it connects to, itself.
-        self.set_http_request_header(ROUTE_HEADER, None);
-        self.set_http_request_header(ADDRESS_HEADER, None);
-        self.decide()
-    }
-}
-
-impl Request {
-    /// Reads what the decision needs from Envoy and acts on it; `Pause` unless the
-    /// request is not ours.
-    fn decide(&mut self) -> Action {
-        // As bytes, one host call per needed header: proxy-wasm's string getters (and
-        // its all-headers getter, for names) unwrap UTF-8, and one client-sent byte
-        // that is not UTF-8 would panic the VM for every request on this worker.
-        let headers = RawHeaders::read(|name| self.get_http_request_header_bytes(name));
-        let mcp_method = self.mcp_metadata(&["method"]);
-        let tool = self.mcp_metadata(&["params", "name"]);
-        let incoming = Incoming::from_headers(&headers, mcp_method.as_deref(), tool.as_deref());
-        self.path = incoming.path.to_owned();
-        self.request_id = incoming.request_id.map(str::to_owned);
-        let Some(config) = self.config.clone() else {
-            self.refuse(Refusal::new(DenyCode::PolicyUnavailable, None));
-            return Action::Pause;
-        };
-        let keys = self.keys.borrow().clone();
-        let now = self
-            .get_current_time()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        let clock = Clock {
-            keys: keys.as_deref(),
-            now,
-        };
-        match decide::start(&incoming, &config, clock) {
-            Start::PassThrough => Action::Continue,
-            Start::Metadata(doc) => {
-                self.send_http_response(200, METADATA_HEADERS.to_vec(), Some(doc.as_bytes()));
-                Action::Pause
-            }
-            Start::Refuse(refusal) => {
-                self.refuse(refusal);
-                Action::Pause
-            }
-            Start::NeedKeys if self.fetched_keys => {
-                self.refuse(Refusal::new(DenyCode::PolicyUnavailable, None));
-                Action::Pause
-            }
-            Start::NeedKeys => {
-                let timeout = Duration::from_millis(config.check_timeout_ms);
-                match fetch_jwks(self, &config, timeout) {
-                    Ok(_) => {
-                        self.awaiting_keys = true;
-                        self.fetched_keys = true;
-                    }
-                    Err(status) => {
-                        log::error!("JWKS fetch failed to start: {status:?}");
-                        self.refuse(Refusal::new(DenyCode::PolicyUnavailable, None));
-                    }
-                }
-                Action::Pause
-            }
-            Start::Check(check) => {
-                let body = match serde_json::to_vec(&check) {
-                    Ok(body) => body,
-                    Err(e) => {
-                        log::error!("cannot encode check request: {e}");
-                        self.refuse(Refusal::new(DenyCode::PolicyUnavailable, None));
-                        return Action::Pause;
-                    }
-                };
-                let dispatched = self.dispatch_http_call(
-                    &config.policy_cluster,
-                    vec![
-                        (":method", "POST"),
-                        (":path", CHECK_PATH),
-                        (":authority", &config.policy_authority),
-                        ("content-type", "application/json"),
-                    ],
-                    Some(&body),
-                    vec![],
-                    Duration::from_millis(config.check_timeout_ms),
-                );
-                if let Err(status) = dispatched {
-                    log::error!(
-                        "check callout to cluster {:?} failed to start: {status:?}",
-                        config.policy_cluster
-                    );
-                    self.refuse(Refusal::new(DenyCode::PolicyUnavailable, None));
-                }
-                // Paused until the check answers; the body waits in Envoy's buffer.
-                Action::Pause
-            }
+        let this: &Request = self;
+        match this.lifecycle.on_request_headers(this) {
+            Next::Continue => Action::Continue,
+            Next::Pause => Action::Pause,
         }
     }
 }
@@ -352,25 +187,100 @@ impl Context for Request {
             .get_http_call_response_header_bytes(":status")
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok());
         let body = self.get_http_call_response_body(0, body_size);
-        if self.awaiting_keys {
-            self.awaiting_keys = false;
-            match (status, Keys::from_jwks(body.as_deref().unwrap_or_default())) {
-                (Some(200), Ok(keys)) => *self.keys.borrow_mut() = Some(Rc::new(keys)),
-                (status, parsed) => {
-                    log::warn!("JWKS fetch failed (status {status:?}, {:?})", parsed.err())
-                }
-            }
-            if let Action::Continue = self.decide() {
-                self.resume_http_request();
-            }
-            return;
+        let this: &Request = self;
+        this.lifecycle.on_answer(this, status, body.as_deref());
+    }
+}
+
+impl Host for Request {
+    type Keys = Rc<Keys>;
+
+    fn config(&self) -> Option<&FilterConfig> {
+        self.config.as_deref()
+    }
+
+    fn keys(&self) -> Option<Rc<Keys>> {
+        self.keys.borrow().clone()
+    }
+
+    fn fetches_keys(&self) -> bool {
+        true
+    }
+
+    fn store_keys(&self, keys: Keys) {
+        *self.keys.borrow_mut() = Some(Rc::new(keys));
+    }
+
+    fn has_request_header(&self, _name: &str) -> Option<bool> {
+        // Asking would cost a host call of its own, as much as removing it.
+        None
+    }
+
+    fn request_headers(&self) -> RawHeaders {
+        // As bytes, one host call per needed header: proxy-wasm's string getters (and
+        // its all-headers getter, for names) unwrap UTF-8, and one client-sent byte
+        // that is not UTF-8 would panic the VM for every request on this worker.
+        RawHeaders::read(|name| self.get_http_request_header_bytes(name))
+    }
+
+    fn mcp_metadata(&self, field: McpField) -> Option<String> {
+        let key: &[&str] = match field {
+            McpField::Method => &["method"],
+            McpField::Tool => &["params", "name"],
+        };
+        let mut path = vec!["metadata", "filter_metadata", "envoy.filters.http.mcp"];
+        path.extend_from_slice(key);
+        self.get_property(path)
+            .and_then(|v| String::from_utf8(v).ok())
+    }
+
+    fn set_request_header(&self, name: &str, value: Option<&str>) {
+        self.set_http_request_header(name, value);
+    }
+
+    fn clear_route_cache(&self) {
+        // Envoy's proxy-wasm host clears it on every request-header edit already.
+    }
+
+    fn dispatch(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        timeout_ms: u64,
+    ) -> Result<(), String> {
+        let timeout = Duration::from_millis(timeout_ms);
+        self.dispatch_http_call(cluster, headers.to_vec(), body, vec![], timeout)
+            .map(drop)
+            .map_err(|status| format!("{status:?}"))
+    }
+
+    fn send_response(&self, status: u32, headers: Vec<(&str, &str)>, body: &[u8]) {
+        self.send_http_response(status, headers, Some(body));
+    }
+
+    fn resume(&self) {
+        self.resume_http_request();
+    }
+
+    fn now(&self) -> i64 {
+        self.get_current_time()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    }
+
+    fn count(&self, event: Event) {
+        if let Some(id) = self.metrics.as_ref().and_then(|m| m.id(event)) {
+            let _ = hostcalls::increment_metric(id, 1);
         }
-        if let Some(note) = decide::unanswered_check(status, self.request_id.as_deref()) {
-            log::warn!("{note}");
-        }
-        match decide::finish(status, body.as_deref(), &self.path) {
-            Finish::Forward(forward) => self.forward(forward),
-            Finish::Refuse(refusal) => self.refuse(refusal),
-        }
+    }
+
+    fn log(&self, level: lifecycle::Level, message: std::fmt::Arguments<'_>) {
+        let level = match level {
+            lifecycle::Level::Info => log::Level::Info,
+            lifecycle::Level::Warn => log::Level::Warn,
+            lifecycle::Level::Error => log::Level::Error,
+        };
+        log::log!(level, "{message}");
     }
 }
