@@ -1,18 +1,16 @@
-//! What the wasm filter's `http.rs` does, through the dynamic-module ABI instead of
-//! proxy-wasm: read the request, let `decide` answer, carry the answer out.
+//! The wasm filter's request lifecycle (`mcpguard_filter::lifecycle`) through the
+//! dynamic-module ABI instead of proxy-wasm: this file is its config and its [`Host`].
 
-use std::cell::{Cell, RefCell};
+use std::cell::OnceCell;
+use std::fmt;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use mcpguard_core::check::{CHECK_PATH, DenyCode};
 use mcpguard_core::jwt::Keys;
 use mcpguard_filter::config::FilterConfig;
-use mcpguard_filter::counters::Counters;
-use mcpguard_filter::decide::{
-    self, ADDRESS_HEADER, Clock, Finish, Incoming, METADATA_HEADERS, ROUTE_HEADER, RawHeaders,
-    Refusal, Start,
-};
+use mcpguard_filter::counters::{Counters, Event};
+use mcpguard_filter::decide::RawHeaders;
+use mcpguard_filter::lifecycle::{self, Host, Lifecycle, McpField, Next};
 
 use crate::abi::{ConfigSite, HeadersStatus, Level, Stream, log};
 
@@ -58,136 +56,153 @@ impl Config {
 
 /// One request. Its hooks take `&self`: Envoy may deliver a callout's answer inside
 /// the call that starts it (a reply Envoy makes itself), so `on_check_answer` can run
-/// while `on_request_headers` is still on the stack.
+/// while `on_request_headers` is still on the stack; [`Lifecycle`] is made for that.
 pub struct Request {
     config: Arc<Config>,
-    /// The client's `:path`, kept for rewriting once the check answers.
-    path: RefCell<String>,
-    request_id: RefCell<Option<String>>,
-    /// The check has answered (possibly before the callout call returned).
-    answered: Cell<bool>,
+    lifecycle: Lifecycle,
 }
 
 impl Request {
     pub fn new(config: Arc<Config>) -> Request {
         Request {
             config,
-            path: RefCell::default(),
-            request_id: RefCell::default(),
-            answered: Cell::new(false),
+            lifecycle: Lifecycle::default(),
         }
     }
 
     pub fn on_request_headers(&self, s: &Stream<'_>) -> HeadersStatus {
-        let all = s.request_headers();
-        // Whatever happens next, a client can never choose a forwarding route itself.
-        // Envoy picked (and cached) the route from the client's headers before this
-        // hook, and this ABI, unlike proxy-wasm's, does not clear that cache when a
-        // header is removed: without the clear, a forged route header plus any `Host`
-        // made a request that this filter passes through (not an MCP path) use a
-        // forwarding route, an open proxy.
-        if all
-            .iter()
-            .any(|(k, _)| k.as_slice() == ROUTE_HEADER.as_bytes())
-        {
-            s.set_request_header(ROUTE_HEADER, None);
-            s.clear_route_cache();
+        match self.lifecycle.on_request_headers(&self.host(s)) {
+            Next::Continue => HeadersStatus::Continue,
+            Next::Pause => HeadersStatus::StopAllIterationAndWatermark,
         }
-        // Nor the address Envoy connects to (read by the cluster, not the route).
-        s.set_request_header(ADDRESS_HEADER, None);
-        let headers = RawHeaders::from_pairs(&all);
-        // The tool name sits in a nested struct (`params.name`), which this ABI cannot
-        // read; the method is enough for the decision, the tool is only audited.
-        let mcp_method = s.metadata_string(MCP_METADATA, "method");
-        let incoming = Incoming::from_headers(&headers, mcp_method.as_deref(), None);
-        self.path.replace(incoming.path.to_owned());
-        self.request_id
-            .replace(incoming.request_id.map(str::to_owned));
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        let config = &self.config.filter;
-        let clock = Clock {
-            keys: self.config.keys.as_ref(),
-            now,
-        };
-        match decide::start(&incoming, config, clock) {
-            Start::PassThrough => return HeadersStatus::Continue,
-            Start::Metadata(doc) => s.send_response(200, &METADATA_HEADERS, doc.as_bytes()),
-            Start::Refuse(refusal) => self.refuse(s, refusal),
-            Start::NeedKeys => {
-                self.refuse(s, Refusal::new(DenyCode::PolicyUnavailable, None));
-            }
-            Start::Check(check) => {
-                let started = serde_json::to_vec(&check).is_ok_and(|body| {
-                    s.callout(
-                        &config.policy_cluster,
-                        &[
-                            (":method", "POST"),
-                            (":path", CHECK_PATH),
-                            (":authority", &config.policy_authority),
-                            ("content-type", "application/json"),
-                        ],
-                        &body,
-                        config.check_timeout_ms,
-                    )
-                });
-                // Not started, unless Envoy answered it at once (and that answer was
-                // carried out already).
-                if !started && !self.answered.get() {
-                    log(Level::Error, || {
-                        format!(
-                            "mcpguard: check callout to cluster {:?} failed to start",
-                            config.policy_cluster
-                        )
-                    });
-                    self.refuse(s, Refusal::new(DenyCode::PolicyUnavailable, None));
-                }
-            }
-        }
-        // Paused until the check answers; the body waits in Envoy's buffer.
-        HeadersStatus::StopAllIterationAndWatermark
     }
 
     /// The check's answer: `status` is `None` when the callout failed (unreachable,
     /// timed out, reset).
     pub fn on_check_answer(&self, s: &Stream<'_>, status: Option<u16>, body: &[u8]) {
-        self.answered.set(true);
-        let request_id = self.request_id.borrow().clone();
-        if let Some(note) = decide::unanswered_check(status, request_id.as_deref()) {
-            log(Level::Warn, || format!("mcpguard: {note}"));
+        self.lifecycle.on_answer(&self.host(s), status, Some(body));
+    }
+
+    fn host<'a>(&'a self, stream: &'a Stream<'a>) -> Envoy<'a> {
+        Envoy {
+            stream,
+            config: &self.config,
+            headers: OnceCell::new(),
         }
-        let path = self.path.borrow().clone();
-        match decide::finish(status, Some(body), &path) {
-            Finish::Forward(forward) => {
-                for (name, value) in forward.header_edits() {
-                    s.set_request_header(name, value);
-                }
-                s.clear_route_cache();
-                if let Some(id) = self.config.counters.allowed() {
-                    s.increment_counter(id);
-                }
-                s.continue_decoding();
-            }
-            Finish::Refuse(refusal) => self.refuse(s, refusal),
+    }
+}
+
+/// The stream of one hook, as the lifecycle's host.
+struct Envoy<'a> {
+    stream: &'a Stream<'a>,
+    config: &'a Config,
+    /// Every request header, copied out of Envoy in one call when first needed.
+    headers: OnceCell<Vec<(Vec<u8>, Vec<u8>)>>,
+}
+
+impl Envoy<'_> {
+    fn headers(&self) -> &[(Vec<u8>, Vec<u8>)] {
+        self.headers.get_or_init(|| self.stream.request_headers())
+    }
+}
+
+impl<'a> Host for Envoy<'a> {
+    type Keys = &'a Keys;
+
+    fn config(&self) -> Option<&FilterConfig> {
+        Some(&self.config.filter)
+    }
+
+    fn keys(&self) -> Option<&'a Keys> {
+        self.config.keys.as_ref()
+    }
+
+    /// Keys come only from the config: an access token without them is refused
+    /// `policy_unavailable`.
+    fn fetches_keys(&self) -> bool {
+        false
+    }
+
+    fn store_keys(&self, _keys: Keys) {
+        // Never asked: this host fetches no keys.
+    }
+
+    fn has_request_header(&self, name: &str) -> Option<bool> {
+        // This ABI, unlike proxy-wasm's, does not clear the route cache when a header is
+        // removed; knowing what the client sent, the lifecycle clears it only when a
+        // route header was there.
+        Some(
+            self.headers()
+                .iter()
+                .any(|(k, _)| k.as_slice() == name.as_bytes()),
+        )
+    }
+
+    fn request_headers(&self) -> RawHeaders {
+        RawHeaders::from_pairs(self.headers())
+    }
+
+    fn mcp_metadata(&self, field: McpField) -> Option<String> {
+        match field {
+            McpField::Method => self.stream.metadata_string(MCP_METADATA, "method"),
+            // The tool name sits in a nested struct (`params.name`), which this ABI
+            // cannot read; the method is enough for the decision, the tool is only
+            // audited.
+            McpField::Tool => None,
         }
     }
 
-    fn refuse(&self, s: &Stream<'_>, refusal: Refusal) {
-        log(Level::Info, || {
-            format!(
-                "mcpguard: {}",
-                refusal.log_line(&self.path.borrow(), self.request_id.borrow().as_deref())
-            )
-        });
-        if let Some(id) = self.config.counters.denied(refusal.code) {
-            s.increment_counter(id);
+    fn set_request_header(&self, name: &str, value: Option<&str>) {
+        self.stream.set_request_header(name, value);
+    }
+
+    fn clear_route_cache(&self) {
+        self.stream.clear_route_cache();
+    }
+
+    fn dispatch(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        timeout_ms: u64,
+    ) -> Result<(), String> {
+        if self
+            .stream
+            .callout(cluster, headers, body.unwrap_or_default(), timeout_ms)
+        {
+            Ok(())
+        } else {
+            Err("Envoy did not start it".to_owned())
         }
-        let headers: Vec<(&str, &str)> = refusal
-            .headers
-            .iter()
-            .map(|(n, v)| (*n, v.as_str()))
-            .collect();
-        s.send_response(refusal.status(), &headers, refusal.body.as_bytes());
+    }
+
+    fn send_response(&self, status: u32, headers: Vec<(&str, &str)>, body: &[u8]) {
+        self.stream.send_response(status, &headers, body);
+    }
+
+    fn resume(&self) {
+        self.stream.continue_decoding();
+    }
+
+    fn now(&self) -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    }
+
+    fn count(&self, event: Event) {
+        if let Some(id) = self.config.counters.id(event) {
+            self.stream.increment_counter(id);
+        }
+    }
+
+    fn log(&self, level: lifecycle::Level, message: fmt::Arguments<'_>) {
+        let level = match level {
+            lifecycle::Level::Info => Level::Info,
+            lifecycle::Level::Warn => Level::Warn,
+            lifecycle::Level::Error => Level::Error,
+        };
+        log(level, || format!("mcpguard: {message}"));
     }
 }

@@ -3,6 +3,13 @@
 
 use mcpguard_core::check::DenyCode;
 
+/// What a counter counts: one request let through, or refused with its code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    Allowed,
+    Denied(DenyCode),
+}
+
 /// The id of each counter, as the glue's ABI handed it out (`None`: not defined).
 pub struct Counters<Id> {
     allowed: Option<Id>,
@@ -23,13 +30,15 @@ impl<Id: Copy> Counters<Id> {
         }
     }
 
-    pub fn allowed(&self) -> Option<Id> {
-        self.allowed
-    }
-
-    pub fn denied(&self, code: DenyCode) -> Option<Id> {
-        let index = DenyCode::ALL.iter().position(|c| *c == code)?;
-        self.denied.get(index).copied().flatten()
+    /// The counter that `event` moves (`None`: not defined).
+    pub fn id(&self, event: Event) -> Option<Id> {
+        match event {
+            Event::Allowed => self.allowed,
+            Event::Denied(code) => {
+                let index = DenyCode::ALL.iter().position(|c| *c == code)?;
+                self.denied.get(index).copied().flatten()
+            }
+        }
     }
 }
 
@@ -45,12 +54,12 @@ mod tests {
             Some(names.len() - 1)
         });
         assert_eq!(names[0], "mcpguard.allowed");
-        assert_eq!(counters.allowed(), Some(0));
+        assert_eq!(counters.id(Event::Allowed), Some(0));
         for code in DenyCode::ALL {
-            let id = counters.denied(code).unwrap();
+            let id = counters.id(Event::Denied(code)).unwrap();
             assert_eq!(names[id], format!("mcpguard.denied.{}", code.as_str()));
         }
         let undefined = Counters::<u32>::define(|_| None);
-        assert_eq!(undefined.denied(DenyCode::TokenRevoked), None);
+        assert_eq!(undefined.id(Event::Denied(DenyCode::TokenRevoked)), None);
     }
 }

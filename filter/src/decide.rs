@@ -1,5 +1,6 @@
 //! What the filter does with a request, as plain functions of what Envoy hands it.
-//! The proxy-wasm glue (`http.rs`) only moves data between Envoy and these functions.
+//! `lifecycle` carries them out over a host; the glues (`wasm.rs`, the dynamic module)
+//! only move data between Envoy and it.
 
 use mcpguard_core::check::{CheckRequest, CheckResponse, Credential, DenyCode, bounded_request_id};
 use mcpguard_core::route::{McpPath, PathError};
@@ -372,13 +373,35 @@ impl Refusal {
     }
 
     /// The log line of a refusal: the path without its query, never the token.
-    pub fn log_line(&self, path: &str, request_id: Option<&str>) -> String {
-        format!(
+    /// Formatted only when written (a glue whose log level drops it pays nothing).
+    pub fn log_line<'a>(
+        &'a self,
+        path: &'a str,
+        request_id: Option<&'a str>,
+    ) -> impl std::fmt::Display + 'a {
+        LogLine {
+            refusal: self,
+            path,
+            request_id,
+        }
+    }
+}
+
+struct LogLine<'a> {
+    refusal: &'a Refusal,
+    path: &'a str,
+    request_id: Option<&'a str>,
+}
+
+impl std::fmt::Display for LogLine<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
             "refused {} {} ({}) request_id={}",
-            self.status(),
-            path.split('?').next().unwrap_or_default(),
-            self.code.as_str(),
-            request_id.unwrap_or("-"),
+            self.refusal.status(),
+            self.path.split('?').next().unwrap_or_default(),
+            self.refusal.code.as_str(),
+            self.request_id.unwrap_or("-"),
         )
     }
 }
@@ -804,7 +827,9 @@ mod tests {
     #[test]
     fn log_lines_name_no_token_and_no_query() {
         let r = Refusal::new(DenyCode::TokenRevoked, None);
-        let line = r.log_line("/mcp/eng/demo?token=secret", Some("rid"));
+        let line = r
+            .log_line("/mcp/eng/demo?token=secret", Some("rid"))
+            .to_string();
         assert_eq!(
             line,
             "refused 401 /mcp/eng/demo (token_revoked) request_id=rid"

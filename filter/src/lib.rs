@@ -1,10 +1,11 @@
-//! mcpguard's proxy-wasm HTTP filter. `config` and `decide` hold everything that can be
-//! decided without Envoy and are tested natively; `http` is the thin proxy-wasm glue and
-//! only exists in the `.wasm`.
+//! mcpguard's proxy-wasm HTTP filter. `config`, `decide` and `lifecycle` hold everything
+//! that can be decided and carried out without Envoy and are tested natively; `wasm` is
+//! the thin proxy-wasm glue (a [`lifecycle::Host`]) and only exists in the `.wasm`.
 
 pub mod config;
 pub mod counters;
 pub mod decide;
+pub mod lifecycle;
 
 #[cfg(target_arch = "wasm32")]
-mod http;
+mod wasm;

@@ -1,0 +1,286 @@
+//! The proxy-wasm glue: the root context (configuration, counters, the JWKS refresh
+//! timer) and each request's [`Host`], over which [`Lifecycle`] runs the request. No
+//! decision is made here.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
+
+use crate::config::FilterConfig;
+use crate::counters::{Counters, Event};
+use crate::decide::RawHeaders;
+use crate::lifecycle::{self, Host, Lifecycle, McpField, Next};
+use mcpguard_core::jwt::Keys;
+
+/// The JWT verification keys, shared by the root context (which refreshes them) and
+/// every request of this VM.
+type SharedKeys = Rc<RefCell<Option<Rc<Keys>>>>;
+
+/// How often the root context retries while it has no JWKS yet (a request carrying a
+/// JWT meanwhile fetches one itself rather than wait).
+const JWKS_RETRY: Duration = Duration::from_millis(250);
+
+proxy_wasm::main! {{
+    // Also installs a panic hook that logs at critical through Envoy.
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| Box::new(Root::default()));
+}}
+
+/// Counters in Envoy's stats (`wasmcustom.mcpguard.*`), so an operator sees refusals by
+/// reason in `/stats` and Prometheus output.
+type Metrics = Counters<u32>;
+
+#[derive(Default)]
+struct Root {
+    config: Option<Rc<FilterConfig>>,
+    metrics: Option<Rc<Metrics>>,
+    keys: SharedKeys,
+    /// A JWKS fetch is in flight.
+    fetching: bool,
+}
+
+impl Root {
+    fn refresh_jwks(&mut self) {
+        let Some(config) = self.config.clone() else {
+            return;
+        };
+        let timeout = Duration::from_millis(config.check_timeout_ms.max(1000));
+        let headers = lifecycle::jwks_request(&config).to_vec();
+        match self.dispatch_http_call(&config.policy_cluster, headers, None, vec![], timeout) {
+            Ok(_) => self.fetching = true,
+            Err(status) => log::error!(
+                "JWKS fetch from cluster {:?} failed to start: {status:?}",
+                config.policy_cluster
+            ),
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        self.fetching = false;
+        let status = self
+            .get_http_call_response_header_bytes(":status")
+            .and_then(|s| String::from_utf8(s).ok());
+        let body = self
+            .get_http_call_response_body(0, body_size)
+            .unwrap_or_default();
+        let refresh = self
+            .config
+            .as_ref()
+            .map_or(JWKS_RETRY, |c| Duration::from_secs(c.jwks_refresh_s));
+        match (status.as_deref(), Keys::from_jwks(&body)) {
+            (Some("200"), Ok(keys)) => {
+                log::debug!("JWKS refreshed: {keys:?}");
+                *self.keys.borrow_mut() = Some(Rc::new(keys));
+                self.set_tick_period(refresh);
+            }
+            (status, parsed) => {
+                // Keep the keys we had: tokens they verify still go through the check,
+                // which fails closed on its own if the policy service is down.
+                log::warn!(
+                    "JWKS refresh failed (status {status:?}, {:?})",
+                    parsed.err()
+                );
+                let known = self.keys.borrow().is_some();
+                self.set_tick_period(if known { refresh } else { JWKS_RETRY });
+            }
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        match FilterConfig::parse(&bytes) {
+            Ok(config) => {
+                log::info!(
+                    "configured, policy cluster {:?}, check timeout {} ms",
+                    config.policy_cluster,
+                    config.check_timeout_ms
+                );
+                if let Some(jwks) = &config.jwks {
+                    match Keys::from_value(jwks) {
+                        Ok(keys) => *self.keys.borrow_mut() = Some(Rc::new(keys)),
+                        Err(e) => {
+                            log::error!("jwks: {e}");
+                            return false;
+                        }
+                    }
+                }
+                let fetch = config.fetches_jwks();
+                self.config = Some(Rc::new(config));
+                self.metrics = Some(Rc::new(Metrics::define(|name| {
+                    hostcalls::define_metric(MetricType::Counter, name).ok()
+                })));
+                if fetch {
+                    // The first tick fetches; later ones refresh.
+                    self.set_tick_period(JWKS_RETRY);
+                }
+                true
+            }
+            Err(e) => {
+                log::error!("{e}");
+                false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if !self.fetching {
+            self.refresh_jwks();
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Request {
+            keys: self.keys.clone(),
+            config: self.config.clone(),
+            metrics: self.metrics.clone(),
+            lifecycle: Lifecycle::default(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Request {
+    /// `None` only if Envoy created a stream before a successful `on_configure`;
+    /// such a stream is refused.
+    config: Option<Rc<FilterConfig>>,
+    metrics: Option<Rc<Metrics>>,
+    keys: SharedKeys,
+    lifecycle: Lifecycle,
+}
+
+impl HttpContext for Request {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let this: &Request = self;
+        match this.lifecycle.on_request_headers(this) {
+            Next::Continue => Action::Continue,
+            Next::Pause => Action::Pause,
+        }
+    }
+}
+
+impl Context for Request {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let status = self
+            .get_http_call_response_header_bytes(":status")
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok());
+        let body = self.get_http_call_response_body(0, body_size);
+        let this: &Request = self;
+        this.lifecycle.on_answer(this, status, body.as_deref());
+    }
+}
+
+impl Host for Request {
+    type Keys = Rc<Keys>;
+
+    fn config(&self) -> Option<&FilterConfig> {
+        self.config.as_deref()
+    }
+
+    fn keys(&self) -> Option<Rc<Keys>> {
+        self.keys.borrow().clone()
+    }
+
+    fn fetches_keys(&self) -> bool {
+        true
+    }
+
+    fn store_keys(&self, keys: Keys) {
+        *self.keys.borrow_mut() = Some(Rc::new(keys));
+    }
+
+    fn has_request_header(&self, _name: &str) -> Option<bool> {
+        // Asking would cost a host call of its own, as much as removing it.
+        None
+    }
+
+    fn request_headers(&self) -> RawHeaders {
+        // As bytes, one host call per needed header: proxy-wasm's string getters (and
+        // its all-headers getter, for names) unwrap UTF-8, and one client-sent byte
+        // that is not UTF-8 would panic the VM for every request on this worker.
+        RawHeaders::read(|name| self.get_http_request_header_bytes(name))
+    }
+
+    fn mcp_metadata(&self, field: McpField) -> Option<String> {
+        let key: &[&str] = match field {
+            McpField::Method => &["method"],
+            McpField::Tool => &["params", "name"],
+        };
+        let mut path = vec!["metadata", "filter_metadata", "envoy.filters.http.mcp"];
+        path.extend_from_slice(key);
+        self.get_property(path)
+            .and_then(|v| String::from_utf8(v).ok())
+    }
+
+    fn set_request_header(&self, name: &str, value: Option<&str>) {
+        self.set_http_request_header(name, value);
+    }
+
+    fn clear_route_cache(&self) {
+        // Envoy's proxy-wasm host clears it on every request-header edit already.
+    }
+
+    fn dispatch(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        timeout_ms: u64,
+    ) -> Result<(), String> {
+        let timeout = Duration::from_millis(timeout_ms);
+        self.dispatch_http_call(cluster, headers.to_vec(), body, vec![], timeout)
+            .map(drop)
+            .map_err(|status| format!("{status:?}"))
+    }
+
+    fn send_response(&self, status: u32, headers: Vec<(&str, &str)>, body: &[u8]) {
+        self.send_http_response(status, headers, Some(body));
+    }
+
+    fn resume(&self) {
+        self.resume_http_request();
+    }
+
+    fn now(&self) -> i64 {
+        self.get_current_time()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    }
+
+    fn count(&self, event: Event) {
+        if let Some(id) = self.metrics.as_ref().and_then(|m| m.id(event)) {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    fn log(&self, level: lifecycle::Level, message: std::fmt::Arguments<'_>) {
+        let level = match level {
+            lifecycle::Level::Info => log::Level::Info,
+            lifecycle::Level::Warn => log::Level::Warn,
+            lifecycle::Level::Error => log::Level::Error,
+        };
+        log::log!(level, "{message}");
+    }
+}
