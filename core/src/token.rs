@@ -9,6 +9,8 @@
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::check::DenyCode;
+
 pub const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 /// 40 base62 characters carry about 238 bits of entropy.
 pub const ENTROPY_CHARS: usize = 40;
@@ -117,6 +119,19 @@ pub fn parse_token(token: &str) -> Result<TokenKind, TokenError> {
     }
 }
 
+/// The data plane's reading of an opaque bearer token, for the wasm filter and the
+/// policy service's ext_authz endpoint alike: an API token (a host's, or one minted
+/// for an end user) goes on to the check; any other kind of ours is `token_unknown`
+/// (admin tokens are for the admin API only, refresh tokens and codes for the token
+/// endpoint: none may act on the data plane); anything else is `token_malformed`.
+pub fn data_plane_kind(token: &str) -> Result<TokenKind, DenyCode> {
+    match parse_token(token) {
+        Ok(kind @ (TokenKind::HostApi | TokenKind::PerUser)) => Ok(kind),
+        Ok(TokenKind::Admin | TokenKind::Refresh | TokenKind::Code) => Err(DenyCode::TokenUnknown),
+        Err(_) => Err(DenyCode::TokenMalformed),
+    }
+}
+
 /// The part of a token that may be shown in listings and logs.
 pub fn display_prefix(token: &str) -> &str {
     let end = token
@@ -211,6 +226,27 @@ mod tests {
         assert_eq!(parse_token(&with_dash), Err(TokenError::BadCharacter));
         let non_ascii = format!("{}é{}", &t[..10], &t[12..]);
         assert_eq!(parse_token(&non_ascii), Err(TokenError::BadCharacter));
+    }
+
+    #[test]
+    fn only_api_tokens_act_on_the_data_plane() {
+        for kind in TokenKind::ALL {
+            let t = format_token(kind, ENTROPY).unwrap();
+            let expected = match kind {
+                TokenKind::HostApi | TokenKind::PerUser => Ok(kind),
+                TokenKind::Admin | TokenKind::Refresh | TokenKind::Code => {
+                    Err(DenyCode::TokenUnknown)
+                }
+            };
+            assert_eq!(data_plane_kind(&t), expected, "{kind:?}");
+            assert_eq!(
+                data_plane_kind(&t[..t.len() - 1]),
+                Err(DenyCode::TokenMalformed)
+            );
+        }
+        for garbage in ["", "not-a-token", "ghp_abc", "eyJ.a.b"] {
+            assert_eq!(data_plane_kind(garbage), Err(DenyCode::TokenMalformed));
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use mcpguard_core::check::{CheckRequest, CheckResponse, Credential, DenyCode, bounded_request_id};
 use mcpguard_core::route::{McpPath, PathError};
-use mcpguard_core::token::{TokenHash, TokenKind, parse_token};
+use mcpguard_core::token::{TokenHash, data_plane_kind};
 
 use crate::config::FilterConfig;
 use mcpguard_core::jwt::{self, Keys};
@@ -196,14 +196,8 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig, clock: Clock<'_>) -> Sta
             Err(code) => refuse(code),
         };
     }
-    match parse_token(token) {
-        Ok(TokenKind::HostApi | TokenKind::PerUser) => {}
-        // Admin tokens are for the admin API only, refresh tokens and codes for the
-        // token endpoint; never let one act on the data plane.
-        Ok(TokenKind::Admin | TokenKind::Refresh | TokenKind::Code) => {
-            return refuse(DenyCode::TokenUnknown);
-        }
-        Err(_) => return refuse(DenyCode::TokenMalformed),
+    if let Err(code) = data_plane_kind(token) {
+        return refuse(code);
     }
     Start::Check(CheckRequest {
         credential: Credential::ApiToken {
@@ -410,7 +404,7 @@ impl std::fmt::Display for LogLine<'_> {
 mod tests {
     use super::*;
     use mcpguard_core::check::{InjectHeader, MAX_NAME, Scheme, Upstream};
-    use mcpguard_core::token::format_token;
+    use mcpguard_core::token::{TokenKind, format_token};
 
     fn config() -> FilterConfig {
         FilterConfig::parse(br#"{"policy_cluster":"p"}"#).unwrap()

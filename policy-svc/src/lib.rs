@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod auth;
+mod check;
 pub mod check_auth;
 pub mod config;
 pub mod error;

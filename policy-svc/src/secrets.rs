@@ -325,7 +325,7 @@ mod box_tests {
 }
 
 impl SecretBox {
-    /// `open` for `store::check::decide`. A value that does not open is logged (it means
+    /// `open` for `check::decide`. A value that does not open is logged (it means
     /// a wrong key or tampering) and the request is refused.
     pub fn opener(&self) -> impl FnOnce(&str, &[u8]) -> Option<String> + '_ {
         move |bound_to, sealed| {

@@ -1,4 +1,6 @@
-//! The filter's per-request check. One read of the store, no cache.
+//! `/v1/check`, the wasm filter's callout: the check pipeline ([`crate::check`]) over
+//! JSON. One read of the store, no cache; the allow names the upstream and the address
+//! it was judged at, since the filter routes there.
 
 use std::time::Instant;
 
@@ -6,20 +8,15 @@ use axum::extract::State;
 use axum::routing::post;
 use axum::{Extension, Router};
 use mcpguard_core::check::{
-    CHECK_PATH, CheckRequest, CheckResponse, Credential, DenyCode, bounded_name, bounded_request_id,
+    CHECK_PATH, CheckRequest, CheckResponse, Credential, bounded_name, bounded_request_id,
 };
-use mcpguard_core::jwt;
-use mcpguard_core::oauth::resource_url;
 use mcpguard_core::token::TokenHash;
 
-use super::ext_authz::{Presented, Unpresentable};
-use crate::upstream_policy::Refused;
-
 use crate::AppState;
+use crate::check::{self, Context, Input, Outcome, Wire};
 use crate::config::CheckDeadline;
 use crate::error::ApiError;
 use crate::extract::Json;
-use crate::store::{self, audit::Event, check};
 
 pub fn routes() -> Router<AppState> {
     Router::new().route(CHECK_PATH, post(run))
@@ -34,176 +31,369 @@ async fn run(
     // No answer from the database in time, or an error: 503, which the filter turns
     // into a refusal (`policy_unavailable`). Fail closed, and fast.
     let deadline = deadline.map(|Extension(d)| d).unwrap_or_default().0;
-    let request_id = req.request_id.as_deref().map(bounded_request_id);
-    let presented = match present(&state, &req, deadline).await? {
-        Ok(presented) => presented,
-        Err(code) => {
-            let decision = CheckResponse::Deny { code };
-            record(&state, &req, request_id, &decision, None, started);
-            return Ok(Json(decision));
-        }
-    };
-    let hex;
-    let lookup = match &presented {
-        Presented::ApiToken(hash) => {
-            hex = hash.to_hex();
-            check::Lookup::ApiToken(&hex)
-        }
-        Presented::Oauth { grant, .. } => check::Lookup::Grant(*grant),
-    };
-    let row = match state.check_reads.load(lookup, &req.server, deadline).await {
-        Ok(row) => row,
-        Err(e) => {
-            tracing::warn!(error = %e, request_id = ?request_id, "check: no answer from the store; refusing");
-            return Err(ApiError::Unavailable);
-        }
-    };
-    let now = store::now_ms();
-    let decision = match &presented {
-        Presented::Oauth { connection, .. } => check::decide_oauth(
-            row.as_ref(),
-            *connection,
-            &req.gateway,
-            state.secrets.opener(),
-        ),
-        Presented::ApiToken(hash) => check::decide(
-            row.as_ref(),
-            hash,
-            &req.gateway,
-            now,
-            state.secrets.opener(),
-        ),
-    };
-    let decision = match decision {
-        CheckResponse::Allow {
-            mut upstream,
-            inject,
-        } => match pin(&state, &upstream.authority, deadline).await {
-            Ok(address) => {
-                upstream.address = Some(address.to_string());
-                CheckResponse::Allow { upstream, inject }
-            }
-            Err(code) => CheckResponse::Deny { code },
-        },
-        deny => deny,
-    };
-    if let (CheckResponse::Allow { .. }, Some(row)) = (&decision, &row) {
-        // An OAuth row's id is its grant's, not an API token's.
-        let token = matches!(presented, Presented::ApiToken(_)).then_some(row.token_id);
-        state.usage.record(token, row.connection_id);
-    }
-    record(&state, &req, request_id, &decision, row.as_ref(), started);
-    Ok(Json(decision))
-}
-
-/// What the request's credential proves, before the store is asked: an API token's
-/// hash, or an access token verified here as well (signature, issuer, expiry, and an
-/// audience that is this request's MCP URL under one of `--resource-base-urls`).
-/// `Ok(Err(code))` is a refusal to answer; `Err` a request that is not a check at all
-/// (bad hash: 400) or a store that cannot give the keys (503).
-async fn present(
-    state: &AppState,
-    req: &CheckRequest,
-    deadline: std::time::Duration,
-) -> Result<Result<Presented, DenyCode>, ApiError> {
-    match &req.credential {
+    let credential = match &req.credential {
+        // A hash that is not one is no check at all: 400, not a decision.
         Credential::ApiToken { hash } => {
-            let hash = TokenHash::from_hex(hash).ok_or_else(|| {
+            check::Credential::ApiTokenHash(TokenHash::from_hex(hash).ok_or_else(|| {
                 ApiError::bad_request("invalid_hash", "credential.hash must be 64 hex digits")
-            })?;
-            Ok(Ok(Presented::ApiToken(hash)))
+            })?)
         }
-        Credential::Oauth { token, resource } => {
-            let ours = state
-                .oauth
-                .resource_base_urls
-                .iter()
-                .any(|base| resource_url(base, &req.gateway, &req.server) == *resource);
-            if !ours {
-                return Ok(Err(DenyCode::TokenWrongGateway));
-            }
-            if !jwt::looks_like_jwt(token) {
-                return Ok(Err(DenyCode::TokenMalformed));
-            }
-            match super::ext_authz::present(state, token, || resource.clone(), deadline).await {
-                Ok(presented) => Ok(Ok(presented)),
-                Err(Unpresentable::Refused(code)) => Ok(Err(code)),
-                Err(Unpresentable::NoKeys(e)) => {
-                    tracing::warn!(error = %e, request_id = ?req.request_id.as_deref().map(bounded_request_id), "check: no verification keys from the store; refusing");
-                    Err(ApiError::Unavailable)
-                }
-            }
-        }
-    }
-}
-
-/// The address Envoy is to connect to for an upstream `host:port`: resolved now (an
-/// address literal is not looked up) and judged by the upstream network policy, so
-/// that what Envoy connects to is exactly what was judged, whatever the name resolves
-/// to a moment later (DNS rebinding). IPv4 first, as Envoy's resolver would.
-async fn pin(
-    state: &AppState,
-    authority: &str,
-    deadline: std::time::Duration,
-) -> Result<std::net::SocketAddr, DenyCode> {
-    let resolved = tokio::time::timeout(deadline, state.upstreams.resolve_authority(authority));
-    match resolved.await {
-        Ok(Ok(addrs)) => addrs
-            .iter()
-            .find(|a| a.is_ipv4())
-            .or(addrs.first())
-            .copied()
-            .ok_or(DenyCode::UpstreamUnresolved),
-        Ok(Err(Refused::Denied(denied))) => {
-            tracing::warn!(authority, %denied, "check: the upstream resolves into a denied network; refusing");
-            Err(DenyCode::UpstreamDenied)
-        }
-        Ok(Err(refused @ Refused::Unresolvable { .. })) => {
-            tracing::warn!(authority, %refused, "check: the upstream does not resolve; refusing");
-            Err(DenyCode::UpstreamUnresolved)
-        }
-        Err(_) => {
-            tracing::warn!(
-                authority,
-                "check: the upstream did not resolve within the check deadline; refusing"
-            );
-            Err(DenyCode::UpstreamUnresolved)
-        }
-    }
-}
-
-/// Logs and audits one decision.
-fn record(
-    state: &AppState,
-    req: &CheckRequest,
-    request_id: Option<&str>,
-    decision: &CheckResponse,
-    row: Option<&check::CheckRow>,
-    started: Instant,
-) {
-    let now = store::now_ms();
-    let (action, code) = match decision {
-        CheckResponse::Allow { .. } => ("allow", None),
-        CheckResponse::Deny { code } => ("deny", Some(code.as_str())),
+        Credential::Oauth { token, resource } => check::Credential::AccessToken { token, resource },
     };
-    tracing::debug!(gateway = %req.gateway, server = %req.server, action, code, connection_id = ?row.map(|r| r.connection_id), request_id = ?request_id, "check");
-    state.audit.decision(Event {
-        at: now,
-        kind: "decision".into(),
-        action: action.into(),
-        code: code.map(str::to_owned),
-        host_id: row.map(|r| r.host_id),
-        user_id: row.map(|r| r.user_id),
-        connection_id: row.map(|r| r.connection_id),
-        gateway: Some(req.gateway.clone()),
-        server: Some(req.server.clone()),
-        mcp_method: req
-            .mcp_method
-            .as_deref()
-            .map(|n| bounded_name(n).to_owned()),
-        tool: req.tool.as_deref().map(|n| bounded_name(n).to_owned()),
-        latency_us: i64::try_from(started.elapsed().as_micros()).ok(),
-        request_id: request_id.map(str::to_owned),
-        ..Event::default()
-    });
+    let input = Input {
+        wire: Wire::Check,
+        gateway: &req.gateway,
+        server: &req.server,
+        credential,
+        context: Context {
+            started,
+            mcp_method: req.mcp_method.as_deref().map(bounded_name),
+            tool: req.tool.as_deref().map(bounded_name),
+            request_id: req.request_id.as_deref().map(bounded_request_id),
+        },
+    };
+    match check::run(&state, input, deadline).await {
+        Outcome::Refused(code) => Ok(Json(CheckResponse::Deny { code })),
+        Outcome::Decided(decision) => Ok(Json(decision)),
+        Outcome::Unavailable => Err(ApiError::Unavailable),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use mcpguard_core::check::{DenyCode, Scheme};
+    use mcpguard_core::token::{TokenKind, format_token};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::routes::check_fixture::{Fixture, GRANT, fixture, fixture_reading};
+    use crate::store::check::Reads;
+
+    /// The fixture's `/mcp/eng/demo` under `--resource-base-urls` (as `for_tests` sets it).
+    const RESOURCE: &str = "http://127.0.0.1:10000/mcp/eng/demo";
+
+    struct Answer {
+        status: u16,
+        body: serde_json::Value,
+    }
+
+    impl Answer {
+        fn decision(&self) -> CheckResponse {
+            serde_json::from_value(self.body.clone()).unwrap()
+        }
+
+        /// The refusal's code; `None` for an allow.
+        fn code(&self) -> Option<DenyCode> {
+            assert_eq!(self.status, 200, "{}", self.body);
+            match self.decision() {
+                CheckResponse::Deny { code } => Some(code),
+                CheckResponse::Allow { .. } => None,
+            }
+        }
+    }
+
+    fn request(credential: Credential, gateway: &str, server: &str) -> CheckRequest {
+        CheckRequest {
+            credential,
+            gateway: gateway.into(),
+            server: server.into(),
+            mcp_method: None,
+            tool: None,
+            request_id: None,
+        }
+    }
+
+    fn api_token(token: &str) -> Credential {
+        Credential::ApiToken {
+            hash: TokenHash::of(token).to_hex(),
+        }
+    }
+
+    fn access_token(token: &str, resource: &str) -> Credential {
+        Credential::Oauth {
+            token: token.into(),
+            resource: resource.into(),
+        }
+    }
+
+    /// What the wasm filter sends for a request it passed on.
+    async fn ask(app: &Router, req: &CheckRequest) -> Answer {
+        let req = Request::post(CHECK_PATH)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(req).unwrap()))
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        Answer {
+            status,
+            body: serde_json::from_slice(&body).unwrap(),
+        }
+    }
+
+    /// An access token for [`RESOURCE`], edited.
+    async fn access_token_for_resource(
+        f: &Fixture,
+        edit: impl FnOnce(&mut mcpguard_core::oauth::AccessClaims),
+    ) -> String {
+        f.access_token(|c| {
+            c.aud = RESOURCE.into();
+            edit(c);
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_live_token_is_allowed_to_its_upstream_at_the_address_judged_for_it() {
+        let f = fixture().await;
+        let a = ask(&f.app, &request(api_token(&f.token), "eng", "demo")).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        let CheckResponse::Allow { upstream, inject } = a.decision() else {
+            panic!("expected allow: {}", a.body);
+        };
+        assert_eq!(upstream.scheme, Scheme::Http);
+        assert_eq!(upstream.authority, "127.0.0.1:9100");
+        assert_eq!(upstream.base_path, "/mcp");
+        // The filter refuses an allow without the address it is to connect to.
+        assert_eq!(upstream.address.as_deref(), Some("127.0.0.1:9100"));
+        assert_eq!(inject, None);
+    }
+
+    #[tokio::test]
+    async fn each_refusal_names_its_layer_and_a_bad_hash_is_no_check() {
+        let f = fixture().await;
+        let live = |gateway: &str, server: &str| request(api_token(&f.token), gateway, server);
+
+        let bad = request(Credential::ApiToken { hash: "zz".into() }, "eng", "demo");
+        let a = ask(&f.app, &bad).await;
+        assert_eq!(a.status, 400, "{}", a.body);
+        assert_eq!(a.body["error"]["code"], "invalid_hash");
+
+        let forged = format_token(TokenKind::HostApi, &"Z".repeat(40)).unwrap();
+        let a = ask(&f.app, &request(api_token(&forged), "eng", "demo")).await;
+        assert_eq!(a.code(), Some(DenyCode::TokenUnknown));
+        let a = ask(&f.app, &live("ops", "demo")).await;
+        assert_eq!(a.code(), Some(DenyCode::TokenWrongGateway));
+        let a = ask(&f.app, &live("eng", "other")).await;
+        assert_eq!(a.code(), Some(DenyCode::ServerNotExposed));
+
+        sqlx::query("UPDATE hosts SET enabled = 0")
+            .execute(&f.db)
+            .await
+            .unwrap();
+        let a = ask(&f.app, &live("eng", "demo")).await;
+        assert_eq!(a.code(), Some(DenyCode::HostDisabled));
+        sqlx::query("UPDATE api_tokens SET revoked_at = 1 WHERE id = $1")
+            .bind(f.token_id)
+            .execute(&f.db)
+            .await
+            .unwrap();
+        let a = ask(&f.app, &live("eng", "demo")).await;
+        assert_eq!(a.code(), Some(DenyCode::TokenRevoked));
+    }
+
+    #[tokio::test]
+    async fn an_access_token_is_verified_again_for_the_resource_the_filter_names() {
+        let f = fixture().await;
+        let good = access_token_for_resource(&f, |_| {}).await;
+        let ask_for = |token: &str, resource: &str, server: &str| {
+            request(access_token(token, resource), "eng", server)
+        };
+        let a = ask(&f.app, &ask_for(&good, RESOURCE, "demo")).await;
+        assert_eq!(a.code(), None, "{}", a.body);
+        let CheckResponse::Allow { upstream, .. } = a.decision() else {
+            panic!("expected allow");
+        };
+        assert_eq!(upstream.address.as_deref(), Some("127.0.0.1:9100"));
+
+        // The resource must be this request's MCP URL under one of ours.
+        let a = ask(
+            &f.app,
+            &ask_for(&good, "http://evil:10000/mcp/eng/demo", "demo"),
+        )
+        .await;
+        assert_eq!(a.code(), Some(DenyCode::TokenWrongGateway));
+        let a = ask(&f.app, &ask_for(&good, RESOURCE, "other")).await;
+        assert_eq!(a.code(), Some(DenyCode::TokenWrongGateway));
+        let a = ask(&f.app, &ask_for("not-a-jwt", RESOURCE, "demo")).await;
+        assert_eq!(a.code(), Some(DenyCode::TokenMalformed));
+
+        // Verified here whatever the filter said: the token's own audience, expiry,
+        // issuer and signature.
+        let other_server = access_token_for_resource(&f, |c| {
+            c.aud = "http://127.0.0.1:10000/mcp/eng/other".into()
+        })
+        .await;
+        let expired = access_token_for_resource(&f, |c| c.exp = c.iat - 1).await;
+        let foreign = access_token_for_resource(&f, |c| c.iss = "http://evil".into()).await;
+        let mut tampered = good.clone();
+        let at = good.rfind('.').unwrap() + 2;
+        let flipped = if &good[at..=at] == "A" { "B" } else { "A" };
+        tampered.replace_range(at..=at, flipped);
+        let wrong_connection = access_token_for_resource(&f, |c| c.cid = 2).await;
+        for (token, code) in [
+            (&other_server, DenyCode::TokenWrongGateway),
+            (&expired, DenyCode::TokenExpired),
+            (&foreign, DenyCode::TokenUnknown),
+            (&tampered, DenyCode::TokenUnknown),
+            (&wrong_connection, DenyCode::TokenUnknown),
+        ] {
+            let a = ask(&f.app, &ask_for(token, RESOURCE, "demo")).await;
+            assert_eq!(a.code(), Some(code), "{}", a.body);
+        }
+
+        // The layers, through the grant.
+        sqlx::query("UPDATE oauth_grants SET revoked_at = 1 WHERE id = $1")
+            .bind(GRANT)
+            .execute(&f.db)
+            .await
+            .unwrap();
+        let a = ask(&f.app, &ask_for(&good, RESOURCE, "demo")).await;
+        assert_eq!(a.code(), Some(DenyCode::TokenRevoked));
+    }
+
+    #[tokio::test]
+    async fn an_upstream_in_a_denied_network_is_refused_here_and_left_to_envoy_by_ext_authz() {
+        let f = fixture().await;
+        sqlx::query("UPDATE servers SET upstream_authority = '169.254.169.254:80'")
+            .execute(&f.db)
+            .await
+            .unwrap();
+        let a = ask(&f.app, &request(api_token(&f.token), "eng", "demo")).await;
+        assert_eq!(a.code(), Some(DenyCode::UpstreamDenied));
+        // ext_authz pins nothing: Envoy's route configuration names the upstream.
+        let req = Request::post(format!(
+            "{}/mcp/eng/demo",
+            super::super::ext_authz::PATH_PREFIX
+        ))
+        .header("host", "gw.local:10000")
+        .header("authorization", format!("Bearer {}", f.token))
+        .body(Body::empty())
+        .unwrap();
+        let resp = f.app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+
+    #[tokio::test]
+    async fn every_decision_is_audited_with_the_layer_that_refused() {
+        let f = fixture().await;
+        let mut allowed = request(api_token(&f.token), "eng", "demo");
+        allowed.mcp_method = Some("tools/call".into());
+        allowed.tool = Some("echo".into());
+        allowed.request_id = Some("r-1\nforged".into());
+        assert_eq!(ask(&f.app, &allowed).await.code(), None);
+        let a = ask(&f.app, &request(api_token(&f.token), "eng", "other")).await;
+        assert_eq!(a.code(), Some(DenyCode::ServerNotExposed));
+        // Refused on the credential alone: no connection to name.
+        let good = access_token_for_resource(&f, |_| {}).await;
+        let foreign = request(
+            access_token(&good, "http://evil/mcp/eng/demo"),
+            "eng",
+            "demo",
+        );
+        assert_eq!(
+            ask(&f.app, &foreign).await.code(),
+            Some(DenyCode::TokenWrongGateway)
+        );
+        // No check at all: not audited.
+        let bad = request(Credential::ApiToken { hash: "zz".into() }, "eng", "demo");
+        assert_eq!(ask(&f.app, &bad).await.status, 400);
+
+        // The writer flushes in batches; poll (bounded) rather than sleep.
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        type AuditRow = (
+            String,
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
+        let rows: Vec<AuditRow> = loop {
+            let rows = sqlx::query_as(
+                "SELECT action, code, connection_id, server, tool, request_id FROM audit_events
+                 WHERE kind = 'decision' ORDER BY id",
+            )
+            .fetch_all(&f.db)
+            .await
+            .unwrap();
+            if rows.len() >= 3 || Instant::now() > deadline {
+                break rows;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        assert_eq!(
+            rows,
+            vec![
+                (
+                    "allow".into(),
+                    None,
+                    Some(1),
+                    Some("demo".into()),
+                    Some("echo".into()),
+                    Some("r-1".into())
+                ),
+                (
+                    "deny".into(),
+                    Some("server_not_exposed".into()),
+                    Some(1),
+                    Some("other".into()),
+                    None,
+                    None
+                ),
+                (
+                    "deny".into(),
+                    Some("token_wrong_gateway".into()),
+                    None,
+                    Some("demo".into()),
+                    None,
+                    None
+                ),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_store_failure_is_a_503_which_the_filter_refuses_on() {
+        // Through the pool: the pool is closed.
+        let f = fixture_reading(|db, _| Reads::Pool(db.clone())).await;
+        f.db.close().await;
+        assert_503(&f).await;
+        // On SQLite: the file is no longer a database.
+        let f = fixture().await;
+        f.db.close().await;
+        std::fs::write(f.dir.path().join("t.db"), vec![b'x'; 8192]).unwrap();
+        assert_503(&f).await;
+    }
+
+    #[tokio::test]
+    async fn a_store_slower_than_the_deadline_is_a_quick_503() {
+        // Through the pool: every pooled connection busy.
+        let f = fixture_reading(|db, _| Reads::Pool(db.clone())).await;
+        let _held = (f.db.acquire().await.unwrap(), f.db.acquire().await.unwrap());
+        let started = Instant::now();
+        assert_503(&f).await;
+        assert!(started.elapsed() < std::time::Duration::from_millis(800));
+        // On SQLite: another connection holds the file locked.
+        let f = fixture().await;
+        f.db.close().await;
+        let holder = rusqlite::Connection::open(f.dir.path().join("t.db")).unwrap();
+        holder
+            .execute_batch(
+                "PRAGMA locking_mode = EXCLUSIVE; BEGIN; UPDATE hosts SET enabled = 1; COMMIT;",
+            )
+            .unwrap();
+        let started = Instant::now();
+        assert_503(&f).await;
+        assert!(started.elapsed() < std::time::Duration::from_millis(800));
+    }
+
+    async fn assert_503(f: &Fixture) {
+        let a = ask(&f.app, &request(api_token(&f.token), "eng", "demo")).await;
+        assert_eq!(a.status, 503, "{}", a.body);
+        assert_eq!(a.body["error"]["code"], "unavailable");
+    }
 }

@@ -2,10 +2,11 @@
 //!
 //! Envoy sends the client's method, `Authorization`, `Host` and path — prefixed with the
 //! filter's `path_prefix`, which must be [`PATH_PREFIX`] — with no body. The decision is
-//! the check endpoint's own: the same token parsing (`mcpguard_core`), the same single
-//! store read ([`check::Reads::load`]) and the same pure [`check::decide`]. OAuth access
-//! tokens are verified here as the wasm filter verifies them ([`mcpguard_core::jwt`]),
-//! with the published keys held by [`Verifier`](crate::keys::Verifier), and the
+//! the check endpoint's own, the same pipeline ([`crate::check`]): the filter's token
+//! policy (`mcpguard_core::token::data_plane_kind`), the same single store read and
+//! the same pure decision. OAuth access tokens are verified here as the wasm filter
+//! verifies them ([`mcpguard_core::jwt`]), with the published keys held by
+//! [`Verifier`](crate::keys::Verifier), and the
 //! protected-resource metadata the filter answers itself is served here for Envoy to
 //! route to ([`resource_metadata`]). What differs is only the wire form, which is
 //! Envoy's:
@@ -34,14 +35,12 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use mcpguard_core::check::{CheckResponse, DenyCode, bounded_name, bounded_request_id};
-use mcpguard_core::jwt;
 use mcpguard_core::oauth::{RESOURCE_METADATA_PREFIX, protected_resource_metadata, resource_url};
 use mcpguard_core::route::{McpPath, PathError};
-use mcpguard_core::token::{TokenHash, TokenKind, parse_token};
 
 use crate::AppState;
+use crate::check::{self, Context, Input, Outcome, Wire};
 use crate::config::CheckDeadline;
-use crate::store::{self, audit::Event, check};
 
 /// The `http_service.path_prefix` Envoy's ext_authz filter must be configured with.
 pub const PATH_PREFIX: &str = "/v1/ext_authz";
@@ -65,16 +64,6 @@ pub fn routes() -> Router<AppState> {
         )
 }
 
-/// How the client proved who it is, once its token has been looked at.
-pub(super) enum Presented {
-    ApiToken(TokenHash),
-    /// A verified access token's grant and connection.
-    Oauth {
-        grant: i64,
-        connection: i64,
-    },
-}
-
 async fn run(
     State(state): State<AppState>,
     deadline: Option<Extension<CheckDeadline>>,
@@ -85,8 +74,8 @@ async fn run(
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let full = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
     let original = full.strip_prefix(PATH_PREFIX).unwrap_or(full);
-    let mut seen = Seen {
-        started: Some(started),
+    let context = Context {
+        started,
         request_id: header("x-request-id").map(bounded_request_id),
         mcp_method: header(MCP_METHOD_HEADER)
             .filter(|v| !v.is_empty())
@@ -94,7 +83,6 @@ async fn run(
         tool: header(MCP_TOOL_HEADER)
             .filter(|v| !v.is_empty())
             .map(bounded_name),
-        ..Seen::default()
     };
 
     let path = match McpPath::parse(original) {
@@ -102,180 +90,43 @@ async fn run(
         // Nothing but MCP endpoints is ours to pass: a route that sends other paths
         // through this filter gets a refusal, never an allow.
         Err(PathError::NotMcp | PathError::Malformed) => {
-            return seen.refuse(&state, DenyCode::UnknownRoute, None);
+            check::refuse_unrouted(&state, Wire::ExtAuthz, context, DenyCode::UnknownRoute);
+            return refuse(DenyCode::UnknownRoute, None);
         }
     };
-    seen.gateway = Some(path.gateway);
-    seen.server = Some(path.server);
     // Built only when needed (a refusal's challenge, an access token's audience), not
     // for every API token.
     let base = || client_base_url(&uri, &headers);
     let metadata = || mcpguard_core::check::resource_metadata_url(&base(), original);
-    let Some(authorization) = header("authorization") else {
-        return seen.refuse(&state, DenyCode::TokenMissing, Some(&metadata()));
+    let audience = || resource_url(&base(), path.gateway, path.server);
+    let credential = match header("authorization") {
+        None => check::Credential::Missing,
+        Some(authorization) => match mcpguard_core::bearer_token(authorization) {
+            Some(token) => check::Credential::Bearer {
+                token,
+                audience: &audience,
+            },
+            None => check::Credential::NotBearer,
+        },
     };
-    let Some(token) = mcpguard_core::bearer_token(authorization) else {
-        return seen.refuse(&state, DenyCode::TokenMalformed, Some(&metadata()));
+    let input = Input {
+        wire: Wire::ExtAuthz,
+        gateway: path.gateway,
+        server: path.server,
+        credential,
+        context,
     };
     // The same deadline as /v1/check: a slow store is a quick refusal, not a wait.
     let deadline = deadline.map(|Extension(d)| d).unwrap_or_default().0;
-    let audience = || resource_url(&base(), path.gateway, path.server);
-    let presented = match present(&state, token, audience, deadline).await {
-        Ok(presented) => presented,
-        Err(Unpresentable::Refused(code)) => {
-            return seen.refuse(&state, code, Some(&metadata()));
-        }
-        Err(Unpresentable::NoKeys(e)) => {
-            tracing::warn!(error = %e, gateway = path.gateway, server = path.server, request_id = seen.request_id, "ext_authz check: no verification keys from the store; refusing");
-            return refuse(DenyCode::PolicyUnavailable, None);
-        }
-    };
-
-    let hex;
-    let lookup = match &presented {
-        Presented::ApiToken(hash) => {
-            hex = hash.to_hex();
-            check::Lookup::ApiToken(&hex)
-        }
-        Presented::Oauth { grant, .. } => check::Lookup::Grant(*grant),
-    };
-    let read = state.check_reads.load(lookup, path.server, deadline);
-    let row = match read.await {
-        Ok(row) => row,
-        Err(e) => {
-            // As on /v1/check, a failed read is not a decision: it is refused, not audited.
-            tracing::warn!(error = %e, gateway = path.gateway, server = path.server, request_id = seen.request_id, "ext_authz check: no answer from the store; refusing");
-            return refuse(DenyCode::PolicyUnavailable, None);
-        }
-    };
-    let now = store::now_ms();
-    let decision = match &presented {
-        Presented::ApiToken(hash) => check::decide(
-            row.as_ref(),
-            hash,
-            path.gateway,
-            now,
-            state.secrets.opener(),
-        ),
-        Presented::Oauth { connection, .. } => check::decide_oauth(
-            row.as_ref(),
-            *connection,
-            path.gateway,
-            state.secrets.opener(),
-        ),
-    };
-    seen.row = row.as_ref();
-    match decision {
-        CheckResponse::Allow { inject, .. } => {
-            if let Some(row) = &row {
-                // An OAuth row's id is its grant's, not an API token's.
-                let token = matches!(presented, Presented::ApiToken(_)).then_some(row.token_id);
-                state.usage.record(token, row.connection_id);
-            }
-            seen.record(&state, now, None);
+    match check::run(&state, input, deadline).await {
+        // A refusal of the credential points the client at the OAuth metadata.
+        Outcome::Refused(code) => refuse(code, Some(&metadata())),
+        Outcome::Decided(CheckResponse::Allow { inject, .. }) => {
             allow(inject.map(|h| (h.name, h.value)))
         }
-        CheckResponse::Deny { code } => seen.refuse(&state, code, None),
-    }
-}
-
-/// Why a bearer token goes no further than its own look.
-pub(super) enum Unpresentable {
-    Refused(DenyCode),
-    /// An access token, and no keys to verify it with: not a decision.
-    NoKeys(store::StoreError),
-}
-
-/// What the token proves, before the store is asked: an API token's hash, or an access
-/// token verified for `audience` (this request's MCP URL, as the filter checks it).
-pub(super) async fn present(
-    state: &AppState,
-    token: &str,
-    audience: impl FnOnce() -> String,
-    deadline: std::time::Duration,
-) -> Result<Presented, Unpresentable> {
-    if jwt::looks_like_jwt(token) {
-        let keys = state
-            .verifier
-            .keys_for(token, &state.db, state.oauth.max_token_age_ms(), deadline)
-            .await
-            .map_err(Unpresentable::NoKeys)?;
-        let now_s = store::now_ms() / 1000;
-        let claims = jwt::verify(token, &keys, &state.oauth.issuer, &audience(), now_s)
-            .map_err(Unpresentable::Refused)?;
-        return Ok(Presented::Oauth {
-            grant: claims.gid,
-            connection: claims.cid,
-        });
-    }
-    match parse_token(token) {
-        Ok(TokenKind::HostApi | TokenKind::PerUser) => {
-            Ok(Presented::ApiToken(TokenHash::of(token)))
-        }
-        // Admin tokens are for the admin API only, refresh tokens and codes for the
-        // token endpoint; never let one act on the data plane.
-        Ok(TokenKind::Admin | TokenKind::Refresh | TokenKind::Code) => {
-            Err(Unpresentable::Refused(DenyCode::TokenUnknown))
-        }
-        Err(_) => Err(Unpresentable::Refused(DenyCode::TokenMalformed)),
-    }
-}
-
-/// What is known of a request when it is decided, for the log and the audit trail.
-#[derive(Default)]
-struct Seen<'a> {
-    started: Option<Instant>,
-    request_id: Option<&'a str>,
-    gateway: Option<&'a str>,
-    server: Option<&'a str>,
-    mcp_method: Option<&'a str>,
-    tool: Option<&'a str>,
-    row: Option<&'a check::CheckRow>,
-}
-
-impl Seen<'_> {
-    /// Logs and audits the decision (`code` is `None` for an allow), as /v1/check does.
-    fn record(&self, state: &AppState, now: i64, code: Option<DenyCode>) {
-        let action = if code.is_some() { "deny" } else { "allow" };
-        let code = code.map(DenyCode::as_str);
-        let connection_id = self.row.map(|r| r.connection_id);
-        tracing::debug!(
-            gateway = self.gateway,
-            server = self.server,
-            action,
-            code,
-            connection_id,
-            request_id = self.request_id,
-            "ext_authz check"
-        );
-        state.audit.decision(Event {
-            at: now,
-            kind: "decision".into(),
-            action: action.into(),
-            code: code.map(str::to_owned),
-            host_id: self.row.map(|r| r.host_id),
-            user_id: self.row.map(|r| r.user_id),
-            connection_id,
-            gateway: self.gateway.map(str::to_owned),
-            server: self.server.map(str::to_owned),
-            mcp_method: self.mcp_method.map(str::to_owned),
-            tool: self.tool.map(str::to_owned),
-            latency_us: self
-                .started
-                .and_then(|t| i64::try_from(t.elapsed().as_micros()).ok()),
-            request_id: self.request_id.map(str::to_owned),
-            ..Event::default()
-        });
-    }
-
-    fn refuse(
-        &self,
-        state: &AppState,
-        code: DenyCode,
-        resource_metadata: Option<&str>,
-    ) -> Response {
-        self.record(state, store::now_ms(), Some(code));
-        refuse(code, resource_metadata)
+        Outcome::Decided(CheckResponse::Deny { code }) => refuse(code, None),
+        // Not a decision, and not audited: Envoy answers `status_on_error` (503).
+        Outcome::Unavailable => refuse(DenyCode::PolicyUnavailable, None),
     }
 }
 
@@ -371,118 +222,12 @@ mod tests {
     use axum::body::Body;
     use axum::http::Request;
     use http_body_util::BodyExt;
-    use mcpguard_core::oauth::AccessClaims;
-    use mcpguard_core::token::format_token;
+    use mcpguard_core::token::{TokenKind, format_token};
     use tower::ServiceExt;
 
-    use crate::store::Db;
+    use crate::routes::check_fixture::{Fixture, GRANT, fixture, fixture_reading};
+    use crate::store;
     use crate::store::check::Reads;
-
-    struct Fixture {
-        app: Router,
-        db: Db,
-        token: String,
-        token_id: i64,
-        dir: tempfile::TempDir,
-        secrets: std::sync::Arc<crate::secrets::SecretBox>,
-        verifier: std::sync::Arc<crate::keys::Verifier>,
-    }
-
-    /// The grant of the fixture's OAuth client on connection 1.
-    const GRANT: i64 = 5;
-
-    impl Fixture {
-        /// An access token signed with the store's active key, as the token endpoint
-        /// signs one: for `/mcp/eng/demo` on `gw.local:10000`, grant [`GRANT`].
-        async fn access_token(&self, edit: impl FnOnce(&mut AccessClaims)) -> String {
-            let now = store::now_ms() / 1000;
-            let mut claims = AccessClaims {
-                iss: crate::routes::oauth::OauthConfig::for_tests().issuer,
-                aud: "http://gw.local:10000/mcp/eng/demo".into(),
-                sub: "1".into(),
-                exp: now + 300,
-                iat: now,
-                jti: "j1".into(),
-                client_id: "c".into(),
-                gid: GRANT,
-                cid: 1,
-            };
-            edit(&mut claims);
-            crate::keys::Signer::default()
-                .sign(&self.db, &self.secrets, &claims)
-                .await
-                .unwrap()
-        }
-    }
-
-    /// A store with gateway `eng` exposing server `demo` (shared) and one token for it;
-    /// checks read it as they do when shipped (on SQLite, not through the pool).
-    async fn fixture() -> Fixture {
-        fixture_reading(|db, url| Reads::for_store(db, url, std::time::Duration::from_secs(1)))
-            .await
-    }
-
-    async fn fixture_reading(reads: impl FnOnce(&Db, &str) -> Reads) -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
-        let db = store::open(&url, 2).await.unwrap();
-        let now = store::now_ms();
-        for sql in [
-            "INSERT INTO roles (id, name, created_at) VALUES (1, 'owner', $1)",
-            "INSERT INTO users (id, name, role_id, enabled, created_at) VALUES (1, 'owner', 1, 1, $1)",
-            "INSERT INTO gateways (id, name, slug, enabled, created_at) VALUES (1, 'Eng', 'eng', 1, $1)",
-            "INSERT INTO servers (id, name, slug, upstream_scheme, upstream_authority, upstream_path, enabled, created_at)
-             VALUES (1, 'Demo', 'demo', 'http', '127.0.0.1:9100', '/mcp', 1, $1)",
-            "INSERT INTO exposures (gateway_id, server_id, identity, created_at) VALUES (1, 1, 'shared', $1)",
-            "INSERT INTO hosts (id, name, kind, enabled, created_at) VALUES (1, 'Bot', 'token', 1, $1)",
-            "INSERT INTO connections (id, host_id, gateway_id, user_id, enabled, created_at) VALUES (1, 1, 1, 1, 1, $1)",
-            "INSERT INTO oauth_clients (id, client_id, client_name, redirect_uris, host_id, created_at) VALUES (1, 'c', 'App', '[]', 1, $1)",
-            "INSERT INTO oauth_grants (id, client_id, user_id, connection_id, resource, created_at) VALUES (5, 1, 1, 1, 'http://gw.local:10000/mcp/eng/demo', $1)",
-        ] {
-            sqlx::query(sql).bind(now).execute(&db).await.unwrap();
-        }
-        let token = format_token(TokenKind::HostApi, &"k".repeat(40)).unwrap();
-        sqlx::query(
-            "INSERT INTO api_tokens (id, connection_id, token_hash, prefix, created_by, created_at)
-             VALUES (7, 1, $1, 'mcpgt_kkkkkkkk', 1, $2)",
-        )
-        .bind(TokenHash::of(&token).to_hex())
-        .bind(now)
-        .execute(&db)
-        .await
-        .unwrap();
-        let secrets = std::sync::Arc::new(
-            crate::secrets::SecretBox::load_or_create(&dir.path().join("secrets.key")).unwrap(),
-        );
-        store::oauth::ensure_keys(&db, &mut || crate::keys::generate(&secrets))
-            .await
-            .unwrap();
-        let verifier = std::sync::Arc::new(crate::keys::Verifier::default());
-        let (usage, _writer) = crate::Usage::spawn(db.clone());
-        let (audit, _audit_writer) = crate::audit::Audit::spawn(db.clone(), 0);
-        let app = super::super::check(AppState {
-            check_reads: reads(&db, &url),
-            db: db.clone(),
-            usage,
-            audit,
-            audit_retention_days: 0,
-            secrets: secrets.clone(),
-            oauth: std::sync::Arc::new(crate::routes::oauth::OauthConfig::for_tests()),
-            signer: std::sync::Arc::default(),
-            verifier: verifier.clone(),
-            upstreams: std::sync::Arc::default(),
-            passwords: std::sync::Arc::new(crate::signin::Passwords::new(1)),
-        });
-        Fixture {
-            app,
-            db,
-            token,
-            token_id: 7,
-            dir,
-            secrets,
-            verifier,
-        }
-    }
 
     struct Answer {
         status: u16,

@@ -2,6 +2,8 @@
 
 mod audit;
 mod check;
+#[cfg(test)]
+mod check_fixture;
 mod enrollments;
 mod ext_authz;
 mod gateways;

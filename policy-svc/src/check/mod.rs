@@ -1,0 +1,179 @@
+//! The data plane's check, one pipeline for both of its wires: `/v1/check`, the wasm
+//! filter's callout, and `/v1/ext_authz`, Envoy's ext_authz filter. A request is
+//!
+//! 1. **presented** ([`present`]): what its credential proves before the store is
+//!    asked, an API token's hash or an access token verified here (signature, issuer,
+//!    expiry, audience);
+//! 2. **loaded**: one read of the authoritative store
+//!    ([`Reads::load`](crate::store::check::Reads::load)), uncached;
+//! 3. **decided** ([`decide`]): a pure function of that row, layer by layer;
+//! 4. **pinned** ([`pin`]), on `/v1/check` only: the wasm filter sends an allowed request
+//!    where the answer says, so the upstream's address is resolved and judged here;
+//!    with ext_authz, Envoy's route configuration picks the upstream ([`Wire`]);
+//! 5. **recorded** ([`record`]): logged and audited, and the credential's use noted.
+//!
+//! The routes only translate, their wire form into an [`Input`] and the [`Outcome`] into
+//! their wire answer. A store that gives no answer in time, or no keys to verify an
+//! access token with, is no decision: [`Outcome::Unavailable`], a 503, logged and not
+//! audited. Fail closed, and fast.
+
+mod decide;
+mod pin;
+mod present;
+mod record;
+
+use std::time::Duration;
+
+use mcpguard_core::check::{CheckResponse, DenyCode};
+
+pub use present::Credential;
+pub use record::Context;
+
+use crate::AppState;
+use crate::store::{self, check::Lookup};
+use present::{Presented, Unpresentable};
+use record::Seen;
+
+/// Which wire a request came in on: what its log lines are called, and who routes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// `/v1/check`: the wasm filter routes an allowed request to the upstream the
+    /// answer names, so the answer carries the address it was judged at.
+    Check,
+    /// `/v1/ext_authz`: Envoy routes by its own route configuration and uses only
+    /// allow or deny (and the header to inject); there is no address to pin.
+    ExtAuthz,
+}
+
+impl Wire {
+    /// Whether an allow is pinned to the upstream address judged for it.
+    fn pins_upstream(self) -> bool {
+        matches!(self, Wire::Check)
+    }
+
+    /// The message of this wire's log lines.
+    fn name(self) -> &'static str {
+        match self {
+            Wire::Check => "check",
+            Wire::ExtAuthz => "ext_authz check",
+        }
+    }
+}
+
+/// One request to decide, read from either wire.
+pub struct Input<'a> {
+    pub wire: Wire,
+    pub gateway: &'a str,
+    pub server: &'a str,
+    pub credential: Credential<'a>,
+    pub context: Context<'a>,
+}
+
+/// What became of a request.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Refused on its credential alone, before the store was asked (none, malformed,
+    /// not for the data plane, or an access token that does not verify).
+    Refused(DenyCode),
+    /// Decided on the store's row.
+    Decided(CheckResponse),
+    /// No answer from the store in time, or no keys to verify an access token with.
+    Unavailable,
+}
+
+/// Present, load, decide, pin (`/v1/check`), record; `deadline` bounds each wait on
+/// the store (and the upstream's resolution).
+pub async fn run(state: &AppState, input: Input<'_>, deadline: Duration) -> Outcome {
+    let Input {
+        wire,
+        gateway,
+        server,
+        credential,
+        context,
+    } = input;
+    let seen = Seen {
+        wire,
+        gateway: Some(gateway),
+        server: Some(server),
+        context,
+    };
+    let presented = match present::present(state, credential, gateway, server, deadline).await {
+        Ok(presented) => presented,
+        Err(Unpresentable::Refused(code)) => {
+            record::record(state, &seen, None, Some(code));
+            return Outcome::Refused(code);
+        }
+        Err(Unpresentable::NoKeys(e)) => {
+            tracing::warn!(error = %e, gateway, server, request_id = context.request_id, "{}: no verification keys from the store; refusing", wire.name());
+            return Outcome::Unavailable;
+        }
+    };
+
+    let hex;
+    let lookup = match &presented {
+        Presented::ApiToken(hash) => {
+            hex = hash.to_hex();
+            Lookup::ApiToken(&hex)
+        }
+        Presented::Oauth { grant, .. } => Lookup::Grant(*grant),
+    };
+    let row = match state.check_reads.load(lookup, server, deadline).await {
+        Ok(row) => row,
+        Err(e) => {
+            tracing::warn!(error = %e, gateway, server, request_id = context.request_id, "{}: no answer from the store; refusing", wire.name());
+            return Outcome::Unavailable;
+        }
+    };
+
+    let decision = match &presented {
+        Presented::ApiToken(hash) => decide::decide(
+            row.as_ref(),
+            hash,
+            gateway,
+            store::now_ms(),
+            state.secrets.opener(),
+        ),
+        Presented::Oauth { connection, .. } => {
+            decide::decide_oauth(row.as_ref(), *connection, gateway, state.secrets.opener())
+        }
+    };
+
+    let decision = match decision {
+        CheckResponse::Allow {
+            mut upstream,
+            inject,
+        } if wire.pins_upstream() => match pin::pin(state, &upstream.authority, deadline).await {
+            Ok(address) => {
+                upstream.address = Some(address.to_string());
+                CheckResponse::Allow { upstream, inject }
+            }
+            Err(code) => CheckResponse::Deny { code },
+        },
+        decision => decision,
+    };
+
+    let code = match (&decision, &row) {
+        (CheckResponse::Deny { code }, _) => Some(*code),
+        (CheckResponse::Allow { .. }, Some(row)) => {
+            // An OAuth row's id is its grant's, not an API token's.
+            let token = matches!(presented, Presented::ApiToken(_)).then_some(row.token_id);
+            state.usage.record(token, row.connection_id);
+            None
+        }
+        (CheckResponse::Allow { .. }, None) => None,
+    };
+    record::record(state, &seen, row.as_ref(), code);
+    Outcome::Decided(decision)
+}
+
+/// Records a refusal made before there was an [`Input`] to run: ext_authz's request
+/// for a path that is no MCP endpoint, which names no gateway or server.
+pub fn refuse_unrouted(state: &AppState, wire: Wire, context: Context<'_>, code: DenyCode) {
+    let seen = Seen {
+        wire,
+        gateway: None,
+        server: None,
+        context,
+    };
+    record::record(state, &seen, None, Some(code));
+}

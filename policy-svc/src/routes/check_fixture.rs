@@ -1,0 +1,114 @@
+//! The check port over a seeded store, for the unit tests of its two wires
+//! (`/v1/check` and `/v1/ext_authz`).
+
+use axum::Router;
+use mcpguard_core::oauth::AccessClaims;
+use mcpguard_core::token::{TokenHash, TokenKind, format_token};
+
+use crate::AppState;
+use crate::store::{self, Db, check::Reads};
+
+pub struct Fixture {
+    pub app: Router,
+    pub db: Db,
+    pub token: String,
+    pub token_id: i64,
+    pub dir: tempfile::TempDir,
+    pub secrets: std::sync::Arc<crate::secrets::SecretBox>,
+    pub verifier: std::sync::Arc<crate::keys::Verifier>,
+}
+
+/// The grant of the fixture's OAuth client on connection 1.
+pub const GRANT: i64 = 5;
+
+impl Fixture {
+    /// An access token signed with the store's active key, as the token endpoint
+    /// signs one: for `/mcp/eng/demo` on `gw.local:10000`, grant [`GRANT`].
+    pub async fn access_token(&self, edit: impl FnOnce(&mut AccessClaims)) -> String {
+        let now = store::now_ms() / 1000;
+        let mut claims = AccessClaims {
+            iss: crate::routes::oauth::OauthConfig::for_tests().issuer,
+            aud: "http://gw.local:10000/mcp/eng/demo".into(),
+            sub: "1".into(),
+            exp: now + 300,
+            iat: now,
+            jti: "j1".into(),
+            client_id: "c".into(),
+            gid: GRANT,
+            cid: 1,
+        };
+        edit(&mut claims);
+        crate::keys::Signer::default()
+            .sign(&self.db, &self.secrets, &claims)
+            .await
+            .unwrap()
+    }
+}
+
+/// A store with gateway `eng` exposing server `demo` (shared) and one token for it;
+/// checks read it as they do when shipped (on SQLite, not through the pool).
+pub async fn fixture() -> Fixture {
+    fixture_reading(|db, url| Reads::for_store(db, url, std::time::Duration::from_secs(1))).await
+}
+
+pub async fn fixture_reading(reads: impl FnOnce(&Db, &str) -> Reads) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+    let db = store::open(&url, 2).await.unwrap();
+    let now = store::now_ms();
+    for sql in [
+        "INSERT INTO roles (id, name, created_at) VALUES (1, 'owner', $1)",
+        "INSERT INTO users (id, name, role_id, enabled, created_at) VALUES (1, 'owner', 1, 1, $1)",
+        "INSERT INTO gateways (id, name, slug, enabled, created_at) VALUES (1, 'Eng', 'eng', 1, $1)",
+        "INSERT INTO servers (id, name, slug, upstream_scheme, upstream_authority, upstream_path, enabled, created_at)
+         VALUES (1, 'Demo', 'demo', 'http', '127.0.0.1:9100', '/mcp', 1, $1)",
+        "INSERT INTO exposures (gateway_id, server_id, identity, created_at) VALUES (1, 1, 'shared', $1)",
+        "INSERT INTO hosts (id, name, kind, enabled, created_at) VALUES (1, 'Bot', 'token', 1, $1)",
+        "INSERT INTO connections (id, host_id, gateway_id, user_id, enabled, created_at) VALUES (1, 1, 1, 1, 1, $1)",
+        "INSERT INTO oauth_clients (id, client_id, client_name, redirect_uris, host_id, created_at) VALUES (1, 'c', 'App', '[]', 1, $1)",
+        "INSERT INTO oauth_grants (id, client_id, user_id, connection_id, resource, created_at) VALUES (5, 1, 1, 1, 'http://gw.local:10000/mcp/eng/demo', $1)",
+    ] {
+        sqlx::query(sql).bind(now).execute(&db).await.unwrap();
+    }
+    let token = format_token(TokenKind::HostApi, &"k".repeat(40)).unwrap();
+    sqlx::query(
+        "INSERT INTO api_tokens (id, connection_id, token_hash, prefix, created_by, created_at)
+         VALUES (7, 1, $1, 'mcpgt_kkkkkkkk', 1, $2)",
+    )
+    .bind(TokenHash::of(&token).to_hex())
+    .bind(now)
+    .execute(&db)
+    .await
+    .unwrap();
+    let secrets = std::sync::Arc::new(
+        crate::secrets::SecretBox::load_or_create(&dir.path().join("secrets.key")).unwrap(),
+    );
+    store::oauth::ensure_keys(&db, &mut || crate::keys::generate(&secrets))
+        .await
+        .unwrap();
+    let verifier = std::sync::Arc::new(crate::keys::Verifier::default());
+    let (usage, _writer) = crate::Usage::spawn(db.clone());
+    let (audit, _audit_writer) = crate::audit::Audit::spawn(db.clone(), 0);
+    let app = super::check(AppState {
+        check_reads: reads(&db, &url),
+        db: db.clone(),
+        usage,
+        audit,
+        audit_retention_days: 0,
+        secrets: secrets.clone(),
+        oauth: std::sync::Arc::new(crate::routes::oauth::OauthConfig::for_tests()),
+        signer: std::sync::Arc::default(),
+        verifier: verifier.clone(),
+        upstreams: std::sync::Arc::default(),
+        passwords: std::sync::Arc::new(crate::signin::Passwords::new(1)),
+    });
+    Fixture {
+        app,
+        db,
+        token,
+        token_id: 7,
+        dir,
+        secrets,
+        verifier,
+    }
+}
