@@ -310,7 +310,7 @@ fn initialize_body(id: usize) -> String {
 
 /// The MCP workload: 80% `tools/call` (echo), 10% `initialize`, 10% `tools/list`, each
 /// request with its own token on its own gateway and server.
-fn mcp_lines(live: &[seed::Credential]) -> Vec<(String, String, String)> {
+fn mcp_lines(live: &[seed::SeededToken]) -> Vec<(String, String, String)> {
     seed::spread(live, MCP_REQUESTS)
         .into_iter()
         .enumerate()
@@ -333,7 +333,7 @@ fn mcp_lines(live: &[seed::Credential]) -> Vec<(String, String, String)> {
 }
 
 /// What the filter sends for each of those requests (with an `x-request-id`-sized id).
-fn check_lines(live: &[seed::Credential]) -> Result<Vec<(String, String, String)>> {
+fn check_lines(live: &[seed::SeededToken]) -> Result<Vec<(String, String, String)>> {
     seed::spread(live, CHECK_REQUESTS)
         .into_iter()
         .enumerate()
@@ -370,7 +370,7 @@ fn write_list(path: &Path, lines: &[(String, String, String)]) -> Result<()> {
 fn sanity_check_envoy(
     envoy: &Envoy,
     lines: &[(String, String, String)],
-    revoked: &seed::Credential,
+    revoked: &seed::SeededToken,
 ) -> Result<()> {
     for (path, token, body) in lines.iter().take(10) {
         let auth = format!("Bearer {token}");

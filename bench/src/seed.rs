@@ -88,7 +88,7 @@ const REVOKED_EVERY: usize = 100;
 
 /// A live token, with a gateway it is valid on and a server that gateway exposes.
 #[derive(Debug, Clone)]
-pub struct Credential {
+pub struct SeededToken {
     pub token: String,
     pub hash: String,
     pub gateway: String,
@@ -100,10 +100,10 @@ pub struct DataSet {
     secrets: Vec<String>,
     hashes: Vec<String>,
     /// Every live token, in id order.
-    pub live: Vec<Credential>,
+    pub live: Vec<SeededToken>,
     pub revoked: usize,
     /// A revoked token on a route its gateway exposes, to prove refusals.
-    pub revoked_example: Credential,
+    pub revoked_example: SeededToken,
 }
 
 pub fn gateway_slug(g: usize) -> String {
@@ -176,7 +176,7 @@ pub fn generate() -> Result<DataSet> {
         let g = token_gateway(t);
         // Spread requests over every server the gateway exposes.
         let k = (t / GATEWAYS) % EXPOSED_PER_GATEWAY;
-        let credential = Credential {
+        let credential = SeededToken {
             token: token.clone(),
             hash: hash.clone(),
             gateway: gateway_slug(g),
@@ -329,7 +329,7 @@ pub async fn seed(url: &str, data: &DataSet, upstream_authority: &str) -> Result
 
 /// `count` credentials taken at an even stride across all of `live`, so a workload
 /// touches the whole data set rather than its first rows.
-pub fn spread(live: &[Credential], count: usize) -> Vec<&Credential> {
+pub fn spread(live: &[SeededToken], count: usize) -> Vec<&SeededToken> {
     let count = count.min(live.len()).max(1);
     let stride = live.len() / count;
     (0..count)
@@ -410,8 +410,8 @@ mod tests {
 
     #[test]
     fn spread_takes_an_even_stride_over_the_whole_list() {
-        let live: Vec<Credential> = (0..100)
-            .map(|i| Credential {
+        let live: Vec<SeededToken> = (0..100)
+            .map(|i| SeededToken {
                 token: i.to_string(),
                 hash: String::new(),
                 gateway: String::new(),

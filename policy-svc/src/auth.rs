@@ -249,7 +249,7 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Admin, Ap
         .and_then(mcpguard_core::bearer_token)
         .ok_or(ApiError::Unauthenticated)?;
     let presented = TokenHash::of(token);
-    match store::admin::authenticate(&state.db, &presented.to_hex()).await? {
+    match store::users::authenticate(&state.db, &presented.to_hex()).await? {
         Some(id) if TokenHash::from_hex(&id.token_hash).is_some_and(|h| h.ct_eq(&presented)) => {
             Ok(Admin {
                 user_id: id.user_id,

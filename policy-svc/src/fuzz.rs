@@ -9,12 +9,11 @@ use axum::body::Body;
 use axum::http::Request;
 use http_body_util::BodyExt;
 use mcpguard_core::check::CheckResponse;
-use mcpguard_core::token::{TokenHash, TokenKind, format_token};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tower::ServiceExt;
 
-use crate::{AppState, routes, serve, store};
+use crate::{routes, serve, store};
 
 struct Fixture {
     rt: tokio::runtime::Runtime,
@@ -28,66 +27,18 @@ struct Fixture {
 /// two routers as `run()` builds them.
 fn fixture() -> Fixture {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (check, public, token) = rt.block_on(async {
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
-        let db = store::open(&url, 2).await.unwrap();
-        let now = store::now_ms();
-        let token = format_token(TokenKind::HostApi, &"k".repeat(40)).unwrap();
-        for sql in [
-            "INSERT INTO roles (id, name, created_at) VALUES (1, 'owner', $1)",
-            "INSERT INTO users (id, name, role_id, enabled, created_at) VALUES (1, 'owner', 1, 1, $1)",
-            "INSERT INTO gateways (id, name, slug, enabled, created_at) VALUES (1, 'Eng', 'eng', 1, $1)",
-            "INSERT INTO servers (id, name, slug, upstream_scheme, upstream_authority, upstream_path, enabled, created_at)
-             VALUES (1, 'Demo', 'demo', 'http', '127.0.0.1:9100', '/mcp', 1, $1)",
-            "INSERT INTO exposures (gateway_id, server_id, identity, created_at) VALUES (1, 1, 'shared', $1)",
-            "INSERT INTO hosts (id, name, kind, enabled, created_at) VALUES (1, 'Bot', 'token', 1, $1)",
-            "INSERT INTO connections (id, host_id, gateway_id, user_id, enabled, created_at) VALUES (1, 1, 1, 1, 1, $1)",
-            "INSERT INTO oauth_clients (id, client_id, client_name, redirect_uris, host_id, created_at) VALUES (1, 'c', 'App', '[]', 1, $1)",
-            "INSERT INTO oauth_grants (id, client_id, user_id, connection_id, resource, created_at) VALUES (5, 1, 1, 1, 'http://gw.local:10000/mcp/eng/demo', $1)",
-        ] {
-            sqlx::query(sql).bind(now).execute(&db).await.unwrap();
-        }
-        sqlx::query(
-            "INSERT INTO api_tokens (id, connection_id, token_hash, prefix, created_by, created_at)
-             VALUES (7, 1, $1, 'mcpgt_kkkkkkkk', 1, $2)",
-        )
-        .bind(TokenHash::of(&token).to_hex())
-        .bind(now)
-        .execute(&db)
-        .await
-        .unwrap();
-        let secrets = std::sync::Arc::new(
-            crate::secrets::SecretBox::load_or_create(&dir.path().join("secrets.key")).unwrap(),
-        );
-        store::oauth::ensure_keys(&db, &mut || crate::keys::generate(&secrets))
-            .await
-            .unwrap();
-        let (usage, _) = crate::Usage::spawn(db.clone());
-        let (audit, _) = crate::audit::Audit::spawn(db.clone(), 0);
-        let state = AppState {
-            check_reads: store::check::Reads::for_store(
-                &db,
-                &url,
-                std::time::Duration::from_secs(1),
-            ),
-            db,
-            usage,
-            audit,
-            audit_retention_days: 0,
-            secrets,
-            oauth: std::sync::Arc::new(routes::oauth::OauthConfig::for_tests()),
-            signer: std::sync::Arc::default(),
-            verifier: std::sync::Arc::default(),
-            upstreams: std::sync::Arc::default(),
-            passwords: std::sync::Arc::new(crate::signin::Passwords::new(1)),
-        };
+    let (check, public, token, dir) = rt.block_on(async {
+        let crate::fixture::Seeded { state, token, dir } = crate::fixture::seeded(|db, url| {
+            store::check::Reads::for_store(db, url, std::time::Duration::from_secs(1))
+        })
+        .await;
         let check = serve::limit_bodies(
-            routes::check(state.clone()).layer(axum::Extension(crate::config::CheckDeadline::default())),
+            routes::check(state.clone())
+                .layer(axum::Extension(crate::config::CheckDeadline::default())),
             16_384,
         );
         let public = serve::limit_bodies(routes::public(state), 262_144);
-        (check, public, token)
+        (check, public, token, dir)
     });
     Fixture {
         rt,

@@ -12,7 +12,7 @@ use crate::store::identities;
 /// shared service credential of an exposure.
 #[derive(serde::Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Credential {
+pub enum ServerCredential {
     /// Sent as `Authorization: Bearer <token>`.
     Bearer { token: String },
     /// Sent as `<name>: <value>`.
@@ -36,12 +36,12 @@ const FORBIDDEN_HEADERS: &[&str] = &[
     "mcp-session-id",
 ];
 
-impl Credential {
+impl ServerCredential {
     /// The header to send and its value, refusing headers that would reroute or
     /// reframe the request.
     pub fn into_header(self) -> Result<(String, String), ApiError> {
         let (name, value) = match self {
-            Credential::Bearer { token }
+            ServerCredential::Bearer { token }
                 if token.is_empty() || token.contains(char::is_whitespace) =>
             {
                 return Err(ApiError::unprocessable(
@@ -49,8 +49,10 @@ impl Credential {
                     "a bearer token is one word: no spaces",
                 ));
             }
-            Credential::Bearer { token } => ("authorization".to_owned(), format!("Bearer {token}")),
-            Credential::Header { name, value } => (name.to_ascii_lowercase(), value),
+            ServerCredential::Bearer { token } => {
+                ("authorization".to_owned(), format!("Bearer {token}"))
+            }
+            ServerCredential::Header { name, value } => (name.to_ascii_lowercase(), value),
         };
         let name_ok = !name.is_empty()
             && name.len() <= 64
@@ -99,7 +101,7 @@ pub fn identities_from_form<'a, 'f>(
             }
             continue;
         };
-        let header = Credential::Bearer {
+        let header = ServerCredential::Bearer {
             token: token.to_owned(),
         }
         .into_header()

@@ -9,9 +9,12 @@ pub mod config;
 pub mod error;
 mod extract;
 #[cfg(test)]
+mod fixture;
+#[cfg(test)]
 mod fuzz;
 pub mod identities;
 pub mod keys;
+mod last_used;
 pub mod oauth_config;
 pub mod pages;
 mod queue;
@@ -22,7 +25,6 @@ pub mod signin;
 pub mod store;
 mod timefmt;
 pub mod upstream_policy;
-mod usage;
 
 use std::path::Path;
 
@@ -32,15 +34,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use config::Config;
+pub use last_used::LastUsed;
 use store::Db;
-pub use usage::Usage;
 
 #[derive(Clone)]
 pub struct AppState {
     pub db: Db,
     /// Where the check reads its row (on SQLite and PostgreSQL, not through `db`).
     pub check_reads: store::check::Reads,
-    pub usage: Usage,
+    pub last_used: LastUsed,
     pub audit: audit::Audit,
     pub audit_retention_days: u32,
     pub secrets: std::sync::Arc<secrets::SecretBox>,
@@ -56,7 +58,7 @@ pub struct AppState {
 }
 
 /// `mcpguard-policy reseal`: moves every stored sealed value to the current key.
-pub async fn reseal(config: &Config) -> anyhow::Result<store::rekey::Resealed> {
+pub async fn reseal(config: &Config) -> anyhow::Result<store::reseal::Resealed> {
     let path = config.secrets_key_file();
     // A typo must not mint a fresh key and seal everything under it.
     anyhow::ensure!(
@@ -68,7 +70,7 @@ pub async fn reseal(config: &Config) -> anyhow::Result<store::rekey::Resealed> {
     let db = store::open_with(&config.database_url(), &config.db_options())
         .await
         .context("opening the database")?;
-    store::rekey::reseal_all(&db, &secrets).await
+    store::reseal::reseal_all(&db, &secrets).await
 }
 
 /// Opens the store, creates the owner on first start, and serves both ports until
@@ -107,7 +109,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding the check port {}", config.check_listen))?;
     tracing::info!(public = %config.public_listen, check = %config.check_listen, "mcpguard policy service listening");
 
-    let (usage, usage_writer) = Usage::spawn(db.clone());
+    let (last_used, last_used_writer) = LastUsed::spawn(db.clone());
     let (audit, audit_writer) = audit::Audit::spawn_with_budget(
         db.clone(),
         config.audit_retention_days,
@@ -119,7 +121,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let state = AppState {
         check_reads,
         db,
-        usage,
+        last_used,
         audit,
         audit_retention_days: config.audit_retention_days,
         secrets,
@@ -157,7 +159,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         signal
     );
     // Both routers (and so every handle) are gone: the writers flush and end.
-    let _ = usage_writer.await;
+    let _ = last_used_writer.await;
     let _ = audit_writer.await;
     Ok(())
 }
@@ -224,7 +226,7 @@ fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
 /// On first start with an empty database: an owner holding every capability, with an
 /// admin token from `MCPGUARD_BOOTSTRAP_ADMIN_TOKEN` or a generated one.
 async fn bootstrap(db: &Db, config: &Config) -> anyhow::Result<()> {
-    if store::admin::has_users(db).await? {
+    if store::users::has_users(db).await? {
         return Ok(());
     }
     let (token, generated) = match &config.bootstrap_admin_token {
@@ -238,7 +240,7 @@ async fn bootstrap(db: &Db, config: &Config) -> anyhow::Result<()> {
         ),
     };
     let created =
-        store::admin::bootstrap_owner(db, &TokenHash::of(&token).to_hex(), display_prefix(&token))
+        store::users::bootstrap_owner(db, &TokenHash::of(&token).to_hex(), display_prefix(&token))
             .await;
     if let Err(store::StoreError::Conflict(_)) = created {
         // Another replica on the same database created the owner first.

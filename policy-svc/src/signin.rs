@@ -511,7 +511,7 @@ pub async fn sign_in(
         let secs = u64::try_from(retry_after_ms.max(1)).map_or(1, |ms| ms.div_ceil(1000));
         return Ok(SignIn::Throttled(secs));
     }
-    let (user_id, hash, enabled) = match store::oauth::password_of(&state.db, username).await? {
+    let (user_id, hash, enabled) = match store::signin::password_of(&state.db, username).await? {
         Some((id, Some(hash), enabled)) => (Some(id), Some(hash), enabled.0),
         _ => (None, None, false),
     };

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use mcpguard_core::check::{CheckResponse, DenyCode};
 
-pub use present::Credential;
+pub use present::WireCredential;
 pub use record::Context;
 
 use crate::AppState;
@@ -65,7 +65,7 @@ pub struct Input<'a> {
     pub wire: Wire,
     pub gateway: &'a str,
     pub server: &'a str,
-    pub credential: Credential<'a>,
+    pub credential: WireCredential<'a>,
     pub context: Context<'a>,
 }
 
@@ -157,7 +157,7 @@ pub async fn run(state: &AppState, input: Input<'_>, deadline: Duration) -> Outc
         (CheckResponse::Allow { .. }, Some(row)) => {
             // An OAuth row's id is its grant's, not an API token's.
             let token = matches!(presented, Presented::ApiToken(_)).then_some(row.token_id);
-            state.usage.record(token, row.connection_id);
+            state.last_used.record(token, row.connection_id);
             None
         }
         (CheckResponse::Allow { .. }, None) => None,

@@ -11,7 +11,7 @@ use crate::AppState;
 use crate::store::{self, StoreError};
 
 /// A request's credential, in the form its wire carries it.
-pub enum Credential<'a> {
+pub enum WireCredential<'a> {
     /// None at all (ext_authz: no `Authorization` header).
     Missing,
     /// Something that is not a bearer token (ext_authz: `Authorization: Basic …`).
@@ -52,16 +52,16 @@ pub(super) enum Unpresentable {
 /// this request's MCP URL.
 pub(super) async fn present(
     state: &AppState,
-    credential: Credential<'_>,
+    credential: WireCredential<'_>,
     gateway: &str,
     server: &str,
     deadline: Duration,
 ) -> Result<Presented, Unpresentable> {
     match credential {
-        Credential::Missing => Err(Unpresentable::Refused(DenyCode::TokenMissing)),
-        Credential::NotBearer => Err(Unpresentable::Refused(DenyCode::TokenMalformed)),
-        Credential::ApiTokenHash(hash) => Ok(Presented::ApiToken(hash)),
-        Credential::AccessToken { token, resource } => {
+        WireCredential::Missing => Err(Unpresentable::Refused(DenyCode::TokenMissing)),
+        WireCredential::NotBearer => Err(Unpresentable::Refused(DenyCode::TokenMalformed)),
+        WireCredential::ApiTokenHash(hash) => Ok(Presented::ApiToken(hash)),
+        WireCredential::AccessToken { token, resource } => {
             let ours = state
                 .oauth
                 .resource_base_urls
@@ -75,7 +75,7 @@ pub(super) async fn present(
             }
             verify(state, token, resource, deadline).await
         }
-        Credential::Bearer { token, audience } => {
+        WireCredential::Bearer { token, audience } => {
             if jwt::looks_like_jwt(token) {
                 return verify(state, token, &audience(), deadline).await;
             }

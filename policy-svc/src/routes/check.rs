@@ -34,11 +34,13 @@ async fn run(
     let credential = match &req.credential {
         // A hash that is not one is no check at all: 400, not a decision.
         Credential::ApiToken { hash } => {
-            check::Credential::ApiTokenHash(TokenHash::from_hex(hash).ok_or_else(|| {
+            check::WireCredential::ApiTokenHash(TokenHash::from_hex(hash).ok_or_else(|| {
                 ApiError::bad_request("invalid_hash", "credential.hash must be 64 hex digits")
             })?)
         }
-        Credential::Oauth { token, resource } => check::Credential::AccessToken { token, resource },
+        Credential::Oauth { token, resource } => {
+            check::WireCredential::AccessToken { token, resource }
+        }
     };
     let input = Input {
         wire: Wire::Check,
@@ -69,7 +71,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::routes::check_fixture::{Fixture, GRANT, fixture, fixture_reading};
+    use crate::fixture::{Fixture, GRANT, fixture, fixture_reading};
     use crate::store::check::Reads;
 
     /// The fixture's `/mcp/eng/demo` under `--resource-base-urls` (as `for_tests` sets it).
@@ -302,8 +304,6 @@ mod tests {
         let bad = request(Credential::ApiToken { hash: "zz".into() }, "eng", "demo");
         assert_eq!(ask(&f.app, &bad).await.status, 400);
 
-        // The writer flushes in batches; poll (bounded) rather than sleep.
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
         type AuditRow = (
             String,
             Option<String>,
@@ -312,19 +312,12 @@ mod tests {
             Option<String>,
             Option<String>,
         );
-        let rows: Vec<AuditRow> = loop {
-            let rows = sqlx::query_as(
-                "SELECT action, code, connection_id, server, tool, request_id FROM audit_events
-                 WHERE kind = 'decision' ORDER BY id",
-            )
-            .fetch_all(&f.db)
-            .await
-            .unwrap();
-            if rows.len() >= 3 || Instant::now() > deadline {
-                break rows;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        };
+        let rows: Vec<AuditRow> = crate::fixture::decisions(
+            &f.db,
+            "action, code, connection_id, server, tool, request_id",
+            3,
+        )
+        .await;
         assert_eq!(
             rows,
             vec![

@@ -100,13 +100,13 @@ async fn run(
     let metadata = || mcpguard_core::check::resource_metadata_url(&base(), original);
     let audience = || resource_url(&base(), path.gateway, path.server);
     let credential = match header("authorization") {
-        None => check::Credential::Missing,
+        None => check::WireCredential::Missing,
         Some(authorization) => match mcpguard_core::bearer_token(authorization) {
-            Some(token) => check::Credential::Bearer {
+            Some(token) => check::WireCredential::Bearer {
                 token,
                 audience: &audience,
             },
-            None => check::Credential::NotBearer,
+            None => check::WireCredential::NotBearer,
         },
     };
     let input = Input {
@@ -225,7 +225,7 @@ mod tests {
     use mcpguard_core::token::{TokenKind, format_token};
     use tower::ServiceExt;
 
-    use crate::routes::check_fixture::{Fixture, GRANT, fixture, fixture_reading};
+    use crate::fixture::{Fixture, GRANT, fixture, fixture_reading};
     use crate::store;
     use crate::store::check::Reads;
 
@@ -518,8 +518,6 @@ mod tests {
         let a = ask(&f.app, "/mcp/eng/other", Some(&bearer)).await;
         assert_eq!(a.status, 403);
         assert_eq!(ask(&f.app, "/mcp/eng/demo", None).await.status, 401);
-        // The writer flushes in batches; poll (bounded) rather than sleep.
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
         type AuditRow = (
             String,
             Option<String>,
@@ -527,19 +525,8 @@ mod tests {
             Option<String>,
             Option<String>,
         );
-        let rows: Vec<AuditRow> = loop {
-            let rows = sqlx::query_as(
-                "SELECT action, code, connection_id, server, tool FROM audit_events
-                 WHERE kind = 'decision' ORDER BY id",
-            )
-            .fetch_all(&f.db)
-            .await
-            .unwrap();
-            if rows.len() >= 3 || Instant::now() > deadline {
-                break rows;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        };
+        let rows: Vec<AuditRow> =
+            crate::fixture::decisions(&f.db, "action, code, connection_id, server, tool", 3).await;
         assert_eq!(
             rows,
             vec![

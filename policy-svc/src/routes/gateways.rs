@@ -8,7 +8,7 @@ use super::{Endpoint, Verb, audit_admin, endpoint, state_of};
 use crate::auth::{Admin, Capability};
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
-use crate::identities::Credential;
+use crate::identities::ServerCredential;
 use crate::store::{StoreError, catalog, hosts};
 use crate::{AppState, secrets};
 
@@ -91,7 +91,7 @@ struct Exposure {
     /// The shared service credential sent to the upstream for every caller (`shared`
     /// only). Sealed at rest; never returned.
     #[serde(default)]
-    credential: Option<Credential>,
+    credential: Option<ServerCredential>,
 }
 
 #[derive(Deserialize, Clone, Copy)]

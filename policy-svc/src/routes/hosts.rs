@@ -10,7 +10,7 @@ use crate::AppState;
 use crate::auth::{Admin, Capability, HostOf, Scope};
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
-use crate::store::{admin as users, catalog, enrollments, hosts, identities, now_ms};
+use crate::store::{catalog, enrollments, hosts, identities, now_ms, users};
 use crate::{secrets, timefmt};
 
 pub fn endpoints() -> Vec<Endpoint> {

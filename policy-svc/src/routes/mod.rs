@@ -2,8 +2,6 @@
 
 mod audit;
 mod check;
-#[cfg(test)]
-mod check_fixture;
 mod enrollments;
 mod ext_authz;
 mod gateways;

@@ -9,8 +9,8 @@ use super::{Endpoint, Verb, audit_admin, endpoint, state_of};
 use crate::auth::{Admin, Capability, Scope};
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
-use crate::identities::{Credential, save_identity};
-use crate::store::{StoreError, admin as store, catalog, identities};
+use crate::identities::{ServerCredential, save_identity};
+use crate::store::{StoreError, catalog, identities, users as store};
 use crate::{AppState, secrets};
 
 pub fn endpoints() -> Vec<Endpoint> {
@@ -346,7 +346,7 @@ async fn revoke_admin_token(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct IdentityBody {
-    credential: Credential,
+    credential: ServerCredential,
 }
 
 async fn put_identity(
@@ -412,7 +412,7 @@ async fn set_password(
             ApiError::Unavailable
         })?;
     // Sessions and OAuth grants opened with the old password end with it.
-    if !crate::store::oauth::set_password(&state.db, user_id, &hash).await? {
+    if !crate::store::signin::set_password(&state.db, user_id, &hash).await? {
         return Err(ApiError::NotFound("user"));
     }
     audit_admin(

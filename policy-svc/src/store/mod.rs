@@ -3,7 +3,6 @@
 //! where the number of values varies; BIGINT unix-ms times; flags read through
 //! [`DbBool`]). Handlers never see sqlx types.
 
-pub mod admin;
 pub mod audit;
 pub mod catalog;
 pub mod check;
@@ -12,10 +11,11 @@ pub mod hosts;
 pub mod identities;
 pub mod oauth;
 pub mod pg_reads;
-pub mod rekey;
+pub mod reseal;
 pub mod signin;
 pub mod sqlite_reads;
 pub mod toggles;
+pub mod users;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

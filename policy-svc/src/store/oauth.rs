@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use super::{Db, DbBool, Result, begin_write, now_ms};
+use super::{Db, Result, begin_write, now_ms};
 use crate::timefmt;
 
 // ---- signing keys ----
@@ -243,53 +243,7 @@ pub async fn host_for_client(db: &Db, client: &Client, user_id: i64) -> Result<i
     Ok(host_id)
 }
 
-// ---- users' passwords and sessions ----
-
-/// An enabled user's id and password hash, by name.
-pub async fn password_of(db: &Db, name: &str) -> Result<Option<(i64, Option<String>, DbBool)>> {
-    Ok(
-        sqlx::query_as("SELECT id, password_hash, enabled FROM users WHERE name = $1")
-            .bind(name)
-            .fetch_optional(db)
-            .await?,
-    )
-}
-
-/// Sets a user's password hash and ends everything the old password opened: the
-/// user's sign-in sessions, and their OAuth grants (refresh tokens at once, access
-/// tokens on their next request, as the check reads the grant). Codes not yet
-/// exchanged are spent, so none becomes a grant afterwards. False if there is no such
-/// user (nothing changes).
-pub async fn set_password(db: &Db, user_id: i64, hash: &str) -> Result<bool> {
-    let now = now_ms();
-    let mut tx = begin_write(db).await?;
-    let done = sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
-        .bind(hash)
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
-    if done.rows_affected() == 0 {
-        return Ok(false);
-    }
-    sqlx::query("DELETE FROM oauth_sessions WHERE user_id = $1")
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query(
-        "UPDATE oauth_grants SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
-    )
-    .bind(now)
-    .bind(user_id)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("UPDATE oauth_codes SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL")
-        .bind(now)
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(true)
-}
+// ---- sign-in sessions ----
 
 pub async fn insert_session(db: &Db, token_hash: &str, user_id: i64, ttl_ms: i64) -> Result<()> {
     let now = now_ms();
@@ -574,6 +528,7 @@ pub async fn purge_expired(db: &Db, now: i64) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::DbBool;
 
     async fn db() -> (Db, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
@@ -678,7 +633,11 @@ mod tests {
         )
         .await
         .unwrap();
-        assert!(set_password(&db, 1, "$argon2id$new").await.unwrap());
+        assert!(
+            crate::store::signin::set_password(&db, 1, "$argon2id$new")
+                .await
+                .unwrap()
+        );
         assert!(session_user(&db, "s1").await.unwrap().is_none());
         assert!(
             session_user(&db, "s2").await.unwrap().is_some(),
@@ -701,7 +660,11 @@ mod tests {
                 .used_at
                 .is_some()
         );
-        assert!(!set_password(&db, 99, "$argon2id$new").await.unwrap());
+        assert!(
+            !crate::store::signin::set_password(&db, 99, "$argon2id$new")
+                .await
+                .unwrap()
+        );
     }
 
     #[tokio::test]

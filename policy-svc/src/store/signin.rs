@@ -1,10 +1,10 @@
-//! The sign-in throttle's state (`crate::signin` decides): one record per (user name,
-//! client) and one budget per user name, whether or not such a user exists. Reserving
-//! an attempt reads and writes both in one transaction that holds their rows, so that
-//! parallel attempts, on one replica or several on PostgreSQL, are decided one after
-//! the other.
+//! Users' passwords, and the sign-in throttle's state (`crate::signin` decides): one
+//! throttle record per (user name, client) and one budget per user name, whether or not
+//! such a user exists. Reserving an attempt reads and writes both in one transaction
+//! that holds their rows, so that parallel attempts, on one replica or several on
+//! PostgreSQL, are decided one after the other.
 
-use super::{Db, Result, begin_write};
+use super::{Db, DbBool, Result, begin_write, now_ms};
 use crate::signin::{self, Reservation, SourceState};
 
 /// Reserves an attempt under `name` from `client` at `now`: counted as a failure
@@ -92,6 +92,52 @@ pub async fn purge(db: &Db, now: i64) -> Result<u64> {
         .await?
         .rows_affected();
     Ok(sources + accounts)
+}
+
+/// An enabled user's id and password hash, by name.
+pub async fn password_of(db: &Db, name: &str) -> Result<Option<(i64, Option<String>, DbBool)>> {
+    Ok(
+        sqlx::query_as("SELECT id, password_hash, enabled FROM users WHERE name = $1")
+            .bind(name)
+            .fetch_optional(db)
+            .await?,
+    )
+}
+
+/// Sets a user's password hash and ends everything the old password opened: the
+/// user's sign-in sessions, and their OAuth grants (refresh tokens at once, access
+/// tokens on their next request, as the check reads the grant). Codes not yet
+/// exchanged are spent, so none becomes a grant afterwards. False if there is no such
+/// user (nothing changes).
+pub async fn set_password(db: &Db, user_id: i64, hash: &str) -> Result<bool> {
+    let now = now_ms();
+    let mut tx = begin_write(db).await?;
+    let done = sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+        .bind(hash)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query("DELETE FROM oauth_sessions WHERE user_id = $1")
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE oauth_grants SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
+    )
+    .bind(now)
+    .bind(user_id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE oauth_codes SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL")
+        .bind(now)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(true)
 }
 
 #[cfg(test)]

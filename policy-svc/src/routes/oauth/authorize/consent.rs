@@ -215,20 +215,8 @@ mod tests {
                 .unwrap();
         }
         let secrets = crate::secrets::SecretBox::load_or_create(&dir.path().join("k")).unwrap();
-        let (audit, _writer) = crate::audit::Audit::spawn(db.clone(), 0);
-        let state = AppState {
-            check_reads: store::check::Reads::Pool(db.clone()),
-            db: db.clone(),
-            usage: crate::Usage::spawn(db.clone()).0,
-            audit,
-            audit_retention_days: 0,
-            secrets: std::sync::Arc::new(secrets),
-            oauth: std::sync::Arc::new(crate::oauth_config::OauthConfig::for_tests()),
-            signer: std::sync::Arc::default(),
-            verifier: std::sync::Arc::default(),
-            upstreams: std::sync::Arc::default(),
-            passwords: std::sync::Arc::new(crate::signin::Passwords::new(1)),
-        };
+        let state =
+            crate::fixture::state(db.clone(), store::check::Reads::Pool(db.clone()), secrets);
         let authz = Authz {
             client: db::get_client(&db, "c").await.unwrap().unwrap(),
             redirect_uri: "http://127.0.0.1/cb".into(),

@@ -19,18 +19,18 @@ const DRAIN_EVERY: Duration = Duration::from_millis(100);
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
-pub struct Usage {
+pub struct LastUsed {
     tx: mpsc::Sender<(Option<i64>, i64)>,
     dropped: Arc<AtomicU64>,
 }
 
-impl Usage {
-    /// Starts the writer. It flushes a last time and ends once every `Usage` is dropped.
+impl LastUsed {
+    /// Starts the writer. It flushes a last time and ends once every `LastUsed` is dropped.
     pub fn spawn(db: Db) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let task = tokio::spawn(write_loop(db, rx));
         (
-            Usage {
+            LastUsed {
                 tx,
                 dropped: Arc::new(AtomicU64::new(0)),
             },

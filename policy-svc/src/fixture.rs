@@ -1,5 +1,5 @@
-//! The check port over a seeded store, for the unit tests of its two wires
-//! (`/v1/check` and `/v1/ext_authz`).
+//! Test fixtures: a seeded store, the service's state over it, and the check port over
+//! both (for the unit tests of its two wires, `/v1/check` and `/v1/ext_authz`).
 
 use axum::Router;
 use mcpguard_core::oauth::AccessClaims;
@@ -52,6 +52,30 @@ pub async fn fixture() -> Fixture {
 }
 
 pub async fn fixture_reading(reads: impl FnOnce(&Db, &str) -> Reads) -> Fixture {
+    let Seeded { state, token, dir } = seeded(reads).await;
+    Fixture {
+        db: state.db.clone(),
+        secrets: state.secrets.clone(),
+        verifier: state.verifier.clone(),
+        app: crate::routes::check(state),
+        token,
+        token_id: 7,
+        dir,
+    }
+}
+
+/// The seeded store of [`fixture`], and the service's state over it.
+pub struct Seeded {
+    pub state: AppState,
+    /// The live API token (id 7) of connection 1.
+    pub token: String,
+    pub dir: tempfile::TempDir,
+}
+
+/// Gateway `eng` (id 1) exposing server `demo` (id 1, shared); user 1 `owner` with role
+/// `owner`; token-based host 1 `Bot` with connection 1 and API token 7; OAuth client `c`
+/// with grant [`GRANT`] on connection 1; the OAuth signing keys.
+pub async fn seeded(reads: impl FnOnce(&Db, &str) -> Reads) -> Seeded {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
     let db = store::open(&url, 2).await.unwrap();
@@ -80,35 +104,57 @@ pub async fn fixture_reading(reads: impl FnOnce(&Db, &str) -> Reads) -> Fixture 
     .execute(&db)
     .await
     .unwrap();
-    let secrets = std::sync::Arc::new(
-        crate::secrets::SecretBox::load_or_create(&dir.path().join("secrets.key")).unwrap(),
-    );
+    let secrets =
+        crate::secrets::SecretBox::load_or_create(&dir.path().join("secrets.key")).unwrap();
     store::oauth::ensure_keys(&db, &mut || crate::keys::generate(&secrets))
         .await
         .unwrap();
-    let verifier = std::sync::Arc::new(crate::keys::Verifier::default());
-    let (usage, _writer) = crate::Usage::spawn(db.clone());
-    let (audit, _audit_writer) = crate::audit::Audit::spawn(db.clone(), 0);
-    let app = super::check(AppState {
-        check_reads: reads(&db, &url),
-        db: db.clone(),
-        usage,
+    let check_reads = reads(&db, &url);
+    Seeded {
+        state: state(db, check_reads, secrets),
+        token,
+        dir,
+    }
+}
+
+/// The service's state over `db` as `run()` builds it, with test settings: the one
+/// place tests make an [`AppState`]. Its background writers (last used, audit) run
+/// until every clone of the state is dropped.
+pub fn state(db: Db, check_reads: Reads, secrets: crate::secrets::SecretBox) -> AppState {
+    let (last_used, _) = crate::LastUsed::spawn(db.clone());
+    let (audit, _) = crate::audit::Audit::spawn(db.clone(), 0);
+    AppState {
+        check_reads,
+        db,
+        last_used,
         audit,
         audit_retention_days: 0,
-        secrets: secrets.clone(),
-        oauth: std::sync::Arc::new(crate::routes::oauth::OauthConfig::for_tests()),
+        secrets: std::sync::Arc::new(secrets),
+        oauth: std::sync::Arc::new(crate::oauth_config::OauthConfig::for_tests()),
         signer: std::sync::Arc::default(),
-        verifier: verifier.clone(),
+        verifier: std::sync::Arc::default(),
         upstreams: std::sync::Arc::default(),
         passwords: std::sync::Arc::new(crate::signin::Passwords::new(1)),
-    });
-    Fixture {
-        app,
-        db,
-        token,
-        token_id: 7,
-        dir,
-        secrets,
-        verifier,
+    }
+}
+
+/// The decision entries in the audit log, oldest first, as rows of `columns`: once
+/// there are at least `n` (the writer flushes in batches), or what there is after 10 s.
+pub async fn decisions<R>(db: &Db, columns: &str, n: usize) -> Vec<R>
+where
+    R: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Send + Unpin,
+{
+    let sql = format!("SELECT {columns} FROM audit_events WHERE kind = 'decision' ORDER BY id");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        // `columns` is a literal of the calling test.
+        let rows: Vec<R> = sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))
+            .fetch_all(db)
+            .await
+            .unwrap();
+        if rows.len() >= n || std::time::Instant::now() > deadline {
+            return rows;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
