@@ -42,8 +42,10 @@ impl Config {
         };
         log(Level::Info, || {
             format!(
-                "mcpguard: configured, policy cluster {:?}, check timeout {} ms",
-                filter.policy_cluster, filter.check_timeout_ms
+                "mcpguard: configured, policy cluster {:?}, check timeout {} ms, {}",
+                filter.policy_cluster,
+                filter.check_timeout_ms,
+                filter.mode()
             )
         });
         Some(Config {

@@ -32,6 +32,29 @@ pub struct FilterConfig {
     /// Seconds between JWKS refreshes from the policy service.
     #[serde(default = "default_jwks_refresh_s")]
     pub jwks_refresh_s: u64,
+    /// Sidecar mode: the filter sits in the pod of one MCP server (an Istio sidecar's
+    /// inbound listener) and lets authorised requests go on to the route's own cluster,
+    /// the app beside it, instead of to an upstream the policy service names.
+    #[serde(default)]
+    pub sidecar: Option<Sidecar>,
+}
+
+/// The one server a sidecar fronts. Requests are `/mcp/{gateway}/{server}[/rest]` with
+/// `server` this one's slug (any other is refused 404 without a callout, so no client
+/// can have another server's credential injected into this app); the check asks about
+/// this server, and the app receives `app_path` followed by the rest and the query.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sidecar {
+    /// The slug the server is registered under in the policy service.
+    pub server: String,
+    /// The path the app serves MCP on.
+    #[serde(default = "default_app_path")]
+    pub app_path: String,
+}
+
+fn default_app_path() -> String {
+    "/mcp".to_owned()
 }
 
 const fn default_jwks_refresh_s() -> u64 {
@@ -96,7 +119,31 @@ impl FilterConfig {
                 return Err("jwks holds no Ed25519 key".into());
             }
         }
+        if let Some(sidecar) = &config.sidecar {
+            if !mcpguard_core::route::is_valid_slug(&sidecar.server) {
+                return Err(format!(
+                    "sidecar.server must be the slug of the server this sidecar fronts, got {:?}",
+                    sidecar.server
+                ));
+            }
+            // Only plain path characters: the app's path is set verbatim as `:path`.
+            let plain = |b: u8| b.is_ascii_alphanumeric() || b"/-._~".contains(&b);
+            if !sidecar.app_path.starts_with('/') || !sidecar.app_path.bytes().all(plain) {
+                return Err(format!(
+                    "sidecar.app_path must be a plain absolute path such as \"/mcp\", got {:?}",
+                    sidecar.app_path
+                ));
+            }
+        }
         Ok(config)
+    }
+
+    /// The mode, for the log line that says the filter is configured.
+    pub fn mode(&self) -> String {
+        match &self.sidecar {
+            None => "gateway mode".to_owned(),
+            Some(s) => format!("sidecar mode for server {:?} at {}", s.server, s.app_path),
+        }
     }
 
     /// Whether the keys come from the policy service (no `jwks` given here).
@@ -117,6 +164,33 @@ mod tests {
         assert_eq!(c.check_timeout_ms, 300);
         assert_eq!(c.public_base_url, None);
         assert_eq!((c.issuer, c.jwks, c.jwks_refresh_s), (None, None, 30));
+        assert_eq!(c.sidecar, None, "gateway mode unless asked");
+    }
+
+    #[test]
+    fn sidecar_names_a_server_slug_and_a_plain_app_path() {
+        let c =
+            FilterConfig::parse(br#"{"policy_cluster":"p","sidecar":{"server":"demo"}}"#).unwrap();
+        assert_eq!(
+            c.sidecar,
+            Some(Sidecar {
+                server: "demo".into(),
+                app_path: "/mcp".into()
+            })
+        );
+        for (bad, why) in [
+            (r#"{"server":"Demo"}"#, "sidecar.server"),
+            (r#"{"server":""}"#, "sidecar.server"),
+            (r#"{}"#, "server"),
+            (r#"{"server":"demo","app_path":"mcp"}"#, "app_path"),
+            (r#"{"server":"demo","app_path":"/a?b"}"#, "app_path"),
+            (r#"{"server":"demo","app_path":"/a%2e"}"#, "app_path"),
+            (r#"{"server":"demo","upstream":"x"}"#, "unknown field"),
+        ] {
+            let json = format!(r#"{{"policy_cluster":"p","sidecar":{bad}}}"#);
+            let err = FilterConfig::parse(json.as_bytes()).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err} should mention {why}");
+        }
     }
 
     #[test]

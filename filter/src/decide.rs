@@ -6,12 +6,17 @@ use mcpguard_core::check::{CheckRequest, CheckResponse, Credential, DenyCode, bo
 use mcpguard_core::route::{McpPath, PathError};
 use mcpguard_core::token::{TokenHash, data_plane_kind};
 
-use crate::config::FilterConfig;
+use crate::config::{FilterConfig, Sidecar};
 use mcpguard_core::jwt::{self, Keys};
 
 /// Set by the filter on requests it authorised; Envoy's forwarding routes match on it.
 /// The filter removes any client-sent copy first, so it cannot be forged.
 pub const ROUTE_HEADER: &str = "x-mcpguard-route";
+
+/// The [`ROUTE_HEADER`] value of a request authorised in sidecar mode: the sidecar's
+/// forwarding route matches it and goes to its own cluster (the app in the pod), so a
+/// gateway's `http`/`https` routes never carry a sidecar's requests, nor the reverse.
+pub const SIDECAR_ROUTE: &str = "sidecar";
 
 /// Set by the filter on requests it authorised: the address (`ip:port`) the policy
 /// service resolved and judged for this request, which Envoy's original-destination
@@ -165,6 +170,9 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig, clock: Clock<'_>) -> Sta
             return Start::Refuse(Refusal::new(DenyCode::UnknownRoute, None));
         }
     };
+    if !fronts(config, path.server) {
+        return Start::Refuse(Refusal::new(DenyCode::UnknownRoute, None));
+    }
     let metadata = resource_metadata_url(req, config);
     let refuse = |code| Start::Refuse(Refusal::new(code, Some(&metadata)));
     if req.garbled == Some(Garbled::Authorization) {
@@ -211,6 +219,14 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig, clock: Clock<'_>) -> Sta
     })
 }
 
+/// Whether requests for `server` are this filter's to check: every server in gateway
+/// mode, only the configured one in sidecar mode. The check names that server, so the
+/// policy service's allow (and the credential it injects) is for the very server the
+/// app beside the sidecar is.
+fn fronts(config: &FilterConfig, server: &str) -> bool {
+    config.sidecar.as_ref().is_none_or(|s| s.server == server)
+}
+
 /// The gateway's public base: `public_base_url`, else the request's own scheme and
 /// authority.
 fn base_url(req: &Incoming<'_>, config: &FilterConfig) -> String {
@@ -241,7 +257,7 @@ fn metadata(req: &Incoming<'_>, config: &FilterConfig, resource_path: &str) -> S
         return Start::PassThrough;
     };
     match McpPath::parse(resource_path) {
-        Ok(p) if p.rest.is_empty() => {
+        Ok(p) if p.rest.is_empty() && fronts(config, p.server) => {
             Start::Metadata(mcpguard_core::oauth::protected_resource_metadata(
                 &resource(req, config, p.gateway, p.server),
                 issuer,
@@ -260,11 +276,13 @@ pub enum Finish {
 /// How to rewrite an authorised request so Envoy carries it to its upstream.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Forward {
-    pub authority: String,
-    /// Where Envoy connects: [`ADDRESS_HEADER`].
-    pub address: String,
+    /// The upstream's `:authority` and where Envoy connects ([`ADDRESS_HEADER`]);
+    /// `None` in sidecar mode, where the route's own cluster is the destination and
+    /// the client's `:authority` stays.
+    pub upstream: Option<(String, String)>,
     pub path: String,
-    /// Value of [`ROUTE_HEADER`]: `http` or `https`, picking the forward-proxy cluster.
+    /// Value of [`ROUTE_HEADER`]: `http` or `https`, picking the forward-proxy cluster,
+    /// or [`SIDECAR_ROUTE`].
     pub route: &'static str,
     /// Replaces the client's `Authorization`; `None` removes it.
     pub inject: Option<(String, String)>,
@@ -276,12 +294,16 @@ impl Forward {
     /// before an injected credential is set (which may use the same name), and the
     /// route header comes last: only then may the request match a forwarding route.
     pub fn header_edits(&self) -> Vec<(&str, Option<&str>)> {
-        let mut edits = vec![
-            (":authority", Some(self.authority.as_str())),
-            (":path", Some(self.path.as_str())),
-            (ADDRESS_HEADER, Some(self.address.as_str())),
-            ("authorization", None),
-        ];
+        let upstream = self.upstream.as_ref();
+        let mut edits: Vec<_> = [
+            upstream.map(|(authority, _)| (":authority", Some(authority.as_str()))),
+            Some((":path", Some(self.path.as_str()))),
+            upstream.map(|(_, address)| (ADDRESS_HEADER, Some(address.as_str()))),
+            Some(("authorization", None)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         if let Some((name, value)) = &self.inject {
             edits.push((name.as_str(), Some(value.as_str())));
         }
@@ -303,8 +325,15 @@ pub fn unanswered_check(status: Option<u16>, request_id: Option<&str>) -> Option
 }
 
 /// Turns the check callout's outcome into the filter's answer. Anything but a
-/// well-formed 200 refuses the request: the filter fails closed.
-pub fn finish(status: Option<u16>, body: Option<&[u8]>, request_path: &str) -> Finish {
+/// well-formed 200 refuses the request: the filter fails closed. In sidecar mode the
+/// answer's upstream is not used at all: the request goes to the app beside the
+/// sidecar, at its configured path, whatever the policy service names.
+pub fn finish(
+    status: Option<u16>,
+    body: Option<&[u8]>,
+    request_path: &str,
+    sidecar: Option<&Sidecar>,
+) -> Finish {
     let unavailable = || Finish::Refuse(Refusal::new(DenyCode::PolicyUnavailable, None));
     if status != Some(200) {
         return unavailable();
@@ -322,6 +351,15 @@ pub fn finish(status: Option<u16>, body: Option<&[u8]>, request_path: &str) -> F
             Finish::Refuse(Refusal::new(code, None))
         }
         CheckResponse::Allow { upstream, inject } => {
+            let inject = inject.map(|h| (h.name, h.value));
+            if let Some(sidecar) = sidecar {
+                return Finish::Forward(Forward {
+                    upstream: None,
+                    path: path.upstream_path(&sidecar.app_path),
+                    route: SIDECAR_ROUTE,
+                    inject,
+                });
+            }
             // An allow names the address to connect to; without one there is nowhere
             // judged to send the request.
             let Some(address) = upstream
@@ -331,11 +369,10 @@ pub fn finish(status: Option<u16>, body: Option<&[u8]>, request_path: &str) -> F
                 return unavailable();
             };
             Finish::Forward(Forward {
-                address,
-                authority: upstream.authority,
+                upstream: Some((upstream.authority, address)),
                 path: path.upstream_path(&upstream.base_path),
                 route: upstream.scheme.as_str(),
-                inject: inject.map(|h| (h.name, h.value)),
+                inject,
             })
         }
     }
@@ -651,12 +688,11 @@ mod tests {
     #[test]
     fn allow_rewrites_toward_the_upstream() {
         let body = allow_body(Scheme::Http, None);
-        let f = finish(Some(200), Some(&body), "/mcp/eng/github/sub?q=1");
+        let f = finish(Some(200), Some(&body), "/mcp/eng/github/sub?q=1", None);
         assert_eq!(
             f,
             Finish::Forward(Forward {
-                authority: "mcp.example:9100".into(),
-                address: "127.0.0.1:9100".into(),
+                upstream: Some(("mcp.example:9100".into(), "127.0.0.1:9100".into())),
                 path: "/mcp/sub?q=1".into(),
                 route: "http",
                 inject: None,
@@ -667,7 +703,7 @@ mod tests {
             value: "Bearer down".into(),
         };
         let body = allow_body(Scheme::Https, Some(inject));
-        let Finish::Forward(f) = finish(Some(200), Some(&body), "/mcp/eng/github") else {
+        let Finish::Forward(f) = finish(Some(200), Some(&body), "/mcp/eng/github", None) else {
             panic!("expected forward");
         };
         assert_eq!(f.route, "https");
@@ -680,14 +716,14 @@ mod tests {
     #[test]
     fn deny_carries_the_layer_that_refused() {
         let body = br#"{"decision":"deny","code":"host_disabled"}"#;
-        let Finish::Refuse(r) = finish(Some(200), Some(body), "/mcp/eng/github") else {
+        let Finish::Refuse(r) = finish(Some(200), Some(body), "/mcp/eng/github", None) else {
             panic!("expected refusal");
         };
         assert_eq!((r.code, r.status()), (DenyCode::HostDisabled, 403));
         assert_eq!(header(&r, "www-authenticate"), None);
 
         let body = br#"{"decision":"deny","code":"token_revoked"}"#;
-        let Finish::Refuse(r) = finish(Some(200), Some(body), "/mcp/eng/github") else {
+        let Finish::Refuse(r) = finish(Some(200), Some(body), "/mcp/eng/github", None) else {
             panic!("expected refusal");
         };
         assert_eq!(r.status(), 401);
@@ -714,17 +750,116 @@ mod tests {
                 Some(&allow_at(Scheme::Http, None, Some("mcp.example:1"))[..]),
             ),
         ] {
-            let Finish::Refuse(r) = finish(status, body, "/mcp/eng/github") else {
+            let Finish::Refuse(r) = finish(status, body, "/mcp/eng/github", None) else {
                 panic!("{status:?} must not forward");
             };
             assert_eq!((r.code, r.status()), (DenyCode::PolicyUnavailable, 503));
         }
+        // Sidecar mode fails closed the same way (the answer's address is not needed
+        // there, so an allow without one forwards, as the next test shows).
+        let sidecar = sidecar_config().sidecar;
+        for (status, body) in [
+            (None, Some(&good[..])),
+            (Some(503), Some(&good[..])),
+            (Some(200), Some(&br#"{"decision":"allow"}"#[..])),
+        ] {
+            let Finish::Refuse(r) = finish(status, body, "/mcp/eng/demo", sidecar.as_ref()) else {
+                panic!("{status:?} must not forward");
+            };
+            assert_eq!(r.code, DenyCode::PolicyUnavailable);
+        }
+    }
+
+    fn sidecar_config() -> FilterConfig {
+        FilterConfig::parse(
+            br#"{"policy_cluster":"p","issuer":"http://as","sidecar":{"server":"demo","app_path":"/app/mcp"}}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn sidecar_checks_only_its_own_server_and_never_routes_where_the_answer_says() {
+        let config = sidecar_config();
+        let auth = format!("Bearer {}", token());
+        // Its own server, through any gateway: checked, naming this server.
+        let Start::Check(check) = start_(&incoming("/mcp/eng/demo/x", Some(&auth)), &config) else {
+            panic!("expected a check");
+        };
+        assert_eq!(
+            (check.gateway.as_str(), check.server.as_str()),
+            ("eng", "demo")
+        );
+        // Another server's URL: refused here, without a callout, so that no client can
+        // have another server's credential injected into this app.
+        for path in ["/mcp/eng/github", "/mcp/eng/demo2", "/mcp/eng"] {
+            let r = refused(start_(&incoming(path, Some(&auth)), &config));
+            assert_eq!(
+                (r.code, r.status()),
+                (DenyCode::UnknownRoute, 404),
+                "{path}"
+            );
+        }
+        // Nor does it describe another server's URL as a protected resource.
+        let other = incoming("/.well-known/oauth-protected-resource/mcp/eng/github", None);
+        assert_eq!(start_(&other, &config), Start::PassThrough);
+        let own = incoming("/.well-known/oauth-protected-resource/mcp/eng/demo", None);
+        assert!(matches!(start_(&own, &config), Start::Metadata(_)));
+
+        // An allow: the app's path, the sidecar route, the credential injected, and
+        // nothing of the answer's upstream (its authority, address or base path).
+        let inject = InjectHeader {
+            name: "authorization".into(),
+            value: "Bearer down".into(),
+        };
+        for address in [Some("203.0.113.9:443"), None] {
+            let body = allow_at(Scheme::Https, Some(inject.clone()), address);
+            let f = finish(
+                Some(200),
+                Some(&body),
+                "/mcp/eng/demo/x?q=1",
+                config.sidecar.as_ref(),
+            );
+            let expected = Forward {
+                upstream: None,
+                path: "/app/mcp/x?q=1".into(),
+                route: SIDECAR_ROUTE,
+                inject: Some(("authorization".into(), "Bearer down".into())),
+            };
+            assert_eq!(f, Finish::Forward(expected));
+        }
+        let Finish::Forward(f) = finish(
+            Some(200),
+            Some(&allow_body(Scheme::Http, None)),
+            "/mcp/eng/demo",
+            config.sidecar.as_ref(),
+        ) else {
+            panic!("expected forward");
+        };
+        assert_eq!(
+            f.header_edits(),
+            vec![
+                (":path", Some("/app/mcp")),
+                ("authorization", None),
+                (ROUTE_HEADER, Some(SIDECAR_ROUTE)),
+            ],
+            "no :authority and no address: the route's own cluster is the destination"
+        );
+        // Refusals are the same as in gateway mode.
+        let deny = br#"{"decision":"deny","code":"server_disabled"}"#;
+        let Finish::Refuse(r) = finish(
+            Some(200),
+            Some(deny),
+            "/mcp/eng/demo",
+            config.sidecar.as_ref(),
+        ) else {
+            panic!("expected refusal");
+        };
+        assert_eq!((r.code, r.status()), (DenyCode::ServerDisabled, 403));
     }
     #[test]
     fn header_edits_drop_the_clients_token_before_injecting_and_set_the_route_last() {
         let forward = Forward {
-            authority: "up:443".into(),
-            address: "192.0.2.1:443".into(),
+            upstream: Some(("up:443".into(), "192.0.2.1:443".into())),
             path: "/mcp".into(),
             route: "https",
             inject: Some(("authorization".into(), "Bearer per-user".into())),

@@ -170,7 +170,8 @@ impl Lifecycle {
                     if let Some(note) = decide::unanswered_check(status, request_id.as_deref()) {
                         host.log(Level::Warn, format_args!("{note}"));
                     }
-                    decide::finish(status, body, &self.path.borrow())
+                    let sidecar = host.config().and_then(|c| c.sidecar.as_ref());
+                    decide::finish(status, body, &self.path.borrow(), sidecar)
                 };
                 match finish {
                     Finish::Forward(forward) => self.forward(host, forward),
@@ -699,6 +700,44 @@ mod tests {
         l.on_answer(&host, Some(200), Some(&allowed()));
         l.on_answer(&host, Some(200), Some(&deny("host_disabled")));
         assert_eq!(host.calls(), before);
+    }
+
+    #[test]
+    fn a_sidecar_forwards_to_its_own_cluster_whatever_the_answer_names() {
+        let l = Lifecycle::default();
+        let mut host = Fake::with_token(&l);
+        host.headers[0].1 = b"/mcp/eng/demo/sub?q=1".to_vec();
+        host.config = Some(config(
+            r#"{"policy_cluster":"policy","sidecar":{"server":"demo"}}"#,
+        ));
+        l.on_request_headers(&host);
+        let Some(Call::Dispatch { body, .. }) = host
+            .calls()
+            .into_iter()
+            .find(|c| matches!(c, Call::Dispatch { .. }))
+        else {
+            panic!("expected a check: {:?}", host.calls());
+        };
+        assert!(body.unwrap().contains(r#""server":"demo""#));
+        l.on_answer(&host, Some(200), Some(&allowed()));
+        assert_eq!(host.resumes(), 1);
+        let set: Vec<_> = host
+            .calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Set(name, Some(value)) => Some((name, value)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            set,
+            [
+                (":path".to_owned(), "/mcp/sub?q=1".to_owned()),
+                (ROUTE_HEADER.to_owned(), "sidecar".to_owned()),
+            ],
+            "no :authority and no address from the answer"
+        );
+        assert_eq!(host.calls().last(), Some(&Call::Resume));
     }
 
     #[test]

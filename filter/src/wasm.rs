@@ -105,9 +105,10 @@ impl RootContext for Root {
         match FilterConfig::parse(&bytes) {
             Ok(config) => {
                 log::info!(
-                    "configured, policy cluster {:?}, check timeout {} ms",
+                    "configured, policy cluster {:?}, check timeout {} ms, {}",
                     config.policy_cluster,
-                    config.check_timeout_ms
+                    config.check_timeout_ms,
+                    config.mode()
                 );
                 if let Some(jwks) = &config.jwks {
                     match Keys::from_value(jwks) {

@@ -112,7 +112,7 @@ proptest! {
             "\\PC{0,30}".prop_map(String::from),
         ],
     ) {
-        let finish = decide::finish(status, body.as_deref(), &path);
+        let finish = decide::finish(status, body.as_deref(), &path, None);
         if let Finish::Forward(f) = finish {
             prop_assert_eq!(status, Some(200));
             let answer = serde_json::from_slice::<CheckResponse>(body.as_deref().unwrap_or_default());
@@ -120,10 +120,36 @@ proptest! {
                 return Err(TestCaseError::fail("forwarded without an allow"));
             };
             prop_assert!(f.path.starts_with(upstream.base_path.trim_end_matches('/')));
-            prop_assert_eq!(f.authority, upstream.authority);
+            let Some((authority, address)) = f.upstream else {
+                return Err(TestCaseError::fail("gateway mode forwarded with no upstream"));
+            };
+            prop_assert_eq!(authority, upstream.authority);
             // Only to an address the policy service judged, and a well-formed one.
-            prop_assert!(f.address.parse::<std::net::SocketAddr>().is_ok());
-            prop_assert_eq!(Some(f.address), upstream.address);
+            prop_assert!(address.parse::<std::net::SocketAddr>().is_ok());
+            prop_assert_eq!(Some(address), upstream.address);
+        }
+    }
+
+    #[test]
+    fn a_sidecar_forwards_only_to_its_own_app_whatever_the_answer(
+        status in prop::option::of(prop_oneof![Just(200u16), any::<u16>()]),
+        body in prop::option::of(prop_oneof![
+            any::<Vec<u8>>(),
+            "\\{\"decision\":\"(allow|deny)\",\"upstream\":\\{\"scheme\":\"https?\",\"authority\":\"[a-z:0-9]{0,10}\",\"base_path\":\"(/[a-z]{0,4}){0,2}\"(,\"address\":\"[a-z:0-9.]{0,14}\")?\\}\\}"
+                .prop_map(String::into_bytes),
+        ]),
+        path in "/mcp/[a-z]{1,4}/[a-z]{1,4}(/[a-z]{0,4})?(\\?[a-z=]{0,6})?",
+    ) {
+        let config = FilterConfig::parse(
+            br#"{"policy_cluster":"p","sidecar":{"server":"demo","app_path":"/app"}}"#,
+        )
+        .unwrap();
+        let finish = decide::finish(status, body.as_deref(), &path, config.sidecar.as_ref());
+        if let Finish::Forward(f) = finish {
+            prop_assert_eq!(status, Some(200));
+            prop_assert!(f.upstream.is_none(), "the answer never routes a sidecar's request");
+            prop_assert_eq!(f.route, decide::SIDECAR_ROUTE);
+            prop_assert!(f.path.starts_with("/app"), "{}", f.path);
         }
     }
 }

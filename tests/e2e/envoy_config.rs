@@ -12,7 +12,11 @@ fn shipped_configs() -> Vec<std::path::PathBuf> {
         .flat_map(|dir| std::fs::read_dir(workspace_root().join(dir)).unwrap())
         .map(|e| e.unwrap().path())
         .filter(|p| {
-            p.extension().is_some_and(|e| e == "yaml") && !p.to_string_lossy().contains("istio")
+            // By file name: the checkout's own path may contain "istio" too.
+            p.extension().is_some_and(|e| e == "yaml")
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().contains("istio"))
         })
         .collect();
     configs.sort();

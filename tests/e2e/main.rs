@@ -21,5 +21,6 @@ mod identities;
 mod oauth;
 mod routing;
 mod scaleout;
+mod sidecar;
 mod tls;
 mod tokens;

@@ -13,6 +13,7 @@ pub mod mcp;
 pub mod oauth;
 pub mod procs;
 pub mod raw;
+pub mod sidecar;
 pub mod toggles;
 
 pub use admin::Admin;

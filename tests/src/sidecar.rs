@@ -1,0 +1,84 @@
+//! The filter in sidecar mode: `envoy/sidecar.yaml` (Envoy as an Istio sidecar is for
+//! inbound traffic) rendered with a test's ports, in front of one app.
+
+use std::path::Path;
+
+use crate::{Demo, Envoy, Policy, Stack, free_port};
+
+/// The clusters of `envoy/sidecar.yaml`, as Istio names them.
+pub const APP_CLUSTER: &str = "inbound|9100||";
+pub const POLICY_CLUSTER: &str = "outbound|8081||mcpguard-policy.mcpguard.svc.cluster.local";
+
+/// `envoy/sidecar.yaml` listening on `port` (admin on `admin_port`), its app cluster
+/// pointing at `app_port`, its policy cluster at `check_port`, the filter loaded from
+/// the built `.wasm` with `check_timeout_ms` when given; as JSON.
+pub fn render(
+    port: u16,
+    admin_port: u16,
+    app_port: u16,
+    check_port: u16,
+    check_timeout_ms: Option<u64>,
+) -> String {
+    let text = std::fs::read_to_string(crate::workspace_root().join("envoy/sidecar.yaml"))
+        .expect("reading envoy/sidecar.yaml");
+    let mut cfg: serde_yaml::Value = serde_yaml::from_str(&text).expect("sidecar.yaml is YAML");
+    cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port.into();
+    let resources = &mut cfg["static_resources"];
+    let listener = &mut resources["listeners"][0];
+    listener["address"]["socket_address"]["port_value"] = port.into();
+    let filters = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+        .as_sequence_mut()
+        .expect("http_filters");
+    let wasm = filters
+        .iter_mut()
+        .find(|f| {
+            f["typed_config"]["@type"]
+                .as_str()
+                .is_some_and(|t| t.ends_with(".wasm.v3.Wasm"))
+        })
+        .expect("the mcpguard wasm filter");
+    let config = &mut wasm["typed_config"]["config"];
+    config["vm_config"]["code"]["local"]["filename"] = Envoy::wasm().display().to_string().into();
+    if let Some(ms) = check_timeout_ms {
+        let value = &mut config["configuration"]["value"];
+        let mut plugin: serde_json::Value =
+            serde_json::from_str(value.as_str().expect("plugin config")).expect("JSON");
+        plugin["check_timeout_ms"] = ms.into();
+        *value = plugin.to_string().into();
+    }
+    for cluster in resources["clusters"].as_sequence_mut().expect("clusters") {
+        let port = match cluster["name"].as_str() {
+            Some(APP_CLUSTER) => app_port,
+            Some(POLICY_CLUSTER) => check_port,
+            other => panic!("unexpected cluster {other:?} in envoy/sidecar.yaml"),
+        };
+        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+            ["port_value"] = port.into();
+    }
+    serde_json::to_string_pretty(&cfg).expect("config as JSON")
+}
+
+/// A sidecar Envoy in front of the app on `app_port`, asking the policy service on
+/// `check_port`.
+pub async fn start_envoy(app_port: u16, check_port: u16, log_dir: &Path) -> Envoy {
+    let (port, admin_port) = (free_port(), free_port());
+    let timeout = crate::db::postgres_requested().then_some(crate::db::POSTGRES_CHECK_TIMEOUT_MS);
+    let config = render(port, admin_port, app_port, check_port, timeout);
+    Envoy::start_config(&config, port, admin_port, log_dir).await
+}
+
+/// The demo MCP server as the app of a pod, the policy service, and the sidecar in
+/// front of the app: a [`Stack`] whose Envoy is the sidecar (so every helper that takes
+/// a stack works on it, with the server registered as `demo`).
+pub async fn stack() -> Stack {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = Policy::start(&dir.path().join("data"), dir.path()).await;
+    let demo = Demo::start(dir.path()).await;
+    let envoy = start_envoy(demo.port, policy.check_port, dir.path()).await;
+    Stack {
+        envoy,
+        demo,
+        policy,
+        dir,
+    }
+}
