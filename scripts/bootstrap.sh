@@ -9,6 +9,8 @@
 #   curl               `make run` polls and seeds with it, and prints curl examples
 #   postgresql         `make test` runs the end-to-end suite on PostgreSQL too, in
 #                      throwaway clusters (initdb, pg_ctl; not a system service)
+#   prometheus         tests/e2e/observability.rs scrapes Envoy and the policy service
+#                      with a real Prometheus, started by the test on loopback
 # Installs only what is missing: as root with apt-get, `apt-get update` once and then
 # `apt-get install`; otherwise it names the packages to install and fails.
 set -euo pipefail
@@ -38,6 +40,7 @@ check() {
     fi
     [[ -s /etc/ssl/certs/ca-certificates.crt ]] || need ca-certificates
     command -v curl >/dev/null 2>&1 || need curl
+    command -v prometheus >/dev/null 2>&1 || need prometheus
     if [[ -z ${MCPGUARD_PG_BIN:-} ]] && ! command -v initdb >/dev/null 2>&1 \
         && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
         need postgresql
@@ -66,6 +69,12 @@ if [[ " ${missing[*]} " == *" postgresql "* ]] && command -v pg_lsclusters >/dev
             pg_ctlcluster "$version" "$name" stop || true
         fi
     done
+fi
+
+if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v service >/dev/null 2>&1; then
+    # The package starts a system Prometheus where services may start; the tests run
+    # their own on loopback.
+    service prometheus stop >/dev/null 2>&1 || true
 fi
 
 check

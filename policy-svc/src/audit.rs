@@ -19,6 +19,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::audit_export;
 use crate::queue::{self, Senders};
 use crate::store::{self, Db, StoreError, audit::Event};
 
@@ -46,9 +47,11 @@ pub struct Audit {
     counters: Arc<Counters>,
     budget: Arc<Mutex<Budget>>,
     db: Db,
+    /// The OTLP export's progress (idle unless [`Audit::export_to`] started it).
+    export: Arc<audit_export::Progress>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Status {
     /// Decision entries written.
     pub written: u64,
@@ -62,6 +65,10 @@ pub struct Status {
     /// The budget: anonymous refusals written one by one per second, on this replica.
     pub anonymous_refusals_per_sec: u32,
     pub retention_days: u32,
+    /// Decision entries queued for the writer now.
+    pub queue_depth: u64,
+    /// The OTLP export (`--audit-otlp-endpoint`): cursor, lag, lease.
+    pub export: audit_export::Status,
 }
 
 impl Audit {
@@ -91,6 +98,7 @@ impl Audit {
                 counters,
                 budget,
                 db,
+                export: Arc::default(),
             },
             writer,
         )
@@ -139,7 +147,18 @@ impl Audit {
             after_state: after.map(|v| v.to_string()),
             ..Event::default()
         };
-        store::audit::append(&self.db, &[event]).await
+        store::audit::append(&self.db, &[event]).await?;
+        crate::metrics::get().admin_action(action);
+        Ok(())
+    }
+
+    /// Starts the OTLP export of the audit log (runs until the process ends).
+    pub fn export_to(&self, config: audit_export::ExportConfig) -> JoinHandle<()> {
+        tokio::spawn(audit_export::run(
+            self.db.clone(),
+            config,
+            self.export.clone(),
+        ))
     }
 
     pub fn status(&self, retention_days: u32) -> Status {
@@ -150,6 +169,8 @@ impl Audit {
             suppressed: self.counters.suppressed.load(Ordering::Relaxed),
             anonymous_refusals_per_sec: lock(&self.budget).per_sec,
             retention_days,
+            queue_depth: (self.tx.max_capacity() - self.tx.capacity()) as u64,
+            export: self.export.status(),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Who may call the check port. Its answers carry downstream credentials (shared
 //! service credentials, users' identities), so only Envoy may ask: every request but
-//! the public documents (`/healthz`, and the RFC 9728 metadata that Envoy's ext_authz
-//! mode routes here for clients) must carry the check secret in [`HEADER`], which Envoy adds to each
+//! the public documents (`/healthz`, `/metrics`, and the RFC 9728 metadata that Envoy's
+//! ext_authz mode routes here for clients) must carry the check secret in [`HEADER`], which Envoy adds to each
 //! request of its policy cluster (an upstream `header_mutation` filter on the cluster,
 //! from its own environment: `envoy/mcpguard.yaml`). Anything else gets 401 and
 //! nothing else. In a mesh, where mutual TLS and an AuthorizationPolicy already admit
@@ -70,8 +70,11 @@ impl CheckAuth {
 /// Middleware in front of the check port's routes.
 pub async fn require(State(auth): State<CheckAuth>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    let public =
-        path == "/healthz" || path.starts_with(mcpguard_core::oauth::RESOURCE_METADATA_PREFIX);
+    // `/metrics` serves counts under fixed labels, nothing from the store: Prometheus
+    // scrapes it without the secret (docs/observability.md).
+    let public = path == "/healthz"
+        || path == "/metrics"
+        || path.starts_with(mcpguard_core::oauth::RESOURCE_METADATA_PREFIX);
     if public || auth.admits(req.headers().get(HEADER)) {
         return next.run(req).await;
     }

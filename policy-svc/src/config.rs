@@ -197,6 +197,35 @@ pub struct Config {
           default_value_t = crate::audit::DEFAULT_ANONYMOUS_REFUSALS_PER_SEC)]
     pub audit_anonymous_refusals_per_sec: u32,
 
+    /// OTLP/HTTP logs endpoint of an OpenTelemetry collector, e.g.
+    /// `http://127.0.0.1:4318/v1/logs`: every audit entry is exported to it, in id
+    /// order, at least once (docs/observability.md). Plain `http://` (a collector on
+    /// loopback or in the pod). Default: no export.
+    #[arg(long, env = "MCPGUARD_AUDIT_OTLP_ENDPOINT")]
+    pub audit_otlp_endpoint: Option<String>,
+
+    /// The export's encoding: `protobuf` (OTLP/HTTP's default) or `json`.
+    #[arg(long, env = "MCPGUARD_AUDIT_OTLP_ENCODING", value_enum,
+          default_value_t = crate::audit_export::Encoding::Protobuf)]
+    pub audit_otlp_encoding: crate::audit_export::Encoding,
+
+    /// Most audit entries per export request.
+    #[arg(long, env = "MCPGUARD_AUDIT_OTLP_BATCH", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub audit_otlp_batch: u32,
+
+    /// How often the export looks for new entries, in milliseconds; also the first
+    /// retry's wait after a failure.
+    #[arg(long, env = "MCPGUARD_AUDIT_OTLP_INTERVAL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub audit_otlp_interval_ms: u64,
+
+    /// The longest wait between export retries, in milliseconds (the wait doubles
+    /// from the interval after each failure).
+    #[arg(long, env = "MCPGUARD_AUDIT_OTLP_MAX_BACKOFF_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub audit_otlp_max_backoff_ms: u64,
+
     /// Envoy's admin address(es), comma-separated: never registered as an upstream
     /// (its admin API stops Envoy and shows its configuration). A `0.0.0.0` or `[::]`
     /// address means every local address on that port.
@@ -394,6 +423,29 @@ impl Config {
             Some(n) => crate::signin::Passwords::new(usize::try_from(n).unwrap_or(1)),
             None => crate::signin::Passwords::per_cpu(),
         }
+    }
+
+    /// The audit export's settings, `None` without `--audit-otlp-endpoint`.
+    pub fn audit_export(&self) -> anyhow::Result<Option<crate::audit_export::ExportConfig>> {
+        let Some(endpoint) = &self.audit_otlp_endpoint else {
+            return Ok(None);
+        };
+        let url = url::Url::parse(endpoint)
+            .map_err(|e| anyhow::anyhow!("--audit-otlp-endpoint {endpoint:?}: {e}"))?;
+        anyhow::ensure!(
+            url.scheme() == "http" && url.host().is_some(),
+            "--audit-otlp-endpoint must be an http:// URL (a collector on loopback or in the pod), got {endpoint:?}"
+        );
+        Ok(Some(crate::audit_export::ExportConfig {
+            endpoint: endpoint.clone(),
+            encoding: self.audit_otlp_encoding,
+            batch: self.audit_otlp_batch as usize,
+            interval: Duration::from_millis(self.audit_otlp_interval_ms),
+            max_backoff: Duration::from_millis(
+                self.audit_otlp_max_backoff_ms
+                    .max(self.audit_otlp_interval_ms),
+            ),
+        }))
     }
 
     pub fn database_url(&self) -> String {

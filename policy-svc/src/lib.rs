@@ -2,6 +2,7 @@
 //! endpoint on the check port, over one store.
 
 pub mod audit;
+pub mod audit_export;
 pub mod auth;
 mod check;
 pub mod check_auth;
@@ -15,6 +16,7 @@ mod fuzz;
 pub mod identities;
 pub mod keys;
 mod last_used;
+pub mod metrics;
 pub mod oauth_config;
 pub mod pages;
 mod queue;
@@ -78,6 +80,7 @@ pub async fn reseal(config: &Config) -> anyhow::Result<store::reseal::Resealed> 
 /// last-used times.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let oauth = std::sync::Arc::new(config.oauth()?);
+    let audit_export = config.audit_export()?;
     create_data_dir(&config.data_dir)?;
     let db = store::open_with(&config.database_url(), &config.db_options())
         .await
@@ -115,6 +118,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.audit_retention_days,
         config.audit_anonymous_refusals_per_sec,
     );
+    if let Some(export) = audit_export {
+        audit.export_to(export);
+    }
     tokio::spawn(oauth_housekeeping(db.clone()));
     let check_reads =
         store::check::Reads::for_store(&db, &config.database_url(), config.check_deadline().0);

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod db;
 pub mod mcp;
 pub mod oauth;
+pub mod observe;
 pub mod procs;
 pub mod raw;
 pub mod sidecar;

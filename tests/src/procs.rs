@@ -35,7 +35,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> Proc {
+    pub(crate) fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> Proc {
         let log = log_dir.join(format!("{name}.log"));
         let out = File::create(&log).expect("creating log file");
         let err = out.try_clone().expect("cloning log file");
@@ -99,7 +99,7 @@ impl Drop for Proc {
 }
 
 /// Polls `ready` until it holds, failing if the process dies or time runs out.
-async fn wait_until<F, Fut>(proc: &mut Proc, what: &str, mut ready: F)
+pub(crate) async fn wait_until<F, Fut>(proc: &mut Proc, what: &str, mut ready: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -119,7 +119,7 @@ where
     }
 }
 
-async fn http_ok(url: &str) -> bool {
+pub(crate) async fn http_ok(url: &str) -> bool {
     match reqwest::Client::new()
         .get(url)
         .timeout(Duration::from_secs(2))

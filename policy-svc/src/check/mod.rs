@@ -51,6 +51,14 @@ impl Wire {
         matches!(self, Wire::Check)
     }
 
+    /// The wire's `wire` label in the metrics.
+    fn label(self) -> &'static str {
+        match self {
+            Wire::Check => "check",
+            Wire::ExtAuthz => "ext_authz",
+        }
+    }
+
     /// The message of this wire's log lines.
     fn name(self) -> &'static str {
         match self {
@@ -82,8 +90,23 @@ pub enum Outcome {
 }
 
 /// Present, load, decide, pin (`/v1/check`), record; `deadline` bounds each wait on
-/// the store (and the upstream's resolution).
+/// the store (and the upstream's resolution). Counted in the metrics by outcome, with
+/// the time since the request arrived.
 pub async fn run(state: &AppState, input: Input<'_>, deadline: Duration) -> Outcome {
+    let (wire, started) = (input.wire, input.context.started);
+    let outcome = decide_request(state, input, deadline).await;
+    let (decision, code) = match &outcome {
+        Outcome::Refused(code) | Outcome::Decided(CheckResponse::Deny { code }) => {
+            ("deny", code.as_str())
+        }
+        Outcome::Decided(CheckResponse::Allow { .. }) => ("allow", ""),
+        Outcome::Unavailable => ("unavailable", ""),
+    };
+    crate::metrics::get().check(wire.label(), decision, code, started.elapsed());
+    outcome
+}
+
+async fn decide_request(state: &AppState, input: Input<'_>, deadline: Duration) -> Outcome {
     let Input {
         wire,
         gateway,
@@ -117,7 +140,10 @@ pub async fn run(state: &AppState, input: Input<'_>, deadline: Duration) -> Outc
         }
         Presented::Oauth { grant, .. } => Lookup::Grant(*grant),
     };
-    let row = match state.check_reads.load(lookup, server, deadline).await {
+    let read_started = std::time::Instant::now();
+    let read = state.check_reads.load(lookup, server, deadline).await;
+    crate::metrics::get().store_read(read_started.elapsed());
+    let row = match read {
         Ok(row) => row,
         Err(e) => {
             tracing::warn!(error = %e, gateway, server, request_id = context.request_id, "{}: no answer from the store; refusing", wire.name());

@@ -6,6 +6,7 @@ mod enrollments;
 mod ext_authz;
 mod gateways;
 mod hosts;
+mod metrics;
 pub mod oauth;
 mod servers;
 mod toggles;
@@ -144,6 +145,7 @@ pub fn check(state: AppState) -> Router {
         .merge(ext_authz::routes())
         .merge(oauth::check_routes())
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -47,7 +47,7 @@ fn json_text<S: serde::Serializer>(
     }
 }
 
-const COLUMNS: &str = "id, at, kind, action, code, actor_user_id, target, before_state, after_state, host_id, \
+pub(super) const COLUMNS: &str = "id, at, kind, action, code, actor_user_id, target, before_state, after_state, host_id, \
      user_id, connection_id, gateway, server, mcp_method, tool, latency_us, request_id, suppressed";
 
 /// Most rows per INSERT: a batch of 512 takes 32 statements (worker-thread round

@@ -4,6 +4,7 @@
 //! [`DbBool`]). Handlers never see sqlx types.
 
 pub mod audit;
+pub mod audit_export;
 pub mod catalog;
 pub mod check;
 pub mod enrollments;
@@ -44,6 +45,10 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
+        // Every store call's error passes here: the one place to count pool timeouts.
+        if let sqlx::Error::PoolTimedOut = e {
+            crate::metrics::get().pool_acquire_timeout();
+        }
         match e.as_database_error() {
             Some(d) if d.is_unique_violation() => StoreError::Conflict(d.message().to_owned()),
             _ => StoreError::Db(e),

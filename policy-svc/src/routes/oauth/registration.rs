@@ -112,6 +112,7 @@ pub(super) async fn register(
     let client_id = random_id().map_err(OauthError::server_error)?;
     let client = db::insert_client(&state.db, &client_id, name, &reg.redirect_uris).await?;
     tracing::info!(client_id = %client.client_id, client_name = %client.client_name, "oauth client registered");
+    crate::metrics::get().oauth(crate::metrics::OauthEvent::Registration);
     let body = serde_json::json!({
         "client_id": client.client_id,
         "client_id_issued_at": client.created_at / 1000,

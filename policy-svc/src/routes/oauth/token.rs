@@ -101,6 +101,7 @@ async fn exchange(state: &AppState, p: &Params) -> Result<Response, OauthError> 
         client_id,
         "oauth code exchanged"
     );
+    crate::metrics::get().oauth(crate::metrics::OauthEvent::CodeExchange);
     let claims = Claims {
         client_id,
         user_id: row.user_id,
@@ -118,6 +119,7 @@ async fn replayed_code(state: &AppState, row: &db::Code) -> OauthError {
             grant_id = grant,
             "oauth: authorization code reused; grant revoked"
         );
+        crate::metrics::get().oauth(crate::metrics::OauthEvent::ReuseDetected);
         if let Err(e) = db::revoke_grant(&state.db, grant).await {
             return OauthError::from(e);
         }
@@ -169,6 +171,7 @@ async fn refresh(state: &AppState, p: &Params) -> Result<Response, OauthError> {
     if rotated.is_none() {
         return Err(reused_refresh(state, row.grant_id).await);
     }
+    crate::metrics::get().oauth(crate::metrics::OauthEvent::Refresh);
     let claims = Claims {
         client_id,
         user_id: row.user_id,
@@ -185,6 +188,7 @@ async fn reused_refresh(state: &AppState, grant_id: i64) -> OauthError {
         grant_id,
         "oauth: refresh token reused; the whole grant is revoked"
     );
+    crate::metrics::get().oauth(crate::metrics::OauthEvent::ReuseDetected);
     if let Err(e) = db::revoke_grant(&state.db, grant_id).await {
         return OauthError::from(e);
     }

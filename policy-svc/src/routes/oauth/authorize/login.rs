@@ -102,6 +102,7 @@ pub(in crate::routes::oauth) async fn login(
         SignIn::User(id) => id,
         SignIn::Throttled(retry_after) => {
             tracing::warn!(client_id = %authz.client.client_id, retry_after, "oauth sign-in throttled");
+            crate::metrics::get().oauth(crate::metrics::OauthEvent::SignInThrottled);
             let page = login_page(&issuer, &p, &authz, Some(SignIn::THROTTLED_MESSAGE))?;
             return Err(PageError::shown(refused_for_now(
                 page,
@@ -112,11 +113,13 @@ pub(in crate::routes::oauth) async fn login(
         SignIn::Busy => return Err(PageError::busy()),
         SignIn::Refused => {
             tracing::info!(client_id = %authz.client.client_id, "oauth sign-in refused");
+            crate::metrics::get().oauth(crate::metrics::OauthEvent::SignInFailure);
             return Err(again("Wrong user name or password.")?);
         }
     };
     let session_cookie = session::open(&state, user_id).await?;
     tracing::info!(user_id, client_id = %authz.client.client_id, "oauth sign-in");
+    crate::metrics::get().oauth(crate::metrics::OauthEvent::SignIn);
     // Back to the authorization endpoint (post/redirect/get), which now shows consent.
     let query: String = url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(
