@@ -4,6 +4,8 @@
 //! each with its environment variable. A route, flag or code added without its doc row
 //! fails here, with the row to add.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::BTreeMap;
 
 use clap::CommandFactory;
