@@ -368,6 +368,18 @@ pub struct EnvoyOptions {
     pub jwks_refresh_s: Option<u64>,
 }
 
+/// A shipped Envoy config (a path under the workspace), with its admin and first
+/// listener's ports set: the start of every renderer.
+pub(crate) fn shipped_config(config: &str, port: u16, admin_port: u16) -> serde_yaml::Value {
+    let text = std::fs::read_to_string(workspace_root().join(config))
+        .unwrap_or_else(|e| panic!("reading {config}: {e}"));
+    let mut cfg: serde_yaml::Value = serde_yaml::from_str(&text).expect("envoy config is YAML");
+    cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port.into();
+    cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] =
+        port.into();
+    cfg
+}
+
 pub struct Envoy {
     pub proc: Proc,
     pub port: u16,
@@ -410,14 +422,9 @@ impl Envoy {
         admin_port: u16,
     ) -> String {
         assert!(!check_ports.is_empty(), "at least one check port");
-        let text = std::fs::read_to_string(workspace_root().join(opts.config))
-            .expect("reading envoy config");
-        let mut cfg: serde_yaml::Value = serde_yaml::from_str(&text).expect("envoy config is YAML");
-        cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port.into();
+        let mut cfg = shipped_config(opts.config, port, admin_port);
         let resources = &mut cfg["static_resources"];
-        let listener = &mut resources["listeners"][0];
-        listener["address"]["socket_address"]["port_value"] = port.into();
-        let filters = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+        let filters = resources["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
             .as_sequence_mut()
             .expect("http_filters");
         // The mcpguard filter: the wasm one, or the same as a dynamic module.

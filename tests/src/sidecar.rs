@@ -19,16 +19,12 @@ pub fn render(
     check_port: u16,
     check_timeout_ms: Option<u64>,
 ) -> String {
-    let text = std::fs::read_to_string(crate::workspace_root().join("envoy/sidecar.yaml"))
-        .expect("reading envoy/sidecar.yaml");
-    let mut cfg: serde_yaml::Value = serde_yaml::from_str(&text).expect("sidecar.yaml is YAML");
-    cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port.into();
+    let mut cfg = crate::procs::shipped_config("envoy/sidecar.yaml", port, admin_port);
     let resources = &mut cfg["static_resources"];
-    let listener = &mut resources["listeners"][0];
-    listener["address"]["socket_address"]["port_value"] = port.into();
-    let filters = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
-        .as_sequence_mut()
-        .expect("http_filters");
+    let filters =
+        resources["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+            .as_sequence_mut()
+            .expect("http_filters");
     let wasm = filters
         .iter_mut()
         .find(|f| {
