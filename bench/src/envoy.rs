@@ -3,10 +3,9 @@
 //! changed.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use anyhow::{Context, Result, bail};
-use serde_yaml::Value;
+use anyhow::{Result, bail};
+use mcpguard_harness::envoy::{EnvoyConfig, FilterKind};
 
 use crate::procs::{Proc, free_port, http_ok};
 
@@ -66,57 +65,24 @@ pub struct Ports {
     pub demo: u16,
 }
 
-/// The config as JSON, with this run's ports, upstream host and wasm path.
+/// The config as JSON, with this run's ports, upstream host and wasm path (the one
+/// renderer, `mcpguard_harness::envoy`).
 pub fn render(root: &Path, setup: Setup, ports: &Ports) -> Result<String> {
-    let path = root.join(setup.config());
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut cfg: Value = serde_yaml::from_str(&text)?;
-    cfg["admin"]["address"]["socket_address"]["port_value"] = ports.admin.into();
-    let resources = &mut cfg["static_resources"];
-    let listener = &mut resources["listeners"][0];
-    listener["address"]["socket_address"]["port_value"] = ports.listen.into();
-    let hcm = &mut listener["filter_chains"][0]["filters"][0]["typed_config"];
-    let upstream = format!("127.0.0.1:{}", ports.demo);
-    for vhost in seq(&mut hcm["route_config"]["virtual_hosts"]) {
-        for route in seq(&mut vhost["routes"]) {
-            // `get_mut`, not indexing: indexing a missing key would insert it.
-            let literal = route
-                .get_mut("typed_per_filter_config")
-                .and_then(|p| p.get_mut("envoy.filters.http.dynamic_forward_proxy"))
-                .and_then(|dfp| dfp.get_mut("host_rewrite_literal"));
-            if let Some(literal) = literal {
-                *literal = upstream.clone().into();
-            }
+    let mut cfg = EnvoyConfig::load(root, setup.config())?;
+    cfg.ports(ports.listen, ports.admin)
+        .host_rewrite(&format!("127.0.0.1:{}", ports.demo))
+        .ext_authz_uri(&format!("http://127.0.0.1:{}", ports.check));
+    match cfg.filter_kind() {
+        Some(FilterKind::Wasm) => cfg.wasm(&wasm_path(root)?),
+        Some(FilterKind::DynamicModule) => cfg.dynamic_module(&dynamic_module_path(root)?),
+        None => 0,
+    };
+    for cluster in ["mcpguard_policy", "mcpguard_policy_metadata"] {
+        if cfg.cluster_names().iter().any(|c| c == cluster) {
+            cfg.cluster_ports(cluster, &[ports.check])?;
         }
     }
-    for filter in seq(&mut hcm["http_filters"]) {
-        if filter["name"] == "envoy.filters.http.wasm" {
-            let wasm = wasm_path(root)?;
-            filter["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] =
-                wasm.display().to_string().into();
-        }
-        if filter["name"] == "envoy.filters.http.dynamic_modules" {
-            let module = dynamic_module_path(root)?;
-            filter["typed_config"]["dynamic_module_config"]["module"]["local"]["filename"] =
-                module.display().to_string().into();
-        }
-        if filter["name"] == "envoy.filters.http.ext_authz" {
-            filter["typed_config"]["http_service"]["server_uri"]["uri"] =
-                format!("http://127.0.0.1:{}", ports.check).into();
-        }
-    }
-    for cluster in seq(&mut resources["clusters"]) {
-        if cluster["name"] == "mcpguard_policy" || cluster["name"] == "mcpguard_policy_metadata" {
-            cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-                ["socket_address"]["port_value"] = ports.check.into();
-        }
-    }
-    Ok(serde_json::to_string_pretty(&cfg)?)
-}
-
-fn seq(v: &mut Value) -> impl Iterator<Item = &mut Value> {
-    v.as_sequence_mut().into_iter().flatten()
+    Ok(cfg.to_json())
 }
 
 pub fn wasm_path(root: &Path) -> Result<PathBuf> {
@@ -139,13 +105,7 @@ pub fn dynamic_module_path(root: &Path) -> Result<PathBuf> {
 }
 
 pub fn executable(root: &Path) -> Result<PathBuf> {
-    let path = std::env::var_os("MCPGUARD_ENVOY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(".venv/bin/envoy"));
-    if !path.exists() {
-        bail!("{} is missing: run `make envoy`", path.display());
-    }
-    Ok(path)
+    mcpguard_harness::envoy::executable(root).map_err(anyhow::Error::msg)
 }
 
 pub struct Envoy {
@@ -172,18 +132,13 @@ impl Envoy {
         };
         let config = dir.join(format!("envoy-{}.json", setup.letter()));
         std::fs::write(&config, render(root, setup, &ports)?)?;
-        let mut cmd = Command::new(executable(root)?);
-        cmd.env("MCPGUARD_CHECK_SECRET", crate::procs::check_secret())
-            .arg("-c")
-            .arg(&config)
-            .args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "--log-level",
-                "warn",
-            ])
-            .current_dir(root);
+        let cmd = mcpguard_harness::envoy::command(
+            &executable(root)?,
+            &config,
+            "warn",
+            crate::procs::check_secret()?,
+            root,
+        );
         let mut proc = Proc::spawn(&format!("envoy-{}", setup.letter()), cmd, dir)?;
         let admin = ports.admin;
         proc.wait_ready(&format!("envoy {}", setup.label()), || {

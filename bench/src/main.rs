@@ -87,7 +87,7 @@ impl PolicyService {
         .env_remove("MCPGUARD_BOOTSTRAP_ADMIN_TOKEN")
         .env_remove("DATABASE_URL");
         let secret_file = out_dir.join("check-secret");
-        std::fs::write(&secret_file, procs::check_secret())?;
+        std::fs::write(&secret_file, procs::check_secret()?)?;
         cmd.env("MCPGUARD_CHECK_SECRET_FILE", &secret_file);
         if let Some(url) = database_url {
             cmd.env("DATABASE_URL", url);
@@ -423,7 +423,7 @@ fn sanity_check_policy(check_port: u16, lines: &[(String, String, String)]) -> R
             path,
             &[
                 ("content-type", "application/json"),
-                ("x-mcpguard-check-secret", procs::check_secret()),
+                ("x-mcpguard-check-secret", procs::check_secret()?),
             ],
             body,
         )?;
@@ -574,7 +574,7 @@ fn run() -> Result<()> {
 
     // Refusals logged from here on count against the workload (the sanity checks above
     // were refused on purpose).
-    let log_offset = std::fs::metadata(&policy.proc.log).map_or(0, |m| m.len() as usize);
+    let log_offset = std::fs::metadata(&policy.proc.log()).map_or(0, |m| m.len() as usize);
     let mut runs: Vec<Run> = Vec::new();
     let answers = |e: &Envoy| {
         ["2xx", "4xx", "5xx"].map(|class| {
@@ -638,7 +638,7 @@ fn run() -> Result<()> {
                 service.check_port,
                 8,
                 WARMUP_SECONDS,
-                Some(procs::check_secret()),
+                Some(procs::check_secret()?),
             )?;
         }
         for &c in &opts.check_concurrency {
@@ -658,7 +658,7 @@ fn run() -> Result<()> {
                             service.check_port,
                             c,
                             opts.check_duration,
-                            Some(procs::check_secret()),
+                            Some(procs::check_secret()?),
                         )
                     })?;
                     eprintln!("{}", report::progress(&run));
@@ -689,10 +689,10 @@ fn run() -> Result<()> {
             .count()
     };
     // The PostgreSQL service saw only allowed sanity checks before measuring.
-    let denied = denied_in(&policy.proc.log, log_offset)
+    let denied = denied_in(&policy.proc.log(), log_offset)
         + postgres
             .as_ref()
-            .map_or(0, |(_, service)| denied_in(&service.proc.log, 0));
+            .map_or(0, |(_, service)| denied_in(&service.proc.log(), 0));
 
     let env = report::Environment {
         date: command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),

@@ -1,52 +1,45 @@
 //! The processes under test: started from release builds on free loopback ports, polled
-//! until ready, measured through `/proc`, and killed on `Drop`, or on SIGINT/SIGTERM
-//! (see [`stop_all_on_signal`]).
+//! until ready (the one process harness, `mcpguard-harness`), measured through `/proc`,
+//! and killed on `Drop`, or on SIGINT/SIGTERM (see [`stop_all_on_signal`]).
 
-use std::fs::File;
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+
+pub use mcpguard_harness::http::{envoy_stat, http_ok, request as http};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The check secret the benchmark's policy services and Envoys share (random per run,
 /// from the OS); the check-endpoint runs send it as Envoy would.
-pub fn check_secret() -> &'static str {
-    static SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    SECRET.get_or_init(|| {
-        let mut bytes = [0u8; 32];
-        let read = File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
-        if read.is_err() {
-            // Only loopback processes of this run ever see it; still, say so.
-            eprintln!("no /dev/urandom: the benchmark's check secret is not random");
-        }
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    })
+pub fn check_secret() -> Result<&'static str> {
+    Ok(mcpguard_harness::check_secret()?)
 }
 
-/// A loopback port for a process to listen on (see [`mcpguard_loopback`]).
+/// A loopback port for a process to listen on (see [`mcpguard_harness::free_port`]).
 pub fn free_port() -> Result<u16> {
-    mcpguard_loopback::free_port().context("choosing a loopback port")
+    mcpguard_harness::free_port().context("choosing a loopback port")
 }
 
-/// Every running child. `Drop` does not run when the bench is killed by a signal,
-/// so the signal thread needs to reach them too.
-static CHILDREN: Mutex<Vec<Child>> = Mutex::new(Vec::new());
+/// The pids of every running child. `Drop` does not run when the bench is killed by a
+/// signal, so the signal thread needs to reach them too. A pid leaves the list, under
+/// its lock, only as its process is killed and reaped, so the signal thread never
+/// signals a pid that may have been reused.
+static RUNNING: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
-fn children() -> MutexGuard<'static, Vec<Child>> {
+fn running() -> MutexGuard<'static, Vec<u32>> {
     // A panic while holding the lock leaves the list itself intact.
-    CHILDREN.lock().unwrap_or_else(|e| e.into_inner())
+    RUNNING.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// On SIGINT or SIGTERM, kills every child and exits (130 or 143). A terminal's Ctrl-C
 /// reaches the children anyway; a `kill`, or a Ctrl-C to a bench started in the
 /// background, would otherwise leave Envoys and policy services running. PostgreSQL
-/// has its own watchdog (`mcpguard-pgcluster`).
+/// has its own watchdog (`mcpguard-pgcluster`). Installed by `main` only.
 pub fn stop_all_on_signal() -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -65,9 +58,10 @@ pub fn stop_all_on_signal() -> Result<()> {
                 _ = term.recv() => 143,
             }
         });
-        for child in children().iter_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
+        // Held until the exit, so no `Drop` reaps a child in between.
+        let pids = running();
+        for &pid in pids.iter() {
+            mcpguard_harness::proc::kill_pid(pid);
         }
         eprintln!("mcpguard-bench: stopped by a signal; its processes were killed");
         std::process::exit(code);
@@ -75,83 +69,49 @@ pub fn stop_all_on_signal() -> Result<()> {
     Ok(())
 }
 
-/// A child process; the child itself lives in [`CHILDREN`].
-pub struct Proc {
-    pid: u32,
-    pub log: PathBuf,
-}
+/// A child process of the bench (see [`mcpguard_harness::Proc`]).
+pub struct Proc(mcpguard_harness::Proc);
 
 impl Proc {
-    pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> Result<Proc> {
-        let log = log_dir.join(format!("{name}.log"));
-        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let err = out.try_clone()?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("starting {name}: {cmd:?}"))?;
-        let pid = child.id();
-        children().push(child);
-        Ok(Proc { pid, log })
+    pub fn spawn(name: &str, cmd: Command, log_dir: &Path) -> Result<Proc> {
+        let mut pids = running();
+        let proc = mcpguard_harness::Proc::spawn(name, cmd, log_dir)?;
+        pids.push(proc.pid());
+        Ok(Proc(proc))
     }
 
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.0.pid()
     }
 
-    fn try_wait(&self) -> std::io::Result<Option<ExitStatus>> {
-        match children().iter_mut().find(|c| c.id() == self.pid) {
-            Some(child) => child.try_wait(),
-            None => Err(std::io::Error::other("not a child of this bench")),
-        }
+    pub fn log(&self) -> &Path {
+        self.0.log_path()
     }
 
     /// Polls `ready` every 50 ms until it holds; fails if the process exits first.
-    pub fn wait_ready(&mut self, what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.try_wait()? {
-                bail!(
-                    "{what} exited early ({status}); last lines of {}:\n{}",
-                    self.log.display(),
-                    self.log_tail()
-                );
-            }
-            if ready() {
-                return Ok(());
-            }
-            if start.elapsed() > READY_TIMEOUT {
-                bail!(
-                    "{what} not ready after {READY_TIMEOUT:?}; last lines of {}:\n{}",
-                    self.log.display(),
-                    self.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    pub fn wait_ready(&mut self, what: &str, ready: impl FnMut() -> bool) -> Result<()> {
+        Ok(mcpguard_harness::wait_ready(
+            &mut self.0,
+            what,
+            READY_TIMEOUT,
+            ready,
+        )?)
     }
 
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        self.0.log_tail()
     }
 
     pub fn alive(&mut self) -> bool {
-        matches!(self.try_wait(), Ok(None))
+        self.0.alive()
     }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let mut children = children();
-        if let Some(i) = children.iter().position(|c| c.id() == self.pid) {
-            let mut child = children.swap_remove(i);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let mut pids = running();
+        pids.retain(|&p| p != self.0.pid());
+        self.0.kill();
     }
 }
 
@@ -260,80 +220,6 @@ pub fn exe(pid: u32) -> String {
         .unwrap_or_default()
 }
 
-/// A minimal HTTP/1.1 exchange on loopback (`Connection: close`), for readiness polls,
-/// sanity checks and Envoy's admin stats. Returns status and body.
-pub fn http(
-    port: u16,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> Result<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\ncontent-length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    stream.write_all(req.as_bytes())?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, rest) = text.split_once("\r\n\r\n").context("no end of headers")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("no status")?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked")
-    });
-    let body = if chunked {
-        dechunk(rest)
-    } else {
-        rest.to_owned()
-    };
-    Ok((status, body))
-}
-
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-pub fn http_ok(port: u16, path: &str) -> bool {
-    matches!(http(port, "GET", path, &[], ""), Ok((200, _)))
-}
-
-/// One counter or gauge from Envoy's admin `/stats` (0 when absent).
-pub fn envoy_stat(admin_port: u16, name: &str) -> u64 {
-    let path = format!("/stats?filter=^{}$", name.replace('.', "\\."));
-    http(admin_port, "GET", &path, &[], "")
-        .ok()
-        .and_then(|(_, body)| {
-            body.lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,14 +240,5 @@ mod tests {
         assert_eq!(tree_ticks(7, &procs), 7.0);
         assert_eq!(tree_ticks(9, &procs), 4.0);
         assert!(tree_cpu(std::process::id(), clock_ticks_per_second()) >= 0.0);
-    }
-
-    #[test]
-    fn chunked_bodies_are_joined() {
-        assert_eq!(
-            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
-            "hello world"
-        );
-        assert_eq!(dechunk(""), "");
     }
 }

@@ -16,6 +16,13 @@ const WASM_FILTER: &str = "type.googleapis.com/envoy.extensions.filters.http.was
 const DYNAMIC_MODULE_FILTER: &str =
     "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter";
 
+/// Which kind of mcpguard filter a config loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterKind {
+    Wasm,
+    DynamicModule,
+}
+
 /// A config that does not have the shape a renderer step expects, or cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenderError(pub String);
@@ -84,6 +91,20 @@ impl EnvoyConfig {
     fn filters_of_type(&mut self, type_url: &'static str) -> impl Iterator<Item = &mut Value> {
         self.http_filters()
             .filter(move |f| f["typed_config"]["@type"].as_str() == Some(type_url))
+    }
+
+    /// The mcpguard filter's kind: that of the first wasm or dynamic-module filter.
+    pub fn filter_kind(&self) -> Option<FilterKind> {
+        let filters = &self.cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+            [0]["typed_config"]["http_filters"];
+        filters
+            .as_sequence()?
+            .iter()
+            .find_map(|f| match f["typed_config"]["@type"].as_str() {
+                Some(WASM_FILTER) => Some(FilterKind::Wasm),
+                Some(DYNAMIC_MODULE_FILTER) => Some(FilterKind::DynamicModule),
+                _ => None,
+            })
     }
 
     /// The `.wasm` every wasm filter loads. Returns how many filters it set.
@@ -315,6 +336,7 @@ mod tests {
     #[test]
     fn the_gateway_config_changes_only_ports_paths_and_plugin() {
         let mut c = EnvoyConfig::load(&root(), "envoy/mcpguard.yaml").unwrap();
+        assert_eq!(c.filter_kind(), Some(FilterKind::Wasm));
         assert_eq!(c.wasm(Path::new("/abs/filter.wasm")), 1);
         assert_eq!(c.dynamic_module(Path::new("/abs/m.so")), 0);
         c.ports(20001, 20002)
@@ -389,6 +411,7 @@ mod tests {
     #[test]
     fn the_dynamic_module_setup_loads_the_given_module() {
         let mut c = EnvoyConfig::load(&root(), "bench/envoy/dynamic-module.yaml").unwrap();
+        assert_eq!(c.filter_kind(), Some(FilterKind::DynamicModule));
         assert_eq!(c.wasm(Path::new("/abs/filter.wasm")), 0);
         assert_eq!(c.dynamic_module(Path::new("/abs/m.so")), 1);
         c.plugin(|p| p["issuer"] = "http://127.0.0.1:5".into())
@@ -404,6 +427,7 @@ mod tests {
     #[test]
     fn a_config_without_the_filter_says_so() {
         let mut c = EnvoyConfig::load(&root(), "bench/envoy/noauth.yaml").unwrap();
+        assert_eq!(c.filter_kind(), None);
         let e = c.plugin(|_| {}).unwrap_err();
         assert!(e.0.contains("no mcpguard filter"), "{e}");
         assert!(EnvoyConfig::load(&root(), "envoy/nonexistent.yaml").is_err());

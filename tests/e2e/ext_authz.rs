@@ -2,107 +2,41 @@
 //! benchmark's setup (b)) instead of the wasm filter: the policy service's ext_authz
 //! endpoint makes the same decisions, and Envoy relays them as the contract says.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
 use mcpguard_e2e::mcp::{self, call_text, challenge_and_metadata, expect_refusal, initialize_with};
 use mcpguard_e2e::oauth::{PASSWORD, RawClient, sdk_connect};
 use mcpguard_e2e::{Demo, Envoy, Policy, free_port, workspace_root};
+use mcpguard_harness::envoy::EnvoyConfig;
 use serde_json::json;
 
 const CONFIG: &str = "bench/envoy/ext-authz.yaml";
 
-/// Envoy with an ext_authz config (the harness's `Envoy` expects the wasm filter).
-struct ExtAuthzEnvoy {
-    child: Child,
-    log: PathBuf,
-    port: u16,
-}
-
-impl Drop for ExtAuthzEnvoy {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "--- last lines of {} ---\n{}",
-                self.log.display(),
-                lines[lines.len().saturating_sub(40)..].join("\n")
-            );
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// Envoy with the ext_authz config, through the harness's renderer.
+struct ExtAuthzEnvoy;
 
 impl ExtAuthzEnvoy {
     /// The shipped file with this test's ports and upstream; nothing else changed.
     fn render(check_port: u16, demo_port: u16, port: u16, admin_port: u16) -> String {
-        let text = std::fs::read_to_string(workspace_root().join(CONFIG)).unwrap();
-        let mut cfg: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
-        cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port.into();
-        let resources = &mut cfg["static_resources"];
-        let listener = &mut resources["listeners"][0];
-        listener["address"]["socket_address"]["port_value"] = port.into();
-        let hcm = &mut listener["filter_chains"][0]["filters"][0]["typed_config"];
-        let route = &mut hcm["route_config"]["virtual_hosts"][0]["routes"][0];
+        let mut cfg = EnvoyConfig::load(&workspace_root(), CONFIG).unwrap();
+        let route = &cfg.value()["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+            [0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0];
         assert_eq!(route["match"]["prefix"], "/mcp/", "{CONFIG} changed shape");
-        route["typed_per_filter_config"]["envoy.filters.http.dynamic_forward_proxy"]["host_rewrite_literal"] =
-            format!("127.0.0.1:{demo_port}").into();
-        for cluster in resources["clusters"].as_sequence_mut().unwrap() {
-            if cluster["name"] == "mcpguard_policy" || cluster["name"] == "mcpguard_policy_metadata"
-            {
-                cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-                    ["socket_address"]["port_value"] = check_port.into();
-            }
-        }
-        serde_json::to_string_pretty(&cfg).unwrap()
+        cfg.ports(port, admin_port)
+            .host_rewrite(&format!("127.0.0.1:{demo_port}"))
+            .cluster_ports("mcpguard_policy", &[check_port])
+            .and_then(|cfg| cfg.cluster_ports("mcpguard_policy_metadata", &[check_port]))
+            .unwrap();
+        cfg.to_json()
     }
 
     /// On `port`, chosen beforehand so the policy service can be told the data plane's
     /// URL (the base of OAuth resources).
-    async fn start(port: u16, check_port: u16, demo_port: u16, dir: &Path) -> ExtAuthzEnvoy {
+    async fn start(port: u16, check_port: u16, demo_port: u16, dir: &Path) -> Envoy {
         let admin_port = free_port();
-        let config = dir.join(format!("envoy-ext-authz-{port}.json"));
-        std::fs::write(
-            &config,
-            Self::render(check_port, demo_port, port, admin_port),
-        )
-        .unwrap();
-        let log = dir.join(format!("envoy-ext-authz-{port}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(Envoy::executable())
-            .env("MCPGUARD_CHECK_SECRET", mcpguard_e2e::procs::check_secret())
-            .arg("-c")
-            .arg(&config)
-            .args(["--concurrency", "1", "--disable-hot-restart"])
-            .current_dir(workspace_root())
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let mut envoy = ExtAuthzEnvoy { child, log, port };
-        let ready = format!("http://127.0.0.1:{admin_port}/ready");
-        let start = Instant::now();
-        loop {
-            assert!(
-                envoy.child.try_wait().unwrap().is_none(),
-                "envoy exited early"
-            );
-            if let Ok(r) = reqwest::get(&ready).await
-                && r.status().is_success()
-            {
-                return envoy;
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "envoy not ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn mcp_url(&self, gateway: &str, server: &str) -> String {
-        format!("http://127.0.0.1:{}/mcp/{gateway}/{server}", self.port)
+        let config = Self::render(check_port, demo_port, port, admin_port);
+        Envoy::start_config(&config, port, admin_port, dir).await
     }
 }
 

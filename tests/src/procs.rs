@@ -1,9 +1,11 @@
-//! Real processes on loopback ports, stopped on `Drop`.
+//! Real processes on loopback ports, stopped on `Drop`: the e2e tests' face of the one
+//! process harness (`mcpguard-harness`), which the benchmark and `make run` share.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+
+use mcpguard_harness::envoy::{EnvoyConfig, FilterKind};
 
 use crate::{Admin, free_port, workspace_root};
 
@@ -14,108 +16,41 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The check secret every policy service and Envoy of this test process share (as
 /// replicas behind one Envoy do): random per process, from the OS.
 pub fn check_secret() -> &'static str {
-    static SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    SECRET.get_or_init(|| {
-        let mut bytes = [0u8; 32];
-        std::io::Read::read_exact(
-            &mut File::open("/dev/urandom").expect("/dev/urandom"),
-            &mut bytes,
-        )
-        .expect("random bytes");
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    })
+    mcpguard_harness::check_secret().expect("a random check secret")
 }
 
 /// A child process whose output goes to a log file; killed on drop. When a test is
-/// failing, the end of the log is printed so the cause is in the test output.
-pub struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
+/// failing, the end of the log is printed so the cause is in the test output. Derefs
+/// to [`mcpguard_harness::Proc`] (`log_tail`, `log_text`, `pid`, `kill`, ...).
+pub struct Proc(mcpguard_harness::Proc);
 
 impl Proc {
-    pub(crate) fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> Proc {
-        let log = log_dir.join(format!("{name}.log"));
-        let out = File::create(&log).expect("creating log file");
-        let err = out.try_clone().expect("cloning log file");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name} ({cmd:?}): {e}"));
-        Proc {
-            name: name.to_owned(),
-            child,
-            log,
-        }
-    }
-
-    fn check_alive(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!(
-                "{} exited early ({status}); log:\n{}",
-                self.name,
-                self.log_tail()
-            );
-        }
-    }
-
-    pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The operating system's id of the process (to read `/proc/<pid>/status`).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Stops the process now (SIGKILL) and waits for it.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub(crate) fn spawn(name: &str, cmd: Command, log_dir: &Path) -> Proc {
+        Proc(mcpguard_harness::Proc::spawn(name, cmd, log_dir).unwrap_or_else(|e| panic!("{e}")))
     }
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "--- last lines of {} ({}) ---\n{}",
-                self.name,
-                self.log.display(),
-                self.log_tail()
-            );
-        }
-        self.kill();
+impl std::ops::Deref for Proc {
+    type Target = mcpguard_harness::Proc;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
     }
 }
 
 /// Polls `ready` until it holds, failing if the process dies or time runs out.
-pub(crate) async fn wait_until<F, Fut>(proc: &mut Proc, what: &str, mut ready: F)
+pub(crate) async fn wait_until<F, Fut>(proc: &mut Proc, what: &str, ready: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let start = Instant::now();
-    loop {
-        proc.check_alive();
-        if ready().await {
-            return;
-        }
-        assert!(
-            start.elapsed() < READY_TIMEOUT,
-            "{what} not ready after {READY_TIMEOUT:?}; log:\n{}",
-            proc.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    if let Err(e) = mcpguard_harness::wait_ready_async(proc, what, READY_TIMEOUT, ready).await {
+        panic!("{e}");
     }
 }
 
@@ -370,13 +305,9 @@ pub struct EnvoyOptions {
 
 /// A shipped Envoy config (a path under the workspace), with its admin and first
 /// listener's ports set: the start of every renderer.
-pub(crate) fn shipped_config(config: &str, port: u16, admin_port: u16) -> serde_yaml::Value {
-    let text = std::fs::read_to_string(workspace_root().join(config))
-        .unwrap_or_else(|e| panic!("reading {config}: {e}"));
-    let mut cfg: serde_yaml::Value = serde_yaml::from_str(&text).expect("envoy config is YAML");
-    cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port.into();
-    cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] =
-        port.into();
+pub(crate) fn shipped_config(config: &str, port: u16, admin_port: u16) -> EnvoyConfig {
+    let mut cfg = EnvoyConfig::load(&workspace_root(), config).unwrap_or_else(|e| panic!("{e}"));
+    cfg.ports(port, admin_port);
     cfg
 }
 
@@ -388,15 +319,8 @@ pub struct Envoy {
 
 impl Envoy {
     pub fn executable() -> PathBuf {
-        let path = std::env::var_os("MCPGUARD_ENVOY")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join(".venv/bin/envoy"));
-        assert!(
-            path.exists(),
-            "{} is missing: run `make envoy` (or `make test`)",
-            path.display()
-        );
-        path
+        mcpguard_harness::envoy::executable(&workspace_root())
+            .unwrap_or_else(|e| panic!("{e} (or `make test`)"))
     }
 
     pub fn wasm() -> PathBuf {
@@ -423,66 +347,30 @@ impl Envoy {
     ) -> String {
         assert!(!check_ports.is_empty(), "at least one check port");
         let mut cfg = shipped_config(opts.config, port, admin_port);
-        let resources = &mut cfg["static_resources"];
-        let filters = resources["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
-            .as_sequence_mut()
-            .expect("http_filters");
         // The mcpguard filter: the wasm one, or the same as a dynamic module.
-        let filter = filters
-            .iter_mut()
-            .find(|f| {
-                f["name"] == "envoy.filters.http.wasm"
-                    || f["name"] == "envoy.filters.http.dynamic_modules"
-            })
-            .expect("the mcpguard filter is configured");
-        let plugin_config = if filter["name"] == "envoy.filters.http.wasm" {
-            let config = &mut filter["typed_config"]["config"];
-            config["vm_config"]["code"]["local"]["filename"] =
-                Envoy::wasm().display().to_string().into();
-            &mut config["configuration"]["value"]
-        } else {
-            let config = &mut filter["typed_config"];
-            config["dynamic_module_config"]["module"]["local"]["filename"] =
-                Envoy::dynamic_module().display().to_string().into();
-            &mut config["filter_config"]["value"]
+        match cfg.filter_kind() {
+            Some(FilterKind::Wasm) => cfg.wasm(&Envoy::wasm()),
+            Some(FilterKind::DynamicModule) => cfg.dynamic_module(&Envoy::dynamic_module()),
+            None => panic!("the mcpguard filter is configured in {}", opts.config),
         };
-        let mut plugin: serde_json::Value =
-            serde_json::from_str(plugin_config.as_str().expect("plugin config")).unwrap();
-        if let Some(ms) = opts.check_timeout_ms {
-            plugin["check_timeout_ms"] = ms.into();
-        }
-        if let Some(issuer) = &opts.issuer {
-            plugin["issuer"] = issuer.as_str().into();
-        }
-        if let Some(seconds) = opts.jwks_refresh_s {
-            plugin["jwks_refresh_s"] = seconds.into();
-        }
-        *plugin_config = plugin.to_string().into();
-        for cluster in resources["clusters"].as_sequence_mut().expect("clusters") {
-            if let (Some(ca), true) = (
-                &opts.trusted_ca,
-                cluster["name"] == "mcpguard_upstream_https",
-            ) {
-                cluster["transport_socket"]["typed_config"]["common_tls_context"]["validation_context"]
-                    ["trusted_ca"]["filename"] = ca.display().to_string().into();
+        cfg.plugin(|plugin| {
+            if let Some(ms) = opts.check_timeout_ms {
+                plugin["check_timeout_ms"] = ms.into();
             }
-            if cluster["name"] == "mcpguard_policy" {
-                // One endpoint per port, each a copy of the config's first one.
-                let lb_endpoints = &mut cluster["load_assignment"]["endpoints"][0]["lb_endpoints"];
-                let template = lb_endpoints[0].clone();
-                *lb_endpoints = check_ports
-                    .iter()
-                    .map(|&check_port| {
-                        let mut e = template.clone();
-                        e["endpoint"]["address"]["socket_address"]["port_value"] =
-                            check_port.into();
-                        e
-                    })
-                    .collect::<Vec<_>>()
-                    .into();
+            if let Some(issuer) = &opts.issuer {
+                plugin["issuer"] = issuer.as_str().into();
             }
+            if let Some(seconds) = opts.jwks_refresh_s {
+                plugin["jwks_refresh_s"] = seconds.into();
+            }
+        })
+        .and_then(|cfg| cfg.cluster_ports("mcpguard_policy", check_ports))
+        .unwrap_or_else(|e| panic!("{e}"));
+        if let Some(ca) = &opts.trusted_ca {
+            cfg.trusted_ca("mcpguard_upstream_https", ca)
+                .unwrap_or_else(|e| panic!("{e}"));
         }
-        serde_json::to_string_pretty(&cfg).expect("config as JSON")
+        cfg.to_json()
     }
 
     pub async fn start(opts: &EnvoyOptions, log_dir: &Path) -> Envoy {
@@ -509,18 +397,13 @@ impl Envoy {
     pub async fn start_config(config: &str, port: u16, admin_port: u16, log_dir: &Path) -> Envoy {
         let config_path = log_dir.join(format!("envoy-{port}.json"));
         std::fs::write(&config_path, config).expect("writing envoy config");
-        let mut cmd = Command::new(Self::executable());
-        cmd.env("MCPGUARD_CHECK_SECRET", check_secret())
-            .arg("-c")
-            .arg(&config_path)
-            .args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "--log-level",
-                "info",
-            ])
-            .current_dir(workspace_root());
+        let cmd = mcpguard_harness::envoy::command(
+            &Self::executable(),
+            &config_path,
+            "info",
+            check_secret(),
+            &workspace_root(),
+        );
         let mut proc = Proc::spawn(&format!("envoy-{port}"), cmd, log_dir);
         let ready = format!("http://127.0.0.1:{admin_port}/ready");
         wait_until(&mut proc, "envoy", || {

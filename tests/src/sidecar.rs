@@ -20,38 +20,21 @@ pub fn render(
     check_timeout_ms: Option<u64>,
 ) -> String {
     let mut cfg = crate::procs::shipped_config("envoy/sidecar.yaml", port, admin_port);
-    let resources = &mut cfg["static_resources"];
-    let filters =
-        resources["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
-            .as_sequence_mut()
-            .expect("http_filters");
-    let wasm = filters
-        .iter_mut()
-        .find(|f| {
-            f["typed_config"]["@type"]
-                .as_str()
-                .is_some_and(|t| t.ends_with(".wasm.v3.Wasm"))
-        })
-        .expect("the mcpguard wasm filter");
-    let config = &mut wasm["typed_config"]["config"];
-    config["vm_config"]["code"]["local"]["filename"] = Envoy::wasm().display().to_string().into();
+    assert_eq!(cfg.wasm(&Envoy::wasm()), 1, "the mcpguard wasm filter");
     if let Some(ms) = check_timeout_ms {
-        let value = &mut config["configuration"]["value"];
-        let mut plugin: serde_json::Value =
-            serde_json::from_str(value.as_str().expect("plugin config")).expect("JSON");
-        plugin["check_timeout_ms"] = ms.into();
-        *value = plugin.to_string().into();
+        cfg.plugin(|plugin| plugin["check_timeout_ms"] = ms.into())
+            .expect("plugin config");
     }
-    for cluster in resources["clusters"].as_sequence_mut().expect("clusters") {
-        let port = match cluster["name"].as_str() {
-            Some(APP_CLUSTER) => app_port,
-            Some(POLICY_CLUSTER) => check_port,
+    for cluster in cfg.cluster_names() {
+        let port = match cluster.as_str() {
+            APP_CLUSTER => app_port,
+            POLICY_CLUSTER => check_port,
             other => panic!("unexpected cluster {other:?} in envoy/sidecar.yaml"),
         };
-        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
-            ["port_value"] = port.into();
+        cfg.cluster_ports(&cluster, &[port])
+            .expect("a static cluster");
     }
-    serde_json::to_string_pretty(&cfg).expect("config as JSON")
+    cfg.to_json()
 }
 
 /// A sidecar Envoy in front of the app on `app_port`, asking the policy service on
