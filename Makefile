@@ -6,7 +6,7 @@
 #   make test    build + envoy, then cargo test --workspace against that Envoy (SQLite),
 #                then again with every policy service on PostgreSQL (scripts/postgres.sh)
 #   make test-postgres  only the PostgreSQL pass
-#   make run     build + envoy, then a local gateway (scripts/run.sh); Ctrl-C stops it
+#   make run     build + envoy, then a local gateway (mcpguard-run, harness/); Ctrl-C stops it
 #   make bench   the MCP workload through bare Envoy, native ext_authz and mcpguard (wasm,
 #                and as an Envoy dynamic module), and the check endpoint alone (release
 #                builds, wrk; ~5 min of measurement, ~9 with the builds; see BENCHMARKS.md)
@@ -54,8 +54,10 @@ test: build envoy
 test-postgres: build envoy
 	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) scripts/postgres.sh cargo test --workspace
 
+# RUN_ARGS passes options through, e.g. RUN_ARGS="--envoy-port 10001" (see --help).
+RUN_ARGS ?=
 run: build envoy
-	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) scripts/run.sh
+	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) target/debug/mcpguard-run $(RUN_ARGS)
 
 # Services in release; the load driver (the e2e harness) in debug is not the bottleneck.
 bench-breakglass: build envoy

@@ -20,6 +20,7 @@ mod failure;
 mod identities;
 mod oauth;
 mod routing;
+mod run;
 mod scaleout;
 mod sidecar;
 mod tls;
