@@ -574,7 +574,7 @@ fn run() -> Result<()> {
 
     // Refusals logged from here on count against the workload (the sanity checks above
     // were refused on purpose).
-    let log_offset = std::fs::metadata(&policy.proc.log()).map_or(0, |m| m.len() as usize);
+    let log_offset = std::fs::metadata(policy.proc.log()).map_or(0, |m| m.len() as usize);
     let mut runs: Vec<Run> = Vec::new();
     let answers = |e: &Envoy| {
         ["2xx", "4xx", "5xx"].map(|class| {
@@ -689,10 +689,10 @@ fn run() -> Result<()> {
             .count()
     };
     // The PostgreSQL service saw only allowed sanity checks before measuring.
-    let denied = denied_in(&policy.proc.log(), log_offset)
+    let denied = denied_in(policy.proc.log(), log_offset)
         + postgres
             .as_ref()
-            .map_or(0, |(_, service)| denied_in(&service.proc.log(), 0));
+            .map_or(0, |(_, service)| denied_in(service.proc.log(), 0));
 
     let env = report::Environment {
         date: command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
