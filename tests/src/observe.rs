@@ -37,7 +37,6 @@ pub struct Target<'a> {
 
 impl Prometheus {
     pub async fn start(targets: &[Target<'_>], dir: &Path) -> Prometheus {
-        let port = free_port();
         let mut config = String::from(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n",
         );
@@ -47,6 +46,12 @@ impl Prometheus {
                 t.job, t.path, t.address
             ));
         }
+        Self::start_config(&config, dir).await
+    }
+
+    /// Runs the config `config` (YAML text) as it is.
+    pub async fn start_config(config: &str, dir: &Path) -> Prometheus {
+        let port = free_port();
         let config_file = dir.join(format!("prometheus-{port}.yml"));
         std::fs::write(&config_file, config).expect("writing the Prometheus config");
         let data = dir.join(format!("prometheus-{port}-data"));
@@ -123,6 +128,33 @@ impl Prometheus {
         }
     }
 }
+
+/// The shipped scrape config (`docs/observability/prometheus.yml`) with each job's
+/// target replaced by `targets` (`(job, host:port)`) and a 1 s scrape interval, so a
+/// test runs what operators are given. Panics if a job is not in the file.
+pub fn example_config(targets: &[(&str, String)]) -> String {
+    let path = crate::workspace_root().join(EXAMPLE_CONFIG);
+    let text = std::fs::read_to_string(&path).expect("reading the example scrape config");
+    let mut config: serde_yaml::Value = serde_yaml::from_str(&text).expect("YAML");
+    config["global"]["scrape_interval"] = "1s".into();
+    config["global"]["scrape_timeout"] = "900ms".into();
+    config["global"]["evaluation_interval"] = "1s".into();
+    for (job, address) in targets {
+        let jobs = config["scrape_configs"]
+            .as_sequence_mut()
+            .expect("scrape_configs");
+        let entry = jobs
+            .iter_mut()
+            .find(|j| j["job_name"].as_str() == Some(job))
+            .unwrap_or_else(|| panic!("no job {job} in {EXAMPLE_CONFIG}"));
+        entry["static_configs"] =
+            serde_yaml::from_str(&format!("[{{targets: ['{address}']}}]")).expect("static_configs");
+    }
+    serde_yaml::to_string(&config).expect("YAML text")
+}
+
+/// Where the example scrape config is, under the workspace.
+pub const EXAMPLE_CONFIG: &str = "docs/observability/prometheus.yml";
 
 /// Records an OTLP logs receiver was sent, in the order they arrived.
 #[derive(Debug, Clone, Default)]
