@@ -6,8 +6,10 @@
 use std::time::{Duration, Instant};
 
 use mcpguard_e2e::mcp::{self, call_text};
-use mcpguard_e2e::observe::{EXAMPLE_CONFIG, Prometheus, example_config};
-use mcpguard_e2e::{Stack, workspace_root};
+use mcpguard_e2e::observe::{EXAMPLE_CONFIG, OtlpReceiver, Prometheus, example_config};
+use mcpguard_e2e::procs::ADMIN_TOKEN;
+use mcpguard_e2e::{Admin, Policy, Stack, workspace_root};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as Otlp;
 use serde_json::{Value, json};
 
 const DASHBOARD: &str = "docs/observability/grafana-dashboard.json";
@@ -165,4 +167,258 @@ async fn prometheus_scrapes_envoy_and_the_policy_service_and_sees_checks_by_code
         "{filter:?}"
     );
     assert_eq!(by_code(filter, "gateway_disabled"), Some(0.0));
+}
+
+/// Polls `ready` every 100 ms until it gives `Some`, for `secs` at most; `what` says
+/// what was waited for, with the last state `ready` described.
+async fn poll<T, F, Fut>(secs: u64, what: &str, mut ready: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match ready().await {
+            Ok(v) => return v,
+            Err(state) => assert!(
+                Instant::now() < deadline,
+                "{what}: not after {secs} s; last: {state}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `GET /api/v1/audit/export` with `query`: the status and, on 200, the lines parsed.
+async fn export_lines(base: &str, token: &str, query: &str) -> (u16, String, Vec<Value>) {
+    let resp = reqwest::Client::new()
+        .get(format!("{base}/api/v1/audit/export{query}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let text = resp.text().await.unwrap();
+    if status != 200 {
+        return (status, text, Vec::new());
+    }
+    assert_eq!(content_type, "application/jsonl");
+    assert!(text.is_empty() || text.ends_with('\n'), "{text}");
+    let lines = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    (status, content_type, lines)
+}
+
+/// Every audit entry's id, oldest first, as the JSON Lines export gives them.
+async fn all_ids(policy: &Policy) -> Vec<i64> {
+    let (status, text, lines) = export_lines(&policy.public_url(), ADMIN_TOKEN, "").await;
+    assert_eq!(status, 200, "{text}");
+    lines.iter().map(|e| e["id"].as_i64().unwrap()).collect()
+}
+
+/// The export's part of `GET /api/v1/audit/status`.
+async fn export_status(admin: &Admin) -> Value {
+    let (status, s) = admin.get("/api/v1/audit/status").await;
+    assert_eq!(status, 200, "{s}");
+    s["export"].clone()
+}
+
+/// One unlabelled sample of the policy service's `/metrics`.
+async fn metric(policy: &Policy, name: &str) -> f64 {
+    let url = format!("http://127.0.0.1:{}/metrics", policy.check_port);
+    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+/// Waits until the receiver holds every entry the export endpoint lists, then checks
+/// the delivery: each id at least once and, repeats dropped, in id order, none missing.
+async fn wait_for_every_entry(policy: &Policy, receiver: &OtlpReceiver) -> Vec<i64> {
+    let admin = policy.admin();
+    poll(60, "the export catching up", || async {
+        let s = export_status(&admin).await;
+        if s["lag_entries"] == 0 && s["cursor"].as_i64() == all_ids(policy).await.last().copied() {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await;
+    let all = all_ids(policy).await;
+    assert_eq!(
+        receiver.received.unique_ids(),
+        all,
+        "every entry once in id order after de-duplication; arrived: {:?}",
+        receiver.received.ids()
+    );
+    all
+}
+
+/// Export settings for a test: quick ticks and retries, small batches so a burst is
+/// many requests.
+fn export_env(receiver: &OtlpReceiver, encoding: &'static str) -> Vec<(&'static str, String)> {
+    vec![
+        ("MCPGUARD_AUDIT_OTLP_ENDPOINT", receiver.endpoint()),
+        ("MCPGUARD_AUDIT_OTLP_ENCODING", encoding.to_owned()),
+        ("MCPGUARD_AUDIT_OTLP_BATCH", "25".to_owned()),
+        ("MCPGUARD_AUDIT_OTLP_INTERVAL_MS", "100".to_owned()),
+        ("MCPGUARD_AUDIT_OTLP_MAX_BACKOFF_MS", "400".to_owned()),
+    ]
+}
+
+/// Sends `n` MCP `initialize` requests through Envoy with `token`, one after another:
+/// each is a check, so an audited decision.
+async fn burst(url: String, token: String, n: usize) {
+    for _ in 0..n {
+        let answer = mcp::initialize_with(&url, Some(&token)).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+}
+
+#[tokio::test]
+async fn the_otlp_export_delivers_every_entry_across_a_collector_outage_and_a_restart() {
+    let mut receiver = OtlpReceiver::new().await;
+    let env = export_env(&receiver, "protobuf");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut stack = Stack::start_with(false, &env, None).await;
+    let admin = stack.admin();
+    let p = admin
+        .provision("eng", "demo", &stack.demo.upstream_url())
+        .await;
+    let url = stack.envoy.mcp_url("eng", "demo");
+
+    // The collector goes away in the middle of a burst of decisions.
+    let sending = tokio::spawn(burst(url.clone(), p.token.clone(), 300));
+    let before_stop = poll(30, "the first records arriving", || async {
+        let n = receiver.received.len();
+        if n >= 30 {
+            Ok(n)
+        } else {
+            Err(format!("{n} records"))
+        }
+    })
+    .await;
+    receiver.stop().await;
+    assert!(
+        !sending.is_finished(),
+        "the collector stopped after the burst, not in it ({before_stop} records)"
+    );
+    sending.await.unwrap();
+    // The outage shows: in the status and in the metrics, as entries not acknowledged.
+    let during = poll(30, "the outage showing in the status", || async {
+        let s = export_status(&admin).await;
+        let behind = s["lag_entries"].as_u64().unwrap_or(0) > 0;
+        if behind && s["failures"].as_u64() > Some(0) && s["last_error"].is_string() {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await;
+    assert_eq!(during["enabled"], true);
+    assert_eq!(during["leader"], true);
+    assert_eq!(during["encoding"], "protobuf");
+    assert!(metric(&stack.policy, "mcpguard_audit_export_lag_entries").await > 0.0);
+    assert!(metric(&stack.policy, "mcpguard_audit_export_failures_total").await > 0.0);
+    assert!(metric(&stack.policy, "mcpguard_audit_export_lag_seconds").await >= 0.0);
+
+    // The collector is back: every entry arrives, none missing, in order.
+    receiver.start().await;
+    let first_round = wait_for_every_entry(&stack.policy, &receiver).await;
+    assert!(first_round.len() >= 300, "{}", first_round.len());
+    assert_eq!(
+        metric(&stack.policy, "mcpguard_audit_export_lag_entries").await,
+        0.0
+    );
+    assert!(
+        receiver.received.requests().len() >= 300 / 25,
+        "batched by --audit-otlp-batch"
+    );
+    assert!(
+        receiver
+            .received
+            .requests()
+            .iter()
+            .all(|r| r.records <= 25 && r.content_type == "application/x-protobuf")
+    );
+
+    // The records say what the entries say.
+    let records = receiver.received.records();
+    let decision = records
+        .iter()
+        .find(|r| r.event_name == "mcpguard.audit.decision")
+        .unwrap();
+    let attr = |r: &opentelemetry_proto::tonic::logs::v1::LogRecord, key: &str| {
+        r.attributes
+            .iter()
+            .find(|a| a.key == key)
+            .and_then(|a| a.value.clone()?.value)
+    };
+    let id = mcpguard_e2e::observe::audit_id(decision);
+    assert_eq!(
+        attr(decision, "log.record.uid"),
+        Some(Otlp::StringValue(id.to_string()))
+    );
+    assert_eq!(
+        attr(decision, "mcp.method.name"),
+        Some(Otlp::StringValue("initialize".into()))
+    );
+    assert_eq!(
+        attr(decision, "mcpguard.gateway"),
+        Some(Otlp::StringValue("eng".into()))
+    );
+    assert_eq!(decision.severity_text, "INFO");
+    assert!(decision.time_unix_nano > 0);
+    assert!(
+        records
+            .iter()
+            .any(|r| r.event_name == "mcpguard.audit.admin"
+                && attr(r, "mcpguard.audit.action")
+                    == Some(Otlp::StringValue("gateway.create".into()))),
+        "admin actions are exported too"
+    );
+
+    // The policy service restarts while entries wait: the export resumes from the
+    // cursor kept in the database, neither from the start nor past the waiting ones.
+    receiver.stop().await;
+    burst(url.clone(), p.token.clone(), 50).await;
+    // Waits for all 50 to be written (the kill below would lose the writer's queue).
+    let stuck = poll(30, "the export failing on the 50 new entries", || async {
+        let s = export_status(&admin).await;
+        let failing = s["last_error"].is_string() && s["lag_entries"].as_u64() == Some(50);
+        if failing { Ok(s) } else { Err(s.to_string()) }
+    })
+    .await;
+    let cursor = stuck["cursor"].as_i64().unwrap();
+    assert_eq!(cursor, *first_round.last().unwrap());
+    stack.policy.restart(stack.dir.path()).await;
+    let after_restart = receiver.received.len();
+    receiver.start().await;
+    let all = wait_for_every_entry(&stack.policy, &receiver).await;
+    assert_eq!(all.len(), first_round.len() + 50);
+    let resent = &receiver.received.ids()[after_restart..];
+    assert_eq!(
+        resent.first(),
+        Some(&(cursor + 1)),
+        "resumed right after the durable cursor {cursor}: {resent:?}"
+    );
+    assert!(resent.iter().all(|&id| id > cursor), "{resent:?}");
+    eprintln!(
+        "otlp export: {} entries, {} records in {} requests ({} repeats)",
+        all.len(),
+        receiver.received.len(),
+        receiver.received.requests().len(),
+        receiver.received.len() - all.len()
+    );
+    let restarted = export_status(&stack.policy.admin()).await;
+    assert_eq!(restarted["cursor"], *all.last().unwrap());
+    assert_eq!(restarted["failures"], 0, "a new process, counted from 0");
 }
