@@ -422,3 +422,192 @@ async fn the_otlp_export_delivers_every_entry_across_a_collector_outage_and_a_re
     assert_eq!(restarted["cursor"], *all.last().unwrap());
     assert_eq!(restarted["failures"], 0, "a new process, counted from 0");
 }
+
+#[tokio::test]
+async fn the_otlp_export_speaks_otlp_json_when_asked() {
+    let receiver = OtlpReceiver::new().await;
+    let env = export_env(&receiver, "json");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = Policy::start_with(&dir.path().join("data"), dir.path(), &env).await;
+    // Admin actions are audit entries too: enough of them for several requests.
+    let admin = policy.admin();
+    for i in 0..30 {
+        admin.gateway(&format!("gw{i}")).await;
+    }
+    let all = wait_for_every_entry(&policy, &receiver).await;
+    assert!(all.len() >= 30, "{all:?}");
+    assert_eq!(export_status(&admin).await["encoding"], "json");
+
+    // The bodies follow OTLP/JSON's rules: lowerCamelCase names, 64-bit integers as
+    // decimal strings, enums as numbers.
+    let requests = receiver.received.requests();
+    assert!(requests.len() >= 2, "batched: {}", requests.len());
+    let mut seen = Vec::new();
+    for r in &requests {
+        assert_eq!(r.content_type, "application/json");
+        let body = r.json.as_ref().unwrap();
+        let resource = &body["resourceLogs"][0]["resource"]["attributes"];
+        assert!(
+            resource
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["key"] == "service.name"
+                    && a["value"]["stringValue"] == "mcpguard-policy"),
+            "{body}"
+        );
+        let scope = &body["resourceLogs"][0]["scopeLogs"][0];
+        assert_eq!(scope["scope"]["name"], "mcpguard.audit", "{body}");
+        for rec in scope["logRecords"].as_array().unwrap() {
+            let nanos = rec["timeUnixNano"].as_str().unwrap();
+            assert!(nanos.parse::<u64>().unwrap() > 0, "{rec}");
+            assert_eq!(rec["severityNumber"], 9, "INFO: {rec}");
+            assert_eq!(rec["eventName"], "mcpguard.audit.admin");
+            let id = rec["attributes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["key"] == "mcpguard.audit.id")
+                .unwrap();
+            let id: i64 = id["value"]["intValue"].as_str().unwrap().parse().unwrap();
+            seen.push(id);
+        }
+    }
+    // The JSON and what the definitions decoded from it agree.
+    assert_eq!(seen, receiver.received.ids());
+}
+
+/// The `at` of the newest audit entry, and its id.
+async fn newest(admin: &Admin) -> (String, i64) {
+    let (_, page) = admin.get("/api/v1/audit?limit=1").await;
+    let e = &page["entries"][0];
+    (
+        e["at"].as_str().unwrap().to_owned(),
+        e["id"].as_i64().unwrap(),
+    )
+}
+
+/// Returns once this machine's clock (the service's too) is past `at` (RFC 3339, ms),
+/// so the next entry has a later time.
+async fn clock_past(at: &str) {
+    let at =
+        time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).unwrap();
+    let ms = |t: time::OffsetDateTime| t.unix_timestamp_nanos() / 1_000_000;
+    while ms(time::OffsetDateTime::now_utc()) <= ms(at) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_json_lines_export_gives_a_time_range_oldest_first_to_audit_readers_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = Policy::start(&dir.path().join("data"), dir.path()).await;
+    let owner = policy.admin();
+    // Three rounds of admin actions, each at a later millisecond than the one before.
+    owner.gateway("before").await;
+    let (before_at, before_id) = newest(&owner).await;
+    clock_past(&before_at).await;
+    let gw = owner.gateway("inside").await;
+    owner.server("inside", "http://127.0.0.1:9/mcp").await;
+    owner.set_enabled("gateways", gw, false).await;
+    let (inside_at, inside_id) = newest(&owner).await;
+    clock_past(&inside_at).await;
+    owner.gateway("after").await;
+    let (_, after_id) = newest(&owner).await;
+
+    // The range from the first entry inside to the first one after (exclusive).
+    let (_, page) = owner.get("/api/v1/audit?limit=100").await;
+    let mut listed: Vec<Value> = page["entries"].as_array().unwrap().clone();
+    listed.reverse();
+    let at_of = |id: i64| {
+        listed.iter().find(|e| e["id"] == id).unwrap()["at"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (since, until) = (at_of(before_id + 1), at_of(inside_id + 1));
+    let enc = |t: &str| t.replace('+', "%2B");
+    let query = format!("?since={}&until={}", enc(&since), enc(&until));
+    let inside: Vec<Value> = listed
+        .iter()
+        .filter(|e| (before_id + 1..=inside_id).contains(&e["id"].as_i64().unwrap()))
+        .cloned()
+        .collect();
+    assert!(inside.len() >= 3, "{inside:?}");
+
+    // A role holding only audit.read exports it: the same entries the list shows,
+    // oldest first.
+    let (_, role) = owner
+        .post(
+            "/api/v1/roles",
+            json!({"name": "auditor", "capabilities": ["audit.read"]}),
+        )
+        .await;
+    let (_, reader_role) = owner
+        .post(
+            "/api/v1/roles",
+            json!({"name": "viewer", "capabilities": ["gateways.read", "users.read"]}),
+        )
+        .await;
+    let token_for = |name: &'static str, role: Value| {
+        let owner = owner.clone();
+        async move {
+            let (status, user) = owner
+                .post(
+                    "/api/v1/users",
+                    json!({"name": name, "role_id": role["id"]}),
+                )
+                .await;
+            assert_eq!(status, 201, "{user}");
+            let id = user["id"].as_i64().unwrap();
+            let (status, t) = owner
+                .post(&format!("/api/v1/users/{id}/admin-tokens"), json!({}))
+                .await;
+            assert_eq!(status, 201, "{t}");
+            t["token"].as_str().unwrap().to_owned()
+        }
+    };
+    let auditor = token_for("auditor", role).await;
+    let viewer = token_for("viewer", reader_role).await;
+    let base = policy.public_url();
+    let (status, _, lines) = export_lines(&base, &auditor, &query).await;
+    assert_eq!(status, 200);
+    assert_eq!(lines, inside, "{query}");
+    // Open ends: since alone runs to the newest entry, until alone from the oldest.
+    let (_, _, from) = export_lines(&base, &auditor, &format!("?since={}", enc(&since))).await;
+    assert_eq!(from.first(), inside.first());
+    assert!(from.iter().any(|e| e["id"] == after_id));
+    let (_, _, to) = export_lines(&base, &auditor, &format!("?until={}", enc(&until))).await;
+    assert_eq!(to.last(), inside.last());
+    assert_eq!(to.first().unwrap()["id"], 1);
+    let (_, _, none) = export_lines(&base, &auditor, "?since=2999-01-01T00:00:00Z").await;
+    assert_eq!(none, Vec::<Value>::new());
+
+    // Without audit.read: 403 naming the capability; without a token: 401.
+    let (status, body, _) = export_lines(&base, &viewer, &query).await;
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (status, &body["error"]["code"], &body["error"]["capability"]),
+        (403, &json!("missing_capability"), &json!("audit.read")),
+        "{body}"
+    );
+    let resp = reqwest::get(format!("{base}/api/v1/audit/export"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    // Bad input: a clear 400.
+    for bad in [
+        "?since=yesterday",
+        "?until=2024-13-01T00:00:00Z",
+        "?limit=5",
+    ] {
+        let (status, body, _) = export_lines(&base, &auditor, bad).await;
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("invalid_query")),
+            "{bad}: {body}"
+        );
+    }
+}
