@@ -73,12 +73,19 @@ async fn prometheus_scrapes_envoy_and_the_policy_service_and_sees_checks_by_code
             .await
             .unwrap();
     }
-    let allowed = prom
-        .wait_for(
-            r#"sum(mcpguard_checks_total{wire="check",decision="allow"})"#,
-            |v| v >= 5.0,
-        )
-        .await;
+    // Every call has been answered: the service's own count is final; Prometheus
+    // must come to it (not to a scrape taken halfway through the calls).
+    let allowed = metric(
+        &stack.policy,
+        r#"mcpguard_checks_total{wire="check",decision="allow",code=""}"#,
+    )
+    .await;
+    assert!(allowed >= 5.0, "{allowed}");
+    prom.wait_for(
+        r#"sum(mcpguard_checks_total{wire="check",decision="allow"})"#,
+        |v| v == allowed,
+    )
+    .await;
     prom.wait_for("sum(mcpguard_filter_allowed_total)", |v| v == allowed)
         .await;
 
@@ -230,7 +237,7 @@ async fn export_status(admin: &Admin) -> Value {
     s["export"].clone()
 }
 
-/// One unlabelled sample of the policy service's `/metrics`.
+/// One sample of the policy service's `/metrics`: `name` with its labels as printed.
 async fn metric(policy: &Policy, name: &str) -> f64 {
     let url = format!("http://127.0.0.1:{}/metrics", policy.check_port);
     let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
