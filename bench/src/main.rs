@@ -11,6 +11,7 @@
 //! PostgreSQL's server binaries unless `--no-postgres` (see `pgcluster/`).
 
 mod envoy;
+mod metrics_cost;
 mod procs;
 mod report;
 mod seed;
@@ -38,7 +39,8 @@ usage: mcpguard-bench [options]
   --check-duration S         seconds per measured check-endpoint run (5)
   --check-rounds N           rounds of sqlite postgres per concurrency (2)
   --check-concurrency 1,8,32 wrk connections for the check endpoint
-  --only envoy|check         run one of the two benchmarks
+  --only envoy|check|metrics run one of the benchmarks (metrics: only the in-process
+                             cost of recording and scraping the metrics, no servers)
   --no-postgres              check endpoint on SQLite only: no throwaway PostgreSQL
                              cluster (its server binaries are then not needed)
   --hold                     start everything, print pids and ports, wait for Ctrl-C
@@ -126,6 +128,8 @@ struct Options {
     /// Also run the check endpoint on PostgreSQL.
     postgres: bool,
     hold: bool,
+    /// Only the metrics' cost (`--only metrics`): no servers.
+    metrics_only: bool,
 }
 
 fn parse_list(s: &str) -> Result<Vec<u32>> {
@@ -147,6 +151,7 @@ fn options(args: impl IntoIterator<Item = String>) -> Result<Options> {
         setups: Setup::ALL.to_vec(),
         postgres: true,
         hold: false,
+        metrics_only: false,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -161,6 +166,7 @@ fn options(args: impl IntoIterator<Item = String>) -> Result<Options> {
             "--only" => match value()?.as_str() {
                 "envoy" => o.check = false,
                 "check" => o.envoy = false,
+                "metrics" => o.metrics_only = true,
                 _ => bail!(USAGE),
             },
             "--setups" => {
@@ -459,6 +465,10 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> Result<()> {
     let opts = options(std::env::args().skip(1))?;
+    if opts.metrics_only {
+        println!("{}", metrics_cost::markdown(&metrics_cost::measure()));
+        return Ok(());
+    }
     procs::stop_all_on_signal()?;
     let root = workspace_root();
     if !wrk::available() {
@@ -724,7 +734,8 @@ fn run() -> Result<()> {
         load_before,
         load_after: report::load_average(),
     };
-    let text = report::markdown(&env, &runs);
+    let mut text = report::markdown(&env, &runs);
+    text.push_str(&metrics_cost::markdown(&metrics_cost::measure()));
     std::fs::write(out_dir.join("report.md"), &text)?;
     std::fs::write(
         out_dir.join("results.json"),
@@ -763,5 +774,6 @@ mod tests {
         assert!(parse(&["--duration", "0"]).is_err());
         assert!(parse(&["--only", "both"]).is_err());
         assert!(!parse(&["--only", "check"]).unwrap().envoy);
+        assert!(parse(&["--only", "metrics"]).unwrap().metrics_only);
     }
 }

@@ -19,6 +19,7 @@ mod ext_authz;
 mod failure;
 mod identities;
 mod oauth;
+mod observability;
 mod routing;
 mod run;
 mod scaleout;

@@ -37,7 +37,6 @@ pub struct Target<'a> {
 
 impl Prometheus {
     pub async fn start(targets: &[Target<'_>], dir: &Path) -> Prometheus {
-        let port = free_port();
         let mut config = String::from(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n",
         );
@@ -47,6 +46,12 @@ impl Prometheus {
                 t.job, t.path, t.address
             ));
         }
+        Self::start_config(&config, dir).await
+    }
+
+    /// Runs the config `config` (YAML text) as it is.
+    pub async fn start_config(config: &str, dir: &Path) -> Prometheus {
+        let port = free_port();
         let config_file = dir.join(format!("prometheus-{port}.yml"));
         std::fs::write(&config_file, config).expect("writing the Prometheus config");
         let data = dir.join(format!("prometheus-{port}-data"));
@@ -124,18 +129,81 @@ impl Prometheus {
     }
 }
 
-/// Records an OTLP logs receiver was sent, in the order they arrived.
+/// The shipped scrape config (`docs/observability/prometheus.yml`) with each job's
+/// target replaced by `targets` (`(job, host:port)`) and a 1 s scrape interval, so a
+/// test runs what operators are given. Panics if a job is not in the file.
+pub fn example_config(targets: &[(&str, String)]) -> String {
+    let path = crate::workspace_root().join(EXAMPLE_CONFIG);
+    let text = std::fs::read_to_string(&path).expect("reading the example scrape config");
+    let mut config: serde_yaml::Value = serde_yaml::from_str(&text).expect("YAML");
+    config["global"]["scrape_interval"] = "1s".into();
+    config["global"]["scrape_timeout"] = "900ms".into();
+    config["global"]["evaluation_interval"] = "1s".into();
+    for (job, address) in targets {
+        let jobs = config["scrape_configs"]
+            .as_sequence_mut()
+            .expect("scrape_configs");
+        let entry = jobs
+            .iter_mut()
+            .find(|j| j["job_name"].as_str() == Some(job))
+            .unwrap_or_else(|| panic!("no job {job} in {EXAMPLE_CONFIG}"));
+        entry["static_configs"] =
+            serde_yaml::from_str(&format!("[{{targets: ['{address}']}}]")).expect("static_configs");
+    }
+    serde_yaml::to_string(&config).expect("YAML text")
+}
+
+/// Where the example scrape config is, under the workspace.
+pub const EXAMPLE_CONFIG: &str = "docs/observability/prometheus.yml";
+
+/// Records an OTLP logs receiver was sent, in the order they arrived, and each
+/// request's content type with, for OTLP/JSON, the body as sent.
 #[derive(Debug, Clone, Default)]
-pub struct Received(Arc<Mutex<Vec<LogRecord>>>);
+pub struct Received {
+    records: Arc<Mutex<Vec<LogRecord>>>,
+    requests: Arc<Mutex<Vec<Request>>>,
+}
+
+/// One export request the receiver took.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub content_type: String,
+    pub records: usize,
+    /// The body, for an `application/json` request.
+    pub json: Option<Json>,
+}
 
 impl Received {
     pub fn records(&self) -> Vec<LogRecord> {
-        self.0.lock().unwrap().clone()
+        self.records.lock().unwrap().clone()
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// How many records arrived (duplicates counted).
+    pub fn len(&self) -> usize {
+        self.records.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Each record's `mcpguard.audit.id`, in arrival order (duplicates kept).
     pub fn ids(&self) -> Vec<i64> {
         self.records().iter().map(audit_id).collect()
+    }
+
+    /// The ids in arrival order with repeats dropped (a receiver's de-duplication by
+    /// `log.record.uid`): at-least-once delivery in id order makes this ascending.
+    pub fn unique_ids(&self) -> Vec<i64> {
+        let mut seen = std::collections::HashSet::new();
+        self.ids()
+            .into_iter()
+            .filter(|id| seen.insert(*id))
+            .collect()
     }
 }
 
@@ -230,24 +298,48 @@ async fn answer(
             .body(Full::new(Bytes::from(body)))
             .unwrap()
     };
-    let protobuf = req
+    let content_type = req
         .headers()
         .get("content-type")
-        .is_some_and(|v| v.as_bytes() == b"application/x-protobuf");
-    if req.method() != hyper::Method::POST || req.uri().path() != "/v1/logs" || !protobuf {
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    if req.method() != hyper::Method::POST || req.uri().path() != "/v1/logs" {
         return status(400, Vec::new());
     }
     let Ok(body) = req.into_body().collect().await else {
         return status(400, Vec::new());
     };
-    let Ok(request) = ExportLogsServiceRequest::decode(body.to_bytes()) else {
-        return status(400, Vec::new());
+    let body = body.to_bytes();
+    // OTLP/HTTP: protobuf, or OTLP/JSON (proto3 JSON with OTLP's rules), each decoded
+    // with the definitions of `opentelemetry-proto`.
+    let (request, json) = match content_type.as_str() {
+        "application/x-protobuf" => match ExportLogsServiceRequest::decode(body) {
+            Ok(request) => (request, None),
+            Err(_) => return status(400, Vec::new()),
+        },
+        "application/json" => {
+            let (Ok(request), Ok(json)) = (
+                serde_json::from_slice::<ExportLogsServiceRequest>(&body),
+                serde_json::from_slice::<Json>(&body),
+            ) else {
+                return status(400, Vec::new());
+            };
+            (request, Some(json))
+        }
+        _ => return status(415, Vec::new()),
     };
-    let records = request
+    let records: Vec<LogRecord> = request
         .resource_logs
         .into_iter()
         .flat_map(|r| r.scope_logs)
-        .flat_map(|s| s.log_records);
-    received.0.lock().unwrap().extend(records);
+        .flat_map(|s| s.log_records)
+        .collect();
+    received.requests.lock().unwrap().push(Request {
+        content_type,
+        records: records.len(),
+        json,
+    });
+    received.records.lock().unwrap().extend(records);
     status(200, ExportLogsServiceResponse::default().encode_to_vec())
 }
