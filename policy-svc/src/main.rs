@@ -26,6 +26,9 @@ async fn main() -> std::process::ExitCode {
                 r.changed_meanwhile
             );
         }),
+        Some(Command::ConsoleLink { user }) => mcpguard_policy::console_link(&config, user)
+            .await
+            .map(|url| println!("{url}")),
     };
     match done {
         Ok(()) => std::process::ExitCode::SUCCESS,
