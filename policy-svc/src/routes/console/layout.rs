@@ -177,7 +177,7 @@ pub fn copyable(id: &str, value: &str) -> Markup {
     html! {
         span.copyable {
             code id=(id) { (value) }
-            button.small type="button" data-copy=(id) aria-label={ "Copy " (value) } { "Copy" }
+            button.small type="button" data-copy=(id) aria-label="Copy to clipboard" { "Copy" }
         }
     }
 }

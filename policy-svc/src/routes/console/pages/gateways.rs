@@ -73,7 +73,7 @@ pub async fn one(
     let back = format!("/console/gateways/{gateway_id}");
     let manage = api.can(Verb::Put, "/api/v1/gateways/{id}/servers/{server_id}");
     let body = html! {
-        p { code { (slug) } " " (badge(flag(g, "enabled"))) " " (toggle(&signed, "gateways", gateway_id, flag(g, "enabled"), &format!("the gateway {name}"), &back)) }
+        div.state { code { (slug) } " " (badge(flag(g, "enabled"))) " " (toggle(&signed, "gateways", gateway_id, flag(g, "enabled"), &format!("the gateway {name}"), &back)) }
         section {
             h2 { "Exposed servers" }
             table {

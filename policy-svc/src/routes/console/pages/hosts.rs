@@ -73,7 +73,7 @@ pub async fn one(
     let back = format!("/console/hosts/{host_id}");
     let token_based = host["kind"] == "token";
     let body = html! {
-        p {
+        div.state {
             (tag(if token_based { "token-based" } else { "headed (OAuth)" })) " " (badge(flag(host, "enabled"))) " "
             (toggle(&signed, "hosts", host_id, flag(host, "enabled"), &format!("the host {name}"), &back))
         }

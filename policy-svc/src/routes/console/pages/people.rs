@@ -100,7 +100,7 @@ pub async fn one(
     let name = text(&user["name"]);
     let back = format!("/console/people/{user_id}");
     let body = html! {
-        p { (badge(flag(user, "enabled"))) " " (toggle(&signed, "users", user_id, flag(user, "enabled"), &format!("the user {name}"), &back)) }
+        div.state { (badge(flag(user, "enabled"))) " " (toggle(&signed, "users", user_id, flag(user, "enabled"), &format!("the user {name}"), &back)) }
         section {
             h2 { "Identities" }
             p.muted { "The user's own credentials for per-user servers. Stored sealed; never shown again after saving." }
