@@ -194,14 +194,26 @@ if [[ $TOKEN_SOURCE == /* ]]; then
 else
     token_line="export ADMIN_TOKEN=\"\$MCPGUARD_BOOTSTRAP_ADMIN_TOKEN\""
 fi
+# A one-time way in for `owner`, so that a newcomer needs no curl: the link signs in
+# once, within 15 minutes (`mcpguard-policy console-link` makes another).
+console_link=$(target/debug/mcpguard-policy --data-dir "$DATA_DIR" --issuer "$ADMIN_URL" console-link) \
+    || die "could not make a console sign-in link"
+
 cat <<EOF
 
 mcpguard is running.
+  admin console  $ADMIN_URL/console
+                 sign in as owner with this one-time link (works once, for 15 minutes):
+                 $console_link
+                 (another: target/debug/mcpguard-policy --data-dir $DATA_DIR --issuer $ADMIN_URL console-link)
   MCP endpoint   $MCP_URL   (gateway \`demo\` id $gateway_id, server \`demo\` id $server_id)
   admin API      $ADMIN_URL/api/v1   (admin token: $TOKEN_SOURCE)
   logs           $PWD/$RUN_DIR/{policy,demo-mcp,envoy}.log
 
-Try it, in another shell:
+In the console: Apps & Agents > create a host > generate a token for the demo gateway
+(shown once, with Copy and Download) > use it as the MCP client's bearer token.
+
+The same with the admin API, in another shell:
 
   $token_line
 

@@ -128,7 +128,7 @@ async fn an_admin_issues_an_agents_token_in_the_console_and_cuts_it_off() {
     browser.click_labelled("main", "Yes, disable").await;
     let page = browser.page_text().await;
     assert!(page.contains("Disabled. This holds from the next request."), "{page}");
-    assert!(browser.text("main > div.state .badge").await.contains("disabled"));
+    assert!(browser.text("main > div.state .badge.off").await.contains("disabled"));
     browser.screenshot("06-host-disabled").await;
     expect_refusal(&url, Some(&token), (403, "host_disabled")).await;
     assert!(call_text(&agent, "echo", json!({"text": "again"})).await.is_err(), "the open session is refused too");
