@@ -223,6 +223,15 @@ async fn oauth_housekeeping(db: store::Db) {
             ),
             Err(e) => tracing::warn!(error = %e, "OAuth housekeeping failed"),
         }
+        let idle = routes::console::SESSION_IDLE_MS;
+        match store::console::purge(&db, store::now_ms(), idle).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                deleted = n,
+                "ended console sessions and expired sign-in links deleted"
+            ),
+            Err(e) => tracing::warn!(error = %e, "console housekeeping failed"),
+        }
     }
 }
 

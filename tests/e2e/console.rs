@@ -49,7 +49,10 @@ async fn until_page_shows(browser: &Browser, url: &str, needle: &str) -> String 
         if text.contains(needle) {
             return text;
         }
-        assert!(Instant::now() < deadline, "{url} never showed {needle:?}:\n{text}");
+        assert!(
+            Instant::now() < deadline,
+            "{url} never showed {needle:?}:\n{text}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -75,13 +78,23 @@ async fn an_admin_issues_an_agents_token_in_the_console_and_cuts_it_off() {
 
     browser.goto(&format!("{base}/console")).await;
     assert!(
-        browser.client.current_url().await.unwrap().path().ends_with("/console/login"),
+        browser
+            .client
+            .current_url()
+            .await
+            .unwrap()
+            .path()
+            .ends_with("/console/login"),
         "not signed in: sent to sign-in"
     );
     browser.screenshot("01-sign-in").await;
     sign_in(&browser, &base, "owner", OWNER_PASSWORD).await;
     let overview = browser.page_text().await;
-    assert!(overview.contains(&stack.envoy.mcp_url("eng", "demo")) || overview.contains("/mcp/eng/demo"), "{overview}");
+    assert!(
+        overview.contains(&stack.envoy.mcp_url("eng", "demo"))
+            || overview.contains("/mcp/eng/demo"),
+        "{overview}"
+    );
     browser.screenshot("02-overview").await;
 
     // Apps & Agents: create the agent's host.
@@ -92,7 +105,9 @@ async fn an_admin_issues_an_agents_token_in_the_console_and_cuts_it_off() {
     browser.screenshot("03-apps-and-agents").await;
     let link = browser
         .client
-        .find(fantoccini::Locator::XPath("//a[normalize-space()='Feedback bot']"))
+        .find(fantoccini::Locator::XPath(
+            "//a[normalize-space()='Feedback bot']",
+        ))
         .await
         .expect("the new host is listed");
     link.click().await.unwrap();
@@ -100,50 +115,122 @@ async fn an_admin_issues_an_agents_token_in_the_console_and_cuts_it_off() {
     let host_id = host_id_in(browser.client.current_url().await.unwrap().as_str());
 
     // Generate a token for the gateway: shown once, with Copy and Download.
-    browser.click_labelled("section.card", "Generate token").await;
+    browser
+        .click_labelled("section.card", "Generate token")
+        .await;
     let token = browser.text("#secret").await;
     assert!(token.starts_with("mcpgt_"), "{token}");
     let page = browser.page_text().await;
     assert!(page.contains("Shown once."), "{page}");
     let download = browser.find("a[download='token.txt']").await;
     let href = download.attr("href").await.unwrap().unwrap();
-    assert!(href.ends_with(&token), "the download holds the token: {href}");
+    assert!(
+        href.ends_with(&token),
+        "the download holds the token: {href}"
+    );
     browser.find("button[data-copy=secret]").await;
     browser.screenshot("04-token-shown-once").await;
 
     // The agent connects through Envoy with it, as any MCP client would.
     let url = stack.envoy.mcp_url("eng", "demo");
     let agent = connect(&url, Some(&token)).await.expect("the token works");
-    assert_eq!(call_text(&agent, "echo", json!({"text": "hi"})).await.unwrap(), "hi");
+    assert_eq!(
+        call_text(&agent, "echo", json!({"text": "hi"}))
+            .await
+            .unwrap(),
+        "hi"
+    );
 
     // The host page lists the token (prefix, never the secret) and its state.
     browser.click_labelled("main", "Done").await;
     let page = browser.page_text().await;
-    assert!(page.contains(&token[..14]) && !page.contains(&token), "{page}");
+    assert!(
+        page.contains(&token[..14]) && !page.contains(&token),
+        "{page}"
+    );
+
+    // Rotation: a new token for the same connection; both work until the old one is
+    // revoked, which stops it on the next request and leaves the new one alone.
+    browser.click_labelled("main table", "Rotate").await;
+    let rotated = browser.text("#secret").await;
+    assert!(
+        rotated.starts_with("mcpgt_") && rotated != token,
+        "{rotated}"
+    );
+    browser.click_labelled("main", "Done").await;
+    assert_eq!(initialize_with(&url, Some(&token)).await.status, 200);
+    assert_eq!(initialize_with(&url, Some(&rotated)).await.status, 200);
+    browser
+        .click_xpath(&format!(
+            "//tr[contains(., '{}')]//button[normalize-space()='Revoke']",
+            &token[..14]
+        ))
+        .await;
+    browser.click_labelled("main", "Yes, remove").await;
+    assert!(browser.page_text().await.contains("Revoked."));
+    expect_refusal(&url, Some(&token), (401, "token_revoked")).await;
+    let token = rotated;
+    let agent = connect(&url, Some(&token))
+        .await
+        .expect("the new token works");
 
     // Break-glass: Disable asks first, then holds from the next request.
     browser.click_labelled("main > div.state", "Disable").await;
-    assert!(browser.page_text().await.contains("Disable the host Feedback bot?"));
+    assert!(
+        browser
+            .page_text()
+            .await
+            .contains("Disable the host Feedback bot?")
+    );
     browser.screenshot("05-confirm-disable").await;
     browser.click_labelled("main", "Yes, disable").await;
     let page = browser.page_text().await;
-    assert!(page.contains("Disabled. This holds from the next request."), "{page}");
-    assert!(browser.text("main > div.state .badge.off").await.contains("disabled"));
+    assert!(
+        page.contains("Disabled. This holds from the next request."),
+        "{page}"
+    );
+    assert!(
+        browser
+            .text("main > div.state .badge.off")
+            .await
+            .contains("disabled")
+    );
     browser.screenshot("06-host-disabled").await;
     expect_refusal(&url, Some(&token), (403, "host_disabled")).await;
-    assert!(call_text(&agent, "echo", json!({"text": "again"})).await.is_err(), "the open session is refused too");
+    assert!(
+        call_text(&agent, "echo", json!({"text": "again"}))
+            .await
+            .is_err(),
+        "the open session is refused too"
+    );
 
     // The refusal, and who disabled the host, are in the audit page.
-    let audit = until_page_shows(&browser, &format!("{base}/console/audit?kind=decision&decision=deny"), "host_disabled").await;
+    let audit = until_page_shows(
+        &browser,
+        &format!("{base}/console/audit?kind=decision&decision=deny"),
+        "host_disabled",
+    )
+    .await;
     assert!(audit.contains("eng / demo"), "{audit}");
     browser.screenshot("07-audit-refusals").await;
-    let admin_log = until_page_shows(&browser, &format!("{base}/console/audit?kind=admin"), "host.disable").await;
-    assert!(admin_log.contains(&format!("hosts/{host_id}")) || admin_log.contains("host.disable"), "{admin_log}");
+    let admin_log = until_page_shows(
+        &browser,
+        &format!("{base}/console/audit?kind=admin"),
+        "host.disable",
+    )
+    .await;
+    assert!(
+        admin_log.contains(&format!("hosts/{host_id}")) || admin_log.contains("host.disable"),
+        "{admin_log}"
+    );
 
     // The other pages, for a person to look at.
     for (name, path) in [
         ("08-gateways", "/console/gateways".to_owned()),
-        ("09-gateway-connections", format!("/console/gateways/{gateway_id}")),
+        (
+            "09-gateway-connections",
+            format!("/console/gateways/{gateway_id}"),
+        ),
         ("10-servers", "/console/servers".to_owned()),
         ("11-people", "/console/people".to_owned()),
         ("12-person", "/console/people/1".to_owned()),
@@ -155,21 +242,39 @@ async fn an_admin_issues_an_agents_token_in_the_console_and_cuts_it_off() {
         browser.screenshot(name).await;
     }
     let connections = {
-        browser.goto(&format!("{base}/console/gateways/{gateway_id}")).await;
+        browser
+            .goto(&format!("{base}/console/gateways/{gateway_id}"))
+            .await;
         browser.text("#connections + p + table").await
     };
-    assert!(connections.contains("Feedback bot") && connections.contains("owner"), "{connections}");
+    assert!(
+        connections.contains("Feedback bot") && connections.contains("owner"),
+        "{connections}"
+    );
 
     // Enabling restores access on the next request.
-    browser.goto(&format!("{base}/console/hosts/{host_id}")).await;
+    browser
+        .goto(&format!("{base}/console/hosts/{host_id}"))
+        .await;
     browser.click_labelled("main > div.state", "Enable").await;
     browser.click_labelled("main", "Yes, enable").await;
     assert_eq!(initialize_with(&url, Some(&token)).await.status, 200);
 
     // Sign-out ends the session: its cookie opens nothing any more.
-    let session = browser.cookie("mcpguard_console").await.expect("a session cookie");
+    let session = browser
+        .cookie("mcpguard_console")
+        .await
+        .expect("a session cookie");
     browser.click("header.top .signout button").await;
-    assert!(browser.client.current_url().await.unwrap().path().ends_with("/console/login"));
+    assert!(
+        browser
+            .client
+            .current_url()
+            .await
+            .unwrap()
+            .path()
+            .ends_with("/console/login")
+    );
     let stale = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -200,13 +305,21 @@ async fn post_act(base: &str, session: Option<&str>, form: &[(&str, &str)]) -> (
 async fn without_the_capability_there_is_no_toggle_and_forged_or_csrf_less_posts_change_nothing() {
     let stack = Stack::start().await;
     let admin = stack.admin();
-    let p = admin.provision("eng", "demo", &stack.demo.upstream_url()).await;
+    let p = admin
+        .provision("eng", "demo", &stack.demo.upstream_url())
+        .await;
     let (status, role) = admin
-        .post("/api/v1/roles", json!({"name": "viewer", "capabilities": ["hosts.read"]}))
+        .post(
+            "/api/v1/roles",
+            json!({"name": "viewer", "capabilities": ["hosts.read"]}),
+        )
         .await;
     assert_eq!(status, 201, "{role}");
     let (status, viewer) = admin
-        .post("/api/v1/users", json!({"name": "viewer", "role_id": role["id"]}))
+        .post(
+            "/api/v1/users",
+            json!({"name": "viewer", "role_id": role["id"]}),
+        )
         .await;
     assert_eq!(status, 201, "{viewer}");
     let viewer_id = viewer["id"].as_i64().unwrap();
@@ -227,13 +340,21 @@ async fn without_the_capability_there_is_no_toggle_and_forged_or_csrf_less_posts
         .find_all(fantoccini::Locator::Css("main button"))
         .await
         .unwrap();
-    assert!(buttons.is_empty(), "no control without a capability: {page}");
+    assert!(
+        buttons.is_empty(),
+        "no control without a capability: {page}"
+    );
     let nav = browser.text("header.top nav").await;
     assert!(!nav.contains("Audit") && !nav.contains("People"), "{nav}");
     browser.screenshot("20-viewer-sees-no-toggle").await;
 
     // A forged post with the viewer's own session and CSRF token: 403, nothing changed.
-    let session = browser.cookie("mcpguard_console").await.unwrap().value().to_owned();
+    let session = browser
+        .cookie("mcpguard_console")
+        .await
+        .unwrap()
+        .value()
+        .to_owned();
     let csrf = browser
         .find("header.top input[name=csrf]")
         .await
@@ -252,7 +373,11 @@ async fn without_the_capability_there_is_no_toggle_and_forged_or_csrf_less_posts
     let (status, body) = post_act(&base, Some(&session), &forged).await;
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("hosts.toggle"), "{body}");
-    assert_eq!(initialize_with(&url, Some(&p.token)).await.status, 200, "still enabled");
+    assert_eq!(
+        initialize_with(&url, Some(&p.token)).await.status,
+        200,
+        "still enabled"
+    );
     let (_, hosts) = admin.get("/api/v1/hosts").await;
     assert_eq!(hosts[0]["enabled"], true);
 
@@ -260,7 +385,12 @@ async fn without_the_capability_there_is_no_toggle_and_forged_or_csrf_less_posts
     // with another session's token: the same.
     let owner = Browser::start(stack.dir.path()).await;
     sign_in(&owner, &base, "owner", OWNER_PASSWORD).await;
-    let owner_session = owner.cookie("mcpguard_console").await.unwrap().value().to_owned();
+    let owner_session = owner
+        .cookie("mcpguard_console")
+        .await
+        .unwrap()
+        .value()
+        .to_owned();
     let no_csrf = &forged[1..];
     let (status, body) = post_act(&base, Some(&owner_session), no_csrf).await;
     assert_eq!(status, 403, "{body}");
@@ -270,7 +400,11 @@ async fn without_the_capability_there_is_no_toggle_and_forged_or_csrf_less_posts
     // No session at all.
     let (status, _) = post_act(&base, None, &forged).await;
     assert_eq!(status, 401);
-    assert_eq!(initialize_with(&url, Some(&p.token)).await.status, 200, "still enabled");
+    assert_eq!(
+        initialize_with(&url, Some(&p.token)).await.status,
+        200,
+        "still enabled"
+    );
 
     // The same post with the owner's own token goes through: the refusals above were
     // about the token and the capability, not a broken form.
@@ -295,7 +429,11 @@ async fn sessions_are_strict_cookies_the_pages_forbid_inline_script_and_links_wo
     let out = stack
         .policy
         .command(&["--issuer", &base, "console-link"], &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let link = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     assert!(link.starts_with(&format!("{base}/console/link/")), "{link}");
 
@@ -306,14 +444,23 @@ async fn sessions_are_strict_cookies_the_pages_forbid_inline_script_and_links_wo
     // Opening the link shows a button; only its form signs in, once.
     let page = client.get(&link).send().await.unwrap();
     assert_eq!(page.status(), 200);
-    let csp = page.headers()["content-security-policy"].to_str().unwrap().to_owned();
-    assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"), "{csp}");
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
     assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
     let login_cookie = page.headers()["set-cookie"].to_str().unwrap().to_owned();
     let csrf_pair = login_cookie.split(';').next().unwrap().to_owned();
     let csrf = csrf_pair.split_once('=').unwrap().1.to_owned();
     let html = page.text().await.unwrap();
-    assert!(!html.contains("<script>") && !html.contains(" style="), "no inline script or style");
+    assert!(
+        !html.contains("<script>") && !html.contains(" style="),
+        "no inline script or style"
+    );
     let signed = client
         .post(&link)
         .header("cookie", &csrf_pair)
@@ -336,6 +483,57 @@ async fn sessions_are_strict_cookies_the_pages_forbid_inline_script_and_links_wo
         .unwrap();
     assert_eq!(overview.status(), 200);
     assert!(overview.text().await.unwrap().contains("Signed in as"));
+    // The audit exports: the sign-in above left no admin entry, so make one to export.
+    let made = stack.admin().host("Exported bot").await;
+    let jsonl = client
+        .get(format!("{base}/console/audit/export.jsonl"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(jsonl.status(), 200);
+    assert!(
+        jsonl.headers()["content-disposition"]
+            .to_str()
+            .unwrap()
+            .contains("audit.jsonl")
+    );
+    let lines: Vec<serde_json::Value> = jsonl
+        .text()
+        .await
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|e| e["action"] == "host.create" && e["target"] == format!("hosts/{made}")),
+        "{lines:?}"
+    );
+    let csv = client
+        .get(format!("{base}/console/audit/export.csv?kind=admin"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(csv.status(), 200);
+    assert!(
+        csv.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/csv")
+    );
+    let csv = csv.text().await.unwrap();
+    let mut rows = csv.lines();
+    assert!(
+        rows.next().unwrap().starts_with("id,at,kind,action,code"),
+        "{csv}"
+    );
+    assert!(
+        rows.any(|r| r.contains(",admin,host.create,") && r.contains(&format!("hosts/{made}"))),
+        "{csv}"
+    );
     // Used: the link is gone.
     let again = client
         .post(&link)
@@ -347,21 +545,45 @@ async fn sessions_are_strict_cookies_the_pages_forbid_inline_script_and_links_wo
     assert_eq!(again.status(), 404);
     assert_eq!(client.get(&link).send().await.unwrap().status(), 404);
     // A wrong password is refused with the same page as an unknown user.
-    let form = client.get(format!("{base}/console/login")).send().await.unwrap();
-    let pair = form.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+    let form = client
+        .get(format!("{base}/console/login"))
+        .send()
+        .await
+        .unwrap();
+    let pair = form.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
     let token = pair.split_once('=').unwrap().1.to_owned();
     let refused = client
         .post(format!("{base}/console/login"))
         .header("cookie", &pair)
-        .form(&[("csrf", token.as_str()), ("username", "owner"), ("password", "not the password")])
+        .form(&[
+            ("csrf", token.as_str()),
+            ("username", "owner"),
+            ("password", "not the password"),
+        ])
         .send()
         .await
         .unwrap();
     assert_eq!(refused.status(), 401);
-    assert!(refused.text().await.unwrap().contains("Wrong user name or password."));
+    assert!(
+        refused
+            .text()
+            .await
+            .unwrap()
+            .contains("Wrong user name or password.")
+    );
     // The static script and stylesheet are served; nothing else under /console/static.
     for asset in ["console.js", "console.css"] {
-        let r = client.get(format!("{base}/console/static/{asset}")).send().await.unwrap();
+        let r = client
+            .get(format!("{base}/console/static/{asset}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200, "{asset}");
     }
 }

@@ -38,7 +38,8 @@ impl Browser {
     pub async fn start(log_dir: &std::path::Path) -> Browser {
         let port = free_port();
         let mut cmd = Command::new(chromedriver());
-        cmd.arg(format!("--port={port}")).arg("--allowed-ips=127.0.0.1");
+        cmd.arg(format!("--port={port}"))
+            .arg("--allowed-ips=127.0.0.1");
         // Its own process group, so that the browsers it starts end with it.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let mut driver = Proc::spawn(&format!("chromedriver-{port}"), cmd, log_dir);
@@ -71,7 +72,12 @@ impl Browser {
             .capabilities(caps)
             .connect(&format!("http://127.0.0.1:{port}"))
             .await
-            .unwrap_or_else(|e| panic!("starting chromium through chromedriver: {e}; log:\n{}", driver.log_tail()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "starting chromium through chromedriver: {e}; log:\n{}",
+                    driver.log_tail()
+                )
+            });
         Browser {
             client,
             driver,
@@ -80,7 +86,10 @@ impl Browser {
     }
 
     pub async fn goto(&self, url: &str) {
-        self.client.goto(url).await.unwrap_or_else(|e| panic!("opening {url}: {e}"));
+        self.client
+            .goto(url)
+            .await
+            .unwrap_or_else(|e| panic!("opening {url}: {e}"));
     }
 
     pub async fn find(&self, css: &str) -> Element {
@@ -101,7 +110,11 @@ impl Browser {
     /// Clicks `css` and waits for the page it leads to.
     pub async fn click(&self, css: &str) {
         let before = self.client.find(Locator::Css("html")).await.ok();
-        self.find(css).await.click().await.unwrap_or_else(|e| panic!("clicking {css}: {e}"));
+        self.find(css)
+            .await
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("clicking {css}: {e}"));
         if let Some(old) = before {
             // The old document goes stale once the next one has loaded.
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -115,11 +128,36 @@ impl Browser {
     pub async fn click_labelled(&self, css: &str, label: &str) {
         let scope = self.find(css).await;
         let target = scope
-            .find(Locator::XPath(&format!(".//*[self::button or self::a][normalize-space()='{label}']")))
+            .find(Locator::XPath(&format!(
+                ".//*[self::button or self::a][normalize-space()='{label}']"
+            )))
             .await
             .unwrap_or_else(|e| panic!("no {label:?} in {css}: {e}"));
         let old = self.client.find(Locator::Css("html")).await.ok();
-        target.click().await.unwrap_or_else(|e| panic!("clicking {label:?}: {e}"));
+        target
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("clicking {label:?}: {e}"));
+        if let Some(old) = old {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while old.tag_name().await.is_ok() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    }
+
+    /// Clicks the element at `xpath` and waits for the page it leads to.
+    pub async fn click_xpath(&self, xpath: &str) {
+        let target = self
+            .client
+            .find(Locator::XPath(xpath))
+            .await
+            .unwrap_or_else(|e| panic!("no {xpath} on the page: {e}"));
+        let old = self.client.find(Locator::Css("html")).await.ok();
+        target
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("clicking {xpath}: {e}"));
         if let Some(old) = old {
             let deadline = Instant::now() + Duration::from_secs(10);
             while old.tag_name().await.is_ok() && Instant::now() < deadline {

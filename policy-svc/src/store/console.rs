@@ -50,10 +50,9 @@ pub async fn touch_session(db: &Db, token_hash: &str, idle_ms: i64) -> Result<Op
             .bind(user_id)
             .fetch_optional(db)
             .await?;
-    let Some((name, enabled, role_id)) = user.filter(|u| u.1.0) else {
+    let Some((name, _, role_id)) = user.filter(|(_, enabled, _)| enabled.0) else {
         return Ok(None);
     };
-    let _ = enabled;
     let names: Vec<String> =
         sqlx::query_scalar("SELECT capability FROM role_capabilities WHERE role_id = $1")
             .bind(role_id)
@@ -78,14 +77,13 @@ pub async fn close_session(db: &Db, token_hash: &str) -> Result<()> {
 
 /// Sessions idle past `idle_ms` or expired, and links past their expiry.
 pub async fn purge(db: &Db, now: i64, idle_ms: i64) -> Result<u64> {
-    let mut deleted = sqlx::query(
-        "DELETE FROM console_sessions WHERE expires_at < $1 OR last_seen_at < $2",
-    )
-    .bind(now)
-    .bind(now - idle_ms)
-    .execute(db)
-    .await?
-    .rows_affected();
+    let mut deleted =
+        sqlx::query("DELETE FROM console_sessions WHERE expires_at < $1 OR last_seen_at < $2")
+            .bind(now)
+            .bind(now - idle_ms)
+            .execute(db)
+            .await?
+            .rows_affected();
     deleted += sqlx::query("DELETE FROM console_links WHERE expires_at < $1")
         .bind(now)
         .execute(db)
@@ -171,6 +169,14 @@ mod tests {
         open_session(&db, "h2", 1, -1).await.unwrap();
         assert!(touch_session(&db, "h2", 60_000).await.unwrap().is_none());
         assert_eq!(purge(&db, now_ms(), 60_000).await.unwrap(), 1);
+        // A new password signs the user out of the console too.
+        open_session(&db, "h3", 1, 60_000).await.unwrap();
+        assert!(
+            crate::store::signin::set_password(&db, 1, "$argon2id$x")
+                .await
+                .unwrap()
+        );
+        assert!(touch_session(&db, "h3", 60_000).await.unwrap().is_none());
     }
 
     #[tokio::test]

@@ -171,11 +171,19 @@ pub async fn act(
         }
     };
     let Ok(Form(fields)) = form else {
-        return refused(&signed, StatusCode::BAD_REQUEST, "Malformed form.", "/console");
+        return refused(
+            &signed,
+            StatusCode::BAD_REQUEST,
+            "Malformed form.",
+            "/console",
+        );
     };
     let back = safe_back(field(&fields, "_back"));
     if !signed.csrf_ok(field(&fields, "csrf")) {
-        tracing::warn!(user_id = signed.api.admin.user_id, "console form refused: CSRF token missing or wrong");
+        tracing::warn!(
+            user_id = signed.api.admin.user_id,
+            "console form refused: CSRF token missing or wrong"
+        );
         return refused(
             &signed,
             StatusCode::FORBIDDEN,
@@ -187,7 +195,12 @@ pub async fn act(
         field(&fields, "_method").and_then(verb_of),
         field(&fields, "_path"),
     ) else {
-        return refused(&signed, StatusCode::BAD_REQUEST, "The form names no call.", back);
+        return refused(
+            &signed,
+            StatusCode::BAD_REQUEST,
+            "The form names no call.",
+            back,
+        );
     };
     let Some(template) = endpoint_of(verb, path) else {
         return refused(&signed, StatusCode::NOT_FOUND, "No such admin call.", back);
@@ -197,7 +210,12 @@ pub async fn act(
         let cap = crate::routes::capability_of(verb, template)
             .flatten()
             .map_or("", |c| c.as_str());
-        tracing::warn!(user_id = signed.api.admin.user_id, capability = cap, path, "console action refused: missing capability");
+        tracing::warn!(
+            user_id = signed.api.admin.user_id,
+            capability = cap,
+            path,
+            "console action refused: missing capability"
+        );
         return refused(
             &signed,
             StatusCode::FORBIDDEN,
@@ -209,8 +227,9 @@ pub async fn act(
         return confirm(&signed, &fields, verb, template, back);
     }
     let body = body_of(&fields);
-    let with_body = (verb != Verb::Delete && !template.ends_with("/disable") && !template.ends_with("/enable"))
-        .then_some(&body);
+    let with_body =
+        (verb != Verb::Delete && !template.ends_with("/disable") && !template.ends_with("/enable"))
+            .then_some(&body);
     let answer = signed.api.call(method, path, with_body).await;
     if !answer.status.is_success() {
         return refused(&signed, answer.status, &answer.message(), back);
@@ -225,7 +244,12 @@ pub async fn act(
     );
     match HeaderValue::from_str(&to) {
         Ok(location) => (StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response(),
-        Err(_) => refused(&signed, StatusCode::BAD_REQUEST, "Bad return address.", "/console"),
+        Err(_) => refused(
+            &signed,
+            StatusCode::BAD_REQUEST,
+            "Bad return address.",
+            "/console",
+        ),
     }
 }
 
@@ -297,10 +321,15 @@ fn shown_once(signed: &Signed, answer: &Value, back: &str) -> Option<Response> {
         return None;
     };
     let prefix = answer["prefix"].as_str().unwrap_or("");
-    let missing = answer["missing_identities"].as_array().cloned().unwrap_or_default();
+    let missing = answer["missing_identities"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let download = format!(
         "data:text/plain;charset=utf-8,{}",
-        url::form_urlencoded::byte_serialize(secret.as_bytes()).collect::<String>().replace('+', "%20")
+        url::form_urlencoded::byte_serialize(secret.as_bytes())
+            .collect::<String>()
+            .replace('+', "%20")
     );
     Some(layout::page(
         signed,
@@ -344,7 +373,10 @@ mod tests {
             endpoint_of(Verb::Put, "/api/v1/gateways/1/servers/2"),
             Some("/api/v1/gateways/{id}/servers/{server_id}")
         );
-        assert_eq!(endpoint_of(Verb::Post, "/api/v1/hosts"), Some("/api/v1/hosts"));
+        assert_eq!(
+            endpoint_of(Verb::Post, "/api/v1/hosts"),
+            Some("/api/v1/hosts")
+        );
         for bad in [
             "/api/v1/hosts/x/disable",
             "/api/v1/hosts//disable",
@@ -395,15 +427,31 @@ mod tests {
             serde_json::json!({"capabilities": []})
         );
         // Not a number where one is expected: passed on, and the API says 422.
-        assert_eq!(f(&[("gateway_id", "x")]), serde_json::json!({"gateway_id": "x"}));
+        assert_eq!(
+            f(&[("gateway_id", "x")]),
+            serde_json::json!({"gateway_id": "x"})
+        );
     }
 
     #[test]
     fn the_browser_goes_back_only_to_console_pages() {
         assert_eq!(safe_back(Some("/console/hosts/3")), "/console/hosts/3");
-        assert_eq!(safe_back(Some("/console/audit?kind=admin")), "/console/audit?kind=admin");
-        for bad in ["https://evil.example", "//evil.example", "/console//evil", "/consolex\\y", "/api/v1", "/console/a b"] {
-            assert!(safe_back(Some(bad)) == "/console" || bad == "/consolex\\y", "{bad}");
+        assert_eq!(
+            safe_back(Some("/console/audit?kind=admin")),
+            "/console/audit?kind=admin"
+        );
+        for bad in [
+            "https://evil.example",
+            "//evil.example",
+            "/console//evil",
+            "/consolex\\y",
+            "/api/v1",
+            "/console/a b",
+        ] {
+            assert!(
+                safe_back(Some(bad)) == "/console" || bad == "/consolex\\y",
+                "{bad}"
+            );
         }
         assert_eq!(safe_back(Some("/consolex\\y")), "/console");
         assert_eq!(safe_back(None), "/console");

@@ -31,9 +31,10 @@ pub struct Answer {
 impl Answer {
     /// The API's error message, for a page that says why something was refused.
     pub fn message(&self) -> String {
-        self.body["error"]["message"]
-            .as_str()
-            .map_or_else(|| format!("the call failed ({})", self.status), str::to_owned)
+        self.body["error"]["message"].as_str().map_or_else(
+            || format!("the call failed ({})", self.status),
+            str::to_owned,
+        )
     }
 }
 

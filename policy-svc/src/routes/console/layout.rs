@@ -23,8 +23,16 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
 /// each one (`None`: every signed-in user).
 const AREAS: &[(&str, &str, Option<Capability>)] = &[
     ("Overview", "/console", None),
-    ("Apps & Agents", "/console/hosts", Some(Capability::HostsRead)),
-    ("Gateways", "/console/gateways", Some(Capability::GatewaysRead)),
+    (
+        "Apps & Agents",
+        "/console/hosts",
+        Some(Capability::HostsRead),
+    ),
+    (
+        "Gateways",
+        "/console/gateways",
+        Some(Capability::GatewaysRead),
+    ),
     ("Servers", "/console/servers", Some(Capability::ServersRead)),
     ("People", "/console/people", Some(Capability::UsersRead)),
     ("Audit", "/console/audit", Some(Capability::AuditRead)),
@@ -39,9 +47,15 @@ pub fn respond(status: StatusCode, doc: Markup) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
@@ -211,7 +225,14 @@ pub fn action(signed: &Signed, a: &Action<'_>, fields: Markup) -> Markup {
 /// A toggle of the break-glass kind `kind` (`hosts`, `connections`, ...): Disable when
 /// enabled, Enable when not; shown only when the user holds its capability. Both ask
 /// for confirmation first.
-pub fn toggle(signed: &Signed, kind: &str, id: i64, enabled: bool, what: &str, back: &str) -> Markup {
+pub fn toggle(
+    signed: &Signed,
+    kind: &str,
+    id: i64,
+    enabled: bool,
+    what: &str,
+    back: &str,
+) -> Markup {
     let verb = if enabled { "disable" } else { "enable" };
     let template = format!("/api/v1/{kind}/{{id}}/{verb}");
     if !signed.api.can(crate::routes::Verb::Post, &template) {

@@ -22,6 +22,7 @@ use serde::Deserialize;
 
 use crate::AppState;
 
+pub use session::IDLE_MS as SESSION_IDLE_MS;
 pub use signin::new_link;
 
 /// What the console's handlers share: the service's state, and the admin API router
@@ -38,7 +39,10 @@ pub fn routes(app: AppState, api: Router) -> Router<AppState> {
         .route("/console/", get(pages::overview::page))
         .route("/console/login", get(signin::form).post(signin::submit))
         .route("/console/logout", post(signin::sign_out))
-        .route("/console/link/{code}", get(signin::link).post(signin::use_link))
+        .route(
+            "/console/link/{code}",
+            get(signin::link).post(signin::use_link),
+        )
         .route("/console/static/console.css", get(css))
         .route("/console/static/console.js", get(js))
         .route("/console/act", post(act::act))
@@ -50,7 +54,10 @@ pub fn routes(app: AppState, api: Router) -> Router<AppState> {
         .route("/console/people", get(pages::people::list))
         .route("/console/people/{id}", get(pages::people::one))
         .route("/console/audit", get(pages::audit::list))
-        .route("/console/audit/export.jsonl", get(pages::audit::export_jsonl))
+        .route(
+            "/console/audit/export.jsonl",
+            get(pages::audit::export_jsonl),
+        )
         .route("/console/audit/export.csv", get(pages::audit::export_csv))
         .route("/console/keys", get(pages::keys::list))
         .with_state(Console { app, api })

@@ -112,7 +112,11 @@ pub async fn submit(
     };
     let (Some(username), Some(password)) = (field(&fields, "username"), field(&fields, "password"))
     else {
-        return sign_in_page(&console, StatusCode::UNAUTHORIZED, Some("Enter your user name and password."));
+        return sign_in_page(
+            &console,
+            StatusCode::UNAUTHORIZED,
+            Some("Enter your user name and password."),
+        );
     };
     let client = client_of(&console, peer.ok().map(|c| c.0), &headers);
     let outcome = match sign_in(&console.app, admitted, &client, username, password).await {
@@ -130,7 +134,11 @@ pub async fn submit(
         SignIn::Throttled(retry_after) => {
             tracing::warn!(retry_after, "console sign-in throttled");
             refused_for_now(
-                sign_in_page(&console, StatusCode::TOO_MANY_REQUESTS, Some(SignIn::THROTTLED_MESSAGE)),
+                sign_in_page(
+                    &console,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Some(SignIn::THROTTLED_MESSAGE),
+                ),
                 StatusCode::TOO_MANY_REQUESTS,
                 retry_after,
             )
@@ -138,14 +146,22 @@ pub async fn submit(
         SignIn::Busy => busy(),
         SignIn::Refused => {
             tracing::info!("console sign-in refused");
-            sign_in_page(&console, StatusCode::UNAUTHORIZED, Some("Wrong user name or password."))
+            sign_in_page(
+                &console,
+                StatusCode::UNAUTHORIZED,
+                Some("Wrong user name or password."),
+            )
         }
     }
 }
 
 fn busy() -> Response {
     refused_for_now(
-        refused(StatusCode::SERVICE_UNAVAILABLE, "Try again", SignIn::BUSY_MESSAGE),
+        refused(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Try again",
+            SignIn::BUSY_MESSAGE,
+        ),
         StatusCode::SERVICE_UNAVAILABLE,
         Busy::RETRY_AFTER_SECS,
     )
@@ -160,9 +176,15 @@ pub async fn sign_out(
     let Ok(signed) = signed else {
         return see_other("/console/login", "");
     };
-    let presented = form.ok().and_then(|Form(f)| field(&f, "csrf").map(str::to_owned));
+    let presented = form
+        .ok()
+        .and_then(|Form(f)| field(&f, "csrf").map(str::to_owned));
     if !signed.csrf_ok(presented.as_deref()) {
-        return refused(StatusCode::FORBIDDEN, "Cannot sign out", "The form did not come from this site.");
+        return refused(
+            StatusCode::FORBIDDEN,
+            "Cannot sign out",
+            "The form did not come from this site.",
+        );
     }
     match session::close(&console, &headers).await {
         Ok(set) => see_other("/console/login", &set),
@@ -206,7 +228,9 @@ pub async fn use_link(
     headers: HeaderMap,
     form: Fields,
 ) -> Response {
-    let presented = form.ok().and_then(|Form(f)| field(&f, "csrf").map(str::to_owned));
+    let presented = form
+        .ok()
+        .and_then(|Form(f)| field(&f, "csrf").map(str::to_owned));
     if !session::login_csrf_ok(&headers, presented.as_deref()) {
         return refused(
             StatusCode::FORBIDDEN,

@@ -8,9 +8,9 @@ use maud::html;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::super::Console;
 use super::super::layout::{self, text, when};
 use super::super::session::Signed;
-use super::super::Console;
 
 const PAGE: usize = 50;
 /// The most entries one CSV export holds (newest first); narrow the filters for more.
@@ -31,7 +31,11 @@ pub struct Filters {
 
 /// A `datetime-local` value (`2026-12-02T10:00`) as RFC 3339 in UTC; others as they are.
 fn rfc3339(v: &str) -> String {
-    if v.len() == 16 { format!("{v}:00Z") } else { v.to_owned() }
+    if v.len() == 16 {
+        format!("{v}:00Z")
+    } else {
+        v.to_owned()
+    }
 }
 
 impl Filters {
@@ -68,7 +72,9 @@ fn value<'a>(v: &'a Option<String>) -> &'a str {
 
 pub async fn list(State(_): State<Console>, signed: Signed, Query(f): Query<Filters>) -> Response {
     let api = &signed.api;
-    let answer = api.get(&format!("/api/v1/audit?limit={PAGE}&{}", f.query(true))).await;
+    let answer = api
+        .get(&format!("/api/v1/audit?limit={PAGE}&{}", f.query(true)))
+        .await;
     let (entries, next, error) = match answer {
         Ok(page) => (
             page["entries"].as_array().cloned().unwrap_or_default(),
@@ -79,7 +85,14 @@ pub async fn list(State(_): State<Console>, signed: Signed, Query(f): Query<Filt
     };
     if let Some(a) = &error {
         if a.status == StatusCode::FORBIDDEN {
-            return layout::page_with_status(StatusCode::FORBIDDEN, &signed, "/console/audit", "Audit", None, html! { p.error { (a.message()) } });
+            return layout::page_with_status(
+                StatusCode::FORBIDDEN,
+                &signed,
+                "/console/audit",
+                "Audit",
+                None,
+                html! { p.error { (a.message()) } },
+            );
         }
     }
     let filters = f.query(false);
@@ -145,11 +158,23 @@ fn attachment(mut response: Response, content_type: &'static str, file: &'static
 }
 
 /// The API's export of the time range, streamed through.
-pub async fn export_jsonl(State(_): State<Console>, signed: Signed, Query(f): Query<Filters>) -> Response {
-    let range = Filters { since: f.since, until: f.until, ..Filters::default() };
+pub async fn export_jsonl(
+    State(_): State<Console>,
+    signed: Signed,
+    Query(f): Query<Filters>,
+) -> Response {
+    let range = Filters {
+        since: f.since,
+        until: f.until,
+        ..Filters::default()
+    };
     let response = signed
         .api
-        .send(Method::GET, &format!("/api/v1/audit/export?{}", range.query(false)), None)
+        .send(
+            Method::GET,
+            &format!("/api/v1/audit/export?{}", range.query(false)),
+            None,
+        )
         .await;
     if !response.status().is_success() {
         return response;
@@ -158,8 +183,22 @@ pub async fn export_jsonl(State(_): State<Console>, signed: Signed, Query(f): Qu
 }
 
 const CSV_COLUMNS: [&str; 17] = [
-    "id", "at", "kind", "action", "code", "suppressed", "actor_user_id", "target", "host_id",
-    "user_id", "connection_id", "gateway", "server", "mcp_method", "tool", "latency_us",
+    "id",
+    "at",
+    "kind",
+    "action",
+    "code",
+    "suppressed",
+    "actor_user_id",
+    "target",
+    "host_id",
+    "user_id",
+    "connection_id",
+    "gateway",
+    "server",
+    "mcp_method",
+    "tool",
+    "latency_us",
     "request_id",
 ];
 
@@ -185,13 +224,21 @@ pub fn csv_field(v: &Value) -> String {
 }
 
 /// The filtered entries as CSV, newest first, read page by page from the API.
-pub async fn export_csv(State(_): State<Console>, signed: Signed, Query(mut f): Query<Filters>) -> Response {
+pub async fn export_csv(
+    State(_): State<Console>,
+    signed: Signed,
+    Query(mut f): Query<Filters>,
+) -> Response {
     let mut out = CSV_COLUMNS.join(",");
     out.push_str("\r\n");
     let mut written = 0;
     f.cursor = None;
     loop {
-        let page = match signed.api.get(&format!("/api/v1/audit?limit=1000&{}", f.query(true))).await {
+        let page = match signed
+            .api
+            .get(&format!("/api/v1/audit?limit=1000&{}", f.query(true)))
+            .await
+        {
             Ok(page) => page,
             Err(a) => return (a.status, axum::Json(a.body)).into_response(),
         };
@@ -233,7 +280,13 @@ mod tests {
             cursor: Some("77".into()),
             ..Filters::default()
         };
-        assert_eq!(f.query(false), "since=2026-12-02T10%3A00%3A00Z&kind=decision");
-        assert_eq!(f.query(true), "since=2026-12-02T10%3A00%3A00Z&kind=decision&cursor=77");
+        assert_eq!(
+            f.query(false),
+            "since=2026-12-02T10%3A00%3A00Z&kind=decision"
+        );
+        assert_eq!(
+            f.query(true),
+            "since=2026-12-02T10%3A00%3A00Z&kind=decision&cursor=77"
+        );
     }
 }

@@ -6,7 +6,9 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use maud::html;
 
-use super::super::layout::{self, Action, action, badge, copyable, none_yet, tag, text, toggle, when};
+use super::super::layout::{
+    self, Action, action, badge, copyable, none_yet, tag, text, toggle, when,
+};
 use super::super::session::Signed;
 use super::super::{Console, Done};
 use super::{by_id, flag, id, mcp_url, name_in};
@@ -45,7 +47,13 @@ pub async fn list(State(_): State<Console>, signed: Signed, Query(done): Query<D
             }
         }
     };
-    layout::page(&signed, "/console/gateways", "Gateways", done.notice(), body)
+    layout::page(
+        &signed,
+        "/console/gateways",
+        "Gateways",
+        done.notice(),
+        body,
+    )
 }
 
 pub async fn one(
@@ -57,17 +65,35 @@ pub async fn one(
     let api = &signed.api;
     let gateways = api.items("/api/v1/gateways").await;
     let Some(g) = gateways.iter().find(|g| id(g) == gateway_id) else {
-        return layout::page_with_status(StatusCode::NOT_FOUND, &signed, "/console/gateways", "No such gateway", None, html! { p { a href="/console/gateways" { "All gateways" } } });
+        return layout::page_with_status(
+            StatusCode::NOT_FOUND,
+            &signed,
+            "/console/gateways",
+            "No such gateway",
+            None,
+            html! { p { a href="/console/gateways" { "All gateways" } } },
+        );
     };
     let servers = api.items("/api/v1/servers").await;
     let server_names = by_id(&servers);
-    let exposed = api.items(&format!("/api/v1/gateways/{gateway_id}/servers")).await;
+    let exposed = api
+        .items(&format!("/api/v1/gateways/{gateway_id}/servers"))
+        .await;
     let connections = if api.can(Verb::Get, "/api/v1/gateways/{id}/connections") {
-        Some(api.items(&format!("/api/v1/gateways/{gateway_id}/connections")).await)
+        Some(
+            api.items(&format!("/api/v1/gateways/{gateway_id}/connections"))
+                .await,
+        )
     } else {
         None
     };
-    let base = console.app.oauth.resource_base_urls.first().cloned().unwrap_or_default();
+    let base = console
+        .app
+        .oauth
+        .resource_base_urls
+        .first()
+        .cloned()
+        .unwrap_or_default();
     let name = text(&g["name"]);
     let slug = g["slug"].as_str().unwrap_or("");
     let back = format!("/console/gateways/{gateway_id}");

@@ -49,7 +49,13 @@ pub async fn list(State(_): State<Console>, signed: Signed, Query(done): Query<D
             }
         }
     };
-    layout::page(&signed, "/console/hosts", "Apps & Agents", done.notice(), body)
+    layout::page(
+        &signed,
+        "/console/hosts",
+        "Apps & Agents",
+        done.notice(),
+        body,
+    )
 }
 
 pub async fn one(
@@ -61,14 +67,30 @@ pub async fn one(
     let api = &signed.api;
     let hosts = api.items("/api/v1/hosts").await;
     let Some(host) = hosts.iter().find(|h| id(h) == host_id) else {
-        return layout::page_with_status(StatusCode::NOT_FOUND, &signed, "/console/hosts", "No such host", None, html! { p { a href="/console/hosts" { "All hosts" } } });
+        return layout::page_with_status(
+            StatusCode::NOT_FOUND,
+            &signed,
+            "/console/hosts",
+            "No such host",
+            None,
+            html! { p { a href="/console/hosts" { "All hosts" } } },
+        );
     };
     let gateways = api.items("/api/v1/gateways").await;
     let users = api.items("/api/v1/users").await;
     let (gateway_names, user_names) = (by_id(&gateways), by_id(&users));
     let manage = api.can(Verb::Post, "/api/v1/hosts/{id}/tokens");
-    let tokens = if manage { api.items(&format!("/api/v1/hosts/{host_id}/tokens")).await } else { Vec::new() };
-    let enrollments = if manage { api.items(&format!("/api/v1/hosts/{host_id}/enrollments")).await } else { Vec::new() };
+    let tokens = if manage {
+        api.items(&format!("/api/v1/hosts/{host_id}/tokens")).await
+    } else {
+        Vec::new()
+    };
+    let enrollments = if manage {
+        api.items(&format!("/api/v1/hosts/{host_id}/enrollments"))
+            .await
+    } else {
+        Vec::new()
+    };
     let name = text(&host["name"]);
     let back = format!("/console/hosts/{host_id}");
     let token_based = host["kind"] == "token";
@@ -108,6 +130,12 @@ pub async fn one(
                                 td { @if t["revoked_at"].is_null() { span.badge.on { "live" } } @else { span.badge.off { "revoked" } } }
                                 td {
                                     @if t["revoked_at"].is_null() {
+                                        // Rotation: a new token for the same connection; this one stays until revoked.
+                                        (action(&signed, &Action { method: "POST", path: format!("/api/v1/hosts/{host_id}/tokens"), label: "Rotate", what: String::new(), back: &back, danger: false }, html! {
+                                            input type="hidden" name="gateway_id" value=(text(&t["gateway_id"]));
+                                            input type="hidden" name="user_id" value=(text(&t["user_id"]));
+                                        }))
+                                        " "
                                         (action(&signed, &Action { method: "DELETE", path: format!("/api/v1/tokens/{}", id(t)), label: "Revoke", what: format!("the token {prefix}"), back: &back, danger: true }, html! {}))
                                     }
                                 }

@@ -34,5 +34,11 @@ pub async fn list(State(_): State<Console>, signed: Signed, Query(done): Query<D
             (action(&signed, &Action { method: "POST", path: "/api/v1/oauth/signing-keys/rotate".into(), label: "Rotate signing keys", what: "the OAuth signing keys".into(), back, danger: true }, html! {}))
         }
     };
-    layout::page(&signed, "/console/keys", "OAuth signing keys", done.notice(), body)
+    layout::page(
+        &signed,
+        "/console/keys",
+        "OAuth signing keys",
+        done.notice(),
+        body,
+    )
 }

@@ -34,11 +34,16 @@ pub async fn page(
     let server_names = super::by_id(&all_servers);
     let mut exposed = Vec::new();
     for g in &gateways {
-        exposed.push(api.items(&format!("/api/v1/gateways/{}/servers", id(g))).await);
+        exposed.push(
+            api.items(&format!("/api/v1/gateways/{}/servers", id(g)))
+                .await,
+        );
     }
     let refusals = if api.can(Verb::Get, "/api/v1/audit") {
         match api
-            .get(&format!("/api/v1/audit?kind=decision&decision=deny&limit={RECENT}"))
+            .get(&format!(
+                "/api/v1/audit?kind=decision&decision=deny&limit={RECENT}"
+            ))
             .await
         {
             Ok(page) => page["entries"].as_array().cloned(),
@@ -119,7 +124,9 @@ fn by_code(entries: &[serde_json::Value]) -> Vec<(String, usize)> {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for e in entries {
         if let Some(code) = e["code"].as_str() {
-            *counts.entry(code.to_owned()).or_default() += e["suppressed"].as_u64().map_or(1, |n| usize::try_from(n).unwrap_or(usize::MAX));
+            *counts.entry(code.to_owned()).or_default() += e["suppressed"]
+                .as_u64()
+                .map_or(1, |n| usize::try_from(n).unwrap_or(usize::MAX));
         }
     }
     let mut v: Vec<_> = counts.into_iter().collect();

@@ -90,13 +90,27 @@ pub async fn one(
     let api = &signed.api;
     let users = api.items("/api/v1/users").await;
     let Some(user) = users.iter().find(|u| id(u) == user_id) else {
-        return layout::page_with_status(StatusCode::NOT_FOUND, &signed, "/console/people", "No such user", None, html! { p { a href="/console/people" { "All people" } } });
+        return layout::page_with_status(
+            StatusCode::NOT_FOUND,
+            &signed,
+            "/console/people",
+            "No such user",
+            None,
+            html! { p { a href="/console/people" { "All people" } } },
+        );
     };
     let servers = api.items("/api/v1/servers").await;
     let server_names = by_id(&servers);
-    let identities = api.items(&format!("/api/v1/users/{user_id}/identities")).await;
+    let identities = api
+        .items(&format!("/api/v1/users/{user_id}/identities"))
+        .await;
     let manage = api.can(Verb::Get, "/api/v1/users/{id}/admin-tokens");
-    let admin_tokens = if manage { api.items(&format!("/api/v1/users/{user_id}/admin-tokens")).await } else { Vec::new() };
+    let admin_tokens = if manage {
+        api.items(&format!("/api/v1/users/{user_id}/admin-tokens"))
+            .await
+    } else {
+        Vec::new()
+    };
     let name = text(&user["name"]);
     let back = format!("/console/people/{user_id}");
     let body = html! {
