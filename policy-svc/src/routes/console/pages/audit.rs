@@ -66,7 +66,7 @@ impl Filters {
     }
 }
 
-fn value<'a>(v: &'a Option<String>) -> &'a str {
+fn value(v: &Option<String>) -> &str {
     v.as_deref().unwrap_or("")
 }
 
@@ -83,17 +83,15 @@ pub async fn list(State(_): State<Console>, signed: Signed, Query(f): Query<Filt
         ),
         Err(a) => (Vec::new(), None, Some(a)),
     };
-    if let Some(a) = &error {
-        if a.status == StatusCode::FORBIDDEN {
-            return layout::page_with_status(
-                StatusCode::FORBIDDEN,
-                &signed,
-                "/console/audit",
-                "Audit",
-                None,
-                html! { p.error { (a.message()) } },
-            );
-        }
+    if let Some(a) = error.as_ref().filter(|a| a.status == StatusCode::FORBIDDEN) {
+        return layout::page_with_status(
+            StatusCode::FORBIDDEN,
+            &signed,
+            "/console/audit",
+            "Audit",
+            None,
+            html! { p.error { (a.message()) } },
+        );
     }
     let filters = f.query(false);
     let option = |current: &Option<String>, v: &str| current.as_deref() == Some(v);
