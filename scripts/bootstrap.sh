@@ -11,6 +11,9 @@
 #                      throwaway clusters (initdb, pg_ctl; not a system service)
 #   prometheus         tests/e2e/observability.rs scrapes Envoy and the policy service
 #                      with a real Prometheus, started by the test on loopback
+#   chromium,
+#   chromium-driver    tests/e2e/console.rs drives the admin console in a real headless
+#                      Chromium through WebDriver (chromedriver)
 # Installs only what is missing: as root with apt-get, `apt-get update` once and then
 # `apt-get install`; otherwise it names the packages to install and fails.
 set -euo pipefail
@@ -41,6 +44,8 @@ check() {
     [[ -s /etc/ssl/certs/ca-certificates.crt ]] || need ca-certificates
     command -v curl >/dev/null 2>&1 || need curl
     command -v prometheus >/dev/null 2>&1 || need prometheus
+    [[ -n ${MCPGUARD_CHROMIUM:-} ]] || [[ -x /usr/bin/chromium ]] || need chromium
+    [[ -n ${MCPGUARD_CHROMEDRIVER:-} ]] || command -v chromedriver >/dev/null 2>&1 || need chromium-driver
     if [[ -z ${MCPGUARD_PG_BIN:-} ]] && ! command -v initdb >/dev/null 2>&1 \
         && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
         need postgresql

@@ -130,6 +130,13 @@ pub struct Admin {
     pub capabilities: Vec<Capability>,
 }
 
+/// A user signed in to the admin console, calling the admin API in-process
+/// (`routes::console`): the gate takes it in place of a bearer token and checks the
+/// endpoint's capability exactly as for one. Request extensions never come from the
+/// network, so nothing but the console can set it. Its `token_id` is 0 (no admin token).
+#[derive(Debug, Clone)]
+pub struct ConsoleCaller(pub Admin);
+
 /// Whose data an endpoint reaches, for host-bound admin tokens (an agent's own
 /// credential), which reach only their host's tokens and enrollments. Declared per
 /// endpoint in the endpoint table, beside its capability.
@@ -172,7 +179,10 @@ pub async fn authorize(
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let admin = authenticate(&state, req.headers()).await?;
+    let admin = match req.extensions().get::<ConsoleCaller>() {
+        Some(ConsoleCaller(admin)) => admin.clone(),
+        None => authenticate(&state, req.headers()).await?,
+    };
     if let Some(cap) = required.filter(|cap| !admin.capabilities.contains(cap)) {
         tracing::warn!(user_id = admin.user_id, capability = cap.as_str(), path = %req.uri().path(), "admin call refused: missing capability");
         return Err(ApiError::MissingCapability(cap));

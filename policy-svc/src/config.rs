@@ -276,6 +276,13 @@ pub enum Command {
     /// nothing if a value opens under neither. Safe while replicas serve; safe to run
     /// twice.
     Reseal,
+    /// Print a one-time link that signs USER (default `owner`) in to the admin console,
+    /// valid for 15 minutes; only its hash is stored. For a first sign-in, or a user
+    /// without a password.
+    ConsoleLink {
+        #[arg(long, default_value = "owner")]
+        user: String,
+    },
 }
 
 impl Config {

@@ -75,6 +75,15 @@ pub async fn reseal(config: &Config) -> anyhow::Result<store::reseal::Resealed> 
     store::reseal::reseal_all(&db, &secrets).await
 }
 
+/// `mcpguard-policy console-link`: a one-time console sign-in link for `user`.
+pub async fn console_link(config: &Config, user: &str) -> anyhow::Result<String> {
+    let issuer = config.oauth()?.issuer;
+    let db = store::open_with(&config.database_url(), &config.db_options())
+        .await
+        .context("opening the database")?;
+    routes::console::new_link(&db, &issuer, user).await
+}
+
 /// Opens the store, creates the owner on first start, and serves both ports until
 /// SIGINT or SIGTERM; then drains requests and writes the queued audit entries and
 /// last-used times.
@@ -213,6 +222,15 @@ async fn oauth_housekeeping(db: store::Db) {
                 "expired OAuth sessions, codes and refresh tokens deleted"
             ),
             Err(e) => tracing::warn!(error = %e, "OAuth housekeeping failed"),
+        }
+        let idle = routes::console::SESSION_IDLE_MS;
+        match store::console::purge(&db, store::now_ms(), idle).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                deleted = n,
+                "ended console sessions and expired sign-in links deleted"
+            ),
+            Err(e) => tracing::warn!(error = %e, "console housekeeping failed"),
         }
     }
 }

@@ -6,9 +6,16 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = Config::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
+    let logs = tracing_subscriber::fmt().with_env_filter(
+        EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info")),
+    );
+    // `console-link` prints only the link on stdout, for scripts (`make run`); its logs
+    // (e.g. PostgreSQL notices while migrating) go to stderr.
+    if matches!(config.command, Some(Command::ConsoleLink { .. })) {
+        logs.with_writer(std::io::stderr).init();
+    } else {
+        logs.init();
+    }
     let done = match &config.command {
         None => mcpguard_policy::run(config.clone()).await,
         Some(Command::NewSecretsKey { path }) => mcpguard_policy::secrets::create_key_file(path)
@@ -26,6 +33,9 @@ async fn main() -> std::process::ExitCode {
                 r.changed_meanwhile
             );
         }),
+        Some(Command::ConsoleLink { user }) => mcpguard_policy::console_link(&config, user)
+            .await
+            .map(|url| println!("{url}")),
     };
     match done {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -170,6 +170,18 @@ async fn make_run_serves_mcp_with_its_seed_and_a_signal_stops_every_child() {
     // And through the filter: no token, no service.
     mcp::expect_refusal(&mcp_url, None, (401, "token_missing")).await;
 
+    // The printed one-time console link opens the owner's sign-in page.
+    let text = run.log_text();
+    let link = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with(&format!("http://127.0.0.1:{}/console/link/", ports.policy)))
+        .unwrap_or_else(|| panic!("no console link in:\n{text}"))
+        .to_owned();
+    let page = reqwest::get(&link).await.unwrap();
+    assert_eq!(page.status(), 200, "{link}");
+    assert!(page.text().await.unwrap().contains("/console/link/"));
+
     run.terminate();
     let status = exit_of(&mut run).await;
     assert_eq!(status.code(), Some(143), "{}", run.log_text());

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod admin;
+pub mod browser;
 pub mod db;
 pub mod mcp;
 pub mod oauth;

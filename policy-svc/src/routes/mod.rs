@@ -2,6 +2,7 @@
 
 mod audit;
 mod check;
+pub mod console;
 mod enrollments;
 mod ext_authz;
 mod gateways;
@@ -81,6 +82,25 @@ where
     }
 }
 
+/// The capability the admin endpoint `method path` needs (`Some(None)`: any admin),
+/// `None` when there is no such endpoint: what the console asks before it shows a
+/// control, so that it shows exactly what the gate would let through.
+pub fn capability_of(method: Verb, path: &str) -> Option<Option<Capability>> {
+    // The table without its handlers, built once: pages ask this for every control.
+    type Rule = (Verb, &'static str, Option<Capability>);
+    static RULES: std::sync::OnceLock<Vec<Rule>> = std::sync::OnceLock::new();
+    RULES
+        .get_or_init(|| {
+            admin_api()
+                .iter()
+                .map(|e| (e.method, e.path, e.capability))
+                .collect()
+        })
+        .iter()
+        .find(|(m, p, _)| *m == method && *p == path)
+        .map(|(_, _, c)| *c)
+}
+
 /// Every admin endpoint.
 pub fn admin_api() -> Vec<Endpoint> {
     let mut all =
@@ -120,12 +140,9 @@ async fn catalog() -> Json<Vec<EndpointInfo>> {
     )
 }
 
-/// The public port: the admin API, and the OAuth endpoints and pages.
-pub fn public(state: AppState) -> Router {
-    let mut router = Router::new()
-        .route("/healthz", get(healthz))
-        .merge(oauth::routes())
-        .merge(enrollments::pages());
+/// The admin API: every endpoint of [`admin_api`] behind its gate.
+fn admin_routes(state: &AppState) -> Router<AppState> {
+    let mut router = Router::new();
     for e in admin_api() {
         let (gate_state, rule) = (state.clone(), (e.capability, e.scope));
         let gate = axum::middleware::from_fn(move |req: Request, next: Next| {
@@ -134,6 +151,21 @@ pub fn public(state: AppState) -> Router {
         router = router.route(e.path, e.handler.route_layer(gate));
     }
     router
+}
+
+/// The public port: the admin API, the admin console, and the OAuth endpoints and pages.
+pub fn public(state: AppState) -> Router {
+    // The console calls the admin API in-process, through the same gates.
+    let api = admin_routes(&state)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state.clone());
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(oauth::routes())
+        .merge(enrollments::pages())
+        .merge(admin_routes(&state))
+        .merge(console::routes(state.clone(), api))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

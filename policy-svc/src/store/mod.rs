@@ -7,6 +7,7 @@ pub mod audit;
 pub mod audit_export;
 pub mod catalog;
 pub mod check;
+pub mod console;
 pub mod enrollments;
 pub mod hosts;
 pub mod identities;

@@ -105,7 +105,7 @@ pub async fn password_of(db: &Db, name: &str) -> Result<Option<(i64, Option<Stri
 }
 
 /// Sets a user's password hash and ends everything the old password opened: the
-/// user's sign-in sessions, and their OAuth grants (refresh tokens at once, access
+/// user's sign-in sessions (OAuth pages and console), and their OAuth grants (refresh tokens at once, access
 /// tokens on their next request, as the check reads the grant). Codes not yet
 /// exchanged are spent, so none becomes a grant afterwards. False if there is no such
 /// user (nothing changes).
@@ -120,10 +120,12 @@ pub async fn set_password(db: &Db, user_id: i64, hash: &str) -> Result<bool> {
     if done.rows_affected() == 0 {
         return Ok(false);
     }
-    sqlx::query("DELETE FROM oauth_sessions WHERE user_id = $1")
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
+    for ended in [
+        "DELETE FROM oauth_sessions WHERE user_id = $1",
+        "DELETE FROM console_sessions WHERE user_id = $1",
+    ] {
+        sqlx::query(ended).bind(user_id).execute(&mut *tx).await?;
+    }
     sqlx::query(
         "UPDATE oauth_grants SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
     )

@@ -341,8 +341,33 @@ fn start(
     let (token, token_source) = admin_token(&o.data_dir)?;
     let upstream = format!("http://127.0.0.1:{}/mcp", o.demo_port);
     let seeded = seed::seed(o.policy_port, &token, &upstream).map_err(failed)?;
-    print!("{}", banner(o, &seeded, &token_source));
+    let link = console_link(root, o)?;
+    print!("{}", banner(o, &seeded, &token_source, &link));
     Ok(())
+}
+
+/// A one-time way in for `owner`, so that a newcomer needs no curl: the link signs in
+/// once, within 15 minutes (`mcpguard-policy console-link` makes another).
+fn console_link(root: &Path, o: &Options) -> Result<String, Stop> {
+    let policy_bin = present(binary(root, "mcpguard-policy"))?;
+    let out = Command::new(policy_bin)
+        .env("NO_COLOR", "1")
+        .arg("--data-dir")
+        .arg(&o.data_dir)
+        .arg("--issuer")
+        .arg(format!("http://127.0.0.1:{}", o.policy_port))
+        .arg("console-link")
+        .current_dir(root)
+        .output()
+        .map_err(|e| failed(format!("making a console sign-in link: {e}")))?;
+    let link = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() || link.is_empty() {
+        return Err(failed(format!(
+            "could not make a console sign-in link: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(link)
 }
 
 /// The admin token and where it came from: the file the policy service wrote on its
@@ -397,10 +422,11 @@ fn supervise(running: &mut Running, signals: &Receiver<u8>, run_dir: &Path) -> S
 }
 
 /// What is running and how to try it.
-fn banner(o: &Options, seeded: &seed::Seeded, token: &TokenSource) -> String {
+fn banner(o: &Options, seeded: &seed::Seeded, token: &TokenSource, link: &str) -> String {
     let admin_url = format!("http://127.0.0.1:{}", o.policy_port);
     let mcp_url = format!("http://127.0.0.1:{}/mcp/demo/demo", o.envoy_port);
     let (gateway_id, server_id) = (seeded.gateway_id, seeded.server_id);
+    let data_dir = o.data_dir.display();
     let (token_source, token_line) = match token {
         TokenSource::File(path) => (
             path.display().to_string(),
@@ -419,11 +445,18 @@ fn banner(o: &Options, seeded: &seed::Seeded, token: &TokenSource) -> String {
     format!(
         r#"
 mcpguard is running.
+  admin console  {admin_url}/console
+                 sign in as owner with this one-time link (works once, for 15 minutes):
+                 {link}
+                 (another: target/debug/mcpguard-policy --data-dir {data_dir} --issuer {admin_url} console-link)
   MCP endpoint   {mcp_url}   (gateway `demo` id {gateway_id}, server `demo` id {server_id})
   admin API      {admin_url}/api/v1   (admin token: {token_source})
   logs           {logs}
 
-Try it, in another shell:
+In the console: Apps & Agents > create a host > generate a token for the demo gateway
+(shown once, with Copy and Download) > use it as the MCP client's bearer token.
+
+The same with the admin API, in another shell:
 
   {token_line}
 
