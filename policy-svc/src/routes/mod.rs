@@ -5,10 +5,12 @@ mod check;
 mod enrollments;
 mod ext_authz;
 mod gateways;
+mod host_approval;
 mod hosts;
 mod metrics;
 pub mod oauth;
 mod servers;
+mod teams;
 mod toggles;
 mod users;
 
@@ -91,6 +93,8 @@ pub fn admin_api() -> Vec<Endpoint> {
     all.extend(enrollments::endpoints());
     all.extend(toggles::endpoints());
     all.extend(users::endpoints());
+    all.extend(teams::endpoints());
+    all.extend(host_approval::endpoints());
     all.extend(audit::endpoints());
     all.extend(signing_keys_endpoints());
     all

@@ -14,6 +14,7 @@ pub mod oauth;
 pub mod pg_reads;
 pub mod reseal;
 pub mod signin;
+pub mod teams;
 pub mod sqlite_reads;
 pub mod toggles;
 pub mod users;
