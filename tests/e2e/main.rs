@@ -22,5 +22,6 @@ mod oauth;
 mod routing;
 mod scaleout;
 mod sidecar;
+mod teams;
 mod tls;
 mod tokens;
