@@ -464,3 +464,78 @@ async fn team_and_grant_changes_need_their_capability_and_a_refused_one_changes_
         );
     }
 }
+
+/// Takes a stopped policy service's store back to the schema and meaning it had
+/// before migration 0021, keeping its data: what a store of the version before teams
+/// holds (the migration's tables and columns gone, and the capabilities it gives).
+fn back_to_before_teams(policy: &mcpguard_e2e::Policy) {
+    const SQL: &str = "DROP TABLE gateway_grants; DROP TABLE team_members; DROP TABLE teams;
+        ALTER TABLE gateways DROP COLUMN approve_hosts;
+        ALTER TABLE hosts DROP COLUMN pending;
+        DELETE FROM role_capabilities WHERE capability IN ('oauth.connect', 'teams.manage');
+        DELETE FROM _sqlx_migrations WHERE version = 21;";
+    match &policy.database_url {
+        Some(url) => {
+            let database = url.rsplit('/').next().unwrap();
+            mcpguard_e2e::db::Postgres::shared()
+                .psql(database, SQL)
+                .unwrap();
+        }
+        None => {
+            let db = rusqlite::Connection::open(policy.data_dir.join("mcpguard.db")).unwrap();
+            db.execute_batch(SQL).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_store_from_before_teams_keeps_working_after_the_upgrade() {
+    let mut stack = Stack::start().await;
+    let owner = stack.admin();
+    let p = owner
+        .provision("eng", "demo", &stack.demo.upstream_url())
+        .await;
+    owner.person("alice", PASSWORD).await;
+    let url = stack.envoy.mcp_url("eng", "demo");
+    let client = RawClient::register(&stack.policy.public_url(), "Old app").await;
+    let tokens = client.sign_in(&url, "alice", PASSWORD).await;
+    let access = s(&tokens, "access_token").to_owned();
+
+    // The store as the version before teams left it; then the new version starts.
+    stack.policy.proc.kill();
+    back_to_before_teams(&stack.policy);
+    let log_dir = stack.dir.path().to_path_buf();
+    stack.policy.restart(&log_dir).await;
+
+    // The token and the OAuth connection made before work, and the owner may connect
+    // and manage teams.
+    assert_eq!(initialize_with(&url, Some(&p.token)).await.status, 200);
+    assert_eq!(initialize_with(&url, Some(&access)).await.status, 200);
+    let (_, me) = owner.get("/api/v1/me").await;
+    for cap in ["oauth.connect", "teams.manage"] {
+        assert!(
+            me["capabilities"].as_array().unwrap().contains(&json!(cap)),
+            "{me}"
+        );
+    }
+    // Alice's role was given oauth.connect: she connects a new app, to the gateway
+    // `everyone` was granted.
+    let again = RawClient::register(&stack.policy.public_url(), "New app").await;
+    let tokens = again.sign_in(&url, "alice", PASSWORD).await;
+    assert_eq!(
+        initialize_with(&url, Some(s(&tokens, "access_token")))
+            .await
+            .status,
+        200
+    );
+    let (_, granted) = owner
+        .get(&format!("/api/v1/gateways/{}/teams", p.gateway_id))
+        .await;
+    assert_eq!(granted.as_array().unwrap().len(), 1, "{granted}");
+    assert_eq!(granted[0]["everyone"], true, "{granted}");
+    let (_, hosts) = owner.get("/api/v1/hosts").await;
+    assert!(
+        hosts.as_array().unwrap().iter().all(|h| h["pending"] == false),
+        "{hosts}"
+    );
+}

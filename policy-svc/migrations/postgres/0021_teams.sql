@@ -44,6 +44,14 @@ WHERE NOT EXISTS (
     SELECT 1 FROM role_capabilities x WHERE x.role_id = r.id AND x.capability = 'oauth.connect'
 );
 
+-- Teams are people: roles that manage users (users.manage, which already grants
+-- every capability through roles) manage teams too, so the owner keeps doing all.
+INSERT INTO role_capabilities (role_id, capability)
+SELECT rc.role_id, 'teams.manage' FROM role_capabilities rc
+WHERE rc.capability = 'users.manage' AND NOT EXISTS (
+    SELECT 1 FROM role_capabilities x WHERE x.role_id = rc.role_id AND x.capability = 'teams.manage'
+);
+
 -- Host approval: on a gateway with approve_hosts, a headed host that appears on its
 -- first authorization there starts pending (refused host_pending) until an admin
 -- approves it. Off everywhere, as before.

@@ -216,7 +216,8 @@ mod tests {
     /// Migration 0021 on a store that holds data from before teams existed: two roles
     /// (one with no capability), three users, two gateways, a token-based and a headed
     /// host with connections. Afterwards every user is granted every gateway (through
-    /// `everyone`), every role may connect by OAuth, and no host waits for approval.
+    /// `everyone`), every role may connect by OAuth, the one managing users manages
+    /// teams, and no host waits for approval.
     async fn migration_0021_keeps_existing_data_working(
         url: &str,
         migrator: &sqlx::migrate::Migrator,
@@ -274,7 +275,15 @@ mod tests {
             .fetch_one(&mut conn)
             .await
             .unwrap();
-        assert_eq!(kept, 2, "nothing else changed in the roles");
+        assert_eq!(
+            kept, 3,
+            "the owner's users.manage brings teams.manage; nothing else changed"
+        );
+        let members = count("SELECT COUNT(*) FROM role_capabilities WHERE role_id = 2")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(members, 1, "a role with no capability gets oauth.connect alone");
         let waiting = count(
             "SELECT (SELECT COUNT(*) FROM hosts WHERE pending = TRUE)
                   + (SELECT COUNT(*) FROM gateways WHERE approve_hosts = TRUE)",

@@ -30,7 +30,7 @@ pub(super) async fn consent_page(
     user: (i64, String),
 ) -> Result<Response, OauthError> {
     if let Some(reason) = not_allowed(state, user.0, authz).await? {
-        tracing::info!(user_id = user.0, gateway_id = authz.gateway_id, client_id = %authz.client.client_id, reason = reason.code, "oauth consent refused: not allowed to connect");
+        tracing::info!(user_id = user.0, gateway_id = authz.gateway_id, client_id = %authz.client.client_id, reason = reason.code(), "oauth consent refused: not allowed to connect");
         return Ok(html(
             StatusCode::FORBIDDEN,
             "Not allowed",
@@ -123,7 +123,7 @@ pub(in crate::routes::oauth) async fn consent(
         ));
     }
     if let Some(reason) = not_allowed(&state, user_id, &authz).await? {
-        tracing::info!(user_id, gateway_id = authz.gateway_id, client_id = %authz.client.client_id, reason = reason.code, "oauth consent refused: not allowed to connect");
+        tracing::info!(user_id, gateway_id = authz.gateway_id, client_id = %authz.client.client_id, reason = reason.code(), "oauth consent refused: not allowed to connect");
         return Ok(client_redirect(
             &issuer,
             &authz.redirect_uri,
@@ -144,19 +144,32 @@ pub(in crate::routes::oauth) async fn consent(
 }
 
 /// Why a signed-in user may not connect a headed app to the request's gateway.
-struct NotAllowed {
-    code: &'static str,
+#[derive(Debug, Clone, Copy)]
+enum NotAllowed {
+    /// The user's role lacks `oauth.connect`.
+    NoOauthConnect,
+    /// None of the user's teams is granted the gateway.
+    NotGranted,
 }
 
 impl NotAllowed {
-    fn message(&self, gateway: &str) -> String {
-        match self.code {
-            "oauth_connect_missing" => {
+    /// For the log.
+    fn code(self) -> &'static str {
+        match self {
+            NotAllowed::NoOauthConnect => "oauth_connect_missing",
+            NotAllowed::NotGranted => "gateway_not_granted",
+        }
+    }
+
+    /// For the user, on the page or in the client's `error_description`.
+    fn message(self, gateway: &str) -> String {
+        match self {
+            NotAllowed::NoOauthConnect => {
                 "Your role does not let you connect applications by OAuth (oauth.connect). \
                  Ask an admin."
                     .to_owned()
             }
-            _ => format!(
+            NotAllowed::NotGranted => format!(
                 "None of your teams is granted the gateway {gateway}, so you cannot connect \
                  an application to it. Ask an admin."
             ),
@@ -172,14 +185,10 @@ async fn not_allowed(
     authz: &Authz,
 ) -> Result<Option<NotAllowed>, OauthError> {
     if !store::teams::may_connect_by_oauth(&state.db, user_id).await? {
-        return Ok(Some(NotAllowed {
-            code: "oauth_connect_missing",
-        }));
+        return Ok(Some(NotAllowed::NoOauthConnect));
     }
     if !store::teams::user_granted(&state.db, user_id, authz.gateway_id).await? {
-        return Ok(Some(NotAllowed {
-            code: "gateway_not_granted",
-        }));
+        return Ok(Some(NotAllowed::NotGranted));
     }
     Ok(None)
 }
