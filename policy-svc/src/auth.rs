@@ -101,8 +101,8 @@ impl Capability {
             UsersManage => &[UsersRead, ServersRead],
             // Members are picked from the users listing.
             TeamsManage => &[UsersRead],
-            OauthConnect |
-            AuditRead | GatewaysRead | ServersRead | HostsRead | ConnectionsRead | UsersRead => &[],
+            OauthConnect | AuditRead | GatewaysRead | ServersRead | HostsRead | ConnectionsRead
+            | UsersRead => &[],
         }
     }
 

@@ -118,7 +118,10 @@ pub(crate) fn body(method: &str, path: &str, f: &Fixture) -> Option<Value> {
         ("PUT", "/api/v1/gateways/{id}/host-approval") => json!({"required": true}),
         // No body. The fixture's team is not granted the gateway yet; adding its member
         // again would still be audited, which the snapshot holds.
-        ("PUT", "/api/v1/teams/{id}/members/{user_id}" | "/api/v1/gateways/{id}/teams/{team_id}") => {
+        (
+            "PUT",
+            "/api/v1/teams/{id}/members/{user_id}" | "/api/v1/gateways/{id}/teams/{team_id}",
+        ) => {
             json!({})
         }
         ("POST", "/api/v1/oauth/signing-keys/rotate") => json!({}),

@@ -113,7 +113,11 @@ async fn a_user_outside_the_gateways_teams_is_refused_at_consent_and_at_enrollme
     let (_, _, _, page) = consent_page(&stack, &url, "bob").await;
     assert_eq!(page.status, 403, "{}", page.body);
     assert!(page.body.contains("None of your teams"), "{}", page.body);
-    assert!(!form_inputs(&page.body).contains_key("csrf"), "{}", page.body);
+    assert!(
+        !form_inputs(&page.body).contains_key("csrf"),
+        "{}",
+        page.body
+    );
     assert_eq!(host_count(&owner).await, hosts_before, "no host appeared");
 
     // A consent form that comes back after the grant is gone goes to the client as
@@ -188,7 +192,10 @@ async fn a_user_outside_the_gateways_teams_is_refused_at_consent_and_at_enrollme
         .await;
     assert_eq!(status, 201, "{role}");
     let (_, carol) = owner
-        .post("/api/v1/users", json!({"name": "carol", "role_id": role["id"]}))
+        .post(
+            "/api/v1/users",
+            json!({"name": "carol", "role_id": role["id"]}),
+        )
         .await;
     let carol = carol["id"].as_i64().unwrap();
     let (status, _) = owner
@@ -207,7 +214,7 @@ async fn a_user_outside_the_gateways_teams_is_refused_at_consent_and_at_enrollme
 
 #[tokio::test]
 async fn leaving_the_team_refuses_oauth_and_api_tokens_on_the_next_request_and_regranting_restores()
- {
+{
     let stack = Stack::start().await;
     let (owner, gateway, team, alice, _) = restricted(&stack).await;
     let url = stack.envoy.mcp_url("eng", "demo");
@@ -292,9 +299,7 @@ async fn leaving_the_team_refuses_oauth_and_api_tokens_on_the_next_request_and_r
     // The refusals are audited with their code (the audit writer batches: polled).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let (_, page) = owner
-            .get("/api/v1/audit?kind=decision&decision=deny")
-            .await;
+        let (_, page) = owner.get("/api/v1/audit?kind=decision&decision=deny").await;
         let n = page["entries"]
             .as_array()
             .unwrap()
@@ -358,14 +363,20 @@ async fn with_host_approval_a_new_headed_app_waits_pending_until_an_admin_approv
         .find(|h| h["name"] == "New app")
         .expect("the app is listed for admins")
         .clone();
-    assert_eq!((host["pending"].as_bool(), host["kind"].as_str()), (Some(true), Some("oauth")));
+    assert_eq!(
+        (host["pending"].as_bool(), host["kind"].as_str()),
+        (Some(true), Some("oauth"))
+    );
     let host_id = host["id"].as_i64().unwrap();
 
     // Approving needs hosts.toggle: refused without it, and the host still waits.
     let approve = format!("/api/v1/hosts/{host_id}/approve");
     let (status, _) = reader.post(&approve, json!({})).await;
     assert_eq!(status, 403);
-    assert_eq!(initialize_with(&url, Some(&access)).await.code(), "host_pending");
+    assert_eq!(
+        initialize_with(&url, Some(&access)).await.code(),
+        "host_pending"
+    );
 
     let (status, v) = owner.post(&approve, json!({})).await;
     assert_eq!(status, 200, "{v}");
@@ -382,7 +393,8 @@ async fn with_host_approval_a_new_headed_app_waits_pending_until_an_admin_approv
     );
     let (_, audit) = owner.get("/api/v1/audit?kind=admin&limit=100").await;
     assert!(
-        audit.to_string().contains("host.approve") && audit.to_string().contains("gateway.host_approval"),
+        audit.to_string().contains("host.approve")
+            && audit.to_string().contains("gateway.host_approval"),
         "{audit}"
     );
 }
@@ -399,7 +411,10 @@ async fn team_and_grant_changes_need_their_capability_and_a_refused_one_changes_
     let snapshot = || async {
         (
             owner.get("/api/v1/teams").await.1,
-            owner.get(&format!("/api/v1/gateways/{gateway}/teams")).await.1,
+            owner
+                .get(&format!("/api/v1/gateways/{gateway}/teams"))
+                .await
+                .1,
         )
     };
     let before = snapshot().await;
@@ -433,7 +448,10 @@ async fn team_and_grant_changes_need_their_capability_and_a_refused_one_changes_
         let (status, v) = caller.call(method, &path, None).await;
         assert_eq!(status, 403, "{path}: {v}");
         assert_eq!(
-            (v["error"]["code"].as_str(), v["error"]["capability"].as_str()),
+            (
+                v["error"]["code"].as_str(),
+                v["error"]["capability"].as_str()
+            ),
             (Some("missing_capability"), Some(capability)),
             "{path}"
         );
@@ -460,7 +478,10 @@ async fn team_and_grant_changes_need_their_capability_and_a_refused_one_changes_
 
     // The everyone team is not edited, nor deleted.
     for (method, path) in [
-        (Method::PUT, format!("/api/v1/teams/{everyone}/members/{bob}")),
+        (
+            Method::PUT,
+            format!("/api/v1/teams/{everyone}/members/{bob}"),
+        ),
         (Method::DELETE, format!("/api/v1/teams/{everyone}")),
     ] {
         let (status, v) = owner.call(method, &path, None).await;
@@ -542,7 +563,11 @@ async fn a_store_from_before_teams_keeps_working_after_the_upgrade() {
     assert_eq!(granted[0]["everyone"], true, "{granted}");
     let (_, hosts) = owner.get("/api/v1/hosts").await;
     assert!(
-        hosts.as_array().unwrap().iter().all(|h| h["pending"] == false),
+        hosts
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["pending"] == false),
         "{hosts}"
     );
 }

@@ -21,7 +21,12 @@ pub fn endpoints() -> Vec<Endpoint> {
     vec![
         endpoint(Verb::Post, "/api/v1/teams", manage, create),
         // Teams are people: listed to whoever may read the users.
-        endpoint(Verb::Get, "/api/v1/teams", Some(Capability::UsersRead), list),
+        endpoint(
+            Verb::Get,
+            "/api/v1/teams",
+            Some(Capability::UsersRead),
+            list,
+        ),
         endpoint(Verb::Delete, "/api/v1/teams/{id}", manage, delete),
         endpoint(
             Verb::Put,
@@ -234,7 +239,8 @@ async fn granted(
     action: &str,
 ) -> Result<Json<Vec<teams::Team>>, ApiError> {
     let after = teams::of_gateway(&state.db, gateway_id).await?;
-    let ids = |teams: &[teams::Team]| json!({"teams": teams.iter().map(|t| t.id).collect::<Vec<_>>()});
+    let ids =
+        |teams: &[teams::Team]| json!({"teams": teams.iter().map(|t| t.id).collect::<Vec<_>>()});
     audit_admin(
         state,
         admin,

@@ -60,10 +60,11 @@ pub async fn set_approve_hosts(db: &Db, id: i64, required: bool) -> Result<Optio
 
 /// Whether the gateway approves new headed hosts (`false` for no such gateway).
 pub async fn approves_hosts(db: &Db, id: i64) -> Result<bool> {
-    let flag: Option<DbBool> = sqlx::query_scalar("SELECT approve_hosts FROM gateways WHERE id = $1")
-        .bind(id)
-        .fetch_optional(db)
-        .await?;
+    let flag: Option<DbBool> =
+        sqlx::query_scalar("SELECT approve_hosts FROM gateways WHERE id = $1")
+            .bind(id)
+            .fetch_optional(db)
+            .await?;
     Ok(flag.is_some_and(|f| f.0))
 }
 

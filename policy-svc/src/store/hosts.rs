@@ -32,19 +32,21 @@ pub async fn create_token_host(db: &Db, name: &str) -> Result<Host> {
 
 pub async fn list_hosts(db: &Db) -> Result<Vec<Host>> {
     Ok(
-        sqlx::query_as("SELECT id, name, kind, enabled, created_at, pending FROM hosts ORDER BY id")
-            .fetch_all(db)
-            .await?,
+        sqlx::query_as(
+            "SELECT id, name, kind, enabled, created_at, pending FROM hosts ORDER BY id",
+        )
+        .fetch_all(db)
+        .await?,
     )
 }
 
 pub async fn get_host(db: &Db, id: i64) -> Result<Option<Host>> {
-    Ok(
-        sqlx::query_as("SELECT id, name, kind, enabled, created_at, pending FROM hosts WHERE id = $1")
-            .bind(id)
-            .fetch_optional(db)
-            .await?,
+    Ok(sqlx::query_as(
+        "SELECT id, name, kind, enabled, created_at, pending FROM hosts WHERE id = $1",
     )
+    .bind(id)
+    .fetch_optional(db)
+    .await?)
 }
 
 /// Approves a pending host; `None`: no such host.

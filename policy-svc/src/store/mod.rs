@@ -14,8 +14,8 @@ pub mod oauth;
 pub mod pg_reads;
 pub mod reseal;
 pub mod signin;
-pub mod teams;
 pub mod sqlite_reads;
+pub mod teams;
 pub mod toggles;
 pub mod users;
 

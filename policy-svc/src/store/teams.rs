@@ -187,10 +187,10 @@ pub async fn everyone<'e>(db: impl sqlx::Executor<'e, Database = sqlx::Any>) -> 
 /// Whether a team of `user_id` is granted `gateway_id`, with the check's rule.
 pub async fn user_granted(db: &Db, user_id: i64, gateway_id: i64) -> Result<bool> {
     let granted: DbBool = sqlx::query_scalar(concat!("SELECT ", granted_sql!("$1", "$2")))
-    .bind(user_id)
-    .bind(gateway_id)
-    .fetch_one(db)
-    .await?;
+        .bind(user_id)
+        .bind(gateway_id)
+        .fetch_one(db)
+        .await?;
     Ok(granted.0)
 }
 
@@ -247,10 +247,11 @@ mod tests {
             .unwrap();
 
         let count = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql);
-        let everyone = count("SELECT COUNT(*) FROM teams WHERE everyone = TRUE AND name = 'everyone'")
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
+        let everyone =
+            count("SELECT COUNT(*) FROM teams WHERE everyone = TRUE AND name = 'everyone'")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
         assert_eq!(everyone, 1);
         for user in 1..=3_i64 {
             for gateway in 1..=2_i64 {
@@ -264,12 +265,11 @@ mod tests {
                 assert!(granted.0, "user {user} on gateway {gateway}");
             }
         }
-        let connecting = count(
-            "SELECT COUNT(*) FROM role_capabilities WHERE capability = 'oauth.connect'",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+        let connecting =
+            count("SELECT COUNT(*) FROM role_capabilities WHERE capability = 'oauth.connect'")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
         assert_eq!(connecting, 2, "both roles may still connect by OAuth");
         let kept = count("SELECT COUNT(*) FROM role_capabilities WHERE role_id = 1")
             .fetch_one(&mut conn)
@@ -283,7 +283,10 @@ mod tests {
             .fetch_one(&mut conn)
             .await
             .unwrap();
-        assert_eq!(members, 1, "a role with no capability gets oauth.connect alone");
+        assert_eq!(
+            members, 1,
+            "a role with no capability gets oauth.connect alone"
+        );
         let waiting = count(
             "SELECT (SELECT COUNT(*) FROM hosts WHERE pending = TRUE)
                   + (SELECT COUNT(*) FROM gateways WHERE approve_hosts = TRUE)",
@@ -306,7 +309,6 @@ mod tests {
     async fn migration_0021_keeps_existing_data_working_postgres() {
         let cluster = mcpguard_pgcluster::Cluster::start(&[("fsync", "off")]).unwrap();
         let url = cluster.create_database("m").unwrap();
-        migration_0021_keeps_existing_data_working(&url, &super::super::POSTGRES_MIGRATIONS)
-            .await;
+        migration_0021_keeps_existing_data_working(&url, &super::super::POSTGRES_MIGRATIONS).await;
     }
 }
