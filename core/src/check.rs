@@ -142,10 +142,12 @@ pub enum DenyCode {
     UpstreamDenied,
     UpstreamUnresolved,
     PolicyUnavailable,
+    GatewayNotGranted,
+    HostPending,
 }
 
 impl DenyCode {
-    pub const ALL: [DenyCode; 18] = [
+    pub const ALL: [DenyCode; 20] = [
         DenyCode::TokenMissing,
         DenyCode::TokenMalformed,
         DenyCode::TokenUnknown,
@@ -164,6 +166,8 @@ impl DenyCode {
         DenyCode::UpstreamDenied,
         DenyCode::UpstreamUnresolved,
         DenyCode::PolicyUnavailable,
+        DenyCode::GatewayNotGranted,
+        DenyCode::HostPending,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -186,6 +190,8 @@ impl DenyCode {
             DenyCode::UpstreamDenied => "upstream_denied",
             DenyCode::UpstreamUnresolved => "upstream_unresolved",
             DenyCode::PolicyUnavailable => "policy_unavailable",
+            DenyCode::GatewayNotGranted => "gateway_not_granted",
+            DenyCode::HostPending => "host_pending",
         }
     }
 
@@ -206,6 +212,8 @@ impl DenyCode {
             | DenyCode::IdentityMissing
             | DenyCode::ServerDisabled
             | DenyCode::GatewayDisabled
+            | DenyCode::GatewayNotGranted
+            | DenyCode::HostPending
             | DenyCode::UpstreamDenied => 403,
             DenyCode::UpstreamUnresolved => 502,
             DenyCode::PolicyUnavailable => 503,
@@ -230,6 +238,12 @@ impl DenyCode {
             DenyCode::IdentityMissing => "the user has no identity for this server",
             DenyCode::ServerDisabled => "the server is disabled",
             DenyCode::GatewayDisabled => "the gateway is disabled",
+            DenyCode::GatewayNotGranted => {
+                "none of the user's teams is granted this gateway: ask an admin"
+            }
+            DenyCode::HostPending => {
+                "the host (client application) is waiting for an admin's approval"
+            }
             DenyCode::UpstreamDenied => {
                 "the server's upstream address is outside the networks this gateway may reach"
             }

@@ -29,10 +29,12 @@ pub enum Capability {
     HostsRead,
     ConnectionsRead,
     UsersRead,
+    TeamsManage,
+    OauthConnect,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 15] = [
+    pub const ALL: [Capability; 17] = [
         Capability::TokensManage,
         Capability::HostsToggle,
         Capability::ConnectionsToggle,
@@ -48,6 +50,8 @@ impl Capability {
         Capability::HostsRead,
         Capability::ConnectionsRead,
         Capability::UsersRead,
+        Capability::TeamsManage,
+        Capability::OauthConnect,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -67,6 +71,10 @@ impl Capability {
             Capability::HostsRead => "hosts.read",
             Capability::ConnectionsRead => "connections.read",
             Capability::UsersRead => "users.read",
+            Capability::TeamsManage => "teams.manage",
+            // Not an admin API capability: whether a user may connect a headed app by
+            // OAuth at all (checked at consent).
+            Capability::OauthConnect => "oauth.connect",
         }
     }
 
@@ -91,7 +99,10 @@ impl Capability {
             IdentitiesToggle => &[UsersRead],
             // Identities name a server.
             UsersManage => &[UsersRead, ServersRead],
-            AuditRead | GatewaysRead | ServersRead | HostsRead | ConnectionsRead | UsersRead => &[],
+            // Members are picked from the users listing.
+            TeamsManage => &[UsersRead],
+            OauthConnect | AuditRead | GatewaysRead | ServersRead | HostsRead | ConnectionsRead
+            | UsersRead => &[],
         }
     }
 

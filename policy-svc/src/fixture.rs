@@ -74,7 +74,8 @@ pub struct Seeded {
 
 /// Gateway `eng` (id 1) exposing server `demo` (id 1, shared); user 1 `owner` with role
 /// `owner`; token-based host 1 `Bot` with connection 1 and API token 7; OAuth client `c`
-/// with grant [`GRANT`] on connection 1; the OAuth signing keys.
+/// with grant [`GRANT`] on connection 1; the OAuth signing keys. The gateway is
+/// granted to `everyone`.
 pub async fn seeded(reads: impl FnOnce(&Db, &str) -> Reads) -> Seeded {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
@@ -87,6 +88,7 @@ pub async fn seeded(reads: impl FnOnce(&Db, &str) -> Reads) -> Seeded {
         "INSERT INTO servers (id, name, slug, upstream_scheme, upstream_authority, upstream_path, enabled, created_at)
          VALUES (1, 'Demo', 'demo', 'http', '127.0.0.1:9100', '/mcp', 1, $1)",
         "INSERT INTO exposures (gateway_id, server_id, identity, created_at) VALUES (1, 1, 'shared', $1)",
+        "INSERT INTO gateway_grants (gateway_id, team_id, created_at) SELECT 1, id, $1 FROM teams WHERE everyone = 1",
         "INSERT INTO hosts (id, name, kind, enabled, created_at) VALUES (1, 'Bot', 'token', 1, $1)",
         "INSERT INTO connections (id, host_id, gateway_id, user_id, enabled, created_at) VALUES (1, 1, 1, 1, 1, $1)",
         "INSERT INTO oauth_clients (id, client_id, client_name, redirect_uris, host_id, created_at) VALUES (1, 'c', 'App', '[]', 1, $1)",

@@ -18,6 +18,8 @@ pub(crate) struct Fixture {
     pub(crate) admin_token: i64,
     pub(crate) identity: i64,
     pub(crate) enrollment: i64,
+    /// A team (not `everyone`) with `user` in it.
+    pub(crate) team: i64,
 }
 
 pub(crate) async fn fixture(owner: &Admin) -> Fixture {
@@ -45,7 +47,20 @@ pub(crate) async fn fixture(owner: &Admin) -> Fixture {
             json!({"gateway_id": p.gateway_id, "user_id": user}),
         )
         .await;
+    let (_, team) = owner
+        .post("/api/v1/teams", json!({"name": "fixture-team"}))
+        .await;
+    let team = team["id"].as_i64().unwrap();
+    let (status, v) = owner
+        .call(
+            Method::PUT,
+            &format!("/api/v1/teams/{team}/members/{user}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
     Fixture {
+        team,
         gateway: p.gateway_id,
         server: p.server_id,
         host: p.host_id,
@@ -72,10 +87,13 @@ pub(crate) fn concrete(path: &str, f: &Fixture) -> String {
         Some("admin-tokens") => f.admin_token,
         Some("identities") => f.identity,
         Some("enrollments") => f.enrollment,
+        Some("teams") => f.team,
         _ => 0,
     };
     path.replace("{id}", &id.to_string())
         .replace("{server_id}", &f.server.to_string())
+        .replace("{user_id}", &f.user.to_string())
+        .replace("{team_id}", &f.team.to_string())
 }
 
 /// A body that would succeed, so a missing check would show as a change.
@@ -96,6 +114,16 @@ pub(crate) fn body(method: &str, path: &str, f: &Fixture) -> Option<Value> {
         ("PUT", "/api/v1/roles/{id}") => json!({"capabilities": ["audit.read", "users.manage"]}),
         ("POST", "/api/v1/users") => json!({"name": "new-user", "role_id": f.role}),
         ("PUT", "/api/v1/users/{id}/password") => json!({"password": "a new long password"}),
+        ("POST", "/api/v1/teams") => json!({"name": "New team"}),
+        ("PUT", "/api/v1/gateways/{id}/host-approval") => json!({"required": true}),
+        // No body. The fixture's team is not granted the gateway yet; adding its member
+        // again would still be audited, which the snapshot holds.
+        (
+            "PUT",
+            "/api/v1/teams/{id}/members/{user_id}" | "/api/v1/gateways/{id}/teams/{team_id}",
+        ) => {
+            json!({})
+        }
         ("POST", "/api/v1/oauth/signing-keys/rotate") => json!({}),
         ("PUT", "/api/v1/users/{id}/identities/{server_id}") => {
             json!({"credential": {"type": "bearer", "token": "replaced"}})
@@ -104,6 +132,7 @@ pub(crate) fn body(method: &str, path: &str, f: &Fixture) -> Option<Value> {
             if p.ends_with("/disable")
                 || p.ends_with("/enable")
                 || p.ends_with("/admin-tokens")
+                || p.ends_with("/approve")
                 || p.ends_with("/token") =>
         {
             json!({})
@@ -122,6 +151,8 @@ pub(crate) async fn snapshot(owner: &Admin, f: &Fixture) -> Value {
         "/api/v1/hosts".to_owned(),
         "/api/v1/roles".to_owned(),
         "/api/v1/users".to_owned(),
+        "/api/v1/teams".to_owned(),
+        format!("/api/v1/gateways/{}/teams", f.gateway),
         format!("/api/v1/gateways/{}/servers", f.gateway),
         format!("/api/v1/gateways/{}/connections", f.gateway),
         format!("/api/v1/hosts/{}/tokens", f.host),
@@ -176,7 +207,7 @@ async fn every_admin_endpoint_refuses_a_caller_lacking_its_capability_and_change
         .iter()
         .map(|c| c.as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(all_caps.len(), 15, "{all_caps:?}");
+    assert_eq!(all_caps.len(), 17, "{all_caps:?}");
     let (_, endpoints) = owner.get("/api/v1/endpoints").await;
     let endpoints = endpoints.as_array().unwrap().clone();
     assert!(endpoints.len() >= 30, "{endpoints:?}");

@@ -25,5 +25,6 @@ mod routing;
 mod run;
 mod scaleout;
 mod sidecar;
+mod teams;
 mod tls;
 mod tokens;

@@ -240,12 +240,13 @@ impl Admin {
         v["id"].as_i64().unwrap()
     }
 
-    /// A user with no capabilities who can sign in on the OAuth pages; returns the id.
+    /// A user who can sign in on the OAuth pages and connect apps there
+    /// (`oauth.connect`, no admin capability); returns the id.
     pub async fn person(&self, name: &str, password: &str) -> i64 {
         let (status, role) = self
             .post(
                 "/api/v1/roles",
-                json!({"name": format!("{name}-role"), "capabilities": []}),
+                json!({"name": format!("{name}-role"), "capabilities": ["oauth.connect"]}),
             )
             .await;
         assert_eq!(status, 201, "{role}");

@@ -54,7 +54,8 @@ pub(super) fn decide_oauth(
     decide_layers(row, gateway_slug, unseal)
 }
 
-/// The layers after the credential: gateway, host, user, connection, server, identity.
+/// The layers after the credential: gateway, host (and its approval), user,
+/// connection, gateway, the user's grant, server, identity.
 fn decide_layers(
     row: &CheckRow,
     gateway_slug: &str,
@@ -67,6 +68,9 @@ fn decide_layers(
     if !row.host_enabled.0 {
         return deny(DenyCode::HostDisabled);
     }
+    if row.host_pending.0 {
+        return deny(DenyCode::HostPending);
+    }
     if !row.user_enabled.0 {
         return deny(DenyCode::UserDisabled);
     }
@@ -75,6 +79,12 @@ fn decide_layers(
     }
     if !row.gateway_enabled.0 {
         return deny(DenyCode::GatewayDisabled);
+    }
+    // Who may connect: the grant is read with every other layer, so a user who left
+    // the team (or whose team lost the gateway) is refused on the next request, and
+    // granting again restores the same connection.
+    if !row.gateway_granted.0 {
+        return deny(DenyCode::GatewayNotGranted);
     }
     let (Some(identity), Some(server_enabled), Some(scheme), Some(authority), Some(path)) = (
         row.identity.as_deref(),
@@ -180,6 +190,8 @@ mod tests {
             gateway_id: 6,
             shared_header: None,
             shared_sealed: None,
+            host_pending: DbBool(false),
+            gateway_granted: DbBool(true),
         }
     }
 
@@ -226,6 +238,7 @@ mod tests {
                 DenyCode::TokenWrongGateway,
             ),
             (|r| r.host_enabled = DbBool(false), DenyCode::HostDisabled),
+            (|r| r.host_pending = DbBool(true), DenyCode::HostPending),
             (|r| r.user_enabled = DbBool(false), DenyCode::UserDisabled),
             (
                 |r| r.connection_enabled = DbBool(false),
@@ -234,6 +247,10 @@ mod tests {
             (
                 |r| r.gateway_enabled = DbBool(false),
                 DenyCode::GatewayDisabled,
+            ),
+            (
+                |r| r.gateway_granted = DbBool(false),
+                DenyCode::GatewayNotGranted,
             ),
             (|r| r.identity = None, DenyCode::ServerNotExposed),
             (

@@ -10,7 +10,7 @@ use crate::AppState;
 use crate::auth::{Admin, Capability, HostOf, Scope};
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
-use crate::store::{catalog, enrollments, hosts, identities, now_ms, users};
+use crate::store::{catalog, enrollments, hosts, identities, now_ms, teams, users};
 use crate::{secrets, timefmt};
 
 pub fn endpoints() -> Vec<Endpoint> {
@@ -90,7 +90,8 @@ pub(super) struct IssuedToken {
 }
 
 /// Refuses a (host, gateway, user) that cannot have a token-based connection: no such
-/// host (404), a headed host (409), no such gateway or user (422).
+/// host (404), a headed host (409), no such gateway or user (422), a user no team of
+/// whom is granted the gateway (403 `gateway_not_granted`).
 pub(super) async fn connection_target(
     state: &AppState,
     host_id: i64,
@@ -116,6 +117,18 @@ pub(super) async fn connection_target(
         return Err(ApiError::unprocessable(
             "unknown_user",
             "user_id names no user",
+        ));
+    }
+    // Who may connect: only to a gateway one of the user's teams is granted. The
+    // check asks again on every request, so this refusal only spares making a token
+    // or an enrollment that could not be used.
+    if !teams::user_granted(&state.db, user_id, gateway_id).await? {
+        return Err(ApiError::forbidden(
+            "gateway_not_granted",
+            format!(
+                "none of user {user_id}'s teams is granted gateway {gateway_id}: grant it to \
+                 one of their teams first"
+            ),
         ));
     }
     Ok(())

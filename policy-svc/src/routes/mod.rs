@@ -6,10 +6,12 @@ pub mod console;
 mod enrollments;
 mod ext_authz;
 mod gateways;
+mod host_approval;
 mod hosts;
 mod metrics;
 pub mod oauth;
 mod servers;
+mod teams;
 mod toggles;
 mod users;
 
@@ -111,6 +113,8 @@ pub fn admin_api() -> Vec<Endpoint> {
     all.extend(enrollments::endpoints());
     all.extend(toggles::endpoints());
     all.extend(users::endpoints());
+    all.extend(teams::endpoints());
+    all.extend(host_approval::endpoints());
     all.extend(audit::endpoints());
     all.extend(signing_keys_endpoints());
     all

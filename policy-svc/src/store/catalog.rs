@@ -13,27 +13,59 @@ pub struct Gateway {
     pub enabled: DbBool,
     #[serde(serialize_with = "timefmt::rfc3339")]
     pub created_at: i64,
+    /// Whether a headed host appearing on its first authorization here starts pending.
+    pub approve_hosts: DbBool,
 }
 
+/// Creates a gateway granted to the `everyone` team, as gateways were open to every
+/// user before teams existed; an admin restricts it by taking that grant away.
 pub async fn create_gateway(db: &Db, name: &str, slug: &str) -> Result<Gateway> {
-    Ok(sqlx::query_as(
+    let mut tx = db.begin().await?;
+    let gateway: Gateway = sqlx::query_as(
         "INSERT INTO gateways (name, slug, enabled, created_at) VALUES ($1, $2, $3, $4)
-         RETURNING id, name, slug, enabled, created_at",
+         RETURNING id, name, slug, enabled, created_at, approve_hosts",
     )
     .bind(name)
     .bind(slug)
     .bind(true)
     .bind(now_ms())
-    .fetch_one(db)
-    .await?)
+    .fetch_one(&mut *tx)
+    .await?;
+    let everyone = super::teams::everyone(&mut *tx).await?;
+    super::teams::grant(&mut *tx, gateway.id, everyone).await?;
+    tx.commit().await?;
+    Ok(gateway)
 }
 
 pub async fn list_gateways(db: &Db) -> Result<Vec<Gateway>> {
-    Ok(
-        sqlx::query_as("SELECT id, name, slug, enabled, created_at FROM gateways ORDER BY id")
-            .fetch_all(db)
-            .await?,
+    Ok(sqlx::query_as(
+        "SELECT id, name, slug, enabled, created_at, approve_hosts FROM gateways ORDER BY id",
     )
+    .fetch_all(db)
+    .await?)
+}
+
+/// Sets whether new headed hosts wait for approval on this gateway; `None`: no such
+/// gateway.
+pub async fn set_approve_hosts(db: &Db, id: i64, required: bool) -> Result<Option<Gateway>> {
+    Ok(sqlx::query_as(
+        "UPDATE gateways SET approve_hosts = $1 WHERE id = $2
+         RETURNING id, name, slug, enabled, created_at, approve_hosts",
+    )
+    .bind(required)
+    .bind(id)
+    .fetch_optional(db)
+    .await?)
+}
+
+/// Whether the gateway approves new headed hosts (`false` for no such gateway).
+pub async fn approves_hosts(db: &Db, id: i64) -> Result<bool> {
+    let flag: Option<DbBool> =
+        sqlx::query_scalar("SELECT approve_hosts FROM gateways WHERE id = $1")
+            .bind(id)
+            .fetch_optional(db)
+            .await?;
+    Ok(flag.is_some_and(|f| f.0))
 }
 
 pub async fn gateway_exists(db: &Db, id: i64) -> Result<bool> {

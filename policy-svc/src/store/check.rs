@@ -40,6 +40,12 @@ pub struct CheckRow {
     /// The exposure's shared credential, if it has one.
     pub shared_header: Option<String>,
     pub shared_sealed: Option<Vec<u8>>,
+    /// A headed host still waiting for an admin's approval.
+    pub host_pending: DbBool,
+    /// Whether one of the connection user's teams (or `everyone`) is granted the
+    /// gateway: read on every request, so leaving a team or losing the grant refuses
+    /// the next one.
+    pub gateway_granted: DbBool,
 }
 
 /// The check's one statement, for a credential read from `$credential`: every layer
@@ -59,7 +65,11 @@ macro_rules! check_select {
                 s.upstream_path, e.identity, s.id AS server_id,
                 i.id AS identity_id, i.enabled AS identity_enabled,
                 i.header_name AS identity_header, i.sealed AS identity_sealed,
-                g.id AS gateway_id, e.credential_header AS shared_header, e.credential_sealed AS shared_sealed
+                g.id AS gateway_id, e.credential_header AS shared_header, e.credential_sealed AS shared_sealed,
+                h.pending AS host_pending,
+                ",
+            $crate::store::teams::granted_sql!("c.user_id", "g.id"),
+            " AS gateway_granted
          FROM ",
             $credential,
             "
@@ -123,6 +133,8 @@ macro_rules! check_row_by_index {
             gateway_id: $row.$get(22)?,
             shared_header: $row.$get(23)?,
             shared_sealed: $row.$get(24)?,
+            host_pending: $flag(25)?,
+            gateway_granted: $flag(26)?,
         }
     };
 }
@@ -257,7 +269,8 @@ pub(crate) mod fixture {
 
     /// Gateway `eng` exposing `demo` (shared, with a service credential) and `pu`
     /// (per-user; the user has an identity there), and `off` exposed nowhere; one
-    /// connection with API token `aa…` (expiring) and OAuth grant 5 (revoked).
+    /// connection with API token `aa…` (expiring) and OAuth grant 5 (revoked); the
+    /// user's team granted the gateway.
     pub async fn seed(db: &Db) {
         for sql in [
             "INSERT INTO roles (id, name, created_at) VALUES (1, 'owner', 1)",
@@ -272,6 +285,10 @@ pub(crate) mod fixture {
             "INSERT INTO api_tokens (id, connection_id, token_hash, prefix, created_by, created_at, expires_at) VALUES (7, 6, 'aa', 'mcpgt_aa', 1, 1, 99)",
             "INSERT INTO oauth_clients (id, client_id, client_name, redirect_uris, host_id, created_at) VALUES (1, 'c', 'C', '[]', 1, 1)",
             "INSERT INTO oauth_grants (id, client_id, user_id, connection_id, resource, created_at, revoked_at) VALUES (5, 1, 1, 6, 'r', 1, 42)",
+            // The user's team (not `everyone`) is granted the gateway.
+            "INSERT INTO teams (id, name, everyone, created_at) VALUES (7, 'Eng team', FALSE, 1)",
+            "INSERT INTO team_members (team_id, user_id, created_at) VALUES (7, 1, 1)",
+            "INSERT INTO gateway_grants (gateway_id, team_id, created_at) VALUES (3, 7, 1)",
         ] {
             sqlx::query(sql).execute(db).await.unwrap();
         }
@@ -343,6 +360,7 @@ pub(crate) mod fixture {
         assert_eq!(row.identity_sealed, Some(vec![0xff, 0]));
         assert_eq!(row.expires_at, Some(99));
         assert!(!row.host_enabled.0 && row.user_enabled.0);
+        assert!(row.gateway_granted.0 && !row.host_pending.0);
         let row = load(Lookup::Grant(5), "demo").await;
         assert_eq!(
             (row.revoked_at, row.shared_sealed),

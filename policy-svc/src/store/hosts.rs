@@ -14,12 +14,14 @@ pub struct Host {
     pub enabled: DbBool,
     #[serde(serialize_with = "timefmt::rfc3339")]
     pub created_at: i64,
+    /// A headed host waiting for an admin's approval (`POST /api/v1/hosts/{id}/approve`).
+    pub pending: DbBool,
 }
 
 pub async fn create_token_host(db: &Db, name: &str) -> Result<Host> {
     Ok(sqlx::query_as(
         "INSERT INTO hosts (name, kind, enabled, created_at) VALUES ($1, 'token', $2, $3)
-         RETURNING id, name, kind, enabled, created_at",
+         RETURNING id, name, kind, enabled, created_at, pending",
     )
     .bind(name)
     .bind(true)
@@ -30,19 +32,33 @@ pub async fn create_token_host(db: &Db, name: &str) -> Result<Host> {
 
 pub async fn list_hosts(db: &Db) -> Result<Vec<Host>> {
     Ok(
-        sqlx::query_as("SELECT id, name, kind, enabled, created_at FROM hosts ORDER BY id")
-            .fetch_all(db)
-            .await?,
+        sqlx::query_as(
+            "SELECT id, name, kind, enabled, created_at, pending FROM hosts ORDER BY id",
+        )
+        .fetch_all(db)
+        .await?,
     )
 }
 
 pub async fn get_host(db: &Db, id: i64) -> Result<Option<Host>> {
-    Ok(
-        sqlx::query_as("SELECT id, name, kind, enabled, created_at FROM hosts WHERE id = $1")
-            .bind(id)
-            .fetch_optional(db)
-            .await?,
+    Ok(sqlx::query_as(
+        "SELECT id, name, kind, enabled, created_at, pending FROM hosts WHERE id = $1",
     )
+    .bind(id)
+    .fetch_optional(db)
+    .await?)
+}
+
+/// Approves a pending host; `None`: no such host.
+pub async fn approve(db: &Db, id: i64) -> Result<Option<Host>> {
+    Ok(sqlx::query_as(
+        "UPDATE hosts SET pending = $1 WHERE id = $2
+         RETURNING id, name, kind, enabled, created_at, pending",
+    )
+    .bind(false)
+    .bind(id)
+    .fetch_optional(db)
+    .await?)
 }
 
 /// The connection for (host, gateway, user), created on first use. One statement (the

@@ -16,6 +16,7 @@ pub mod pg_reads;
 pub mod reseal;
 pub mod signin;
 pub mod sqlite_reads;
+pub mod teams;
 pub mod toggles;
 pub mod users;
 

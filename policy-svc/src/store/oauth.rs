@@ -187,7 +187,15 @@ pub async fn get_client(db: &Db, client_id: &str) -> Result<Option<Client>> {
 /// host, or the user's connection through it) stays disabled; a disabled one is chosen
 /// first. Otherwise a new host, named after the client. Concurrent first
 /// authorizations end with one host.
-pub async fn host_for_client(db: &Db, client: &Client, user_id: i64) -> Result<i64> {
+///
+/// A new host starts `pending` (waiting for an admin's approval) when
+/// `pending_if_new`: the gateway of this first authorization approves hosts.
+pub async fn host_for_client(
+    db: &Db,
+    client: &Client,
+    user_id: i64,
+    pending_if_new: bool,
+) -> Result<i64> {
     if let Some(id) = client.host_id {
         return Ok(id);
     }
@@ -225,11 +233,12 @@ pub async fn host_for_client(db: &Db, client: &Client, user_id: i64) -> Result<i
         Some(id) => id,
         None => {
             sqlx::query_scalar(
-                "INSERT INTO hosts (name, kind, enabled, created_at) VALUES ($1, 'oauth', $2, $3) RETURNING id",
+                "INSERT INTO hosts (name, kind, enabled, created_at, pending) VALUES ($1, 'oauth', $2, $3, $4) RETURNING id",
             )
             .bind(&client.client_name)
             .bind(true)
             .bind(now_ms())
+            .bind(pending_if_new)
             .fetch_one(&mut *tx)
             .await?
         }
@@ -677,15 +686,15 @@ mod tests {
             .unwrap();
         let uris = ["http://127.0.0.1/cb".to_owned()];
         let again = insert_client(&db, "c2", "App", &uris).await.unwrap();
-        assert_eq!(host_for_client(&db, &again, 1).await.unwrap(), 1);
+        assert_eq!(host_for_client(&db, &again, 1, false).await.unwrap(), 1);
         // Settled: the client keeps its host, whoever authorizes it next.
         let again = get_client(&db, "c2").await.unwrap().unwrap();
-        assert_eq!(host_for_client(&db, &again, 2).await.unwrap(), 1);
+        assert_eq!(host_for_client(&db, &again, 2, false).await.unwrap(), 1);
         // Another name, or another user's first client of the same name: a new host.
         let other = insert_client(&db, "c3", "Other app", &uris).await.unwrap();
-        assert_ne!(host_for_client(&db, &other, 1).await.unwrap(), 1);
+        assert_ne!(host_for_client(&db, &other, 1, false).await.unwrap(), 1);
         let theirs = insert_client(&db, "c4", "App", &uris).await.unwrap();
-        let new_host = host_for_client(&db, &theirs, 2).await.unwrap();
+        let new_host = host_for_client(&db, &theirs, 2, false).await.unwrap();
         assert_ne!(new_host, 1);
         let enabled: DbBool = sqlx::query_scalar("SELECT enabled FROM hosts WHERE id = $1")
             .bind(new_host)

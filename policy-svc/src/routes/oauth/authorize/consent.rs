@@ -29,6 +29,18 @@ pub(super) async fn consent_page(
     session: &str,
     user: (i64, String),
 ) -> Result<Response, OauthError> {
+    if let Some(reason) = not_allowed(state, user.0, authz).await? {
+        tracing::info!(user_id = user.0, gateway_id = authz.gateway_id, client_id = %authz.client.client_id, reason = reason.code(), "oauth consent refused: not allowed to connect");
+        return Ok(html(
+            StatusCode::FORBIDDEN,
+            "Not allowed",
+            format!(
+                "<p>Signed in as <strong>{}</strong>.</p><p>{}</p>",
+                escape(&user.1),
+                escape(&reason.message(&authz.gateway_name))
+            ),
+        ));
+    }
     let missing =
         store::identities::missing_on_gateway(&state.db, authz.gateway_id, user.0).await?;
     let identities: String = missing
@@ -110,6 +122,18 @@ pub(in crate::routes::oauth) async fn consent(
             ],
         ));
     }
+    if let Some(reason) = not_allowed(&state, user_id, &authz).await? {
+        tracing::info!(user_id, gateway_id = authz.gateway_id, client_id = %authz.client.client_id, reason = reason.code(), "oauth consent refused: not allowed to connect");
+        return Ok(client_redirect(
+            &issuer,
+            &authz.redirect_uri,
+            authz.state.as_deref(),
+            &[
+                ("error", "access_denied"),
+                ("error_description", &reason.message(&authz.gateway_name)),
+            ],
+        ));
+    }
     let code = grant_code(&state, &p, &authz, user_id).await?;
     Ok(client_redirect(
         &issuer,
@@ -117,6 +141,56 @@ pub(in crate::routes::oauth) async fn consent(
         authz.state.as_deref(),
         &[("code", &code)],
     ))
+}
+
+/// Why a signed-in user may not connect a headed app to the request's gateway.
+#[derive(Debug, Clone, Copy)]
+enum NotAllowed {
+    /// The user's role lacks `oauth.connect`.
+    NoOauthConnect,
+    /// None of the user's teams is granted the gateway.
+    NotGranted,
+}
+
+impl NotAllowed {
+    /// For the log.
+    fn code(self) -> &'static str {
+        match self {
+            NotAllowed::NoOauthConnect => "oauth_connect_missing",
+            NotAllowed::NotGranted => "gateway_not_granted",
+        }
+    }
+
+    /// For the user, on the page or in the client's `error_description`.
+    fn message(self, gateway: &str) -> String {
+        match self {
+            NotAllowed::NoOauthConnect => {
+                "Your role does not let you connect applications by OAuth (oauth.connect). \
+                 Ask an admin."
+                    .to_owned()
+            }
+            NotAllowed::NotGranted => format!(
+                "None of your teams is granted the gateway {gateway}, so you cannot connect \
+                 an application to it. Ask an admin."
+            ),
+        }
+    }
+}
+
+/// Checked on the consent page and again when its form comes back, before anything
+/// is stored: the role's `oauth.connect`, then a team's grant of the gateway.
+async fn not_allowed(
+    state: &AppState,
+    user_id: i64,
+    authz: &Authz,
+) -> Result<Option<NotAllowed>, OauthError> {
+    if !store::teams::may_connect_by_oauth(&state.db, user_id).await? {
+        return Ok(Some(NotAllowed::NoOauthConnect));
+    }
+    if !store::teams::user_granted(&state.db, user_id, authz.gateway_id).await? {
+        return Ok(Some(NotAllowed::NotGranted));
+    }
+    Ok(None)
 }
 
 /// After consent: identities the user brought, the headed host (on the client's first
@@ -148,14 +222,17 @@ async fn grant_code(
     })?;
     identities::save_identities(state, user_id, brought).await?;
     let first = authz.client.host_id.is_none();
-    let host_id = db::host_for_client(&state.db, &authz.client, user_id)
+    let approve = store::catalog::approves_hosts(&state.db, authz.gateway_id)
+        .await
+        .map_err(OauthError::from)?;
+    let host_id = db::host_for_client(&state.db, &authz.client, user_id, approve)
         .await
         .map_err(OauthError::from)?;
     let connection_id = store::hosts::connect(&state.db, host_id, authz.gateway_id, user_id)
         .await
         .map_err(OauthError::from)?;
     if first {
-        tracing::info!(host_id, client_id = %authz.client.client_id, name = %authz.client.client_name, "client's first authorization: its headed host settled");
+        tracing::info!(host_id, client_id = %authz.client.client_id, name = %authz.client.client_name, approval_required = approve, "client's first authorization: its headed host settled");
     }
     let code = secrets::mint(TokenKind::Code).map_err(OauthError::server_error)?;
     state
