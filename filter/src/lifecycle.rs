@@ -14,6 +14,7 @@ use std::fmt;
 use std::ops::Deref;
 
 use mcpguard_core::check::{CHECK_PATH, DenyCode};
+use mcpguard_core::features::{self, ListFilter, RpcId};
 use mcpguard_core::jwt::Keys;
 use mcpguard_core::oauth::CHECK_JWKS_PATH;
 
@@ -36,8 +37,10 @@ pub enum Level {
 pub enum McpField {
     /// `method`.
     Method,
-    /// `params.name`: the tool of a `tools/call`.
+    /// `params.name`: the tool of a `tools/call`, the prompt of a `prompts/get`.
     Tool,
+    /// `params.uri`: the resource of a `resources/read`.
+    Uri,
 }
 
 /// What the request-headers hook tells Envoy.
@@ -75,6 +78,11 @@ pub trait Host {
     /// may send any byte, and proxy-wasm's string getters panic on one not UTF-8.
     fn request_headers(&self) -> RawHeaders;
     fn mcp_metadata(&self, field: McpField) -> Option<String>;
+    /// The JSON-RPC id Envoy's MCP filter parsed (`None`: not known; a blocked item's
+    /// JSON-RPC error then carries `null`).
+    fn mcp_request_id(&self) -> Option<RpcId> {
+        None
+    }
     /// `None` removes the header.
     fn set_request_header(&self, name: &str, value: Option<&str>);
     /// Makes Envoy pick the route again after the headers changed; a no-op where
@@ -98,6 +106,25 @@ pub trait Host {
     fn now(&self) -> i64;
     fn count(&self, event: Event);
     fn log(&self, level: Level, message: fmt::Arguments<'_>);
+
+    // The response path, for list replies filtered per caller (feature provisioning).
+    // A host without it refuses list requests that need filtering (fail closed).
+
+    /// Whether this host can rewrite response bodies.
+    fn filters_responses(&self) -> bool {
+        false
+    }
+    fn response_header(&self, _name: &str) -> Option<Vec<u8>> {
+        None
+    }
+    /// `None` removes the header.
+    fn set_response_header(&self, _name: &str, _value: Option<&str>) {}
+    /// The response body buffered so far, `size` bytes of it.
+    fn response_body(&self, _size: usize) -> Option<Vec<u8>> {
+        None
+    }
+    /// Replaces the whole buffered response body (`size` bytes) with `body`.
+    fn set_response_body(&self, _size: usize, _body: &[u8]) {}
 }
 
 /// What the callout in flight will answer.
@@ -118,6 +145,13 @@ pub struct Lifecycle {
     /// The client's `:path`, kept for rewriting once the check answers.
     path: RefCell<String>,
     request_id: RefCell<Option<String>>,
+    /// The JSON-RPC id, for a blocked item's JSON-RPC error.
+    rpc_id: RefCell<Option<RpcId>>,
+    /// What the reply to this list request may keep.
+    list_filter: RefCell<Option<ListFilter>>,
+    /// The reply is being filtered: its body is buffered to the end, and its
+    /// `content-type` (JSON or SSE) kept.
+    filtering: RefCell<Option<Option<String>>>,
 }
 
 /// The request headers of the JWKS fetch, which the wasm root context's refresh
@@ -171,7 +205,8 @@ impl Lifecycle {
                         host.log(Level::Warn, format_args!("{note}"));
                     }
                     let sidecar = host.config().and_then(|c| c.sidecar.as_ref());
-                    decide::finish(status, body, &self.path.borrow(), sidecar)
+                    let rpc_id = self.rpc_id.borrow();
+                    decide::finish(status, body, &self.path.borrow(), sidecar, rpc_id.as_ref())
                 };
                 match finish {
                     Finish::Forward(forward) => self.forward(host, forward),
@@ -186,7 +221,14 @@ impl Lifecycle {
         let headers = host.request_headers();
         let mcp_method = host.mcp_metadata(McpField::Method);
         let tool = host.mcp_metadata(McpField::Tool);
-        let incoming = Incoming::from_headers(&headers, mcp_method.as_deref(), tool.as_deref());
+        let uri = host.mcp_metadata(McpField::Uri);
+        self.rpc_id.replace(host.mcp_request_id());
+        let incoming = Incoming::from_headers(
+            &headers,
+            mcp_method.as_deref(),
+            tool.as_deref(),
+            uri.as_deref(),
+        );
         self.path.replace(incoming.path.to_owned());
         self.request_id
             .replace(incoming.request_id.map(str::to_owned));
@@ -272,13 +314,74 @@ impl Lifecycle {
         }
     }
 
-    fn forward(&self, host: &impl Host, forward: Forward) {
+    fn forward(&self, host: &impl Host, mut forward: Forward) {
+        if let Some(filter) = forward.list_filter.take() {
+            if !host.filters_responses() {
+                host.log(
+                    Level::Warn,
+                    format_args!("this host cannot filter list replies; refusing"),
+                );
+                self.refuse(host, Refusal::new(DenyCode::PolicyUnavailable, None));
+                return;
+            }
+            self.list_filter.replace(Some(filter));
+        }
         for (name, value) in forward.header_edits() {
             host.set_request_header(name, value);
         }
         host.clear_route_cache();
         host.count(Event::Allowed);
         host.resume();
+    }
+
+    /// The response headers of a request that was forwarded: a list reply to filter
+    /// (status 200) loses its `content-length`, since its body will change.
+    pub fn on_response_headers(&self, host: &impl Host) {
+        if self.list_filter.borrow().is_none() {
+            return;
+        }
+        if host.response_header(":status").as_deref() != Some(b"200") {
+            return;
+        }
+        let content_type = host
+            .response_header("content-type")
+            .and_then(|v| String::from_utf8(v).ok());
+        host.set_response_header("content-length", None);
+        self.filtering.replace(Some(content_type));
+    }
+
+    /// A chunk of the response body (`size`: all of it buffered so far). A filtered
+    /// reply is held to its end, then rewritten once; anything else passes.
+    pub fn on_response_body(&self, host: &impl Host, size: usize, end_of_stream: bool) -> Next {
+        let filtering = self.filtering.borrow();
+        let (Some(content_type), Some(filter)) =
+            (filtering.as_ref(), self.list_filter.borrow().clone())
+        else {
+            return Next::Continue;
+        };
+        if !end_of_stream {
+            return Next::Pause;
+        }
+        let body = host.response_body(size).unwrap_or_default();
+        let filtered = filter
+            .filter_body(content_type.as_deref(), &body)
+            .unwrap_or_else(|()| {
+                host.log(
+                    Level::Warn,
+                    format_args!("a {} reply did not parse; replaced by an error", filter.kind.list_method()),
+                );
+                let error = features::unfilterable_reply();
+                let sse = content_type
+                    .as_deref()
+                    .is_some_and(|c| c.starts_with("text/event-stream"));
+                if sse {
+                    format!("event: message\ndata: {error}\n\n").into_bytes()
+                } else {
+                    error.into_bytes()
+                }
+            });
+        host.set_response_body(size, &filtered);
+        Next::Continue
     }
 
     fn refuse(&self, host: &impl Host, refusal: Refusal) {
@@ -574,6 +677,7 @@ mod tests {
                 address: address.map(str::to_owned),
             },
             inject: None,
+            list_filter: None,
         })
         .unwrap()
     }
