@@ -29,10 +29,11 @@ pub enum Capability {
     HostsRead,
     ConnectionsRead,
     UsersRead,
+    FeaturesManage,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 15] = [
+    pub const ALL: [Capability; 16] = [
         Capability::TokensManage,
         Capability::HostsToggle,
         Capability::ConnectionsToggle,
@@ -48,6 +49,7 @@ impl Capability {
         Capability::HostsRead,
         Capability::ConnectionsRead,
         Capability::UsersRead,
+        Capability::FeaturesManage,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -67,6 +69,7 @@ impl Capability {
             Capability::HostsRead => "hosts.read",
             Capability::ConnectionsRead => "connections.read",
             Capability::UsersRead => "users.read",
+            Capability::FeaturesManage => "features.manage",
         }
     }
 
@@ -80,6 +83,8 @@ impl Capability {
         match self {
             // Exposing picks a server from the catalog.
             GatewaysManage => &[GatewaysRead, ServersRead],
+            // Provisioning picks an exposure: a gateway and a server.
+            FeaturesManage => &[GatewaysRead, ServersRead],
             GatewaysToggle => &[GatewaysRead],
             ServersManage | ServersToggle => &[ServersRead],
             HostsToggle => &[HostsRead],

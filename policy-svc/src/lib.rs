@@ -8,6 +8,7 @@ mod check;
 pub mod check_auth;
 pub mod config;
 pub mod error;
+mod features;
 mod extract;
 #[cfg(test)]
 mod fixture;
@@ -137,6 +138,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         upstreams: std::sync::Arc::new(config.upstream_policy()),
         passwords: std::sync::Arc::new(config.passwords()),
     };
+    if config.features_refresh_s > 0 {
+        features::spawn_schedule(
+            state.clone(),
+            std::time::Duration::from_secs(config.features_refresh_s),
+        );
+    }
     tokio::spawn(routes::warn_about_registered(
         state.db.clone(),
         state.upstreams.clone(),

@@ -141,6 +141,7 @@ fn decide_layers(
             address: None,
         },
         inject,
+        list_filter: None,
     }
 }
 
@@ -180,6 +181,9 @@ mod tests {
             gateway_id: 6,
             shared_header: None,
             shared_sealed: None,
+            tools_mode: Some("allow_all".into()),
+            prompts_mode: Some("allow_all".into()),
+            resources_mode: Some("allow_all".into()),
         }
     }
 
@@ -199,7 +203,9 @@ mod tests {
 
     #[test]
     fn a_live_token_on_its_gateway_is_allowed_to_the_upstream() {
-        let CheckResponse::Allow { upstream, inject } =
+        let CheckResponse::Allow {
+            upstream, inject, ..
+        } =
             decide(Some(&row()), &token(), "eng", 1_000, opened)
         else {
             panic!("expected allow");

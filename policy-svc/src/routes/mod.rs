@@ -3,6 +3,7 @@
 mod audit;
 mod check;
 mod enrollments;
+mod features;
 mod ext_authz;
 mod gateways;
 mod hosts;
@@ -87,6 +88,7 @@ pub fn admin_api() -> Vec<Endpoint> {
         vec![endpoint(Verb::Get, "/api/v1/endpoints", None, catalog).scope(Scope::Caller)];
     all.extend(gateways::endpoints());
     all.extend(servers::endpoints());
+    all.extend(features::endpoints());
     all.extend(hosts::endpoints());
     all.extend(enrollments::endpoints());
     all.extend(toggles::endpoints());

@@ -40,6 +40,11 @@ pub struct CheckRow {
     /// The exposure's shared credential, if it has one.
     pub shared_header: Option<String>,
     pub shared_sealed: Option<Vec<u8>>,
+    /// The exposure's feature provisioning modes (`allow_all`, ...), `None` when the
+    /// gateway does not expose the server.
+    pub tools_mode: Option<String>,
+    pub prompts_mode: Option<String>,
+    pub resources_mode: Option<String>,
 }
 
 /// The check's one statement, for a credential read from `$credential`: every layer
@@ -59,7 +64,8 @@ macro_rules! check_select {
                 s.upstream_path, e.identity, s.id AS server_id,
                 i.id AS identity_id, i.enabled AS identity_enabled,
                 i.header_name AS identity_header, i.sealed AS identity_sealed,
-                g.id AS gateway_id, e.credential_header AS shared_header, e.credential_sealed AS shared_sealed
+                g.id AS gateway_id, e.credential_header AS shared_header, e.credential_sealed AS shared_sealed,
+                e.tools_mode, e.prompts_mode, e.resources_mode
          FROM ",
             $credential,
             "
@@ -123,6 +129,9 @@ macro_rules! check_row_by_index {
             gateway_id: $row.$get(22)?,
             shared_header: $row.$get(23)?,
             shared_sealed: $row.$get(24)?,
+            tools_mode: $row.$get(25)?,
+            prompts_mode: $row.$get(26)?,
+            resources_mode: $row.$get(27)?,
         }
     };
 }

@@ -8,6 +8,7 @@ pub mod audit_export;
 pub mod catalog;
 pub mod check;
 pub mod enrollments;
+pub mod features;
 pub mod hosts;
 pub mod identities;
 pub mod oauth;
