@@ -1060,3 +1060,232 @@ mod tests {
         assert!(host.dispatched_paths().is_empty());
     }
 }
+
+#[cfg(test)]
+mod response_tests {
+    //! The response path (list replies filtered per caller) and blocked items, through
+    //! the whole lifecycle against a small host that keeps a response.
+
+    use std::cell::RefCell;
+
+    use mcpguard_core::check::{CheckResponse, Scheme, Upstream};
+    use mcpguard_core::features::{Item, Kind, ListFilter, definition_hash};
+    use mcpguard_core::token::{TokenKind, format_token};
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    struct Host2 {
+        config: FilterConfig,
+        method: &'static str,
+        id: Option<RpcId>,
+        filters: bool,
+        response_headers: RefCell<Vec<(String, Option<String>)>>,
+        body: RefCell<Vec<u8>>,
+        sent: RefCell<Option<(u32, String)>>,
+        resumed: RefCell<bool>,
+    }
+
+    impl Host2 {
+        fn new(method: &'static str, content_type: &str) -> Self {
+            Host2 {
+                config: FilterConfig::parse(br#"{"policy_cluster":"policy"}"#).unwrap(),
+                method,
+                id: Some(RpcId::Number(7.0)),
+                filters: true,
+                response_headers: RefCell::new(vec![
+                    (":status".into(), Some("200".into())),
+                    ("content-type".into(), Some(content_type.into())),
+                    ("content-length".into(), Some("999".into())),
+                ]),
+                body: RefCell::default(),
+                sent: RefCell::default(),
+                resumed: RefCell::default(),
+            }
+        }
+    }
+
+    impl Host for Host2 {
+        type Keys = std::rc::Rc<Keys>;
+        fn config(&self) -> Option<&FilterConfig> {
+            Some(&self.config)
+        }
+        fn keys(&self) -> Option<Self::Keys> {
+            None
+        }
+        fn fetches_keys(&self) -> bool {
+            false
+        }
+        fn store_keys(&self, _keys: Keys) {}
+        fn has_request_header(&self, _name: &str) -> Option<bool> {
+            Some(false)
+        }
+        fn request_headers(&self) -> RawHeaders {
+            let token = format!(
+                "Bearer {}",
+                format_token(TokenKind::HostApi, &"a".repeat(40)).unwrap()
+            );
+            RawHeaders::from_pairs(&[(":path", "/mcp/eng/demo"), ("authorization", &token)])
+        }
+        fn mcp_metadata(&self, field: McpField) -> Option<String> {
+            match field {
+                McpField::Method => Some(self.method.into()),
+                McpField::Tool => Some("whoami".into()),
+                McpField::Uri => None,
+            }
+        }
+        fn mcp_request_id(&self) -> Option<RpcId> {
+            self.id.clone()
+        }
+        fn set_request_header(&self, _name: &str, _value: Option<&str>) {}
+        fn clear_route_cache(&self) {}
+        fn dispatch(
+            &self,
+            _cluster: &str,
+            _headers: &[(&str, &str)],
+            _body: Option<&[u8]>,
+            _timeout_ms: u64,
+        ) -> Result<(), String> {
+            Ok(())
+        }
+        fn send_response(&self, status: u32, _headers: Vec<(&str, &str)>, body: &[u8]) {
+            *self.sent.borrow_mut() = Some((status, String::from_utf8(body.to_vec()).unwrap()));
+        }
+        fn resume(&self) {
+            *self.resumed.borrow_mut() = true;
+        }
+        fn now(&self) -> i64 {
+            0
+        }
+        fn count(&self, _event: Event) {}
+        fn log(&self, _level: Level, _message: fmt::Arguments<'_>) {}
+        fn filters_responses(&self) -> bool {
+            self.filters
+        }
+        fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+            self.response_headers
+                .borrow()
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, v)| v.clone())
+                .map(String::into_bytes)
+        }
+        fn set_response_header(&self, name: &str, value: Option<&str>) {
+            for (n, v) in self.response_headers.borrow_mut().iter_mut() {
+                if n == name {
+                    *v = value.map(str::to_owned);
+                }
+            }
+        }
+        fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+            Some(self.body.borrow()[..size].to_vec())
+        }
+        fn set_response_body(&self, size: usize, body: &[u8]) {
+            assert_eq!(size, self.body.borrow().len());
+            *self.body.borrow_mut() = body.to_vec();
+        }
+    }
+
+    fn allow(list_filter: Option<ListFilter>) -> Vec<u8> {
+        serde_json::to_vec(&CheckResponse::Allow {
+            upstream: Upstream {
+                scheme: Scheme::Http,
+                authority: "mcp.example:9100".into(),
+                base_path: "/mcp".into(),
+                address: Some("127.0.0.1:9100".into()),
+            },
+            inject: None,
+            list_filter,
+        })
+        .unwrap()
+    }
+
+    fn echo() -> Value {
+        json!({"name": "echo", "description": "Echo", "inputSchema": {"type": "object"}})
+    }
+
+    fn only_echo() -> ListFilter {
+        ListFilter {
+            kind: Kind::Tools,
+            allowed: vec![Item {
+                name: "echo".into(),
+                hash: definition_hash(Kind::Tools, &echo()),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_list_reply_is_held_to_its_end_and_filtered_once() {
+        let host = Host2::new("tools/list", "text/event-stream");
+        let life = Lifecycle::default();
+        assert_eq!(life.on_request_headers(&host), Next::Pause);
+        life.on_answer(&host, Some(200), Some(&allow(Some(only_echo()))));
+        assert!(*host.resumed.borrow());
+        life.on_response_headers(&host);
+        assert_eq!(host.response_header("content-length"), None);
+        let reply = json!({"jsonrpc": "2.0", "id": 7, "result": {"tools": [echo(), {"name": "whoami"}]}});
+        let body = format!("event: message\ndata: {reply}\n\n");
+        let (first, rest) = body.split_at(10);
+        host.body.borrow_mut().extend_from_slice(first.as_bytes());
+        assert_eq!(life.on_response_body(&host, first.len(), false), Next::Pause);
+        host.body.borrow_mut().extend_from_slice(rest.as_bytes());
+        assert_eq!(life.on_response_body(&host, body.len(), true), Next::Continue);
+        let out = String::from_utf8(host.body.borrow().clone()).unwrap();
+        assert!(out.contains("\"echo\""), "{out}");
+        assert!(!out.contains("whoami"), "{out}");
+    }
+
+    #[test]
+    fn an_unreadable_list_reply_never_reaches_the_client_unfiltered() {
+        let host = Host2::new("tools/list", "application/json");
+        let life = Lifecycle::default();
+        life.on_request_headers(&host);
+        life.on_answer(&host, Some(200), Some(&allow(Some(only_echo()))));
+        life.on_response_headers(&host);
+        *host.body.borrow_mut() = b"{\"tools\": [\"whoami\"".to_vec();
+        let size = host.body.borrow().len();
+        life.on_response_body(&host, size, true);
+        let out: Value = serde_json::from_slice(&host.body.borrow()).unwrap();
+        assert_eq!(out["error"]["code"], -32603, "{out}");
+    }
+
+    #[test]
+    fn replies_without_a_filter_pass_untouched() {
+        let host = Host2::new("tools/call", "application/json");
+        let life = Lifecycle::default();
+        life.on_request_headers(&host);
+        life.on_answer(&host, Some(200), Some(&allow(None)));
+        life.on_response_headers(&host);
+        assert_eq!(host.response_header("content-length"), Some(b"999".to_vec()));
+        assert_eq!(life.on_response_body(&host, 0, false), Next::Continue);
+    }
+
+    #[test]
+    fn a_host_that_cannot_filter_refuses_instead_of_passing_the_list() {
+        let mut host = Host2::new("tools/list", "application/json");
+        host.filters = false;
+        let life = Lifecycle::default();
+        life.on_request_headers(&host);
+        life.on_answer(&host, Some(200), Some(&allow(Some(only_echo()))));
+        assert!(!*host.resumed.borrow());
+        assert_eq!(host.sent.borrow().as_ref().unwrap().0, 503);
+    }
+
+    #[test]
+    fn a_blocked_item_is_a_json_rpc_error_with_the_request_id() {
+        let host = Host2::new("tools/call", "application/json");
+        let life = Lifecycle::default();
+        life.on_request_headers(&host);
+        life.on_answer(
+            &host,
+            Some(200),
+            Some(br#"{"decision":"deny","code":"tool_blocked"}"#),
+        );
+        let (status, body) = host.sent.borrow().clone().unwrap();
+        assert_eq!(status, 200);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["id"], 7);
+        assert_eq!(v["error"]["data"]["code"], "tool_blocked");
+        assert!(!*host.resumed.borrow());
+    }
+}

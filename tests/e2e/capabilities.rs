@@ -76,6 +76,7 @@ pub(crate) fn concrete(path: &str, f: &Fixture) -> String {
     };
     path.replace("{id}", &id.to_string())
         .replace("{server_id}", &f.server.to_string())
+        .replace("{kind}", "tools")
 }
 
 /// A body that would succeed, so a missing check would show as a change.
@@ -87,6 +88,13 @@ pub(crate) fn body(method: &str, path: &str, f: &Fixture) -> Option<Value> {
             json!({"name": "New", "slug": "new-server", "upstream_url": "http://127.0.0.1:9/x"})
         }
         ("PUT", "/api/v1/gateways/{id}/servers/{server_id}") => json!({"identity": "per_user"}),
+        ("PUT", "/api/v1/gateways/{id}/servers/{server_id}/features/{kind}") => {
+            json!({"mode": "block_all"})
+        }
+        ("POST", "/api/v1/gateways/{id}/servers/{server_id}/features/{kind}/approve") => {
+            json!({"names": []})
+        }
+        ("POST", "/api/v1/gateways/{id}/servers/{server_id}/features/refresh") => json!({}),
         ("POST", "/api/v1/hosts") => json!({"name": "New bot"}),
         ("POST", "/api/v1/hosts/{id}/tokens") => json!({"gateway_id": f.gateway}),
         ("POST", "/api/v1/hosts/{id}/enrollments") => {
@@ -123,6 +131,7 @@ pub(crate) async fn snapshot(owner: &Admin, f: &Fixture) -> Value {
         "/api/v1/roles".to_owned(),
         "/api/v1/users".to_owned(),
         format!("/api/v1/gateways/{}/servers", f.gateway),
+        format!("/api/v1/gateways/{}/servers/{}/features", f.gateway, f.server),
         format!("/api/v1/gateways/{}/connections", f.gateway),
         format!("/api/v1/hosts/{}/tokens", f.host),
         format!("/api/v1/hosts/{}/enrollments", f.host),

@@ -19,6 +19,7 @@ mod ext_authz;
 mod failure;
 mod identities;
 mod oauth;
+mod provisioning;
 mod routing;
 mod scaleout;
 mod sidecar;
