@@ -178,8 +178,6 @@ async fn approve(admin: &Admin, p: &Provisioned, kind: &str, names: &[&str]) {
 /// The status the API shows for one item.
 async fn status_of(admin: &Admin, p: &Provisioned, kind: &str, name: &str) -> String {
     let (_, v) = admin.get(&features_path(p)).await;
-    let key = if kind == "resources" { "uri" } else { "name" };
-    let _ = key;
     v[kind]
         .as_array()
         .unwrap()
@@ -295,14 +293,14 @@ async fn tool_modes_filter_sse_lists_and_refuse_blocked_calls_on_the_next_reques
         .await
         .1;
     assert!(
-        denied.as_array().unwrap().iter().any(|e| e["code"] == "tool_blocked"
+        denied["entries"].as_array().unwrap().iter().any(|e| e["code"] == "tool_blocked"
             && e["tool"] == "whoami"
             && e["mcp_method"] == "tools/call"),
         "{denied}"
     );
     let changes = admin.get("/api/v1/audit?kind=admin&limit=50").await.1;
     assert!(
-        changes
+        changes["entries"]
             .as_array()
             .unwrap()
             .iter()
@@ -455,7 +453,7 @@ async fn a_new_tool_stays_blocked_until_allowed_and_a_changed_one_is_blocked_aga
         Some("tool_blocked")
     );
     let audit = admin.get("/api/v1/audit?kind=admin&limit=100").await.1;
-    let actions: Vec<&str> = audit
+    let actions: Vec<&str> = audit["entries"]
         .as_array()
         .unwrap()
         .iter()
