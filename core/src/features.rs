@@ -234,23 +234,23 @@ impl ListFilter {
     /// The reply body with what the caller may not see removed. `content_type` picks
     /// plain JSON or an SSE stream (`text/event-stream`), each event's `data` a
     /// JSON-RPC message; an SSE event that is not JSON (a priming event, a comment) is
-    /// kept as it is. `Err` when a JSON body does not parse: the caller must not get
+    /// kept as it is. `None` when a JSON body does not parse: the caller must not get
     /// it unfiltered.
-    pub fn filter_body(&self, content_type: Option<&str>, body: &[u8]) -> Result<Vec<u8>, ()> {
+    pub fn filter_body(&self, content_type: Option<&str>, body: &[u8]) -> Option<Vec<u8>> {
         let is_sse = content_type.is_some_and(|c| {
             c.split(';')
                 .next()
                 .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"))
         });
         if is_sse {
-            let text = std::str::from_utf8(body).map_err(drop)?;
-            return Ok(self.filter_sse(text).into_bytes());
+            let text = std::str::from_utf8(body).ok()?;
+            return Some(self.filter_sse(text).into_bytes());
         }
-        let mut message: Value = serde_json::from_slice(body).map_err(drop)?;
+        let mut message: Value = serde_json::from_slice(body).ok()?;
         if self.filter_message(&mut message) {
-            serde_json::to_vec(&message).map_err(drop)
+            serde_json::to_vec(&message).ok()
         } else {
-            Ok(body.to_vec())
+            Some(body.to_vec())
         }
     }
 
@@ -328,7 +328,8 @@ impl RpcId {
     fn to_json(&self) -> Value {
         match self {
             // Integral ids go back as integers, as the client sent them.
-            RpcId::Number(n) if n.fract() == 0.0 && n.abs() < 9.007_199_254_740_992e15 => {
+            RpcId::Number(n) if n.fract() == 0.0 && n.abs() < 9.007_199_254_740_992e15 =>
+            {
                 #[allow(clippy::cast_possible_truncation)]
                 Value::from(*n as i64)
             }
@@ -395,16 +396,28 @@ mod tests {
             r#"{ "description": "d", "_meta": {"x": 1}, "name": "echo", "inputSchema": {"properties": {}, "type": "object"} }"#,
         )
         .unwrap();
-        assert_eq!(definition_hash(Kind::Tools, &a), definition_hash(Kind::Tools, &b));
+        assert_eq!(
+            definition_hash(Kind::Tools, &a),
+            definition_hash(Kind::Tools, &b)
+        );
         let mut c = a.clone();
         c["description"] = json!("changed");
-        assert_ne!(definition_hash(Kind::Tools, &a), definition_hash(Kind::Tools, &c));
+        assert_ne!(
+            definition_hash(Kind::Tools, &a),
+            definition_hash(Kind::Tools, &c)
+        );
         let mut d = a.clone();
         d["inputSchema"]["properties"] = json!({"x": {"type": "string"}});
-        assert_ne!(definition_hash(Kind::Tools, &a), definition_hash(Kind::Tools, &d));
+        assert_ne!(
+            definition_hash(Kind::Tools, &a),
+            definition_hash(Kind::Tools, &d)
+        );
         let r1 = json!({"uri": "demo://a", "name": "a", "size": 1});
         let r2 = json!({"uri": "demo://a", "name": "a", "size": 2});
-        assert_eq!(definition_hash(Kind::Resources, &r1), definition_hash(Kind::Resources, &r2));
+        assert_eq!(
+            definition_hash(Kind::Resources, &r1),
+            definition_hash(Kind::Resources, &r2)
+        );
     }
 
     #[test]
@@ -429,7 +442,9 @@ mod tests {
 
         // The same name with another definition (a rug-pull before any refresh).
         let changed = json!({"jsonrpc": "2.0", "id": 4, "result": {"tools": [tool("echo", "Now exfiltrates")]}});
-        let out = filter.filter_body(None, changed.to_string().as_bytes()).unwrap();
+        let out = filter
+            .filter_body(None, changed.to_string().as_bytes())
+            .unwrap();
         let out: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(out["result"]["tools"], json!([]));
     }
@@ -440,14 +455,18 @@ mod tests {
             kind: Kind::Prompts,
             allowed: vec![],
         };
-        let reply = json!({"jsonrpc": "2.0", "id": "a", "result": {"prompts": [{"name": "greet"}]}});
-        let out: Value =
-            serde_json::from_slice(&filter.filter_body(None, reply.to_string().as_bytes()).unwrap())
-                .unwrap();
+        let reply =
+            json!({"jsonrpc": "2.0", "id": "a", "result": {"prompts": [{"name": "greet"}]}});
+        let out: Value = serde_json::from_slice(
+            &filter
+                .filter_body(None, reply.to_string().as_bytes())
+                .unwrap(),
+        )
+        .unwrap();
         assert_eq!(out["result"]["prompts"], json!([]));
         let error = br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32601,"message":"no"}}"#;
         assert_eq!(filter.filter_body(None, error).unwrap(), error.to_vec());
-        assert!(filter.filter_body(None, b"not json").is_err());
+        assert!(filter.filter_body(None, b"not json").is_none());
     }
 
     #[test]
@@ -470,28 +489,45 @@ mod tests {
         assert!(out.ends_with(": keep-alive\n\n"), "{out}");
         // A data line split over several `data:` lines is one message.
         let split = "data: {\"jsonrpc\":\"2.0\",\"id\":1,\ndata: \"result\":{\"resources\":[{\"uri\":\"demo://secret\",\"name\":\"secret\"}]}}\n\n";
-        let out = String::from_utf8(filter.filter_body(Some("text/event-stream"), split.as_bytes()).unwrap()).unwrap();
+        let out = String::from_utf8(
+            filter
+                .filter_body(Some("text/event-stream"), split.as_bytes())
+                .unwrap(),
+        )
+        .unwrap();
         assert!(!out.contains("secret"), "{out}");
     }
 
     #[test]
     fn ids_come_back_as_the_client_sent_them() {
         let number = RpcId::from_property(&7.0f64.to_le_bytes()).unwrap();
-        let v: Value = serde_json::from_str(&blocked_reply(Some(&number), DenyCode::ToolBlocked)).unwrap();
+        let v: Value =
+            serde_json::from_str(&blocked_reply(Some(&number), DenyCode::ToolBlocked)).unwrap();
         assert_eq!(v["id"], json!(7));
         assert_eq!(v["error"]["data"]["code"], "tool_blocked");
-        assert!(v["error"]["message"].as_str().unwrap().starts_with("tool_blocked: "));
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("tool_blocked: ")
+        );
         let frac = RpcId::from_property(&7.5f64.to_le_bytes()).unwrap();
         assert_eq!(frac, RpcId::Number(7.5));
         for text in ["abc", "req-0001", "12345678", ""] {
             let id = RpcId::from_property(text.as_bytes()).unwrap();
-            let v: Value = serde_json::from_str(&blocked_reply(Some(&id), DenyCode::PromptBlocked)).unwrap();
+            let v: Value =
+                serde_json::from_str(&blocked_reply(Some(&id), DenyCode::PromptBlocked)).unwrap();
             assert_eq!(v["id"], json!(text));
         }
         for n in [0.0f64, 1.0, 42.0, 65_535.0, 4_294_967_296.0, -3.0] {
-            assert_eq!(RpcId::from_property(&n.to_le_bytes()), Some(RpcId::Number(n)), "{n}");
+            assert_eq!(
+                RpcId::from_property(&n.to_le_bytes()),
+                Some(RpcId::Number(n)),
+                "{n}"
+            );
         }
-        let v: Value = serde_json::from_str(&blocked_reply(None, DenyCode::ResourceBlocked)).unwrap();
+        let v: Value =
+            serde_json::from_str(&blocked_reply(None, DenyCode::ResourceBlocked)).unwrap();
         assert_eq!(v["id"], Value::Null);
     }
 

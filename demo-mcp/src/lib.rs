@@ -57,7 +57,11 @@ const PROMPTS: [(&str, &str); 2] = [
 
 const RESOURCES: [(&str, &str, &str); 2] = [
     ("demo://readme", "readme", "The demo server's readme"),
-    ("demo://secret", "secret", "Something only some callers should read"),
+    (
+        "demo://secret",
+        "secret",
+        "Something only some callers should read",
+    ),
 ];
 
 fn request_header(ctx: &RequestContext<RoleServer>, name: &str) -> String {
@@ -201,8 +205,7 @@ impl ServerHandler for DemoServer {
         request: ReadResourceRequestParams,
         _context: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, ErrorData> {
-        let Some((uri, _, description)) = RESOURCES.iter().find(|(u, ..)| *u == request.uri)
-        else {
+        let Some((uri, _, description)) = RESOURCES.iter().find(|(u, ..)| *u == request.uri) else {
             return Err(ErrorData::resource_not_found("no such resource", None));
         };
         Ok(ReadResourceResult::new(vec![ResourceContents::text(*description, *uri)]).into())
@@ -246,11 +249,8 @@ fn mcp_router(stateless: bool, extra: ExtraTools) -> axum::Router {
             .with_legacy_session_mode(false)
             .with_json_response(true)
             .with_sse_keep_alive(None);
-        let service = StreamableHttpService::new(
-            server,
-            Arc::new(NeverSessionManager::default()),
-            config,
-        );
+        let service =
+            StreamableHttpService::new(server, Arc::new(NeverSessionManager::default()), config);
         axum::Router::new().nest_service("/mcp", service)
     } else {
         let service = StreamableHttpService::new(

@@ -738,7 +738,13 @@ mod tests {
     #[test]
     fn allow_rewrites_toward_the_upstream() {
         let body = allow_body(Scheme::Http, None);
-        let f = finish(Some(200), Some(&body), "/mcp/eng/github/sub?q=1", None, None);
+        let f = finish(
+            Some(200),
+            Some(&body),
+            "/mcp/eng/github/sub?q=1",
+            None,
+            None,
+        );
         assert_eq!(
             f,
             Finish::Forward(Forward {
@@ -754,7 +760,8 @@ mod tests {
             value: "Bearer down".into(),
         };
         let body = allow_body(Scheme::Https, Some(inject));
-        let Finish::Forward(f) = finish(Some(200), Some(&body), "/mcp/eng/github", None, None) else {
+        let Finish::Forward(f) = finish(Some(200), Some(&body), "/mcp/eng/github", None, None)
+        else {
             panic!("expected forward");
         };
         assert_eq!(f.route, "https");
@@ -814,7 +821,8 @@ mod tests {
             (Some(503), Some(&good[..])),
             (Some(200), Some(&br#"{"decision":"allow"}"#[..])),
         ] {
-            let Finish::Refuse(r) = finish(status, body, "/mcp/eng/demo", sidecar.as_ref(), None) else {
+            let Finish::Refuse(r) = finish(status, body, "/mcp/eng/demo", sidecar.as_ref(), None)
+            else {
                 panic!("{status:?} must not forward");
             };
             assert_eq!(r.code, DenyCode::PolicyUnavailable);

@@ -365,10 +365,13 @@ impl Lifecycle {
         let body = host.response_body(size).unwrap_or_default();
         let filtered = filter
             .filter_body(content_type.as_deref(), &body)
-            .unwrap_or_else(|()| {
+            .unwrap_or_else(|| {
                 host.log(
                     Level::Warn,
-                    format_args!("a {} reply did not parse; replaced by an error", filter.kind.list_method()),
+                    format_args!(
+                        "a {} reply did not parse; replaced by an error",
+                        filter.kind.list_method()
+                    ),
                 );
                 let error = features::unfilterable_reply();
                 let sse = content_type
@@ -1223,13 +1226,20 @@ mod response_tests {
         assert!(*host.resumed.borrow());
         life.on_response_headers(&host);
         assert_eq!(host.response_header("content-length"), None);
-        let reply = json!({"jsonrpc": "2.0", "id": 7, "result": {"tools": [echo(), {"name": "whoami"}]}});
+        let reply =
+            json!({"jsonrpc": "2.0", "id": 7, "result": {"tools": [echo(), {"name": "whoami"}]}});
         let body = format!("event: message\ndata: {reply}\n\n");
         let (first, rest) = body.split_at(10);
         host.body.borrow_mut().extend_from_slice(first.as_bytes());
-        assert_eq!(life.on_response_body(&host, first.len(), false), Next::Pause);
+        assert_eq!(
+            life.on_response_body(&host, first.len(), false),
+            Next::Pause
+        );
         host.body.borrow_mut().extend_from_slice(rest.as_bytes());
-        assert_eq!(life.on_response_body(&host, body.len(), true), Next::Continue);
+        assert_eq!(
+            life.on_response_body(&host, body.len(), true),
+            Next::Continue
+        );
         let out = String::from_utf8(host.body.borrow().clone()).unwrap();
         assert!(out.contains("\"echo\""), "{out}");
         assert!(!out.contains("whoami"), "{out}");
@@ -1256,7 +1266,10 @@ mod response_tests {
         life.on_request_headers(&host);
         life.on_answer(&host, Some(200), Some(&allow(None)));
         life.on_response_headers(&host);
-        assert_eq!(host.response_header("content-length"), Some(b"999".to_vec()));
+        assert_eq!(
+            host.response_header("content-length"),
+            Some(b"999".to_vec())
+        );
         assert_eq!(life.on_response_body(&host, 0, false), Next::Continue);
     }
 

@@ -184,7 +184,10 @@ impl HttpContext for Request {
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let this: &Request = self;
-        match this.lifecycle.on_response_body(this, body_size, end_of_stream) {
+        match this
+            .lifecycle
+            .on_response_body(this, body_size, end_of_stream)
+        {
             Next::Continue => Action::Continue,
             Next::Pause => Action::Pause,
         }
@@ -252,7 +255,12 @@ impl Host for Request {
     }
 
     fn mcp_request_id(&self) -> Option<RpcId> {
-        let path = vec!["metadata", "filter_metadata", "envoy.filters.http.mcp", "id"];
+        let path = vec![
+            "metadata",
+            "filter_metadata",
+            "envoy.filters.http.mcp",
+            "id",
+        ];
         self.get_property(path)
             .and_then(|bytes| RpcId::from_property(&bytes))
     }

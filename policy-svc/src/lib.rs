@@ -8,8 +8,8 @@ mod check;
 pub mod check_auth;
 pub mod config;
 pub mod error;
-mod features;
 mod extract;
+mod features;
 #[cfg(test)]
 mod fixture;
 #[cfg(test)]

@@ -131,7 +131,10 @@ pub(crate) async fn snapshot(owner: &Admin, f: &Fixture) -> Value {
         "/api/v1/roles".to_owned(),
         "/api/v1/users".to_owned(),
         format!("/api/v1/gateways/{}/servers", f.gateway),
-        format!("/api/v1/gateways/{}/servers/{}/features", f.gateway, f.server),
+        format!(
+            "/api/v1/gateways/{}/servers/{}/features",
+            f.gateway, f.server
+        ),
         format!("/api/v1/gateways/{}/connections", f.gateway),
         format!("/api/v1/hosts/{}/tokens", f.host),
         format!("/api/v1/hosts/{}/enrollments", f.host),

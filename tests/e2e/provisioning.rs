@@ -124,7 +124,10 @@ impl Session {
         assert_eq!(reply.status, 200, "{method}: {}", reply.message);
         let error = reply.message.get("error")?;
         if error["code"] == -32003 {
-            assert_eq!(reply.message["id"], id, "the request's id comes back as sent");
+            assert_eq!(
+                reply.message["id"], id,
+                "the request's id comes back as sent"
+            );
             assert_eq!(reply.content_type, "application/json");
             let code = error["data"]["code"].as_str().unwrap().to_owned();
             assert!(
@@ -225,7 +228,10 @@ async fn tool_modes_filter_sse_lists_and_refuse_blocked_calls_on_the_next_reques
     );
 
     let found = refresh(&admin, &p).await;
-    assert_eq!(found["counts"], json!({"prompts": 2, "resources": 2, "tools": 3}));
+    assert_eq!(
+        found["counts"],
+        json!({"prompts": 2, "resources": 2, "tools": 3})
+    );
     set(
         &admin,
         &p,
@@ -254,7 +260,10 @@ async fn tool_modes_filter_sse_lists_and_refuse_blocked_calls_on_the_next_reques
         "{}",
         echoed.message
     );
-    assert_eq!(status_of(&admin, &p, "tools", "whoami").await, "not_selected");
+    assert_eq!(
+        status_of(&admin, &p, "tools", "whoami").await,
+        "not_selected"
+    );
     assert_eq!(status_of(&admin, &p, "tools", "echo").await, "offered");
 
     // The official SDK client sees the same.
@@ -273,7 +282,11 @@ async fn tool_modes_filter_sse_lists_and_refuse_blocked_calls_on_the_next_reques
     set(&admin, &p, "tools", json!({"mode": "block_all"})).await;
     assert!(s.names("tools").await.is_empty());
     let code = s
-        .refusal(json!(43), "tools/call", json!({"name": "echo", "arguments": {"text": "x"}}))
+        .refusal(
+            json!(43),
+            "tools/call",
+            json!({"name": "echo", "arguments": {"text": "x"}}),
+        )
         .await;
     assert_eq!(code.as_deref(), Some("tool_blocked"));
     assert_eq!(status_of(&admin, &p, "tools", "echo").await, "blocked");
@@ -282,20 +295,25 @@ async fn tool_modes_filter_sse_lists_and_refuse_blocked_calls_on_the_next_reques
     set(&admin, &p, "tools", json!({"mode": "allow_all"})).await;
     assert_eq!(s.names("tools").await, all);
     assert_eq!(
-        s.refusal(json!(44), "tools/call", json!({"name": "whoami", "arguments": {}}))
-            .await,
+        s.refusal(
+            json!(44),
+            "tools/call",
+            json!({"name": "whoami", "arguments": {}})
+        )
+        .await,
         None
     );
 
     // Refusals are audited with the code and the tool; the admin changes too.
-    let denied = admin
-        .get("/api/v1/audit?decision=deny&limit=50")
-        .await
-        .1;
+    let denied = admin.get("/api/v1/audit?decision=deny&limit=50").await.1;
     assert!(
-        denied["entries"].as_array().unwrap().iter().any(|e| e["code"] == "tool_blocked"
-            && e["tool"] == "whoami"
-            && e["mcp_method"] == "tools/call"),
+        denied["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["code"] == "tool_blocked"
+                && e["tool"] == "whoami"
+                && e["mcp_method"] == "tools/call"),
         "{denied}"
     );
     let changes = admin.get("/api/v1/audit?kind=admin&limit=50").await.1;
@@ -308,10 +326,7 @@ async fn tool_modes_filter_sse_lists_and_refuse_blocked_calls_on_the_next_reques
         "{changes}"
     );
     // The other kinds were never touched.
-    assert_eq!(
-        s.names("prompts").await,
-        strings(&["greet", "summarize"])
-    );
+    assert_eq!(s.names("prompts").await, strings(&["greet", "summarize"]));
 }
 
 #[tokio::test]
@@ -353,9 +368,13 @@ async fn prompt_and_resource_modes_filter_plain_json_lists_and_refuse_reads() {
     set(&admin, &p, "resources", json!({"mode": "block_all"})).await;
     assert!(s.names("resources").await.is_empty());
     assert_eq!(
-        s.refusal(json!("r1"), "resources/read", json!({"uri": "demo://readme"}))
-            .await
-            .as_deref(),
+        s.refusal(
+            json!("r1"),
+            "resources/read",
+            json!({"uri": "demo://readme"})
+        )
+        .await
+        .as_deref(),
         Some("resource_blocked")
     );
     set(
@@ -388,7 +407,10 @@ async fn prompt_and_resource_modes_filter_plain_json_lists_and_refuse_reads() {
             Some(json!({"mode": "allow_selected", "allowed": ["nope"]})),
         )
         .await;
-    assert_eq!((status, v["error"]["code"].as_str()), (422, Some("unknown_feature")));
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (422, Some("unknown_feature"))
+    );
     assert_eq!(s.names("tools").await.len(), 3);
 }
 
@@ -414,7 +436,9 @@ async fn a_new_tool_stays_blocked_until_allowed_and_a_changed_one_is_blocked_aga
     assert_eq!(s.names("tools").await, strings(&["echo"]));
     let call = json!({"name": "fresh", "arguments": {"text": "x"}});
     assert_eq!(
-        s.refusal(json!(1), "tools/call", call.clone()).await.as_deref(),
+        s.refusal(json!(1), "tools/call", call.clone())
+            .await
+            .as_deref(),
         Some("tool_blocked")
     );
     let found = refresh(&admin, &p).await;
@@ -425,9 +449,14 @@ async fn a_new_tool_stays_blocked_until_allowed_and_a_changed_one_is_blocked_aga
             .contains(&json!({"change": "new", "kind": "tools", "name": "fresh"})),
         "{found}"
     );
-    assert_eq!(status_of(&admin, &p, "tools", "fresh").await, "not_selected");
     assert_eq!(
-        s.refusal(json!(2), "tools/call", call.clone()).await.as_deref(),
+        status_of(&admin, &p, "tools", "fresh").await,
+        "not_selected"
+    );
+    assert_eq!(
+        s.refusal(json!(2), "tools/call", call.clone())
+            .await
+            .as_deref(),
         Some("tool_blocked")
     );
 
@@ -449,7 +478,9 @@ async fn a_new_tool_stays_blocked_until_allowed_and_a_changed_one_is_blocked_aga
     );
     assert_eq!(status_of(&admin, &p, "tools", "fresh").await, "changed");
     assert_eq!(
-        s.refusal(json!(4), "tools/call", call.clone()).await.as_deref(),
+        s.refusal(json!(4), "tools/call", call.clone())
+            .await
+            .as_deref(),
         Some("tool_blocked")
     );
     let audit = admin.get("/api/v1/audit?kind=admin&limit=100").await.1;

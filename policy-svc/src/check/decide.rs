@@ -205,8 +205,7 @@ mod tests {
     fn a_live_token_on_its_gateway_is_allowed_to_the_upstream() {
         let CheckResponse::Allow {
             upstream, inject, ..
-        } =
-            decide(Some(&row()), &token(), "eng", 1_000, opened)
+        } = decide(Some(&row()), &token(), "eng", 1_000, opened)
         else {
             panic!("expected allow");
         };

@@ -169,14 +169,21 @@ async fn decide_request(state: &AppState, input: Input<'_>, deadline: Duration) 
 
     // Feature provisioning, on what the layers allowed: uncached, like every layer.
     let decision = match (decision, &row) {
-        (CheckResponse::Allow { upstream, inject, .. }, Some(row)) => {
+        (
+            CheckResponse::Allow {
+                upstream, inject, ..
+            },
+            Some(row),
+        ) => {
             let exposure = (row.gateway_id, row.server_id.unwrap_or_default());
             let modes = Modes::from_columns(
                 row.tools_mode.as_deref(),
                 row.prompts_mode.as_deref(),
                 row.resources_mode.as_deref(),
             );
-            match features::enforce(state, exposure, modes, context.mcp_method, item, deadline).await {
+            match features::enforce(state, exposure, modes, context.mcp_method, item, deadline)
+                .await
+            {
                 Ok(list_filter) => CheckResponse::Allow {
                     upstream,
                     inject,

@@ -144,7 +144,9 @@ impl Session {
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|c| c.starts_with("text/event-stream"));
-        let bytes = read_bounded(resp).await.map_err(|e| format!("{method}: {e}"))?;
+        let bytes = read_bounded(resp)
+            .await
+            .map_err(|e| format!("{method}: {e}"))?;
         let text = String::from_utf8_lossy(&bytes);
         let messages = if sse {
             sse_messages(&text)
@@ -174,7 +176,10 @@ impl Session {
         if resp.status().is_success() {
             Ok(())
         } else {
-            Err(format!("{method}: the upstream answered HTTP {}", resp.status()))
+            Err(format!(
+                "{method}: the upstream answered HTTP {}",
+                resp.status()
+            ))
         }
     }
 

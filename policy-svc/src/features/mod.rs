@@ -50,7 +50,11 @@ pub async fn enforce(
             (Mode::BlockAll, _) | (Mode::AllowSelected, None) => blocked,
             (Mode::AllowSelected, Some(name)) => {
                 let offered = store::is_offered(&state.db, gateway_id, server_id, kind, name);
-                if bounded(deadline, offered).await? { Ok(None) } else { blocked }
+                if bounded(deadline, offered).await? {
+                    Ok(None)
+                } else {
+                    blocked
+                }
             }
         };
     }
@@ -161,12 +165,15 @@ async fn fetch_and_store(
         .fetch_optional(&state.db)
         .await
         .map_err(StoreError::from)?;
-        let (header, sealed) =
-            identity.ok_or(RefreshError::NoIdentity("that user has no identity for this server"))?;
+        let (header, sealed) = identity.ok_or(RefreshError::NoIdentity(
+            "that user has no identity for this server",
+        ))?;
         let value = state
             .secrets
             .open(&sealed, &identity_binding(user, server_id))
-            .ok_or(RefreshError::Upstream("the identity cannot be opened".into()))?;
+            .ok_or(RefreshError::Upstream(
+                "the identity cannot be opened".into(),
+            ))?;
         Some((header, value))
     } else {
         match (&exposure.credential_header, &exposure.credential_sealed) {
@@ -174,7 +181,9 @@ async fn fetch_and_store(
                 let value = state
                     .secrets
                     .open(sealed, &shared_binding(gateway_id, server_id))
-                    .ok_or(RefreshError::Upstream("the shared credential cannot be opened".into()))?;
+                    .ok_or(RefreshError::Upstream(
+                        "the shared credential cannot be opened".into(),
+                    ))?;
                 Some((header.clone(), value))
             }
             _ => None,
@@ -200,7 +209,9 @@ async fn fetch_and_store(
         address,
         credential,
     };
-    let lists = fetch::fetch(&target).await.map_err(RefreshError::Upstream)?;
+    let lists = fetch::fetch(&target)
+        .await
+        .map_err(RefreshError::Upstream)?;
     let mut refreshed = Refreshed {
         counts: vec![],
         changes: vec![],

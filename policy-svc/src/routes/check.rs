@@ -51,7 +51,11 @@ async fn run(
             started,
             mcp_method: req.mcp_method.as_deref().map(bounded_name),
             // A resource is named by its URI: the audit entry names it too.
-            tool: req.tool.as_deref().or(req.item.as_deref()).map(bounded_name),
+            tool: req
+                .tool
+                .as_deref()
+                .or(req.item.as_deref())
+                .map(bounded_name),
             request_id: req.request_id.as_deref().map(bounded_request_id),
         },
         item: req.item.as_deref(),

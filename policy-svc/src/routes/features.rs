@@ -186,12 +186,7 @@ fn kind_state(p: &Provisioning, kind: Kind) -> serde_json::Value {
     };
     let allowed: Vec<(&str, &str)> = items
         .iter()
-        .filter_map(|i| {
-            Some((
-                i.feature.name.as_str(),
-                i.feature.approved_hash.as_deref()?,
-            ))
-        })
+        .filter_map(|i| Some((i.feature.name.as_str(), i.feature.approved_hash.as_deref()?)))
         .collect();
     serde_json::json!({"mode": p.modes.get(kind), "approved": allowed})
 }
@@ -226,8 +221,7 @@ async fn set(
         known_names(&state, (gateway_id, server_id), kind, names).await?;
     }
     if let Some(names) = &body.allowed {
-        store::set_allowlist(&state.db, gateway_id, server_id, kind, names, admin.user_id)
-            .await?;
+        store::set_allowlist(&state.db, gateway_id, server_id, kind, names, admin.user_id).await?;
     }
     store::set_mode(&state.db, gateway_id, server_id, kind, body.mode).await?;
     let after = provisioning(&state, gateway_id, server_id).await?;
@@ -262,7 +256,15 @@ async fn approve(
     let before = provisioning(&state, gateway_id, server_id).await?;
     check_names(&body.names)?;
     known_names(&state, (gateway_id, server_id), kind, &body.names).await?;
-    store::approve(&state.db, gateway_id, server_id, kind, &body.names, admin.user_id).await?;
+    store::approve(
+        &state.db,
+        gateway_id,
+        server_id,
+        kind,
+        &body.names,
+        admin.user_id,
+    )
+    .await?;
     let after = provisioning(&state, gateway_id, server_id).await?;
     audit_admin(
         &state,
@@ -300,15 +302,23 @@ async fn refresh(
     Path((gateway_id, server_id)): Path<(i64, i64)>,
     Json(body): Json<Refresh>,
 ) -> Result<Json<Refreshed>, ApiError> {
-    match features::refresh(&state, gateway_id, server_id, body.user_id, Some(admin.user_id))
-        .await
+    match features::refresh(
+        &state,
+        gateway_id,
+        server_id,
+        body.user_id,
+        Some(admin.user_id),
+    )
+    .await
     {
         Ok(r) => Ok(Json(Refreshed {
             counts: r.counts.into_iter().map(|(k, n)| (k.as_str(), n)).collect(),
             changes: r.changes,
         })),
         Err(RefreshError::NotExposed) => Err(ApiError::NotFound("exposure")),
-        Err(RefreshError::NoIdentity(why)) => Err(ApiError::unprocessable("identity_required", why)),
+        Err(RefreshError::NoIdentity(why)) => {
+            Err(ApiError::unprocessable("identity_required", why))
+        }
         Err(RefreshError::Upstream(why)) => Err(ApiError::BadGateway {
             code: "upstream_failed",
             message: format!("fetching the lists failed: {why}"),

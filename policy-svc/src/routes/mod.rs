@@ -3,8 +3,8 @@
 mod audit;
 mod check;
 mod enrollments;
-mod features;
 mod ext_authz;
+mod features;
 mod gateways;
 mod hosts;
 mod metrics;

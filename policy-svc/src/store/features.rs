@@ -26,8 +26,14 @@ impl Modes {
 
     /// From the stored names; one the code does not know (a newer replica's) reads as
     /// `block_all`: fail closed.
-    pub fn from_columns(tools: Option<&str>, prompts: Option<&str>, resources: Option<&str>) -> Self {
-        let mode = |m: Option<&str>| m.map_or(Mode::AllowAll, |m| Mode::parse(m).unwrap_or(Mode::BlockAll));
+    pub fn from_columns(
+        tools: Option<&str>,
+        prompts: Option<&str>,
+        resources: Option<&str>,
+    ) -> Self {
+        let mode = |m: Option<&str>| {
+            m.map_or(Mode::AllowAll, |m| Mode::parse(m).unwrap_or(Mode::BlockAll))
+        };
         Modes {
             tools: mode(tools),
             prompts: mode(prompts),
@@ -80,7 +86,13 @@ pub async fn exposure(db: &Db, gateway_id: i64, server_id: i64) -> Result<Option
     .await?)
 }
 
-pub async fn set_mode(db: &Db, gateway_id: i64, server_id: i64, kind: Kind, mode: Mode) -> Result<()> {
+pub async fn set_mode(
+    db: &Db,
+    gateway_id: i64,
+    server_id: i64,
+    kind: Kind,
+    mode: Mode,
+) -> Result<()> {
     // The column name comes from a fixed list, never from input.
     let sql = format!(
         "UPDATE exposures SET {} = $1 WHERE gateway_id = $2 AND server_id = $3",
@@ -157,7 +169,13 @@ pub async fn offered(db: &Db, gateway_id: i64, server_id: i64, kind: Kind) -> Re
 }
 
 /// Whether one item is offered under `allow_selected` (as [`offered`]).
-pub async fn is_offered(db: &Db, gateway_id: i64, server_id: i64, kind: Kind, name: &str) -> Result<bool> {
+pub async fn is_offered(
+    db: &Db,
+    gateway_id: i64,
+    server_id: i64,
+    kind: Kind,
+    name: &str,
+) -> Result<bool> {
     let n: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM exposure_features
          WHERE gateway_id = $1 AND server_id = $2 AND kind = $3 AND name = $4
@@ -425,8 +443,10 @@ pub async fn approve(
 /// Every exposure, for the scheduled refresh.
 pub async fn all_exposures(db: &Db) -> Result<Vec<(i64, i64)>> {
     Ok(
-        sqlx::query_as("SELECT gateway_id, server_id FROM exposures ORDER BY gateway_id, server_id")
-            .fetch_all(db)
-            .await?,
+        sqlx::query_as(
+            "SELECT gateway_id, server_id FROM exposures ORDER BY gateway_id, server_id",
+        )
+        .fetch_all(db)
+        .await?,
     )
 }
