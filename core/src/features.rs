@@ -424,7 +424,7 @@ mod tests {
     fn json_list_keeps_only_allowed_items_at_their_approved_definition() {
         let echo = tool("echo", "Echo");
         let whoami = tool("whoami", "Who");
-        let filter = allowing(Kind::Tools, &[echo.clone()]);
+        let filter = allowing(Kind::Tools, std::slice::from_ref(&echo));
         let reply = json!({"jsonrpc": "2.0", "id": 3, "result": {"tools": [echo, whoami, tool("echo2", "x")], "nextCursor": "c"}});
         let out = filter
             .filter_body(Some("application/json"), reply.to_string().as_bytes())
@@ -473,7 +473,7 @@ mod tests {
     fn sse_events_are_filtered_one_by_one() {
         let readme = json!({"uri": "demo://readme", "name": "readme"});
         let secret = json!({"uri": "demo://secret", "name": "secret"});
-        let filter = allowing(Kind::Resources, &[readme.clone()]);
+        let filter = allowing(Kind::Resources, std::slice::from_ref(&readme));
         let reply = json!({"jsonrpc": "2.0", "id": 2, "result": {"resources": [readme, secret]}});
         let body = format!(
             "id: 0\r\nretry: 3000\r\ndata:\r\n\r\nevent: message\r\nid: 1\r\ndata: {reply}\r\n\r\n: keep-alive\n\n"
