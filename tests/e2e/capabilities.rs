@@ -188,7 +188,7 @@ async fn every_admin_endpoint_refuses_a_caller_lacking_its_capability_and_change
         .iter()
         .map(|c| c.as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(all_caps.len(), 15, "{all_caps:?}");
+    assert_eq!(all_caps.len(), 16, "{all_caps:?}");
     let (_, endpoints) = owner.get("/api/v1/endpoints").await;
     let endpoints = endpoints.as_array().unwrap().clone();
     assert!(endpoints.len() >= 30, "{endpoints:?}");

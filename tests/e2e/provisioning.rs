@@ -304,18 +304,19 @@ async fn tool_modes_filter_sse_lists_and_refuse_blocked_calls_on_the_next_reques
         None
     );
 
-    // Refusals are audited with the code and the tool; the admin changes too.
-    let denied = admin.get("/api/v1/audit?decision=deny&limit=50").await.1;
-    assert!(
-        denied["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["code"] == "tool_blocked"
-                && e["tool"] == "whoami"
-                && e["mcp_method"] == "tools/call"),
-        "{denied}"
-    );
+    // Refusals are audited with the code and the tool (the writer batches: polled).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let denied = admin.get("/api/v1/audit?decision=deny&limit=50").await.1;
+        let found = denied["entries"].as_array().unwrap().iter().any(|e| {
+            e["code"] == "tool_blocked" && e["tool"] == "whoami" && e["mcp_method"] == "tools/call"
+        });
+        if found {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{denied}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let changes = admin.get("/api/v1/audit?kind=admin&limit=50").await.1;
     assert!(
         changes["entries"]
