@@ -353,6 +353,7 @@ fn check_lines(live: &[seed::SeededToken]) -> Result<Vec<(String, String, String
                 mcp_method: None,
                 tool: None,
                 request_id: Some(format!("6f1c2a9e-0000-4000-8000-{i:012}")),
+                item: None,
             };
             Ok((
                 CHECK_PATH.to_owned(),

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::features::ListFilter;
+
 /// Path of the check endpoint on the policy service's check port.
 pub const CHECK_PATH: &str = "/v1/check";
 
@@ -21,6 +23,11 @@ pub struct CheckRequest {
     /// Envoy's `x-request-id`, so both sides' logs can be joined.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The item a `tools/call`, `prompts/get` or `resources/read` uses (`params.name`,
+    /// or `params.uri`), whole: feature provisioning decides on it, so it is never cut
+    /// short as `tool` is for the audit trail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<String>,
 }
 
 /// How the caller proved who it is: proof of possession of a live token, never
@@ -67,6 +74,10 @@ pub enum CheckResponse {
         /// the client's `Authorization`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         inject: Option<InjectHeader>,
+        /// On a list request (`tools/list`, ...) to an exposure that does not allow
+        /// everything: what the reply may keep ([`crate::features`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        list_filter: Option<ListFilter>,
     },
     Deny {
         code: DenyCode,
@@ -144,10 +155,13 @@ pub enum DenyCode {
     PolicyUnavailable,
     GatewayNotGranted,
     HostPending,
+    ToolBlocked,
+    PromptBlocked,
+    ResourceBlocked,
 }
 
 impl DenyCode {
-    pub const ALL: [DenyCode; 20] = [
+    pub const ALL: [DenyCode; 23] = [
         DenyCode::TokenMissing,
         DenyCode::TokenMalformed,
         DenyCode::TokenUnknown,
@@ -168,6 +182,9 @@ impl DenyCode {
         DenyCode::PolicyUnavailable,
         DenyCode::GatewayNotGranted,
         DenyCode::HostPending,
+        DenyCode::ToolBlocked,
+        DenyCode::PromptBlocked,
+        DenyCode::ResourceBlocked,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -192,6 +209,9 @@ impl DenyCode {
             DenyCode::PolicyUnavailable => "policy_unavailable",
             DenyCode::GatewayNotGranted => "gateway_not_granted",
             DenyCode::HostPending => "host_pending",
+            DenyCode::ToolBlocked => "tool_blocked",
+            DenyCode::PromptBlocked => "prompt_blocked",
+            DenyCode::ResourceBlocked => "resource_blocked",
         }
     }
 
@@ -214,7 +234,10 @@ impl DenyCode {
             | DenyCode::GatewayDisabled
             | DenyCode::GatewayNotGranted
             | DenyCode::HostPending
-            | DenyCode::UpstreamDenied => 403,
+            | DenyCode::UpstreamDenied
+            | DenyCode::ToolBlocked
+            | DenyCode::PromptBlocked
+            | DenyCode::ResourceBlocked => 403,
             DenyCode::UpstreamUnresolved => 502,
             DenyCode::PolicyUnavailable => 503,
         }
@@ -251,7 +274,20 @@ impl DenyCode {
             DenyCode::PolicyUnavailable => {
                 "the policy service could not be reached in time; refusing (fail closed)"
             }
+            DenyCode::ToolBlocked => "this tool is not offered on this gateway",
+            DenyCode::PromptBlocked => "this prompt is not offered on this gateway",
+            DenyCode::ResourceBlocked => "this resource is not offered on this gateway",
         }
+    }
+
+    /// Refusals of one MCP item rather than of the request's path: the wasm filter
+    /// answers them as a JSON-RPC error (HTTP 200, the request's id) that the model
+    /// reads, so the session goes on. Elsewhere (ext_authz) they are a 403.
+    pub const fn is_item_refusal(self) -> bool {
+        matches!(
+            self,
+            DenyCode::ToolBlocked | DenyCode::PromptBlocked | DenyCode::ResourceBlocked
+        )
     }
 
     /// 401s about a presented token carry `error="invalid_token"` (RFC 6750 §3.1).
@@ -404,6 +440,7 @@ mod tests {
             mcp_method: Some("tools/call".into()),
             tool: None,
             request_id: None,
+            item: None,
         };
         let json = serde_json::to_string(&req).unwrap();
         assert_eq!(serde_json::from_str::<CheckRequest>(&json).unwrap(), req);
@@ -432,6 +469,7 @@ mod tests {
                 name: "authorization".into(),
                 value: "Bearer s3cret".into(),
             }),
+            list_filter: None,
         };
         let json = serde_json::to_string(&allow).unwrap();
         assert_eq!(serde_json::from_str::<CheckResponse>(&json).unwrap(), allow);

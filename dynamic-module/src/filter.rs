@@ -147,10 +147,10 @@ impl<'a> Host for Envoy<'a> {
     fn mcp_metadata(&self, field: McpField) -> Option<String> {
         match field {
             McpField::Method => self.stream.metadata_string(MCP_METADATA, "method"),
-            // The tool name sits in a nested struct (`params.name`), which this ABI
+            // The tool name and URI sit in a nested struct (`params`), which this ABI
             // cannot read; the method is enough for the decision, the tool is only
             // audited.
-            McpField::Tool => None,
+            McpField::Tool | McpField::Uri => None,
         }
     }
 

@@ -3,6 +3,7 @@
 //! only move data between Envoy and it.
 
 use mcpguard_core::check::{CheckRequest, CheckResponse, Credential, DenyCode, bounded_request_id};
+use mcpguard_core::features::{self, Kind, ListFilter, RpcId};
 use mcpguard_core::route::{McpPath, PathError};
 use mcpguard_core::token::{TokenHash, data_plane_kind};
 
@@ -80,6 +81,9 @@ pub struct Incoming<'a> {
     pub mcp_method: Option<&'a str>,
     /// Tool name of a `tools/call`, likewise.
     pub tool: Option<&'a str>,
+    /// The item a `tools/call`, `prompts/get` or `resources/read` uses (`params.name`
+    /// or `params.uri`), whole, for feature provisioning.
+    pub item: Option<&'a str>,
     /// A header the decision cannot do without arrived as bytes that are not UTF-8:
     /// the request is refused for it (`:path`: `unknown_route`, `authorization`:
     /// `token_malformed`). Other headers that are not UTF-8 count as absent.
@@ -99,6 +103,7 @@ impl<'a> Incoming<'a> {
         headers: &'a RawHeaders,
         mcp_method: Option<&'a str>,
         tool: Option<&'a str>,
+        uri: Option<&'a str>,
     ) -> Self {
         let garbled = if headers.garbled(0) {
             Some(Garbled::Path)
@@ -115,8 +120,22 @@ impl<'a> Incoming<'a> {
             request_id: headers.text(4),
             mcp_method,
             tool,
+            item: item_of(mcp_method, tool, uri),
             garbled,
         }
+    }
+}
+
+/// The item a method uses: a resource's URI for `resources/read`, the name for the
+/// other use methods, nothing for any other method.
+fn item_of<'a>(
+    method: Option<&str>,
+    name: Option<&'a str>,
+    uri: Option<&'a str>,
+) -> Option<&'a str> {
+    match method.and_then(Kind::of_use_method)? {
+        Kind::Resources => uri,
+        Kind::Tools | Kind::Prompts => name,
     }
 }
 
@@ -200,6 +219,7 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig, clock: Clock<'_>) -> Sta
                 mcp_method: bounded(req.mcp_method),
                 tool: bounded(req.tool),
                 request_id: req.request_id.map(|id| bounded_request_id(id).to_owned()),
+                item: req.item.map(str::to_owned),
             }),
             Err(code) => refuse(code),
         };
@@ -216,6 +236,7 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig, clock: Clock<'_>) -> Sta
         mcp_method: bounded(req.mcp_method),
         tool: bounded(req.tool),
         request_id: req.request_id.map(|id| bounded_request_id(id).to_owned()),
+        item: req.item.map(str::to_owned),
     })
 }
 
@@ -286,6 +307,9 @@ pub struct Forward {
     pub route: &'static str,
     /// Replaces the client's `Authorization`; `None` removes it.
     pub inject: Option<(String, String)>,
+    /// What the reply to this list request may keep (feature provisioning); `None`:
+    /// the reply passes as it is.
+    pub list_filter: Option<ListFilter>,
 }
 
 impl Forward {
@@ -333,6 +357,7 @@ pub fn finish(
     body: Option<&[u8]>,
     request_path: &str,
     sidecar: Option<&Sidecar>,
+    rpc_id: Option<&RpcId>,
 ) -> Finish {
     let unavailable = || Finish::Refuse(Refusal::new(DenyCode::PolicyUnavailable, None));
     if status != Some(200) {
@@ -345,12 +370,20 @@ pub fn finish(
         return unavailable();
     };
     match answer {
+        // A blocked item: a JSON-RPC error the model reads, the session goes on.
+        CheckResponse::Deny { code } if code.is_item_refusal() => {
+            Finish::Refuse(Refusal::item(code, rpc_id))
+        }
         CheckResponse::Deny { code } => {
             // The metadata URL only matters to clients that can fix their token; it
             // was already sent on the token-less 401 they saw first.
             Finish::Refuse(Refusal::new(code, None))
         }
-        CheckResponse::Allow { upstream, inject } => {
+        CheckResponse::Allow {
+            upstream,
+            inject,
+            list_filter,
+        } => {
             let inject = inject.map(|h| (h.name, h.value));
             if let Some(sidecar) = sidecar {
                 return Finish::Forward(Forward {
@@ -358,6 +391,7 @@ pub fn finish(
                     path: path.upstream_path(&sidecar.app_path),
                     route: SIDECAR_ROUTE,
                     inject,
+                    list_filter,
                 });
             }
             // An allow names the address to connect to; without one there is nowhere
@@ -373,6 +407,7 @@ pub fn finish(
                 path: path.upstream_path(&upstream.base_path),
                 route: upstream.scheme.as_str(),
                 inject,
+                list_filter,
             })
         }
     }
@@ -382,6 +417,7 @@ pub fn finish(
 #[derive(Debug, PartialEq, Eq)]
 pub struct Refusal {
     pub code: DenyCode,
+    status: u32,
     pub headers: Vec<(&'static str, String)>,
     pub body: String,
 }
@@ -394,13 +430,25 @@ impl Refusal {
         }
         Refusal {
             code,
+            status: u32::from(code.status()),
             headers,
             body: code.body(),
         }
     }
 
+    /// A call to a blocked item, answered as MCP answers a failed request: HTTP 200
+    /// with a JSON-RPC error carrying the request's id.
+    pub fn item(code: DenyCode, rpc_id: Option<&RpcId>) -> Self {
+        Refusal {
+            code,
+            status: 200,
+            headers: vec![("content-type", "application/json".to_owned())],
+            body: features::blocked_reply(rpc_id, code),
+        }
+    }
+
     pub fn status(&self) -> u32 {
-        u32::from(self.code.status())
+        self.status
     }
 
     /// The log line of a refusal: the path without its query, never the token.
@@ -460,6 +508,7 @@ mod tests {
             request_id: Some("rid-1"),
             mcp_method: None,
             tool: None,
+            item: None,
             garbled: None,
         }
     }
@@ -681,6 +730,7 @@ mod tests {
                 address: address.map(str::to_owned),
             },
             inject,
+            list_filter: None,
         })
         .unwrap()
     }
@@ -688,7 +738,13 @@ mod tests {
     #[test]
     fn allow_rewrites_toward_the_upstream() {
         let body = allow_body(Scheme::Http, None);
-        let f = finish(Some(200), Some(&body), "/mcp/eng/github/sub?q=1", None);
+        let f = finish(
+            Some(200),
+            Some(&body),
+            "/mcp/eng/github/sub?q=1",
+            None,
+            None,
+        );
         assert_eq!(
             f,
             Finish::Forward(Forward {
@@ -696,6 +752,7 @@ mod tests {
                 path: "/mcp/sub?q=1".into(),
                 route: "http",
                 inject: None,
+                list_filter: None,
             })
         );
         let inject = InjectHeader {
@@ -703,7 +760,8 @@ mod tests {
             value: "Bearer down".into(),
         };
         let body = allow_body(Scheme::Https, Some(inject));
-        let Finish::Forward(f) = finish(Some(200), Some(&body), "/mcp/eng/github", None) else {
+        let Finish::Forward(f) = finish(Some(200), Some(&body), "/mcp/eng/github", None, None)
+        else {
             panic!("expected forward");
         };
         assert_eq!(f.route, "https");
@@ -716,14 +774,14 @@ mod tests {
     #[test]
     fn deny_carries_the_layer_that_refused() {
         let body = br#"{"decision":"deny","code":"host_disabled"}"#;
-        let Finish::Refuse(r) = finish(Some(200), Some(body), "/mcp/eng/github", None) else {
+        let Finish::Refuse(r) = finish(Some(200), Some(body), "/mcp/eng/github", None, None) else {
             panic!("expected refusal");
         };
         assert_eq!((r.code, r.status()), (DenyCode::HostDisabled, 403));
         assert_eq!(header(&r, "www-authenticate"), None);
 
         let body = br#"{"decision":"deny","code":"token_revoked"}"#;
-        let Finish::Refuse(r) = finish(Some(200), Some(body), "/mcp/eng/github", None) else {
+        let Finish::Refuse(r) = finish(Some(200), Some(body), "/mcp/eng/github", None, None) else {
             panic!("expected refusal");
         };
         assert_eq!(r.status(), 401);
@@ -750,7 +808,7 @@ mod tests {
                 Some(&allow_at(Scheme::Http, None, Some("mcp.example:1"))[..]),
             ),
         ] {
-            let Finish::Refuse(r) = finish(status, body, "/mcp/eng/github", None) else {
+            let Finish::Refuse(r) = finish(status, body, "/mcp/eng/github", None, None) else {
                 panic!("{status:?} must not forward");
             };
             assert_eq!((r.code, r.status()), (DenyCode::PolicyUnavailable, 503));
@@ -763,7 +821,8 @@ mod tests {
             (Some(503), Some(&good[..])),
             (Some(200), Some(&br#"{"decision":"allow"}"#[..])),
         ] {
-            let Finish::Refuse(r) = finish(status, body, "/mcp/eng/demo", sidecar.as_ref()) else {
+            let Finish::Refuse(r) = finish(status, body, "/mcp/eng/demo", sidecar.as_ref(), None)
+            else {
                 panic!("{status:?} must not forward");
             };
             assert_eq!(r.code, DenyCode::PolicyUnavailable);
@@ -818,12 +877,14 @@ mod tests {
                 Some(&body),
                 "/mcp/eng/demo/x?q=1",
                 config.sidecar.as_ref(),
+                None,
             );
             let expected = Forward {
                 upstream: None,
                 path: "/app/mcp/x?q=1".into(),
                 route: SIDECAR_ROUTE,
                 inject: Some(("authorization".into(), "Bearer down".into())),
+                list_filter: None,
             };
             assert_eq!(f, Finish::Forward(expected));
         }
@@ -832,6 +893,7 @@ mod tests {
             Some(&allow_body(Scheme::Http, None)),
             "/mcp/eng/demo",
             config.sidecar.as_ref(),
+            None,
         ) else {
             panic!("expected forward");
         };
@@ -851,6 +913,7 @@ mod tests {
             Some(deny),
             "/mcp/eng/demo",
             config.sidecar.as_ref(),
+            None,
         ) else {
             panic!("expected refusal");
         };
@@ -863,6 +926,7 @@ mod tests {
             path: "/mcp".into(),
             route: "https",
             inject: Some(("authorization".into(), "Bearer per-user".into())),
+            list_filter: None,
         };
         assert_eq!(
             forward.header_edits(),
@@ -893,7 +957,7 @@ mod tests {
             ("x-request-id", "rid"),
             ("x-other", "ignored"),
         ]);
-        let req = Incoming::from_headers(&headers, Some("tools/call"), None);
+        let req = Incoming::from_headers(&headers, Some("tools/call"), None, None);
         assert_eq!(
             (req.path, req.scheme, req.authority, req.authorization),
             (
@@ -908,7 +972,7 @@ mod tests {
             (Some("rid"), Some("tools/call"))
         );
         let none = RawHeaders::default();
-        let bare = Incoming::from_headers(&none, None, None);
+        let bare = Incoming::from_headers(&none, None, None, None);
         assert_eq!(
             (bare.path, bare.authorization, bare.garbled),
             ("", None, None)
@@ -922,7 +986,7 @@ mod tests {
         let bearer = format!("Bearer {}", token());
         let decide = |pairs: &[(&str, &[u8])]| {
             let raw = RawHeaders::from_pairs(pairs);
-            let req = Incoming::from_headers(&raw, None, None);
+            let req = Incoming::from_headers(&raw, None, None, None);
             start(&req, &config, clock)
         };
         let refused = |s: Start| match s {

@@ -14,6 +14,7 @@ use std::fmt;
 use std::ops::Deref;
 
 use mcpguard_core::check::{CHECK_PATH, DenyCode};
+use mcpguard_core::features::{self, ListFilter, RpcId};
 use mcpguard_core::jwt::Keys;
 use mcpguard_core::oauth::CHECK_JWKS_PATH;
 
@@ -36,8 +37,10 @@ pub enum Level {
 pub enum McpField {
     /// `method`.
     Method,
-    /// `params.name`: the tool of a `tools/call`.
+    /// `params.name`: the tool of a `tools/call`, the prompt of a `prompts/get`.
     Tool,
+    /// `params.uri`: the resource of a `resources/read`.
+    Uri,
 }
 
 /// What the request-headers hook tells Envoy.
@@ -75,6 +78,11 @@ pub trait Host {
     /// may send any byte, and proxy-wasm's string getters panic on one not UTF-8.
     fn request_headers(&self) -> RawHeaders;
     fn mcp_metadata(&self, field: McpField) -> Option<String>;
+    /// The JSON-RPC id Envoy's MCP filter parsed (`None`: not known; a blocked item's
+    /// JSON-RPC error then carries `null`).
+    fn mcp_request_id(&self) -> Option<RpcId> {
+        None
+    }
     /// `None` removes the header.
     fn set_request_header(&self, name: &str, value: Option<&str>);
     /// Makes Envoy pick the route again after the headers changed; a no-op where
@@ -98,6 +106,25 @@ pub trait Host {
     fn now(&self) -> i64;
     fn count(&self, event: Event);
     fn log(&self, level: Level, message: fmt::Arguments<'_>);
+
+    // The response path, for list replies filtered per caller (feature provisioning).
+    // A host without it refuses list requests that need filtering (fail closed).
+
+    /// Whether this host can rewrite response bodies.
+    fn filters_responses(&self) -> bool {
+        false
+    }
+    fn response_header(&self, _name: &str) -> Option<Vec<u8>> {
+        None
+    }
+    /// `None` removes the header.
+    fn set_response_header(&self, _name: &str, _value: Option<&str>) {}
+    /// The response body buffered so far, `size` bytes of it.
+    fn response_body(&self, _size: usize) -> Option<Vec<u8>> {
+        None
+    }
+    /// Replaces the whole buffered response body (`size` bytes) with `body`.
+    fn set_response_body(&self, _size: usize, _body: &[u8]) {}
 }
 
 /// What the callout in flight will answer.
@@ -118,6 +145,13 @@ pub struct Lifecycle {
     /// The client's `:path`, kept for rewriting once the check answers.
     path: RefCell<String>,
     request_id: RefCell<Option<String>>,
+    /// The JSON-RPC id, for a blocked item's JSON-RPC error.
+    rpc_id: RefCell<Option<RpcId>>,
+    /// What the reply to this list request may keep.
+    list_filter: RefCell<Option<ListFilter>>,
+    /// The reply is being filtered: its body is buffered to the end, and its
+    /// `content-type` (JSON or SSE) kept.
+    filtering: RefCell<Option<Option<String>>>,
 }
 
 /// The request headers of the JWKS fetch, which the wasm root context's refresh
@@ -171,7 +205,8 @@ impl Lifecycle {
                         host.log(Level::Warn, format_args!("{note}"));
                     }
                     let sidecar = host.config().and_then(|c| c.sidecar.as_ref());
-                    decide::finish(status, body, &self.path.borrow(), sidecar)
+                    let rpc_id = self.rpc_id.borrow();
+                    decide::finish(status, body, &self.path.borrow(), sidecar, rpc_id.as_ref())
                 };
                 match finish {
                     Finish::Forward(forward) => self.forward(host, forward),
@@ -186,7 +221,14 @@ impl Lifecycle {
         let headers = host.request_headers();
         let mcp_method = host.mcp_metadata(McpField::Method);
         let tool = host.mcp_metadata(McpField::Tool);
-        let incoming = Incoming::from_headers(&headers, mcp_method.as_deref(), tool.as_deref());
+        let uri = host.mcp_metadata(McpField::Uri);
+        self.rpc_id.replace(host.mcp_request_id());
+        let incoming = Incoming::from_headers(
+            &headers,
+            mcp_method.as_deref(),
+            tool.as_deref(),
+            uri.as_deref(),
+        );
         self.path.replace(incoming.path.to_owned());
         self.request_id
             .replace(incoming.request_id.map(str::to_owned));
@@ -272,13 +314,77 @@ impl Lifecycle {
         }
     }
 
-    fn forward(&self, host: &impl Host, forward: Forward) {
+    fn forward(&self, host: &impl Host, mut forward: Forward) {
+        if let Some(filter) = forward.list_filter.take() {
+            if !host.filters_responses() {
+                host.log(
+                    Level::Warn,
+                    format_args!("this host cannot filter list replies; refusing"),
+                );
+                self.refuse(host, Refusal::new(DenyCode::PolicyUnavailable, None));
+                return;
+            }
+            self.list_filter.replace(Some(filter));
+        }
         for (name, value) in forward.header_edits() {
             host.set_request_header(name, value);
         }
         host.clear_route_cache();
         host.count(Event::Allowed);
         host.resume();
+    }
+
+    /// The response headers of a request that was forwarded: a list reply to filter
+    /// (status 200) loses its `content-length`, since its body will change.
+    pub fn on_response_headers(&self, host: &impl Host) {
+        if self.list_filter.borrow().is_none() {
+            return;
+        }
+        if host.response_header(":status").as_deref() != Some(b"200") {
+            return;
+        }
+        let content_type = host
+            .response_header("content-type")
+            .and_then(|v| String::from_utf8(v).ok());
+        host.set_response_header("content-length", None);
+        self.filtering.replace(Some(content_type));
+    }
+
+    /// A chunk of the response body (`size`: all of it buffered so far). A filtered
+    /// reply is held to its end, then rewritten once; anything else passes.
+    pub fn on_response_body(&self, host: &impl Host, size: usize, end_of_stream: bool) -> Next {
+        let filtering = self.filtering.borrow();
+        let (Some(content_type), Some(filter)) =
+            (filtering.as_ref(), self.list_filter.borrow().clone())
+        else {
+            return Next::Continue;
+        };
+        if !end_of_stream {
+            return Next::Pause;
+        }
+        let body = host.response_body(size).unwrap_or_default();
+        let filtered = filter
+            .filter_body(content_type.as_deref(), &body)
+            .unwrap_or_else(|| {
+                host.log(
+                    Level::Warn,
+                    format_args!(
+                        "a {} reply did not parse; replaced by an error",
+                        filter.kind.list_method()
+                    ),
+                );
+                let error = features::unfilterable_reply();
+                let sse = content_type
+                    .as_deref()
+                    .is_some_and(|c| c.starts_with("text/event-stream"));
+                if sse {
+                    format!("event: message\ndata: {error}\n\n").into_bytes()
+                } else {
+                    error.into_bytes()
+                }
+            });
+        host.set_response_body(size, &filtered);
+        Next::Continue
     }
 
     fn refuse(&self, host: &impl Host, refusal: Refusal) {
@@ -574,6 +680,7 @@ mod tests {
                 address: address.map(str::to_owned),
             },
             inject: None,
+            list_filter: None,
         })
         .unwrap()
     }
@@ -954,5 +1061,244 @@ mod tests {
                 .contains("http://gw.local:10000/mcp/eng/github")
         );
         assert!(host.dispatched_paths().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod response_tests {
+    //! The response path (list replies filtered per caller) and blocked items, through
+    //! the whole lifecycle against a small host that keeps a response.
+
+    use std::cell::RefCell;
+
+    use mcpguard_core::check::{CheckResponse, Scheme, Upstream};
+    use mcpguard_core::features::{Item, Kind, ListFilter, definition_hash};
+    use mcpguard_core::token::{TokenKind, format_token};
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    struct Host2 {
+        config: FilterConfig,
+        method: &'static str,
+        id: Option<RpcId>,
+        filters: bool,
+        response_headers: RefCell<Vec<(String, Option<String>)>>,
+        body: RefCell<Vec<u8>>,
+        sent: RefCell<Option<(u32, String)>>,
+        resumed: RefCell<bool>,
+    }
+
+    impl Host2 {
+        fn new(method: &'static str, content_type: &str) -> Self {
+            Host2 {
+                config: FilterConfig::parse(br#"{"policy_cluster":"policy"}"#).unwrap(),
+                method,
+                id: Some(RpcId::Number(7.0)),
+                filters: true,
+                response_headers: RefCell::new(vec![
+                    (":status".into(), Some("200".into())),
+                    ("content-type".into(), Some(content_type.into())),
+                    ("content-length".into(), Some("999".into())),
+                ]),
+                body: RefCell::default(),
+                sent: RefCell::default(),
+                resumed: RefCell::default(),
+            }
+        }
+    }
+
+    impl Host for Host2 {
+        type Keys = std::rc::Rc<Keys>;
+        fn config(&self) -> Option<&FilterConfig> {
+            Some(&self.config)
+        }
+        fn keys(&self) -> Option<Self::Keys> {
+            None
+        }
+        fn fetches_keys(&self) -> bool {
+            false
+        }
+        fn store_keys(&self, _keys: Keys) {}
+        fn has_request_header(&self, _name: &str) -> Option<bool> {
+            Some(false)
+        }
+        fn request_headers(&self) -> RawHeaders {
+            let token = format!(
+                "Bearer {}",
+                format_token(TokenKind::HostApi, &"a".repeat(40)).unwrap()
+            );
+            RawHeaders::from_pairs(&[(":path", "/mcp/eng/demo"), ("authorization", &token)])
+        }
+        fn mcp_metadata(&self, field: McpField) -> Option<String> {
+            match field {
+                McpField::Method => Some(self.method.into()),
+                McpField::Tool => Some("whoami".into()),
+                McpField::Uri => None,
+            }
+        }
+        fn mcp_request_id(&self) -> Option<RpcId> {
+            self.id.clone()
+        }
+        fn set_request_header(&self, _name: &str, _value: Option<&str>) {}
+        fn clear_route_cache(&self) {}
+        fn dispatch(
+            &self,
+            _cluster: &str,
+            _headers: &[(&str, &str)],
+            _body: Option<&[u8]>,
+            _timeout_ms: u64,
+        ) -> Result<(), String> {
+            Ok(())
+        }
+        fn send_response(&self, status: u32, _headers: Vec<(&str, &str)>, body: &[u8]) {
+            *self.sent.borrow_mut() = Some((status, String::from_utf8(body.to_vec()).unwrap()));
+        }
+        fn resume(&self) {
+            *self.resumed.borrow_mut() = true;
+        }
+        fn now(&self) -> i64 {
+            0
+        }
+        fn count(&self, _event: Event) {}
+        fn log(&self, _level: Level, _message: fmt::Arguments<'_>) {}
+        fn filters_responses(&self) -> bool {
+            self.filters
+        }
+        fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+            self.response_headers
+                .borrow()
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, v)| v.clone())
+                .map(String::into_bytes)
+        }
+        fn set_response_header(&self, name: &str, value: Option<&str>) {
+            for (n, v) in self.response_headers.borrow_mut().iter_mut() {
+                if n == name {
+                    *v = value.map(str::to_owned);
+                }
+            }
+        }
+        fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+            Some(self.body.borrow()[..size].to_vec())
+        }
+        fn set_response_body(&self, size: usize, body: &[u8]) {
+            assert_eq!(size, self.body.borrow().len());
+            *self.body.borrow_mut() = body.to_vec();
+        }
+    }
+
+    fn allow(list_filter: Option<ListFilter>) -> Vec<u8> {
+        serde_json::to_vec(&CheckResponse::Allow {
+            upstream: Upstream {
+                scheme: Scheme::Http,
+                authority: "mcp.example:9100".into(),
+                base_path: "/mcp".into(),
+                address: Some("127.0.0.1:9100".into()),
+            },
+            inject: None,
+            list_filter,
+        })
+        .unwrap()
+    }
+
+    fn echo() -> Value {
+        json!({"name": "echo", "description": "Echo", "inputSchema": {"type": "object"}})
+    }
+
+    fn only_echo() -> ListFilter {
+        ListFilter {
+            kind: Kind::Tools,
+            allowed: vec![Item {
+                name: "echo".into(),
+                hash: definition_hash(Kind::Tools, &echo()),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_list_reply_is_held_to_its_end_and_filtered_once() {
+        let host = Host2::new("tools/list", "text/event-stream");
+        let life = Lifecycle::default();
+        assert_eq!(life.on_request_headers(&host), Next::Pause);
+        life.on_answer(&host, Some(200), Some(&allow(Some(only_echo()))));
+        assert!(*host.resumed.borrow());
+        life.on_response_headers(&host);
+        assert_eq!(host.response_header("content-length"), None);
+        let reply =
+            json!({"jsonrpc": "2.0", "id": 7, "result": {"tools": [echo(), {"name": "whoami"}]}});
+        let body = format!("event: message\ndata: {reply}\n\n");
+        let (first, rest) = body.split_at(10);
+        host.body.borrow_mut().extend_from_slice(first.as_bytes());
+        assert_eq!(
+            life.on_response_body(&host, first.len(), false),
+            Next::Pause
+        );
+        host.body.borrow_mut().extend_from_slice(rest.as_bytes());
+        assert_eq!(
+            life.on_response_body(&host, body.len(), true),
+            Next::Continue
+        );
+        let out = String::from_utf8(host.body.borrow().clone()).unwrap();
+        assert!(out.contains("\"echo\""), "{out}");
+        assert!(!out.contains("whoami"), "{out}");
+    }
+
+    #[test]
+    fn an_unreadable_list_reply_never_reaches_the_client_unfiltered() {
+        let host = Host2::new("tools/list", "application/json");
+        let life = Lifecycle::default();
+        life.on_request_headers(&host);
+        life.on_answer(&host, Some(200), Some(&allow(Some(only_echo()))));
+        life.on_response_headers(&host);
+        *host.body.borrow_mut() = b"{\"tools\": [\"whoami\"".to_vec();
+        let size = host.body.borrow().len();
+        life.on_response_body(&host, size, true);
+        let out: Value = serde_json::from_slice(&host.body.borrow()).unwrap();
+        assert_eq!(out["error"]["code"], -32603, "{out}");
+    }
+
+    #[test]
+    fn replies_without_a_filter_pass_untouched() {
+        let host = Host2::new("tools/call", "application/json");
+        let life = Lifecycle::default();
+        life.on_request_headers(&host);
+        life.on_answer(&host, Some(200), Some(&allow(None)));
+        life.on_response_headers(&host);
+        assert_eq!(
+            host.response_header("content-length"),
+            Some(b"999".to_vec())
+        );
+        assert_eq!(life.on_response_body(&host, 0, false), Next::Continue);
+    }
+
+    #[test]
+    fn a_host_that_cannot_filter_refuses_instead_of_passing_the_list() {
+        let mut host = Host2::new("tools/list", "application/json");
+        host.filters = false;
+        let life = Lifecycle::default();
+        life.on_request_headers(&host);
+        life.on_answer(&host, Some(200), Some(&allow(Some(only_echo()))));
+        assert!(!*host.resumed.borrow());
+        assert_eq!(host.sent.borrow().as_ref().unwrap().0, 503);
+    }
+
+    #[test]
+    fn a_blocked_item_is_a_json_rpc_error_with_the_request_id() {
+        let host = Host2::new("tools/call", "application/json");
+        let life = Lifecycle::default();
+        life.on_request_headers(&host);
+        life.on_answer(
+            &host,
+            Some(200),
+            Some(br#"{"decision":"deny","code":"tool_blocked"}"#),
+        );
+        let (status, body) = host.sent.borrow().clone().unwrap();
+        assert_eq!(status, 200);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["id"], 7);
+        assert_eq!(v["error"]["data"]["code"], "tool_blocked");
+        assert!(!*host.resumed.borrow());
     }
 }

@@ -14,6 +14,7 @@ use crate::config::FilterConfig;
 use crate::counters::{Counters, Event};
 use crate::decide::RawHeaders;
 use crate::lifecycle::{self, Host, Lifecycle, McpField, Next};
+use mcpguard_core::features::RpcId;
 use mcpguard_core::jwt::Keys;
 
 /// The JWT verification keys, shared by the root context (which refreshes them) and
@@ -174,6 +175,23 @@ impl HttpContext for Request {
             Next::Pause => Action::Pause,
         }
     }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let this: &Request = self;
+        this.lifecycle.on_response_headers(this);
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let this: &Request = self;
+        match this
+            .lifecycle
+            .on_response_body(this, body_size, end_of_stream)
+        {
+            Next::Continue => Action::Continue,
+            Next::Pause => Action::Pause,
+        }
+    }
 }
 
 impl Context for Request {
@@ -228,11 +246,43 @@ impl Host for Request {
         let key: &[&str] = match field {
             McpField::Method => &["method"],
             McpField::Tool => &["params", "name"],
+            McpField::Uri => &["params", "uri"],
         };
         let mut path = vec!["metadata", "filter_metadata", "envoy.filters.http.mcp"];
         path.extend_from_slice(key);
         self.get_property(path)
             .and_then(|v| String::from_utf8(v).ok())
+    }
+
+    fn mcp_request_id(&self) -> Option<RpcId> {
+        let path = vec![
+            "metadata",
+            "filter_metadata",
+            "envoy.filters.http.mcp",
+            "id",
+        ];
+        self.get_property(path)
+            .and_then(|bytes| RpcId::from_property(&bytes))
+    }
+
+    fn filters_responses(&self) -> bool {
+        true
+    }
+
+    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.get_http_response_header_bytes(name)
+    }
+
+    fn set_response_header(&self, name: &str, value: Option<&str>) {
+        self.set_http_response_header(name, value);
+    }
+
+    fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+        self.get_http_response_body(0, size)
+    }
+
+    fn set_response_body(&self, size: usize, body: &[u8]) {
+        self.set_http_response_body(0, size, body);
     }
 
     fn set_request_header(&self, name: &str, value: Option<&str>) {

@@ -82,7 +82,7 @@ proptest! {
     ) {
         // As the glue reads them from Envoy: bytes, which need not be UTF-8.
         let headers = RawHeaders::from_pairs(&raw);
-        let req = Incoming::from_headers(&headers, method.as_deref(), tool.as_deref());
+        let req = Incoming::from_headers(&headers, method.as_deref(), tool.as_deref(), tool.as_deref());
         let keys = with_keys.then(|| &signed().0);
         for config in &configs() {
             if let Start::Check(check) = decide::start(&req, config, Clock { keys, now }) {
@@ -112,7 +112,7 @@ proptest! {
             "\\PC{0,30}".prop_map(String::from),
         ],
     ) {
-        let finish = decide::finish(status, body.as_deref(), &path, None);
+        let finish = decide::finish(status, body.as_deref(), &path, None, None);
         if let Finish::Forward(f) = finish {
             prop_assert_eq!(status, Some(200));
             let answer = serde_json::from_slice::<CheckResponse>(body.as_deref().unwrap_or_default());
@@ -144,7 +144,7 @@ proptest! {
             br#"{"policy_cluster":"p","sidecar":{"server":"demo","app_path":"/app"}}"#,
         )
         .unwrap();
-        let finish = decide::finish(status, body.as_deref(), &path, config.sidecar.as_ref());
+        let finish = decide::finish(status, body.as_deref(), &path, config.sidecar.as_ref(), None);
         if let Finish::Forward(f) = finish {
             prop_assert_eq!(status, Some(200));
             prop_assert!(f.upstream.is_none(), "the answer never routes a sidecar's request");

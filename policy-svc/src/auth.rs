@@ -31,10 +31,11 @@ pub enum Capability {
     UsersRead,
     TeamsManage,
     OauthConnect,
+    FeaturesManage,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 17] = [
+    pub const ALL: [Capability; 18] = [
         Capability::TokensManage,
         Capability::HostsToggle,
         Capability::ConnectionsToggle,
@@ -52,6 +53,7 @@ impl Capability {
         Capability::UsersRead,
         Capability::TeamsManage,
         Capability::OauthConnect,
+        Capability::FeaturesManage,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -75,6 +77,7 @@ impl Capability {
             // Not an admin API capability: whether a user may connect a headed app by
             // OAuth at all (checked at consent).
             Capability::OauthConnect => "oauth.connect",
+            Capability::FeaturesManage => "features.manage",
         }
     }
 
@@ -88,6 +91,8 @@ impl Capability {
         match self {
             // Exposing picks a server from the catalog.
             GatewaysManage => &[GatewaysRead, ServersRead],
+            // Provisioning picks an exposure: a gateway and a server.
+            FeaturesManage => &[GatewaysRead, ServersRead],
             GatewaysToggle => &[GatewaysRead],
             ServersManage | ServersToggle => &[ServersRead],
             HostsToggle => &[HostsRead],

@@ -184,6 +184,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(0..=600_000))]
     pub drain_timeout_ms: u64,
 
+    /// Seconds between refreshes of every exposure's live tool, prompt and resource
+    /// lists from its upstream (feature provisioning: new and changed items are
+    /// recorded and audited); 0 refreshes only on demand. The first runs one period
+    /// after start. Each replica refreshes on its own.
+    #[arg(long, env = "MCPGUARD_FEATURES_REFRESH_S", default_value_t = 3600)]
+    pub features_refresh_s: u64,
+
     /// Days to keep audit entries; 0 keeps them forever.
     #[arg(long, env = "MCPGUARD_AUDIT_RETENTION_DAYS", default_value_t = 90)]
     pub audit_retention_days: u32,

@@ -27,6 +27,10 @@ pub enum ApiError {
     Conflict { code: &'static str, message: String },
     #[error("{message}")]
     Unprocessable { code: &'static str, message: String },
+    /// An upstream the service itself called (an MCP server whose lists it fetched)
+    /// failed: 502.
+    #[error("{message}")]
+    BadGateway { code: &'static str, message: String },
     #[error("the request body is larger than this endpoint accepts")]
     BodyTooLarge,
     #[error("the request took too long to arrive or to answer")]
@@ -92,6 +96,7 @@ impl ApiError {
             ApiError::Unprocessable { code, .. } => {
                 (StatusCode::UNPROCESSABLE_ENTITY, (*code).to_owned())
             }
+            ApiError::BadGateway { code, .. } => (StatusCode::BAD_GATEWAY, (*code).to_owned()),
             ApiError::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large".to_owned()),
             ApiError::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout".to_owned()),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable".to_owned()),

@@ -9,6 +9,7 @@ pub mod check_auth;
 pub mod config;
 pub mod error;
 mod extract;
+mod features;
 #[cfg(test)]
 mod fixture;
 #[cfg(test)]
@@ -146,6 +147,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         upstreams: std::sync::Arc::new(config.upstream_policy()),
         passwords: std::sync::Arc::new(config.passwords()),
     };
+    if config.features_refresh_s > 0 {
+        features::spawn_schedule(
+            state.clone(),
+            std::time::Duration::from_secs(config.features_refresh_s),
+        );
+    }
     tokio::spawn(routes::warn_about_registered(
         state.db.clone(),
         state.upstreams.clone(),

@@ -94,6 +94,7 @@ pub(crate) fn concrete(path: &str, f: &Fixture) -> String {
         .replace("{server_id}", &f.server.to_string())
         .replace("{user_id}", &f.user.to_string())
         .replace("{team_id}", &f.team.to_string())
+        .replace("{kind}", "tools")
 }
 
 /// A body that would succeed, so a missing check would show as a change.
@@ -105,6 +106,13 @@ pub(crate) fn body(method: &str, path: &str, f: &Fixture) -> Option<Value> {
             json!({"name": "New", "slug": "new-server", "upstream_url": "http://127.0.0.1:9/x"})
         }
         ("PUT", "/api/v1/gateways/{id}/servers/{server_id}") => json!({"identity": "per_user"}),
+        ("PUT", "/api/v1/gateways/{id}/servers/{server_id}/features/{kind}") => {
+            json!({"mode": "block_all"})
+        }
+        ("POST", "/api/v1/gateways/{id}/servers/{server_id}/features/{kind}/approve") => {
+            json!({"names": []})
+        }
+        ("POST", "/api/v1/gateways/{id}/servers/{server_id}/features/refresh") => json!({}),
         ("POST", "/api/v1/hosts") => json!({"name": "New bot"}),
         ("POST", "/api/v1/hosts/{id}/tokens") => json!({"gateway_id": f.gateway}),
         ("POST", "/api/v1/hosts/{id}/enrollments") => {
@@ -154,6 +162,10 @@ pub(crate) async fn snapshot(owner: &Admin, f: &Fixture) -> Value {
         "/api/v1/teams".to_owned(),
         format!("/api/v1/gateways/{}/teams", f.gateway),
         format!("/api/v1/gateways/{}/servers", f.gateway),
+        format!(
+            "/api/v1/gateways/{}/servers/{}/features",
+            f.gateway, f.server
+        ),
         format!("/api/v1/gateways/{}/connections", f.gateway),
         format!("/api/v1/hosts/{}/tokens", f.host),
         format!("/api/v1/hosts/{}/enrollments", f.host),
@@ -207,7 +219,7 @@ async fn every_admin_endpoint_refuses_a_caller_lacking_its_capability_and_change
         .iter()
         .map(|c| c.as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(all_caps.len(), 17, "{all_caps:?}");
+    assert_eq!(all_caps.len(), 18, "{all_caps:?}");
     let (_, endpoints) = owner.get("/api/v1/endpoints").await;
     let endpoints = endpoints.as_array().unwrap().clone();
     assert!(endpoints.len() >= 30, "{endpoints:?}");

@@ -21,6 +21,7 @@ mod failure;
 mod identities;
 mod oauth;
 mod observability;
+mod provisioning;
 mod routing;
 mod run;
 mod scaleout;

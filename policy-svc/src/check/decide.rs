@@ -151,6 +151,7 @@ fn decide_layers(
             address: None,
         },
         inject,
+        list_filter: None,
     }
 }
 
@@ -192,6 +193,9 @@ mod tests {
             shared_sealed: None,
             host_pending: DbBool(false),
             gateway_granted: DbBool(true),
+            tools_mode: Some("allow_all".into()),
+            prompts_mode: Some("allow_all".into()),
+            resources_mode: Some("allow_all".into()),
         }
     }
 
@@ -211,8 +215,9 @@ mod tests {
 
     #[test]
     fn a_live_token_on_its_gateway_is_allowed_to_the_upstream() {
-        let CheckResponse::Allow { upstream, inject } =
-            decide(Some(&row()), &token(), "eng", 1_000, opened)
+        let CheckResponse::Allow {
+            upstream, inject, ..
+        } = decide(Some(&row()), &token(), "eng", 1_000, opened)
         else {
             panic!("expected allow");
         };

@@ -29,8 +29,8 @@ use mcpguard_core::check::{CheckResponse, DenyCode};
 pub use present::WireCredential;
 pub use record::Context;
 
-use crate::AppState;
-use crate::store::{self, check::Lookup};
+use crate::store::{self, check::Lookup, features::Modes};
+use crate::{AppState, features};
 use present::{Presented, Unpresentable};
 use record::Seen;
 
@@ -75,6 +75,8 @@ pub struct Input<'a> {
     pub server: &'a str,
     pub credential: WireCredential<'a>,
     pub context: Context<'a>,
+    /// The item a use method names, whole (feature provisioning decides on it).
+    pub item: Option<&'a str>,
 }
 
 /// What became of a request.
@@ -113,6 +115,7 @@ async fn decide_request(state: &AppState, input: Input<'_>, deadline: Duration) 
         server,
         credential,
         context,
+        item,
     } = input;
     let seen = Seen {
         wire,
@@ -164,14 +167,51 @@ async fn decide_request(state: &AppState, input: Input<'_>, deadline: Duration) 
         }
     };
 
+    // Feature provisioning, on what the layers allowed: uncached, like every layer.
+    let decision = match (decision, &row) {
+        (
+            CheckResponse::Allow {
+                upstream, inject, ..
+            },
+            Some(row),
+        ) => {
+            let exposure = (row.gateway_id, row.server_id.unwrap_or_default());
+            let modes = Modes::from_columns(
+                row.tools_mode.as_deref(),
+                row.prompts_mode.as_deref(),
+                row.resources_mode.as_deref(),
+            );
+            match features::enforce(state, exposure, modes, context.mcp_method, item, deadline)
+                .await
+            {
+                Ok(list_filter) => CheckResponse::Allow {
+                    upstream,
+                    inject,
+                    list_filter,
+                },
+                Err(features::Refusal::Blocked(code)) => CheckResponse::Deny { code },
+                Err(features::Refusal::Unavailable(e)) => {
+                    tracing::warn!(error = %e, gateway, server, request_id = context.request_id, "{}: no answer from the store on feature provisioning; refusing", wire.name());
+                    return Outcome::Unavailable;
+                }
+            }
+        }
+        (decision, _) => decision,
+    };
+
     let decision = match decision {
         CheckResponse::Allow {
             mut upstream,
             inject,
+            list_filter,
         } if wire.pins_upstream() => match pin::pin(state, &upstream.authority, deadline).await {
             Ok(address) => {
                 upstream.address = Some(address.to_string());
-                CheckResponse::Allow { upstream, inject }
+                CheckResponse::Allow {
+                    upstream,
+                    inject,
+                    list_filter,
+                }
             }
             Err(code) => CheckResponse::Deny { code },
         },

@@ -50,9 +50,15 @@ async fn run(
         context: Context {
             started,
             mcp_method: req.mcp_method.as_deref().map(bounded_name),
-            tool: req.tool.as_deref().map(bounded_name),
+            // A resource is named by its URI: the audit entry names it too.
+            tool: req
+                .tool
+                .as_deref()
+                .or(req.item.as_deref())
+                .map(bounded_name),
             request_id: req.request_id.as_deref().map(bounded_request_id),
         },
+        item: req.item.as_deref(),
     };
     match check::run(&state, input, deadline).await {
         Outcome::Refused(code) => Ok(Json(CheckResponse::Deny { code })),
@@ -105,6 +111,7 @@ mod tests {
             mcp_method: None,
             tool: None,
             request_id: None,
+            item: None,
         }
     }
 
@@ -153,7 +160,10 @@ mod tests {
         let f = fixture().await;
         let a = ask(&f.app, &request(api_token(&f.token), "eng", "demo")).await;
         assert_eq!(a.status, 200, "{}", a.body);
-        let CheckResponse::Allow { upstream, inject } = a.decision() else {
+        let CheckResponse::Allow {
+            upstream, inject, ..
+        } = a.decision()
+        else {
             panic!("expected allow: {}", a.body);
         };
         assert_eq!(upstream.scheme, Scheme::Http);

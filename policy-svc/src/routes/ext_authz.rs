@@ -115,6 +115,9 @@ async fn run(
         server: path.server,
         credential,
         context,
+        // Envoy's config passes `params.name` only: a `resources/read` names no item
+        // here, and is refused on an exposure that restricts resources.
+        item: header(MCP_TOOL_HEADER).filter(|v| !v.is_empty()),
     };
     // The same deadline as /v1/check: a slow store is a quick refusal, not a wait.
     let deadline = deadline.map(|Extension(d)| d).unwrap_or_default().0;

@@ -5,6 +5,7 @@ mod check;
 pub mod console;
 mod enrollments;
 mod ext_authz;
+mod features;
 mod gateways;
 mod host_approval;
 mod hosts;
@@ -109,6 +110,7 @@ pub fn admin_api() -> Vec<Endpoint> {
         vec![endpoint(Verb::Get, "/api/v1/endpoints", None, catalog).scope(Scope::Caller)];
     all.extend(gateways::endpoints());
     all.extend(servers::endpoints());
+    all.extend(features::endpoints());
     all.extend(hosts::endpoints());
     all.extend(enrollments::endpoints());
     all.extend(toggles::endpoints());

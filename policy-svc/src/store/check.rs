@@ -46,6 +46,11 @@ pub struct CheckRow {
     /// gateway: read on every request, so leaving a team or losing the grant refuses
     /// the next one.
     pub gateway_granted: DbBool,
+    /// The exposure's feature provisioning modes (`allow_all`, ...), `None` when the
+    /// gateway does not expose the server.
+    pub tools_mode: Option<String>,
+    pub prompts_mode: Option<String>,
+    pub resources_mode: Option<String>,
 }
 
 /// The check's one statement, for a credential read from `$credential`: every layer
@@ -69,7 +74,8 @@ macro_rules! check_select {
                 h.pending AS host_pending,
                 ",
             $crate::store::teams::granted_sql!("c.user_id", "g.id"),
-            " AS gateway_granted
+            " AS gateway_granted,
+                e.tools_mode, e.prompts_mode, e.resources_mode
          FROM ",
             $credential,
             "
@@ -135,6 +141,9 @@ macro_rules! check_row_by_index {
             shared_sealed: $row.$get(24)?,
             host_pending: $flag(25)?,
             gateway_granted: $flag(26)?,
+            tools_mode: $row.$get(27)?,
+            prompts_mode: $row.$get(28)?,
+            resources_mode: $row.$get(29)?,
         }
     };
 }

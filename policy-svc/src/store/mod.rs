@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod check;
 pub mod console;
 pub mod enrollments;
+pub mod features;
 pub mod hosts;
 pub mod identities;
 pub mod oauth;
