@@ -12,6 +12,7 @@ mod attacks_signin;
 mod audit;
 mod breakglass;
 mod capabilities;
+mod deploy;
 mod dynamic_module;
 mod enrollments;
 mod envoy_config;

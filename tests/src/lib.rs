@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod db;
+pub mod istio;
 pub mod mcp;
 pub mod oauth;
 pub mod observe;
