@@ -205,3 +205,64 @@ async fn the_app_is_reachable_only_through_the_filter() {
     assert_eq!(app.paths(), ["/mcp/sub?q=1"]);
     assert_eq!(app.hosts(), ["demo"], "the client's :authority stays");
 }
+
+/// Clients may use the app's own URL (`/mcp`, as the server serves it): the path then
+/// names no gateway, and the policy service decides on the token's own. Everything
+/// else is as on `/mcp/{gateway}/demo`.
+#[tokio::test]
+async fn on_the_apps_own_path_the_gateway_is_the_tokens() {
+    let stack = sidecar::stack().await;
+    let admin = stack.admin();
+    let eng = admin
+        .provision("eng", "demo", &stack.demo.upstream_url())
+        .await;
+    // A second gateway exposing the same server, with a token of its own.
+    let ops_id = admin.gateway("ops").await;
+    admin.expose(ops_id, eng.server_id).await;
+    let ops_host = admin.host("Agent for ops").await;
+    let ops_token = admin.token(ops_host, ops_id).await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let app_url = format!("{}/mcp", stack.envoy.base_url());
+
+    for (token, gateway, text) in [(&eng.token, "eng", "as eng"), (&ops_token, "ops", "as ops")] {
+        let client = mcp::connect(&app_url, Some(token))
+            .await
+            .expect("an MCP session on the app's own URL");
+        let echoed = call_text(&client, "echo", json!({ "text": text }))
+            .await
+            .unwrap();
+        assert_eq!(echoed, text);
+        let entry = admin.allowed_decision(|e| e["tool"] == "echo" && e["gateway"] == gateway).await;
+        assert_eq!(entry["server"], "demo", "{entry}");
+    }
+    // The URL with a gateway still holds a token to it.
+    expect_refusal(
+        &stack.envoy.mcp_url("eng", "demo"),
+        Some(&ops_token),
+        (403, "token_wrong_gateway"),
+    )
+    .await;
+    // Refusals on the app's URL are the gateway's own: no token, the token's gateway
+    // switched off (the next request), a gateway that does not expose the server.
+    expect_refusal(&app_url, None, (401, "token_missing")).await;
+    admin.set_enabled("gateways", ops_id, false).await;
+    expect_refusal(&app_url, Some(&ops_token), (403, "gateway_disabled")).await;
+    admin.set_enabled("gateways", ops_id, true).await;
+    let dev_id = admin.gateway("dev").await;
+    let dev_host = admin.host("Agent for dev").await;
+    let dev_token = admin.token(dev_host, dev_id).await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    expect_refusal(&app_url, Some(&dev_token), (403, "server_not_exposed")).await;
+    // And the switched-on gateway serves again.
+    let client = mcp::connect(&app_url, Some(&ops_token))
+        .await
+        .expect("ops is on again");
+    assert_eq!(
+        call_text(&client, "echo", json!({"text": "again"})).await.unwrap(),
+        "again"
+    );
+}
