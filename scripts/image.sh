@@ -30,7 +30,7 @@ rustup target list --installed | grep -qx "$target" || rustup target add "$targe
 # Static: musl links statically by default; the C parts are built with musl-gcc.
 CC_x86_64_unknown_linux_musl=musl-gcc \
     cargo build --release --target "$target" -p mcpguard-policy
-bin=target/$target/release/mcpguard-policy
+bin=${CARGO_TARGET_DIR:-target}/$target/release/mcpguard-policy
 if ldd "$bin" 2>&1 | grep -q '=>'; then
     echo "image: $bin is not static:" >&2
     ldd "$bin" >&2

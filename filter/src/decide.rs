@@ -941,7 +941,7 @@ mod tests {
         assert_eq!(r.code, DenyCode::TokenWrongGateway);
         // In gateway mode the same path is no MCP URL at all.
         assert_eq!(
-            start_(&incoming("/app/mcp", Some(&auth)), &config()),
+            start_(&incoming("/app/mcp", Some(&auth)), &self::config()),
             Start::PassThrough
         );
 
