@@ -8,7 +8,8 @@
 
 use mcpguard_e2e::istio::{self, Manifests, Patches};
 use mcpguard_e2e::mcp::{self, call_text, expect_refusal};
-use mcpguard_e2e::{Demo, Envoy, Policy, free_port, raw, workspace_root};
+use mcpguard_e2e::raw::{self, Spy};
+use mcpguard_e2e::{Demo, Envoy, Policy, free_port, workspace_root};
 use mcpguard_filter::config::FilterConfig;
 use serde_json::json;
 use serde_yaml::Value;
@@ -288,41 +289,51 @@ async fn the_sidecar_manifests_as_istio_applies_them_guard_the_app() {
     let policy = Policy::start(&dir.path().join("data"), dir.path()).await;
     let demo = Demo::start(dir.path()).await;
     let log_dir = dir.path();
-    let start = |patches| {
+    let start = |patches, app_port| {
         let ports = (free_port(), free_port());
-        let config = istio::sidecar_envoy(&m, plugin, patches, ports, demo.port, policy.check_port);
+        let config = istio::sidecar_envoy(
+            &m,
+            plugin,
+            patches,
+            ports,
+            app_port,
+            policy.check_port,
+        );
         async move { Envoy::start_config(&config, ports.0, ports.1, log_dir).await }
     };
-    let envoy = start(Patches::All).await;
+    let envoy = start(Patches::All, demo.port).await;
     let admin = policy.admin();
     let p = admin.provision("eng", "demo", &demo.upstream_url()).await;
-    let client = mcp::connect(&envoy.mcp_url("eng", "demo"), Some(&p.token))
-        .await
-        .expect("an MCP session through the sidecar");
-    let echoed = call_text(&client, "echo", json!({"text": "via the manifests"}))
-        .await
-        .unwrap();
-    assert_eq!(echoed, "via the manifests");
+    // Both URLs: with the gateway, and the app's own (the token's gateway).
+    let app_url = format!("{}/mcp", envoy.base_url());
+    for url in [envoy.mcp_url("eng", "demo"), app_url] {
+        let client = mcp::connect(&url, Some(&p.token))
+            .await
+            .expect("an MCP session through the sidecar");
+        let echoed = call_text(&client, "echo", json!({"text": "via the manifests"}))
+            .await
+            .unwrap();
+        assert_eq!(echoed, "via the manifests");
+        expect_refusal(&url, None, (401, "token_missing")).await;
+    }
     // The MCP parser the EnvoyFilter puts first names the tool in the audit.
     let entry = admin.allowed_decision(|e| e["tool"] == "echo").await;
     assert_eq!(entry["gateway"], "eng", "{entry}");
-    expect_refusal(&envoy.mcp_url("eng", "demo"), None, (401, "token_missing")).await;
-    // The app's own path, which is no MCP endpoint to the filter: Istio's default
-    // route would forward it; the route patch answers 404.
-    let init = br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"x","version":"1"}}}"#;
-    let head = |port: u16| {
-        format!(
-            "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n"
-        )
-    };
-    let (status, body) = raw::request(envoy.port, head(envoy.port).as_bytes(), init).await;
+
+    // A path that is no MCP endpoint passes the filter untouched, to Envoy's routes:
+    // Istio's default route would forward it to the app, token-less; with the route
+    // patches it meets the 404. An app that records what reaches it shows both.
+    let app = Spy::start().await;
+    let guarded = start(Patches::All, app.port).await;
+    let unguarded = start(Patches::NoRoutes, app.port).await;
+    let get = |port: u16| format!("GET /admin/secrets HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n");
+    let (status, body) = raw::request(guarded.port, get(guarded.port).as_bytes(), b"").await;
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("unknown_route"), "{body}");
-    // Without the route patches the same request reaches the app, token-less: the
-    // patches are what closes that door.
-    let unguarded = start(Patches::NoRoutes).await;
-    let (status, body) = raw::request(unguarded.port, head(unguarded.port).as_bytes(), init).await;
-    assert_eq!(status, 200, "the app answers directly: {body}");
+    assert!(app.paths().is_empty(), "reached the app: {:?}", app.paths());
+    let (status, _) = raw::request(unguarded.port, get(unguarded.port).as_bytes(), b"").await;
+    assert_eq!(status, 200);
+    assert_eq!(app.paths(), ["/admin/secrets"], "without the patches it reaches the app");
 }
 
 /// The gateway WasmPlugin, its EnvoyFilter and the Gateway's VirtualService as istiod

@@ -162,13 +162,13 @@ async fn the_app_is_reachable_only_through_the_filter() {
     let admin = policy.admin();
     let p = admin.provision("eng", "demo", &app.url("/mcp")).await;
 
-    // Not through the filter's say-so: the app's own path, other paths, a forged route
-    // header (with and without a token), a forged upstream address.
+    // Not through the filter's say-so: the app's own path without a token, other paths,
+    // a forged route header (with and without a token), a forged upstream address.
     let auth = format!("authorization: Bearer {}\r\n", p.token);
     for (path, extra) in [
         ("/mcp", String::new()),
         ("/mcp", "x-mcpguard-route: sidecar\r\n".to_owned()),
-        ("/mcp", format!("x-mcpguard-route: sidecar\r\n{auth}")),
+        ("/mcp/", format!("x-mcpguard-route: sidecar\r\n{auth}")),
         ("/", "x-mcpguard-route: sidecar\r\n".to_owned()),
         ("/healthz", String::new()),
         ("/mcp/eng/demo", "x-mcpguard-route: sidecar\r\n".to_owned()),
@@ -204,6 +204,14 @@ async fn the_app_is_reachable_only_through_the_filter() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(app.paths(), ["/mcp/sub?q=1"]);
     assert_eq!(app.hosts(), ["demo"], "the client's :authority stays");
+    // The app's own path with a token (the token's gateway), a forged route header
+    // dropped on the way: reaches the app as sent.
+    let head = format!(
+        "POST /mcp?s=1 HTTP/1.1\r\nhost: demo\r\nx-mcpguard-route: sidecar\r\n{auth}content-length: 2\r\nconnection: close\r\n\r\n"
+    );
+    let (status, body) = raw::request(envoy.port, head.as_bytes(), b"{}").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(app.paths(), ["/mcp/sub?q=1", "/mcp?s=1"]);
 }
 
 /// Clients may use the app's own URL (`/mcp`, as the server serves it): the path then
@@ -241,7 +249,7 @@ async fn on_the_apps_own_path_the_gateway_is_the_tokens() {
     expect_refusal(
         &stack.envoy.mcp_url("eng", "demo"),
         Some(&ops_token),
-        (403, "token_wrong_gateway"),
+        (401, "token_wrong_gateway"),
     )
     .await;
     // Refusals on the app's URL are the gateway's own: no token, the token's gateway
