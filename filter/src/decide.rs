@@ -163,11 +163,7 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig, clock: Clock<'_>) -> Sta
     {
         return metadata(req, config, resource_path);
     }
-    if let Some(sidecar) = config
-        .sidecar
-        .as_ref()
-        .filter(|s| is_app_path(req.path, s))
-    {
+    if let Some(sidecar) = config.sidecar.as_ref().filter(|s| is_app_path(req.path, s)) {
         // The app's own URL: no gateway in the path, so the token's gateway it is. No
         // metadata URL either: protected-resource metadata exists per MCP URL with a
         // gateway, which is what OAuth clients must use.
@@ -933,9 +929,14 @@ mod tests {
         // URL with the gateway); an access token is for an URL naming its gateway.
         let r = refused(start_(&incoming("/app/mcp", None), &config));
         assert_eq!((r.code, r.status()), (DenyCode::TokenMissing, 401));
-        assert!(!header(&r, "www-authenticate").unwrap_or("").contains("resource_metadata"));
+        assert!(
+            !header(&r, "www-authenticate")
+                .unwrap_or("")
+                .contains("resource_metadata")
+        );
         let (key, _) = mcpguard_core::jwt::testing::key(3, "k1");
-        let jwt = mcpguard_core::jwt::testing::sign(&key, "k1", &mcpguard_core::jwt::testing::claims());
+        let jwt =
+            mcpguard_core::jwt::testing::sign(&key, "k1", &mcpguard_core::jwt::testing::claims());
         let bearer = format!("Bearer {jwt}");
         let r = refused(start_(&incoming("/app/mcp", Some(&bearer)), &config));
         assert_eq!(r.code, DenyCode::TokenWrongGateway);
@@ -947,7 +948,12 @@ mod tests {
 
         // Allowed: to the app at the request's own path and query, as on any path.
         let body = allow_at(Scheme::Https, None, Some("203.0.113.9:443"));
-        let f = finish(Some(200), Some(&body), "/app/mcp?session=1", config.sidecar.as_ref());
+        let f = finish(
+            Some(200),
+            Some(&body),
+            "/app/mcp?session=1",
+            config.sidecar.as_ref(),
+        );
         assert_eq!(
             f,
             Finish::Forward(Forward {

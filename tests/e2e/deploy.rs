@@ -245,10 +245,31 @@ fn the_policy_deployment_is_replicated_locked_down_and_fed_from_secrets() {
         .iter()
         .find(|r| r["to"][0]["operation"]["ports"][0] == "8081")
         .expect("a rule for the check port");
+    // Only the proxies that run the filter, by mesh identity: the ingress gateway's
+    // service account and the sidecar WasmPlugins' namespaces; never any peer ("*").
+    let sources = check_rule["from"].as_sequence().unwrap();
+    let named = |field: &str| -> Vec<String> {
+        sources
+            .iter()
+            .flat_map(|s| {
+                s["source"][field]
+                    .as_sequence()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    };
     assert_eq!(
-        check_rule["from"][0]["source"]["principals"][0], "*",
-        "mesh identities only"
+        named("principals"),
+        ["cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"]
     );
+    for plugin in m.of_kind("WasmPlugin") {
+        let ns = plugin["metadata"]["namespace"].as_str().unwrap();
+        if plugin["spec"]["pluginConfig"]["sidecar"].is_mapping() {
+            assert!(named("namespaces").iter().any(|n| n == ns), "{ns}");
+        }
+    }
 }
 
 #[test]
@@ -291,14 +312,7 @@ async fn the_sidecar_manifests_as_istio_applies_them_guard_the_app() {
     let log_dir = dir.path();
     let start = |patches, app_port| {
         let ports = (free_port(), free_port());
-        let config = istio::sidecar_envoy(
-            &m,
-            plugin,
-            patches,
-            ports,
-            app_port,
-            policy.check_port,
-        );
+        let config = istio::sidecar_envoy(&m, plugin, patches, ports, app_port, policy.check_port);
         async move { Envoy::start_config(&config, ports.0, ports.1, log_dir).await }
     };
     let envoy = start(Patches::All, demo.port).await;
@@ -333,7 +347,11 @@ async fn the_sidecar_manifests_as_istio_applies_them_guard_the_app() {
     assert!(app.paths().is_empty(), "reached the app: {:?}", app.paths());
     let (status, _) = raw::request(unguarded.port, get(unguarded.port).as_bytes(), b"").await;
     assert_eq!(status, 200);
-    assert_eq!(app.paths(), ["/admin/secrets"], "without the patches it reaches the app");
+    assert_eq!(
+        app.paths(),
+        ["/admin/secrets"],
+        "without the patches it reaches the app"
+    );
 }
 
 /// The gateway WasmPlugin, its EnvoyFilter and the Gateway's VirtualService as istiod

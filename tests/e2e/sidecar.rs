@@ -242,7 +242,9 @@ async fn on_the_apps_own_path_the_gateway_is_the_tokens() {
             .await
             .unwrap();
         assert_eq!(echoed, text);
-        let entry = admin.allowed_decision(|e| e["tool"] == "echo" && e["gateway"] == gateway).await;
+        let entry = admin
+            .allowed_decision(|e| e["tool"] == "echo" && e["gateway"] == gateway)
+            .await;
         assert_eq!(entry["server"], "demo", "{entry}");
     }
     // The URL with a gateway still holds a token to it.
@@ -270,7 +272,9 @@ async fn on_the_apps_own_path_the_gateway_is_the_tokens() {
         .await
         .expect("ops is on again");
     assert_eq!(
-        call_text(&client, "echo", json!({"text": "again"})).await.unwrap(),
+        call_text(&client, "echo", json!({"text": "again"}))
+            .await
+            .unwrap(),
         "again"
     );
 }

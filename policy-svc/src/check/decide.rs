@@ -223,7 +223,10 @@ mod tests {
             )
         };
         assert!(allowed(&ops, None), "the token's gateway, whichever it is");
-        assert!(!allowed(&ops, Some("eng")), "a path naming another still refuses");
+        assert!(
+            !allowed(&ops, Some("eng")),
+            "a path naming another still refuses"
+        );
         // Every other layer still counts, the token's gateway's switch included.
         let mut off = ops.clone();
         off.gateway_enabled = DbBool(false);
@@ -310,13 +313,15 @@ mod tests {
     fn a_per_user_server_gets_the_users_own_credential_and_a_shared_one_none() {
         let mut r = row();
         r.identity_sealed = Some(b"never injected for shared".to_vec());
-        let CheckResponse::Allow { inject, .. } = decide(Some(&r), &token(), Some("eng"), 1_000, opened)
+        let CheckResponse::Allow { inject, .. } =
+            decide(Some(&r), &token(), Some("eng"), 1_000, opened)
         else {
             panic!("expected allow");
         };
         assert_eq!(inject, None);
         with_identity(&mut r);
-        let CheckResponse::Allow { inject, .. } = decide(Some(&r), &token(), Some("eng"), 1_000, opened)
+        let CheckResponse::Allow { inject, .. } =
+            decide(Some(&r), &token(), Some("eng"), 1_000, opened)
         else {
             panic!("expected allow");
         };
@@ -345,7 +350,8 @@ mod tests {
         let mut r = row();
         r.token_hash = String::new();
         let oauth =
-            |r: &CheckRow, connection| match decide_oauth(Some(r), connection, Some("eng"), opened) {
+            |r: &CheckRow, connection| match decide_oauth(Some(r), connection, Some("eng"), opened)
+            {
                 CheckResponse::Deny { code } => Some(code),
                 CheckResponse::Allow { .. } => None,
             };
