@@ -340,10 +340,9 @@ pub enum Patches {
 
 fn only(envoy_filter: &Value, patches: Patches) -> Value {
     let mut f = envoy_filter.clone();
-    if patches == Patches::NoRoutes {
-        if let Some(list) = f["spec"]["configPatches"].as_sequence_mut() {
-            list.retain(|p| p["applyTo"] != "HTTP_ROUTE");
-        }
+    if let (Patches::NoRoutes, Some(list)) = (patches, f["spec"]["configPatches"].as_sequence_mut())
+    {
+        list.retain(|p| p["applyTo"] != "HTTP_ROUTE");
     }
     f
 }
