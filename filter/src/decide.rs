@@ -182,6 +182,12 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig, clock: Clock<'_>) -> Sta
     {
         return metadata(req, config, resource_path);
     }
+    if let Some(sidecar) = config.sidecar.as_ref().filter(|s| is_app_path(req.path, s)) {
+        // The app's own URL: no gateway in the path, so the token's gateway it is. No
+        // metadata URL either: protected-resource metadata exists per MCP URL with a
+        // gateway, which is what OAuth clients must use.
+        return check(req, config, clock, None, &sidecar.server, None);
+    }
     let path = match McpPath::parse(req.path) {
         Ok(p) => p,
         Err(PathError::NotMcp) => return Start::PassThrough,
@@ -193,7 +199,33 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig, clock: Clock<'_>) -> Sta
         return Start::Refuse(Refusal::new(DenyCode::UnknownRoute, None));
     }
     let metadata = resource_metadata_url(req, config);
-    let refuse = |code| Start::Refuse(Refusal::new(code, Some(&metadata)));
+    check(
+        req,
+        config,
+        clock,
+        Some(path.gateway),
+        path.server,
+        Some(&metadata),
+    )
+}
+
+/// In sidecar mode, whether `path` is the app's own MCP path (`app_path`, with any
+/// query): a request that names no gateway.
+fn is_app_path(path: &str, sidecar: &Sidecar) -> bool {
+    path.split_once('?').map_or(path, |(p, _)| p) == sidecar.app_path
+}
+
+/// The check for a request to `server` (of `gateway`, when the path names one), or the
+/// refusal of its credential; `metadata` is the resource-metadata URL 401s name.
+fn check(
+    req: &Incoming<'_>,
+    config: &FilterConfig,
+    clock: Clock<'_>,
+    gateway: Option<&str>,
+    server: &str,
+    metadata: Option<&str>,
+) -> Start {
+    let refuse = |code| Start::Refuse(Refusal::new(code, metadata));
     if req.garbled == Some(Garbled::Authorization) {
         return refuse(DenyCode::TokenMalformed);
     }
@@ -204,18 +236,22 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig, clock: Clock<'_>) -> Sta
         return refuse(DenyCode::TokenMalformed);
     };
     if let (Some(issuer), true) = (&config.issuer, jwt::looks_like_jwt(token)) {
+        // An access token's audience is an MCP URL, which names its gateway.
+        let Some(gateway) = gateway else {
+            return refuse(DenyCode::TokenWrongGateway);
+        };
         let Some(keys) = clock.keys else {
             return Start::NeedKeys;
         };
-        let audience = resource(req, config, path.gateway, path.server);
+        let audience = resource(req, config, gateway, server);
         return match jwt::verify(token, keys, issuer, &audience, clock.now) {
             Ok(_) => Start::Check(CheckRequest {
                 credential: Credential::Oauth {
                     token: token.to_owned(),
                     resource: audience,
                 },
-                gateway: path.gateway.to_owned(),
-                server: path.server.to_owned(),
+                gateway: Some(gateway.to_owned()),
+                server: server.to_owned(),
                 mcp_method: bounded(req.mcp_method),
                 tool: bounded(req.tool),
                 request_id: req.request_id.map(|id| bounded_request_id(id).to_owned()),
@@ -231,8 +267,8 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig, clock: Clock<'_>) -> Sta
         credential: Credential::ApiToken {
             hash: TokenHash::of(token).to_hex(),
         },
-        gateway: path.gateway.to_owned(),
-        server: path.server.to_owned(),
+        gateway: gateway.map(str::to_owned),
+        server: server.to_owned(),
         mcp_method: bounded(req.mcp_method),
         tool: bounded(req.tool),
         request_id: req.request_id.map(|id| bounded_request_id(id).to_owned()),
@@ -366,8 +402,17 @@ pub fn finish(
     let Some(answer) = body.and_then(|b| serde_json::from_slice::<CheckResponse>(b).ok()) else {
         return unavailable();
     };
-    let Ok(path) = McpPath::parse(request_path) else {
-        return unavailable();
+    // Where the request goes if allowed: in sidecar mode the app's path (the request's
+    // own when it came to the app's path), else below the upstream's base path.
+    let (path, app_path) = match sidecar {
+        Some(s) if is_app_path(request_path, s) => (None, Some(request_path.to_owned())),
+        _ => match McpPath::parse(request_path) {
+            Ok(p) => {
+                let app_path = sidecar.map(|s| p.upstream_path(&s.app_path));
+                (Some(p), app_path)
+            }
+            Err(_) => return unavailable(),
+        },
     };
     match answer {
         // A blocked item: a JSON-RPC error the model reads, the session goes on.
@@ -385,15 +430,18 @@ pub fn finish(
             list_filter,
         } => {
             let inject = inject.map(|h| (h.name, h.value));
-            if let Some(sidecar) = sidecar {
+            if let Some(app_path) = app_path {
                 return Finish::Forward(Forward {
                     upstream: None,
-                    path: path.upstream_path(&sidecar.app_path),
+                    path: app_path,
                     route: SIDECAR_ROUTE,
                     inject,
                     list_filter,
                 });
             }
+            let Some(path) = path else {
+                return unavailable();
+            };
             // An allow names the address to connect to; without one there is nowhere
             // judged to send the request.
             let Some(address) = upstream
@@ -602,8 +650,8 @@ mod tests {
             panic!("expected a check");
         };
         assert_eq!(
-            (req.gateway.as_str(), req.server.as_str()),
-            ("eng", "github")
+            (req.gateway.as_deref(), req.server.as_str()),
+            (Some("eng"), "github")
         );
         assert_eq!(
             req.credential,
@@ -845,8 +893,8 @@ mod tests {
             panic!("expected a check");
         };
         assert_eq!(
-            (check.gateway.as_str(), check.server.as_str()),
-            ("eng", "demo")
+            (check.gateway.as_deref(), check.server.as_str()),
+            (Some("eng"), "demo")
         );
         // Another server's URL: refused here, without a callout, so that no client can
         // have another server's credential injected into this app.
@@ -919,6 +967,70 @@ mod tests {
         };
         assert_eq!((r.code, r.status()), (DenyCode::ServerDisabled, 403));
     }
+    #[test]
+    fn a_sidecar_takes_the_gateway_from_the_token_on_the_apps_own_path() {
+        let config = sidecar_config();
+        let auth = format!("Bearer {}", token());
+        // The app's path (with a query too): a check naming this server and no
+        // gateway, which the policy service answers for the token's own.
+        for path in ["/app/mcp", "/app/mcp?session=1"] {
+            let Start::Check(check) = start_(&incoming(path, Some(&auth)), &config) else {
+                panic!("expected a check for {path}");
+            };
+            assert_eq!((check.gateway, check.server.as_str()), (None, "demo"));
+            assert!(matches!(check.credential, Credential::ApiToken { .. }));
+        }
+        // Anything else under it is no app path: not ours (Envoy's routes refuse it).
+        for path in ["/app/mcp/", "/app/mcpx", "/app"] {
+            assert_eq!(
+                start_(&incoming(path, Some(&auth)), &config),
+                Start::PassThrough,
+                "{path}"
+            );
+        }
+        // Refused as on any MCP URL, without a metadata URL (OAuth clients use the
+        // URL with the gateway); an access token is for an URL naming its gateway.
+        let r = refused(start_(&incoming("/app/mcp", None), &config));
+        assert_eq!((r.code, r.status()), (DenyCode::TokenMissing, 401));
+        assert!(
+            !header(&r, "www-authenticate")
+                .unwrap_or("")
+                .contains("resource_metadata")
+        );
+        let (key, _) = mcpguard_core::jwt::testing::key(3, "k1");
+        let jwt =
+            mcpguard_core::jwt::testing::sign(&key, "k1", &mcpguard_core::jwt::testing::claims());
+        let bearer = format!("Bearer {jwt}");
+        let r = refused(start_(&incoming("/app/mcp", Some(&bearer)), &config));
+        assert_eq!(r.code, DenyCode::TokenWrongGateway);
+        // In gateway mode the same path is no MCP URL at all.
+        assert_eq!(
+            start_(&incoming("/app/mcp", Some(&auth)), &self::config()),
+            Start::PassThrough
+        );
+
+        // Allowed: to the app at the request's own path and query, as on any path.
+        let body = allow_at(Scheme::Https, None, Some("203.0.113.9:443"));
+        let f = finish(
+            Some(200),
+            Some(&body),
+            "/app/mcp?session=1",
+            config.sidecar.as_ref(),
+        );
+        assert_eq!(
+            f,
+            Finish::Forward(Forward {
+                upstream: None,
+                path: "/app/mcp?session=1".into(),
+                route: SIDECAR_ROUTE,
+                inject: None,
+            })
+        );
+        // Only in sidecar mode: a gateway never forwards a path that names no server.
+        let f = finish(Some(200), Some(&body), "/app/mcp", None);
+        assert!(matches!(f, Finish::Refuse(r) if r.code == DenyCode::PolicyUnavailable));
+    }
+
     #[test]
     fn header_edits_drop_the_clients_token_before_injecting_and_set_the_route_last() {
         let forward = Forward {

@@ -62,10 +62,14 @@ fn signed() -> &'static (Keys, String) {
     })
 }
 
-fn configs() -> [FilterConfig; 2] {
+fn configs() -> [FilterConfig; 3] {
     [
         FilterConfig::parse(br#"{"policy_cluster":"p"}"#).unwrap(),
         FilterConfig::parse(br#"{"policy_cluster":"p","issuer":"http://as"}"#).unwrap(),
+        FilterConfig::parse(
+            br#"{"policy_cluster":"p","issuer":"http://as","sidecar":{"server":"demo"}}"#,
+        )
+        .unwrap(),
     ]
 }
 
@@ -86,7 +90,9 @@ proptest! {
         let keys = with_keys.then(|| &signed().0);
         for config in &configs() {
             if let Start::Check(check) = decide::start(&req, config, Clock { keys, now }) {
-                prop_assert!(is_valid_slug(&check.gateway) && is_valid_slug(&check.server));
+                // A gateway-less check only for a sidecar's own app path.
+                prop_assert!(check.gateway.as_deref().map_or(config.sidecar.is_some(), is_valid_slug));
+                prop_assert!(is_valid_slug(&check.server));
                 match &check.credential {
                     Credential::ApiToken { hash } => prop_assert!(
                         hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())

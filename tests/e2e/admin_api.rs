@@ -289,7 +289,7 @@ async fn token_generation_creates_or_reuses_the_connection_and_connections_are_l
         credential: Credential::ApiToken {
             hash: TokenHash::of(first["token"].as_str().unwrap()).to_hex(),
         },
-        gateway: "eng".into(),
+        gateway: Some("eng".into()),
         server: "demo".into(),
         mcp_method: None,
         tool: None,

@@ -13,6 +13,7 @@ mod audit;
 mod breakglass;
 mod capabilities;
 mod console;
+mod deploy;
 mod dynamic_module;
 mod enrollments;
 mod envoy_config;

@@ -162,13 +162,13 @@ async fn the_app_is_reachable_only_through_the_filter() {
     let admin = policy.admin();
     let p = admin.provision("eng", "demo", &app.url("/mcp")).await;
 
-    // Not through the filter's say-so: the app's own path, other paths, a forged route
-    // header (with and without a token), a forged upstream address.
+    // Not through the filter's say-so: the app's own path without a token, other paths,
+    // a forged route header (with and without a token), a forged upstream address.
     let auth = format!("authorization: Bearer {}\r\n", p.token);
     for (path, extra) in [
         ("/mcp", String::new()),
         ("/mcp", "x-mcpguard-route: sidecar\r\n".to_owned()),
-        ("/mcp", format!("x-mcpguard-route: sidecar\r\n{auth}")),
+        ("/mcp/", format!("x-mcpguard-route: sidecar\r\n{auth}")),
         ("/", "x-mcpguard-route: sidecar\r\n".to_owned()),
         ("/healthz", String::new()),
         ("/mcp/eng/demo", "x-mcpguard-route: sidecar\r\n".to_owned()),
@@ -204,4 +204,77 @@ async fn the_app_is_reachable_only_through_the_filter() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(app.paths(), ["/mcp/sub?q=1"]);
     assert_eq!(app.hosts(), ["demo"], "the client's :authority stays");
+    // The app's own path with a token (the token's gateway), a forged route header
+    // dropped on the way: reaches the app as sent.
+    let head = format!(
+        "POST /mcp?s=1 HTTP/1.1\r\nhost: demo\r\nx-mcpguard-route: sidecar\r\n{auth}content-length: 2\r\nconnection: close\r\n\r\n"
+    );
+    let (status, body) = raw::request(envoy.port, head.as_bytes(), b"{}").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(app.paths(), ["/mcp/sub?q=1", "/mcp?s=1"]);
+}
+
+/// Clients may use the app's own URL (`/mcp`, as the server serves it): the path then
+/// names no gateway, and the policy service decides on the token's own. Everything
+/// else is as on `/mcp/{gateway}/demo`.
+#[tokio::test]
+async fn on_the_apps_own_path_the_gateway_is_the_tokens() {
+    let stack = sidecar::stack().await;
+    let admin = stack.admin();
+    let eng = admin
+        .provision("eng", "demo", &stack.demo.upstream_url())
+        .await;
+    // A second gateway exposing the same server, with a token of its own.
+    let ops_id = admin.gateway("ops").await;
+    admin.expose(ops_id, eng.server_id).await;
+    let ops_host = admin.host("Agent for ops").await;
+    let ops_token = admin.token(ops_host, ops_id).await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let app_url = format!("{}/mcp", stack.envoy.base_url());
+
+    for (token, gateway, text) in [(&eng.token, "eng", "as eng"), (&ops_token, "ops", "as ops")] {
+        let client = mcp::connect(&app_url, Some(token))
+            .await
+            .expect("an MCP session on the app's own URL");
+        let echoed = call_text(&client, "echo", json!({ "text": text }))
+            .await
+            .unwrap();
+        assert_eq!(echoed, text);
+        let entry = admin
+            .allowed_decision(|e| e["tool"] == "echo" && e["gateway"] == gateway)
+            .await;
+        assert_eq!(entry["server"], "demo", "{entry}");
+    }
+    // The URL with a gateway still holds a token to it.
+    expect_refusal(
+        &stack.envoy.mcp_url("eng", "demo"),
+        Some(&ops_token),
+        (401, "token_wrong_gateway"),
+    )
+    .await;
+    // Refusals on the app's URL are the gateway's own: no token, the token's gateway
+    // switched off (the next request), a gateway that does not expose the server.
+    expect_refusal(&app_url, None, (401, "token_missing")).await;
+    admin.set_enabled("gateways", ops_id, false).await;
+    expect_refusal(&app_url, Some(&ops_token), (403, "gateway_disabled")).await;
+    admin.set_enabled("gateways", ops_id, true).await;
+    let dev_id = admin.gateway("dev").await;
+    let dev_host = admin.host("Agent for dev").await;
+    let dev_token = admin.token(dev_host, dev_id).await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    expect_refusal(&app_url, Some(&dev_token), (403, "server_not_exposed")).await;
+    // And the switched-on gateway serves again.
+    let client = mcp::connect(&app_url, Some(&ops_token))
+        .await
+        .expect("ops is on again");
+    assert_eq!(
+        call_text(&client, "echo", json!({"text": "again"}))
+            .await
+            .unwrap(),
+        "again"
+    );
 }

@@ -13,7 +13,7 @@ use crate::store::check::CheckRow;
 pub(super) fn decide(
     row: Option<&CheckRow>,
     presented: &TokenHash,
-    gateway_slug: &str,
+    gateway_slug: Option<&str>,
     now_ms: i64,
     unseal: impl FnOnce(&str, &[u8]) -> Option<String>,
 ) -> CheckResponse {
@@ -41,7 +41,7 @@ pub(super) fn decide(
 pub(super) fn decide_oauth(
     row: Option<&CheckRow>,
     connection_id: i64,
-    gateway_slug: &str,
+    gateway_slug: Option<&str>,
     unseal: impl FnOnce(&str, &[u8]) -> Option<String>,
 ) -> CheckResponse {
     let deny = |code| CheckResponse::Deny { code };
@@ -55,14 +55,16 @@ pub(super) fn decide_oauth(
 }
 
 /// The layers after the credential: gateway, host (and its approval), user,
-/// connection, gateway, the user's grant, server, identity.
+/// connection, gateway, the user's grant, server, identity. `gateway_slug` is the
+/// gateway the request's path names, if it names one; the row is the token's, on its
+/// own gateway.
 fn decide_layers(
     row: &CheckRow,
-    gateway_slug: &str,
+    gateway_slug: Option<&str>,
     unseal: impl FnOnce(&str, &[u8]) -> Option<String>,
 ) -> CheckResponse {
     let deny = |code| CheckResponse::Deny { code };
-    if row.gateway_slug != gateway_slug {
+    if gateway_slug.is_some_and(|g| g != row.gateway_slug) {
         return deny(DenyCode::TokenWrongGateway);
     }
     if !row.host_enabled.0 {
@@ -207,7 +209,7 @@ mod tests {
     }
 
     fn code(r: &CheckRow) -> Option<DenyCode> {
-        match decide(Some(r), &token(), "eng", 1_000, opened) {
+        match decide(Some(r), &token(), Some("eng"), 1_000, opened) {
             CheckResponse::Deny { code } => Some(code),
             CheckResponse::Allow { .. } => None,
         }
@@ -217,7 +219,7 @@ mod tests {
     fn a_live_token_on_its_gateway_is_allowed_to_the_upstream() {
         let CheckResponse::Allow {
             upstream, inject, ..
-        } = decide(Some(&row()), &token(), "eng", 1_000, opened)
+        } = decide(Some(&row()), &token(), Some("eng"), 1_000, opened)
         else {
             panic!("expected allow");
         };
@@ -225,6 +227,32 @@ mod tests {
         assert_eq!(upstream.authority, "api.example.com:443");
         assert_eq!(upstream.base_path, "/mcp");
         assert!(inject.is_none());
+    }
+
+    #[test]
+    fn a_request_naming_no_gateway_is_decided_on_the_tokens_own() {
+        let mut ops = row();
+        ops.gateway_slug = "ops".into();
+        let allowed = |r: &CheckRow, gateway| {
+            matches!(
+                decide(Some(r), &token(), gateway, 1_000, opened),
+                CheckResponse::Allow { .. }
+            )
+        };
+        assert!(allowed(&ops, None), "the token's gateway, whichever it is");
+        assert!(
+            !allowed(&ops, Some("eng")),
+            "a path naming another still refuses"
+        );
+        // Every other layer still counts, the token's gateway's switch included.
+        let mut off = ops.clone();
+        off.gateway_enabled = DbBool(false);
+        assert_eq!(
+            decide(Some(&off), &token(), None, 1_000, opened),
+            CheckResponse::Deny {
+                code: DenyCode::GatewayDisabled
+            }
+        );
     }
 
     type Change = fn(&mut CheckRow);
@@ -307,13 +335,15 @@ mod tests {
     fn a_per_user_server_gets_the_users_own_credential_and_a_shared_one_none() {
         let mut r = row();
         r.identity_sealed = Some(b"never injected for shared".to_vec());
-        let CheckResponse::Allow { inject, .. } = decide(Some(&r), &token(), "eng", 1_000, opened)
+        let CheckResponse::Allow { inject, .. } =
+            decide(Some(&r), &token(), Some("eng"), 1_000, opened)
         else {
             panic!("expected allow");
         };
         assert_eq!(inject, None);
         with_identity(&mut r);
-        let CheckResponse::Allow { inject, .. } = decide(Some(&r), &token(), "eng", 1_000, opened)
+        let CheckResponse::Allow { inject, .. } =
+            decide(Some(&r), &token(), Some("eng"), 1_000, opened)
         else {
             panic!("expected allow");
         };
@@ -327,7 +357,7 @@ mod tests {
     #[test]
     fn unknown_token_and_not_yet_expired_token() {
         assert_eq!(
-            decide(None, &token(), "eng", 0, opened),
+            decide(None, &token(), Some("eng"), 0, opened),
             CheckResponse::Deny {
                 code: DenyCode::TokenUnknown
             }
@@ -342,7 +372,8 @@ mod tests {
         let mut r = row();
         r.token_hash = String::new();
         let oauth =
-            |r: &CheckRow, connection| match decide_oauth(Some(r), connection, "eng", opened) {
+            |r: &CheckRow, connection| match decide_oauth(Some(r), connection, Some("eng"), opened)
+            {
                 CheckResponse::Deny { code } => Some(code),
                 CheckResponse::Allow { .. } => None,
             };
@@ -353,7 +384,7 @@ mod tests {
             "another connection"
         );
         assert_eq!(
-            decide_oauth(None, 2, "eng", opened),
+            decide_oauth(None, 2, Some("eng"), opened),
             CheckResponse::Deny {
                 code: DenyCode::TokenUnknown
             }

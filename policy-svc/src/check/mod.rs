@@ -71,7 +71,8 @@ impl Wire {
 /// One request to decide, read from either wire.
 pub struct Input<'a> {
     pub wire: Wire,
-    pub gateway: &'a str,
+    /// `None` when the request's path names no gateway: the token's own is used.
+    pub gateway: Option<&'a str>,
     pub server: &'a str,
     pub credential: WireCredential<'a>,
     pub context: Context<'a>,
@@ -119,7 +120,7 @@ async fn decide_request(state: &AppState, input: Input<'_>, deadline: Duration) 
     } = input;
     let seen = Seen {
         wire,
-        gateway: Some(gateway),
+        gateway,
         server: Some(server),
         context,
     };

@@ -53,7 +53,7 @@ pub(super) enum Unpresentable {
 pub(super) async fn present(
     state: &AppState,
     credential: WireCredential<'_>,
-    gateway: &str,
+    gateway: Option<&str>,
     server: &str,
     deadline: Duration,
 ) -> Result<Presented, Unpresentable> {
@@ -62,6 +62,10 @@ pub(super) async fn present(
         WireCredential::NotBearer => Err(Unpresentable::Refused(DenyCode::TokenMalformed)),
         WireCredential::ApiTokenHash(hash) => Ok(Presented::ApiToken(hash)),
         WireCredential::AccessToken { token, resource } => {
+            // An access token is for one MCP URL, which names its gateway.
+            let Some(gateway) = gateway else {
+                return Err(Unpresentable::Refused(DenyCode::TokenWrongGateway));
+            };
             let ours = state
                 .oauth
                 .resource_base_urls

@@ -42,8 +42,12 @@ pub(super) fn record(
     let code = code.map(DenyCode::as_str);
     let connection_id = row.map(|r| r.connection_id);
     let context = &seen.context;
+    // A request that named no gateway was decided on its token's.
+    let gateway = seen
+        .gateway
+        .or_else(|| row.map(|r| r.gateway_slug.as_str()));
     tracing::debug!(
-        gateway = seen.gateway,
+        gateway,
         server = seen.server,
         action,
         code,
@@ -60,7 +64,7 @@ pub(super) fn record(
         host_id: row.map(|r| r.host_id),
         user_id: row.map(|r| r.user_id),
         connection_id,
-        gateway: seen.gateway.map(str::to_owned),
+        gateway: gateway.map(str::to_owned),
         server: seen.server.map(str::to_owned),
         mcp_method: context.mcp_method.map(str::to_owned),
         tool: context.tool.map(str::to_owned),

@@ -44,7 +44,7 @@ async fn run(
     };
     let input = Input {
         wire: Wire::Check,
-        gateway: &req.gateway,
+        gateway: req.gateway.as_deref(),
         server: &req.server,
         credential,
         context: Context {
@@ -106,7 +106,7 @@ mod tests {
     fn request(credential: Credential, gateway: &str, server: &str) -> CheckRequest {
         CheckRequest {
             credential,
-            gateway: gateway.into(),
+            gateway: Some(gateway.into()),
             server: server.into(),
             mcp_method: None,
             tool: None,

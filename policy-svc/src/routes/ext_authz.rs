@@ -111,7 +111,7 @@ async fn run(
     };
     let input = Input {
         wire: Wire::ExtAuthz,
-        gateway: path.gateway,
+        gateway: Some(path.gateway),
         server: path.server,
         credential,
         context,
