@@ -1016,6 +1016,7 @@ mod tests {
             Some(&body),
             "/app/mcp?session=1",
             config.sidecar.as_ref(),
+            None,
         );
         assert_eq!(
             f,
@@ -1024,10 +1025,11 @@ mod tests {
                 path: "/app/mcp?session=1".into(),
                 route: SIDECAR_ROUTE,
                 inject: None,
+                list_filter: None,
             })
         );
         // Only in sidecar mode: a gateway never forwards a path that names no server.
-        let f = finish(Some(200), Some(&body), "/app/mcp", None);
+        let f = finish(Some(200), Some(&body), "/app/mcp", None, None);
         assert!(matches!(f, Finish::Refuse(r) if r.code == DenyCode::PolicyUnavailable));
     }
 

@@ -318,7 +318,9 @@ fn set_port(cluster: &mut Value, port: u16) {
 /// named as the WasmPlugins' `policy_cluster`; with the check secret on it (outside a
 /// mesh, as `envoy/sidecar.yaml`), pointing at `check_port`.
 fn policy_cluster(check_port: u16) -> Value {
-    let sidecar = crate::procs::shipped_config("envoy/sidecar.yaml", 0, 0);
+    let sidecar = crate::procs::shipped_config("envoy/sidecar.yaml", 0, 0)
+        .value()
+        .clone();
     let mut cluster = sidecar["static_resources"]["clusters"]
         .as_sequence()
         .expect("clusters")
@@ -362,7 +364,9 @@ pub fn sidecar_envoy(
     let (port, admin_port) = ports;
     // envoy/sidecar.yaml has Istio's names and shapes; reset its chain and routes to
     // what Istio generates without mcpguard's EnvoyFilter.
-    let mut cfg = crate::procs::shipped_config("envoy/sidecar.yaml", port, admin_port);
+    let mut cfg = crate::procs::shipped_config("envoy/sidecar.yaml", port, admin_port)
+        .value()
+        .clone();
     {
         let hcm = &mut cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
         // Istio's default path normalization (BASE): no slash merging.
