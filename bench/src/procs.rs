@@ -41,30 +41,16 @@ fn running() -> MutexGuard<'static, Vec<u32>> {
 /// background, would otherwise leave Envoys and policy services running. PostgreSQL
 /// has its own watchdog (`mcpguard-pgcluster`). Installed by `main` only.
 pub fn stop_all_on_signal() -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()?;
-    let (mut int, mut term) = runtime.block_on(async {
-        Ok::<_, std::io::Error>((
-            signal(SignalKind::interrupt())?,
-            signal(SignalKind::terminate())?,
-        ))
-    })?;
+    let signals = mcpguard_harness::signals::exit_codes()?;
     std::thread::spawn(move || {
-        let code = runtime.block_on(async {
-            tokio::select! {
-                _ = int.recv() => 130,
-                _ = term.recv() => 143,
-            }
-        });
+        let Ok(code) = signals.recv() else { return };
         // Held until the exit, so no `Drop` reaps a child in between.
         let pids = running();
         for &pid in pids.iter() {
             mcpguard_harness::proc::kill_pid(pid);
         }
         eprintln!("mcpguard-bench: stopped by a signal; its processes were killed");
-        std::process::exit(code);
+        std::process::exit(code.into());
     });
     Ok(())
 }

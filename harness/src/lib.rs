@@ -2,9 +2,10 @@
 //! (`bench/`) and `make run` (the `mcpguard-run` binary): a child process with its log
 //! file ([`proc`]), readiness polling with the log's end on failure ([`ready`]), free
 //! loopback ports ([`free_port`]), the Envoy config renderer ([`envoy`]) and a minimal
-//! loopback HTTP client ([`http`]).
+//! loopback HTTP client ([`http`]), and signals as exit codes for the binaries
+//! ([`signals`]).
 //!
-//! No tokio runtime is started or blocked on here, and no signal handler is installed:
+//! No tokio runtime is started or blocked on here, and no signal handler is installed unasked:
 //! the tests run inside `#[tokio::test]` runtimes, and only the binaries (mcpguard-run,
 //! mcpguard-bench) decide what a signal does.
 
@@ -12,6 +13,7 @@ pub mod envoy;
 pub mod http;
 pub mod proc;
 pub mod ready;
+pub mod signals;
 
 use std::io::{self, Read};
 use std::path::PathBuf;

@@ -14,7 +14,7 @@ mod seed;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
 use mcpguard_harness::envoy::{self, EnvoyConfig};
@@ -110,7 +110,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let signals = match on_signal() {
+    let signals = match mcpguard_harness::signals::exit_codes() {
         Ok(rx) => rx,
         Err(e) => {
             eprintln!("run: cannot handle signals: {e}");
@@ -134,36 +134,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// SIGINT and SIGTERM, as exit codes (130, 143) on a channel. Its own runtime on its
-/// own thread: the rest of this program is synchronous.
-fn on_signal() -> std::io::Result<Receiver<u8>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()?;
-    let (mut int, mut term) = runtime.block_on(async {
-        Ok::<_, std::io::Error>((
-            signal(SignalKind::interrupt())?,
-            signal(SignalKind::terminate())?,
-        ))
-    })?;
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        runtime.block_on(async {
-            loop {
-                let code = tokio::select! {
-                    _ = int.recv() => 130,
-                    _ = term.recv() => 143,
-                };
-                if tx.send(code).is_err() {
-                    return;
-                }
-            }
-        });
-    });
-    Ok(rx)
 }
 
 /// The started processes, in start order; stopped (SIGTERM, then SIGKILL) on drop too.
