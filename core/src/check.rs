@@ -8,6 +8,12 @@ use crate::features::ListFilter;
 /// Path of the check endpoint on the policy service's check port.
 pub const CHECK_PATH: &str = "/v1/check";
 
+/// Set by the filter on a request to a gateway URL (`/mcp/{gateway}`) it allowed, for
+/// the aggregator: the caller's [`Credential`] as JSON, which the aggregator presents
+/// in its own per-server checks. The filter removes any client-sent copy from every
+/// request first, so it cannot be forged.
+pub const CALLER_HEADER: &str = "x-mcpguard-caller";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckRequest {
@@ -18,6 +24,10 @@ pub struct CheckRequest {
     /// its gateway, so it is refused `token_wrong_gateway`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
+    /// The server the request is for. Empty: a gateway-level check (a request to the
+    /// gateway URL `/mcp/{gateway}`), which decides every layer up to the gateway's
+    /// grant and answers [`CheckResponse::Gateway`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub server: String,
     /// JSON-RPC method of the MCP request, when the filter knows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -86,6 +96,12 @@ pub enum CheckResponse {
     },
     Deny {
         code: DenyCode,
+    },
+    /// The answer to a gateway-level check (an empty `server`): the credential may use
+    /// the gateway; `servers` are the slugs of the servers it exposes (each still
+    /// checked on its own, on every request that touches it).
+    Gateway {
+        servers: Vec<String>,
     },
 }
 
@@ -479,6 +495,21 @@ mod tests {
         let json = serde_json::to_string(&allow).unwrap();
         assert_eq!(serde_json::from_str::<CheckResponse>(&json).unwrap(), allow);
         assert!(!format!("{allow:?}").contains("s3cret"));
+
+        let gateway = CheckResponse::Gateway {
+            servers: vec!["a".into(), "b".into()],
+        };
+        let json = serde_json::to_string(&gateway).unwrap();
+        assert_eq!(json, r#"{"decision":"gateway","servers":["a","b"]}"#);
+        assert_eq!(
+            serde_json::from_str::<CheckResponse>(&json).unwrap(),
+            gateway
+        );
+        let mut level = req.clone();
+        level.server = String::new();
+        let json = serde_json::to_string(&level).unwrap();
+        assert!(!json.contains("server"), "{json}");
+        assert_eq!(serde_json::from_str::<CheckRequest>(&json).unwrap(), level);
 
         let deny: CheckResponse =
             serde_json::from_str(r#"{"decision":"deny","code":"connection_disabled"}"#).unwrap();

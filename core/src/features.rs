@@ -218,7 +218,7 @@ impl ListFilter {
     }
 
     /// Drops what is not allowed from one JSON-RPC message; `true` if it changed.
-    fn filter_message(&self, message: &mut Value) -> bool {
+    pub fn filter_message(&self, message: &mut Value) -> bool {
         let Some(items) = message
             .get_mut("result")
             .and_then(|r| r.get_mut(self.kind.as_str()))

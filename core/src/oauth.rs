@@ -135,9 +135,14 @@ pub fn base64url_decode(s: &str) -> Option<Vec<u8>> {
 }
 
 /// The resource identifier of one MCP endpoint: `base` (scheme and authority, no
-/// trailing slash) and `/mcp/{gateway}/{server}`.
+/// trailing slash) and `/mcp/{gateway}/{server}`; with an empty `server`, the gateway
+/// URL `/mcp/{gateway}`.
 pub fn resource_url(base: &str, gateway: &str, server: &str) -> String {
-    format!("{base}/mcp/{gateway}/{server}")
+    if server.is_empty() {
+        format!("{base}/mcp/{gateway}")
+    } else {
+        format!("{base}/mcp/{gateway}/{server}")
+    }
 }
 
 /// RFC 9728 §3.1: the metadata of `/mcp/g/s` lives at this prefix followed by it.

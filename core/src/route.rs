@@ -1,4 +1,6 @@
-//! The data-plane URL: `/mcp/{gateway_slug}/{server_slug}[/rest][?query]`.
+//! The data-plane URLs: `/mcp/{gateway_slug}/{server_slug}[/rest][?query]` (one
+//! server), and the gateway URL `/mcp/{gateway_slug}[?query]` (every server the
+//! gateway exposes, behind one MCP endpoint: docs/gateway.md).
 
 /// Slugs appear in URLs: lowercase ASCII letters, digits and inner hyphens, 1 to 63
 /// characters (a DNS label), so they never need escaping.
@@ -13,6 +15,15 @@ pub fn is_valid_slug(s: &str) -> bool {
 }
 
 pub const MCP_PREFIX: &str = "/mcp/";
+
+/// The gateway slug of a gateway URL: exactly `/mcp/{gateway}`, with any query and
+/// nothing after the slug (not even `/`, so one URL names the gateway, and no path
+/// below it can mean something to an upstream). `None` for every other path.
+pub fn gateway_url(path: &str) -> Option<&str> {
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let gateway = path.strip_prefix(MCP_PREFIX)?;
+    is_valid_slug(gateway).then_some(gateway)
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct McpPath<'a> {
@@ -200,6 +211,27 @@ mod tests {
         ] {
             assert_eq!(McpPath::parse(bad), Err(PathError::Malformed), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_gateway_url_is_exactly_one_slug() {
+        assert_eq!(gateway_url("/mcp/eng"), Some("eng"));
+        assert_eq!(gateway_url("/mcp/eng?x=1"), Some("eng"));
+        for other in [
+            "/mcp/",
+            "/mcp",
+            "/mcp/eng/",
+            "/mcp/eng/github",
+            "/mcp/Eng",
+            "/mcp/e%6eg",
+            "/mcpx/eng",
+            "/.well-known/oauth-protected-resource/mcp/eng",
+            "/mcp/eng;x",
+        ] {
+            assert_eq!(gateway_url(other), None, "{other}");
+        }
+        // Not a server path either: the two forms never overlap.
+        assert_eq!(McpPath::parse("/mcp/eng"), Err(PathError::Malformed));
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! `lifecycle` carries them out over a host; the glues (`wasm.rs`, the dynamic module)
 //! only move data between Envoy and it.
 
-use mcpguard_core::check::{CheckRequest, CheckResponse, Credential, DenyCode, bounded_request_id};
+use mcpguard_core::check::{
+    CALLER_HEADER, CheckRequest, CheckResponse, Credential, DenyCode, bounded_request_id,
+};
 use mcpguard_core::features::{self, Kind, ListFilter, RpcId};
-use mcpguard_core::route::{McpPath, PathError};
+use mcpguard_core::route::{McpPath, PathError, gateway_url};
 use mcpguard_core::token::{TokenHash, data_plane_kind};
 
 use crate::config::{FilterConfig, Sidecar};
@@ -18,6 +20,11 @@ pub const ROUTE_HEADER: &str = "x-mcpguard-route";
 /// forwarding route matches it and goes to its own cluster (the app in the pod), so a
 /// gateway's `http`/`https` routes never carry a sidecar's requests, nor the reverse.
 pub const SIDECAR_ROUTE: &str = "sidecar";
+
+/// The [`ROUTE_HEADER`] value of an allowed request to a gateway URL (`/mcp/{gateway}`):
+/// Envoy's route for it goes to the aggregator's cluster (`mcpguard_aggregator`), which
+/// merges the gateway's servers and checks each one it touches on its own.
+pub const AGGREGATOR_ROUTE: &str = "aggregator";
 
 /// Set by the filter on requests it authorised: the address (`ip:port`) the policy
 /// service resolved and judged for this request, which Envoy's original-destination
@@ -188,6 +195,15 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig, clock: Clock<'_>) -> Sta
         // gateway, which is what OAuth clients must use.
         return check(req, config, clock, None, &sidecar.server, None);
     }
+    if let Some(gateway) = gateway_url(req.path) {
+        // A sidecar fronts one server: it has no gateway URL.
+        if config.sidecar.is_some() {
+            return Start::Refuse(Refusal::new(DenyCode::UnknownRoute, None));
+        }
+        // The gateway-level check: an empty server (core::check::CheckRequest).
+        let metadata = resource_metadata_url(req, config);
+        return check(req, config, clock, Some(gateway), "", Some(&metadata));
+    }
     let path = match McpPath::parse(req.path) {
         Ok(p) => p,
         Err(PathError::NotMcp) => return Start::PassThrough,
@@ -307,12 +323,18 @@ fn resource(req: &Incoming<'_>, config: &FilterConfig, gateway: &str, server: &s
     mcpguard_core::oauth::resource_url(&base_url(req, config), gateway, server)
 }
 
-/// The protected-resource metadata of `/mcp/{g}/{s}`, when OAuth is configured; other
-/// well-known paths are not ours.
+/// The protected-resource metadata of `/mcp/{g}/{s}` and of the gateway URL `/mcp/{g}`,
+/// when OAuth is configured; other well-known paths are not ours.
 fn metadata(req: &Incoming<'_>, config: &FilterConfig, resource_path: &str) -> Start {
     let Some(issuer) = &config.issuer else {
         return Start::PassThrough;
     };
+    if let Some(gateway) = gateway_url(resource_path).filter(|_| config.sidecar.is_none()) {
+        return Start::Metadata(mcpguard_core::oauth::protected_resource_metadata(
+            &resource(req, config, gateway, ""),
+            issuer,
+        ));
+    }
     match McpPath::parse(resource_path) {
         Ok(p) if p.rest.is_empty() && fronts(config, p.server) => {
             Start::Metadata(mcpguard_core::oauth::protected_resource_metadata(
@@ -415,6 +437,8 @@ pub fn finish(
         },
     };
     match answer {
+        // Only a gateway-level check is answered so (see [`finish_gateway`]).
+        CheckResponse::Gateway { .. } => unavailable(),
         // A blocked item: a JSON-RPC error the model reads, the session goes on.
         CheckResponse::Deny { code } if code.is_item_refusal() => {
             Finish::Refuse(Refusal::item(code, rpc_id))
@@ -458,6 +482,42 @@ pub fn finish(
                 list_filter,
             })
         }
+    }
+}
+
+/// The caller's credential as the aggregator gets it ([`CALLER_HEADER`]), for a check
+/// that is gateway-level (a request to the gateway URL); `None` for any other check.
+pub fn caller_of(check: &CheckRequest) -> Option<String> {
+    if !check.server.is_empty() {
+        return None;
+    }
+    serde_json::to_string(&check.credential).ok()
+}
+
+/// Turns the outcome of a gateway-level check into the filter's answer: allowed, the
+/// request goes as it came (path, authority) to the aggregator, with the caller's
+/// credential in [`CALLER_HEADER`] instead of its `Authorization`. Fails closed like
+/// [`finish`]; an answer for one server is no answer to a gateway-level check.
+pub fn finish_gateway(
+    status: Option<u16>,
+    body: Option<&[u8]>,
+    request_path: &str,
+    caller: &str,
+) -> Finish {
+    let unavailable = || Finish::Refuse(Refusal::new(DenyCode::PolicyUnavailable, None));
+    if status != Some(200) {
+        return unavailable();
+    }
+    match body.and_then(|b| serde_json::from_slice::<CheckResponse>(b).ok()) {
+        Some(CheckResponse::Gateway { .. }) => Finish::Forward(Forward {
+            upstream: None,
+            path: request_path.to_owned(),
+            route: AGGREGATOR_ROUTE,
+            inject: Some((CALLER_HEADER.to_owned(), caller.to_owned())),
+            list_filter: None,
+        }),
+        Some(CheckResponse::Deny { code }) => Finish::Refuse(Refusal::new(code, None)),
+        Some(CheckResponse::Allow { .. }) | None => unavailable(),
     }
 }
 
@@ -589,8 +649,14 @@ mod tests {
 
     #[test]
     fn malformed_mcp_path_is_404_without_callout() {
-        let r = refused(start_(&incoming("/mcp/eng", Some("Bearer x")), &config()));
-        assert_eq!((r.code, r.status()), (DenyCode::UnknownRoute, 404));
+        for path in ["/mcp/eng/", "/mcp/Eng", "/mcp/"] {
+            let r = refused(start_(&incoming(path, Some("Bearer x")), &config()));
+            assert_eq!(
+                (r.code, r.status()),
+                (DenyCode::UnknownRoute, 404),
+                "{path}"
+            );
+        }
     }
 
     #[test]
@@ -697,7 +763,7 @@ mod tests {
         assert_eq!(start_(&req, &config()), Start::PassThrough, "OAuth off");
         for other in [
             "/.well-known/oauth-protected-resource",
-            "/.well-known/oauth-protected-resource/mcp/eng",
+            "/.well-known/oauth-protected-resource/mcp/eng/",
             "/.well-known/oauth-protected-resource/mcp/eng/github/x",
             "/.well-known/oauth-protected-resourcex/mcp/eng/github",
         ] {
@@ -763,6 +829,100 @@ mod tests {
             refused(start(&req, &config(), clock)).code,
             DenyCode::TokenMalformed
         );
+    }
+
+    #[test]
+    fn the_gateway_url_gets_a_gateway_level_check_and_goes_to_the_aggregator() {
+        let t = token();
+        let auth = format!("Bearer {t}");
+        let mut req = incoming("/mcp/eng?x=1", Some(&auth));
+        req.mcp_method = Some("tools/call");
+        req.tool = Some("demo__echo");
+        let Start::Check(check) = start_(&req, &config()) else {
+            panic!("expected a check");
+        };
+        assert_eq!(
+            (check.gateway.as_deref(), check.server.as_str()),
+            (Some("eng"), "")
+        );
+        let caller = caller_of(&check).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Credential>(&caller).unwrap(),
+            check.credential
+        );
+        assert!(!caller.contains(&t), "the hash, never the token");
+        // No token: 401 pointing at the gateway URL's own metadata.
+        let r = refused(start_(&incoming("/mcp/eng", None), &config()));
+        assert_eq!((r.code, r.status()), (DenyCode::TokenMissing, 401));
+        assert!(
+            header(&r, "www-authenticate")
+                .unwrap()
+                .contains("/.well-known/oauth-protected-resource/mcp/eng\""),
+            "{r:?}"
+        );
+
+        let body = serde_json::to_vec(&CheckResponse::Gateway {
+            servers: vec!["demo".into()],
+        })
+        .unwrap();
+        let Finish::Forward(f) = finish_gateway(Some(200), Some(&body), "/mcp/eng?x=1", &caller)
+        else {
+            panic!("expected a forward");
+        };
+        assert_eq!(
+            f.header_edits(),
+            vec![
+                (":path", Some("/mcp/eng?x=1")),
+                ("authorization", None),
+                (CALLER_HEADER, Some(caller.as_str())),
+                (ROUTE_HEADER, Some(AGGREGATOR_ROUTE)),
+            ]
+        );
+        // A deny is refused with its code; an answer for one server, or none, fails
+        // closed; a gateway answer to a server's check likewise.
+        let deny = br#"{"decision":"deny","code":"gateway_disabled"}"#;
+        let Finish::Refuse(r) = finish_gateway(Some(200), Some(deny), "/mcp/eng", &caller) else {
+            panic!("expected a refusal");
+        };
+        assert_eq!((r.code, r.status()), (DenyCode::GatewayDisabled, 403));
+        let allow = allow_body(Scheme::Http, None);
+        for (status, body) in [
+            (Some(200), Some(&allow[..])),
+            (Some(503), Some(&body[..])),
+            (None, None),
+        ] {
+            let Finish::Refuse(r) = finish_gateway(status, body, "/mcp/eng", &caller) else {
+                panic!("expected a refusal");
+            };
+            assert_eq!(r.code, DenyCode::PolicyUnavailable);
+        }
+        let Finish::Refuse(r) = finish(Some(200), Some(&body), "/mcp/eng/demo", None, None) else {
+            panic!("expected a refusal");
+        };
+        assert_eq!(r.code, DenyCode::PolicyUnavailable);
+        // A sidecar has no gateway URL; a server check carries no caller header.
+        let sidecar = FilterConfig::parse(
+            br#"{"policy_cluster":"p","sidecar":{"server":"demo","app_path":"/mcp"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            refused(start_(&incoming("/mcp/eng", Some(&auth)), &sidecar)).code,
+            DenyCode::UnknownRoute
+        );
+        let Start::Check(server_check) = start_(&incoming("/mcp/eng/demo", Some(&auth)), &config())
+        else {
+            panic!("expected a check");
+        };
+        assert_eq!(caller_of(&server_check), None);
+        // Its metadata names the gateway URL, when OAuth is on.
+        let Start::Metadata(doc) = start_(
+            &incoming("/.well-known/oauth-protected-resource/mcp/eng", None),
+            &oauth_config(),
+        ) else {
+            panic!("expected metadata");
+        };
+        let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+        assert_eq!(doc["resource"], "http://gw.local:10000/mcp/eng");
     }
 
     fn allow_body(scheme: Scheme, inject: Option<InjectHeader>) -> Vec<u8> {

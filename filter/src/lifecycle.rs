@@ -13,7 +13,7 @@ use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::ops::Deref;
 
-use mcpguard_core::check::{CHECK_PATH, DenyCode};
+use mcpguard_core::check::{CALLER_HEADER, CHECK_PATH, DenyCode};
 use mcpguard_core::features::{self, ListFilter, RpcId};
 use mcpguard_core::jwt::Keys;
 use mcpguard_core::oauth::CHECK_JWKS_PATH;
@@ -149,6 +149,9 @@ pub struct Lifecycle {
     rpc_id: RefCell<Option<RpcId>>,
     /// What the reply to this list request may keep.
     list_filter: RefCell<Option<ListFilter>>,
+    /// A request to the gateway URL: the caller's credential for the aggregator
+    /// ([`decide::caller_of`]); its check is gateway-level.
+    caller: RefCell<Option<String>>,
     /// The reply is being filtered: its body is buffered to the end, and its
     /// `content-type` (JSON or SSE) kept.
     filtering: RefCell<Option<Option<String>>>,
@@ -175,8 +178,10 @@ impl Lifecycle {
             // this filter passes through would still use a forwarding route.
             host.clear_route_cache();
         }
-        // Always, whatever the host knows: the cluster reads it, not the route.
+        // Always, whatever the host knows: the cluster reads it, not the route; and the
+        // aggregator trusts the caller header as the filter's word.
         host.set_request_header(ADDRESS_HEADER, None);
+        host.set_request_header(CALLER_HEADER, None);
         self.decide(host)
     }
 
@@ -206,7 +211,11 @@ impl Lifecycle {
                     }
                     let sidecar = host.config().and_then(|c| c.sidecar.as_ref());
                     let rpc_id = self.rpc_id.borrow();
-                    decide::finish(status, body, &self.path.borrow(), sidecar, rpc_id.as_ref())
+                    let path = self.path.borrow();
+                    match self.caller.borrow().as_deref() {
+                        Some(caller) => decide::finish_gateway(status, body, &path, caller),
+                        None => decide::finish(status, body, &path, sidecar, rpc_id.as_ref()),
+                    }
                 };
                 match finish {
                     Finish::Forward(forward) => self.forward(host, forward),
@@ -256,6 +265,7 @@ impl Lifecycle {
             }
             Start::Check(check) => match serde_json::to_vec(&check) {
                 Ok(body) => {
+                    self.caller.replace(decide::caller_of(&check));
                     let headers = [
                         (":method", "POST"),
                         (":path", CHECK_PATH),
@@ -700,11 +710,12 @@ mod tests {
         let host = Fake::with_token(&l);
         l.on_request_headers(&host);
         assert_eq!(
-            host.calls()[..3],
+            host.calls()[..4],
             [
                 Call::Set(ROUTE_HEADER.into(), None),
                 Call::ClearRouteCache,
                 Call::Set(ADDRESS_HEADER.into(), None),
+                Call::Set(CALLER_HEADER.into(), None),
             ]
         );
         // The dynamic module: sees every header, and removes the route header and picks
@@ -718,7 +729,10 @@ mod tests {
                 host.headers.push((ROUTE_HEADER, b"http".to_vec()));
             }
             l.on_request_headers(&host);
-            let mut first = vec![Call::Set(ADDRESS_HEADER.into(), None)];
+            let mut first = vec![
+                Call::Set(ADDRESS_HEADER.into(), None),
+                Call::Set(CALLER_HEADER.into(), None),
+            ];
             if forged {
                 first.splice(
                     0..0,
@@ -739,6 +753,7 @@ mod tests {
                 Call::Set(ROUTE_HEADER.into(), None),
                 Call::ClearRouteCache,
                 Call::Set(ADDRESS_HEADER.into(), None),
+                Call::Set(CALLER_HEADER.into(), None),
             ]
         );
     }
@@ -807,6 +822,50 @@ mod tests {
         l.on_answer(&host, Some(200), Some(&allowed()));
         l.on_answer(&host, Some(200), Some(&deny("host_disabled")));
         assert_eq!(host.calls(), before);
+    }
+
+    #[test]
+    fn the_gateway_url_goes_to_the_aggregator_with_the_callers_credential() {
+        let l = Lifecycle::default();
+        let mut host = Fake::with_token(&l);
+        host.headers[0].1 = b"/mcp/eng".to_vec();
+        // A client's own caller header is gone before anything else happens.
+        host.headers
+            .push((CALLER_HEADER, b"{\"kind\":\"api_token\"}".to_vec()));
+        assert_eq!(l.on_request_headers(&host), Next::Pause);
+        assert!(host.calls()[..4].contains(&Call::Set(CALLER_HEADER.into(), None)));
+        let gateway = br#"{"decision":"gateway","servers":["a","b"]}"#;
+        l.on_answer(&host, Some(200), Some(gateway));
+        let calls = host.calls();
+        assert_eq!(host.resumes(), 1, "{calls:?}");
+        let caller = format!(
+            r#"{{"kind":"api_token","hash":"{}"}}"#,
+            TokenHash::of(&api_token()).to_hex()
+        );
+        let edits: Vec<_> = calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Set(n, v) => Some((n.as_str(), v.as_deref())),
+                _ => None,
+            })
+            .skip(3)
+            .collect();
+        assert_eq!(
+            edits,
+            [
+                (":path", Some("/mcp/eng")),
+                ("authorization", None),
+                (CALLER_HEADER, Some(caller.as_str())),
+                (ROUTE_HEADER, Some("aggregator")),
+            ]
+        );
+        // A server's answer to it is no answer.
+        let l = Lifecycle::default();
+        let mut host = Fake::with_token(&l);
+        host.headers[0].1 = b"/mcp/eng".to_vec();
+        l.on_request_headers(&host);
+        l.on_answer(&host, Some(200), Some(&allowed()));
+        assert_eq!(host.refused(), DenyCode::PolicyUnavailable);
     }
 
     #[test]

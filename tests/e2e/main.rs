@@ -19,6 +19,7 @@ mod enrollments;
 mod envoy_config;
 mod ext_authz;
 mod failure;
+mod gateway_url;
 mod identities;
 mod oauth;
 mod observability;

@@ -1,4 +1,4 @@
-//! `make run`'s `mcpguard-run` on free ports: it starts the three processes, seeds
+//! `make run`'s `mcpguard-run` on free ports: it starts the four processes, seeds
 //! gateway `demo` exposing server `demo`, prints a working MCP URL, and a signal stops
 //! every child it started; a port in use is refused before anything starts.
 
@@ -19,6 +19,7 @@ struct Ports {
     demo: u16,
     envoy: u16,
     envoy_admin: u16,
+    aggregator: u16,
 }
 
 impl Ports {
@@ -29,16 +30,18 @@ impl Ports {
             demo: free_port(),
             envoy: free_port(),
             envoy_admin: free_port(),
+            aggregator: free_port(),
         }
     }
 
-    fn all(&self) -> [u16; 5] {
+    fn all(&self) -> [u16; 6] {
         [
             self.policy,
             self.check,
             self.demo,
             self.envoy,
             self.envoy_admin,
+            self.aggregator,
         ]
     }
 }
@@ -53,6 +56,7 @@ fn start(name: &str, ports: &Ports, dir: &Path) -> Proc {
         "--demo-port",
         "--envoy-port",
         "--envoy-admin-port",
+        "--aggregator-port",
     ]
     .into_iter()
     .zip(ports.all())
@@ -69,8 +73,8 @@ fn start(name: &str, ports: &Ports, dir: &Path) -> Proc {
     Proc::spawn(name, cmd, dir).unwrap()
 }
 
-/// Waits for the banner; returns the printed MCP URL and admin token file.
-async fn running(run: &mut Proc) -> (String, String) {
+/// Waits for the banner; returns the printed gateway URL, MCP URL and admin token file.
+async fn running(run: &mut Proc) -> (String, String, String) {
     let log = run.log_path().to_path_buf();
     let printed = move || {
         let log = log.clone();
@@ -93,7 +97,7 @@ async fn running(run: &mut Proc) -> (String, String) {
         .and_then(|rest| rest.split(')').next())
         .unwrap_or_else(|| panic!("no admin token line in:\n{text}"))
         .to_owned();
-    (field("MCP endpoint"), token_file)
+    (field("gateway URL"), field("MCP endpoint"), token_file)
 }
 
 /// The pids of `parent`'s children, from `/proc/*/stat`.
@@ -138,16 +142,25 @@ async fn make_run_serves_mcp_with_its_seed_and_a_signal_stops_every_child() {
     let dir = tempfile::tempdir().unwrap();
     let ports = Ports::free();
     let mut run = start("mcpguard-run", &ports, dir.path());
-    let (mcp_url, token_file) = running(&mut run).await;
+    let (gateway_url, mcp_url, token_file) = running(&mut run).await;
+    assert_eq!(
+        gateway_url,
+        format!("http://127.0.0.1:{}/mcp/demo", ports.envoy)
+    );
     assert_eq!(
         mcp_url,
         format!("http://127.0.0.1:{}/mcp/demo/demo", ports.envoy)
     );
+    let banner = run.log_text();
+    assert!(
+        banner.find("gateway URL") < banner.find("MCP endpoint"),
+        "the gateway URL is printed first:\n{banner}"
+    );
     let children = children_of(run.pid());
     assert_eq!(
         children.len(),
-        3,
-        "policy, demo server, Envoy: {children:?}"
+        4,
+        "policy, demo server, Envoy, aggregator: {children:?}"
     );
 
     // The printed admin token and seed work: a host token reaches the demo server.
@@ -167,8 +180,20 @@ async fn make_run_serves_mcp_with_its_seed_and_a_signal_stops_every_child() {
         .unwrap();
     assert!(echoed.contains("through make run"), "{echoed}");
     drop(client);
+    // The gateway URL, as the banner says: the demo server's tools, renamed.
+    let client = mcp::connect(&gateway_url, Some(&token)).await.unwrap();
+    let echoed = call_text(
+        &client,
+        "demo__echo",
+        json!({"text": "through the gateway URL"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(echoed, "through the gateway URL");
+    drop(client);
     // And through the filter: no token, no service.
     mcp::expect_refusal(&mcp_url, None, (401, "token_missing")).await;
+    mcp::expect_refusal(&gateway_url, None, (401, "token_missing")).await;
 
     // The printed one-time console link opens the owner's sign-in page.
     let text = run.log_text();
@@ -206,7 +231,7 @@ async fn make_run_serves_mcp_with_its_seed_and_a_signal_stops_every_child() {
         again.log_text()
     );
     let children = children_of(again.pid());
-    assert_eq!(children.len(), 3, "{children:?}");
+    assert_eq!(children.len(), 4, "{children:?}");
     let kill = Command::new("kill")
         .args(["-INT", &again.pid().to_string()])
         .status()

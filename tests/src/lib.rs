@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod browser;
 pub mod db;
+pub mod gateway;
 pub mod istio;
 pub mod mcp;
 pub mod oauth;

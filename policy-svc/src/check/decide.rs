@@ -6,6 +6,16 @@ use mcpguard_core::token::TokenHash;
 use crate::secrets::{identity_binding, shared_binding};
 use crate::store::check::CheckRow;
 
+/// What a check decides on: one server of the gateway, or the gateway itself (a
+/// request to the gateway URL, whose servers are each checked on their own later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Scope {
+    Server,
+    /// Every layer up to the gateway's grant; allowed, it answers
+    /// [`CheckResponse::Gateway`] (with no servers: the caller lists them).
+    Gateway,
+}
+
 /// Decides a request from what [`Reads::load`](crate::store::check::Reads::load) read for an API token. Layers are
 /// checked from the credential outward, so the refusal names the first layer that is
 /// off. `unseal` opens a sealed credential given what it is bound to (`None` if it
@@ -15,6 +25,7 @@ pub(super) fn decide(
     presented: &TokenHash,
     gateway_slug: Option<&str>,
     now_ms: i64,
+    scope: Scope,
     unseal: impl FnOnce(&str, &[u8]) -> Option<String>,
 ) -> CheckResponse {
     let deny = |code| CheckResponse::Deny { code };
@@ -32,7 +43,7 @@ pub(super) fn decide(
     if row.expires_at.is_some_and(|t| t <= now_ms) {
         return deny(DenyCode::TokenExpired);
     }
-    decide_layers(row, gateway_slug, unseal)
+    decide_layers(row, gateway_slug, scope, unseal)
 }
 
 /// Decides a request carrying a verified OAuth access token, from what [`Reads::load`](crate::store::check::Reads::load)
@@ -42,6 +53,7 @@ pub(super) fn decide_oauth(
     row: Option<&CheckRow>,
     connection_id: i64,
     gateway_slug: Option<&str>,
+    scope: Scope,
     unseal: impl FnOnce(&str, &[u8]) -> Option<String>,
 ) -> CheckResponse {
     let deny = |code| CheckResponse::Deny { code };
@@ -51,7 +63,7 @@ pub(super) fn decide_oauth(
     if row.revoked_at.is_some() {
         return deny(DenyCode::TokenRevoked);
     }
-    decide_layers(row, gateway_slug, unseal)
+    decide_layers(row, gateway_slug, scope, unseal)
 }
 
 /// The layers after the credential: gateway, host (and its approval), user,
@@ -61,6 +73,7 @@ pub(super) fn decide_oauth(
 fn decide_layers(
     row: &CheckRow,
     gateway_slug: Option<&str>,
+    scope: Scope,
     unseal: impl FnOnce(&str, &[u8]) -> Option<String>,
 ) -> CheckResponse {
     let deny = |code| CheckResponse::Deny { code };
@@ -87,6 +100,11 @@ fn decide_layers(
     // granting again restores the same connection.
     if !row.gateway_granted.0 {
         return deny(DenyCode::GatewayNotGranted);
+    }
+    if scope == Scope::Gateway {
+        return CheckResponse::Gateway {
+            servers: Vec::new(),
+        };
     }
     let (Some(identity), Some(server_enabled), Some(scheme), Some(authority), Some(path)) = (
         row.identity.as_deref(),
@@ -209,9 +227,9 @@ mod tests {
     }
 
     fn code(r: &CheckRow) -> Option<DenyCode> {
-        match decide(Some(r), &token(), Some("eng"), 1_000, opened) {
+        match decide(Some(r), &token(), Some("eng"), 1_000, Scope::Server, opened) {
             CheckResponse::Deny { code } => Some(code),
-            CheckResponse::Allow { .. } => None,
+            CheckResponse::Allow { .. } | CheckResponse::Gateway { .. } => None,
         }
     }
 
@@ -219,7 +237,14 @@ mod tests {
     fn a_live_token_on_its_gateway_is_allowed_to_the_upstream() {
         let CheckResponse::Allow {
             upstream, inject, ..
-        } = decide(Some(&row()), &token(), Some("eng"), 1_000, opened)
+        } = decide(
+            Some(&row()),
+            &token(),
+            Some("eng"),
+            1_000,
+            Scope::Server,
+            opened,
+        )
         else {
             panic!("expected allow");
         };
@@ -235,7 +260,7 @@ mod tests {
         ops.gateway_slug = "ops".into();
         let allowed = |r: &CheckRow, gateway| {
             matches!(
-                decide(Some(r), &token(), gateway, 1_000, opened),
+                decide(Some(r), &token(), gateway, 1_000, Scope::Server, opened),
                 CheckResponse::Allow { .. }
             )
         };
@@ -248,7 +273,7 @@ mod tests {
         let mut off = ops.clone();
         off.gateway_enabled = DbBool(false);
         assert_eq!(
-            decide(Some(&off), &token(), None, 1_000, opened),
+            decide(Some(&off), &token(), None, 1_000, Scope::Server, opened),
             CheckResponse::Deny {
                 code: DenyCode::GatewayDisabled
             }
@@ -335,16 +360,26 @@ mod tests {
     fn a_per_user_server_gets_the_users_own_credential_and_a_shared_one_none() {
         let mut r = row();
         r.identity_sealed = Some(b"never injected for shared".to_vec());
-        let CheckResponse::Allow { inject, .. } =
-            decide(Some(&r), &token(), Some("eng"), 1_000, opened)
-        else {
+        let CheckResponse::Allow { inject, .. } = decide(
+            Some(&r),
+            &token(),
+            Some("eng"),
+            1_000,
+            Scope::Server,
+            opened,
+        ) else {
             panic!("expected allow");
         };
         assert_eq!(inject, None);
         with_identity(&mut r);
-        let CheckResponse::Allow { inject, .. } =
-            decide(Some(&r), &token(), Some("eng"), 1_000, opened)
-        else {
+        let CheckResponse::Allow { inject, .. } = decide(
+            Some(&r),
+            &token(),
+            Some("eng"),
+            1_000,
+            Scope::Server,
+            opened,
+        ) else {
             panic!("expected allow");
         };
         let inject = inject.unwrap();
@@ -357,7 +392,7 @@ mod tests {
     #[test]
     fn unknown_token_and_not_yet_expired_token() {
         assert_eq!(
-            decide(None, &token(), Some("eng"), 0, opened),
+            decide(None, &token(), Some("eng"), 0, Scope::Server, opened),
             CheckResponse::Deny {
                 code: DenyCode::TokenUnknown
             }
@@ -371,12 +406,16 @@ mod tests {
     fn oauth_tokens_pass_the_same_layers_through_their_grant() {
         let mut r = row();
         r.token_hash = String::new();
-        let oauth =
-            |r: &CheckRow, connection| match decide_oauth(Some(r), connection, Some("eng"), opened)
-            {
-                CheckResponse::Deny { code } => Some(code),
-                CheckResponse::Allow { .. } => None,
-            };
+        let oauth = |r: &CheckRow, connection| match decide_oauth(
+            Some(r),
+            connection,
+            Some("eng"),
+            Scope::Server,
+            opened,
+        ) {
+            CheckResponse::Deny { code } => Some(code),
+            CheckResponse::Allow { .. } | CheckResponse::Gateway { .. } => None,
+        };
         assert_eq!(oauth(&r, 2), None);
         assert_eq!(
             oauth(&r, 99),
@@ -384,7 +423,7 @@ mod tests {
             "another connection"
         );
         assert_eq!(
-            decide_oauth(None, 2, Some("eng"), opened),
+            decide_oauth(None, 2, Some("eng"), Scope::Server, opened),
             CheckResponse::Deny {
                 code: DenyCode::TokenUnknown
             }
@@ -393,6 +432,54 @@ mod tests {
         assert_eq!(oauth(&r, 2), Some(DenyCode::HostDisabled));
         r.revoked_at = Some(1);
         assert_eq!(oauth(&r, 2), Some(DenyCode::TokenRevoked), "family revoked");
+    }
+
+    #[test]
+    fn a_gateway_level_check_decides_every_layer_up_to_the_grant_and_no_server() {
+        let gateway = |r: &CheckRow| {
+            decide(
+                Some(r),
+                &token(),
+                Some("eng"),
+                1_000,
+                Scope::Gateway,
+                opened,
+            )
+        };
+        // No server row at all (the gateway URL names none): still allowed.
+        let mut r = row();
+        r.identity = None;
+        r.server_id = None;
+        r.server_enabled = Some(DbBool(false));
+        assert_eq!(gateway(&r), CheckResponse::Gateway { servers: vec![] });
+        for (change, code) in [
+            (
+                (|r| r.revoked_at = Some(5)) as Change,
+                DenyCode::TokenRevoked,
+            ),
+            (
+                |r| r.gateway_slug = "ops".into(),
+                DenyCode::TokenWrongGateway,
+            ),
+            (|r| r.host_enabled = DbBool(false), DenyCode::HostDisabled),
+            (|r| r.user_enabled = DbBool(false), DenyCode::UserDisabled),
+            (
+                |r| r.connection_enabled = DbBool(false),
+                DenyCode::ConnectionDisabled,
+            ),
+            (
+                |r| r.gateway_enabled = DbBool(false),
+                DenyCode::GatewayDisabled,
+            ),
+            (
+                |r| r.gateway_granted = DbBool(false),
+                DenyCode::GatewayNotGranted,
+            ),
+        ] {
+            let mut r = row();
+            change(&mut r);
+            assert_eq!(gateway(&r), CheckResponse::Deny { code });
+        }
     }
 
     #[test]

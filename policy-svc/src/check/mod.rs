@@ -102,7 +102,9 @@ pub async fn run(state: &AppState, input: Input<'_>, deadline: Duration) -> Outc
         Outcome::Refused(code) | Outcome::Decided(CheckResponse::Deny { code }) => {
             ("deny", code.as_str())
         }
-        Outcome::Decided(CheckResponse::Allow { .. }) => ("allow", ""),
+        Outcome::Decided(CheckResponse::Allow { .. } | CheckResponse::Gateway { .. }) => {
+            ("allow", "")
+        }
         Outcome::Unavailable => ("unavailable", ""),
     };
     crate::metrics::get().check(wire.label(), decision, code, started.elapsed());
@@ -118,10 +120,16 @@ async fn decide_request(state: &AppState, input: Input<'_>, deadline: Duration) 
         context,
         item,
     } = input;
+    // An empty server: the gateway URL itself (its aggregator checks each server).
+    let scope = if server.is_empty() {
+        decide::Scope::Gateway
+    } else {
+        decide::Scope::Server
+    };
     let seen = Seen {
         wire,
         gateway,
-        server: Some(server),
+        server: (scope == decide::Scope::Server).then_some(server),
         context,
     };
     let presented = match present::present(state, credential, gateway, server, deadline).await {
@@ -161,11 +169,36 @@ async fn decide_request(state: &AppState, input: Input<'_>, deadline: Duration) 
             hash,
             gateway,
             store::now_ms(),
+            scope,
             state.secrets.opener(),
         ),
-        Presented::Oauth { connection, .. } => {
-            decide::decide_oauth(row.as_ref(), *connection, gateway, state.secrets.opener())
+        Presented::Oauth { connection, .. } => decide::decide_oauth(
+            row.as_ref(),
+            *connection,
+            gateway,
+            scope,
+            state.secrets.opener(),
+        ),
+    };
+
+    // The gateway URL: the servers it exposes, read as uncached as the row.
+    let decision = match (decision, &row) {
+        (CheckResponse::Gateway { .. }, Some(row)) => {
+            let read = store::check::within(
+                deadline,
+                store::catalog::exposed_slugs(&state.db, row.gateway_id),
+                store::check::ReadError::Store,
+            )
+            .await;
+            match read {
+                Ok(servers) => CheckResponse::Gateway { servers },
+                Err(e) => {
+                    tracing::warn!(error = %e, gateway, request_id = context.request_id, "{}: no answer from the store on the gateway's servers; refusing", wire.name());
+                    return Outcome::Unavailable;
+                }
+            }
         }
+        (decision, _) => decision,
     };
 
     // Feature provisioning, on what the layers allowed: uncached, like every layer.
@@ -221,13 +254,13 @@ async fn decide_request(state: &AppState, input: Input<'_>, deadline: Duration) 
 
     let code = match (&decision, &row) {
         (CheckResponse::Deny { code }, _) => Some(*code),
-        (CheckResponse::Allow { .. }, Some(row)) => {
+        (CheckResponse::Allow { .. } | CheckResponse::Gateway { .. }, Some(row)) => {
             // An OAuth row's id is its grant's, not an API token's.
             let token = matches!(presented, Presented::ApiToken(_)).then_some(row.token_id);
             state.last_used.record(token, row.connection_id);
             None
         }
-        (CheckResponse::Allow { .. }, None) => None,
+        (CheckResponse::Allow { .. } | CheckResponse::Gateway { .. }, None) => None,
     };
     record::record(state, &seen, row.as_ref(), code);
     Outcome::Decided(decision)

@@ -62,15 +62,16 @@ pub(super) async fn present(
         WireCredential::NotBearer => Err(Unpresentable::Refused(DenyCode::TokenMalformed)),
         WireCredential::ApiTokenHash(hash) => Ok(Presented::ApiToken(hash)),
         WireCredential::AccessToken { token, resource } => {
-            // An access token is for one MCP URL, which names its gateway.
+            // An access token is for one MCP URL, which names its gateway: this
+            // server's, or the gateway URL (whose aggregator checks each server of
+            // the gateway with the caller's token; the layers still decide).
             let Some(gateway) = gateway else {
                 return Err(Unpresentable::Refused(DenyCode::TokenWrongGateway));
             };
-            let ours = state
-                .oauth
-                .resource_base_urls
-                .iter()
-                .any(|base| resource_url(base, gateway, server) == resource);
+            let ours = state.oauth.resource_base_urls.iter().any(|base| {
+                resource_url(base, gateway, server) == resource
+                    || resource_url(base, gateway, "") == resource
+            });
             if !ours {
                 return Err(Unpresentable::Refused(DenyCode::TokenWrongGateway));
             }

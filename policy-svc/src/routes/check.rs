@@ -98,7 +98,7 @@ mod tests {
             assert_eq!(self.status, 200, "{}", self.body);
             match self.decision() {
                 CheckResponse::Deny { code } => Some(code),
-                CheckResponse::Allow { .. } => None,
+                CheckResponse::Allow { .. } | CheckResponse::Gateway { .. } => None,
             }
         }
     }
@@ -265,6 +265,36 @@ mod tests {
             .unwrap();
         let a = ask(&f.app, &ask_for(&good, RESOURCE, "demo")).await;
         assert_eq!(a.code(), Some(DenyCode::TokenRevoked));
+    }
+
+    #[tokio::test]
+    async fn a_gateway_level_check_names_the_servers_and_decides_the_outer_layers() {
+        let f = fixture().await;
+        let gateway = |g: &str| request(api_token(&f.token), g, "");
+        let a = ask(&f.app, &gateway("eng")).await;
+        assert_eq!(
+            a.decision(),
+            CheckResponse::Gateway {
+                servers: vec!["demo".into()]
+            },
+            "{}",
+            a.body
+        );
+        // A disabled server is still named: the aggregator's own check of it refuses.
+        sqlx::query("UPDATE servers SET enabled = 0")
+            .execute(&f.db)
+            .await
+            .unwrap();
+        let a = ask(&f.app, &gateway("eng")).await;
+        assert!(matches!(a.decision(), CheckResponse::Gateway { .. }));
+        let a = ask(&f.app, &gateway("ops")).await;
+        assert_eq!(a.code(), Some(DenyCode::TokenWrongGateway));
+        sqlx::query("UPDATE gateways SET enabled = 0")
+            .execute(&f.db)
+            .await
+            .unwrap();
+        let a = ask(&f.app, &gateway("eng")).await;
+        assert_eq!(a.code(), Some(DenyCode::GatewayDisabled));
     }
 
     #[tokio::test]

@@ -128,6 +128,9 @@ async fn run(
             allow(inject.map(|h| (h.name, h.value)))
         }
         Outcome::Decided(CheckResponse::Deny { code }) => refuse(code, None),
+        // Never asked for here (the path always names a server), and the gateway URL
+        // needs the aggregator, which only the wasm filter routes to.
+        Outcome::Decided(CheckResponse::Gateway { .. }) => refuse(DenyCode::UnknownRoute, None),
         // Not a decision, and not audited: Envoy answers `status_on_error` (503).
         Outcome::Unavailable => refuse(DenyCode::PolicyUnavailable, None),
     }

@@ -190,6 +190,20 @@ pub async fn hide(db: &Db, gateway_id: i64, server_id: i64) -> Result<bool> {
     Ok(done.rows_affected() > 0)
 }
 
+/// The slugs of the servers a gateway exposes, in slug order: what the gateway URL's
+/// aggregator merges (each still checked on its own, so a disabled one is left out
+/// there, not here).
+pub async fn exposed_slugs(db: &Db, gateway_id: i64) -> Result<Vec<String>> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT s.slug FROM exposures e JOIN servers s ON s.id = e.server_id
+         WHERE e.gateway_id = $1 ORDER BY s.slug",
+    )
+    .bind(gateway_id)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|(slug,)| slug).collect())
+}
+
 pub async fn list_exposures(db: &Db, gateway_id: i64) -> Result<Vec<Exposure>> {
     Ok(sqlx::query_as(
         "SELECT gateway_id, server_id, identity, credential_header, created_at FROM exposures

@@ -4,9 +4,10 @@
 //!   policy service  127.0.0.1:8080 (admin API), 127.0.0.1:8081 (checks); data in data/
 //!   demo MCP server 127.0.0.1:9100/mcp
 //!   Envoy           127.0.0.1:10000 (data plane), 127.0.0.1:9901 (admin)
+//!   aggregator      127.0.0.1:8082 (the gateway URL /mcp/{gateway}, behind Envoy)
 //!
 //! Logs go to .run/*.log. Seeds (idempotently) gateway `demo` exposing server `demo`.
-//! Ctrl-C or SIGTERM, or any of the three exiting, stops all of them. See [`USAGE`] for
+//! Ctrl-C or SIGTERM, or any of the four exiting, stops all of them. See [`USAGE`] for
 //! the flags (other ports and directories, e.g. for a test).
 
 mod seed;
@@ -28,12 +29,13 @@ usage: mcpguard-run [options]    (`make run` builds first, then runs this)
   --demo-port P         the demo MCP server (9100)
   --envoy-port P        Envoy's data plane (10000)
   --envoy-admin-port P  Envoy's admin (9901)
+  --aggregator-port P   the gateway URL's aggregator, behind Envoy (8082)
   --data-dir DIR        the policy service's data: SQLite database, keys (data)
   --run-dir DIR         logs and the rendered Envoy config (.run)
   -h, --help            this text
 Relative directories are under the repository root.";
 
-/// For each of the three to become ready.
+/// For each of the four to become ready.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// For all of them to exit after SIGTERM, before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -46,6 +48,7 @@ struct Options {
     demo_port: u16,
     envoy_port: u16,
     envoy_admin_port: u16,
+    aggregator_port: u16,
     data_dir: PathBuf,
     run_dir: PathBuf,
 }
@@ -65,6 +68,7 @@ fn options(root: &Path, args: impl IntoIterator<Item = String>) -> Result<Option
         demo_port: 9100,
         envoy_port: 10000,
         envoy_admin_port: 9901,
+        aggregator_port: 8082,
         data_dir: root.join("data"),
         run_dir: root.join(".run"),
     };
@@ -89,6 +93,7 @@ fn options(root: &Path, args: impl IntoIterator<Item = String>) -> Result<Option
             "--demo-port" => o.demo_port = port()?,
             "--envoy-port" => o.envoy_port = port()?,
             "--envoy-admin-port" => o.envoy_admin_port = port()?,
+            "--aggregator-port" => o.aggregator_port = port()?,
             "--data-dir" => o.data_dir = root.join(&value),
             "--run-dir" => o.run_dir = root.join(&value),
             _ => return Err(format!("unknown option {flag}\n{USAGE}")),
@@ -213,6 +218,7 @@ fn start(
 ) -> Result<(), Stop> {
     let policy_bin = present(binary(root, "mcpguard-policy"))?;
     let demo_bin = present(binary(root, "mcpguard-demo-mcp"))?;
+    let aggregator_bin = present(binary(root, "mcpguard-aggregator"))?;
     let wasm = present(root.join("target/wasm32-wasip1/release/mcpguard_filter.wasm"))?;
     let envoy_bin =
         envoy::executable(root).map_err(|e| failed(format!("{e} (`make run` installs it)")))?;
@@ -222,6 +228,7 @@ fn start(
         o.demo_port,
         o.envoy_port,
         o.envoy_admin_port,
+        o.aggregator_port,
     ] {
         if listening(port) {
             return Err(failed(format!(
@@ -291,6 +298,7 @@ fn start(
     let issuer = format!("http://127.0.0.1:{}", o.policy_port);
     config
         .cluster_ports("mcpguard_policy", &[o.check_port])
+        .and_then(|c| c.cluster_ports("mcpguard_aggregator", &[o.aggregator_port]))
         .and_then(|c| c.plugin(|p| p["issuer"] = issuer.into()))
         .map_err(|e| failed(e.0))?;
     let config_path = o.run_dir.join("envoy.json");
@@ -306,6 +314,22 @@ fn start(
     let admin = o.envoy_admin_port;
     wait(&mut running.0[2], signals, || {
         http::http_ok(admin, "/ready")
+    })?;
+
+    // The gateway URL's aggregator: checks each server on the check port, with the
+    // same secret as Envoy (read from its file, not from a command line).
+    let mut cmd = Command::new(aggregator_bin);
+    cmd.env("NO_COLOR", "1")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", o.aggregator_port))
+        .arg("--policy-check-url")
+        .arg(format!("http://127.0.0.1:{}", o.check_port))
+        .arg("--check-secret-file")
+        .arg(&secret_file);
+    running.0.push(spawn("aggregator", cmd, Group::Inherit)?);
+    let aggregator = o.aggregator_port;
+    wait(&mut running.0[3], signals, || {
+        http::http_ok(aggregator, "/healthz")
     })?;
 
     let (token, token_source) = admin_token(&o.data_dir)?;
@@ -394,6 +418,7 @@ fn supervise(running: &mut Running, signals: &Receiver<u8>, run_dir: &Path) -> S
 /// What is running and how to try it.
 fn banner(o: &Options, seeded: &seed::Seeded, token: &TokenSource, link: &str) -> String {
     let admin_url = format!("http://127.0.0.1:{}", o.policy_port);
+    let gateway_url = format!("http://127.0.0.1:{}/mcp/demo", o.envoy_port);
     let mcp_url = format!("http://127.0.0.1:{}/mcp/demo/demo", o.envoy_port);
     let (gateway_id, server_id) = (seeded.gateway_id, seeded.server_id);
     let data_dir = o.data_dir.display();
@@ -409,17 +434,18 @@ fn banner(o: &Options, seeded: &seed::Seeded, token: &TokenSource, link: &str) -
     };
     let logs = o
         .run_dir
-        .join("{policy,demo-mcp,envoy}.log")
+        .join("{policy,demo-mcp,envoy,aggregator}.log")
         .display()
         .to_string();
     format!(
         r#"
 mcpguard is running.
+  gateway URL    {gateway_url}   (every server of gateway `demo`, as one MCP server)
   admin console  {admin_url}/console
                  sign in as owner with this one-time link (works once, for 15 minutes):
                  {link}
                  (another: target/debug/mcpguard-policy --data-dir {data_dir} --issuer {admin_url} console-link)
-  MCP endpoint   {mcp_url}   (gateway `demo` id {gateway_id}, server `demo` id {server_id})
+  MCP endpoint   {mcp_url}   (gateway `demo` id {gateway_id}, server `demo` id {server_id}; one server)
   admin API      {admin_url}/api/v1   (admin token: {token_source})
   logs           {logs}
 
@@ -440,8 +466,8 @@ The same with the admin API, in another shell:
     -H "authorization: Bearer $ADMIN_TOKEN" -H 'content-type: application/json' \
     -d '{{"gateway_id": {gateway_id}}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 
-  # 3. MCP initialize through Envoy:
-  curl -s -X POST {mcp_url} -H 'content-type: application/json' -H 'accept: application/json, text/event-stream' -H "authorization: Bearer $TOKEN" -d '{{"jsonrpc":"2.0","id":1,"method":"initialize","params":{{"protocolVersion":"2025-11-25","capabilities":{{}},"clientInfo":{{"name":"curl","version":"0"}}}}}}'
+  # 3. MCP initialize through Envoy, on the gateway URL (tools are `demo__echo`, ...):
+  curl -s -X POST {gateway_url} -H 'content-type: application/json' -H 'accept: application/json, text/event-stream' -H "authorization: Bearer $TOKEN" -d '{{"jsonrpc":"2.0","id":1,"method":"initialize","params":{{"protocolVersion":"2025-11-25","capabilities":{{}},"clientInfo":{{"name":"curl","version":"0"}}}}}}'
 
 A desktop MCP client (headed host, OAuth): give yourself a password, then point the
 client at {mcp_url}; it registers itself, you sign in as `owner` and allow the gateway,
@@ -475,8 +501,9 @@ mod tests {
             o.demo_port,
             o.envoy_port,
             o.envoy_admin_port,
+            o.aggregator_port,
         ];
-        assert_eq!(ports, [8080, 8081, 9100, 10000, 9901]);
+        assert_eq!(ports, [8080, 8081, 9100, 10000, 9901, 8082]);
         assert_eq!(o.data_dir, Path::new("/repo/data"));
         assert_eq!(o.run_dir, Path::new("/repo/.run"));
     }

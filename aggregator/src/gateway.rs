@@ -1,0 +1,730 @@
+//! The MCP endpoint `/mcp/{gateway}`: one session toward the client, one (opened
+//! lazily) toward each server it uses. Lists merge every server the caller may use
+//! now; a use (`tools/call`, `prompts/get`, `resources/read`, ...) goes to the one
+//! server its name says. Each server a request touches is checked on that request.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::StreamExt as _;
+use mcpguard_core::check::{CALLER_HEADER, CheckResponse, Credential, DenyCode};
+use mcpguard_core::features::BLOCKED_RPC_CODE;
+use mcpguard_core::route::is_valid_slug;
+use serde_json::{Value, json};
+
+use crate::App;
+use crate::names::Naming;
+use crate::policy::Ask;
+use crate::session::{Session, UpstreamSession};
+use crate::upstream::{Target, UpstreamError};
+
+/// Protocol versions the gateway URL speaks, newest first.
+pub const PROTOCOL_VERSIONS: [&str; 4] = ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
+
+/// Most pages read from one upstream for one list.
+const MAX_PAGES: usize = 100;
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route(
+            "/mcp/{gateway}",
+            post(message).get(stream).delete(end_session),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(app)
+}
+
+/// One request's caller and gateway, as Envoy and the filter hand them over.
+struct Caller {
+    credential: Credential,
+    gateway: String,
+    request_id: Option<String>,
+}
+
+impl Caller {
+    /// The filter's word on who is calling; without it, nothing is done (only
+    /// requests the filter allowed carry it, and it removes any a client sends).
+    fn of(headers: &HeaderMap, gateway: String) -> Result<Caller, Response> {
+        if !is_valid_slug(&gateway) {
+            return Err(http_refusal(DenyCode::UnknownRoute));
+        }
+        let credential = headers
+            .get(CALLER_HEADER)
+            .and_then(|v| serde_json::from_slice::<Credential>(v.as_bytes()).ok())
+            .ok_or_else(|| http_refusal(DenyCode::TokenMissing))?;
+        let request_id = headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(|id| mcpguard_core::check::bounded_request_id(id).to_owned());
+        Ok(Caller {
+            credential,
+            gateway,
+            request_id,
+        })
+    }
+
+    fn ask<'a>(&'a self, server: &'a str, method: &'a str, item: Option<&'a str>) -> Ask<'a> {
+        Ask {
+            caller: &self.credential,
+            gateway: &self.gateway,
+            server,
+            method: Some(method),
+            item,
+            request_id: self.request_id.as_deref(),
+        }
+    }
+}
+
+fn http_refusal(code: DenyCode) -> Response {
+    let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::FORBIDDEN);
+    json_response(status, code.body())
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn rpc_result(id: &Value, result: Value) -> Response {
+    json_response(
+        StatusCode::OK,
+        json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string(),
+    )
+}
+
+fn rpc_error(status: StatusCode, id: &Value, code: i64, message: &str) -> Response {
+    json_response(
+        status,
+        json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
+            .to_string(),
+    )
+}
+
+/// A refused use of one server: a JSON-RPC error naming the layer, as the filter
+/// answers a blocked item; the session goes on.
+fn rpc_refusal(id: &Value, code: DenyCode) -> Response {
+    json_response(
+        StatusCode::OK,
+        json!({
+            "jsonrpc": "2.0",
+            "id": id,
+            "error": {
+                "code": BLOCKED_RPC_CODE,
+                "message": format!("{}: {}", code.as_str(), code.message()),
+                "data": {"code": code.as_str()},
+            }
+        })
+        .to_string(),
+    )
+}
+
+/// The session a request names, or the answer that it names none usable: 400 when
+/// missing, 404 when unknown, ended, of another gateway, or bound to another
+/// credential (the client initializes again).
+fn session_of(app: &App, headers: &HeaderMap, caller: &Caller) -> Result<Arc<Session>, Response> {
+    let Some(id) = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) else {
+        return Err(rpc_error(
+            StatusCode::BAD_REQUEST,
+            &Value::Null,
+            -32600,
+            "Mcp-Session-Id required: initialize first",
+        ));
+    };
+    app.sessions
+        .get(&app.key, id, &caller.credential)
+        .filter(|s| s.gateway == caller.gateway)
+        .ok_or_else(|| {
+            rpc_error(
+                StatusCode::NOT_FOUND,
+                &Value::Null,
+                -32001,
+                "session not found",
+            )
+        })
+}
+
+async fn message(
+    State(app): State<Arc<App>>,
+    Path(gateway): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let caller = match Caller::of(&headers, gateway) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let Ok(message) = serde_json::from_slice::<Value>(&body) else {
+        return rpc_error(StatusCode::BAD_REQUEST, &Value::Null, -32700, "parse error");
+    };
+    if !message.is_object() {
+        return rpc_error(
+            StatusCode::BAD_REQUEST,
+            &Value::Null,
+            -32600,
+            "one JSON-RPC message per request (no batches)",
+        );
+    }
+    let method = message
+        .get("method")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let id = message.get("id").cloned();
+    if method.as_deref() == Some("initialize") {
+        return initialize(&app, &caller, id.as_ref(), &message);
+    }
+    let session = match session_of(&app, &headers, &caller) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let (Some(method), Some(id)) = (method, id) else {
+        // A notification, or the client's answer to a request of a server (not
+        // routed back yet): accepted.
+        if message.get("method").and_then(Value::as_str) == Some("notifications/cancelled") {
+            cancel(&app, &session, &message).await;
+        }
+        return StatusCode::ACCEPTED.into_response();
+    };
+    match method.as_str() {
+        "ping" | "logging/setLevel" => rpc_result(&id, json!({})),
+        "tools/list" => list(&app, &caller, &session, &id, &message, &TOOLS).await,
+        "prompts/list" => list(&app, &caller, &session, &id, &message, &PROMPTS).await,
+        "resources/list" => list(&app, &caller, &session, &id, &message, &RESOURCES).await,
+        "resources/templates/list" => {
+            list(&app, &caller, &session, &id, &message, &TEMPLATES).await
+        }
+        "tools/call" | "prompts/get" => {
+            use_item(
+                &app,
+                &caller,
+                &session,
+                id,
+                message,
+                &method,
+                "/params/name",
+                Naming::Name,
+            )
+            .await
+        }
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+            use_item(
+                &app,
+                &caller,
+                &session,
+                id,
+                message,
+                &method,
+                "/params/uri",
+                Naming::Uri,
+            )
+            .await
+        }
+        "completion/complete" => {
+            let (pointer, naming) =
+                match message.pointer("/params/ref/type").and_then(Value::as_str) {
+                    Some("ref/prompt") => ("/params/ref/name", Naming::Name),
+                    _ => ("/params/ref/uri", Naming::Uri),
+                };
+            use_item(
+                &app, &caller, &session, id, message, &method, pointer, naming,
+            )
+            .await
+        }
+        _ => rpc_error(StatusCode::OK, &id, -32601, "method not found"),
+    }
+}
+
+fn initialize(app: &App, caller: &Caller, id: Option<&Value>, message: &Value) -> Response {
+    let Some(id) = id else {
+        return rpc_error(
+            StatusCode::BAD_REQUEST,
+            &Value::Null,
+            -32600,
+            "initialize needs an id",
+        );
+    };
+    let asked = message
+        .pointer("/params/protocolVersion")
+        .and_then(Value::as_str)
+        .unwrap_or(PROTOCOL_VERSIONS[0]);
+    let version = PROTOCOL_VERSIONS
+        .into_iter()
+        .find(|v| *v == asked)
+        .unwrap_or(PROTOCOL_VERSIONS[0]);
+    let Ok(session_id) = app.key.issue(&caller.credential) else {
+        return rpc_error(StatusCode::SERVICE_UNAVAILABLE, id, -32603, "no randomness");
+    };
+    if !app
+        .sessions
+        .insert(session_id.clone(), Session::new(&caller.gateway, version))
+    {
+        return rpc_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            id,
+            -32603,
+            "too many sessions",
+        );
+    }
+    // One server toward the client: everything a gateway's servers may offer. Upstream
+    // sessions are opened when first used.
+    let result = json!({
+        "protocolVersion": version,
+        "capabilities": {
+            "tools": {},
+            "prompts": {},
+            "resources": {},
+            "completions": {},
+            "logging": {},
+        },
+        "serverInfo": {
+            "name": format!("mcpguard gateway {}", caller.gateway),
+            "version": env!("CARGO_PKG_VERSION"),
+        },
+    });
+    let mut response = rpc_result(id, result);
+    if let Ok(v) = HeaderValue::from_str(&session_id) {
+        response.headers_mut().insert("mcp-session-id", v);
+    }
+    response
+}
+
+/// One list method: which member of the result holds the items, which member of an
+/// item names it, and how names are mapped.
+struct ListSpec {
+    method: &'static str,
+    key: &'static str,
+    field: &'static str,
+    naming: Naming,
+}
+
+const TOOLS: ListSpec = ListSpec {
+    method: "tools/list",
+    key: "tools",
+    field: "name",
+    naming: Naming::Name,
+};
+const PROMPTS: ListSpec = ListSpec {
+    method: "prompts/list",
+    key: "prompts",
+    field: "name",
+    naming: Naming::Name,
+};
+const RESOURCES: ListSpec = ListSpec {
+    method: "resources/list",
+    key: "resources",
+    field: "uri",
+    naming: Naming::Uri,
+};
+const TEMPLATES: ListSpec = ListSpec {
+    method: "resources/templates/list",
+    key: "resourceTemplates",
+    field: "uriTemplate",
+    naming: Naming::Uri,
+};
+
+/// The merged list: every server of the gateway the caller may use now, each checked
+/// for this list; one that is refused, down or slow is left out (and logged).
+async fn list(
+    app: &App,
+    caller: &Caller,
+    session: &Session,
+    id: &Value,
+    message: &Value,
+    spec: &ListSpec,
+) -> Response {
+    if message.pointer("/params/cursor").is_some() {
+        // Every list is answered whole: the gateway gives out no cursor to come back with.
+        return rpc_error(StatusCode::OK, id, -32602, "invalid cursor");
+    }
+    let servers = match app.policy.check(caller.ask("", spec.method, None)).await {
+        CheckResponse::Gateway { servers } => servers,
+        CheckResponse::Deny { code } => return rpc_refusal(id, code),
+        CheckResponse::Allow { .. } => return rpc_refusal(id, DenyCode::PolicyUnavailable),
+    };
+    let lists = futures_util::future::join_all(servers.iter().map(|server| async move {
+        let deadline = app.upstreams.timeout + app.upstreams.timeout / 2;
+        match tokio::time::timeout(deadline, list_one(app, caller, session, server, spec)).await {
+            Ok(Ok(items)) => items,
+            Ok(Err(why)) => {
+                tracing::info!(
+                    gateway = caller.gateway,
+                    server,
+                    method = spec.method,
+                    why,
+                    "left out of the list"
+                );
+                Vec::new()
+            }
+            Err(_) => {
+                tracing::warn!(
+                    gateway = caller.gateway,
+                    server,
+                    method = spec.method,
+                    "left out of the list: no answer in time"
+                );
+                Vec::new()
+            }
+        }
+    }))
+    .await;
+    let items: Vec<Value> = lists.into_iter().flatten().collect();
+    rpc_result(id, json!({ spec.key: items }))
+}
+
+/// One server's part of a list, renamed; `Err` says why it has none.
+async fn list_one(
+    app: &App,
+    caller: &Caller,
+    session: &Session,
+    server: &str,
+    spec: &ListSpec,
+) -> Result<Vec<Value>, String> {
+    let (upstream, inject, list_filter) = match app
+        .policy
+        .check(caller.ask(server, spec.method, None))
+        .await
+    {
+        CheckResponse::Allow {
+            upstream,
+            inject,
+            list_filter,
+        } => (upstream, inject, list_filter),
+        CheckResponse::Deny { code } => return Err(format!("refused {}", code.as_str())),
+        CheckResponse::Gateway { .. } => return Err("a gateway answer for a server".into()),
+    };
+    let target =
+        Target::of(&upstream, inject.map(|h| (h.name, h.value))).map_err(|e| e.to_string())?;
+    let mut items = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..MAX_PAGES {
+        let mut params = json!({});
+        if let Some(c) = &cursor {
+            params["cursor"] = json!(c);
+        }
+        let request = json!({"jsonrpc": "2.0", "id": "mcpguard-list", "method": spec.method, "params": params});
+        let mut answer = exchange(app, session, server, &target, &request)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(filter) = &list_filter {
+            filter.filter_message(&mut answer);
+        }
+        let Some(result) = answer.get_mut("result") else {
+            return Err(format!(
+                "no result: {}",
+                answer.get("error").unwrap_or(&Value::Null)
+            ));
+        };
+        if let Some(page) = result.get_mut(spec.key).and_then(Value::as_array_mut) {
+            items.append(page);
+        }
+        cursor = result
+            .get("nextCursor")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    Ok(items
+        .into_iter()
+        .filter_map(|mut item| {
+            let own = item.get(spec.field)?.as_str()?;
+            let Some(exposed) = spec.naming.expose(server, own) else {
+                tracing::warn!(
+                    gateway = caller.gateway,
+                    server,
+                    name = own,
+                    "left out: its gateway name would be over 64 characters"
+                );
+                return None;
+            };
+            item[spec.field] = Value::String(exposed);
+            Some(item)
+        })
+        .collect())
+}
+
+/// A use of one server's item: checked for that server and item, then sent there
+/// with the server's own name; the reply streams back as it comes (progress
+/// notifications included). A resource read's reply is read whole, to map its URIs.
+#[allow(clippy::too_many_arguments)]
+async fn use_item(
+    app: &App,
+    caller: &Caller,
+    session: &Arc<Session>,
+    id: Value,
+    mut message: Value,
+    method: &str,
+    pointer: &str,
+    naming: Naming,
+) -> Response {
+    let Some(exposed) = message
+        .pointer(pointer)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+    else {
+        return rpc_error(StatusCode::OK, &id, -32602, &format!("{pointer} missing"));
+    };
+    let Some((server, own)) = naming.resolve(&exposed) else {
+        return rpc_error(StatusCode::OK, &id, -32602, &format!("unknown: {exposed}"));
+    };
+    let (upstream, inject) = match app
+        .policy
+        .check(caller.ask(server, method, Some(own)))
+        .await
+    {
+        CheckResponse::Allow {
+            upstream, inject, ..
+        } => (upstream, inject),
+        CheckResponse::Deny { code } => return rpc_refusal(&id, code),
+        CheckResponse::Gateway { .. } => return rpc_refusal(&id, DenyCode::PolicyUnavailable),
+    };
+    let target = match Target::of(&upstream, inject.map(|h| (h.name, h.value))) {
+        Ok(t) => t,
+        Err(e) => return rpc_error(StatusCode::OK, &id, -32603, &format!("{server}: {e}")),
+    };
+    if let Some(slot) = message.pointer_mut(pointer) {
+        *slot = Value::String(own.to_owned());
+    }
+    if method == "resources/read" {
+        return match exchange(app, session, server, &target, &message).await {
+            Ok(mut answer) => {
+                if let Some(contents) = answer
+                    .pointer_mut("/result/contents")
+                    .and_then(Value::as_array_mut)
+                {
+                    for c in contents {
+                        if let Some(uri) = c
+                            .get("uri")
+                            .and_then(Value::as_str)
+                            .and_then(|u| naming.expose(server, u))
+                        {
+                            c["uri"] = Value::String(uri);
+                        }
+                    }
+                }
+                json_response(StatusCode::OK, answer.to_string())
+            }
+            Err(e) => rpc_error(StatusCode::OK, &id, -32603, &format!("{server}: {e}")),
+        };
+    }
+    let flight = InFlight::start(session, &id, server);
+    let reply = match send(app, session, server, &target, &message).await {
+        Ok(r) => r,
+        Err(e) => return rpc_error(StatusCode::OK, &id, -32603, &format!("{server}: {e}")),
+    };
+    if reply.status != 200 {
+        return rpc_error(
+            StatusCode::OK,
+            &id,
+            -32603,
+            &format!("{server}: upstream answered {}", reply.status),
+        );
+    }
+    let content_type = if reply.content_type.is_empty() {
+        "application/json".to_owned()
+    } else {
+        reply.content_type.clone()
+    };
+    // The request stays in flight (cancellable) until its reply has streamed through.
+    let body = reply.response.bytes_stream().map(move |chunk| {
+        let _ = &flight;
+        chunk
+    });
+    let mut response = Response::new(Body::from_stream(body));
+    if let Ok(v) = HeaderValue::from_str(&content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// A request in flight to a server, known to `notifications/cancelled` until dropped.
+struct InFlight {
+    session: Arc<Session>,
+    key: String,
+}
+
+impl InFlight {
+    fn start(session: &Arc<Session>, id: &Value, server: &str) -> InFlight {
+        let key = id.to_string();
+        if let Ok(mut m) = session.in_flight.lock() {
+            m.insert(key.clone(), server.to_owned());
+        }
+        InFlight {
+            session: session.clone(),
+            key,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.session.in_flight.lock() {
+            m.remove(&self.key);
+        }
+    }
+}
+
+/// Forwards a cancellation to the server its request went to.
+async fn cancel(app: &App, session: &Session, message: &Value) {
+    let Some(request) = message.pointer("/params/requestId") else {
+        return;
+    };
+    let server = session
+        .in_flight
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&request.to_string()).cloned());
+    let Some(server) = server else { return };
+    let upstream = session.upstreams.lock().await.get(&server).cloned();
+    if let Some(up) = upstream {
+        let sent = app
+            .upstreams
+            .post(
+                &up.target,
+                up.id.as_deref(),
+                up.protocol_version.as_deref(),
+                message,
+            )
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(server, error = %e, "forwarding a cancellation failed");
+        }
+    }
+}
+
+/// The upstream session with `server` for this session, opened on first use (and
+/// again when the server's upstream changed).
+async fn open(
+    app: &App,
+    session: &Session,
+    server: &str,
+    target: &Target,
+) -> Result<(Option<String>, Option<String>), UpstreamError> {
+    {
+        let mut upstreams = session.upstreams.lock().await;
+        if let Some(up) = upstreams.get_mut(server)
+            && up.target.same_upstream(target)
+        {
+            // The credential of this very allow.
+            up.target = target.clone();
+            return Ok((up.id.clone(), up.protocol_version.clone()));
+        }
+    }
+    let (id, version) = app
+        .upstreams
+        .initialize(target, &session.protocol_version)
+        .await?;
+    session.upstreams.lock().await.insert(
+        server.to_owned(),
+        UpstreamSession {
+            id: id.clone(),
+            protocol_version: version.clone(),
+            target: target.clone(),
+        },
+    );
+    Ok((id, version))
+}
+
+/// A request answered whole by `server`; a session the upstream dropped is opened
+/// again once.
+async fn exchange(
+    app: &App,
+    session: &Session,
+    server: &str,
+    target: &Target,
+    message: &Value,
+) -> Result<Value, UpstreamError> {
+    let mut retried = false;
+    loop {
+        let (sid, version) = open(app, session, server, target).await?;
+        match app
+            .upstreams
+            .request_reply(target, sid.as_deref(), version.as_deref(), message)
+            .await
+        {
+            Err(UpstreamError::SessionGone) if !retried => {
+                retried = true;
+                session.upstreams.lock().await.remove(server);
+            }
+            other => return other.map(|(_, answer)| answer),
+        }
+    }
+}
+
+/// A request sent to `server`, its reply to be streamed; like [`exchange`] on a
+/// dropped session.
+async fn send(
+    app: &App,
+    session: &Session,
+    server: &str,
+    target: &Target,
+    message: &Value,
+) -> Result<crate::upstream::Reply, UpstreamError> {
+    let mut retried = false;
+    loop {
+        let (sid, version) = open(app, session, server, target).await?;
+        match app
+            .upstreams
+            .post(target, sid.as_deref(), version.as_deref(), message)
+            .await
+        {
+            Err(UpstreamError::SessionGone) if !retried => {
+                retried = true;
+                session.upstreams.lock().await.remove(server);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// GET: no server-initiated stream on the gateway URL yet (the spec lets a server
+/// answer 405).
+async fn stream() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        [(header::ALLOW, "POST, DELETE")],
+    )
+        .into_response()
+}
+
+/// DELETE: ends the session and every upstream session it opened.
+async fn end_session(
+    State(app): State<Arc<App>>,
+    Path(gateway): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let caller = match Caller::of(&headers, gateway) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let session = match session_of(&app, &headers, &caller) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if let Some(id) = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) {
+        app.sessions.remove(id);
+    }
+    let upstreams: Vec<UpstreamSession> = session
+        .upstreams
+        .lock()
+        .await
+        .drain()
+        .map(|(_, u)| u)
+        .collect();
+    futures_util::future::join_all(upstreams.iter().filter_map(|u| {
+        let id = u.id.as_deref()?;
+        Some(
+            app.upstreams
+                .end(&u.target, id, u.protocol_version.as_deref()),
+        )
+    }))
+    .await;
+    StatusCode::NO_CONTENT.into_response()
+}

@@ -1,0 +1,148 @@
+//! `mcpguard-aggregator`: the gateway URL `/mcp/{gateway}`, every server the gateway
+//! exposes behind one MCP endpoint (streamable HTTP). It sits behind Envoy, which
+//! sends it only requests the mcpguard filter allowed at the gateway's level, with the
+//! caller's credential in `x-mcpguard-caller`. For every server a request touches it
+//! asks the policy service's check port itself, uncached, on that very request, and
+//! talks to the upstream as the allow says. Messages are raw JSON, so definitions
+//! pass unchanged but for the name ([`names`]). See docs/gateway.md.
+
+pub mod gateway;
+pub mod names;
+pub mod policy;
+pub mod session;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+
+/// The aggregator's flags; each also read from its environment variable.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "mcpguard-aggregator", version, about)]
+pub struct Config {
+    /// Where to listen: loopback, since only Envoy may reach it.
+    #[arg(
+        long,
+        env = "MCPGUARD_AGGREGATOR_LISTEN",
+        default_value = "127.0.0.1:8082"
+    )]
+    pub listen: SocketAddr,
+    /// The policy service's check port, which every per-server check goes to.
+    #[arg(
+        long,
+        env = "MCPGUARD_POLICY_CHECK_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    pub policy_check_url: String,
+    /// The check secret (the policy service's `data/check-secret`).
+    #[arg(long, env = "MCPGUARD_CHECK_SECRET_FILE")]
+    pub check_secret_file: PathBuf,
+    /// How long a check may take before the server it is for counts as refused.
+    #[arg(
+        long,
+        env = "MCPGUARD_AGGREGATOR_CHECK_TIMEOUT_MS",
+        default_value_t = 1000
+    )]
+    pub check_timeout_ms: u64,
+    /// How long an upstream may take to answer (a list, or a call's first byte)
+    /// before it is left out (lists) or its call fails.
+    #[arg(
+        long,
+        env = "MCPGUARD_AGGREGATOR_UPSTREAM_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub upstream_timeout_ms: u64,
+    /// Log filter (tracing `EnvFilter` syntax).
+    #[arg(long, env = "MCPGUARD_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// What every request shares.
+pub struct App {
+    pub policy: policy::Policy,
+    pub upstreams: upstream::Client,
+    pub key: session::SessionKey,
+    pub sessions: session::Sessions,
+}
+
+/// Sessions idle this long are dropped (the client initializes again).
+pub const SESSION_IDLE: Duration = Duration::from_secs(3600);
+
+impl App {
+    pub fn new(config: &Config) -> anyhow::Result<App> {
+        let secret = std::fs::read_to_string(&config.check_secret_file)
+            .with_context(|| format!("reading {}", config.check_secret_file.display()))?
+            .trim()
+            .to_owned();
+        anyhow::ensure!(
+            !secret.is_empty(),
+            "{} is empty",
+            config.check_secret_file.display()
+        );
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .tcp_nodelay(true)
+            // Upstreams are connected by the address the policy service judged: a
+            // redirect would go somewhere nobody judged.
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(2))
+            .build()?;
+        Ok(App {
+            policy: policy::Policy::new(
+                http.clone(),
+                &config.policy_check_url,
+                secret,
+                Duration::from_millis(config.check_timeout_ms),
+            ),
+            upstreams: upstream::Client::new(
+                http,
+                Duration::from_millis(config.upstream_timeout_ms),
+            ),
+            key: session::SessionKey::random()?,
+            sessions: session::Sessions::default(),
+        })
+    }
+}
+
+/// Serves until Ctrl-C or SIGTERM. Prints `listening on ADDR` once bound.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let app = Arc::new(App::new(&config)?);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "mcpguard-aggregator listening");
+    println!("listening on {addr}");
+    let sweeper = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                let dropped = app.sessions.sweep(SESSION_IDLE);
+                if dropped > 0 {
+                    tracing::info!(dropped, "dropped idle sessions");
+                }
+            }
+        })
+    };
+    // Answers go out at once, not after the client's delayed ACK (Nagle): without it
+    // a call through the aggregator took 45 ms (envoy-notes.md).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let served = axum::serve(listener, gateway::router(app))
+        .with_graceful_shutdown(async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+        })
+        .await;
+    sweeper.abort();
+    Ok(served?)
+}

@@ -1,0 +1,362 @@
+//! Talking to one upstream MCP server (streamable HTTP), as the policy service's allow
+//! says: connect to the address it judged, `Host` its authority, its credential
+//! injected, never the client's.
+
+use std::time::Duration;
+
+use mcpguard_core::check::{Scheme, Upstream};
+use serde_json::{Value, json};
+
+/// Largest upstream reply the aggregator reads whole (lists, `initialize`); a call's
+/// reply is streamed through instead, whatever its size.
+pub const MAX_REPLY: usize = 8 << 20;
+
+/// Where one allowed request goes.
+#[derive(Clone)]
+pub struct Target {
+    /// `http://{address}{base_path}`.
+    url: String,
+    authority: String,
+    inject: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The injected value is a downstream credential: never print it.
+        f.debug_struct("Target")
+            .field("url", &self.url)
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// An `https` upstream: this aggregator speaks plain HTTP only for now.
+    Https,
+    /// The allow named no address it judged.
+    NoAddress,
+    Unreachable(String),
+    /// Answered, but not with what MCP says (status, body).
+    Protocol(String),
+    /// The upstream no longer knows the session (404 to a request carrying one).
+    SessionGone,
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Https => {
+                f.write_str("https upstreams are not supported by the aggregator yet")
+            }
+            UpstreamError::NoAddress => f.write_str("the allow named no upstream address"),
+            UpstreamError::Unreachable(e) => write!(f, "upstream unreachable: {e}"),
+            UpstreamError::Protocol(e) => write!(f, "upstream answered outside MCP: {e}"),
+            UpstreamError::SessionGone => f.write_str("the upstream ended the session"),
+        }
+    }
+}
+
+impl std::error::Error for UpstreamError {}
+
+impl Target {
+    pub fn of(
+        upstream: &Upstream,
+        inject: Option<(String, String)>,
+    ) -> Result<Target, UpstreamError> {
+        if upstream.scheme == Scheme::Https {
+            return Err(UpstreamError::Https);
+        }
+        let address = upstream
+            .address
+            .as_deref()
+            .filter(|a| a.parse::<std::net::SocketAddr>().is_ok())
+            .ok_or(UpstreamError::NoAddress)?;
+        let base = upstream.base_path.trim_end_matches('/');
+        let path = if base.is_empty() { "/" } else { base };
+        Ok(Target {
+            url: format!("http://{address}{path}"),
+            authority: upstream.authority.clone(),
+            inject,
+        })
+    }
+
+    /// Whether two allows name the same upstream (a session opened at one is the
+    /// other's).
+    pub fn same_upstream(&self, other: &Target) -> bool {
+        self.url == other.url && self.authority == other.authority
+    }
+}
+
+/// An upstream's reply to a request.
+pub struct Reply {
+    pub status: u16,
+    pub session_id: Option<String>,
+    pub content_type: String,
+    pub response: reqwest::Response,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    /// Time to the reply's headers (and, for replies read whole, its body).
+    pub timeout: Duration,
+}
+
+impl Client {
+    pub fn new(http: reqwest::Client, timeout: Duration) -> Client {
+        Client { http, timeout }
+    }
+
+    fn request(
+        &self,
+        method: reqwest::Method,
+        target: &Target,
+        session: Option<&str>,
+        protocol_version: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let mut req = self
+            .http
+            .request(method, &target.url)
+            .header("host", &target.authority)
+            .header("accept", "application/json, text/event-stream");
+        if let Some((name, value)) = &target.inject {
+            req = req.header(name.as_str(), value.as_str());
+        }
+        if let Some(id) = session {
+            req = req.header("mcp-session-id", id);
+        }
+        if let Some(v) = protocol_version {
+            req = req.header("mcp-protocol-version", v);
+        }
+        req
+    }
+
+    /// POSTs one JSON-RPC message; the reply's headers, within the timeout.
+    pub async fn post(
+        &self,
+        target: &Target,
+        session: Option<&str>,
+        protocol_version: Option<&str>,
+        message: &Value,
+    ) -> Result<Reply, UpstreamError> {
+        let req = self
+            .request(reqwest::Method::POST, target, session, protocol_version)
+            .header("content-type", "application/json")
+            .body(message.to_string());
+        let response = tokio::time::timeout(self.timeout, req.send())
+            .await
+            .map_err(|_| {
+                UpstreamError::Unreachable(format!("no answer within {:?}", self.timeout))
+            })?
+            .map_err(|e| UpstreamError::Unreachable(e.without_url().to_string()))?;
+        let status = response.status().as_u16();
+        if status == 404 && session.is_some() {
+            return Err(UpstreamError::SessionGone);
+        }
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        Ok(Reply {
+            status,
+            session_id: header("mcp-session-id"),
+            content_type: header("content-type").unwrap_or_default(),
+            response,
+        })
+    }
+
+    /// POSTs a request and reads its reply whole: the JSON-RPC message answering `id`
+    /// (from plain JSON, or from an SSE stream, read until that message).
+    pub async fn request_reply(
+        &self,
+        target: &Target,
+        session: Option<&str>,
+        protocol_version: Option<&str>,
+        message: &Value,
+    ) -> Result<(Option<String>, Value), UpstreamError> {
+        let reply = self
+            .post(target, session, protocol_version, message)
+            .await?;
+        if reply.status != 200 {
+            return Err(UpstreamError::Protocol(format!("status {}", reply.status)));
+        }
+        let id = message.get("id").cloned().unwrap_or(Value::Null);
+        let session_id = reply.session_id.clone();
+        let answer = tokio::time::timeout(self.timeout, read_answer(reply, &id))
+            .await
+            .map_err(|_| {
+                UpstreamError::Unreachable(format!("no reply within {:?}", self.timeout))
+            })??;
+        Ok((session_id, answer))
+    }
+
+    /// Opens a session: `initialize`, then `notifications/initialized`. Returns the
+    /// upstream's session id (if any) and the protocol version it chose.
+    pub async fn initialize(
+        &self,
+        target: &Target,
+        protocol_version: &str,
+    ) -> Result<(Option<String>, Option<String>), UpstreamError> {
+        let init = json!({
+            "jsonrpc": "2.0",
+            "id": "mcpguard-initialize",
+            "method": "initialize",
+            "params": {
+                "protocolVersion": protocol_version,
+                "capabilities": {},
+                "clientInfo": {"name": "mcpguard-aggregator", "version": env!("CARGO_PKG_VERSION")},
+            },
+        });
+        let (session, answer) = self.request_reply(target, None, None, &init).await?;
+        let version = answer["result"]["protocolVersion"]
+            .as_str()
+            .map(str::to_owned);
+        if answer.get("result").is_none() {
+            return Err(UpstreamError::Protocol(format!(
+                "initialize failed: {}",
+                answer.get("error").unwrap_or(&Value::Null)
+            )));
+        }
+        let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+        let reply = self
+            .post(target, session.as_deref(), version.as_deref(), &note)
+            .await?;
+        if !(200..300).contains(&reply.status) {
+            return Err(UpstreamError::Protocol(format!(
+                "notifications/initialized answered {}",
+                reply.status
+            )));
+        }
+        Ok((session, version))
+    }
+
+    /// Ends an upstream session (`DELETE`); failures only logged.
+    pub async fn end(&self, target: &Target, session: &str, protocol_version: Option<&str>) {
+        let req = self.request(
+            reqwest::Method::DELETE,
+            target,
+            Some(session),
+            protocol_version,
+        );
+        if let Err(e) = tokio::time::timeout(self.timeout, req.send()).await {
+            tracing::debug!(error = %e, "ending an upstream session timed out");
+        }
+    }
+}
+
+/// The message answering `id` in a reply read whole, at most [`MAX_REPLY`] bytes.
+async fn read_answer(reply: Reply, id: &Value) -> Result<Value, UpstreamError> {
+    let is_sse = reply
+        .content_type
+        .split(';')
+        .next()
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"));
+    let mut response = reply.response;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let chunk = response
+            .chunk()
+            .await
+            .map_err(|e| UpstreamError::Unreachable(e.without_url().to_string()))?;
+        let Some(chunk) = chunk else { break };
+        buf.extend_from_slice(&chunk);
+        if buf.len() > MAX_REPLY {
+            return Err(UpstreamError::Protocol(format!(
+                "reply over {MAX_REPLY} bytes"
+            )));
+        }
+        // An SSE reply may stay open after its answer: stop at the answer.
+        if is_sse && let Some(answer) = sse_answer(&buf, id) {
+            return Ok(answer);
+        }
+    }
+    if is_sse {
+        return sse_answer(&buf, id)
+            .ok_or_else(|| UpstreamError::Protocol("no answer in the SSE stream".into()));
+    }
+    serde_json::from_slice(&buf)
+        .map_err(|e| UpstreamError::Protocol(format!("reply is not JSON: {e}")))
+}
+
+/// The JSON-RPC message of a complete SSE event in `buf` whose id is `id`.
+pub fn sse_answer(buf: &[u8], id: &Value) -> Option<Value> {
+    let text = String::from_utf8_lossy(buf)
+        .replace("\r\n", "\n")
+        .replace('\r', "\n");
+    // Only complete events: those followed by a blank line.
+    let complete = text.rfind("\n\n").map_or("", |end| &text[..end]);
+    complete.split("\n\n").find_map(|event| {
+        let data: Vec<&str> = event
+            .lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(|d| d.strip_prefix(' ').unwrap_or(d))
+            .collect();
+        if data.is_empty() {
+            return None;
+        }
+        let message: Value = serde_json::from_str(&data.join("\n")).ok()?;
+        let answers = message.get("id") == Some(id)
+            && (message.get("result").is_some() || message.get("error").is_some());
+        answers.then_some(message)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_answer_is_found_in_an_sse_stream_once_its_event_is_complete() {
+        let id = json!(7);
+        let stream = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\n\
+                      id: 2\ndata: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ok\":1}}\n\n";
+        assert_eq!(
+            sse_answer(stream.as_bytes(), &id).unwrap()["result"]["ok"],
+            1
+        );
+        let cut = &stream[..stream.len() - 2];
+        assert_eq!(sse_answer(cut.as_bytes(), &id), None, "not complete yet");
+        assert_eq!(
+            sse_answer(stream.as_bytes(), &json!("7")),
+            None,
+            "ids are typed"
+        );
+        let crlf = stream.replace('\n', "\r\n");
+        assert!(sse_answer(crlf.as_bytes(), &id).is_some());
+    }
+
+    #[test]
+    fn only_plain_http_upstreams_with_a_judged_address_are_targets() {
+        let up = |scheme, address: Option<&str>| Upstream {
+            scheme,
+            authority: "demo.local:9100".into(),
+            base_path: "/mcp/".into(),
+            address: address.map(str::to_owned),
+        };
+        let t = Target::of(&up(Scheme::Http, Some("127.0.0.1:9100")), None).unwrap();
+        assert_eq!(t.url, "http://127.0.0.1:9100/mcp");
+        assert_eq!(t.authority, "demo.local:9100");
+        assert!(matches!(
+            Target::of(&up(Scheme::Http, None), None),
+            Err(UpstreamError::NoAddress)
+        ));
+        assert!(matches!(
+            Target::of(&up(Scheme::Http, Some("demo.local:9100")), None),
+            Err(UpstreamError::NoAddress)
+        ));
+        assert!(matches!(
+            Target::of(&up(Scheme::Https, Some("127.0.0.1:443")), None),
+            Err(UpstreamError::Https)
+        ));
+        let secret = Target::of(
+            &up(Scheme::Http, Some("127.0.0.1:9100")),
+            Some(("authorization".into(), "Bearer s3cret".into())),
+        )
+        .unwrap();
+        assert!(!format!("{secret:?}").contains("s3cret"));
+    }
+}

@@ -1,0 +1,383 @@
+//! The gateway URL `/mcp/{gateway}` through real Envoy, the real `.wasm`, the real
+//! aggregator and policy service, and two real MCP servers: one session sees both
+//! servers' tools under `{server}__{name}`; each call reaches its own server with that
+//! server's credential; each server is checked on the very request (a disabled one is
+//! refused `server_disabled` on the next call and left out of the next list);
+//! provisioning holds; no token, no entry; a session is bound to its token.
+
+use mcpguard_e2e::gateway::GatewayStack;
+use mcpguard_e2e::mcp::{self, call_text};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// Two servers, `alpha` and `beta`, on gateway `eng`, each with its own service
+/// credential; returns (stack, token, alpha's id, beta's id, gateway id).
+async fn two_servers() -> (GatewayStack, String, i64, i64, i64) {
+    let stack = GatewayStack::start(2).await;
+    let admin = stack.admin();
+    let p = admin
+        .provision("eng", "alpha", &stack.demos[0].upstream_url())
+        .await;
+    let beta = admin.server("beta", &stack.demos[1].upstream_url()).await;
+    for (server, secret) in [(p.server_id, "alpha-secret"), (beta, "beta-secret")] {
+        admin
+            .expose_as(
+                p.gateway_id,
+                server,
+                json!({"identity": "shared", "credential": {"type": "bearer", "token": secret}}),
+            )
+            .await;
+    }
+    (stack, p.token, p.server_id, beta, p.gateway_id)
+}
+
+async fn tool_names(client: &mcp::Client) -> Vec<String> {
+    let mut names: Vec<String> = client
+        .list_all_tools()
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+fn strings(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[tokio::test]
+async fn one_url_merges_the_servers_and_checks_each_on_every_call() {
+    let (stack, token, _alpha, beta, _) = two_servers().await;
+    let admin = stack.admin();
+    let url = stack.gateway_url("eng");
+
+    let client = mcp::connect(&url, Some(&token)).await.expect("initialize");
+    let info = client.peer_info().expect("the gateway's initialize result");
+    assert_eq!(
+        info.server_info.as_ref().map(|s| s.name.as_str()),
+        Some("mcpguard gateway eng")
+    );
+    assert_eq!(
+        tool_names(&client).await,
+        strings(&[
+            "alpha__echo",
+            "alpha__header",
+            "alpha__whoami",
+            "beta__echo",
+            "beta__header",
+            "beta__whoami",
+        ])
+    );
+    // Definitions pass unchanged but for the name.
+    let tools = client.list_all_tools().await.unwrap();
+    let echo = tools.iter().find(|t| t.name == "beta__echo").unwrap();
+    assert_eq!(
+        echo.description.as_deref(),
+        Some("Echo the given text back")
+    );
+    assert!(echo.input_schema.get("properties").is_some(), "{echo:?}");
+
+    // Each call reaches its own server, with that server's credential and never the
+    // client's token or the caller header.
+    assert_eq!(
+        call_text(&client, "alpha__whoami", json!({}))
+            .await
+            .unwrap(),
+        "Bearer alpha-secret"
+    );
+    assert_eq!(
+        call_text(&client, "beta__whoami", json!({})).await.unwrap(),
+        "Bearer beta-secret"
+    );
+    let host = call_text(&client, "beta__header", json!({"name": "host"}))
+        .await
+        .unwrap();
+    assert_eq!(host, format!("127.0.0.1:{}", stack.demos[1].port));
+    for leaked in [
+        "x-mcpguard-caller",
+        "x-mcpguard-route",
+        "x-mcpguard-check-secret",
+    ] {
+        assert_eq!(
+            call_text(&client, "alpha__header", json!({"name": leaked}))
+                .await
+                .unwrap(),
+            "none",
+            "{leaked} reached the upstream"
+        );
+    }
+    assert_eq!(
+        call_text(&client, "alpha__echo", json!({"text": "hi"}))
+            .await
+            .unwrap(),
+        "hi"
+    );
+
+    // Beta disabled: its very next call is refused with the layer's code, as a
+    // JSON-RPC error; it leaves the list; alpha keeps working in the same session.
+    admin.set_enabled("servers", beta, false).await;
+    let err = call_text(&client, "beta__echo", json!({"text": "x"}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("server_disabled"), "{err}");
+    assert_eq!(
+        tool_names(&client).await,
+        strings(&["alpha__echo", "alpha__header", "alpha__whoami"])
+    );
+    assert_eq!(
+        call_text(&client, "alpha__echo", json!({"text": "still"}))
+            .await
+            .unwrap(),
+        "still"
+    );
+    // And back, on the next request.
+    admin.set_enabled("servers", beta, true).await;
+    assert_eq!(
+        call_text(&client, "beta__echo", json!({"text": "back"}))
+            .await
+            .unwrap(),
+        "back"
+    );
+    assert_eq!(tool_names(&client).await.len(), 6);
+
+    // A name the gateway never gave out, or of a server it does not expose.
+    for name in ["echo", "gamma__echo"] {
+        let err = call_text(&client, name, json!({"text": "x"}))
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("unknown") || text.contains("server_not_exposed"),
+            "{name}: {text}"
+        );
+    }
+
+    // Every per-server call is one audited decision naming the server and the tool.
+    admin
+        .allowed_decision(|e| e["server"] == "beta" && e["tool"] == "whoami")
+        .await;
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn no_token_no_entry_and_nothing_reaches_the_aggregator() {
+    let (stack, token, ..) = two_servers().await;
+    let url = stack.gateway_url("eng");
+    let before = stack
+        .envoy
+        .stat("cluster.mcpguard_aggregator.upstream_rq_total")
+        .await;
+    let (_challenge, metadata) = mcp::challenge_and_metadata(&url).await;
+    assert_eq!(metadata["resource"], url);
+    // A forged caller header, or route header, without a token: still 401.
+    let hash = mcpguard_core::token::TokenHash::of(&token).to_hex();
+    let forged = json!({"kind": "api_token", "hash": hash}).to_string();
+    for headers in [
+        vec![("x-mcpguard-caller", forged.as_str())],
+        vec![
+            ("x-mcpguard-route", "aggregator"),
+            ("x-mcpguard-caller", &forged),
+        ],
+    ] {
+        let a = mcp::post_initialize(&url, &headers).await;
+        assert_eq!(
+            (a.status, a.code().as_str()),
+            (401, "token_missing"),
+            "{}",
+            a.body
+        );
+    }
+    // Another gateway's URL, and a trailing slash (not the gateway URL, no server).
+    mcp::expect_refusal(
+        &stack.gateway_url("ops"),
+        Some(&token),
+        (401, "token_wrong_gateway"),
+    )
+    .await;
+    mcp::expect_refusal(&format!("{url}/"), Some(&token), (404, "unknown_route")).await;
+    assert_eq!(
+        stack
+            .envoy
+            .stat("cluster.mcpguard_aggregator.upstream_rq_total")
+            .await,
+        before,
+        "a refused request reached the aggregator"
+    );
+    // The gateway's own switch is decided by the filter, before the aggregator.
+    let admin = stack.admin();
+    let (_, gateways) = admin.get("/api/v1/gateways").await;
+    let eng = gateways
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["slug"] == "eng")
+        .unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    admin.set_enabled("gateways", eng, false).await;
+    mcp::expect_refusal(&url, Some(&token), (403, "gateway_disabled")).await;
+}
+
+/// A raw MCP session on the gateway URL, to see statuses and exact messages.
+struct Raw {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Raw {
+    async fn post(
+        &self,
+        token: &str,
+        session: Option<&str>,
+        body: Value,
+    ) -> (u16, Option<String>, Value) {
+        let mut req = self
+            .http
+            .post(&self.url)
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(body.to_string());
+        if let Some(id) = session {
+            req = req.header("mcp-session-id", id);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let sid = resp
+            .headers()
+            .get("mcp-session-id")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let text = resp.text().await.unwrap();
+        let message = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+            .find(|m| m.get("id").is_some())
+            .or_else(|| serde_json::from_str(&text).ok())
+            .unwrap_or(Value::Null);
+        (status, sid, message)
+    }
+}
+
+#[tokio::test]
+async fn a_session_is_bound_to_its_token_and_ids_come_back_as_sent() {
+    let (stack, token, ..) = two_servers().await;
+    let admin = stack.admin();
+    let (_, gateways) = admin.get("/api/v1/gateways").await;
+    let gateway_id = gateways[0]["id"].as_i64().unwrap();
+    let host = admin.host("Another agent").await;
+    let other = admin.token(host, gateway_id).await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let raw = Raw {
+        http: reqwest::Client::new(),
+        url: stack.gateway_url("eng"),
+    };
+    let (status, sid, init) = raw.post(&token, None, mcp::initialize_body()).await;
+    assert_eq!(status, 200, "{init}");
+    let sid = sid.expect("a session id");
+    raw.post(
+        &token,
+        Some(&sid),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    )
+    .await;
+    for id in [json!(7), json!("req-0001")] {
+        let (status, _, reply) = raw
+            .post(
+                &token,
+                Some(&sid),
+                json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                       "params": {"name": "alpha__echo", "arguments": {"text": "x"}}}),
+            )
+            .await;
+        assert_eq!(status, 200, "{reply}");
+        assert_eq!(reply["id"], id, "{reply}");
+        assert_eq!(reply["result"]["content"][0]["text"], "x", "{reply}");
+    }
+    let (status, _, reply) = raw
+        .post(
+            &token,
+            Some(&sid),
+            json!({"jsonrpc": "2.0", "id": "p", "method": "ping"}),
+        )
+        .await;
+    assert_eq!((status, &reply["id"]), (200, &json!("p")), "{reply}");
+    let (status, _, reply) = raw
+        .post(&token, Some(&sid), json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {"cursor": "bogus"}}))
+        .await;
+    assert_eq!(
+        (status, &reply["error"]["code"]),
+        (200, &json!(-32602)),
+        "{reply}"
+    );
+
+    // Another token, valid on the same gateway, presenting this session: unknown to
+    // it (404, so a client starts over), and it learns nothing.
+    let list = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"});
+    let (status, _, reply) = raw.post(&other, Some(&sid), list.clone()).await;
+    assert_eq!(status, 404, "{reply}");
+    let forged = format!(
+        "{}{}",
+        &sid[..sid.len() - 1],
+        if sid.ends_with('0') { '1' } else { '0' }
+    );
+    assert_eq!(raw.post(&token, Some(&forged), list.clone()).await.0, 404);
+    assert_eq!(raw.post(&token, None, list.clone()).await.0, 400);
+    // The owner's session still works; DELETE ends it.
+    assert_eq!(raw.post(&token, Some(&sid), list.clone()).await.0, 200);
+    let deleted = raw
+        .http
+        .request(Method::DELETE, &raw.url)
+        .bearer_auth(&token)
+        .header("mcp-session-id", &sid)
+        .send()
+        .await
+        .unwrap();
+    assert!(deleted.status().is_success(), "{}", deleted.status());
+    assert_eq!(raw.post(&token, Some(&sid), list).await.0, 404);
+}
+
+#[tokio::test]
+async fn provisioning_holds_on_the_gateway_url() {
+    let (stack, token, alpha, _beta, gateway_id) = two_servers().await;
+    let admin = stack.admin();
+    let features = format!("/api/v1/gateways/{gateway_id}/servers/{alpha}/features");
+    let (status, v) = admin.post(&format!("{features}/refresh"), json!({})).await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = admin
+        .call(
+            Method::PUT,
+            &format!("{features}/tools"),
+            Some(json!({"mode": "allow_selected", "allowed": ["echo"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+
+    let client = mcp::connect(&stack.gateway_url("eng"), Some(&token))
+        .await
+        .unwrap();
+    assert_eq!(
+        tool_names(&client).await,
+        strings(&["alpha__echo", "beta__echo", "beta__header", "beta__whoami"])
+    );
+    let err = call_text(&client, "alpha__whoami", json!({}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("tool_blocked"), "{err}");
+    // The other server's tool of that name is its own exposure's business.
+    assert_eq!(
+        call_text(&client, "beta__whoami", json!({})).await.unwrap(),
+        "Bearer beta-secret"
+    );
+    assert_eq!(
+        call_text(&client, "alpha__echo", json!({"text": "ok"}))
+            .await
+            .unwrap(),
+        "ok"
+    );
+    client.cancel().await.unwrap();
+}

@@ -1,0 +1,104 @@
+//! The gateway URL's stack: the policy service, several demo MCP servers, the
+//! aggregator and Envoy (the shipped config, its `mcpguard_aggregator` cluster pointed
+//! at this aggregator).
+
+use std::path::Path;
+use std::process::Command;
+
+use mcpguard_harness::envoy::EnvoyConfig;
+
+use crate::procs::{Proc, binary, check_secret, http_ok, wait_until};
+use crate::{Admin, Demo, Envoy, EnvoyOptions, Policy, free_port};
+
+pub struct Aggregator {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Aggregator {
+    pub async fn start(check_port: u16, log_dir: &Path) -> Aggregator {
+        Self::start_on(free_port(), check_port, log_dir).await
+    }
+
+    /// On a chosen port (a restart keeps Envoy's cluster valid).
+    pub async fn start_on(port: u16, check_port: u16, log_dir: &Path) -> Aggregator {
+        let secret_file = log_dir.join("aggregator-check-secret");
+        std::fs::write(&secret_file, check_secret()).expect("writing the check secret");
+        let mut cmd = Command::new(binary("mcpguard-aggregator"));
+        cmd.arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--policy-check-url")
+            .arg(format!("http://127.0.0.1:{check_port}"))
+            .arg("--check-secret-file")
+            .arg(&secret_file)
+            .arg("--upstream-timeout-ms")
+            .arg("3000")
+            .env("MCPGUARD_LOG", "info,mcpguard_aggregator=debug");
+        let mut proc = Proc::spawn(&format!("aggregator-{port}"), cmd, log_dir);
+        let health = format!("http://127.0.0.1:{port}/healthz");
+        wait_until(&mut proc, "aggregator", || {
+            let health = health.clone();
+            async move { http_ok(&health).await }
+        })
+        .await;
+        Aggregator { proc, port }
+    }
+}
+
+pub struct GatewayStack {
+    pub envoy: Envoy,
+    pub aggregator: Aggregator,
+    pub demos: Vec<Demo>,
+    pub policy: Policy,
+    pub dir: tempfile::TempDir,
+}
+
+impl GatewayStack {
+    /// With `servers` stateful demo MCP servers.
+    pub async fn start(servers: usize) -> GatewayStack {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (port, admin_port) = (free_port(), free_port());
+        let resource_base = format!("http://127.0.0.1:{port}");
+        let envoy_admin = format!("127.0.0.1:{admin_port}");
+        let env = [
+            ("MCPGUARD_ENVOY_ADMIN_ADDR", envoy_admin.as_str()),
+            ("MCPGUARD_RESOURCE_BASE_URLS", resource_base.as_str()),
+        ];
+        let policy = Policy::start_with(&dir.path().join("data"), dir.path(), &env).await;
+        let mut demos = Vec::new();
+        for _ in 0..servers {
+            demos.push(Demo::start(dir.path()).await);
+        }
+        let aggregator = Aggregator::start(policy.check_port, dir.path()).await;
+        let opts = EnvoyOptions {
+            config: "envoy/mcpguard.yaml",
+            check_port: policy.check_port,
+            check_timeout_ms: crate::db::postgres_requested()
+                .then_some(crate::db::POSTGRES_CHECK_TIMEOUT_MS),
+            trusted_ca: None,
+            issuer: Some(policy.public_url()),
+            jwks_refresh_s: None,
+        };
+        let rendered = Envoy::render(&opts, port, admin_port);
+        let mut cfg = EnvoyConfig::parse("rendered", &rendered).unwrap_or_else(|e| panic!("{e}"));
+        cfg.cluster_ports("mcpguard_aggregator", &[aggregator.port])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let envoy = Envoy::start_config(&cfg.to_json(), port, admin_port, dir.path()).await;
+        GatewayStack {
+            envoy,
+            aggregator,
+            demos,
+            policy,
+            dir,
+        }
+    }
+
+    pub fn admin(&self) -> Admin {
+        self.policy.admin()
+    }
+
+    /// `http://…/mcp/{gateway}`.
+    pub fn gateway_url(&self, gateway: &str) -> String {
+        format!("{}/mcp/{gateway}", self.envoy.base_url())
+    }
+}
