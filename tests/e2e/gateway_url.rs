@@ -381,3 +381,134 @@ async fn provisioning_holds_on_the_gateway_url() {
     );
     client.cancel().await.unwrap();
 }
+
+#[tokio::test]
+async fn prompts_and_resources_are_merged_and_reach_their_own_server() {
+    let (stack, token, ..) = two_servers().await;
+    let raw = Raw {
+        http: reqwest::Client::new(),
+        url: stack.gateway_url("eng"),
+    };
+    let (_, sid, _) = raw.post(&token, None, mcp::initialize_body()).await;
+    let sid = sid.expect("a session id");
+    let rpc = |id: i64, method: &str, params: Value| json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+    let names = |reply: &Value, key: &str, field: &str| {
+        let mut names: Vec<String> = reply["result"][key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{reply}"))
+            .iter()
+            .map(|item| item[field].as_str().unwrap().to_owned())
+            .collect();
+        names.sort();
+        names
+    };
+
+    let (_, _, prompts) = raw
+        .post(&token, Some(&sid), rpc(1, "prompts/list", json!({})))
+        .await;
+    assert_eq!(
+        names(&prompts, "prompts", "name"),
+        strings(&[
+            "alpha__greet",
+            "alpha__summarize",
+            "beta__greet",
+            "beta__summarize"
+        ])
+    );
+    let (_, _, got) = raw
+        .post(
+            &token,
+            Some(&sid),
+            rpc(2, "prompts/get", json!({"name": "beta__greet"})),
+        )
+        .await;
+    assert_eq!(
+        got["result"]["messages"][0]["content"]["text"], "Greet someone by name (greet)",
+        "{got}"
+    );
+
+    let (_, _, resources) = raw
+        .post(&token, Some(&sid), rpc(3, "resources/list", json!({})))
+        .await;
+    assert_eq!(
+        names(&resources, "resources", "uri"),
+        strings(&[
+            "alpha+demo://readme",
+            "alpha+demo://secret",
+            "beta+demo://readme",
+            "beta+demo://secret"
+        ])
+    );
+    let (_, _, read) = raw
+        .post(
+            &token,
+            Some(&sid),
+            rpc(4, "resources/read", json!({"uri": "beta+demo://readme"})),
+        )
+        .await;
+    assert_eq!(read["id"], 4, "{read}");
+    assert_eq!(
+        read["result"]["contents"][0]["uri"], "beta+demo://readme",
+        "the URI the client knows: {read}"
+    );
+    assert_eq!(
+        read["result"]["contents"][0]["text"], "The demo server's readme",
+        "{read}"
+    );
+    // A resource of a server the gateway does not expose: refused, the session goes on.
+    let (_, _, refused) = raw
+        .post(
+            &token,
+            Some(&sid),
+            rpc(5, "resources/read", json!({"uri": "gamma+demo://readme"})),
+        )
+        .await;
+    assert_eq!(
+        refused["error"]["data"]["code"], "server_not_exposed",
+        "{refused}"
+    );
+    assert_eq!(refused["id"], 5);
+}
+
+/// The official Python SDK's client (PyPI `mcp`, in the test venv: `make test`
+/// installs it) on the gateway URL: initialize, list, a call to each server.
+#[tokio::test]
+async fn the_python_sdk_client_works_on_the_gateway_url() {
+    let root = mcpguard_e2e::workspace_root();
+    let python = root.join(".venv/bin/python");
+    let (stack, token, ..) = two_servers().await;
+    let out = tokio::process::Command::new(&python)
+        .arg(root.join("tests/py/gateway_client.py"))
+        .arg(stack.gateway_url("eng"))
+        .arg(&token)
+        .args(["alpha__echo", "beta__echo"])
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e} (`make test` makes the venv)", python.display()));
+    assert!(
+        out.status.success(),
+        "the Python client failed (is PyPI `mcp` in .venv? `make test` installs it):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(seen["server"], "mcpguard gateway eng", "{seen}");
+    assert_eq!(
+        seen["tools"],
+        json!([
+            "alpha__echo",
+            "alpha__header",
+            "alpha__whoami",
+            "beta__echo",
+            "beta__header",
+            "beta__whoami"
+        ])
+    );
+    for tool in ["alpha__echo", "beta__echo"] {
+        assert_eq!(
+            seen["calls"][tool],
+            json!({"error": false, "text": ["from python"]}),
+            "{seen}"
+        );
+    }
+}

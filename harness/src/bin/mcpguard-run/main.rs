@@ -445,7 +445,7 @@ mcpguard is running.
                  sign in as owner with this one-time link (works once, for 15 minutes):
                  {link}
                  (another: target/debug/mcpguard-policy --data-dir {data_dir} --issuer {admin_url} console-link)
-  MCP endpoint   {mcp_url}   (gateway `demo` id {gateway_id}, server `demo` id {server_id}; one server)
+  MCP endpoint   {mcp_url}   (gateway `demo` id {gateway_id}, server `demo` id {server_id})
   admin API      {admin_url}/api/v1   (admin token: {token_source})
   logs           {logs}
 
