@@ -512,3 +512,111 @@ async fn the_python_sdk_client_works_on_the_gateway_url() {
         );
     }
 }
+
+/// A headed app (OAuth, the official Rust SDK's flow): discovery from the gateway
+/// URL's 401, sign-in, a token for the gateway URL, and each server of the gateway
+/// reached with its own credential.
+#[tokio::test]
+async fn an_oauth_client_gets_a_token_for_the_gateway_url() {
+    let (stack, ..) = two_servers().await;
+    stack
+        .admin()
+        .person("alice", mcpguard_e2e::oauth::PASSWORD)
+        .await;
+    let url = stack.gateway_url("eng");
+    let issuer = stack.policy.public_url();
+    let (challenge, metadata) = mcp::challenge_and_metadata(&url).await;
+    assert_eq!(metadata["authorization_servers"], json!([issuer]));
+    let (_auth, client) =
+        mcpguard_e2e::oauth::sdk_connect(&url, &challenge, &issuer, "Desktop app").await;
+    assert_eq!(tool_names(&client).await.len(), 6);
+    assert_eq!(
+        call_text(&client, "alpha__whoami", json!({}))
+            .await
+            .unwrap(),
+        "Bearer alpha-secret"
+    );
+    assert_eq!(
+        call_text(&client, "beta__whoami", json!({})).await.unwrap(),
+        "Bearer beta-secret"
+    );
+    client.cancel().await.unwrap();
+}
+
+/// A server that accepts connections and never answers costs only its own tools: the
+/// list answers from the others within the upstream timeout (3 s in the tests), its
+/// call fails as a JSON-RPC error in bounded time, the others keep working.
+#[tokio::test]
+async fn a_stalled_server_costs_only_its_own_tools() {
+    let (stack, token, _, _, gateway_id) = two_servers().await;
+    let stall = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stall_port = stall.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = stall.accept().await {
+            open.push(conn);
+        }
+    });
+    let admin = stack.admin();
+    let stalled = admin
+        .server("stalled", &format!("http://127.0.0.1:{stall_port}/mcp"))
+        .await;
+    admin.expose(gateway_id, stalled).await;
+
+    let client = mcp::connect(&stack.gateway_url("eng"), Some(&token))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(tool_names(&client).await.len(), 6, "alpha's and beta's");
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(8), "{took:?}");
+    let started = std::time::Instant::now();
+    let err = call_text(&client, "stalled__echo", json!({"text": "x"}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("stalled"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(8));
+    assert_eq!(
+        call_text(&client, "beta__echo", json!({"text": "fine"}))
+            .await
+            .unwrap(),
+        "fine"
+    );
+    held.abort();
+    client.cancel().await.unwrap();
+}
+
+/// Sessions live in the aggregator: after a restart an old session id is unknown (404,
+/// so the client initializes again), never a wrong answer; a new session works.
+#[tokio::test]
+async fn after_an_aggregator_restart_old_sessions_are_404_and_new_ones_work() {
+    let (mut stack, token, ..) = two_servers().await;
+    let raw = Raw {
+        http: reqwest::Client::new(),
+        url: stack.gateway_url("eng"),
+    };
+    let (_, sid, _) = raw.post(&token, None, mcp::initialize_body()).await;
+    let sid = sid.expect("a session id");
+    let list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"});
+    assert_eq!(raw.post(&token, Some(&sid), list.clone()).await.0, 200);
+
+    let port = stack.aggregator.port;
+    stack.aggregator.proc.kill();
+    stack.aggregator = mcpguard_e2e::gateway::Aggregator::start_on(
+        port,
+        stack.policy.check_port,
+        stack.dir.path(),
+    )
+    .await;
+    let (status, _, reply) = raw.post(&token, Some(&sid), list.clone()).await;
+    assert_eq!(status, 404, "{reply}");
+    let (status, fresh, _) = raw.post(&token, None, mcp::initialize_body()).await;
+    assert_eq!(status, 200);
+    let (status, _, reply) = raw.post(&token, fresh.as_deref(), list).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        reply["result"]["tools"].as_array().unwrap().len(),
+        6,
+        "{reply}"
+    );
+}

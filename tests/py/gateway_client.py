@@ -25,13 +25,13 @@ async def main(url: str, token: str, tools: list[str]) -> None:
                 for name in tools:
                     result = await session.call_tool(name, {"text": "from python"})
                     calls[name] = {
-                        "error": bool(result.isError),
+                        "error": bool(result.is_error),
                         "text": [c.text for c in result.content if getattr(c, "type", "") == "text"],
                     }
     print(
         json.dumps(
             {
-                "server": init.serverInfo.name,
+                "server": init.server_info.name,
                 "tools": sorted(t.name for t in listed.tools),
                 "calls": calls,
             }

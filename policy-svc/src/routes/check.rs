@@ -298,6 +298,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_access_token_for_the_gateway_url_serves_each_server_of_that_gateway() {
+        let f = fixture().await;
+        let gateway_url = "http://127.0.0.1:10000/mcp/eng";
+        let token = f.access_token(|c| c.aud = gateway_url.into()).await;
+        let for_server = |server: &str| request(access_token(&token, gateway_url), "eng", server);
+        let a = ask(&f.app, &for_server("demo")).await;
+        assert_eq!(a.code(), None, "{}", a.body);
+        let a = ask(&f.app, &for_server("")).await;
+        assert!(
+            matches!(a.decision(), CheckResponse::Gateway { .. }),
+            "{}",
+            a.body
+        );
+        // Each server still decided on its own layers.
+        let a = ask(&f.app, &for_server("other")).await;
+        assert_eq!(a.code(), Some(DenyCode::ServerNotExposed));
+        // The token's audience is verified again: a server's token is not the gateway's.
+        let server_token = access_token_for_resource(&f, |_| {}).await;
+        let a = ask(
+            &f.app,
+            &request(access_token(&server_token, gateway_url), "eng", "demo"),
+        )
+        .await;
+        assert_eq!(a.code(), Some(DenyCode::TokenWrongGateway));
+        let a = ask(
+            &f.app,
+            &request(
+                access_token(&token, "http://127.0.0.1:10000/mcp/ops"),
+                "eng",
+                "demo",
+            ),
+        )
+        .await;
+        assert_eq!(a.code(), Some(DenyCode::TokenWrongGateway));
+    }
+
+    #[tokio::test]
     async fn an_upstream_in_a_denied_network_is_refused_here_and_left_to_envoy_by_ext_authz() {
         let f = fixture().await;
         sqlx::query("UPDATE servers SET upstream_authority = '169.254.169.254:80'")

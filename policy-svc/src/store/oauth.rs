@@ -496,6 +496,15 @@ pub async fn resource_target(
     gateway_slug: &str,
     server_slug: &str,
 ) -> Result<Option<(i64, String)>> {
+    // The gateway URL (no server): the gateway itself.
+    if server_slug.is_empty() {
+        return Ok(
+            sqlx::query_as("SELECT g.id, g.name FROM gateways g WHERE g.slug = $1")
+                .bind(gateway_slug)
+                .fetch_optional(db)
+                .await?,
+        );
+    }
     Ok(sqlx::query_as(
         "SELECT g.id, g.name FROM gateways g
          JOIN exposures e ON e.gateway_id = g.id

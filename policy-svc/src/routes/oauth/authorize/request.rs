@@ -5,7 +5,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use mcpguard_core::oauth as core_oauth;
-use mcpguard_core::route::McpPath;
+use mcpguard_core::route::{McpPath, gateway_url};
 
 use super::super::Params;
 use crate::AppState;
@@ -50,12 +50,17 @@ pub(super) enum AuthzError {
     },
 }
 
-/// `<base>/mcp/{gateway}/{server}` under one of `bases`: (gateway, server) slugs.
+/// `<base>/mcp/{gateway}/{server}` under one of `bases`: (gateway, server) slugs; or
+/// the gateway URL `<base>/mcp/{gateway}`: (gateway, "") (a token for every server of
+/// the gateway, each still checked on its own).
 fn parse_resource<'a>(resource: &'a str, bases: &[String]) -> Option<(&'a str, &'a str)> {
     let base = bases.iter().find(|b| resource.starts_with(b.as_str()))?;
     let path = &resource[base.len()..];
     if path.contains('?') || path.contains('#') {
         return None;
+    }
+    if let Some(gateway) = gateway_url(path) {
+        return Some((gateway, ""));
     }
     let p = McpPath::parse(path).ok()?;
     (p.rest.is_empty() && p.query.is_none()).then_some((p.gateway, p.server))
@@ -118,7 +123,7 @@ pub(super) async fn validate_authz(state: &AppState, p: &Params) -> Result<Authz
     let Some((gateway, server)) = parse_resource(resource, &state.oauth.resource_base_urls) else {
         return Err(bad(
             "invalid_target",
-            "resource must be an MCP URL of this gateway: <base>/mcp/{gateway}/{server}".into(),
+            "resource must be an MCP URL of this gateway: <base>/mcp/{gateway}[/{server}]".into(),
         ));
     };
     let target = db::resource_target(&state.db, gateway, server)
@@ -241,10 +246,17 @@ mod tests {
             parse_resource("https://mcp.example.com/mcp/ops/github", &bases),
             Some(("ops", "github"))
         );
+        assert_eq!(
+            parse_resource("http://127.0.0.1:10000/mcp/eng", &bases),
+            Some(("eng", "")),
+            "the gateway URL"
+        );
         for bad in [
             "http://evil.example/mcp/eng/demo",
             "http://127.0.0.1:100000/mcp/eng/demo",
-            "http://127.0.0.1:10000/mcp/eng",
+            "http://127.0.0.1:10000/mcp/eng/",
+            "http://127.0.0.1:10000/mcp/eng?x=1",
+            "http://127.0.0.1:10000/mcp/",
             "http://127.0.0.1:10000/mcp/eng/demo/extra",
             "http://127.0.0.1:10000/mcp/eng/demo?x=1",
             "http://127.0.0.1:10000/mcp/eng/demo#f",
