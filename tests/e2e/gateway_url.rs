@@ -620,3 +620,48 @@ async fn after_an_aggregator_restart_old_sessions_are_404_and_new_ones_work() {
         "{reply}"
     );
 }
+
+/// A per-user server on the gateway URL: reached with the connection user's own
+/// identity, the shared one with its service credential; the identity disabled, that
+/// server is refused `identity_disabled` and leaves the list, the other stays.
+#[tokio::test]
+async fn a_per_user_server_gets_the_users_own_identity_and_only_that_server() {
+    let (stack, token, alpha, _beta, gateway_id) = two_servers().await;
+    let admin = stack.admin();
+    admin
+        .expose_as(gateway_id, alpha, json!({"identity": "per_user"}))
+        .await;
+    let (status, identity) = admin
+        .call(
+            Method::PUT,
+            &format!("/api/v1/users/1/identities/{alpha}"),
+            Some(json!({"credential": {"type": "bearer", "token": "owner-at-alpha"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{identity}");
+    let client = mcp::connect(&stack.gateway_url("eng"), Some(&token))
+        .await
+        .unwrap();
+    assert_eq!(
+        call_text(&client, "alpha__whoami", json!({}))
+            .await
+            .unwrap(),
+        "Bearer owner-at-alpha"
+    );
+    assert_eq!(
+        call_text(&client, "beta__whoami", json!({})).await.unwrap(),
+        "Bearer beta-secret"
+    );
+    admin
+        .set_enabled("identities", identity["id"].as_i64().unwrap(), false)
+        .await;
+    let err = call_text(&client, "alpha__whoami", json!({}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("identity_disabled"), "{err}");
+    assert_eq!(
+        tool_names(&client).await,
+        strings(&["beta__echo", "beta__header", "beta__whoami"])
+    );
+    client.cancel().await.unwrap();
+}
