@@ -49,14 +49,14 @@ struct Caller {
 impl Caller {
     /// The filter's word on who is calling; without it, nothing is done (only
     /// requests the filter allowed carry it, and it removes any a client sends).
-    fn of(headers: &HeaderMap, gateway: String) -> Result<Caller, Response> {
+    fn of(headers: &HeaderMap, gateway: String) -> Result<Caller, Box<Response>> {
         if !is_valid_slug(&gateway) {
-            return Err(http_refusal(DenyCode::UnknownRoute));
+            return Err(Box::new(http_refusal(DenyCode::UnknownRoute)));
         }
         let credential = headers
             .get(CALLER_HEADER)
             .and_then(|v| serde_json::from_slice::<Credential>(v.as_bytes()).ok())
-            .ok_or_else(|| http_refusal(DenyCode::TokenMissing))?;
+            .ok_or_else(|| Box::new(http_refusal(DenyCode::TokenMissing)))?;
         let request_id = headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
@@ -125,25 +125,29 @@ fn rpc_refusal(id: &Value, code: DenyCode) -> Response {
 /// The session a request names, or the answer that it names none usable: 400 when
 /// missing, 404 when unknown, ended, of another gateway, or bound to another
 /// credential (the client initializes again).
-fn session_of(app: &App, headers: &HeaderMap, caller: &Caller) -> Result<Arc<Session>, Response> {
+fn session_of(
+    app: &App,
+    headers: &HeaderMap,
+    caller: &Caller,
+) -> Result<Arc<Session>, Box<Response>> {
     let Some(id) = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) else {
-        return Err(rpc_error(
+        return Err(Box::new(rpc_error(
             StatusCode::BAD_REQUEST,
             &Value::Null,
             -32600,
             "Mcp-Session-Id required: initialize first",
-        ));
+        )));
     };
     app.sessions
         .get(&app.key, id, &caller.credential)
         .filter(|s| s.gateway == caller.gateway)
         .ok_or_else(|| {
-            rpc_error(
+            Box::new(rpc_error(
                 StatusCode::NOT_FOUND,
                 &Value::Null,
                 -32001,
                 "session not found",
-            )
+            ))
         })
 }
 
@@ -155,7 +159,7 @@ async fn message(
 ) -> Response {
     let caller = match Caller::of(&headers, gateway) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Ok(message) = serde_json::from_slice::<Value>(&body) else {
         return rpc_error(StatusCode::BAD_REQUEST, &Value::Null, -32700, "parse error");
@@ -178,7 +182,7 @@ async fn message(
     }
     let session = match session_of(&app, &headers, &caller) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (Some(method), Some(id)) = (method, id) else {
         // A notification, or the client's answer to a request of a server (not
@@ -702,11 +706,11 @@ async fn end_session(
 ) -> Response {
     let caller = match Caller::of(&headers, gateway) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let session = match session_of(&app, &headers, &caller) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if let Some(id) = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) {
         app.sessions.remove(id);
