@@ -714,15 +714,24 @@ mod tests {
         };
         // A batch, or no JSON-RPC at all: Envoy's MCP filter gives no method.
         let batch = refused(post(None, false));
-        assert_eq!((batch.code, batch.status()), (DenyCode::RequestUnreadable, 400));
+        assert_eq!(
+            (batch.code, batch.status()),
+            (DenyCode::RequestUnreadable, 400)
+        );
         // Past the parse limit, even with a method read before it: the name it gave
         // may not be the one the upstream reads.
         let large = refused(post(Some("tools/call"), true));
-        assert_eq!((large.code, large.status()), (DenyCode::RequestTooLarge, 413));
+        assert_eq!(
+            (large.code, large.status()),
+            (DenyCode::RequestTooLarge, 413)
+        );
         // Whoever sends it: no token is no excuse to read on.
         let headers = RawHeaders::from_pairs(&[(":path", "/mcp/eng/demo"), (":method", "POST")]);
         let anonymous = Incoming::from_headers(&headers, None, None, None, false);
-        assert_eq!(refused(start_(&anonymous, &config())).code, DenyCode::RequestUnreadable);
+        assert_eq!(
+            refused(start_(&anonymous, &config())).code,
+            DenyCode::RequestUnreadable
+        );
         // A message it read, and every method without a body, go to the check.
         assert!(matches!(post(Some("tools/call"), false), Start::Check(_)));
         for method in ["GET", "DELETE"] {
@@ -732,7 +741,10 @@ mod tests {
                 ("authorization", token.as_str()),
             ]);
             let req = Incoming::from_headers(&headers, None, None, None, false);
-            assert!(matches!(start_(&req, &config()), Start::Check(_)), "{method}");
+            assert!(
+                matches!(start_(&req, &config()), Start::Check(_)),
+                "{method}"
+            );
         }
     }
 

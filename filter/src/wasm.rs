@@ -262,7 +262,10 @@ impl Host for Request {
             "is_exceeding_limit",
         ];
         // A metadata bool comes as one byte (Envoy serialises CEL bools raw).
-        matches!(self.get_property(path).as_deref(), Some([1]) | Some(b"true"))
+        matches!(
+            self.get_property(path).as_deref(),
+            Some([1]) | Some(b"true")
+        )
     }
 
     fn mcp_request_id(&self) -> Option<RpcId> {

@@ -78,8 +78,12 @@ async fn random_header_bytes_never_fail_the_filter() {
         if with_token {
             headers.push((b"authorization", bearer.as_bytes()));
         }
-        let (status, body) =
-            raw::request(stack.envoy.port, &head(b"/mcp/eng/spy", &headers), raw::PING).await;
+        let (status, body) = raw::request(
+            stack.envoy.port,
+            &head(b"/mcp/eng/spy", &headers),
+            raw::PING,
+        )
+        .await;
         match status {
             // Envoy's codec refusing a byte it does not allow in a value.
             400 => refused_by_codec += 1,
@@ -153,7 +157,12 @@ async fn path_walks_never_reach_the_upstream_outside_its_path() {
         );
     }
     // A plain sub-path still goes through, below the server's path.
-    let (status, _) = raw::request(stack.envoy.port, &head(b"/mcp/eng/spy/ok", &auth), raw::PING).await;
+    let (status, _) = raw::request(
+        stack.envoy.port,
+        &head(b"/mcp/eng/spy/ok", &auth),
+        raw::PING,
+    )
+    .await;
     assert_eq!(status, 200);
     let seen = spy.paths();
     assert!(seen.contains(&"/base/ok".to_owned()), "{seen:?}");
@@ -351,8 +360,12 @@ async fn every_request_connects_only_to_an_address_judged_for_it() {
         (b"authorization", bearer.as_bytes()),
         (b"x-mcpguard-upstream-addr", decoy_addr.as_bytes()),
     ];
-    let (status, body) =
-        raw::request(stack.envoy.port, &head(b"/mcp/eng/spy", &headers), raw::PING).await;
+    let (status, body) = raw::request(
+        stack.envoy.port,
+        &head(b"/mcp/eng/spy", &headers),
+        raw::PING,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(spy.paths(), vec!["/base".to_owned()]);
     assert_eq!(
@@ -375,8 +388,12 @@ async fn every_request_connects_only_to_an_address_judged_for_it() {
             &[("MCPGUARD_UPSTREAM_DENY_NETWORKS", "127.0.0.0/8,::1/128")],
         )
         .await;
-    let (status, body) =
-        raw::request(stack.envoy.port, &head(b"/mcp/eng/spy", &headers), raw::PING).await;
+    let (status, body) = raw::request(
+        stack.envoy.port,
+        &head(b"/mcp/eng/spy", &headers),
+        raw::PING,
+    )
+    .await;
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("upstream_denied"), "{body}");
     assert_eq!(

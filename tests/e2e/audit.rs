@@ -82,7 +82,10 @@ async fn decisions_through_envoy_are_audited_with_method_tool_and_refusing_layer
         "this is not json-rpc".into(),
     )
     .await;
-    assert_eq!((post.status, post.code()), (400, "request_unreadable".into()));
+    assert_eq!(
+        (post.status, post.code()),
+        (400, "request_unreadable".into())
+    );
 
     admin.set_enabled("hosts", p.host_id, false).await;
     let err = call_text(&client, "echo", json!({"text": "refused"}))

@@ -185,9 +185,7 @@ async fn the_app_is_reachable_only_through_the_filter() {
             "x-mcpguard-upstream-addr: 127.0.0.1:1\r\nx-mcpguard-route: http\r\n".to_owned(),
         ),
     ] {
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nhost: demo\r\n{MCP_HEADERS}{extra}"
-        );
+        let head = format!("POST {path} HTTP/1.1\r\nhost: demo\r\n{MCP_HEADERS}{extra}");
         let (status, body) = raw::request(envoy.port, head.as_bytes(), raw::PING).await;
         assert!(
             matches!(status, 400 | 401 | 404),
@@ -197,9 +195,7 @@ async fn the_app_is_reachable_only_through_the_filter() {
     assert!(app.paths().is_empty(), "reached the app: {:?}", app.paths());
 
     // Authorised: reaches the app at its own path, rest and query kept.
-    let head = format!(
-        "POST /mcp/eng/demo/sub?q=1 HTTP/1.1\r\nhost: demo\r\n{MCP_HEADERS}{auth}"
-    );
+    let head = format!("POST /mcp/eng/demo/sub?q=1 HTTP/1.1\r\nhost: demo\r\n{MCP_HEADERS}{auth}");
     let (status, body) = raw::request(envoy.port, head.as_bytes(), raw::PING).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(app.paths(), ["/mcp/sub?q=1"]);
