@@ -133,6 +133,12 @@ fn done_of(method: Verb, template: &str) -> &'static str {
         "removed"
     } else if template.ends_with("/rotate") {
         "rotated"
+    } else if template.ends_with("/refresh") {
+        "refreshed"
+    } else if template.ends_with("/approve") {
+        "approved"
+    } else if template.starts_with("/api/v1/gateways/{id}/teams/") && method == Verb::Put {
+        "granted"
     } else if method == Verb::Post {
         "created"
     } else {

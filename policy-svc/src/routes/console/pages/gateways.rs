@@ -79,6 +79,9 @@ pub async fn one(
     let exposed = api
         .items(&format!("/api/v1/gateways/{gateway_id}/servers"))
         .await;
+    let teams = api
+        .items(&format!("/api/v1/gateways/{gateway_id}/teams"))
+        .await;
     let connections = if api.can(Verb::Get, "/api/v1/gateways/{id}/connections") {
         Some(
             api.items(&format!("/api/v1/gateways/{gateway_id}/connections"))
@@ -103,9 +106,9 @@ pub async fn one(
         section {
             h2 { "Exposed servers" }
             table {
-                thead { tr { th { "Server" } th { "Identity" } th { "URL" } th {} } }
+                thead { tr { th { "Server" } th { "Identity" } th { "URL" } th { "Features" } th {} } }
                 tbody {
-                    @if exposed.is_empty() { (none_yet(4, "This gateway exposes no server yet.")) }
+                    @if exposed.is_empty() { (none_yet(5, "This gateway exposes no server yet.")) }
                     @for e in &exposed {
                         @let sid = e["server_id"].as_i64().unwrap_or(0);
                         @let server = server_names.get(&sid);
@@ -114,6 +117,7 @@ pub async fn one(
                             td { (sname) }
                             td { (tag(if e["identity"] == "per_user" { "per-user" } else { "shared" })) @if let Some(h) = e["credential_header"].as_str() { " " span.muted { "sends " (h) } } }
                             td { @if let Some(s) = server.and_then(|s| s["slug"].as_str()) { (copyable(&format!("url-{sid}"), &mcp_url(&base, slug, s))) } }
+                            td { a href={ "/console/gateways/" (gateway_id) "/servers/" (sid) } aria-label={ "Features of " (sname) } { "Tools, prompts, resources" } }
                             td {
                                 @if manage {
                                     (action(&signed, &Action { method: "DELETE", path: format!("/api/v1/gateways/{gateway_id}/servers/{sid}"), label: "Hide", what: format!("{sname} from {name}"), back: &back, danger: true }, html! {}))
@@ -137,8 +141,35 @@ pub async fn one(
                         option value="shared" { "shared (one service credential for every caller)" }
                         option value="per_user" { "per-user (each user brings their own)" }
                     }
+                    fieldset.credential {
+                        legend { "Shared credential (optional, shared only): sent upstream for every caller, sealed at rest, never shown again" }
+                        label for="expose-cred-type" { "Kind" }
+                        select id="expose-cred-type" name="credential.type" {
+                            option value="" { "none" }
+                            option value="bearer" { "bearer token" }
+                            option value="header" { "header" }
+                        }
+                        label for="expose-cred-token" { "Bearer token" }
+                        input id="expose-cred-token" name="credential.token" type="password" autocomplete="off";
+                        label for="expose-cred-name" { "or header name" }
+                        input id="expose-cred-name" name="credential.name" autocomplete="off" placeholder="X-Api-Key";
+                        label for="expose-cred-value" { "and value" }
+                        input id="expose-cred-value" name="credential.value" type="password" autocomplete="off";
+                    }
                     button type="submit" { "Expose" }
                 }
+            }
+        }
+        section {
+            h2 { "Who may connect" }
+            p {
+                "Users of the teams "
+                @if teams.is_empty() { span.muted { "(none: nobody may connect)" } }
+                @for (i, t) in teams.iter().enumerate() {
+                    @if i > 0 { ", " }
+                    (tag(&text(&t["name"])))
+                }
+                ". " a href="/console/teams" { "Grants are managed on Teams." }
             }
         }
         @if let Some(connections) = &connections {

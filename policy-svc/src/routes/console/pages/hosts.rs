@@ -102,13 +102,12 @@ pub async fn one(
         @if manage && token_based {
             section.card {
                 h2 { "Generate a token" }
-                p.muted { "The token reaches only the servers the chosen gateway exposes, as you. It is shown once. To rotate: generate a new one, update the agent, then revoke the old one; both work in between." }
-                (action(&signed, &Action { method: "POST", path: format!("/api/v1/hosts/{host_id}/tokens"), label: "Generate token", what: String::new(), back: &back, danger: false }, html! {
+                p.muted { "The token reaches only the servers the chosen gateway exposes, as you. Next: confirm the gateway and bring an identity for each per-user server it exposes; then the token is shown once. To rotate: generate a new one, update the agent, then revoke the old one; both work in between." }
+                form.inline method="get" action={ "/console/hosts/" (host_id) "/connect" } {
                     label for="token-gateway" { "Gateway" }
                     (gateway_select("token-gateway", &gateways))
-                    label for="token-expiry" { "Expires (UTC, optional)" }
-                    input id="token-expiry" name="expires_at" type="datetime-local";
-                }))
+                    button type="submit" { "Continue" }
+                }
             }
         }
         @if manage {

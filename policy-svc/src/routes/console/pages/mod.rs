@@ -2,12 +2,15 @@
 //! API as the signed-in user, and shows a control only when the user may use it.
 
 pub mod audit;
+pub mod connect;
+pub mod features;
 pub mod gateways;
 pub mod hosts;
 pub mod keys;
 pub mod overview;
 pub mod people;
 pub mod servers;
+pub mod teams;
 
 use std::collections::HashMap;
 
