@@ -304,7 +304,7 @@ async fn teams_members_and_grants_are_managed_in_the_console_and_hold_on_the_nex
         .goto(&format!("{base}/console/gateways/{}", p.gateway_id))
         .await;
     let page = browser.page_text().await;
-    assert!(page.contains("Users of the teams Support."), "{page}");
+    assert!(page.contains("Granted to the teams: Support"), "{page}");
 
     // Bob out of Support: refused from his next request.
     browser.goto(&format!("{base}/console/teams")).await;

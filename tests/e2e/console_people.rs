@@ -275,7 +275,7 @@ async fn an_enrollment_link_is_shown_once_and_the_users_consent_yields_their_tok
         .click_labelled("main section:last-of-type table", "Claim per-user token")
         .await;
     let token = browser.text("#secret").await;
-    assert!(token.starts_with("mcpgt_"), "{token}");
+    assert!(token.starts_with("mcpgu_"), "{token}");
     let url = stack.envoy.mcp_url("eng", "demo");
     assert_eq!(initialize_with(&url, Some(&token)).await.status, 200);
     browser.click_labelled("main", "Done").await;

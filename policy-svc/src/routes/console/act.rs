@@ -20,8 +20,9 @@ use crate::routes::{Verb, admin_api};
 /// Fields of the form itself, not of the call's body.
 const CONTROL_FIELDS: [&str; 6] = ["csrf", "_method", "_path", "_back", "_what", "_confirm"];
 
-/// The endpoint template `path` is an instance of, for `method`: every `{…}` of the
-/// template stands for one segment of digits. `None` when no admin endpoint matches.
+/// The endpoint template `path` is an instance of, for `method`: an `{id}` or `{…_id}`
+/// of the template stands for one segment of digits, any other `{…}` (`{kind}`) for one
+/// short lowercase word. `None` when no admin endpoint matches.
 pub fn endpoint_of(method: Verb, path: &str) -> Option<&'static str> {
     let segments: Vec<&str> = path.split('/').collect();
     admin_api()
@@ -32,8 +33,12 @@ pub fn endpoint_of(method: Verb, path: &str) -> Option<&'static str> {
             let parts: Vec<&str> = template.split('/').collect();
             parts.len() == segments.len()
                 && parts.iter().zip(&segments).all(|(t, s)| {
-                    if t.starts_with('{') {
+                    if t == &"{id}" || (t.starts_with('{') && t.ends_with("_id}")) {
                         !s.is_empty() && s.len() <= 18 && s.bytes().all(|b| b.is_ascii_digit())
+                    } else if t.starts_with('{') {
+                        !s.is_empty()
+                            && s.len() <= 32
+                            && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
                     } else {
                         t == s
                     }
@@ -383,6 +388,22 @@ mod tests {
             endpoint_of(Verb::Post, "/api/v1/hosts"),
             Some("/api/v1/hosts")
         );
+        assert_eq!(
+            endpoint_of(Verb::Put, "/api/v1/gateways/1/servers/2/features/tools"),
+            Some("/api/v1/gateways/{id}/servers/{server_id}/features/{kind}")
+        );
+        assert_eq!(
+            endpoint_of(Verb::Post, "/api/v1/gateways/1/servers/2/features/refresh"),
+            Some("/api/v1/gateways/{id}/servers/{server_id}/features/refresh")
+        );
+        for bad in [
+            "/api/v1/gateways/1/servers/2/features/../tools",
+            "/api/v1/gateways/1/servers/2/features/Tools",
+            "/api/v1/gateways/1/servers/x/features/tools",
+            "/api/v1/gateways/1/servers/2/features/",
+        ] {
+            assert_eq!(endpoint_of(Verb::Put, bad), None, "{bad}");
+        }
         for bad in [
             "/api/v1/hosts/x/disable",
             "/api/v1/hosts//disable",

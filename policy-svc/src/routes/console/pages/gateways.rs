@@ -128,48 +128,48 @@ pub async fn one(
                 }
             }
             @if manage && !servers.is_empty() {
-                form.inline method="post" action="/console/act" {
-                    input type="hidden" name="csrf" value=(signed.csrf);
-                    input type="hidden" name="_method" value="PUT";
-                    input type="hidden" name="_back" value=(back);
-                    label for="expose-server" { "Server" }
-                    select id="expose-server" name="_path" required {
-                        @for s in &servers { option value={ "/api/v1/gateways/" (gateway_id) "/servers/" (id(s)) } { (text(&s["name"])) } }
-                    }
-                    label for="expose-identity" { "Identity" }
-                    select id="expose-identity" name="identity" {
-                        option value="shared" { "shared (one service credential for every caller)" }
-                        option value="per_user" { "per-user (each user brings their own)" }
-                    }
-                    fieldset.credential {
-                        legend { "Shared credential (optional, shared only): sent upstream for every caller, sealed at rest, never shown again" }
-                        label for="expose-cred-type" { "Kind" }
-                        select id="expose-cred-type" name="credential.type" {
-                            option value="" { "none" }
-                            option value="bearer" { "bearer token" }
-                            option value="header" { "header" }
+                section.card {
+                    h3 { "Expose a server, or change how it is exposed" }
+                    form.grid method="post" action="/console/act" {
+                        input type="hidden" name="csrf" value=(signed.csrf);
+                        input type="hidden" name="_method" value="PUT";
+                        input type="hidden" name="_back" value=(back);
+                        label for="expose-server" { "Server" }
+                        select id="expose-server" name="_path" required {
+                            @for s in &servers { option value={ "/api/v1/gateways/" (gateway_id) "/servers/" (id(s)) } { (text(&s["name"])) } }
                         }
-                        label for="expose-cred-token" { "Bearer token" }
-                        input id="expose-cred-token" name="credential.token" type="password" autocomplete="off";
-                        label for="expose-cred-name" { "or header name" }
-                        input id="expose-cred-name" name="credential.name" autocomplete="off" placeholder="X-Api-Key";
-                        label for="expose-cred-value" { "and value" }
-                        input id="expose-cred-value" name="credential.value" type="password" autocomplete="off";
+                        label for="expose-identity" { "Identity" }
+                        select id="expose-identity" name="identity" {
+                            option value="shared" { "shared (one service credential for every caller)" }
+                            option value="per_user" { "per-user (each user brings their own)" }
+                        }
+                        fieldset.credential {
+                            legend { "Shared credential (optional; shared only). Sent upstream for every caller, sealed at rest, never shown again." }
+                            label for="expose-cred-type" { "Kind" }
+                            select id="expose-cred-type" name="credential.type" {
+                                option value="" { "none" }
+                                option value="bearer" { "bearer token (Authorization: Bearer …)" }
+                                option value="header" { "a header of its own" }
+                            }
+                            label for="expose-cred-token" { "Bearer token" }
+                            input id="expose-cred-token" name="credential.token" type="password" autocomplete="off";
+                            label for="expose-cred-name" { "Header name" }
+                            input id="expose-cred-name" name="credential.name" autocomplete="off" placeholder="X-Api-Key";
+                            label for="expose-cred-value" { "Header value" }
+                            input id="expose-cred-value" name="credential.value" type="password" autocomplete="off";
+                        }
+                        button type="submit" { "Expose" }
                     }
-                    button type="submit" { "Expose" }
                 }
             }
         }
         section {
             h2 { "Who may connect" }
             p {
-                "Users of the teams "
-                @if teams.is_empty() { span.muted { "(none: nobody may connect)" } }
-                @for (i, t) in teams.iter().enumerate() {
-                    @if i > 0 { ", " }
-                    (tag(&text(&t["name"])))
-                }
-                ". " a href="/console/teams" { "Grants are managed on Teams." }
+                "Granted to the teams: "
+                @if teams.is_empty() { span.muted { "none, so nobody may connect" } }
+                @for t in &teams { (tag(&text(&t["name"]))) " " }
+                "· " a href="/console/teams" { "Manage grants on Teams" }
             }
         }
         @if let Some(connections) = &connections {
