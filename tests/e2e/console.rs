@@ -364,7 +364,10 @@ async fn a_token_is_shown_only_once_the_user_has_an_identity_for_each_per_user_s
     let token = browser.text("#secret").await;
     assert!(token.starts_with("mcpgt_"), "{token}");
     let page = browser.page_text().await;
-    assert!(!page.contains("identity_missing"), "nothing missing: {page}");
+    assert!(
+        !page.contains("identity_missing"),
+        "nothing missing: {page}"
+    );
 
     // The per-user server sees the owner's own credential, the shared one none.
     let tickets = connect(&stack.envoy.mcp_url("eng", "tickets"), Some(&token))

@@ -60,9 +60,7 @@ async fn a_server_is_exposed_with_a_shared_credential_and_its_features_provision
         .select_by_value("bearer")
         .await
         .unwrap();
-    browser
-        .fill("#expose-cred-token", "service-secret-1")
-        .await;
+    browser.fill("#expose-cred-token", "service-secret-1").await;
     browser.click_labelled("main", "Expose").await;
     let page = browser.page_text().await;
     assert!(
@@ -120,13 +118,16 @@ async fn a_server_is_exposed_with_a_shared_credential_and_its_features_provision
         .select_by_value("allow_selected")
         .await
         .unwrap();
-    browser
-        .click_labelled("section#tools", "Set mode")
-        .await;
+    browser.click_labelled("section#tools", "Set mode").await;
     assert!(browser.page_text().await.contains("Saved."));
-    assert_eq!(status_of(&stack, g, s, "tools", "echo").await, "not_selected");
+    assert_eq!(
+        status_of(&stack, g, s, "tools", "echo").await,
+        "not_selected"
+    );
     assert!(
-        call_text(&agent, "echo", json!({"text": "x"})).await.is_err(),
+        call_text(&agent, "echo", json!({"text": "x"}))
+            .await
+            .is_err(),
         "blocked"
     );
     // Pick echo on the allowlist: offered on the next request.
@@ -154,7 +155,9 @@ async fn a_server_is_exposed_with_a_shared_credential_and_its_features_provision
     let fresh = row(&browser, "tools", "fresh").await;
     assert!(fresh.contains("not selected"), "{fresh}");
     browser
-        .click_xpath("//section[@id='tools']//tr[@data-name='fresh']//button[normalize-space()='Allow']")
+        .click_xpath(
+            "//section[@id='tools']//tr[@data-name='fresh']//button[normalize-space()='Allow']",
+        )
         .await;
     assert!(
         browser
@@ -177,7 +180,9 @@ async fn a_server_is_exposed_with_a_shared_credential_and_its_features_provision
     assert!(fresh.contains("Now also reads your files"), "{fresh}");
     browser.screenshot("41-features-changed-item").await;
     assert!(
-        call_text(&agent, "fresh", json!({"text": "z"})).await.is_err(),
+        call_text(&agent, "fresh", json!({"text": "z"}))
+            .await
+            .is_err(),
         "a changed tool is blocked"
     );
     browser
@@ -198,9 +203,7 @@ async fn a_server_is_exposed_with_a_shared_credential_and_its_features_provision
         .select_by_value("block_all")
         .await
         .unwrap();
-    browser
-        .click_labelled("section#prompts", "Set mode")
-        .await;
+    browser.click_labelled("section#prompts", "Set mode").await;
     let (_, p) = admin
         .get(&format!("/api/v1/gateways/{g}/servers/{s}/features"))
         .await;

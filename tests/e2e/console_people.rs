@@ -103,7 +103,9 @@ async fn roles_users_identities_and_admin_tokens_are_managed_in_the_console() {
     browser
         .goto(&format!("{base}/console/people/{alice_id}"))
         .await;
-    browser.fill("#identity-token", "alice-downstream-secret").await;
+    browser
+        .fill("#identity-token", "alice-downstream-secret")
+        .await;
     browser.click_labelled("main", "Save identity").await;
     let page = browser.page_text().await;
     assert!(page.contains("Saved."), "{page}");
@@ -129,9 +131,7 @@ async fn roles_users_identities_and_admin_tokens_are_managed_in_the_console() {
 
     // Her token on the gateway reaches the server as her; disabling her identity in
     // the console asks first, then refuses her next request, and enabling restores it.
-    let token = admin
-        .user_token(p.host_id, p.gateway_id, alice_id)
-        .await;
+    let token = admin.user_token(p.host_id, p.gateway_id, alice_id).await;
     let url = stack.envoy.mcp_url("eng", "demo");
     let agent = connect(&url, Some(&token)).await.expect("alice's token");
     assert_eq!(
@@ -142,7 +142,9 @@ async fn roles_users_identities_and_admin_tokens_are_managed_in_the_console() {
         .goto(&format!("{base}/console/people/{alice_id}"))
         .await;
     browser
-        .click_xpath("//tr[td[1][normalize-space()='Server demo']]//button[normalize-space()='Disable']")
+        .click_xpath(
+            "//tr[td[1][normalize-space()='Server demo']]//button[normalize-space()='Disable']",
+        )
         .await;
     let confirm = browser.page_text().await;
     assert!(
@@ -163,7 +165,9 @@ async fn roles_users_identities_and_admin_tokens_are_managed_in_the_console() {
     expect_refusal(&url, Some(&token), (403, "identity_disabled")).await;
     browser.screenshot("32-identity-disabled").await;
     browser
-        .click_xpath("//tr[td[1][normalize-space()='Server demo']]//button[normalize-space()='Enable']")
+        .click_xpath(
+            "//tr[td[1][normalize-space()='Server demo']]//button[normalize-space()='Enable']",
+        )
         .await;
     browser.click_labelled("main", "Yes, enable").await;
     assert_eq!(initialize_with(&url, Some(&token)).await.status, 200);
@@ -222,7 +226,9 @@ async fn an_enrollment_link_is_shown_once_and_the_users_consent_yields_their_tok
         .select_by_value(&bob.to_string())
         .await
         .unwrap();
-    browser.click_labelled("main", "Create enrollment link").await;
+    browser
+        .click_labelled("main", "Create enrollment link")
+        .await;
     let link = browser.text("#secret").await;
     assert!(link.starts_with(&format!("{base}/enroll/")), "{link}");
     assert!(browser.page_text().await.contains("Shown once."));
@@ -241,9 +247,7 @@ async fn an_enrollment_link_is_shown_once_and_the_users_consent_yields_their_tok
         !source(&browser).await.contains(code),
         "the link is never shown again"
     );
-    let row = browser
-        .text("main section:last-of-type table tbody")
-        .await;
+    let row = browser.text("main section:last-of-type table tbody").await;
     assert!(row.contains("bob") && row.contains("pending"), "{row}");
     let claims = browser
         .client
@@ -258,7 +262,8 @@ async fn an_enrollment_link_is_shown_once_and_the_users_consent_yields_their_tok
     let bobs = Browser::start(stack.dir.path()).await;
     bobs.goto(&link).await;
     bobs.fill("input[name=username]", "bob").await;
-    bobs.fill("input[name=password]", "bob's own password").await;
+    bobs.fill("input[name=password]", "bob's own password")
+        .await;
     bobs.click("form button[type=submit]").await;
     let page = bobs.page_text().await;
     assert!(!page.contains("Wrong"), "{page}");
@@ -267,9 +272,7 @@ async fn an_enrollment_link_is_shown_once_and_the_users_consent_yields_their_tok
     browser
         .goto(&format!("{base}/console/hosts/{}", p.host_id))
         .await;
-    let row = browser
-        .text("main section:last-of-type table tbody")
-        .await;
+    let row = browser.text("main section:last-of-type table tbody").await;
     assert!(row.contains("completed"), "{row}");
     browser
         .click_labelled("main section:last-of-type table", "Claim per-user token")
@@ -279,9 +282,7 @@ async fn an_enrollment_link_is_shown_once_and_the_users_consent_yields_their_tok
     let url = stack.envoy.mcp_url("eng", "demo");
     assert_eq!(initialize_with(&url, Some(&token)).await.status, 200);
     browser.click_labelled("main", "Done").await;
-    let row = browser
-        .text("main section:last-of-type table tbody")
-        .await;
+    let row = browser.text("main section:last-of-type table tbody").await;
     assert!(row.contains("claimed"), "{row}");
     let (_, tokens) = admin
         .get(&format!("/api/v1/hosts/{}/tokens", p.host_id))
@@ -317,10 +318,7 @@ async fn signing_keys_rotate_after_a_confirmation() {
     sign_in(&browser, &base, "owner", OWNER_PASSWORD).await;
     browser.goto(&format!("{base}/console/keys")).await;
     let table = browser.text("main table").await;
-    assert!(
-        table.contains(&active) && table.contains(&next),
-        "{table}"
-    );
+    assert!(table.contains(&active) && table.contains(&next), "{table}");
     browser.click_labelled("main", "Rotate signing keys").await;
     assert!(
         browser
@@ -426,10 +424,7 @@ async fn a_reader_sees_no_control_on_any_page_and_every_forged_post_is_refused()
             "{path}: no control without its capability:\n{}",
             browser.page_text().await
         );
-        assert!(
-            !browser.page_text().await.contains("Not done"),
-            "{path}"
-        );
+        assert!(!browser.page_text().await.contains("Not done"), "{path}");
     }
     browser.goto(&format!("{base}/console/people/1")).await;
     browser.screenshot("36-reader-sees-no-control").await;
@@ -452,15 +447,60 @@ async fn a_reader_sees_no_control_on_any_page_and_every_forged_post_is_refused()
     let before = state_of(&stack).await;
     let s = p.server_id;
     let forged: Vec<(&str, String, Vec<(&str, &str)>, &str)> = vec![
-        ("POST", format!("/api/v1/identities/{identity}/disable"), vec![], "identities.toggle"),
-        ("POST", "/api/v1/oauth/signing-keys/rotate".into(), vec![], "users.manage"),
-        ("POST", "/api/v1/roles".into(), vec![("name", "sneaky"), ("capabilities[]", "users.manage")], "users.manage"),
-        ("POST", "/api/v1/users/1/admin-tokens".into(), vec![], "users.manage"),
-        ("POST", format!("/api/v1/servers/{s}/disable"), vec![], "servers.toggle"),
-        ("POST", format!("/api/v1/gateways/{g}/disable"), vec![], "gateways.toggle"),
-        ("PUT", format!("/api/v1/gateways/{g}/servers/{s}/features/tools"), vec![("mode", "block_all")], "features.manage"),
-        ("POST", "/api/v1/teams".into(), vec![("name", "sneaky")], "teams.manage"),
-        ("PUT", format!("/api/v1/users/1/identities/{s}"), vec![("credential.type", "bearer"), ("credential.token", "x")], "users.manage"),
+        (
+            "POST",
+            format!("/api/v1/identities/{identity}/disable"),
+            vec![],
+            "identities.toggle",
+        ),
+        (
+            "POST",
+            "/api/v1/oauth/signing-keys/rotate".into(),
+            vec![],
+            "users.manage",
+        ),
+        (
+            "POST",
+            "/api/v1/roles".into(),
+            vec![("name", "sneaky"), ("capabilities[]", "users.manage")],
+            "users.manage",
+        ),
+        (
+            "POST",
+            "/api/v1/users/1/admin-tokens".into(),
+            vec![],
+            "users.manage",
+        ),
+        (
+            "POST",
+            format!("/api/v1/servers/{s}/disable"),
+            vec![],
+            "servers.toggle",
+        ),
+        (
+            "POST",
+            format!("/api/v1/gateways/{g}/disable"),
+            vec![],
+            "gateways.toggle",
+        ),
+        (
+            "PUT",
+            format!("/api/v1/gateways/{g}/servers/{s}/features/tools"),
+            vec![("mode", "block_all")],
+            "features.manage",
+        ),
+        (
+            "POST",
+            "/api/v1/teams".into(),
+            vec![("name", "sneaky")],
+            "teams.manage",
+        ),
+        (
+            "PUT",
+            format!("/api/v1/users/1/identities/{s}"),
+            vec![("credential.type", "bearer"), ("credential.token", "x")],
+            "users.manage",
+        ),
     ];
     for (method, path, fields, cap) in &forged {
         let mut form = vec![

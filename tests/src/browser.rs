@@ -190,7 +190,9 @@ impl Browser {
             .ok()
             .and_then(|v| v.as_u64())
             .map_or(WINDOW.1, |h| {
-                u32::try_from(h).unwrap_or(MAX_SHOT_HEIGHT).clamp(WINDOW.1, MAX_SHOT_HEIGHT)
+                u32::try_from(h)
+                    .unwrap_or(MAX_SHOT_HEIGHT)
+                    .clamp(WINDOW.1, MAX_SHOT_HEIGHT)
             });
         if height > WINDOW.1 {
             let _ = self.client.set_window_size(WINDOW.0, height).await;

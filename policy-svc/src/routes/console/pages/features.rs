@@ -23,7 +23,10 @@ const KINDS: [(&str, &str); 3] = [
 
 const MODES: [(&str, &str); 3] = [
     ("allow_all", "allow all (new items too)"),
-    ("allow_selected", "allow selected (new or changed items blocked until allowed)"),
+    (
+        "allow_selected",
+        "allow selected (new or changed items blocked until allowed)",
+    ),
     ("block_all", "block all"),
 ];
 
