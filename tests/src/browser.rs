@@ -185,7 +185,12 @@ impl Browser {
     pub async fn screenshot(&self, name: &str) {
         let height = self
             .client
-            .execute("return document.documentElement.scrollHeight", vec![])
+            // The window's height that shows the whole document: its height plus the
+            // window's own chrome (outer minus inner).
+            .execute(
+                "return document.documentElement.scrollHeight + window.outerHeight - window.innerHeight",
+                vec![],
+            )
             .await
             .ok()
             .and_then(|v| v.as_u64())

@@ -127,10 +127,10 @@ pub async fn page(
                 table.features {
                     thead { tr {
                         @if selecting { th { "Allowed" } }
-                        th { "Name" } th { "About" } th { "Status" } th { "First seen" } th { "Last seen" } th { "Changed" } th { "Allowed at" } th {}
+                        th { "Name" } th { "About" } th { "Status" } th { "Seen first / last" } th { "Changed / allowed" } th {}
                     } }
                     tbody {
-                        @if items.is_empty() { (none_yet(if selecting { 9 } else { 8 }, "None seen yet: refresh the live lists.")) }
+                        @if items.is_empty() { (none_yet(if selecting { 7 } else { 6 }, "None seen yet: refresh the live lists.")) }
                         @for item in &items {
                             @let name = item["name"].as_str().unwrap_or("");
                             @let status = item["status"].as_str().unwrap_or("");
@@ -141,10 +141,8 @@ pub async fn page(
                                 td { code { (name) } }
                                 td { (about(item)) }
                                 td { (status_badge(status)) }
-                                td { (when(&item["first_seen"])) }
-                                td { (when(&item["last_seen"])) }
-                                td { (when(&item["changed_at"])) }
-                                td { (when(&item["approved_at"])) }
+                                td.seen { (when(&item["first_seen"])) br; (when(&item["last_seen"])) }
+                                td.seen { (when(&item["changed_at"])) br; (when(&item["approved_at"])) }
                                 td {
                                     @if manage && (status == "changed" || status == "not_selected") {
                                         (action(&signed, &Action { method: "POST", path: format!("{base}/{kind}/approve"), label: if status == "changed" { "Allow again" } else { "Allow" }, what: String::new(), back: &back, danger: false }, html! {
