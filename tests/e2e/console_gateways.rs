@@ -308,6 +308,18 @@ async fn teams_members_and_grants_are_managed_in_the_console_and_hold_on_the_nex
         .await;
     let page = browser.page_text().await;
     assert!(page.contains("Granted to the teams: Support"), "{page}");
+    // Headed apps new to the gateway can be made to wait for approval.
+    browser
+        .click_labelled("main", "Require approval of new apps")
+        .await;
+    assert!(
+        browser
+            .page_text()
+            .await
+            .contains("waits for an admin's approval")
+    );
+    let (_, gateways) = admin.get("/api/v1/gateways").await;
+    assert_eq!(gateways[0]["approve_hosts"], true, "{gateways}");
 
     // Bob out of Support: refused from his next request.
     browser.goto(&format!("{base}/console/teams")).await;

@@ -57,7 +57,8 @@ fn verb_of(method: &str) -> Option<(Verb, Method)> {
 
 /// The call's JSON body from the form's other fields: empty fields left out; names
 /// ending in `_id` and `expires_in_minutes` as numbers; `name[]` fields as one array;
-/// `a.b` as nested objects; `expires_at` from a `datetime-local` input (UTC) as RFC 3339.
+/// `a.b` as nested objects; `expires_at` from a `datetime-local` input (UTC) as RFC 3339;
+/// `required` (`true`/`false`) as a boolean.
 pub fn body_of(fields: &[(String, String)]) -> Value {
     let mut body = Map::new();
     for (name, value) in fields {
@@ -81,6 +82,8 @@ pub fn body_of(fields: &[(String, String)]) -> Value {
             value
                 .parse::<i64>()
                 .map_or_else(|_| Value::String(value.to_owned()), Value::from)
+        } else if name == "required" && (value == "true" || value == "false") {
+            Value::Bool(value == "true")
         } else if name == "expires_at" && value.len() == 16 {
             Value::String(format!("{value}:00Z"))
         } else {
@@ -447,6 +450,10 @@ mod tests {
                 ("credential.token", "t"),
             ]),
             serde_json::json!({"capabilities": ["audit.read", "hosts.read"], "credential": {"type": "bearer", "token": "t"}})
+        );
+        assert_eq!(
+            f(&[("required", "true")]),
+            serde_json::json!({"required": true})
         );
         // A role with no capability picked still sends the (empty) list.
         assert_eq!(

@@ -171,6 +171,18 @@ pub async fn one(
                 @for t in &teams { (tag(&text(&t["name"]))) " " }
                 "· " a href="/console/teams" { "Manage grants on Teams" }
             }
+            p {
+                @if flag(g, "approve_hosts") {
+                    "A headed app new to this gateway waits for an admin's approval (Apps & Agents) before its first request goes through. "
+                } @else {
+                    "A headed app new to this gateway is let in at once. "
+                }
+                @if api.can(Verb::Put, "/api/v1/gateways/{id}/host-approval") {
+                    (action(&signed, &Action { method: "PUT", path: format!("/api/v1/gateways/{gateway_id}/host-approval"), label: if flag(g, "approve_hosts") { "Stop requiring approval" } else { "Require approval of new apps" }, what: String::new(), back: &back, danger: false }, html! {
+                        input type="hidden" name="required" value=(if flag(g, "approve_hosts") { "false" } else { "true" });
+                    }))
+                }
+            }
         }
         @if let Some(connections) = &connections {
             section {

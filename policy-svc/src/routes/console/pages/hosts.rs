@@ -40,7 +40,7 @@ pub async fn list(State(_): State<Console>, signed: Signed, Query(done): Query<D
                         tr {
                             td { a href={ "/console/hosts/" (id(h)) } { (name) } }
                             td { (tag(if h["kind"] == "oauth" { "headed (OAuth)" } else { "token-based" })) }
-                            td { (badge(flag(h, "enabled"))) }
+                            td { (badge(flag(h, "enabled"))) @if flag(h, "pending") { " " (pending(&signed, id(h), back)) } }
                             td { (when(&h["created_at"])) }
                             td { (toggle(&signed, "hosts", id(h), flag(h, "enabled"), &format!("the host {name}"), back)) }
                         }
@@ -97,6 +97,7 @@ pub async fn one(
     let body = html! {
         div.state {
             (tag(if token_based { "token-based" } else { "headed (OAuth)" })) " " (badge(flag(host, "enabled"))) " "
+            @if flag(host, "pending") { (pending(&signed, host_id, &back)) " " }
             (toggle(&signed, "hosts", host_id, flag(host, "enabled"), &format!("the host {name}"), &back))
         }
         @if manage && token_based {
@@ -147,6 +148,18 @@ pub async fn one(
         }
     };
     layout::page(&signed, "/console/hosts", &name, done.notice(), body)
+}
+
+/// A headed host waiting for approval (on a gateway that requires it): its badge, and
+/// Approve for those who may let it in.
+fn pending(signed: &Signed, host_id: i64, back: &str) -> Markup {
+    html! {
+        span.badge.off { "pending approval" }
+        @if signed.api.can(Verb::Post, "/api/v1/hosts/{id}/approve") {
+            " "
+            (action(signed, &Action { method: "POST", path: format!("/api/v1/hosts/{host_id}/approve"), label: "Approve", what: String::new(), back, danger: false }, html! {}))
+        }
+    }
 }
 
 pub fn gateway_select(id_attr: &str, gateways: &[Value]) -> Markup {
