@@ -347,6 +347,14 @@ async fn signing_keys_rotate_after_a_confirmation() {
     browser.screenshot("35-signing-keys-rotated").await;
 }
 
+/// A forged post: method, path, body fields, and the capability its refusal names.
+type Forged = (
+    &'static str,
+    String,
+    Vec<(&'static str, &'static str)>,
+    &'static str,
+);
+
 /// Admin API state a forged post could have changed, to compare before and after.
 async fn state_of(stack: &Stack) -> Vec<Value> {
     let admin = stack.admin();
@@ -446,7 +454,7 @@ async fn a_reader_sees_no_control_on_any_page_and_every_forged_post_is_refused()
         .unwrap();
     let before = state_of(&stack).await;
     let s = p.server_id;
-    let forged: Vec<(&str, String, Vec<(&str, &str)>, &str)> = vec![
+    let forged: Vec<Forged> = vec![
         (
             "POST",
             format!("/api/v1/identities/{identity}/disable"),

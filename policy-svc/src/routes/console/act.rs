@@ -362,6 +362,9 @@ fn shown_once(signed: &Signed, answer: &Value, back: &str) -> Option<Response> {
             @if !prefix.is_empty() {
                 p.muted { "Listed from now on by its prefix " code { (prefix) } "." }
             }
+            @if kind == "enrollment link" {
+                p.muted { "Send it to the user: they open it once, sign in with their own password and bring their identities. Then claim their per-user token on the host's page." }
+            }
             @if !missing.is_empty() {
                 div.warning {
                     p { "This gateway exposes per-user servers the user has no identity for yet; they refuse this token with identity_missing until one is brought:" }

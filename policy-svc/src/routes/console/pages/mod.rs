@@ -24,8 +24,12 @@ pub fn by_id(items: &[Value]) -> HashMap<i64, &Value> {
         .collect()
 }
 
-/// The `name` of item `id`, or `#id` when the listing is not readable to this user.
+/// The `name` of item `id`, or `#id` when the listing is not readable to this user;
+/// `—` for no id.
 pub fn name_in(items: &HashMap<i64, &Value>, id: &Value) -> String {
+    if id.is_null() {
+        return "—".into();
+    }
     id.as_i64()
         .and_then(|i| items.get(&i))
         .and_then(|v| v["name"].as_str())
