@@ -433,3 +433,69 @@ async fn every_break_glass_toggle_asks_first_and_holds_on_the_next_request() {
     browser.goto(&format!("{base}/console/gateways/{g}")).await;
     browser.screenshot("44-gateway-connections").await;
 }
+
+#[tokio::test]
+async fn a_new_headed_app_waits_until_approved_in_the_console() {
+    let stack = Stack::start().await;
+    let admin = stack.admin();
+    let g = admin.gateway("eng").await;
+    let s = admin.server("demo", &stack.demo.upstream_url()).await;
+    admin.expose(g, s).await;
+    admin.person("alice", mcpguard_e2e::oauth::PASSWORD).await;
+    set_password(&stack, 1, OWNER_PASSWORD).await;
+    let base = stack.policy.public_url();
+    let url = stack.envoy.mcp_url("eng", "demo");
+    let browser = Browser::start(stack.dir.path()).await;
+    sign_in(&browser, &base, "owner", OWNER_PASSWORD).await;
+
+    browser.goto(&format!("{base}/console/gateways/{g}")).await;
+    browser
+        .click_labelled("main", "Require approval of new apps")
+        .await;
+    let (_, gateways) = admin.get("/api/v1/gateways").await;
+    assert_eq!(gateways[0]["approve_hosts"], true, "{gateways}");
+
+    // Alice connects a new app by OAuth: it has tokens, but waits.
+    let client = mcpguard_e2e::oauth::RawClient::register(&base, "New app").await;
+    let tokens = client
+        .sign_in(&url, "alice", mcpguard_e2e::oauth::PASSWORD)
+        .await;
+    let access = tokens["access_token"].as_str().unwrap().to_owned();
+    expect_refusal(&url, Some(&access), (403, "host_pending")).await;
+
+    // Apps & Agents shows it pending, with Approve; approving lets it in at once.
+    browser.goto(&format!("{base}/console/hosts")).await;
+    let row = "//tr[td[1][normalize-space()='New app']]";
+    let text = browser
+        .client
+        .find(fantoccini::Locator::XPath(row))
+        .await
+        .expect("the app is listed")
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("headed (OAuth)") && text.contains("pending approval"),
+        "{text}"
+    );
+    browser.screenshot("45-host-pending-approval").await;
+    browser
+        .click_xpath(&format!("{row}//button[normalize-space()='Approve']"))
+        .await;
+    assert!(
+        browser
+            .page_text()
+            .await
+            .contains("Allowed. This holds from the next request.")
+    );
+    assert_eq!(initialize_with(&url, Some(&access)).await.status, 200);
+    let text = browser
+        .client
+        .find(fantoccini::Locator::XPath(row))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.contains("pending"), "{text}");
+}
