@@ -302,6 +302,30 @@ async fn teams_members_and_grants_are_managed_in_the_console_and_hold_on_the_nex
     );
     expect_refusal(&url, Some(&p.token), (403, "gateway_not_granted")).await;
     assert_eq!(initialize_with(&url, Some(&bob_token)).await.status, 200);
+    // The owner's connection flow for that gateway says so, and offers no token.
+    browser
+        .goto(&format!(
+            "{base}/console/hosts/{}/connect?gateway_id={}",
+            p.host_id, p.gateway_id
+        ))
+        .await;
+    let page = browser.page_text().await;
+    assert!(
+        page.contains("None of your teams is granted this gateway"),
+        "{page}"
+    );
+    assert!(
+        browser
+            .client
+            .find_all(fantoccini::Locator::XPath(
+                "//button[normalize-space()='Generate token']"
+            ))
+            .await
+            .unwrap()
+            .is_empty(),
+        "{page}"
+    );
+    browser.goto(&format!("{base}/console/teams")).await;
     browser.screenshot("43-teams").await;
     browser
         .goto(&format!("{base}/console/gateways/{}", p.gateway_id))

@@ -57,6 +57,17 @@ pub fn need_of(exposure: &Value, identities: Option<&[Value]>) -> Need {
     }
 }
 
+/// Whether one of the teams granted the gateway (`granted`, as the API lists them) holds
+/// user `me`: `everyone` holds every user, the others their members.
+pub fn granted_to(me: i64, granted: &[Value]) -> bool {
+    granted.iter().any(|t| {
+        flag(t, "everyone")
+            || t["members"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|u| u.as_i64() == Some(me)))
+    })
+}
+
 fn need_badge(need: Need) -> Markup {
     match need {
         Need::Shared => tag("nothing to bring (shared)"),
@@ -134,6 +145,14 @@ pub async fn page(
         .map(|(e, _)| e)
         .collect();
     let can_bring = api.can(Verb::Put, "/api/v1/users/{id}/identities/{server_id}");
+    // The API refuses a token for a gateway none of the user's teams is granted; say so
+    // before the user brings identities for nothing.
+    let granted = api
+        .get(&format!("/api/v1/gateways/{gateway_id}/teams"))
+        .await
+        .ok()
+        .and_then(|v| v.as_array().map(|teams| granted_to(me, teams)))
+        .unwrap_or(true);
     let base = console
         .app
         .oauth
@@ -151,6 +170,9 @@ pub async fn page(
             li {
                 h2 { "Confirm the gateway" }
                 div.state { strong { (gateway_name) } " " code { (slug) } " " (badge(flag(g, "enabled"))) }
+                @if !granted {
+                    p.error role="alert" { "None of your teams is granted this gateway, so a token for it would be refused (gateway_not_granted). Ask for a grant on Teams, or pick another gateway." }
+                }
                 table {
                     thead { tr { th { "Server" } th { "Identity scheme" } th { "URL" } th { "You" } } }
                     tbody {
@@ -195,7 +217,9 @@ pub async fn page(
             }
             li {
                 h2 { "Generate the token" }
-                @if missing.is_empty() || !can_bring {
+                @if !granted {
+                    p.muted { "Not until one of your teams is granted the gateway." }
+                } @else if missing.is_empty() || !can_bring {
                     section.card {
                         p { "For " strong { (host_name) } " on " strong { (gateway_name) } ". It is shown once, with Copy and Download." }
                         (action(&signed, &Action { method: "POST", path: format!("/api/v1/hosts/{host_id}/tokens"), label: "Generate token", what: String::new(), back: &host_back, danger: false }, html! {
@@ -238,5 +262,15 @@ mod tests {
         assert_eq!(need_of(&per_user, Some(&other)), Need::Missing);
         assert_eq!(need_of(&per_user, Some(&[])), Need::Missing);
         assert_eq!(need_of(&per_user, None), Need::Unknown);
+    }
+
+    #[test]
+    fn a_gateway_is_granted_through_everyone_or_a_team_the_user_is_in() {
+        let everyone = json!({"everyone": true, "members": []});
+        let support = json!({"everyone": false, "members": [2, 3]});
+        assert!(granted_to(7, &[everyone]));
+        assert!(granted_to(3, std::slice::from_ref(&support)));
+        assert!(!granted_to(7, std::slice::from_ref(&support)));
+        assert!(!granted_to(7, &[]));
     }
 }
