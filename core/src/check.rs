@@ -153,6 +153,7 @@ pub enum DenyCode {
     UserDisabled,
     IdentityDisabled,
     IdentityMissing,
+    IdentityExpired,
     ServerDisabled,
     GatewayDisabled,
     UpstreamDenied,
@@ -166,7 +167,7 @@ pub enum DenyCode {
 }
 
 impl DenyCode {
-    pub const ALL: [DenyCode; 23] = [
+    pub const ALL: [DenyCode; 24] = [
         DenyCode::TokenMissing,
         DenyCode::TokenMalformed,
         DenyCode::TokenUnknown,
@@ -180,6 +181,7 @@ impl DenyCode {
         DenyCode::UserDisabled,
         DenyCode::IdentityDisabled,
         DenyCode::IdentityMissing,
+        DenyCode::IdentityExpired,
         DenyCode::ServerDisabled,
         DenyCode::GatewayDisabled,
         DenyCode::UpstreamDenied,
@@ -207,6 +209,7 @@ impl DenyCode {
             DenyCode::UserDisabled => "user_disabled",
             DenyCode::IdentityDisabled => "identity_disabled",
             DenyCode::IdentityMissing => "identity_missing",
+            DenyCode::IdentityExpired => "identity_expired",
             DenyCode::ServerDisabled => "server_disabled",
             DenyCode::GatewayDisabled => "gateway_disabled",
             DenyCode::UpstreamDenied => "upstream_denied",
@@ -235,6 +238,7 @@ impl DenyCode {
             | DenyCode::UserDisabled
             | DenyCode::IdentityDisabled
             | DenyCode::IdentityMissing
+            | DenyCode::IdentityExpired
             | DenyCode::ServerDisabled
             | DenyCode::GatewayDisabled
             | DenyCode::GatewayNotGranted
@@ -264,6 +268,10 @@ impl DenyCode {
             DenyCode::UserDisabled => "the user is disabled",
             DenyCode::IdentityDisabled => "the user's identity for this server is disabled",
             DenyCode::IdentityMissing => "the user has no identity for this server",
+            DenyCode::IdentityExpired => {
+                "the server refused to renew the user's sign-in: reconnect the account \
+                 (Connect, on the consent or enrollment page)"
+            }
             DenyCode::ServerDisabled => "the server is disabled",
             DenyCode::GatewayDisabled => "the gateway is disabled",
             DenyCode::GatewayNotGranted => {
