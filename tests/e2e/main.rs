@@ -21,6 +21,7 @@ mod ext_authz;
 mod failure;
 mod identities;
 mod oauth;
+mod oauth_identities;
 mod observability;
 mod provisioning;
 mod routing;
