@@ -272,7 +272,7 @@ fn form_page(
         code = escape(code),
         csrf = escape(csrf),
     ));
-    for m in &o.missing {
+    for m in o.missing.iter().filter(|m| !m.oauth.0) {
         body.push_str(&format!(
             "<label>Your access token for <b>{name}</b> (sent to it as a bearer token; \
              stored encrypted) <input name=\"identity_{id}\" type=\"password\" \
@@ -282,6 +282,15 @@ fn form_page(
         ));
     }
     body.push_str("<button type=\"submit\">Allow</button></form>");
+    // OAuth-protected servers are connected by the user, not typed in; until then
+    // they refuse the agent's token for this user with `identity_missing`.
+    for m in o.missing.iter().filter(|m| m.oauth.0) {
+        body.push_str(&format!(
+            "<p><b>{name}</b> signs you in with your own account: connect it when your \
+             application asks you to (the OAuth consent page).</p>",
+            name = escape(&m.name),
+        ));
+    }
     let mut response = html(status, "Enroll", body);
     // A fresh CSRF value per page, matched against the form (double submit): only a page
     // served by this site to this browser can post it.
@@ -405,7 +414,8 @@ async fn submit(
         }
     }
     // Every identity checked before any is saved: a refused form changes nothing.
-    let checked = identities_from_form(&opened.missing, field, true).map_err(|m| {
+    let typed: Vec<_> = opened.missing.iter().filter(|m| !m.oauth.0).cloned().collect();
+    let checked = identities_from_form(&typed, field, true).map_err(|m| {
         let error = format!(
             "Enter your access token for {} (one word, no spaces).",
             m.name

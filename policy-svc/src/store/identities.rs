@@ -75,7 +75,7 @@ pub async fn list_for_user(db: &Db, user_id: i64) -> Result<Vec<Identity>> {
 }
 
 /// A per-user server a user has no identity for, on one gateway.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Missing {
     pub server_id: i64,
     pub slug: String,
