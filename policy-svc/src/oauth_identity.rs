@@ -26,6 +26,32 @@ pub const NEEDS_RECONNECT: &str = "needs_reconnect";
 /// Where the authorization server sends the browser back.
 pub const CALLBACK_PATH: &str = "/oauth/connect/callback";
 
+/// The cookie that binds a Connect to the browser that started it on a page with no
+/// sign-in session of its own (the enrollment page): random, sent only to the
+/// callback, and the flow stores only its hash.
+pub const CONNECT_COOKIE: &str = "mcpguard_connect";
+
+/// A fresh browser binding for [`begin_connect`]: the `Set-Cookie` value to hand the
+/// browser, and the hash to bind the flow to.
+pub fn connect_cookie(state: &AppState) -> Result<(String, String), ApiError> {
+    let value = secrets::random_id().map_err(ApiError::no_randomness)?;
+    let cookie = format!(
+        "{CONNECT_COOKIE}={value}; Path={CALLBACK_PATH}; HttpOnly; SameSite=Lax; Max-Age={}{}",
+        CONNECT_TTL_MS / 1000,
+        crate::pages::secure_attr(&state.oauth.issuer)
+    );
+    Ok((cookie, session_hash(&value)))
+}
+
+/// What a browser binding (a session token, a connect cookie) is stored as.
+pub fn session_hash(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// The page a Connect returns to when it has none to go back to.
+pub const RETURN_DONE: &str = "";
+
 /// How long a refresh lease lasts: longer than a token call may take (10 s), so that
 /// a lease ends only when its holder died mid-refresh.
 const LEASE_MS: i64 = 15_000;
@@ -232,17 +258,24 @@ pub fn state_hash(flow_state: &str) -> String {
 
 /// Whether a taken flow may be finished by this browser session now: the session
 /// that started it, before it expired. Pure, so that the binding is tested alone.
+/// `bindings` are the hashes of what the browser presented (its sign-in session, its
+/// connect cookie).
 pub fn flow_is_this_sessions(
     flow: &db::ConnectState,
-    session_hash: Option<&str>,
+    bindings: &[&str],
     now: i64,
 ) -> Result<(), ConnectError> {
     if flow.expires_at < now {
         return Err(ConnectError::UnknownState);
     }
-    match session_hash {
-        Some(h) if secrets::ct_eq(h, &flow.session_hash) => Ok(()),
-        _ => Err(ConnectError::OtherSession),
+    // Every one compared, in constant time each.
+    let matched = bindings
+        .iter()
+        .fold(false, |m, h| secrets::ct_eq(h, &flow.session_hash) | m);
+    if matched {
+        Ok(())
+    } else {
+        Err(ConnectError::OtherSession)
     }
 }
 
@@ -251,7 +284,7 @@ pub fn flow_is_this_sessions(
 /// tokens kept sealed as the user's identity. Returns where to send the browser.
 pub async fn finish_connect(
     state: &AppState,
-    session_hash: Option<&str>,
+    bindings: &[&str],
     flow_state: &str,
     code: &str,
 ) -> Result<String, ConnectError> {
@@ -259,7 +292,7 @@ pub async fn finish_connect(
     let flow = db::take_connect_state(&state.db, &state_hash)
         .await?
         .ok_or(ConnectError::UnknownState)?;
-    flow_is_this_sessions(&flow, session_hash, now_ms())?;
+    flow_is_this_sessions(&flow, bindings, now_ms())?;
     let o = db::server_oauth(&state.db, flow.server_id)
         .await?
         .ok_or(ConnectError::NotOauth)?;
@@ -547,17 +580,18 @@ mod tests {
 
     #[test]
     fn a_flow_is_finished_only_by_the_session_that_started_it_in_time() {
-        assert!(flow_is_this_sessions(&flow("s1", 100), Some("s1"), 50).is_ok());
+        assert!(flow_is_this_sessions(&flow("s1", 100), &["s1"], 50).is_ok());
+        assert!(flow_is_this_sessions(&flow("s1", 100), &["s0", "s1"], 50).is_ok());
         assert!(matches!(
-            flow_is_this_sessions(&flow("s1", 100), Some("s2"), 50),
+            flow_is_this_sessions(&flow("s1", 100), &["s2"], 50),
             Err(ConnectError::OtherSession)
         ));
         assert!(matches!(
-            flow_is_this_sessions(&flow("s1", 100), None, 50),
+            flow_is_this_sessions(&flow("s1", 100), &[], 50),
             Err(ConnectError::OtherSession)
         ));
         assert!(matches!(
-            flow_is_this_sessions(&flow("s1", 100), Some("s1"), 101),
+            flow_is_this_sessions(&flow("s1", 100), &["s1"], 101),
             Err(ConnectError::UnknownState)
         ));
         assert_ne!(state_hash("a"), state_hash("b"));

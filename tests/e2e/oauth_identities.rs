@@ -7,6 +7,7 @@
 //! downstream as that downstream user; short downstream token lifetimes prove the
 //! refresh; a revoked grant gives `identity_expired`, and reconnecting restores it.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use mcpguard_e2e::mcp::{self, call_text, initialize_with};
@@ -268,4 +269,112 @@ async fn a_user_connects_their_downstream_account_and_it_is_refreshed_and_reconn
     ] {
         assert!(!text.contains("eyJ"), "a token in the upstream's {what}");
     }
+}
+
+/// The upstream (`eng` exposing the downstream's tracker per-user, OAuth-protected)
+/// and its user Alice; (stack, provisioned, alice).
+async fn upstream(down: &Downstream) -> (Stack, mcpguard_e2e::admin::Provisioned, i64) {
+    let up = Stack::start().await;
+    let owner = up.admin();
+    let p = owner.provision("eng", "tracker", &down.url).await;
+    owner
+        .expose_as(p.gateway_id, p.server_id, json!({"identity": "per_user"}))
+        .await;
+    let alice = owner.person("alice", PASSWORD).await;
+    let path = format!("/api/v1/servers/{}/oauth", p.server_id);
+    let (status, oauth) = owner.call(Method::PUT, &path, Some(json!({}))).await;
+    assert_eq!(status, 200, "{oauth}");
+    (up, p, alice)
+}
+
+#[tokio::test]
+async fn a_user_connects_their_downstream_account_from_the_enrollment_page() {
+    let down = downstream().await;
+    let (up, p, alice) = upstream(&down).await;
+    let owner = up.admin();
+    let (status, e) = owner
+        .post(
+            &format!("/api/v1/hosts/{}/enrollments", p.host_id),
+            json!({"gateway_id": p.gateway_id, "user_id": alice}),
+        )
+        .await;
+    assert_eq!(status, 201, "{e}");
+    let link = e["url"].as_str().unwrap().to_owned();
+
+    // Alice signs in on her link and connects her downstream account (as Dana).
+    let mut browser = Browser::default();
+    let page = browser.get(&link).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body.contains("Sign in and connect your Server tracker account")
+            && !page.body.contains("name=\"identity_"),
+        "{}",
+        page.body
+    );
+    let mut form = HashMap::new();
+    form.insert("csrf".to_owned(), form_inputs(&page.body)["csrf"].clone());
+    form.insert("username".to_owned(), "alice".to_owned());
+    form.insert("password".to_owned(), PASSWORD.to_owned());
+    let mut connect = form.clone();
+    connect.insert("connect".to_owned(), p.server_id.to_string());
+    // Only the invited user may connect: a wrong password is refused first.
+    let mut wrong = connect.clone();
+    wrong.insert("password".to_owned(), "wrong password".to_owned());
+    assert_eq!(browser.post(&link, &wrong).await.status, 401);
+    let page = browser.get(&link).await;
+    connect.insert("csrf".to_owned(), form_inputs(&page.body)["csrf"].clone());
+    let started = browser.post(&link, &connect).await;
+    assert_eq!(started.status, 303, "{}", started.body);
+    let downstream_issuer = down.stack.policy.public_url();
+    let callback = Browser::default()
+        .authorize(
+            &downstream_issuer,
+            &started.location.unwrap(),
+            "dana",
+            PASSWORD,
+            &[],
+        )
+        .await;
+    // Without the connect cookie (another browser), the callback is refused.
+    let refused = Browser::default().get(&callback).await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    let page = browser.get(&link).await;
+    connect.insert("csrf".to_owned(), form_inputs(&page.body)["csrf"].clone());
+    let started = browser.post(&link, &connect).await;
+    let callback = Browser::default()
+        .authorize(
+            &downstream_issuer,
+            &started.location.unwrap(),
+            "dana",
+            PASSWORD,
+            &[],
+        )
+        .await;
+    let done = browser.get(&callback).await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert!(done.body.contains("connected"), "{}", done.body);
+
+    // Back on the link: nothing left to connect; Alice allows, the agent claims.
+    let page = browser.get(&link).await;
+    assert!(!page.body.contains("connect your"), "{}", page.body);
+    form.insert("csrf".to_owned(), form_inputs(&page.body)["csrf"].clone());
+    let allowed = browser.post(&link, &form).await;
+    assert_eq!(allowed.status, 200, "{}", allowed.body);
+    let (status, t) = owner
+        .post(&format!("/api/v1/enrollments/{}/token", e["id"]), json!({}))
+        .await;
+    assert_eq!(status, 201, "{t}");
+    let url = up.envoy.mcp_url("eng", "tracker");
+    let session = mcp::connect(&url, t["token"].as_str())
+        .await
+        .expect("the agent connects as Alice");
+    assert_eq!(
+        call_text(&session, "echo", json!({"text": "hi"}))
+            .await
+            .unwrap(),
+        "hi"
+    );
+    down.owner
+        .allowed_decision(|e| e["user_id"] == down.dana)
+        .await;
 }

@@ -20,6 +20,7 @@ use crate::auth::{Admin, Capability, HostOf, Scope};
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
 use crate::identities::{identities_from_form, save_identities};
+use crate::oauth_identity;
 use crate::pages::{PageError, cookie, escape, html, refused_for_now, secure_attr};
 use crate::secrets::{self, ct_eq};
 use crate::signin::{self, SignIn, sign_in};
@@ -281,16 +282,18 @@ fn form_page(
             id = m.server_id,
         ));
     }
-    body.push_str("<button type=\"submit\">Allow</button></form>");
-    // OAuth-protected servers are connected by the user, not typed in; until then
-    // they refuse the agent's token for this user with `identity_missing`.
+    // OAuth-protected servers are connected by the user (signed in here first), not
+    // typed in; until then they refuse the agent's token for this user with
+    // `identity_missing`. Connecting comes back to a page that says to reopen the link.
     for m in o.missing.iter().filter(|m| m.oauth.0) {
         body.push_str(&format!(
-            "<p><b>{name}</b> signs you in with your own account: connect it when your \
-             application asks you to (the OAuth consent page).</p>",
+            "<button type=\"submit\" name=\"connect\" value=\"{id}\">Sign in and connect your \
+             {name} account</button>",
+            id = m.server_id,
             name = escape(&m.name),
         ));
     }
+    body.push_str("<button type=\"submit\">Allow</button></form>");
     let mut response = html(status, "Enroll", body);
     // A fresh CSRF value per page, matched against the form (double submit): only a page
     // served by this site to this browser can post it.
@@ -412,6 +415,36 @@ async fn submit(
                 "Wrong user name or password.",
             ));
         }
+    }
+    // "Connect": to the server's sign-in, bound to this browser by a connect cookie.
+    if let Some(connect) = field("connect") {
+        let server = opened
+            .missing
+            .iter()
+            .find(|m| m.oauth.0 && connect.parse() == Ok(m.server_id))
+            .ok_or_else(|| cannot(StatusCode::BAD_REQUEST, "No such server to connect."))?;
+        let (set_cookie, binding) = oauth_identity::connect_cookie(&state)?;
+        let url = oauth_identity::begin_connect(
+            &state,
+            opened.enrollment.user_id,
+            &binding,
+            server.server_id,
+            oauth_identity::RETURN_DONE,
+        )
+        .await?
+        .ok_or_else(|| cannot(StatusCode::NOT_FOUND, "That server does not sign in by OAuth."))?;
+        tracing::info!(
+            enrollment_id = opened.enrollment.id,
+            server_id = server.server_id,
+            "oauth connect started from an enrollment"
+        );
+        let mut response = StatusCode::SEE_OTHER.into_response();
+        for (name, value) in [(header::LOCATION, url), (header::SET_COOKIE, set_cookie)] {
+            if let Ok(v) = value.parse() {
+                response.headers_mut().append(name, v);
+            }
+        }
+        return Ok(crate::pages::no_store(response));
     }
     // Every identity checked before any is saved: a refused form changes nothing.
     let typed: Vec<_> = opened.missing.iter().filter(|m| !m.oauth.0).cloned().collect();

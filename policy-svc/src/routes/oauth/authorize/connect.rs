@@ -15,7 +15,7 @@ use super::request::{AUTHZ_PARAMS, see_other};
 use super::session::{self, session_csrf};
 use crate::AppState;
 use crate::oauth_identity::{self, ConnectError};
-use crate::pages::{PageError, escape};
+use crate::pages::{PageError, cookie, escape, html};
 use crate::secrets::ct_eq;
 
 fn cannot(status: StatusCode, message: &str) -> PageError {
@@ -121,10 +121,26 @@ pub(in crate::routes::oauth) async fn callback(
         ));
     }
     let code = p.required("code").map_err(bad)?;
+    // The browser's bindings: its consent-page session, and the connect cookie of a
+    // page without one (the enrollment page).
     let session = session::signed_in(&state, &headers).await?;
-    let session_hash = session.as_ref().map(|(token, _)| sha256_hex(token));
-    match oauth_identity::finish_connect(&state, session_hash.as_deref(), flow_state, code).await
-    {
+    let bindings: Vec<String> = session
+        .iter()
+        .map(|(token, _)| sha256_hex(token))
+        .chain(
+            cookie(&headers, oauth_identity::CONNECT_COOKIE)
+                .map(|c| oauth_identity::session_hash(&c)),
+        )
+        .collect();
+    let bindings: Vec<&str> = bindings.iter().map(String::as_str).collect();
+    match oauth_identity::finish_connect(&state, &bindings, flow_state, code).await {
+        Ok(return_to) if return_to == oauth_identity::RETURN_DONE => Ok(html(
+            StatusCode::OK,
+            "Connected",
+            "<p>Your account is connected. Go back to the page you came from to finish \
+             (open your enrollment link again).</p>"
+                .into(),
+        )),
         Ok(return_to) => Ok(see_other(&return_to, None)),
         Err(ConnectError::Api(e)) => Err(e.into()),
         Err(e @ ConnectError::Token(_)) => {
