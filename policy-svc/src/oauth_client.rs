@@ -207,7 +207,9 @@ pub fn parse_server_metadata(
         .as_ref()
         .is_some_and(|m| !m.iter().any(|m| m == "S256"))
     {
-        return Err(unavailable("the authorization server does not offer PKCE S256"));
+        return Err(unavailable(
+            "the authorization server does not offer PKCE S256",
+        ));
     }
     for endpoint in [&meta.authorization_endpoint, &meta.token_endpoint]
         .into_iter()
@@ -301,11 +303,12 @@ pub fn parse_tokens(body: &[u8], now_ms: i64) -> Result<Tokens, ClientError> {
             t.token_type
         )));
     }
-    let one_word = |s: &str| {
-        !s.is_empty() && s.len() <= 8192 && s.bytes().all(|b| b.is_ascii_graphic())
-    };
+    let one_word =
+        |s: &str| !s.is_empty() && s.len() <= 8192 && s.bytes().all(|b| b.is_ascii_graphic());
     if !one_word(&t.access_token) || t.refresh_token.as_deref().is_some_and(|r| !one_word(r)) {
-        return Err(unavailable("the token endpoint sent a token that is not one word"));
+        return Err(unavailable(
+            "the token endpoint sent a token that is not one word",
+        ));
     }
     let lifetime = t
         .expires_in
@@ -377,7 +380,9 @@ impl Http {
             .map_err(|e| unavailable(format!("{what}: {}", without_url(&e))))?
         {
             if body.len() + chunk.len() > MAX_BODY {
-                return Err(unavailable(format!("{what}: answer larger than {MAX_BODY} bytes")));
+                return Err(unavailable(format!(
+                    "{what}: answer larger than {MAX_BODY} bytes"
+                )));
             }
             body.extend_from_slice(&chunk);
         }
@@ -504,7 +509,9 @@ impl Http {
         match secret {
             // RFC 6749 §2.3.1: client_secret_basic, each part form-encoded.
             Some(ClientSecret(secret)) => {
-                let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+                let enc = |s: &str| {
+                    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
+                };
                 let basic = mcpguard_core::oauth::base64url(
                     format!("{}:{}", enc(client_id), enc(secret)).as_bytes(),
                 );
@@ -655,9 +662,13 @@ mod tests {
         let ok = br#"{"resource":"http://gw:10000/mcp/eng/demo","authorization_servers":["http://as:9000"]}"#;
         assert_eq!(
             parse_resource_metadata(&up, ok).unwrap(),
-            ("http://gw:10000/mcp/eng/demo".into(), "http://as:9000".into())
+            (
+                "http://gw:10000/mcp/eng/demo".into(),
+                "http://as:9000".into()
+            )
         );
-        let other = br#"{"resource":"http://evil:10000/mcp","authorization_servers":["http://as"]}"#;
+        let other =
+            br#"{"resource":"http://evil:10000/mcp","authorization_servers":["http://as"]}"#;
         assert!(parse_resource_metadata(&up, other).is_err());
         let none = br#"{"resource":"http://gw:10000/mcp/eng/demo","authorization_servers":[]}"#;
         assert!(parse_resource_metadata(&up, none).is_err());
@@ -676,15 +687,24 @@ mod tests {
         let d = parse_server_metadata("http://as", "r".into(), meta("http://as", "").as_bytes())
             .unwrap();
         assert_eq!(d.token_endpoint, "http://as/oauth/token");
-        assert_eq!(d.registration_endpoint.as_deref(), Some("http://as/oauth/register"));
+        assert_eq!(
+            d.registration_endpoint.as_deref(),
+            Some("http://as/oauth/register")
+        );
         assert_eq!(d.revocation_endpoint, None);
         assert!(
             parse_server_metadata("http://as", "r".into(), meta("http://evil", "").as_bytes())
                 .is_err()
         );
-        let plain = meta("http://as", r#","code_challenge_methods_supported":["plain"]"#);
+        let plain = meta(
+            "http://as",
+            r#","code_challenge_methods_supported":["plain"]"#,
+        );
         assert!(parse_server_metadata("http://as", "r".into(), plain.as_bytes()).is_err());
-        let s256 = meta("http://as", r#","code_challenge_methods_supported":["S256"]"#);
+        let s256 = meta(
+            "http://as",
+            r#","code_challenge_methods_supported":["S256"]"#,
+        );
         assert!(parse_server_metadata("http://as", "r".into(), s256.as_bytes()).is_ok());
         let js = r#"{"issuer":"http://as","authorization_endpoint":"javascript:alert(1)","token_endpoint":"http://as/t"}"#;
         assert!(parse_server_metadata("http://as", "r".into(), js.as_bytes()).is_err());
@@ -730,7 +750,11 @@ mod tests {
 
     #[test]
     fn a_4xx_is_a_refusal_and_a_5xx_no_answer() {
-        match token_refusal("refresh", 400, br#"{"error":"invalid_grant","error_description":"secret stuff"}"#) {
+        match token_refusal(
+            "refresh",
+            400,
+            br#"{"error":"invalid_grant","error_description":"secret stuff"}"#,
+        ) {
             ClientError::Refused { status, error, .. } => {
                 assert_eq!((status, error.as_str()), (400, "invalid_grant"));
             }
@@ -744,7 +768,12 @@ mod tests {
             token_refusal("refresh", 503, b""),
             ClientError::Unavailable(_)
         ));
-        let shown = token_refusal("refresh", 400, br#"{"error":"invalid_grant","error_description":"secret stuff"}"#).to_string();
+        let shown = token_refusal(
+            "refresh",
+            400,
+            br#"{"error":"invalid_grant","error_description":"secret stuff"}"#,
+        )
+        .to_string();
         assert!(!shown.contains("secret"), "{shown}");
     }
 }

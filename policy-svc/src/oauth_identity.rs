@@ -77,7 +77,10 @@ pub fn verifier_binding(state_hash: &str) -> String {
 }
 
 pub fn redirect_uri(state: &AppState) -> String {
-    format!("{}{CALLBACK_PATH}", state.oauth.issuer.trim_end_matches('/'))
+    format!(
+        "{}{CALLBACK_PATH}",
+        state.oauth.issuer.trim_end_matches('/')
+    )
 }
 
 fn seal(state: &AppState, plain: &str, bound_to: &str) -> Result<Vec<u8>, ApiError> {
@@ -113,17 +116,17 @@ pub async fn set_up(
     upstream_url: &str,
     setup: Setup,
 ) -> Result<ServerOauth, ApiError> {
-    let upstream = url::Url::parse(upstream_url)
-        .map_err(|_| ApiError::unprocessable("invalid_upstream", "the server's upstream is no URL"))?;
+    let upstream = url::Url::parse(upstream_url).map_err(|_| {
+        ApiError::unprocessable("invalid_upstream", "the server's upstream is no URL")
+    })?;
     for (name, value) in [
         ("client_id", &setup.client_id),
         ("client_secret", &setup.client_secret),
         ("scope", &setup.scope),
     ] {
-        if value
-            .as_deref()
-            .is_some_and(|v| v.is_empty() || v.len() > 2048 || v.bytes().any(|b| b.is_ascii_control()))
-        {
+        if value.as_deref().is_some_and(|v| {
+            v.is_empty() || v.len() > 2048 || v.bytes().any(|b| b.is_ascii_control())
+        }) {
             return Err(ApiError::unprocessable(
                 "invalid_oauth",
                 format!("{name} must be 1 to 2048 printable characters"),
@@ -253,7 +256,9 @@ pub async fn begin_connect(
 
 pub fn state_hash(flow_state: &str) -> String {
     use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(format!("mcpguard connect {flow_state}").as_bytes()))
+    hex::encode(Sha256::digest(
+        format!("mcpguard connect {flow_state}").as_bytes(),
+    ))
 }
 
 /// Whether a taken flow may be finished by this browser session now: the session
@@ -329,11 +334,18 @@ pub async fn finish_connect(
             "identity.connect",
             format!("identities/{id}"),
             None,
-            Some(serde_json::json!({"user_id": user_id, "server_id": server_id, "issuer": o.issuer})),
+            Some(
+                serde_json::json!({"user_id": user_id, "server_id": server_id, "issuer": o.issuer}),
+            ),
         )
         .await
         .map_err(ApiError::from)?;
-    tracing::info!(identity_id = id, user_id, server_id, "identity connected by OAuth");
+    tracing::info!(
+        identity_id = id,
+        user_id,
+        server_id,
+        "identity connected by OAuth"
+    );
     Ok(flow.return_to)
 }
 
@@ -445,14 +457,18 @@ async fn try_refresh(
         db::release_lease(&state.db, identity_id, lease).await?;
         return Ok(Refresh::Failed);
     };
-    let refresh_token = r
-        .refresh_sealed
-        .as_deref()
-        .and_then(|s| state.secrets.open(s, &refresh_binding(r.user_id, r.server_id)));
+    let refresh_token = r.refresh_sealed.as_deref().and_then(|s| {
+        state
+            .secrets
+            .open(s, &refresh_binding(r.user_id, r.server_id))
+    });
     let Some(refresh_token) = refresh_token else {
         // No refresh token was issued (or it does not open): only a new sign-in helps.
         db::mark_needs_reconnect(&state.db, identity_id, lease).await?;
-        tracing::info!(identity_id, "OAuth identity has no usable refresh token: it needs reconnecting");
+        tracing::info!(
+            identity_id,
+            "OAuth identity has no usable refresh token: it needs reconnecting"
+        );
         return Ok(Refresh::Refused);
     };
     let secret = client_secret(state, r.server_id, r.client_secret_sealed.as_deref());
@@ -479,7 +495,10 @@ async fn try_refresh(
             if db::finish_refresh(&state.db, identity_id, lease, &sealed.as_tokens()).await? {
                 tracing::info!(identity_id, "OAuth identity refreshed");
             } else {
-                tracing::warn!(identity_id, "OAuth identity refresh finished after its lease ran out; its tokens are dropped");
+                tracing::warn!(
+                    identity_id,
+                    "OAuth identity refresh finished after its lease ran out; its tokens are dropped"
+                );
             }
             Ok(Refresh::Done)
         }
@@ -536,7 +555,10 @@ pub async fn freshen(state: &AppState, row: &CheckRow) -> Result<bool, DenyCode>
     }
 }
 
-async fn db_refresh_state(state: &AppState, identity_id: i64) -> Option<(Option<i64>, Option<String>)> {
+async fn db_refresh_state(
+    state: &AppState,
+    identity_id: i64,
+) -> Option<(Option<i64>, Option<String>)> {
     sqlx::query_as("SELECT oauth_refresh_at, oauth_status FROM identities WHERE id = $1")
         .bind(identity_id)
         .fetch_optional(&state.db)
@@ -557,8 +579,14 @@ pub async fn revoke(state: &AppState, identity_id: i64) {
     else {
         return;
     };
-    match HTTP.revoke(&r.revocation_endpoint, &r.client_id, &token).await {
-        Ok(()) => tracing::info!(identity_id, "OAuth identity revoked at its authorization server"),
+    match HTTP
+        .revoke(&r.revocation_endpoint, &r.client_id, &token)
+        .await
+    {
+        Ok(()) => tracing::info!(
+            identity_id,
+            "OAuth identity revoked at its authorization server"
+        ),
         Err(e) => tracing::warn!(identity_id, error = %e, "OAuth identity revocation failed"),
     }
 }

@@ -83,7 +83,10 @@ async fn connect_and_consent(
 
     // Connect: to the downstream's sign-in, with PKCE, state and resource.
     let started = browser
-        .post(&format!("{issuer}/oauth/connect"), &form_inputs(&consent.body))
+        .post(
+            &format!("{issuer}/oauth/connect"),
+            &form_inputs(&consent.body),
+        )
         .await;
     assert_eq!(started.status, 303, "{}", started.body);
     let to_downstream = started.location.unwrap();
@@ -98,7 +101,13 @@ async fn connect_and_consent(
         Some("S256")
     );
     let callback = Browser::default()
-        .authorize(&downstream_issuer, &to_downstream, "dana", dana_password, &[])
+        .authorize(
+            &downstream_issuer,
+            &to_downstream,
+            "dana",
+            dana_password,
+            &[],
+        )
         .await;
     assert!(
         callback.starts_with(&format!("{issuer}/oauth/connect/callback?")),
@@ -111,7 +120,10 @@ async fn connect_and_consent(
     assert_eq!(refused.status, 400, "another session: {}", refused.body);
     // That spent the state (it works once, whoever presents it): start again.
     let started = browser
-        .post(&format!("{issuer}/oauth/connect"), &form_inputs(&consent.body))
+        .post(
+            &format!("{issuer}/oauth/connect"),
+            &form_inputs(&consent.body),
+        )
         .await;
     let callback = Browser::default()
         .authorize(
@@ -125,7 +137,11 @@ async fn connect_and_consent(
     let back = browser.get(&callback).await;
     assert_eq!(back.status, 303, "{}", back.body);
     let replayed = browser.get(&callback).await;
-    assert_eq!(replayed.status, 400, "a state works once: {}", replayed.body);
+    assert_eq!(
+        replayed.status, 400,
+        "a state works once: {}",
+        replayed.body
+    );
 
     // Back on the consent page, nothing is missing any more: allow.
     let consent = browser
@@ -146,9 +162,7 @@ async fn connect_and_consent(
 }
 
 async fn identity(owner: &Admin, user: i64) -> Value {
-    let (status, list) = owner
-        .get(&format!("/api/v1/users/{user}/identities"))
-        .await;
+    let (status, list) = owner.get(&format!("/api/v1/users/{user}/identities")).await;
     assert_eq!(status, 200, "{list}");
     list[0].clone()
 }
@@ -229,7 +243,11 @@ async fn a_user_connects_their_downstream_account_and_it_is_refreshed_and_reconn
         if answer.status == 403 {
             break answer;
         }
-        assert!(Instant::now() < deadline, "never refused: {}", answer.status);
+        assert!(
+            Instant::now() < deadline,
+            "never refused: {}",
+            answer.status
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(refused.code(), "identity_expired", "{:?}", refused.json());
@@ -260,7 +278,9 @@ async fn a_user_connects_their_downstream_account_and_it_is_refreshed_and_reconn
     // None of the downstream's tokens (JWTs, `eyJ…`) in the upstream's logs, audit
     // trail or API answers.
     let (_, audit) = owner.get("/api/v1/audit?limit=500").await;
-    let (_, identities) = owner.get(&format!("/api/v1/users/{alice}/identities")).await;
+    let (_, identities) = owner
+        .get(&format!("/api/v1/users/{alice}/identities"))
+        .await;
     for (what, text) in [
         ("log", up.policy.proc.log_text()),
         ("audit", audit.to_string()),
@@ -306,7 +326,8 @@ async fn a_user_connects_their_downstream_account_from_the_enrollment_page() {
     let page = browser.get(&link).await;
     assert_eq!(page.status, 200, "{}", page.body);
     assert!(
-        page.body.contains("Sign in and connect your Server tracker account")
+        page.body
+            .contains("Sign in and connect your Server tracker account")
             && !page.body.contains("name=\"identity_"),
         "{}",
         page.body

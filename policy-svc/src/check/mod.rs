@@ -156,13 +156,9 @@ async fn decide_request(state: &AppState, input: Input<'_>, deadline: Duration) 
     };
 
     let decide_row = |row: Option<&store::check::CheckRow>| match &presented {
-        Presented::ApiToken(hash) => decide::decide(
-            row,
-            hash,
-            gateway,
-            store::now_ms(),
-            state.secrets.opener(),
-        ),
+        Presented::ApiToken(hash) => {
+            decide::decide(row, hash, gateway, store::now_ms(), state.secrets.opener())
+        }
         Presented::Oauth { connection, .. } => {
             decide::decide_oauth(row, *connection, gateway, state.secrets.opener())
         }
@@ -187,7 +183,13 @@ async fn decide_request(state: &AppState, input: Input<'_>, deadline: Duration) 
                 }
             },
             Err(_) => {
-                tracing::warn!(gateway, server, request_id = context.request_id, "{}: the OAuth identity's expired token could not be refreshed in time; refusing", wire.name());
+                tracing::warn!(
+                    gateway,
+                    server,
+                    request_id = context.request_id,
+                    "{}: the OAuth identity's expired token could not be refreshed in time; refusing",
+                    wire.name()
+                );
                 return Outcome::Unavailable;
             }
         }

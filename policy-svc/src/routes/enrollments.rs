@@ -432,7 +432,12 @@ async fn submit(
             oauth_identity::RETURN_DONE,
         )
         .await?
-        .ok_or_else(|| cannot(StatusCode::NOT_FOUND, "That server does not sign in by OAuth."))?;
+        .ok_or_else(|| {
+            cannot(
+                StatusCode::NOT_FOUND,
+                "That server does not sign in by OAuth.",
+            )
+        })?;
         tracing::info!(
             enrollment_id = opened.enrollment.id,
             server_id = server.server_id,
@@ -447,7 +452,12 @@ async fn submit(
         return Ok(crate::pages::no_store(response));
     }
     // Every identity checked before any is saved: a refused form changes nothing.
-    let typed: Vec<_> = opened.missing.iter().filter(|m| !m.oauth.0).cloned().collect();
+    let typed: Vec<_> = opened
+        .missing
+        .iter()
+        .filter(|m| !m.oauth.0)
+        .cloned()
+        .collect();
     let checked = identities_from_form(&typed, field, true).map_err(|m| {
         let error = format!(
             "Enter your access token for {} (one word, no spaces).",

@@ -94,10 +94,18 @@ pub async fn reseal_all(db: &Db, secrets: &SecretBox) -> Result<Resealed> {
                 (Row::SigningKey { id }, signing_key_binding(&kid), sealed)
             }))
             .chain(refresh.into_iter().map(|(id, user, server, sealed)| {
-                (Row::IdentityRefresh { id }, refresh_binding(user, server), sealed)
+                (
+                    Row::IdentityRefresh { id },
+                    refresh_binding(user, server),
+                    sealed,
+                )
             }))
             .chain(client_secrets.into_iter().map(|(server, sealed)| {
-                (Row::ClientSecret { server }, client_secret_binding(server), sealed)
+                (
+                    Row::ClientSecret { server },
+                    client_secret_binding(server),
+                    sealed,
+                )
             }));
 
     let mut done = Resealed::default();

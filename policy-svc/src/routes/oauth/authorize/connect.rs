@@ -19,7 +19,11 @@ use crate::pages::{PageError, cookie, escape, html};
 use crate::secrets::ct_eq;
 
 fn cannot(status: StatusCode, message: &str) -> PageError {
-    PageError::page(status, "Cannot connect", format!("<p>{}</p>", escape(message)))
+    PageError::page(
+        status,
+        "Cannot connect",
+        format!("<p>{}</p>", escape(message)),
+    )
 }
 
 /// The consent page's form for one OAuth-protected server: its CSRF token, the server,
@@ -117,7 +121,9 @@ pub(in crate::routes::oauth) async fn callback(
         let error: String = error.chars().take(64).collect();
         return Err(cannot(
             StatusCode::FORBIDDEN,
-            &format!("The server did not connect your account ({error}). Start again from your application."),
+            &format!(
+                "The server did not connect your account ({error}). Start again from your application."
+            ),
         ));
     }
     let code = p.required("code").map_err(bad)?;
@@ -172,6 +178,9 @@ mod tests {
             "/oauth/authorize?client_id=c%261&resource=http%3A%2F%2Fgw%2Fmcp%2Feng%2Fdemo"
         );
         let form = connect_form("t\"", 3, "<Jira>", "");
-        assert!(form.contains("value=\"t&quot;\"") && form.contains("&lt;Jira&gt;"), "{form}");
+        assert!(
+            form.contains("value=\"t&quot;\"") && form.contains("&lt;Jira&gt;"),
+            "{form}"
+        );
     }
 }
