@@ -263,8 +263,8 @@ pub fn authorize_url(
     Ok(url.into())
 }
 
-/// A token endpoint's successful answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A token endpoint's successful answer. (Its `Debug` shows no token.)
+#[derive(Clone, PartialEq, Eq)]
 pub struct Tokens {
     pub access_token: String,
     pub refresh_token: Option<String>,
@@ -272,6 +272,20 @@ pub struct Tokens {
     /// its life, so that a refresh is done while the old token still works.
     pub expires_at: i64,
     pub refresh_at: i64,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens")
+            .field("access_token", &"<redacted>")
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("expires_at", &self.expires_at)
+            .field("refresh_at", &self.refresh_at)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for ClientSecret {
@@ -740,6 +754,11 @@ mod tests {
         .unwrap();
         assert_eq!((t.expires_at, t.refresh_at), (5_000, 4_000));
         assert_eq!(t.refresh_token.as_deref(), Some("rt"));
+        let shown = format!("{t:?}");
+        assert!(
+            !shown.contains("\"at\"") && !shown.contains("rt"),
+            "{shown}"
+        );
         let no_expiry = parse_tokens(br#"{"access_token":"at","token_type":"bearer"}"#, 0).unwrap();
         assert_eq!(no_expiry.expires_at, DEFAULT_LIFETIME_MS);
         assert!(parse_tokens(br#"{"access_token":"at","token_type":"mac"}"#, 0).is_err());

@@ -525,9 +525,15 @@ pub async fn freshen(state: &AppState, row: &CheckRow) -> Result<bool, DenyCode>
         return Ok(false);
     };
     if !due.expired {
+        // One background refresh per identity per replica at a time (the lease orders
+        // the replicas): the requests meanwhile go on with the current token.
+        let Some(in_flight) = InFlight::claim(due.identity_id) else {
+            return Ok(false);
+        };
         let state = state.clone();
         tokio::spawn(async move {
             refresh(&state, due.identity_id, due.refresh_at).await;
+            drop(in_flight);
         });
         return Ok(false);
     }
@@ -552,6 +558,30 @@ pub async fn freshen(state: &AppState, row: &CheckRow) -> Result<bool, DenyCode>
     match waited {
         Ok(true) => Ok(true),
         Ok(false) | Err(_) => Err(DenyCode::PolicyUnavailable),
+    }
+}
+
+static IN_FLIGHT: LazyLock<std::sync::Mutex<std::collections::HashSet<i64>>> =
+    LazyLock::new(Default::default);
+
+/// An identity this replica is refreshing in the background, until dropped.
+struct InFlight(i64);
+
+impl InFlight {
+    fn claim(identity_id: i64) -> Option<InFlight> {
+        let mut set = IN_FLIGHT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        set.insert(identity_id).then_some(InFlight(identity_id))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.0);
     }
 }
 
@@ -624,6 +654,16 @@ mod tests {
         ));
         assert_ne!(state_hash("a"), state_hash("b"));
         assert_ne!(state_hash("a"), "a");
+    }
+
+    #[test]
+    fn one_background_refresh_per_identity_at_a_time() {
+        let first = InFlight::claim(77).expect("free");
+        assert!(InFlight::claim(77).is_none(), "already in flight");
+        let other = InFlight::claim(78).expect("another identity");
+        drop(first);
+        assert!(InFlight::claim(77).is_some(), "free again once done");
+        drop(other);
     }
 
     #[test]

@@ -199,6 +199,13 @@ async fn decide_request(state: &AppState, input: Input<'_>, deadline: Duration) 
             && crate::oauth_identity::due(r, store::now_ms()).is_some_and(|d| d.expired)
             && matches!(decision, CheckResponse::Allow { .. })
         {
+            tracing::warn!(
+                gateway,
+                server,
+                request_id = context.request_id,
+                "{}: the OAuth identity's token has expired and was not refreshed; refusing",
+                wire.name()
+            );
             return Outcome::Unavailable;
         }
     }
