@@ -532,7 +532,7 @@ impl Http {
                 // Basic is standard base64, not base64url: translate the two characters
                 // and pad.
                 let mut basic = basic.replace('-', "+").replace('_', "/");
-                while basic.len() % 4 != 0 {
+                while !basic.len().is_multiple_of(4) {
                     basic.push('=');
                 }
                 req = req.header("authorization", format!("Basic {basic}"));

@@ -314,3 +314,114 @@ pub async fn revocable(db: &Db, identity_id: i64) -> Result<Option<Revocable>> {
     .fetch_optional(db)
     .await?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lease and the flows, on one store: a user, a server, its OAuth client, and
+    /// the user's connected identity.
+    async fn leases_and_flows(url: &str) {
+        let db = crate::store::open(url, 2).await.unwrap();
+        for sql in [
+            "INSERT INTO roles (id, name, created_at) VALUES (1, 'owner', 1)",
+            "INSERT INTO users (id, name, role_id, enabled, created_at) VALUES (1, 'ada', 1, TRUE, 1)",
+            "INSERT INTO servers (id, name, slug, upstream_scheme, upstream_authority, upstream_path, enabled, created_at)
+             VALUES (2, 'Tracker', 'tracker', 'http', '127.0.0.1:9', '/mcp', TRUE, 1)",
+        ] {
+            sqlx::query(sql).execute(&db).await.unwrap();
+        }
+        let o = ServerOauth {
+            server_id: 2,
+            issuer: "http://as".into(),
+            authorization_endpoint: "http://as/a".into(),
+            token_endpoint: "http://as/t".into(),
+            revocation_endpoint: None,
+            resource: "http://127.0.0.1:9/mcp".into(),
+            scope: None,
+            client_id: "c".into(),
+            client_secret_sealed: Some(vec![7]),
+            registered: DbBool(true),
+            created_at: 1,
+        };
+        assert_eq!(put_server_oauth(&db, &o).await.unwrap().client_id, "c");
+        let tokens = |access: &'static [u8], at| SealedTokens {
+            access,
+            refresh: Some(b"r1"),
+            expires_at: at + 100,
+            refresh_at: at,
+        };
+        let id = put_connected(&db, 1, 2, &tokens(b"a1", 1_000))
+            .await
+            .unwrap();
+
+        // One holder at a time; a stale reading of the refresh time takes nothing.
+        assert!(take_lease(&db, id, 1_000, 1_000, 5_000).await.unwrap());
+        assert!(!take_lease(&db, id, 1_000, 1_001, 5_001).await.unwrap());
+        assert!(!take_lease(&db, id, 999, 1_001, 5_001).await.unwrap());
+        // Only the holder's lease stores its tokens.
+        assert!(
+            !finish_refresh(&db, id, 4_999, &tokens(b"x", 2_000))
+                .await
+                .unwrap()
+        );
+        assert!(
+            finish_refresh(&db, id, 5_000, &tokens(b"a2", 2_000))
+                .await
+                .unwrap()
+        );
+        let (refreshes, refresh_at): (i64, i64) = sqlx::query_as(
+            "SELECT oauth_refreshes, oauth_refresh_at FROM identities WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        assert_eq!((refreshes, refresh_at), (1, 2_000));
+        // A lease that ran out (its holder died) is taken over.
+        assert!(take_lease(&db, id, 2_000, 2_000, 3_000).await.unwrap());
+        assert!(take_lease(&db, id, 2_000, 3_001, 9_000).await.unwrap());
+        assert!(
+            !mark_needs_reconnect(&db, id, 3_000).await.unwrap(),
+            "not ours"
+        );
+        assert!(mark_needs_reconnect(&db, id, 9_000).await.unwrap());
+        assert!(
+            !take_lease(&db, id, 2_000, 9_001, 10_000).await.unwrap(),
+            "nothing to refresh"
+        );
+        let r = refreshable(&db, id).await.unwrap().unwrap();
+        assert_eq!((r.refresh_sealed, r.client_id.as_str()), (None, "c"));
+
+        // A flow's state works once.
+        let flow = NewConnectState {
+            state_hash: "h",
+            session_hash: "s",
+            user_id: 1,
+            server_id: 2,
+            verifier_sealed: b"v",
+            return_to: "/oauth/authorize?x",
+            ttl_ms: 60_000,
+        };
+        insert_connect_state(&db, &flow).await.unwrap();
+        let taken = take_connect_state(&db, "h").await.unwrap().unwrap();
+        assert_eq!((taken.user_id, taken.session_hash.as_str()), (1, "s"));
+        assert!(take_connect_state(&db, "h").await.unwrap().is_none());
+        assert!(delete_server_oauth(&db, 2).await.unwrap());
+        assert!(server_oauth(&db, 2).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn one_lease_holder_and_single_use_flows_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("o.db").display());
+        leases_and_flows(&url).await;
+    }
+
+    #[tokio::test]
+    async fn one_lease_holder_and_single_use_flows_postgres() {
+        let cluster = mcpguard_pgcluster::Cluster::start(&[("fsync", "off")]).unwrap();
+        let url = cluster.create_database("o").unwrap();
+        leases_and_flows(&url).await;
+    }
+}
