@@ -569,10 +569,13 @@ struct InFlight(i64);
 
 impl InFlight {
     fn claim(identity_id: i64) -> Option<InFlight> {
-        let mut set = IN_FLIGHT
+        let inserted = IN_FLIGHT
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        set.insert(identity_id).then_some(InFlight(identity_id))
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(identity_id);
+        // Made only once the lock is released (its drop takes the lock), and only
+        // when claimed: `then_some` would make, and drop, one either way.
+        inserted.then(|| InFlight(identity_id))
     }
 }
 
