@@ -398,4 +398,39 @@ async fn a_user_connects_their_downstream_account_from_the_enrollment_page() {
     down.owner
         .allowed_decision(|e| e["user_id"] == down.dana)
         .await;
+
+    // Deleting the identity revokes it at the downstream first (RFC 7009): Dana's
+    // grant there ends, and the agent's token for Alice finds no identity.
+    assert!(
+        !down
+            .stack
+            .policy
+            .proc
+            .log_text()
+            .contains("oauth grant revoked by its client")
+    );
+    let (status, v) = owner
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/users/{alice}/identities/{}", p.server_id),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !down
+        .stack
+        .policy
+        .proc
+        .log_text()
+        .contains("oauth grant revoked by its client")
+    {
+        assert!(Instant::now() < deadline, "not revoked at the downstream");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = initialize_with(&url, t["token"].as_str()).await;
+    assert_eq!(
+        (refused.status, refused.code().as_str()),
+        (403, "identity_missing")
+    );
 }

@@ -74,6 +74,16 @@ pub async fn list_for_user(db: &Db, user_id: i64) -> Result<Vec<Identity>> {
     .await?)
 }
 
+/// Deletes an identity; whether there was one.
+pub async fn delete(db: &Db, id: i64) -> Result<bool> {
+    Ok(sqlx::query("DELETE FROM identities WHERE id = $1")
+        .bind(id)
+        .execute(db)
+        .await?
+        .rows_affected()
+        > 0)
+}
+
 /// A per-user server a user has no identity for, on one gateway.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Missing {
