@@ -136,6 +136,46 @@ impl std::fmt::Debug for InjectHeader {
     }
 }
 
+/// What Envoy's MCP filter made of a request's body. Every decision about an item
+/// (provisioning, the audit's tool) rests on what it parsed, so a POST it could not
+/// read as one whole JSON-RPC message is refused rather than checked on its headers
+/// alone: otherwise a batch (no metadata at all), or a body whose `method` or
+/// `params.name` lie past the parse limit, would pass as if it used nothing.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    /// No body to read (not a POST), or a POST read as one JSON-RPC message.
+    #[default]
+    Read,
+    /// A POST that is not one JSON-RPC message: a batch (an array, which MCP removed
+    /// in 2025-06-18), or no JSON-RPC at all.
+    NotOneMessage,
+    /// A POST larger than the MCP filter's parse limit (`max_request_body_size`).
+    TooLarge,
+}
+
+impl Body {
+    /// `method_read`: the MCP filter gave the JSON-RPC method (it gives one for every
+    /// message it reads, `__jsonrpc_response` for a response); `exceeding`: it says
+    /// the body went past its limit.
+    pub fn of(is_post: bool, method_read: bool, exceeding: bool) -> Self {
+        match (is_post, exceeding, method_read) {
+            (false, _, _) => Body::Read,
+            (true, true, _) => Body::TooLarge,
+            (true, false, false) => Body::NotOneMessage,
+            (true, false, true) => Body::Read,
+        }
+    }
+
+    /// The refusal of a body nothing can be decided on.
+    pub fn refusal(self) -> Option<DenyCode> {
+        match self {
+            Body::Read => None,
+            Body::NotOneMessage => Some(DenyCode::RequestUnreadable),
+            Body::TooLarge => Some(DenyCode::RequestTooLarge),
+        }
+    }
+}
+
 /// Why a request was refused. The wire name is the `error.code` clients see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -164,10 +204,12 @@ pub enum DenyCode {
     ToolBlocked,
     PromptBlocked,
     ResourceBlocked,
+    RequestUnreadable,
+    RequestTooLarge,
 }
 
 impl DenyCode {
-    pub const ALL: [DenyCode; 24] = [
+    pub const ALL: [DenyCode; 26] = [
         DenyCode::TokenMissing,
         DenyCode::TokenMalformed,
         DenyCode::TokenUnknown,
@@ -192,6 +234,8 @@ impl DenyCode {
         DenyCode::ToolBlocked,
         DenyCode::PromptBlocked,
         DenyCode::ResourceBlocked,
+        DenyCode::RequestUnreadable,
+        DenyCode::RequestTooLarge,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -220,6 +264,8 @@ impl DenyCode {
             DenyCode::ToolBlocked => "tool_blocked",
             DenyCode::PromptBlocked => "prompt_blocked",
             DenyCode::ResourceBlocked => "resource_blocked",
+            DenyCode::RequestUnreadable => "request_unreadable",
+            DenyCode::RequestTooLarge => "request_too_large",
         }
     }
 
@@ -232,6 +278,8 @@ impl DenyCode {
             | DenyCode::TokenExpired
             | DenyCode::TokenWrongGateway => 401,
             DenyCode::UnknownRoute => 404,
+            DenyCode::RequestUnreadable => 400,
+            DenyCode::RequestTooLarge => 413,
             DenyCode::ServerNotExposed
             | DenyCode::HostDisabled
             | DenyCode::ConnectionDisabled
@@ -290,6 +338,12 @@ impl DenyCode {
             DenyCode::ToolBlocked => "this tool is not offered on this gateway",
             DenyCode::PromptBlocked => "this prompt is not offered on this gateway",
             DenyCode::ResourceBlocked => "this resource is not offered on this gateway",
+            DenyCode::RequestUnreadable => {
+                "the POST could not be read as one JSON-RPC message: send one message (no batch), with Content-Type: application/json and Accept: application/json, text/event-stream"
+            }
+            DenyCode::RequestTooLarge => {
+                "the POST body is larger than the gateway reads (1 MiB): it cannot be checked"
+            }
         }
     }
 

@@ -2,7 +2,9 @@
 //! `lifecycle` carries them out over a host; the glues (`wasm.rs`, the dynamic module)
 //! only move data between Envoy and it.
 
-use mcpguard_core::check::{CheckRequest, CheckResponse, Credential, DenyCode, bounded_request_id};
+use mcpguard_core::check::{
+    Body, CheckRequest, CheckResponse, Credential, DenyCode, bounded_request_id,
+};
 use mcpguard_core::features::{self, Kind, ListFilter, RpcId};
 use mcpguard_core::route::{McpPath, PathError};
 use mcpguard_core::token::{TokenHash, data_plane_kind};
@@ -26,19 +28,20 @@ pub const SIDECAR_ROUTE: &str = "sidecar";
 pub const ADDRESS_HEADER: &str = "x-mcpguard-upstream-addr";
 
 /// The request headers the decision reads, in the order [`RawHeaders`] holds them.
-pub const NEEDED_HEADERS: [&str; 5] = [
+pub const NEEDED_HEADERS: [&str; 6] = [
     ":path",
     ":scheme",
     ":authority",
     "authorization",
     "x-request-id",
+    ":method",
 ];
 
 /// The values of [`NEEDED_HEADERS`] as Envoy hands them over: bytes, since a client
 /// may send any byte Envoy's codec lets through (obs-text such as `\xff` included),
 /// and proxy-wasm's string getters panic on the first one that is not UTF-8.
 #[derive(Debug, Default, Clone)]
-pub struct RawHeaders([Option<Vec<u8>>; 5]);
+pub struct RawHeaders([Option<Vec<u8>>; 6]);
 
 impl RawHeaders {
     /// Reads each needed header with `get` (one host call each).
@@ -60,6 +63,12 @@ impl RawHeaders {
         self.0[i]
             .as_deref()
             .and_then(|b| std::str::from_utf8(b).ok())
+    }
+
+    /// Whether the request is a POST: the one method whose body carries a JSON-RPC
+    /// message (Envoy's MCP filter reads the bodies of POSTs only).
+    fn is_post(&self) -> bool {
+        self.0[5].as_deref() == Some(b"POST")
     }
 
     fn garbled(&self, i: usize) -> bool {
@@ -84,6 +93,8 @@ pub struct Incoming<'a> {
     /// The item a `tools/call`, `prompts/get` or `resources/read` uses (`params.name`
     /// or `params.uri`), whole, for feature provisioning.
     pub item: Option<&'a str>,
+    /// What Envoy's MCP filter could make of the body.
+    pub body: Body,
     /// A header the decision cannot do without arrived as bytes that are not UTF-8:
     /// the request is refused for it (`:path`: `unknown_route`, `authorization`:
     /// `token_malformed`). Other headers that are not UTF-8 count as absent.
@@ -98,12 +109,14 @@ pub enum Garbled {
 
 impl<'a> Incoming<'a> {
     /// From the request's headers, as the glue copies them out of Envoy, and what
-    /// Envoy's MCP filter parsed from the body.
+    /// Envoy's MCP filter parsed from the body (`exceeding_limit`: it says the body
+    /// went past its parse limit).
     pub fn from_headers(
         headers: &'a RawHeaders,
         mcp_method: Option<&'a str>,
         tool: Option<&'a str>,
         uri: Option<&'a str>,
+        exceeding_limit: bool,
     ) -> Self {
         let garbled = if headers.garbled(0) {
             Some(Garbled::Path)
@@ -121,6 +134,7 @@ impl<'a> Incoming<'a> {
             mcp_method,
             tool,
             item: item_of(mcp_method, tool, uri),
+            body: Body::of(headers.is_post(), mcp_method.is_some(), exceeding_limit),
             garbled,
         }
     }
@@ -226,6 +240,10 @@ fn check(
     metadata: Option<&str>,
 ) -> Start {
     let refuse = |code| Start::Refuse(Refusal::new(code, metadata));
+    if let Some(code) = req.body.refusal() {
+        // Before the token: whoever sends it, nothing can be decided on this body.
+        return refuse(code);
+    }
     if req.garbled == Some(Garbled::Authorization) {
         return refuse(DenyCode::TokenMalformed);
     }
@@ -557,6 +575,7 @@ mod tests {
             mcp_method: None,
             tool: None,
             item: None,
+            body: Body::Read,
             garbled: None,
         }
     }
@@ -679,6 +698,54 @@ mod tests {
             check.tool.as_ref().map(|t| t.chars().count()),
             Some(MAX_NAME)
         );
+    }
+
+    #[test]
+    fn a_post_whose_body_was_not_read_as_one_message_is_refused_without_a_callout() {
+        let token = format!("Bearer {}", token());
+        let post = |method: Option<&str>, exceeding: bool| {
+            let headers = RawHeaders::from_pairs(&[
+                (":path", "/mcp/eng/demo"),
+                (":method", "POST"),
+                ("authorization", token.as_str()),
+            ]);
+            let req = Incoming::from_headers(&headers, method, Some("whoami"), None, exceeding);
+            start_(&req, &config())
+        };
+        // A batch, or no JSON-RPC at all: Envoy's MCP filter gives no method.
+        let batch = refused(post(None, false));
+        assert_eq!(
+            (batch.code, batch.status()),
+            (DenyCode::RequestUnreadable, 400)
+        );
+        // Past the parse limit, even with a method read before it: the name it gave
+        // may not be the one the upstream reads.
+        let large = refused(post(Some("tools/call"), true));
+        assert_eq!(
+            (large.code, large.status()),
+            (DenyCode::RequestTooLarge, 413)
+        );
+        // Whoever sends it: no token is no excuse to read on.
+        let headers = RawHeaders::from_pairs(&[(":path", "/mcp/eng/demo"), (":method", "POST")]);
+        let anonymous = Incoming::from_headers(&headers, None, None, None, false);
+        assert_eq!(
+            refused(start_(&anonymous, &config())).code,
+            DenyCode::RequestUnreadable
+        );
+        // A message it read, and every method without a body, go to the check.
+        assert!(matches!(post(Some("tools/call"), false), Start::Check(_)));
+        for method in ["GET", "DELETE"] {
+            let headers = RawHeaders::from_pairs(&[
+                (":path", "/mcp/eng/demo"),
+                (":method", method),
+                ("authorization", token.as_str()),
+            ]);
+            let req = Incoming::from_headers(&headers, None, None, None, false);
+            assert!(
+                matches!(start_(&req, &config()), Start::Check(_)),
+                "{method}"
+            );
+        }
     }
 
     fn oauth_config() -> FilterConfig {
@@ -1071,7 +1138,7 @@ mod tests {
             ("x-request-id", "rid"),
             ("x-other", "ignored"),
         ]);
-        let req = Incoming::from_headers(&headers, Some("tools/call"), None, None);
+        let req = Incoming::from_headers(&headers, Some("tools/call"), None, None, false);
         assert_eq!(
             (req.path, req.scheme, req.authority, req.authorization),
             (
@@ -1086,7 +1153,7 @@ mod tests {
             (Some("rid"), Some("tools/call"))
         );
         let none = RawHeaders::default();
-        let bare = Incoming::from_headers(&none, None, None, None);
+        let bare = Incoming::from_headers(&none, None, None, None, false);
         assert_eq!(
             (bare.path, bare.authorization, bare.garbled),
             ("", None, None)
@@ -1100,7 +1167,7 @@ mod tests {
         let bearer = format!("Bearer {}", token());
         let decide = |pairs: &[(&str, &[u8])]| {
             let raw = RawHeaders::from_pairs(pairs);
-            let req = Incoming::from_headers(&raw, None, None, None);
+            let req = Incoming::from_headers(&raw, None, None, None, false);
             start(&req, &config, clock)
         };
         let refused = |s: Start| match s {

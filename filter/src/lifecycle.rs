@@ -78,6 +78,12 @@ pub trait Host {
     /// may send any byte, and proxy-wasm's string getters panic on one not UTF-8.
     fn request_headers(&self) -> RawHeaders;
     fn mcp_metadata(&self, field: McpField) -> Option<String>;
+    /// Whether Envoy's MCP filter says the body went past its parse limit
+    /// (`is_exceeding_limit`): what it parsed may then miss `method` or `params.name`.
+    /// `false` where the host cannot tell.
+    fn mcp_exceeding_limit(&self) -> bool {
+        false
+    }
     /// The JSON-RPC id Envoy's MCP filter parsed (`None`: not known; a blocked item's
     /// JSON-RPC error then carries `null`).
     fn mcp_request_id(&self) -> Option<RpcId> {
@@ -228,6 +234,7 @@ impl Lifecycle {
             mcp_method.as_deref(),
             tool.as_deref(),
             uri.as_deref(),
+            host.mcp_exceeding_limit(),
         );
         self.path.replace(incoming.path.to_owned());
         self.request_id

@@ -254,6 +254,20 @@ impl Host for Request {
             .and_then(|v| String::from_utf8(v).ok())
     }
 
+    fn mcp_exceeding_limit(&self) -> bool {
+        let path = vec![
+            "metadata",
+            "filter_metadata",
+            "envoy.filters.http.mcp",
+            "is_exceeding_limit",
+        ];
+        // A metadata bool comes as one byte (Envoy serialises CEL bools raw).
+        matches!(
+            self.get_property(path).as_deref(),
+            Some([1]) | Some(b"true")
+        )
+    }
+
     fn mcp_request_id(&self) -> Option<RpcId> {
         let path = vec![
             "metadata",

@@ -82,11 +82,12 @@ proptest! {
         method in prop::option::of("\\PC{0,200}"),
         tool in prop::option::of("\\PC{0,200}"),
         with_keys in any::<bool>(),
+        exceeding in any::<bool>(),
         now in prop_oneof![Just(1_500i64), any::<i64>()],
     ) {
         // As the glue reads them from Envoy: bytes, which need not be UTF-8.
         let headers = RawHeaders::from_pairs(&raw);
-        let req = Incoming::from_headers(&headers, method.as_deref(), tool.as_deref(), tool.as_deref());
+        let req = Incoming::from_headers(&headers, method.as_deref(), tool.as_deref(), tool.as_deref(), exceeding);
         let keys = with_keys.then(|| &signed().0);
         for config in &configs() {
             if let Start::Check(check) = decide::start(&req, config, Clock { keys, now }) {

@@ -62,6 +62,8 @@ pub struct ExportConfig {
     pub interval: Duration,
     /// The longest wait between retries.
     pub max_backoff: Duration,
+    /// How an https collector is trusted.
+    pub outbound: crate::outbound::Outbound,
 }
 
 /// Where the export stands, shared with `/api/v1/audit/status` and `/metrics`.
@@ -135,7 +137,7 @@ pub async fn run(db: Db, config: ExportConfig, progress: Arc<Progress>) {
     progress.enabled.store(true, Ordering::Relaxed);
     *lock(&progress.endpoint) = Some((config.endpoint.clone(), config.encoding));
     let holder = holder_id();
-    let client = match reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build() {
+    let client = match config.outbound.builder().timeout(REQUEST_TIMEOUT).build() {
         Ok(client) => client,
         Err(e) => {
             tracing::error!(error = %e, "audit export: no HTTP client; not exporting");

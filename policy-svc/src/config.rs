@@ -191,6 +191,18 @@ pub struct Config {
     #[arg(long, env = "MCPGUARD_FEATURES_REFRESH_S", default_value_t = 3600)]
     pub features_refresh_s: u64,
 
+    /// Every gateway approves new headed hosts: an OAuth app that connects for the
+    /// first time waits as `pending` (its requests refused `host_pending`) until an
+    /// admin approves it, whatever the gateway's own `host-approval` setting.
+    #[arg(long, env = "MCPGUARD_APPROVE_NEW_HOSTS")]
+    pub approve_new_hosts: bool,
+
+    /// PEM certificates trusted, besides the system's (`/etc/ssl/certs`), for the
+    /// https the policy service calls itself: an upstream's live lists and the OTLP
+    /// collector. A private CA's, say.
+    #[arg(long, env = "MCPGUARD_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+
     /// Days to keep audit entries; 0 keeps them forever.
     #[arg(long, env = "MCPGUARD_AUDIT_RETENTION_DAYS", default_value_t = 90)]
     pub audit_retention_days: u32,
@@ -385,6 +397,7 @@ impl Config {
             .collect::<anyhow::Result<_>>()?;
         Ok(crate::oauth_config::OauthConfig {
             trusted_proxies,
+            approve_new_hosts: self.approve_new_hosts,
             issuer,
             resource_base_urls: self.resource_base_urls.clone(),
             access_token_ttl_secs: i64::from(self.access_token_ttl_secs),
@@ -439,20 +452,29 @@ impl Config {
         }
     }
 
+    /// How the policy service's own http(s) calls trust servers (`--trusted-ca-file`).
+    pub fn outbound(&self) -> anyhow::Result<crate::outbound::Outbound> {
+        crate::outbound::Outbound::load(self.trusted_ca_file.as_deref())
+    }
+
     /// The audit export's settings, `None` without `--audit-otlp-endpoint`.
-    pub fn audit_export(&self) -> anyhow::Result<Option<crate::audit_export::ExportConfig>> {
+    pub fn audit_export(
+        &self,
+        outbound: &crate::outbound::Outbound,
+    ) -> anyhow::Result<Option<crate::audit_export::ExportConfig>> {
         let Some(endpoint) = &self.audit_otlp_endpoint else {
             return Ok(None);
         };
         let url = url::Url::parse(endpoint)
             .map_err(|e| anyhow::anyhow!("--audit-otlp-endpoint {endpoint:?}: {e}"))?;
         anyhow::ensure!(
-            url.scheme() == "http" && url.host().is_some(),
-            "--audit-otlp-endpoint must be an http:// URL (a collector on loopback or in the pod), got {endpoint:?}"
+            matches!(url.scheme(), "http" | "https") && url.host().is_some(),
+            "--audit-otlp-endpoint must be an http:// or https:// URL, got {endpoint:?}"
         );
         Ok(Some(crate::audit_export::ExportConfig {
             endpoint: endpoint.clone(),
             encoding: self.audit_otlp_encoding,
+            outbound: outbound.clone(),
             batch: self.audit_otlp_batch as usize,
             interval: Duration::from_millis(self.audit_otlp_interval_ms),
             max_backoff: Duration::from_millis(

@@ -137,6 +137,7 @@ pub fn state(db: Db, check_reads: Reads, secrets: crate::secrets::SecretBox) -> 
         verifier: std::sync::Arc::default(),
         upstreams: std::sync::Arc::default(),
         passwords: std::sync::Arc::new(crate::signin::Passwords::new(1)),
+        outbound: crate::outbound::Outbound::default(),
     }
 }
 

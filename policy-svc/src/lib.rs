@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod oauth_client;
 pub mod oauth_config;
 pub mod oauth_identity;
+pub mod outbound;
 pub mod pages;
 mod queue;
 pub mod routes;
@@ -60,6 +61,8 @@ pub struct AppState {
     pub upstreams: std::sync::Arc<upstream_policy::UpstreamPolicy>,
     /// The bound on concurrent password hashes (sign-in, enrollment, password set).
     pub passwords: std::sync::Arc<signin::Passwords>,
+    /// How the service's own http(s) calls (an upstream's live lists) trust servers.
+    pub outbound: outbound::Outbound,
 }
 
 /// `mcpguard-policy reseal`: moves every stored sealed value to the current key.
@@ -92,7 +95,8 @@ pub async fn console_link(config: &Config, user: &str) -> anyhow::Result<String>
 /// last-used times.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let oauth = std::sync::Arc::new(config.oauth()?);
-    let audit_export = config.audit_export()?;
+    let outbound = config.outbound()?;
+    let audit_export = config.audit_export(&outbound)?;
     create_data_dir(&config.data_dir)?;
     let db = store::open_with(&config.database_url(), &config.db_options())
         .await
@@ -148,6 +152,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         verifier: std::sync::Arc::default(),
         upstreams: std::sync::Arc::new(config.upstream_policy()),
         passwords: std::sync::Arc::new(config.passwords()),
+        outbound,
     };
     if config.features_refresh_s > 0 {
         features::spawn_schedule(

@@ -355,7 +355,7 @@ pub fn token_refusal(what: &'static str, status: u16, body: &[u8]) -> ClientErro
 }
 
 /// The HTTP side: one client, no redirects followed (an endpoint is called where its
-/// metadata says, nowhere else), bounded in time and size.
+/// metadata says, nowhere else), bounded in time and size; http or https.
 #[derive(Clone)]
 pub struct Http(reqwest::Client);
 
@@ -367,9 +367,11 @@ struct Answer {
 }
 
 impl Http {
-    pub fn new() -> Http {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
+    /// On the service's outbound client (`crate::outbound`: http, and https verified
+    /// against the system's roots and the operator's), redirects not followed.
+    pub fn new(outbound: &crate::outbound::Outbound) -> Http {
+        let client = outbound
+            .builder()
             .timeout(CALL_TIMEOUT)
             .build()
             .unwrap_or_default();
@@ -579,12 +581,6 @@ fn form_body(pairs: &[(&str, &str)]) -> String {
     url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(pairs)
         .finish()
-}
-
-impl Default for Http {
-    fn default() -> Self {
-        Http::new()
-    }
 }
 
 /// A reqwest error without its URL (which could carry a query), for logs.

@@ -15,6 +15,8 @@ pub struct OauthConfig {
     pub refresh_token_ttl_ms: i64,
     /// Peers whose `X-Forwarded-For` names the client of a sign-in (`--trusted-proxies`).
     pub trusted_proxies: Vec<Network>,
+    /// New headed hosts wait for approval on every gateway (`--approve-new-hosts`).
+    pub approve_new_hosts: bool,
 }
 
 impl OauthConfig {
@@ -25,6 +27,7 @@ impl OauthConfig {
             access_token_ttl_secs: 300,
             refresh_token_ttl_ms: 86_400_000,
             trusted_proxies: Vec::new(),
+            approve_new_hosts: false,
         }
     }
 

@@ -60,7 +60,13 @@ const INLINE_WAIT: Duration = Duration::from_secs(2);
 /// How often a replica that does not hold the lease looks whether the refresh is done.
 const POLL: Duration = Duration::from_millis(25);
 
-static HTTP: LazyLock<Http> = LazyLock::new(Http::new);
+/// One client for the process, on the service's outbound trust (its roots are read
+/// once).
+static HTTP: std::sync::OnceLock<Http> = std::sync::OnceLock::new();
+
+fn http(state: &AppState) -> &'static Http {
+    HTTP.get_or_init(|| Http::new(&state.outbound))
+}
 
 /// What the refresh token is bound to: the identity's own binding would let a sealed
 /// refresh token be swapped into `sealed` and injected upstream.
@@ -139,7 +145,7 @@ pub async fn set_up(
             "client_secret needs its client_id",
         ));
     }
-    let found = HTTP
+    let found = http(state)
         .discover(&upstream, setup.issuer.as_deref())
         .await
         .map_err(bad_setup)?;
@@ -152,7 +158,7 @@ pub async fn set_up(
                     "the authorization server offers no dynamic client registration: give client_id (and client_secret)",
                 ));
             };
-            let (id, secret) = HTTP
+            let (id, secret) = http(state)
                 .register(endpoint, &redirect_uri(state))
                 .await
                 .map_err(bad_setup)?;
@@ -307,7 +313,7 @@ pub async fn finish_connect(
         .ok_or(ConnectError::Api(ApiError::Unavailable))?;
     let secret = client_secret(state, o.server_id, o.client_secret_sealed.as_deref());
     let redirect = redirect_uri(state);
-    let tokens = HTTP
+    let tokens = http(state)
         .token(
             "code exchange",
             &o.token_endpoint,
@@ -472,7 +478,7 @@ async fn try_refresh(
         return Ok(Refresh::Refused);
     };
     let secret = client_secret(state, r.server_id, r.client_secret_sealed.as_deref());
-    let answer = HTTP
+    let answer = http(state)
         .token(
             "refresh",
             &r.token_endpoint,
@@ -612,7 +618,7 @@ pub async fn revoke(state: &AppState, identity_id: i64) {
     else {
         return;
     };
-    match HTTP
+    match http(state)
         .revoke(&r.revocation_endpoint, &r.client_id, &token)
         .await
     {

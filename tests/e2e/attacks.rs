@@ -37,7 +37,8 @@ async fn upstream_requests(envoy: &Envoy) -> u64 {
 fn head(path: &[u8], headers: &[(&[u8], &[u8])]) -> Vec<u8> {
     let mut h = b"POST ".to_vec();
     h.extend_from_slice(path);
-    h.extend_from_slice(b" HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n");
+    h.extend_from_slice(b" HTTP/1.1\r\nhost: gateway\r\n");
+    h.extend_from_slice(raw::MCP_HEADERS.as_bytes());
     for (name, value) in headers {
         h.extend_from_slice(name);
         h.extend_from_slice(b": ");
@@ -77,8 +78,12 @@ async fn random_header_bytes_never_fail_the_filter() {
         if with_token {
             headers.push((b"authorization", bearer.as_bytes()));
         }
-        let (status, body) =
-            raw::request(stack.envoy.port, &head(b"/mcp/eng/spy", &headers), b"{}").await;
+        let (status, body) = raw::request(
+            stack.envoy.port,
+            &head(b"/mcp/eng/spy", &headers),
+            raw::PING,
+        )
+        .await;
         match status {
             // Envoy's codec refusing a byte it does not allow in a value.
             400 => refused_by_codec += 1,
@@ -113,7 +118,7 @@ async fn random_header_bytes_never_fail_the_filter() {
     let (status, _) = raw::request(
         stack.envoy.port,
         &head(b"/mcp/eng/spy", &[(b"authorization", bearer.as_bytes())]),
-        b"{}",
+        raw::PING,
     )
     .await;
     assert_eq!(status, 200);
@@ -144,7 +149,7 @@ async fn path_walks_never_reach_the_upstream_outside_its_path() {
         b"/mcp/eng/spy/%c0%ae%c0%ae/x",
     ];
     for walk in walks {
-        let (status, body) = raw::request(stack.envoy.port, &head(walk, &auth), b"{}").await;
+        let (status, body) = raw::request(stack.envoy.port, &head(walk, &auth), raw::PING).await;
         assert!(
             status == 200 || (400..500).contains(&status),
             "{}: {status} {body}",
@@ -152,7 +157,12 @@ async fn path_walks_never_reach_the_upstream_outside_its_path() {
         );
     }
     // A plain sub-path still goes through, below the server's path.
-    let (status, _) = raw::request(stack.envoy.port, &head(b"/mcp/eng/spy/ok", &auth), b"{}").await;
+    let (status, _) = raw::request(
+        stack.envoy.port,
+        &head(b"/mcp/eng/spy/ok", &auth),
+        raw::PING,
+    )
+    .await;
     assert_eq!(status, 200);
     let seen = spy.paths();
     assert!(seen.contains(&"/base/ok".to_owned()), "{seen:?}");
@@ -350,8 +360,12 @@ async fn every_request_connects_only_to_an_address_judged_for_it() {
         (b"authorization", bearer.as_bytes()),
         (b"x-mcpguard-upstream-addr", decoy_addr.as_bytes()),
     ];
-    let (status, body) =
-        raw::request(stack.envoy.port, &head(b"/mcp/eng/spy", &headers), b"{}").await;
+    let (status, body) = raw::request(
+        stack.envoy.port,
+        &head(b"/mcp/eng/spy", &headers),
+        raw::PING,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(spy.paths(), vec!["/base".to_owned()]);
     assert_eq!(
@@ -374,8 +388,12 @@ async fn every_request_connects_only_to_an_address_judged_for_it() {
             &[("MCPGUARD_UPSTREAM_DENY_NETWORKS", "127.0.0.0/8,::1/128")],
         )
         .await;
-    let (status, body) =
-        raw::request(stack.envoy.port, &head(b"/mcp/eng/spy", &headers), b"{}").await;
+    let (status, body) = raw::request(
+        stack.envoy.port,
+        &head(b"/mcp/eng/spy", &headers),
+        raw::PING,
+    )
+    .await;
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("upstream_denied"), "{body}");
     assert_eq!(

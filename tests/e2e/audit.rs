@@ -61,20 +61,31 @@ async fn decisions_through_envoy_are_audited_with_method_tool_and_refusing_layer
     );
     wait_for_entry(&admin, "kind=decision", |e| e["mcp_method"] == "initialize").await;
 
-    // A body that is not MCP is still checked and logged, just without a method.
-    let resp = reqwest::Client::new()
-        .post(&url)
+    // A request with no JSON-RPC body (the GET stream) is checked and logged, just
+    // without a method; a POST whose body is not JSON-RPC is refused before any check.
+    let stream = reqwest::Client::new()
+        .get(&url)
         .bearer_auth(&p.token)
-        .header("content-type", "application/json")
-        .body("this is not json-rpc")
+        .header("accept", "text/event-stream")
         .send()
         .await
         .unwrap();
-    assert_ne!(resp.status().as_u16(), 503);
+    assert_ne!(stream.status().as_u16(), 503);
+    drop(stream);
     wait_for_entry(&admin, "kind=decision&decision=allow", |e| {
         e["mcp_method"].is_null()
     })
     .await;
+    let post = mcp::post(
+        &url,
+        &[("authorization", &format!("Bearer {}", p.token))],
+        "this is not json-rpc".into(),
+    )
+    .await;
+    assert_eq!(
+        (post.status, post.code()),
+        (400, "request_unreadable".into())
+    );
 
     admin.set_enabled("hosts", p.host_id, false).await;
     let err = call_text(&client, "echo", json!({"text": "refused"}))

@@ -131,6 +131,24 @@ async fn native_ext_authz_allows_live_tokens_and_refuses_unknown_and_revoked_one
             .contains(r#"error="invalid_token""#)
     );
 
+    // A batch: Envoy's MCP filter reads no method from it, so nothing can be decided
+    // on it (a blocked tool could hide inside): refused, as by the wasm filter.
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                      "params": {"name": "whoami", "arguments": {}}});
+    let bearer = format!("Bearer {}", p.token);
+    let batch = mcp::post(
+        &url,
+        &[("authorization", &bearer)],
+        json!([call]).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (batch.status, batch.code()),
+        (400, "request_unreadable".into()),
+        "{}",
+        batch.body
+    );
+
     // Revoked: refused on the very next request, open session included.
     admin.revoke(p.token_id).await;
     expect_refusal(&url, Some(&p.token), (401, "token_revoked")).await;

@@ -47,13 +47,20 @@ impl Session {
     }
 
     async fn send(&mut self, body: Value) -> Reply {
+        let id = body.get("id").cloned();
+        self.send_raw(body.to_string(), id).await
+    }
+
+    /// Posts `body` as it is (a batch, a body no JSON-RPC library would write); the
+    /// reply's message is the one with `id`, or the first.
+    async fn send_raw(&mut self, body: String, id: Option<Value>) -> Reply {
         let mut req = self
             .http
             .post(&self.url)
             .bearer_auth(&self.token)
             .header("content-type", "application/json")
             .header("accept", "application/json, text/event-stream")
-            .body(body.to_string());
+            .body(body);
         if let Some(id) = &self.id {
             req = req
                 .header("mcp-session-id", id)
@@ -87,7 +94,7 @@ impl Session {
         };
         let message = messages
             .iter()
-            .find(|m| body.get("id").is_some() && m.get("id") == body.get("id"))
+            .find(|m| id.is_some() && m.get("id") == id.as_ref())
             .or(messages.first())
             .cloned()
             .unwrap_or(Value::Null);
@@ -541,4 +548,88 @@ async fn provisioning_needs_features_manage_and_a_refused_call_changes_nothing()
     assert_eq!(status, 200);
     let mut s = Session::open(&stack.envoy.mcp_url("eng", "demo"), &p.token).await;
     assert_eq!(s.names("tools").await.len(), 3);
+}
+
+/// Provisioning decides on what Envoy's MCP filter read of the body, so a POST it could
+/// not read as one whole message must be refused, never passed as if it named no tool:
+/// a batch (no metadata at all), a body that is not JSON-RPC, and one past the parse
+/// limit. A large body within the limit, with the tool's name after its arguments, is
+/// read whole and decided on its real name.
+#[tokio::test]
+async fn a_body_envoy_could_not_read_whole_is_refused_not_passed_unchecked() {
+    let stack = Stack::start().await;
+    let admin = stack.admin();
+    let p = admin
+        .provision("eng", "demo", &stack.demo.upstream_url())
+        .await;
+    let mut s = Session::open(&stack.envoy.mcp_url("eng", "demo"), &p.token).await;
+    refresh(&admin, &p).await;
+    set(
+        &admin,
+        &p,
+        "tools",
+        json!({"mode": "allow_selected", "allowed": ["echo"]}),
+    )
+    .await;
+    let call = |id: i64, name: &str| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+               "params": {"name": name, "arguments": {}}})
+    };
+    let refused = |reply: &Reply| {
+        (
+            reply.status,
+            reply.message["error"]["code"].as_str().map(str::to_owned),
+        )
+    };
+
+    let batch = json!([call(1, "echo"), call(2, "whoami")]).to_string();
+    let reply = s.send_raw(batch, None).await;
+    assert_eq!(
+        refused(&reply),
+        (400, Some("request_unreadable".into())),
+        "{}",
+        reply.message
+    );
+    let reply = s.send_raw("whoami please".into(), None).await;
+    assert_eq!(refused(&reply), (400, Some("request_unreadable".into())));
+
+    // 100 kB of arguments before the name and the method: past Envoy's default parse
+    // limit (8 KiB), within the one the shipped configs set (1 MiB).
+    let padding = "x".repeat(100_000);
+    let late_name = |id: i64, name: &str, text: &str| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"params":{{"arguments":{{"text":"{text}"}},"name":"{name}"}},"method":"tools/call"}}"#
+        )
+    };
+    let blocked = s
+        .send_raw(late_name(3, "whoami", &padding), Some(json!(3)))
+        .await;
+    assert_eq!(blocked.status, 200, "{}", blocked.message);
+    assert_eq!(
+        blocked.message["error"]["data"]["code"], "tool_blocked",
+        "{}",
+        blocked.message
+    );
+    let echoed = s
+        .send_raw(late_name(4, "echo", &padding), Some(json!(4)))
+        .await;
+    assert_eq!(
+        echoed.message["result"]["content"][0]["text"].as_str(),
+        Some(padding.as_str()),
+        "a large body of an offered tool goes through whole"
+    );
+
+    // Past the 1 MiB limit: unreadable whole, so refused whatever it names.
+    let huge = "x".repeat(1_100_000);
+    let reply = s
+        .send_raw(late_name(5, "echo", &huge), Some(json!(5)))
+        .await;
+    assert_eq!(
+        refused(&reply),
+        (413, Some("request_too_large".into())),
+        "{}",
+        reply.message
+    );
+    // And the session is none the worse.
+    assert_eq!(s.names("tools").await, strings(&["echo"]));
 }

@@ -5,7 +5,7 @@
 //! policy service names as the server's upstream.
 
 use mcpguard_e2e::mcp::{self, call_text, expect_refusal, initialize_with};
-use mcpguard_e2e::raw::{self, Spy};
+use mcpguard_e2e::raw::{self, MCP_HEADERS, Spy};
 use mcpguard_e2e::toggles::five_layers;
 use mcpguard_e2e::{Policy, sidecar};
 use reqwest::Method;
@@ -185,10 +185,8 @@ async fn the_app_is_reachable_only_through_the_filter() {
             "x-mcpguard-upstream-addr: 127.0.0.1:1\r\nx-mcpguard-route: http\r\n".to_owned(),
         ),
     ] {
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nhost: demo\r\n{extra}content-length: 2\r\nconnection: close\r\n\r\n"
-        );
-        let (status, body) = raw::request(envoy.port, head.as_bytes(), b"{}").await;
+        let head = format!("POST {path} HTTP/1.1\r\nhost: demo\r\n{MCP_HEADERS}{extra}");
+        let (status, body) = raw::request(envoy.port, head.as_bytes(), raw::PING).await;
         assert!(
             matches!(status, 400 | 401 | 404),
             "{path} {extra:?}: {status} {body}"
@@ -197,19 +195,17 @@ async fn the_app_is_reachable_only_through_the_filter() {
     assert!(app.paths().is_empty(), "reached the app: {:?}", app.paths());
 
     // Authorised: reaches the app at its own path, rest and query kept.
-    let head = format!(
-        "POST /mcp/eng/demo/sub?q=1 HTTP/1.1\r\nhost: demo\r\n{auth}content-length: 2\r\nconnection: close\r\n\r\n"
-    );
-    let (status, body) = raw::request(envoy.port, head.as_bytes(), b"{}").await;
+    let head = format!("POST /mcp/eng/demo/sub?q=1 HTTP/1.1\r\nhost: demo\r\n{MCP_HEADERS}{auth}");
+    let (status, body) = raw::request(envoy.port, head.as_bytes(), raw::PING).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(app.paths(), ["/mcp/sub?q=1"]);
     assert_eq!(app.hosts(), ["demo"], "the client's :authority stays");
     // The app's own path with a token (the token's gateway), a forged route header
     // dropped on the way: reaches the app as sent.
     let head = format!(
-        "POST /mcp?s=1 HTTP/1.1\r\nhost: demo\r\nx-mcpguard-route: sidecar\r\n{auth}content-length: 2\r\nconnection: close\r\n\r\n"
+        "POST /mcp?s=1 HTTP/1.1\r\nhost: demo\r\n{MCP_HEADERS}x-mcpguard-route: sidecar\r\n{auth}"
     );
-    let (status, body) = raw::request(envoy.port, head.as_bytes(), b"{}").await;
+    let (status, body) = raw::request(envoy.port, head.as_bytes(), raw::PING).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(app.paths(), ["/mcp/sub?q=1", "/mcp?s=1"]);
 }

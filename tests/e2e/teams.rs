@@ -399,6 +399,44 @@ async fn with_host_approval_a_new_headed_app_waits_pending_until_an_admin_approv
     );
 }
 
+/// The operator's switch for every gateway: with `--approve-new-hosts`, a new headed
+/// app waits on a gateway whose own setting is off, and turning that off changes nothing.
+#[tokio::test]
+async fn approve_new_hosts_makes_every_gateway_hold_new_apps_pending() {
+    let stack = Stack::start_with(false, &[("MCPGUARD_APPROVE_NEW_HOSTS", "true")], None).await;
+    let owner = stack.admin();
+    let gateway = owner.gateway("eng").await;
+    let server = owner.server("demo", &stack.demo.upstream_url()).await;
+    owner.expose(gateway, server).await;
+    owner.person("alice", PASSWORD).await;
+    let url = stack.envoy.mcp_url("eng", "demo");
+    let path = format!("/api/v1/gateways/{gateway}/host-approval");
+    let (status, v) = owner
+        .call(Method::PUT, &path, Some(json!({"required": false})))
+        .await;
+    assert_eq!((status, &v["approve_hosts"]), (200, &json!(false)), "{v}");
+
+    let client = RawClient::register(&stack.policy.public_url(), "Global app").await;
+    let tokens = client.sign_in(&url, "alice", PASSWORD).await;
+    let access = s(&tokens, "access_token").to_owned();
+    assert_eq!(
+        initialize_with(&url, Some(&access)).await.code(),
+        "host_pending"
+    );
+    let (_, hosts) = owner.get("/api/v1/hosts").await;
+    let host = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "Global app")
+        .expect("the app is listed for admins")
+        .clone();
+    assert_eq!(host["pending"], true, "{host}");
+    let approve = format!("/api/v1/hosts/{}/approve", host["id"]);
+    assert_eq!(owner.post(&approve, json!({})).await.0, 200);
+    assert_eq!(initialize_with(&url, Some(&access)).await.status, 200);
+}
+
 #[tokio::test]
 async fn team_and_grant_changes_need_their_capability_and_a_refused_one_changes_nothing() {
     let stack = Stack::start().await;

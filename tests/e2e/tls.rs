@@ -7,31 +7,10 @@ use mcpguard_e2e::mcp::{self, call_text};
 use mcpguard_e2e::{Demo, Envoy, EnvoyOptions, Policy, free_port};
 use serde_json::json;
 
-/// A self-signed certificate for `localhost` only.
-fn certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+/// Runs openssl (from Debian's ca-certificates dependencies) and asserts it worked.
+fn openssl(args: &[&dyn AsRef<std::ffi::OsStr>]) {
     let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-        ])
-        .args([
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
+        .args(args.iter().map(|a| a.as_ref()))
         .output()
         .expect("openssl (from Debian's ca-certificates dependencies) must be installed");
     assert!(
@@ -39,7 +18,79 @@ fn certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    (cert, key)
+}
+
+/// A test CA and a server certificate it signed for `localhost` only: (the CA's
+/// certificate, the server's certificate, its key). A real chain, as both Envoy
+/// (BoringSSL) and the policy service (rustls, which refuses a CA certificate used as
+/// a server's) verify it.
+fn certificate(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let path = |name: &str| dir.join(name);
+    let (ca, ca_key, cert, key) = (
+        path("ca.pem"),
+        path("ca-key.pem"),
+        path("cert.pem"),
+        path("key.pem"),
+    );
+    let (csr, ext) = (path("cert.csr"), path("cert.ext"));
+    let (ec, nodes) = ("ec_paramgen_curve:prime256v1", "-nodes");
+    openssl(&[
+        &"req",
+        &"-x509",
+        &"-newkey",
+        &"ec",
+        &"-pkeyopt",
+        &ec,
+        &nodes,
+        &"-days",
+        &"1",
+        &"-subj",
+        &"/CN=mcpguard test CA",
+        &"-keyout",
+        &ca_key,
+        &"-out",
+        &ca,
+    ]);
+    openssl(&[
+        &"req",
+        &"-newkey",
+        &"ec",
+        &"-pkeyopt",
+        &ec,
+        &nodes,
+        &"-subj",
+        &"/CN=localhost",
+        &"-keyout",
+        &key,
+        &"-out",
+        &csr,
+    ]);
+    std::fs::write(
+        &ext,
+        "subjectAltName=DNS:localhost\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        &"x509",
+        &"-req",
+        &"-days",
+        &"1",
+        &"-set_serial",
+        &"1",
+        &"-in",
+        &csr,
+        &"-CA",
+        &ca,
+        &"-CAkey",
+        &ca_key,
+        &"-extfile",
+        &ext,
+        &"-out",
+        &cert,
+    ]);
+    (ca, cert, key)
 }
 
 /// An Envoy that terminates TLS with `cert` and forwards to the demo server.
@@ -95,7 +146,7 @@ fn tls_front(
 #[tokio::test]
 async fn an_https_upstream_is_reached_over_verified_tls() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = certificate(dir.path());
+    let (ca, cert, key) = certificate(dir.path());
     let policy = Policy::start(&dir.path().join("data"), dir.path()).await;
     let demo = Demo::start(dir.path()).await;
     let (front_port, front_admin) = (free_port(), free_port());
@@ -110,7 +161,7 @@ async fn an_https_upstream_is_reached_over_verified_tls() {
         config: "envoy/mcpguard.yaml",
         check_port: policy.check_port,
         check_timeout_ms: None,
-        trusted_ca: Some(cert.clone()),
+        trusted_ca: Some(ca.clone()),
         issuer: None,
         jwks_refresh_s: None,
     };
@@ -157,5 +208,76 @@ async fn an_https_upstream_is_reached_over_verified_tls() {
             .stat("cluster.mcpguard_upstream_https.ssl.fail_verify_san")
             .await
             >= 1
+    );
+}
+
+/// Feature provisioning's live lists over https: the policy service verifies the
+/// upstream's certificate against the system's roots and `--trusted-ca-file`, with the
+/// name checked. Without the CA the refresh fails as `upstream_failed`, not silently.
+#[tokio::test]
+async fn live_lists_are_fetched_from_an_https_upstream_over_verified_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificate(dir.path());
+    let demo = Demo::start(dir.path()).await;
+    let (front_port, front_admin) = (free_port(), free_port());
+    let _front = Envoy::start_config(
+        &tls_front(front_port, front_admin, demo.port, &cert, &key),
+        front_port,
+        front_admin,
+        dir.path(),
+    )
+    .await;
+    let refresh = |admin: mcpguard_e2e::Admin, upstream: String| async move {
+        let p = admin.provision("eng", "secure", &upstream).await;
+        let path = format!(
+            "/api/v1/gateways/{}/servers/{}/features/refresh",
+            p.gateway_id, p.server_id
+        );
+        admin.post(&path, json!({})).await
+    };
+    let upstream = format!("https://localhost:{front_port}/mcp");
+
+    let untrusting = Policy::start(&dir.path().join("plain"), dir.path()).await;
+    let (status, v) = refresh(untrusting.admin(), upstream.clone()).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (502, Some("upstream_failed")),
+        "{v}"
+    );
+
+    let ca = ca.display().to_string();
+    let trusting = Policy::start_with(
+        &dir.path().join("trusting"),
+        dir.path(),
+        &[("MCPGUARD_TRUSTED_CA_FILE", &ca)],
+    )
+    .await;
+    let admin = trusting.admin();
+    let (status, v) = refresh(admin.clone(), upstream).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["counts"],
+        json!({"prompts": 2, "resources": 2, "tools": 3}),
+        "{v}"
+    );
+
+    // The certificate names `localhost` only: by address, the name check fails.
+    let other = admin
+        .server("by-address", &format!("https://127.0.0.1:{front_port}/mcp"))
+        .await;
+    let gateway = admin.get("/api/v1/gateways").await.1[0]["id"]
+        .as_i64()
+        .unwrap();
+    admin.expose(gateway, other).await;
+    let (status, v) = admin
+        .post(
+            &format!("/api/v1/gateways/{gateway}/servers/{other}/features/refresh"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (502, Some("upstream_failed")),
+        "{v}"
     );
 }

@@ -130,12 +130,17 @@ pub fn initialize_body() -> Value {
 
 /// POSTs an MCP `initialize` with the given extra headers.
 pub async fn post_initialize(url: &str, headers: &[(&str, &str)]) -> Answer {
+    post(url, headers, initialize_body().to_string()).await
+}
+
+/// POSTs `body` as it is, as an MCP client would send a message, with extra headers.
+pub async fn post(url: &str, headers: &[(&str, &str)], body: String) -> Answer {
     let mut req = reqwest::Client::new()
         .post(url)
         .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream")
         .timeout(Duration::from_secs(10))
-        .body(initialize_body().to_string());
+        .body(body);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }

@@ -8,6 +8,15 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// A whole JSON-RPC message, for raw requests that must reach the check: a POST whose
+/// body Envoy's MCP filter cannot read as one message is refused before it.
+pub const PING: &[u8] = br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+
+/// The headers of an MCP POST (each line ending in CRLF): Envoy's MCP filter reads the
+/// body only of a POST that has them, as the MCP spec requires of clients.
+pub const MCP_HEADERS: &str =
+    "content-type: application/json\r\naccept: application/json, text/event-stream\r\n";
+
 /// Sends `head` (request line and headers, each line ending in CRLF, without the blank
 /// line) and `body` on a new connection to `127.0.0.1:port`; returns the status (0 when
 /// the peer closed without one) and the body, read until the peer closes.

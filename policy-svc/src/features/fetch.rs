@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use mcpguard_core::features::Kind;
+
+use crate::outbound::Outbound;
 use serde_json::{Value, json};
 
 /// Bounds on what an upstream can make the policy service hold or wait for.
@@ -29,19 +31,22 @@ pub struct Target {
 #[derive(Debug, Default)]
 pub struct Lists(pub Vec<(Kind, Vec<Value>)>);
 
-pub async fn fetch(target: &Target) -> Result<Lists, String> {
-    if target.scheme != "http" {
-        return Err("fetching lists from an https upstream is not supported yet".into());
+pub async fn fetch(outbound: &Outbound, target: &Target) -> Result<Lists, String> {
+    if !matches!(target.scheme.as_str(), "http" | "https") {
+        return Err(format!("unknown scheme {:?}", target.scheme));
     }
     let host = crate::upstream_policy::split_authority(&target.authority)
         .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_owned())
         .ok_or("the upstream's authority has no host")?;
-    let client = reqwest::Client::builder()
+    // Connects to the judged address; over https the name stays the authority's, for
+    // SNI and the certificate check.
+    let client = outbound
+        .builder()
         .timeout(TIMEOUT)
         .resolve(&host, target.address)
         .build()
         .map_err(|e| format!("no HTTP client: {e}"))?;
-    let url = format!("http://{}{}", target.authority, target.path);
+    let url = format!("{}://{}{}", target.scheme, target.authority, target.path);
     let mut session = Session {
         client,
         url,

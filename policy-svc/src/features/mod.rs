@@ -209,7 +209,7 @@ async fn fetch_and_store(
         address,
         credential,
     };
-    let lists = fetch::fetch(&target)
+    let lists = fetch::fetch(&state.outbound, &target)
         .await
         .map_err(RefreshError::Upstream)?;
     let mut refreshed = Refreshed {

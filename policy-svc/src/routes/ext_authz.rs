@@ -31,10 +31,10 @@ use std::time::Instant;
 use axum::Extension;
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use mcpguard_core::check::{CheckResponse, DenyCode, bounded_name, bounded_request_id};
+use mcpguard_core::check::{Body, CheckResponse, DenyCode, bounded_name, bounded_request_id};
 use mcpguard_core::oauth::{RESOURCE_METADATA_PREFIX, protected_resource_metadata, resource_url};
 use mcpguard_core::route::{McpPath, PathError};
 
@@ -54,6 +54,9 @@ const HEADERS_TO_REMOVE: &str = "x-envoy-auth-headers-to-remove";
 /// names the tool as it does for the wasm filter.
 const MCP_METHOD_HEADER: &str = "x-mcpguard-mcp-method";
 const MCP_TOOL_HEADER: &str = "x-mcpguard-mcp-tool";
+/// The MCP filter's `is_exceeding_limit` (`true` when the body went past its parse
+/// limit), added by Envoy likewise.
+const MCP_EXCEEDING_HEADER: &str = "x-mcpguard-mcp-exceeding";
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -67,6 +70,7 @@ pub fn routes() -> Router<AppState> {
 async fn run(
     State(state): State<AppState>,
     deadline: Option<Extension<CheckDeadline>>,
+    method: Method,
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
@@ -94,6 +98,17 @@ async fn run(
             return refuse(DenyCode::UnknownRoute, None);
         }
     };
+    // Envoy sends the client's method (with no body): a POST whose body its MCP
+    // filter could not read as one message is refused, as the wasm filter does.
+    let body = Body::of(
+        method == Method::POST,
+        context.mcp_method.is_some(),
+        header(MCP_EXCEEDING_HEADER) == Some("true"),
+    );
+    if let Some(code) = body.refusal() {
+        check::refuse_unrouted(&state, Wire::ExtAuthz, context, code);
+        return refuse(code, None);
+    }
     // Built only when needed (a refusal's challenge, an access token's audience), not
     // for every API token.
     let base = || client_base_url(&uri, &headers);

@@ -239,9 +239,10 @@ async fn grant_code(
     })?;
     identities::save_identities(state, user_id, brought).await?;
     let first = authz.client.host_id.is_none();
-    let approve = store::catalog::approves_hosts(&state.db, authz.gateway_id)
-        .await
-        .map_err(OauthError::from)?;
+    let approve = state.oauth.approve_new_hosts
+        || store::catalog::approves_hosts(&state.db, authz.gateway_id)
+            .await
+            .map_err(OauthError::from)?;
     let host_id = db::host_for_client(&state.db, &authz.client, user_id, approve)
         .await
         .map_err(OauthError::from)?;
