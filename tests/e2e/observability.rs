@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use mcpguard_e2e::mcp::{self, call_text};
 use mcpguard_e2e::observe::{EXAMPLE_CONFIG, OtlpReceiver, Prometheus, example_config};
 use mcpguard_e2e::procs::ADMIN_TOKEN;
-use mcpguard_e2e::{Admin, Policy, Stack, workspace_root};
+use mcpguard_e2e::tls::{certificate, tls_front};
+use mcpguard_e2e::{Admin, Envoy, Policy, Stack, free_port, workspace_root};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Otlp;
 use serde_json::{Value, json};
 
@@ -483,6 +484,34 @@ async fn the_otlp_export_speaks_otlp_json_when_asked() {
     }
     // The JSON and what the definitions decoded from it agree.
     assert_eq!(seen, receiver.received.ids());
+}
+
+/// A collector behind https: the export verifies its certificate against
+/// `--trusted-ca-file` (and the system's roots) and delivers every entry.
+#[tokio::test]
+async fn the_otlp_export_delivers_to_an_https_collector_it_verifies() {
+    let receiver = OtlpReceiver::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificate(dir.path());
+    let (front_port, front_admin) = (free_port(), free_port());
+    let _front = Envoy::start_config(
+        &tls_front(front_port, front_admin, receiver.port, &cert, &key),
+        front_port,
+        front_admin,
+        dir.path(),
+    )
+    .await;
+    let mut env = export_env(&receiver, "protobuf");
+    env[0].1 = format!("https://localhost:{front_port}/v1/logs");
+    env.push(("MCPGUARD_TRUSTED_CA_FILE", ca.display().to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let policy = Policy::start_with(&dir.path().join("data"), dir.path(), &env).await;
+    let admin = policy.admin();
+    for i in 0..30 {
+        admin.gateway(&format!("gw{i}")).await;
+    }
+    let all = wait_for_every_entry(&policy, &receiver).await;
+    assert!(all.len() >= 30, "{all:?}");
 }
 
 /// The `at` of the newest audit entry, and its id.

@@ -1,147 +1,10 @@
 //! An https upstream: reached over TLS that Envoy verifies (SNI and the certificate's
 //! name), with nothing about it in Envoy's config.
 
-use std::process::Command;
-
 use mcpguard_e2e::mcp::{self, call_text};
+use mcpguard_e2e::tls::{certificate, tls_front};
 use mcpguard_e2e::{Demo, Envoy, EnvoyOptions, Policy, free_port};
 use serde_json::json;
-
-/// Runs openssl (from Debian's ca-certificates dependencies) and asserts it worked.
-fn openssl(args: &[&dyn AsRef<std::ffi::OsStr>]) {
-    let out = Command::new("openssl")
-        .args(args.iter().map(|a| a.as_ref()))
-        .output()
-        .expect("openssl (from Debian's ca-certificates dependencies) must be installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A test CA and a server certificate it signed for `localhost` only: (the CA's
-/// certificate, the server's certificate, its key). A real chain, as both Envoy
-/// (BoringSSL) and the policy service (rustls, which refuses a CA certificate used as
-/// a server's) verify it.
-fn certificate(
-    dir: &std::path::Path,
-) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let path = |name: &str| dir.join(name);
-    let (ca, ca_key, cert, key) = (
-        path("ca.pem"),
-        path("ca-key.pem"),
-        path("cert.pem"),
-        path("key.pem"),
-    );
-    let (csr, ext) = (path("cert.csr"), path("cert.ext"));
-    let (ec, nodes) = ("ec_paramgen_curve:prime256v1", "-nodes");
-    openssl(&[
-        &"req",
-        &"-x509",
-        &"-newkey",
-        &"ec",
-        &"-pkeyopt",
-        &ec,
-        &nodes,
-        &"-days",
-        &"1",
-        &"-subj",
-        &"/CN=mcpguard test CA",
-        &"-keyout",
-        &ca_key,
-        &"-out",
-        &ca,
-    ]);
-    openssl(&[
-        &"req",
-        &"-newkey",
-        &"ec",
-        &"-pkeyopt",
-        &ec,
-        &nodes,
-        &"-subj",
-        &"/CN=localhost",
-        &"-keyout",
-        &key,
-        &"-out",
-        &csr,
-    ]);
-    std::fs::write(
-        &ext,
-        "subjectAltName=DNS:localhost\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(&[
-        &"x509",
-        &"-req",
-        &"-days",
-        &"1",
-        &"-set_serial",
-        &"1",
-        &"-in",
-        &csr,
-        &"-CA",
-        &ca,
-        &"-CAkey",
-        &ca_key,
-        &"-extfile",
-        &ext,
-        &"-out",
-        &cert,
-    ]);
-    (ca, cert, key)
-}
-
-/// An Envoy that terminates TLS with `cert` and forwards to the demo server.
-fn tls_front(
-    port: u16,
-    admin_port: u16,
-    demo_port: u16,
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> String {
-    json!({
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {
-            "listeners": [{
-                "name": "tls",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-                "filter_chains": [{
-                    "transport_socket": {
-                        "name": "envoy.transport_sockets.tls",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                            "common_tls_context": {"tls_certificates": [{
-                                "certificate_chain": {"filename": cert},
-                                "private_key": {"filename": key}
-                            }]}
-                        }
-                    },
-                    "filters": [{
-                        "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                            "stat_prefix": "tls",
-                            "route_config": {"virtual_hosts": [{
-                                "name": "demo", "domains": ["*"],
-                                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "demo", "timeout": "0s"}}]
-                            }]},
-                            "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
-                        }
-                    }]
-                }]
-            }],
-            "clusters": [{
-                "name": "demo", "type": "STATIC", "connect_timeout": "1s",
-                "load_assignment": {"cluster_name": "demo", "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
-                    {"socket_address": {"address": "127.0.0.1", "port_value": demo_port}}}}]}]}
-            }]
-        }
-    })
-    .to_string()
-}
 
 #[tokio::test]
 async fn an_https_upstream_is_reached_over_verified_tls() {
@@ -239,11 +102,7 @@ async fn live_lists_are_fetched_from_an_https_upstream_over_verified_tls() {
 
     let untrusting = Policy::start(&dir.path().join("plain"), dir.path()).await;
     let (status, v) = refresh(untrusting.admin(), upstream.clone()).await;
-    assert_eq!(
-        (status, v["error"]["code"].as_str()),
-        (502, Some("upstream_failed")),
-        "{v}"
-    );
+    assert_eq!((status, v["error"]["code"].as_str()), (502, Some("upstream_failed")), "{v}");
 
     let ca = ca.display().to_string();
     let trusting = Policy::start_with(
@@ -255,19 +114,13 @@ async fn live_lists_are_fetched_from_an_https_upstream_over_verified_tls() {
     let admin = trusting.admin();
     let (status, v) = refresh(admin.clone(), upstream).await;
     assert_eq!(status, 200, "{v}");
-    assert_eq!(
-        v["counts"],
-        json!({"prompts": 2, "resources": 2, "tools": 3}),
-        "{v}"
-    );
+    assert_eq!(v["counts"], json!({"prompts": 2, "resources": 2, "tools": 3}), "{v}");
 
     // The certificate names `localhost` only: by address, the name check fails.
     let other = admin
         .server("by-address", &format!("https://127.0.0.1:{front_port}/mcp"))
         .await;
-    let gateway = admin.get("/api/v1/gateways").await.1[0]["id"]
-        .as_i64()
-        .unwrap();
+    let gateway = admin.get("/api/v1/gateways").await.1[0]["id"].as_i64().unwrap();
     admin.expose(gateway, other).await;
     let (status, v) = admin
         .post(
@@ -275,9 +128,5 @@ async fn live_lists_are_fetched_from_an_https_upstream_over_verified_tls() {
             json!({}),
         )
         .await;
-    assert_eq!(
-        (status, v["error"]["code"].as_str()),
-        (502, Some("upstream_failed")),
-        "{v}"
-    );
+    assert_eq!((status, v["error"]["code"].as_str()), (502, Some("upstream_failed")), "{v}");
 }

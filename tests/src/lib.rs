@@ -17,6 +17,7 @@ pub mod observe;
 pub mod procs;
 pub mod raw;
 pub mod sidecar;
+pub mod tls;
 pub mod toggles;
 
 pub use admin::Admin;
