@@ -102,7 +102,11 @@ async fn live_lists_are_fetched_from_an_https_upstream_over_verified_tls() {
 
     let untrusting = Policy::start(&dir.path().join("plain"), dir.path()).await;
     let (status, v) = refresh(untrusting.admin(), upstream.clone()).await;
-    assert_eq!((status, v["error"]["code"].as_str()), (502, Some("upstream_failed")), "{v}");
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (502, Some("upstream_failed")),
+        "{v}"
+    );
 
     let ca = ca.display().to_string();
     let trusting = Policy::start_with(
@@ -114,13 +118,19 @@ async fn live_lists_are_fetched_from_an_https_upstream_over_verified_tls() {
     let admin = trusting.admin();
     let (status, v) = refresh(admin.clone(), upstream).await;
     assert_eq!(status, 200, "{v}");
-    assert_eq!(v["counts"], json!({"prompts": 2, "resources": 2, "tools": 3}), "{v}");
+    assert_eq!(
+        v["counts"],
+        json!({"prompts": 2, "resources": 2, "tools": 3}),
+        "{v}"
+    );
 
     // The certificate names `localhost` only: by address, the name check fails.
     let other = admin
         .server("by-address", &format!("https://127.0.0.1:{front_port}/mcp"))
         .await;
-    let gateway = admin.get("/api/v1/gateways").await.1[0]["id"].as_i64().unwrap();
+    let gateway = admin.get("/api/v1/gateways").await.1[0]["id"]
+        .as_i64()
+        .unwrap();
     admin.expose(gateway, other).await;
     let (status, v) = admin
         .post(
@@ -128,5 +138,9 @@ async fn live_lists_are_fetched_from_an_https_upstream_over_verified_tls() {
             json!({}),
         )
         .await;
-    assert_eq!((status, v["error"]["code"].as_str()), (502, Some("upstream_failed")), "{v}");
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (502, Some("upstream_failed")),
+        "{v}"
+    );
 }

@@ -35,12 +35,35 @@ pub fn certificate(
     let (csr, ext) = (path("cert.csr"), path("cert.ext"));
     let (ec, nodes) = ("ec_paramgen_curve:prime256v1", "-nodes");
     openssl(&[
-        &"req", &"-x509", &"-newkey", &"ec", &"-pkeyopt", &ec, &nodes, &"-days", &"1",
-        &"-subj", &"/CN=mcpguard test CA", &"-keyout", &ca_key, &"-out", &ca,
+        &"req",
+        &"-x509",
+        &"-newkey",
+        &"ec",
+        &"-pkeyopt",
+        &ec,
+        &nodes,
+        &"-days",
+        &"1",
+        &"-subj",
+        &"/CN=mcpguard test CA",
+        &"-keyout",
+        &ca_key,
+        &"-out",
+        &ca,
     ]);
     openssl(&[
-        &"req", &"-newkey", &"ec", &"-pkeyopt", &ec, &nodes, &"-subj", &"/CN=localhost",
-        &"-keyout", &key, &"-out", &csr,
+        &"req",
+        &"-newkey",
+        &"ec",
+        &"-pkeyopt",
+        &ec,
+        &nodes,
+        &"-subj",
+        &"/CN=localhost",
+        &"-keyout",
+        &key,
+        &"-out",
+        &csr,
     ]);
     std::fs::write(
         &ext,
@@ -48,8 +71,22 @@ pub fn certificate(
     )
     .unwrap();
     openssl(&[
-        &"x509", &"-req", &"-days", &"1", &"-set_serial", &"1", &"-in", &csr, &"-CA", &ca,
-        &"-CAkey", &ca_key, &"-extfile", &ext, &"-out", &cert,
+        &"x509",
+        &"-req",
+        &"-days",
+        &"1",
+        &"-set_serial",
+        &"1",
+        &"-in",
+        &csr,
+        &"-CA",
+        &ca,
+        &"-CAkey",
+        &ca_key,
+        &"-extfile",
+        &ext,
+        &"-out",
+        &cert,
     ]);
     (ca, cert, key)
 }
