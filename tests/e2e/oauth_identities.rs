@@ -434,3 +434,136 @@ async fn a_user_connects_their_downstream_account_from_the_enrollment_page() {
         (403, "identity_missing")
     );
 }
+
+/// Two upstream replicas on one PostgreSQL database behind one Envoy (round robin), a
+/// rotating downstream refresh token: every expiry is refreshed by one replica only.
+/// Had both used the same refresh token, the downstream would have seen it reused and
+/// revoked the grant (its reuse detection), and the calls would fail.
+#[tokio::test]
+async fn two_replicas_refresh_each_expiry_once() {
+    use mcpguard_e2e::db::Postgres;
+    use mcpguard_e2e::{Envoy, EnvoyOptions, Policy};
+
+    let down = downstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start();
+    let url = pg.create_database();
+    let key = dir.path().join("secrets.key");
+    std::fs::write(&key, "5e".repeat(32)).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let key = key.display().to_string();
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("MCPGUARD_SECRETS_KEY_FILE", &key),
+    ];
+    let a = Policy::start_with(&dir.path().join("a"), dir.path(), &env).await;
+    let b = Policy::start_with(&dir.path().join("b"), dir.path(), &env).await;
+    let opts = EnvoyOptions {
+        config: "envoy/mcpguard-replicas.yaml",
+        check_port: a.check_port,
+        check_timeout_ms: None,
+        trusted_ca: None,
+        issuer: None,
+        jwks_refresh_s: None,
+    };
+    let envoy = Envoy::start_with_checks(&opts, &[a.check_port, b.check_port], dir.path()).await;
+
+    // Set up through replica A; Alice connects on her enrollment link there.
+    let owner = a.admin();
+    let p = owner.provision("eng", "tracker", &down.url).await;
+    owner
+        .expose_as(p.gateway_id, p.server_id, json!({"identity": "per_user"}))
+        .await;
+    let alice = owner.person("alice", PASSWORD).await;
+    let path = format!("/api/v1/servers/{}/oauth", p.server_id);
+    let (status, oauth) = owner.call(Method::PUT, &path, Some(json!({}))).await;
+    assert_eq!(status, 200, "{oauth}");
+    let (status, e) = owner
+        .post(
+            &format!("/api/v1/hosts/{}/enrollments", p.host_id),
+            json!({"gateway_id": p.gateway_id, "user_id": alice}),
+        )
+        .await;
+    assert_eq!(status, 201, "{e}");
+    let link = e["url"].as_str().unwrap().to_owned();
+    let mut browser = Browser::default();
+    let page = browser.get(&link).await;
+    let mut form = HashMap::new();
+    form.insert("csrf".to_owned(), form_inputs(&page.body)["csrf"].clone());
+    form.insert("username".to_owned(), "alice".to_owned());
+    form.insert("password".to_owned(), PASSWORD.to_owned());
+    let mut connect = form.clone();
+    connect.insert("connect".to_owned(), p.server_id.to_string());
+    let started = browser.post(&link, &connect).await;
+    assert_eq!(started.status, 303, "{}", started.body);
+    let callback = Browser::default()
+        .authorize(
+            &down.stack.policy.public_url(),
+            &started.location.unwrap(),
+            "dana",
+            PASSWORD,
+            &[],
+        )
+        .await;
+    assert_eq!(browser.get(&callback).await.status, 200);
+    let page = browser.get(&link).await;
+    form.insert("csrf".to_owned(), form_inputs(&page.body)["csrf"].clone());
+    assert_eq!(browser.post(&link, &form).await.status, 200);
+    let (status, t) = owner
+        .post(&format!("/api/v1/enrollments/{}/token", e["id"]), json!({}))
+        .await;
+    assert_eq!(status, 201, "{t}");
+    let token = t["token"].as_str().unwrap().to_owned();
+
+    // Both replicas in Envoy's rotation before the clock starts.
+    let mcp_url = envoy.mcp_url("eng", "tracker");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while initialize_with(&mcp_url, Some(&token)).await.status != 200 {
+        assert!(Instant::now() < deadline, "never allowed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let session = mcp::connect(&mcp_url, Some(&token))
+        .await
+        .expect("connects");
+    let started = Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_secs(14) {
+        // Several at once, so that both replicas see each refresh come due.
+        let round = (0..4).map(|i| {
+            let text = format!("call {calls}.{i}");
+            let session = &session;
+            async move {
+                let echoed = call_text(session, "echo", json!({"text": text.clone()})).await;
+                (text, echoed)
+            }
+        });
+        for (text, echoed) in futures::future::join_all(round).await {
+            let echoed =
+                echoed.unwrap_or_else(|e| panic!("{text} at {:?}: {e}", started.elapsed()));
+            assert_eq!(echoed, text);
+        }
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let state = identity(&owner, alice).await;
+    assert_eq!(state["oauth_status"], "connected", "{state}");
+    let refreshes = state["oauth_refreshes"].as_i64().unwrap();
+    let lifetimes = elapsed / DOWNSTREAM_TTL_SECS.parse::<f64>().unwrap();
+    assert!(
+        refreshes >= 2 && (refreshes as f64) <= lifetimes + 2.0,
+        "{refreshes} refreshes in {elapsed:.1} s: {state}"
+    );
+    assert!(
+        !down
+            .stack
+            .policy
+            .proc
+            .log_text()
+            .contains("refresh token reused"),
+        "a refresh token was used twice"
+    );
+    drop((envoy, a, b));
+    drop(pg);
+}
