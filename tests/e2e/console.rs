@@ -13,9 +13,9 @@ use mcpguard_e2e::mcp::{call_text, connect, expect_refusal, initialize_with};
 use reqwest::Method;
 use serde_json::json;
 
-const OWNER_PASSWORD: &str = "correct horse battery";
+pub const OWNER_PASSWORD: &str = "correct horse battery";
 
-async fn set_password(stack: &Stack, user_id: i64, password: &str) {
+pub async fn set_password(stack: &Stack, user_id: i64, password: &str) {
     let (status, body) = stack
         .admin()
         .call(
@@ -27,7 +27,7 @@ async fn set_password(stack: &Stack, user_id: i64, password: &str) {
     assert_eq!(status, 204, "{body}");
 }
 
-async fn sign_in(browser: &Browser, base: &str, user: &str, password: &str) {
+pub async fn sign_in(browser: &Browser, base: &str, user: &str, password: &str) {
     browser.goto(&format!("{base}/console/login")).await;
     browser.fill("#username", user).await;
     browser.fill("#password", password).await;
@@ -41,7 +41,7 @@ async fn sign_in(browser: &Browser, base: &str, user: &str, password: &str) {
 
 /// Reloads `url` until its text contains `needle` (the audit writer batches every
 /// 200 ms), at most 10 s.
-async fn until_page_shows(browser: &Browser, url: &str, needle: &str) -> String {
+pub async fn until_page_shows(browser: &Browser, url: &str, needle: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         browser.goto(url).await;
@@ -114,9 +114,20 @@ async fn an_admin_issues_an_agents_token_in_the_console_and_cuts_it_off() {
     browser.find("#token-gateway").await;
     let host_id = host_id_in(browser.client.current_url().await.unwrap().as_str());
 
-    // Generate a token for the gateway: shown once, with Copy and Download.
+    // Generate a token for the gateway through the connection flow: confirm the
+    // gateway (its one server is shared: nothing to bring), then the token, shown
+    // once, with Copy and Download.
+    browser.click_labelled("section.card", "Continue").await;
+    let confirm = browser.page_text().await;
+    assert!(
+        confirm.contains("Connect Feedback bot to Gateway eng")
+            && confirm.contains("nothing to bring (shared)")
+            && confirm.contains("Nothing to bring"),
+        "{confirm}"
+    );
+    browser.screenshot("03b-connect-confirm-gateway").await;
     browser
-        .click_labelled("section.card", "Generate token")
+        .click_labelled("ol.steps > li:last-child", "Generate token")
         .await;
     let token = browser.text("#secret").await;
     assert!(token.starts_with("mcpgt_"), "{token}");
@@ -287,8 +298,93 @@ async fn an_admin_issues_an_agents_token_in_the_console_and_cuts_it_off() {
     assert_eq!(stale.status(), 303, "signed out: back to sign-in");
 }
 
+#[tokio::test]
+async fn a_token_is_shown_only_once_the_user_has_an_identity_for_each_per_user_server() {
+    let stack = Stack::start().await;
+    let admin = stack.admin();
+    let gateway_id = admin.gateway("eng").await;
+    let shared = admin.server("demo", &stack.demo.upstream_url()).await;
+    let per_user = admin.server("tickets", &stack.demo.upstream_url()).await;
+    admin.expose(gateway_id, shared).await;
+    admin
+        .expose_as(gateway_id, per_user, json!({"identity": "per_user"}))
+        .await;
+    let host_id = admin.host("Support bot").await;
+    set_password(&stack, 1, OWNER_PASSWORD).await;
+    let base = stack.policy.public_url();
+    let browser = Browser::start(stack.dir.path()).await;
+    sign_in(&browser, &base, "owner", OWNER_PASSWORD).await;
+
+    // Confirm the gateway: the per-user server wants the owner's identity, and there is
+    // no token to generate until it is brought.
+    browser
+        .goto(&format!("{base}/console/hosts/{host_id}"))
+        .await;
+    browser.click_labelled("section.card", "Continue").await;
+    let page = browser.page_text().await;
+    assert!(
+        page.contains("identity missing") && page.contains("Your bearer token for Server tickets"),
+        "{page}"
+    );
+    let generate = browser
+        .client
+        .find_all(fantoccini::Locator::XPath(
+            "//button[normalize-space()='Generate token']",
+        ))
+        .await
+        .unwrap();
+    assert!(generate.is_empty(), "no token before the identity: {page}");
+    browser.screenshot("15-connect-identity-missing").await;
+
+    // Bring it: saved sealed, shown as metadata only, and the flow goes on.
+    browser
+        .fill(&format!("#identity-{per_user}"), "owner-downstream-secret")
+        .await;
+    browser
+        .click_labelled("section.identity", "Save identity")
+        .await;
+    let page = browser.page_text().await;
+    assert!(
+        page.contains("Saved.") && page.contains("identity ready"),
+        "{page}"
+    );
+    assert!(
+        !browser
+            .client
+            .source()
+            .await
+            .unwrap()
+            .contains("owner-downstream-secret"),
+        "the credential is never shown back"
+    );
+    browser.screenshot("16-connect-identity-ready").await;
+    browser
+        .click_labelled("ol.steps > li:last-child", "Generate token")
+        .await;
+    let token = browser.text("#secret").await;
+    assert!(token.starts_with("mcpgt_"), "{token}");
+    let page = browser.page_text().await;
+    assert!(
+        !page.contains("identity_missing"),
+        "nothing missing: {page}"
+    );
+
+    // The per-user server sees the owner's own credential, the shared one none.
+    let tickets = connect(&stack.envoy.mcp_url("eng", "tickets"), Some(&token))
+        .await
+        .expect("the token works on the per-user server");
+    assert_eq!(
+        call_text(&tickets, "whoami", json!({})).await.unwrap(),
+        "Bearer owner-downstream-secret"
+    );
+    let demo = connect(&stack.envoy.mcp_url("eng", "demo"), Some(&token))
+        .await
+        .expect("and on the shared one");
+    assert_eq!(call_text(&demo, "whoami", json!({})).await.unwrap(), "none");
+}
+
 /// A raw post to `/console/act` with a browser's session cookie.
-async fn post_act(base: &str, session: Option<&str>, form: &[(&str, &str)]) -> (u16, String) {
+pub async fn post_act(base: &str, session: Option<&str>, form: &[(&str, &str)]) -> (u16, String) {
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()

@@ -13,6 +13,8 @@ mod audit;
 mod breakglass;
 mod capabilities;
 mod console;
+mod console_gateways;
+mod console_people;
 mod deploy;
 mod dynamic_module;
 mod enrollments;

@@ -200,7 +200,7 @@ async fn status_of(admin: &Admin, p: &Provisioned, kind: &str, name: &str) -> St
 }
 
 /// Adds a tool to the demo server, or changes its description.
-async fn put_upstream_tool(demo: &Demo, name: &str, description: &str) {
+pub async fn put_upstream_tool(demo: &Demo, name: &str, description: &str) {
     let resp = reqwest::Client::new()
         .put(format!("http://127.0.0.1:{}/demo/tools/{name}", demo.port))
         .body(description.to_owned())

@@ -24,6 +24,11 @@ fn chromium() -> PathBuf {
     std::env::var_os("MCPGUARD_CHROMIUM").map_or_else(|| "/usr/bin/chromium".into(), PathBuf::from)
 }
 
+/// The browser window (width, height), as a laptop's.
+const WINDOW: (u32, u32) = (1280, 900);
+/// The tallest screenshot taken (a long audit page is cut there).
+const MAX_SHOT_HEIGHT: u32 = 8000;
+
 pub fn screenshot_dir() -> PathBuf {
     workspace_root().join("target/console-screenshots")
 }
@@ -60,7 +65,7 @@ impl Browser {
             "--disable-background-networking".into(),
             "--disable-component-update".into(),
             "--disable-sync".into(),
-            "--window-size=1280,900".into(),
+            format!("--window-size={},{}", WINDOW.0, WINDOW.1),
             format!("--user-data-dir={}", profile.path().display()),
         ];
         let mut caps = serde_json::Map::new();
@@ -175,9 +180,32 @@ impl Browser {
         self.text("body").await
     }
 
-    /// Saves a screenshot as `target/console-screenshots/{name}.png`.
+    /// Saves a screenshot of the whole page as `target/console-screenshots/{name}.png`:
+    /// the window grows to the document's height for it, then shrinks back.
     pub async fn screenshot(&self, name: &str) {
+        let height = self
+            .client
+            // The window's height that shows the whole document: its height plus the
+            // window's own chrome (outer minus inner).
+            .execute(
+                "return document.documentElement.scrollHeight + window.outerHeight - window.innerHeight",
+                vec![],
+            )
+            .await
+            .ok()
+            .and_then(|v| v.as_u64())
+            .map_or(WINDOW.1, |h| {
+                u32::try_from(h)
+                    .unwrap_or(MAX_SHOT_HEIGHT)
+                    .clamp(WINDOW.1, MAX_SHOT_HEIGHT)
+            });
+        if height > WINDOW.1 {
+            let _ = self.client.set_window_size(WINDOW.0, height).await;
+        }
         let png = self.client.screenshot().await.expect("a screenshot");
+        if height > WINDOW.1 {
+            let _ = self.client.set_window_size(WINDOW.0, WINDOW.1).await;
+        }
         let dir = screenshot_dir();
         std::fs::create_dir_all(&dir).expect("creating the screenshot dir");
         std::fs::write(dir.join(format!("{name}.png")), png).expect("writing a screenshot");

@@ -283,6 +283,7 @@ mod tests {
         ))
         .header("host", "gw.local:10000")
         .header("authorization", format!("Bearer {}", f.token))
+        .header("x-mcpguard-mcp-method", "ping")
         .body(Body::empty())
         .unwrap();
         let resp = f.app.clone().oneshot(req).await.unwrap();

@@ -264,7 +264,8 @@ mod tests {
         }
     }
 
-    /// What Envoy's ext_authz filter sends for a client's `POST {path}`.
+    /// What Envoy's ext_authz filter sends for a client's `POST {path}` of a JSON-RPC
+    /// message its MCP filter read (`ping`, unless `extra` names the method).
     async fn ask(app: &Router, path: &str, authorization: Option<&str>) -> Answer {
         ask_with(app, path, authorization, &[]).await
     }
@@ -275,7 +276,23 @@ mod tests {
         authorization: Option<&str>,
         extra: &[(&str, &str)],
     ) -> Answer {
-        let mut req = Request::post(format!("{PATH_PREFIX}{path}"))
+        let mut headers = extra.to_vec();
+        if !extra.iter().any(|(k, _)| *k == MCP_METHOD_HEADER) {
+            headers.push((MCP_METHOD_HEADER, "ping"));
+        }
+        send(app, Method::POST, path, authorization, &headers).await
+    }
+
+    async fn send(
+        app: &Router,
+        method: Method,
+        path: &str,
+        authorization: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> Answer {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{PATH_PREFIX}{path}"))
             .header("host", "gw.local:10000")
             .header("content-length", "0");
         if let Some(a) = authorization {
@@ -318,6 +335,26 @@ mod tests {
             Some(&format!("bearer {}", f.token)),
         )
         .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+
+    #[tokio::test]
+    async fn a_post_whose_body_the_mcp_filter_did_not_read_is_refused_before_the_token() {
+        let f = fixture().await;
+        let bearer = format!("Bearer {}", f.token);
+        let path = "/mcp/eng/demo";
+        let a = send(&f.app, Method::POST, path, Some(&bearer), &[]).await;
+        assert_eq!((a.status, a.code()), (400, "request_unreadable".into()));
+        let a = send(&f.app, Method::POST, path, None, &[]).await;
+        assert_eq!(a.code(), "request_unreadable", "before the token");
+        let past_limit = [
+            (MCP_METHOD_HEADER, "tools/call"),
+            (MCP_EXCEEDING_HEADER, "true"),
+        ];
+        let a = send(&f.app, Method::POST, path, Some(&bearer), &past_limit).await;
+        assert_eq!((a.status, a.code()), (413, "request_too_large".into()));
+        // A GET (the stream) has no body to read: checked as ever.
+        let a = send(&f.app, Method::GET, path, Some(&bearer), &[]).await;
         assert_eq!(a.status, 200, "{}", a.body);
     }
 

@@ -20,8 +20,9 @@ use crate::routes::{Verb, admin_api};
 /// Fields of the form itself, not of the call's body.
 const CONTROL_FIELDS: [&str; 6] = ["csrf", "_method", "_path", "_back", "_what", "_confirm"];
 
-/// The endpoint template `path` is an instance of, for `method`: every `{…}` of the
-/// template stands for one segment of digits. `None` when no admin endpoint matches.
+/// The endpoint template `path` is an instance of, for `method`: an `{id}` or `{…_id}`
+/// of the template stands for one segment of digits, any other `{…}` (`{kind}`) for one
+/// short lowercase word. `None` when no admin endpoint matches.
 pub fn endpoint_of(method: Verb, path: &str) -> Option<&'static str> {
     let segments: Vec<&str> = path.split('/').collect();
     admin_api()
@@ -32,8 +33,12 @@ pub fn endpoint_of(method: Verb, path: &str) -> Option<&'static str> {
             let parts: Vec<&str> = template.split('/').collect();
             parts.len() == segments.len()
                 && parts.iter().zip(&segments).all(|(t, s)| {
-                    if t.starts_with('{') {
+                    if t == &"{id}" || (t.starts_with('{') && t.ends_with("_id}")) {
                         !s.is_empty() && s.len() <= 18 && s.bytes().all(|b| b.is_ascii_digit())
+                    } else if t.starts_with('{') {
+                        !s.is_empty()
+                            && s.len() <= 32
+                            && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
                     } else {
                         t == s
                     }
@@ -52,7 +57,8 @@ fn verb_of(method: &str) -> Option<(Verb, Method)> {
 
 /// The call's JSON body from the form's other fields: empty fields left out; names
 /// ending in `_id` and `expires_in_minutes` as numbers; `name[]` fields as one array;
-/// `a.b` as nested objects; `expires_at` from a `datetime-local` input (UTC) as RFC 3339.
+/// `a.b` as nested objects; `expires_at` from a `datetime-local` input (UTC) as RFC 3339;
+/// `required` (`true`/`false`) as a boolean.
 pub fn body_of(fields: &[(String, String)]) -> Value {
     let mut body = Map::new();
     for (name, value) in fields {
@@ -76,6 +82,8 @@ pub fn body_of(fields: &[(String, String)]) -> Value {
             value
                 .parse::<i64>()
                 .map_or_else(|_| Value::String(value.to_owned()), Value::from)
+        } else if name == "required" && (value == "true" || value == "false") {
+            Value::Bool(value == "true")
         } else if name == "expires_at" && value.len() == 16 {
             Value::String(format!("{value}:00Z"))
         } else {
@@ -133,6 +141,12 @@ fn done_of(method: Verb, template: &str) -> &'static str {
         "removed"
     } else if template.ends_with("/rotate") {
         "rotated"
+    } else if template.ends_with("/refresh") {
+        "refreshed"
+    } else if template.ends_with("/approve") {
+        "approved"
+    } else if template.starts_with("/api/v1/gateways/{id}/teams/") && method == Verb::Put {
+        "granted"
     } else if method == Verb::Post {
         "created"
     } else {
@@ -348,6 +362,9 @@ fn shown_once(signed: &Signed, answer: &Value, back: &str) -> Option<Response> {
             @if !prefix.is_empty() {
                 p.muted { "Listed from now on by its prefix " code { (prefix) } "." }
             }
+            @if kind == "enrollment link" {
+                p.muted { "Send it to the user: they open it once, sign in with their own password and bring their identities. Then claim their per-user token on the host's page." }
+            }
             @if !missing.is_empty() {
                 div.warning {
                     p { "This gateway exposes per-user servers the user has no identity for yet; they refuse this token with identity_missing until one is brought:" }
@@ -377,6 +394,22 @@ mod tests {
             endpoint_of(Verb::Post, "/api/v1/hosts"),
             Some("/api/v1/hosts")
         );
+        assert_eq!(
+            endpoint_of(Verb::Put, "/api/v1/gateways/1/servers/2/features/tools"),
+            Some("/api/v1/gateways/{id}/servers/{server_id}/features/{kind}")
+        );
+        assert_eq!(
+            endpoint_of(Verb::Post, "/api/v1/gateways/1/servers/2/features/refresh"),
+            Some("/api/v1/gateways/{id}/servers/{server_id}/features/refresh")
+        );
+        for bad in [
+            "/api/v1/gateways/1/servers/2/features/../tools",
+            "/api/v1/gateways/1/servers/2/features/Tools",
+            "/api/v1/gateways/1/servers/x/features/tools",
+            "/api/v1/gateways/1/servers/2/features/",
+        ] {
+            assert_eq!(endpoint_of(Verb::Put, bad), None, "{bad}");
+        }
         for bad in [
             "/api/v1/hosts/x/disable",
             "/api/v1/hosts//disable",
@@ -420,6 +453,10 @@ mod tests {
                 ("credential.token", "t"),
             ]),
             serde_json::json!({"capabilities": ["audit.read", "hosts.read"], "credential": {"type": "bearer", "token": "t"}})
+        );
+        assert_eq!(
+            f(&[("required", "true")]),
+            serde_json::json!({"required": true})
         );
         // A role with no capability picked still sends the (empty) list.
         assert_eq!(

@@ -35,6 +35,7 @@ const AREAS: &[(&str, &str, Option<Capability>)] = &[
     ),
     ("Servers", "/console/servers", Some(Capability::ServersRead)),
     ("People", "/console/people", Some(Capability::UsersRead)),
+    ("Teams", "/console/teams", Some(Capability::UsersRead)),
     ("Audit", "/console/audit", Some(Capability::AuditRead)),
     ("Signing keys", "/console/keys", Some(Capability::UsersRead)),
 ];

@@ -48,11 +48,17 @@ pub fn routes(app: AppState, api: Router) -> Router<AppState> {
         .route("/console/act", post(act::act))
         .route("/console/hosts", get(pages::hosts::list))
         .route("/console/hosts/{id}", get(pages::hosts::one))
+        .route("/console/hosts/{id}/connect", get(pages::connect::page))
         .route("/console/gateways", get(pages::gateways::list))
         .route("/console/gateways/{id}", get(pages::gateways::one))
+        .route(
+            "/console/gateways/{id}/servers/{server_id}",
+            get(pages::features::page),
+        )
         .route("/console/servers", get(pages::servers::list))
         .route("/console/people", get(pages::people::list))
         .route("/console/people/{id}", get(pages::people::one))
+        .route("/console/teams", get(pages::teams::list))
         .route("/console/audit", get(pages::audit::list))
         .route(
             "/console/audit/export.jsonl",
@@ -99,10 +105,13 @@ impl Done {
             "disabled" => "Disabled. This holds from the next request.",
             "enabled" => "Enabled. This holds from the next request.",
             "revoked" => "Revoked. The token is refused from the next request.",
-            "removed" => "Removed.",
+            "removed" => "Removed. This holds from the next request.",
             "rotated" => "Rotated.",
             "saved" => "Saved.",
             "created" => "Created.",
+            "refreshed" => "Refreshed from the upstream.",
+            "approved" => "Allowed. This holds from the next request.",
+            "granted" => "Granted. This holds from the next request.",
             _ => return None,
         })
     }

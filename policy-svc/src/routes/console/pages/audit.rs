@@ -93,6 +93,10 @@ pub async fn list(State(_): State<Console>, signed: Signed, Query(f): Query<Filt
             html! { p.error { (a.message()) } },
         );
     }
+    // Names for the ids entries hold, where this user may read them (else `#id`).
+    let hosts = api.items("/api/v1/hosts").await;
+    let users = api.items("/api/v1/users").await;
+    let (host_names, user_names) = (super::by_id(&hosts), super::by_id(&users));
     let filters = f.query(false);
     let option = |current: &Option<String>, v: &str| current.as_deref() == Some(v);
     let body = html! {
@@ -131,7 +135,7 @@ pub async fn list(State(_): State<Console>, signed: Signed, Query(f): Query<Filt
                         td { (text(&e["kind"])) }
                         td { @if e["action"] == "deny" { span.badge.off { "deny" } } @else if e["action"] == "allow" { span.badge.on { "allow" } } @else { code { (text(&e["action"])) } } }
                         td { @if let Some(c) = e["code"].as_str() { code { (c) } } @if let Some(n) = e["suppressed"].as_i64() { " +" (n) " suppressed" } }
-                        td { @if e["kind"] == "admin" { "user " (text(&e["actor_user_id"])) } @else { "host " (text(&e["host_id"])) ", user " (text(&e["user_id"])) } }
+                        td { @if e["kind"] == "admin" { (super::name_in(&user_names, &e["actor_user_id"])) } @else if e["host_id"].is_null() { span.muted { "—" } } @else { (super::name_in(&host_names, &e["host_id"])) " · " (super::name_in(&user_names, &e["user_id"])) } }
                         td { (text(&e["gateway"])) " / " (text(&e["server"])) }
                         td { @if e["kind"] == "admin" { (text(&e["target"])) } @else { (text(&e["tool"])) } }
                     }

@@ -79,6 +79,9 @@ pub async fn one(
     let exposed = api
         .items(&format!("/api/v1/gateways/{gateway_id}/servers"))
         .await;
+    let teams = api
+        .items(&format!("/api/v1/gateways/{gateway_id}/teams"))
+        .await;
     let connections = if api.can(Verb::Get, "/api/v1/gateways/{id}/connections") {
         Some(
             api.items(&format!("/api/v1/gateways/{gateway_id}/connections"))
@@ -103,9 +106,9 @@ pub async fn one(
         section {
             h2 { "Exposed servers" }
             table {
-                thead { tr { th { "Server" } th { "Identity" } th { "URL" } th {} } }
+                thead { tr { th { "Server" } th { "Identity" } th { "URL" } th { "Features" } th {} } }
                 tbody {
-                    @if exposed.is_empty() { (none_yet(4, "This gateway exposes no server yet.")) }
+                    @if exposed.is_empty() { (none_yet(5, "This gateway exposes no server yet.")) }
                     @for e in &exposed {
                         @let sid = e["server_id"].as_i64().unwrap_or(0);
                         @let server = server_names.get(&sid);
@@ -114,6 +117,7 @@ pub async fn one(
                             td { (sname) }
                             td { (tag(if e["identity"] == "per_user" { "per-user" } else { "shared" })) @if let Some(h) = e["credential_header"].as_str() { " " span.muted { "sends " (h) } } }
                             td { @if let Some(s) = server.and_then(|s| s["slug"].as_str()) { (copyable(&format!("url-{sid}"), &mcp_url(&base, slug, s))) } }
+                            td { a href={ "/console/gateways/" (gateway_id) "/servers/" (sid) } aria-label={ "Features of " (sname) } { "Tools, prompts, resources" } }
                             td {
                                 @if manage {
                                     (action(&signed, &Action { method: "DELETE", path: format!("/api/v1/gateways/{gateway_id}/servers/{sid}"), label: "Hide", what: format!("{sname} from {name}"), back: &back, danger: true }, html! {}))
@@ -124,20 +128,59 @@ pub async fn one(
                 }
             }
             @if manage && !servers.is_empty() {
-                form.inline method="post" action="/console/act" {
-                    input type="hidden" name="csrf" value=(signed.csrf);
-                    input type="hidden" name="_method" value="PUT";
-                    input type="hidden" name="_back" value=(back);
-                    label for="expose-server" { "Server" }
-                    select id="expose-server" name="_path" required {
-                        @for s in &servers { option value={ "/api/v1/gateways/" (gateway_id) "/servers/" (id(s)) } { (text(&s["name"])) } }
+                section.card {
+                    h3 { "Expose a server, or change how it is exposed" }
+                    form.grid method="post" action="/console/act" {
+                        input type="hidden" name="csrf" value=(signed.csrf);
+                        input type="hidden" name="_method" value="PUT";
+                        input type="hidden" name="_back" value=(back);
+                        label for="expose-server" { "Server" }
+                        select id="expose-server" name="_path" required {
+                            @for s in &servers { option value={ "/api/v1/gateways/" (gateway_id) "/servers/" (id(s)) } { (text(&s["name"])) } }
+                        }
+                        label for="expose-identity" { "Identity" }
+                        select id="expose-identity" name="identity" {
+                            option value="shared" { "shared (one service credential for every caller)" }
+                            option value="per_user" { "per-user (each user brings their own)" }
+                        }
+                        fieldset.credential {
+                            legend { "Shared credential (optional; shared only). Sent upstream for every caller, sealed at rest, never shown again." }
+                            label for="expose-cred-type" { "Kind" }
+                            select id="expose-cred-type" name="credential.type" {
+                                option value="" { "none" }
+                                option value="bearer" { "bearer token (Authorization: Bearer …)" }
+                                option value="header" { "a header of its own" }
+                            }
+                            label for="expose-cred-token" { "Bearer token" }
+                            input id="expose-cred-token" name="credential.token" type="password" autocomplete="off";
+                            label for="expose-cred-name" { "Header name" }
+                            input id="expose-cred-name" name="credential.name" autocomplete="off" placeholder="X-Api-Key";
+                            label for="expose-cred-value" { "Header value" }
+                            input id="expose-cred-value" name="credential.value" type="password" autocomplete="off";
+                        }
+                        button type="submit" { "Expose" }
                     }
-                    label for="expose-identity" { "Identity" }
-                    select id="expose-identity" name="identity" {
-                        option value="shared" { "shared (one service credential for every caller)" }
-                        option value="per_user" { "per-user (each user brings their own)" }
-                    }
-                    button type="submit" { "Expose" }
+                }
+            }
+        }
+        section {
+            h2 { "Who may connect" }
+            p {
+                "Granted to the teams: "
+                @if teams.is_empty() { span.muted { "none, so nobody may connect" } }
+                @for t in &teams { (tag(&text(&t["name"]))) " " }
+                "· " a href="/console/teams" { "Manage grants on Teams" }
+            }
+            p {
+                @if flag(g, "approve_hosts") {
+                    "A headed app new to this gateway waits for an admin's approval (Apps & Agents) before its first request goes through. "
+                } @else {
+                    "A headed app new to this gateway is let in at once. "
+                }
+                @if api.can(Verb::Put, "/api/v1/gateways/{id}/host-approval") {
+                    (action(&signed, &Action { method: "PUT", path: format!("/api/v1/gateways/{gateway_id}/host-approval"), label: if flag(g, "approve_hosts") { "Stop requiring approval" } else { "Require approval of new apps" }, what: String::new(), back: &back, danger: false }, html! {
+                        input type="hidden" name="required" value=(if flag(g, "approve_hosts") { "false" } else { "true" });
+                    }))
                 }
             }
         }

@@ -40,7 +40,7 @@ pub async fn list(State(_): State<Console>, signed: Signed, Query(done): Query<D
                         tr {
                             td { a href={ "/console/hosts/" (id(h)) } { (name) } }
                             td { (tag(if h["kind"] == "oauth" { "headed (OAuth)" } else { "token-based" })) }
-                            td { (badge(flag(h, "enabled"))) }
+                            td { (badge(flag(h, "enabled"))) @if flag(h, "pending") { " " (pending(&signed, id(h), back)) } }
                             td { (when(&h["created_at"])) }
                             td { (toggle(&signed, "hosts", id(h), flag(h, "enabled"), &format!("the host {name}"), back)) }
                         }
@@ -97,18 +97,18 @@ pub async fn one(
     let body = html! {
         div.state {
             (tag(if token_based { "token-based" } else { "headed (OAuth)" })) " " (badge(flag(host, "enabled"))) " "
+            @if flag(host, "pending") { (pending(&signed, host_id, &back)) " " }
             (toggle(&signed, "hosts", host_id, flag(host, "enabled"), &format!("the host {name}"), &back))
         }
         @if manage && token_based {
             section.card {
                 h2 { "Generate a token" }
-                p.muted { "The token reaches only the servers the chosen gateway exposes, as you. It is shown once. To rotate: generate a new one, update the agent, then revoke the old one; both work in between." }
-                (action(&signed, &Action { method: "POST", path: format!("/api/v1/hosts/{host_id}/tokens"), label: "Generate token", what: String::new(), back: &back, danger: false }, html! {
+                p.muted { "The token reaches only the servers the chosen gateway exposes, as you. Next: confirm the gateway and bring an identity for each per-user server it exposes; then the token is shown once. To rotate: generate a new one, update the agent, then revoke the old one; both work in between." }
+                form.inline method="get" action={ "/console/hosts/" (host_id) "/connect" } {
                     label for="token-gateway" { "Gateway" }
                     (gateway_select("token-gateway", &gateways))
-                    label for="token-expiry" { "Expires (UTC, optional)" }
-                    input id="token-expiry" name="expires_at" type="datetime-local";
-                }))
+                    button type="submit" { "Continue" }
+                }
             }
         }
         @if manage {
@@ -148,6 +148,18 @@ pub async fn one(
         }
     };
     layout::page(&signed, "/console/hosts", &name, done.notice(), body)
+}
+
+/// A headed host waiting for approval (on a gateway that requires it): its badge, and
+/// Approve for those who may let it in.
+fn pending(signed: &Signed, host_id: i64, back: &str) -> Markup {
+    html! {
+        span.badge.off { "pending approval" }
+        @if signed.api.can(Verb::Post, "/api/v1/hosts/{id}/approve") {
+            " "
+            (action(signed, &Action { method: "POST", path: format!("/api/v1/hosts/{host_id}/approve"), label: "Approve", what: String::new(), back, danger: false }, html! {}))
+        }
+    }
 }
 
 pub fn gateway_select(id_attr: &str, gateways: &[Value]) -> Markup {

@@ -2,12 +2,15 @@
 //! API as the signed-in user, and shows a control only when the user may use it.
 
 pub mod audit;
+pub mod connect;
+pub mod features;
 pub mod gateways;
 pub mod hosts;
 pub mod keys;
 pub mod overview;
 pub mod people;
 pub mod servers;
+pub mod teams;
 
 use std::collections::HashMap;
 
@@ -21,8 +24,12 @@ pub fn by_id(items: &[Value]) -> HashMap<i64, &Value> {
         .collect()
 }
 
-/// The `name` of item `id`, or `#id` when the listing is not readable to this user.
+/// The `name` of item `id`, or `#id` when the listing is not readable to this user;
+/// `—` for no id.
 pub fn name_in(items: &HashMap<i64, &Value>, id: &Value) -> String {
+    if id.is_null() {
+        return "—".into();
+    }
     id.as_i64()
         .and_then(|i| items.get(&i))
         .and_then(|v| v["name"].as_str())
