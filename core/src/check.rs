@@ -209,6 +209,7 @@ pub enum DenyCode {
     UserDisabled,
     IdentityDisabled,
     IdentityMissing,
+    IdentityExpired,
     ServerDisabled,
     GatewayDisabled,
     UpstreamDenied,
@@ -224,7 +225,7 @@ pub enum DenyCode {
 }
 
 impl DenyCode {
-    pub const ALL: [DenyCode; 25] = [
+    pub const ALL: [DenyCode; 26] = [
         DenyCode::TokenMissing,
         DenyCode::TokenMalformed,
         DenyCode::TokenUnknown,
@@ -238,6 +239,7 @@ impl DenyCode {
         DenyCode::UserDisabled,
         DenyCode::IdentityDisabled,
         DenyCode::IdentityMissing,
+        DenyCode::IdentityExpired,
         DenyCode::ServerDisabled,
         DenyCode::GatewayDisabled,
         DenyCode::UpstreamDenied,
@@ -267,6 +269,7 @@ impl DenyCode {
             DenyCode::UserDisabled => "user_disabled",
             DenyCode::IdentityDisabled => "identity_disabled",
             DenyCode::IdentityMissing => "identity_missing",
+            DenyCode::IdentityExpired => "identity_expired",
             DenyCode::ServerDisabled => "server_disabled",
             DenyCode::GatewayDisabled => "gateway_disabled",
             DenyCode::UpstreamDenied => "upstream_denied",
@@ -299,6 +302,7 @@ impl DenyCode {
             | DenyCode::UserDisabled
             | DenyCode::IdentityDisabled
             | DenyCode::IdentityMissing
+            | DenyCode::IdentityExpired
             | DenyCode::ServerDisabled
             | DenyCode::GatewayDisabled
             | DenyCode::GatewayNotGranted
@@ -328,6 +332,10 @@ impl DenyCode {
             DenyCode::UserDisabled => "the user is disabled",
             DenyCode::IdentityDisabled => "the user's identity for this server is disabled",
             DenyCode::IdentityMissing => "the user has no identity for this server",
+            DenyCode::IdentityExpired => {
+                "the server refused to renew the user's sign-in: reconnect the account \
+                 (Connect, on the consent or enrollment page)"
+            }
             DenyCode::ServerDisabled => "the server is disabled",
             DenyCode::GatewayDisabled => "the gateway is disabled",
             DenyCode::GatewayNotGranted => {

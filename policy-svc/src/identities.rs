@@ -163,6 +163,7 @@ mod tests {
             server_id,
             slug: name.to_lowercase(),
             name: name.into(),
+            oauth: crate::store::DbBool(false),
         }
     }
 

@@ -25,12 +25,14 @@ async fn main() -> std::process::ExitCode {
         Some(Command::Reseal) => mcpguard_policy::reseal(&config).await.map(|r| {
             println!(
                 "re-sealed {} identities, {} shared credentials and {} signing keys under the \
-                 current key; {} already under it; {} replaced meanwhile",
+                 current key; {} already under it; {} replaced meanwhile; and {} OAuth \
+                 refresh tokens and client secrets",
                 r.identities,
                 r.shared_credentials,
                 r.signing_keys,
                 r.already_current,
-                r.changed_meanwhile
+                r.changed_meanwhile,
+                r.oauth_secrets
             );
         }),
         Some(Command::ConsoleLink { user }) => mcpguard_policy::console_link(&config, user)

@@ -24,6 +24,7 @@ mod failure;
 mod gateway_url;
 mod identities;
 mod oauth;
+mod oauth_identities;
 mod observability;
 mod provisioning;
 mod routing;

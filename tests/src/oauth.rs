@@ -119,6 +119,7 @@ impl Browser {
             "mcpguard_login_csrf",
             "mcpguard_session",
             "mcpguard_enroll_csrf",
+            "mcpguard_connect",
         ] {
             if let Some(c) = set_cookie(&resp, name) {
                 self.cookies

@@ -132,6 +132,11 @@ fn decide_layers(
         if !enabled.0 {
             return deny(DenyCode::IdentityDisabled);
         }
+        // An OAuth identity whose refresh the authorization server refused: only the
+        // user can mend it, by connecting again.
+        if row.identity_oauth_status.as_deref() == Some(crate::oauth_identity::NEEDS_RECONNECT) {
+            return deny(DenyCode::IdentityExpired);
+        }
         (
             Some(header),
             Some(sealed),
@@ -216,6 +221,9 @@ mod tests {
             tools_mode: Some("allow_all".into()),
             prompts_mode: Some("allow_all".into()),
             resources_mode: Some("allow_all".into()),
+            identity_oauth_status: None,
+            identity_oauth_expires_at: None,
+            identity_oauth_refresh_at: None,
         }
     }
 
@@ -332,6 +340,13 @@ mod tests {
                     r.identity_enabled = Some(DbBool(false));
                 },
                 DenyCode::IdentityDisabled,
+            ),
+            (
+                |r| {
+                    with_identity(r);
+                    r.identity_oauth_status = Some("needs_reconnect".into());
+                },
+                DenyCode::IdentityExpired,
             ),
             (
                 |r| {

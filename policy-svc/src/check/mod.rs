@@ -163,23 +163,65 @@ async fn decide_request(state: &AppState, input: Input<'_>, deadline: Duration) 
         }
     };
 
-    let decision = match &presented {
+    let decide_row = |row: Option<&store::check::CheckRow>| match &presented {
         Presented::ApiToken(hash) => decide::decide(
-            row.as_ref(),
+            row,
             hash,
             gateway,
             store::now_ms(),
             scope,
             state.secrets.opener(),
         ),
-        Presented::Oauth { connection, .. } => decide::decide_oauth(
-            row.as_ref(),
-            *connection,
-            gateway,
-            scope,
-            state.secrets.opener(),
-        ),
+        Presented::Oauth { connection, .. } => {
+            decide::decide_oauth(row, *connection, gateway, scope, state.secrets.opener())
+        }
     };
+    let mut decision = decide_row(row.as_ref());
+
+    // An allowed request whose OAuth identity is due for a refresh: refreshed (in the
+    // background while its token still works), then decided again on the row as it is
+    // now, so that a refused refresh refuses this very request.
+    let mut row = row;
+    if let (CheckResponse::Allow { .. }, Some(r)) = (&decision, &row) {
+        match crate::oauth_identity::freshen(state, r).await {
+            Ok(false) => {}
+            Ok(true) => match state.check_reads.load(lookup, server, deadline).await {
+                Ok(again) => {
+                    row = again;
+                    decision = decide_row(row.as_ref());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, gateway, server, request_id = context.request_id, "{}: no answer from the store after a refresh; refusing", wire.name());
+                    return Outcome::Unavailable;
+                }
+            },
+            Err(_) => {
+                tracing::warn!(
+                    gateway,
+                    server,
+                    request_id = context.request_id,
+                    "{}: the OAuth identity's expired token could not be refreshed in time; refusing",
+                    wire.name()
+                );
+                return Outcome::Unavailable;
+            }
+        }
+        // Still expired after that (the refresh got no answer, or was lost): do not
+        // send a dead token upstream.
+        if let Some(r) = &row
+            && crate::oauth_identity::due(r, store::now_ms()).is_some_and(|d| d.expired)
+            && matches!(decision, CheckResponse::Allow { .. })
+        {
+            tracing::warn!(
+                gateway,
+                server,
+                request_id = context.request_id,
+                "{}: the OAuth identity's token has expired and was not refreshed; refusing",
+                wire.name()
+            );
+            return Outcome::Unavailable;
+        }
+    }
 
     // The gateway URL: the servers it exposes, read as uncached as the row.
     let decision = match (decision, &row) {

@@ -20,6 +20,7 @@ use crate::auth::{Admin, Capability, HostOf, Scope};
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
 use crate::identities::{identities_from_form, save_identities};
+use crate::oauth_identity;
 use crate::pages::{PageError, cookie, escape, html, refused_for_now, secure_attr};
 use crate::secrets::{self, ct_eq};
 use crate::signin::{self, SignIn, sign_in};
@@ -272,13 +273,24 @@ fn form_page(
         code = escape(code),
         csrf = escape(csrf),
     ));
-    for m in &o.missing {
+    for m in o.missing.iter().filter(|m| !m.oauth.0) {
         body.push_str(&format!(
             "<label>Your access token for <b>{name}</b> (sent to it as a bearer token; \
              stored encrypted) <input name=\"identity_{id}\" type=\"password\" \
              autocomplete=\"off\" required></label>",
             name = escape(&m.name),
             id = m.server_id,
+        ));
+    }
+    // OAuth-protected servers are connected by the user (signed in here first), not
+    // typed in; until then they refuse the agent's token for this user with
+    // `identity_missing`. Connecting comes back to a page that says to reopen the link.
+    for m in o.missing.iter().filter(|m| m.oauth.0) {
+        body.push_str(&format!(
+            "<button type=\"submit\" name=\"connect\" value=\"{id}\">Sign in and connect your \
+             {name} account</button>",
+            id = m.server_id,
+            name = escape(&m.name),
         ));
     }
     body.push_str("<button type=\"submit\">Allow</button></form>");
@@ -404,8 +416,49 @@ async fn submit(
             ));
         }
     }
+    // "Connect": to the server's sign-in, bound to this browser by a connect cookie.
+    if let Some(connect) = field("connect") {
+        let server = opened
+            .missing
+            .iter()
+            .find(|m| m.oauth.0 && connect.parse() == Ok(m.server_id))
+            .ok_or_else(|| cannot(StatusCode::BAD_REQUEST, "No such server to connect."))?;
+        let (set_cookie, binding) = oauth_identity::connect_cookie(&state)?;
+        let url = oauth_identity::begin_connect(
+            &state,
+            opened.enrollment.user_id,
+            &binding,
+            server.server_id,
+            oauth_identity::RETURN_DONE,
+        )
+        .await?
+        .ok_or_else(|| {
+            cannot(
+                StatusCode::NOT_FOUND,
+                "That server does not sign in by OAuth.",
+            )
+        })?;
+        tracing::info!(
+            enrollment_id = opened.enrollment.id,
+            server_id = server.server_id,
+            "oauth connect started from an enrollment"
+        );
+        let mut response = StatusCode::SEE_OTHER.into_response();
+        for (name, value) in [(header::LOCATION, url), (header::SET_COOKIE, set_cookie)] {
+            if let Ok(v) = value.parse() {
+                response.headers_mut().append(name, v);
+            }
+        }
+        return Ok(crate::pages::no_store(response));
+    }
     // Every identity checked before any is saved: a refused form changes nothing.
-    let checked = identities_from_form(&opened.missing, field, true).map_err(|m| {
+    let typed: Vec<_> = opened
+        .missing
+        .iter()
+        .filter(|m| !m.oauth.0)
+        .cloned()
+        .collect();
+    let checked = identities_from_form(&typed, field, true).map_err(|m| {
         let error = format!(
             "Enter your access token for {} (one word, no spaces).",
             m.name

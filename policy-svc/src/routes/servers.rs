@@ -9,8 +9,8 @@ use super::{Endpoint, Verb, audit_admin, endpoint, state_of};
 use crate::AppState;
 use crate::auth::{Admin, Capability};
 use crate::error::ApiError;
-use crate::extract::Json;
-use crate::store::{StoreError, catalog};
+use crate::extract::{Json, Path};
+use crate::store::{StoreError, catalog, oauth_identities};
 use crate::upstream_policy::Refused;
 
 pub fn endpoints() -> Vec<Endpoint> {
@@ -27,7 +27,108 @@ pub fn endpoints() -> Vec<Endpoint> {
             Some(Capability::ServersRead),
             list,
         ),
+        endpoint(
+            Verb::Put,
+            "/api/v1/servers/{id}/oauth",
+            Some(Capability::ServersManage),
+            put_oauth,
+        ),
+        endpoint(
+            Verb::Get,
+            "/api/v1/servers/{id}/oauth",
+            Some(Capability::ServersRead),
+            get_oauth,
+        ),
+        endpoint(
+            Verb::Delete,
+            "/api/v1/servers/{id}/oauth",
+            Some(Capability::ServersManage),
+            delete_oauth,
+        ),
     ]
+}
+
+/// A server's OAuth protection as the API shows it: never the client secret.
+#[derive(Serialize)]
+struct OauthView {
+    #[serde(flatten)]
+    oauth: oauth_identities::ServerOauth,
+    has_client_secret: bool,
+    /// Where the authorization server must send users back (register it there when
+    /// entering a client by hand).
+    redirect_uri: String,
+}
+
+fn oauth_view(state: &AppState, oauth: oauth_identities::ServerOauth) -> OauthView {
+    OauthView {
+        has_client_secret: oauth.client_secret_sealed.is_some(),
+        redirect_uri: crate::oauth_identity::redirect_uri(state),
+        oauth,
+    }
+}
+
+/// Makes a server OAuth-protected (or sets it up again): its authorization server is
+/// discovered from the upstream (or `issuer`), and a client registered there (or
+/// `client_id` and `client_secret` used). Its per-user identities are then connected
+/// by the users themselves ("Connect").
+async fn put_oauth(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(id): Path<i64>,
+    Json(body): Json<crate::oauth_identity::Setup>,
+) -> Result<Json<OauthView>, ApiError> {
+    let server = catalog::list_servers(&state.db)
+        .await?
+        .into_iter()
+        .find(|s| s.id == id)
+        .ok_or(ApiError::NotFound("server"))?;
+    let before = oauth_identities::server_oauth(&state.db, id)
+        .await?
+        .map(|o| oauth_view(&state, o));
+    let oauth = crate::oauth_identity::set_up(&state, id, &server.upstream_url(), body).await?;
+    let view = oauth_view(&state, oauth);
+    audit_admin(
+        &state,
+        &admin,
+        "server.oauth.set",
+        format!("servers/{id}"),
+        before.as_ref().and_then(state_of),
+        state_of(&view),
+    )
+    .await?;
+    Ok(Json(view))
+}
+
+async fn get_oauth(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+) -> Result<Json<OauthView>, ApiError> {
+    let oauth = oauth_identities::server_oauth(&state.db, id)
+        .await?
+        .ok_or(ApiError::NotFound("server_oauth"))?;
+    Ok(Json(oauth_view(&state, oauth)))
+}
+
+async fn delete_oauth(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(id): Path<i64>,
+) -> Result<StatusCode, ApiError> {
+    let before = oauth_identities::server_oauth(&state.db, id)
+        .await?
+        .ok_or(ApiError::NotFound("server_oauth"))?;
+    let before = oauth_view(&state, before);
+    oauth_identities::delete_server_oauth(&state.db, id).await?;
+    audit_admin(
+        &state,
+        &admin,
+        "server.oauth.delete",
+        format!("servers/{id}"),
+        state_of(&before),
+        None,
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]

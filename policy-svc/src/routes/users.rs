@@ -49,6 +49,12 @@ pub fn endpoints() -> Vec<Endpoint> {
             put_identity,
         ),
         endpoint(
+            Verb::Delete,
+            "/api/v1/users/{id}/identities/{server_id}",
+            manage,
+            delete_identity,
+        ),
+        endpoint(
             Verb::Put,
             "/api/v1/users/{id}/password",
             manage,
@@ -365,6 +371,33 @@ async fn put_identity(
     let identity =
         save_identity(&state, admin.user_id, user_id, server_id, (header, value)).await?;
     Ok(Json(identity))
+}
+
+/// Deletes a user's identity for a server: one connected by OAuth is first revoked at
+/// its authorization server (RFC 7009, where it offers revocation; best effort).
+async fn delete_identity(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path((user_id, server_id)): Path<(i64, i64)>,
+) -> Result<StatusCode, ApiError> {
+    let identity = identities::list_for_user(&state.db, user_id)
+        .await?
+        .into_iter()
+        .find(|i| i.server_id == server_id)
+        .ok_or(ApiError::NotFound("identity"))?;
+    crate::oauth_identity::revoke(&state, identity.id).await;
+    if identities::delete(&state.db, identity.id).await? {
+        audit_admin(
+            &state,
+            &admin,
+            "identity.delete",
+            format!("identities/{}", identity.id),
+            state_of(&identity),
+            None,
+        )
+        .await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_identities(

@@ -51,6 +51,11 @@ pub struct CheckRow {
     pub tools_mode: Option<String>,
     pub prompts_mode: Option<String>,
     pub resources_mode: Option<String>,
+    /// The identity's OAuth state (`connected`, `needs_reconnect`), `None` for a
+    /// credential set by hand; when its access token expires and when to refresh it.
+    pub identity_oauth_status: Option<String>,
+    pub identity_oauth_expires_at: Option<i64>,
+    pub identity_oauth_refresh_at: Option<i64>,
 }
 
 /// The check's one statement, for a credential read from `$credential`: every layer
@@ -75,7 +80,9 @@ macro_rules! check_select {
                 ",
             $crate::store::teams::granted_sql!("c.user_id", "g.id"),
             " AS gateway_granted,
-                e.tools_mode, e.prompts_mode, e.resources_mode
+                e.tools_mode, e.prompts_mode, e.resources_mode,
+                i.oauth_status AS identity_oauth_status, i.oauth_expires_at AS identity_oauth_expires_at,
+                i.oauth_refresh_at AS identity_oauth_refresh_at
          FROM ",
             $credential,
             "
@@ -144,6 +151,9 @@ macro_rules! check_row_by_index {
             tools_mode: $row.$get(27)?,
             prompts_mode: $row.$get(28)?,
             resources_mode: $row.$get(29)?,
+            identity_oauth_status: $row.$get(30)?,
+            identity_oauth_expires_at: $row.$get(31)?,
+            identity_oauth_refresh_at: $row.$get(32)?,
         }
     };
 }

@@ -13,6 +13,7 @@ pub mod features;
 pub mod hosts;
 pub mod identities;
 pub mod oauth;
+pub mod oauth_identities;
 pub mod pg_reads;
 pub mod reseal;
 pub mod signin;

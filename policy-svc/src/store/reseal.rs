@@ -5,6 +5,7 @@
 use anyhow::{Result, anyhow};
 
 use super::{Db, begin_write};
+use crate::oauth_identity::{client_secret_binding, refresh_binding};
 use crate::secrets::{Opened, SecretBox, identity_binding, shared_binding, signing_key_binding};
 
 /// What a re-seal did.
@@ -14,6 +15,8 @@ pub struct Resealed {
     pub identities: usize,
     pub shared_credentials: usize,
     pub signing_keys: usize,
+    /// OAuth identities' refresh tokens and OAuth clients' secrets (issue 24).
+    pub oauth_secrets: usize,
     /// Values already under the current key, left as they were.
     pub already_current: usize,
     /// Values replaced meanwhile (so sealed under the current key).
@@ -26,6 +29,8 @@ enum Row {
     Identity { id: i64 },
     Shared { gateway: i64, server: i64 },
     SigningKey { id: i64 },
+    IdentityRefresh { id: i64 },
+    ClientSecret { server: i64 },
 }
 
 impl Row {
@@ -36,6 +41,10 @@ impl Row {
                 format!("the shared credential of gateway {gateway} server {server}")
             }
             Row::SigningKey { id } => format!("OAuth signing key {id}"),
+            Row::IdentityRefresh { id } => format!("the refresh token of identity {id}"),
+            Row::ClientSecret { server } => {
+                format!("the OAuth client secret of server {server}")
+            }
         }
     }
 }
@@ -59,6 +68,18 @@ pub async fn reseal_all(db: &Db, secrets: &SecretBox) -> Result<Resealed> {
         sqlx::query_as("SELECT id, kid, sealed_private FROM oauth_signing_keys ORDER BY id")
             .fetch_all(db)
             .await?;
+    let refresh: Vec<(i64, i64, i64, Vec<u8>)> = sqlx::query_as(
+        "SELECT id, user_id, server_id, oauth_refresh_sealed FROM identities
+         WHERE oauth_refresh_sealed IS NOT NULL ORDER BY id",
+    )
+    .fetch_all(db)
+    .await?;
+    let client_secrets: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+        "SELECT server_id, client_secret_sealed FROM server_oauth
+         WHERE client_secret_sealed IS NOT NULL ORDER BY server_id",
+    )
+    .fetch_all(db)
+    .await?;
     let stored =
         identities
             .into_iter()
@@ -71,6 +92,20 @@ pub async fn reseal_all(db: &Db, secrets: &SecretBox) -> Result<Resealed> {
             }))
             .chain(keys.into_iter().map(|(id, kid, sealed)| {
                 (Row::SigningKey { id }, signing_key_binding(&kid), sealed)
+            }))
+            .chain(refresh.into_iter().map(|(id, user, server, sealed)| {
+                (
+                    Row::IdentityRefresh { id },
+                    refresh_binding(user, server),
+                    sealed,
+                )
+            }))
+            .chain(client_secrets.into_iter().map(|(server, sealed)| {
+                (
+                    Row::ClientSecret { server },
+                    client_secret_binding(server),
+                    sealed,
+                )
             }));
 
     let mut done = Resealed::default();
@@ -118,6 +153,20 @@ pub async fn reseal_all(db: &Db, secrets: &SecretBox) -> Result<Resealed> {
             .bind(resealed)
             .bind(id)
             .bind(old),
+            Row::IdentityRefresh { id } => sqlx::query(
+                "UPDATE identities SET oauth_refresh_sealed = $1
+                 WHERE id = $2 AND oauth_refresh_sealed = $3",
+            )
+            .bind(resealed)
+            .bind(id)
+            .bind(old),
+            Row::ClientSecret { server } => sqlx::query(
+                "UPDATE server_oauth SET client_secret_sealed = $1
+                 WHERE server_id = $2 AND client_secret_sealed = $3",
+            )
+            .bind(resealed)
+            .bind(server)
+            .bind(old),
         };
         let written = query.execute(&mut *tx).await?;
         match (written.rows_affected(), row) {
@@ -125,6 +174,9 @@ pub async fn reseal_all(db: &Db, secrets: &SecretBox) -> Result<Resealed> {
             (_, Row::Identity { .. }) => done.identities += 1,
             (_, Row::Shared { .. }) => done.shared_credentials += 1,
             (_, Row::SigningKey { .. }) => done.signing_keys += 1,
+            (_, Row::IdentityRefresh { .. } | Row::ClientSecret { .. }) => {
+                done.oauth_secrets += 1;
+            }
         }
     }
     tx.commit().await?;

@@ -44,6 +44,11 @@ pub fn routes() -> Router<AppState> {
         .route(core_oauth::AUTHORIZE_PATH, get(authorize::authorize))
         .route("/oauth/login", post(authorize::login))
         .route("/oauth/consent", post(authorize::consent))
+        .route("/oauth/connect", post(authorize::connect_start))
+        .route(
+            crate::oauth_identity::CALLBACK_PATH,
+            get(authorize::connect_callback),
+        )
         .route(core_oauth::TOKEN_PATH, post(token::token))
         .route(core_oauth::REVOKE_PATH, post(revocation::revoke))
 }

@@ -43,8 +43,25 @@ pub(super) async fn consent_page(
     }
     let missing =
         store::identities::missing_on_gateway(&state.db, authz.gateway_id, user.0).await?;
+    let csrf = session_csrf(session);
+    let hidden = hidden_authz_fields(p);
+    // OAuth-protected servers are connected (each its own form, outside the consent
+    // form); the others take a token typed in.
+    let connect: String = missing
+        .iter()
+        .filter(|m| m.oauth.0)
+        .map(|m| super::connect::connect_form(&csrf, m.server_id, &m.name, &hidden))
+        .collect();
+    let connect = if connect.is_empty() {
+        connect
+    } else {
+        format!(
+            "<fieldset><legend>Servers that act as you: connect your accounts</legend>{connect}</fieldset>"
+        )
+    };
     let identities: String = missing
         .iter()
+        .filter(|m| !m.oauth.0)
         .map(|m| {
             format!(
                 "<label>Your token for <strong>{}</strong> ({}), optional <input name=\"identity_{}\" type=\"password\" autocomplete=\"off\"></label>",
@@ -65,7 +82,7 @@ pub(super) async fn consent_page(
         "<p>Signed in as <strong>{user}</strong>.</p>\
          <p>Allow <strong>{client}</strong> to use the gateway <strong>{gateway}</strong> as you?</p>\
          <p><small>{resource}</small></p>\
-         <p><small>Your answer goes back to {redirect}</small></p>\
+         <p><small>Your answer goes back to {redirect}</small></p>{connect}\
          <form method=\"post\" action=\"/oauth/consent\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">{hidden}{identities}\
          <button type=\"submit\" name=\"decision\" value=\"allow\">Allow</button>\
@@ -75,8 +92,6 @@ pub(super) async fn consent_page(
         gateway = escape(&authz.gateway_name),
         resource = escape(&authz.resource),
         redirect = escape(&authz.redirect_uri),
-        csrf = session_csrf(session),
-        hidden = hidden_authz_fields(p),
     );
     Ok(html(StatusCode::OK, "Allow access", body))
 }
@@ -206,9 +221,11 @@ async fn grant_code(
     user_id: i64,
 ) -> Result<String, PageError> {
     // Validate every identity field before storing any, so a bad one changes nothing.
-    let missing = store::identities::missing_on_gateway(&state.db, authz.gateway_id, user_id)
+    let mut missing = store::identities::missing_on_gateway(&state.db, authz.gateway_id, user_id)
         .await
         .map_err(OauthError::from)?;
+    // An OAuth-protected server's identity is connected, never typed in.
+    missing.retain(|m| !m.oauth.0);
     let field = |name: &str| p.get(name).ok().flatten();
     let brought = identities::identities_from_form(&missing, field, false).map_err(|m| {
         PageError::page(

@@ -2,6 +2,7 @@
 //! ([`request`]), then the browser is shown the sign-in page ([`login`]) or, once it
 //! holds a session ([`session`]), the consent page ([`consent`]).
 
+mod connect;
 mod consent;
 mod login;
 mod request;
@@ -12,6 +13,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
+pub(super) use connect::{callback as connect_callback, start as connect_start};
 pub(super) use consent::consent;
 pub(super) use login::login;
 
