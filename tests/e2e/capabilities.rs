@@ -124,6 +124,9 @@ pub(crate) fn body(method: &str, path: &str, f: &Fixture) -> Option<Value> {
         ("PUT", "/api/v1/users/{id}/password") => json!({"password": "a new long password"}),
         ("POST", "/api/v1/teams") => json!({"name": "New team"}),
         ("PUT", "/api/v1/gateways/{id}/host-approval") => json!({"required": true}),
+        // Discovery from the upstream's 401: a caller lacking the capability never
+        // gets that far.
+        ("PUT", "/api/v1/servers/{id}/oauth") => json!({}),
         // No body. The fixture's team is not granted the gateway yet; adding its member
         // again would still be audited, which the snapshot holds.
         (
