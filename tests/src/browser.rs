@@ -219,10 +219,15 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // chromedriver and the browsers it started: the whole process group.
-        let _ = Command::new("kill")
-            .arg("-KILL")
-            .arg(format!("-{}", self.driver.pid()))
-            .status();
+        // chromedriver and the browsers it started: the whole process group. The `--`
+        // matters: procps-ng's kill reads `-KILL -<pgid>` as `kill(-1, SIGKILL)`, which
+        // as root is every process on the machine (it killed the test runner's whole
+        // session, and the developer's shell with it, at the end of each browser test).
+        let pgid = self.driver.pid();
+        if pgid > 1 {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pgid}")])
+                .status();
+        }
     }
 }
