@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::{Db, Result, placeholders, pow2_chunks};
+use super::{Db, Result, begin_write, placeholders, pow2_chunks};
 use crate::timefmt;
 
 /// One audit entry, as written and as read back.
@@ -60,7 +60,7 @@ const ROWS_PER_INSERT: usize = 16;
 /// statement: one round trip per batch instead of one per event.
 pub async fn append(db: &Db, events: &[Event]) -> Result<()> {
     const COLUMNS_PER_ROW: usize = 18;
-    let mut tx = db.begin().await?;
+    let mut tx = begin_write(db).await?;
     for chunk in pow2_chunks(events, ROWS_PER_INSERT) {
         let rows: Vec<String> = (0..chunk.len())
             .map(|r| {

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::{Db, DbBool, Result, now_ms};
+use super::{Db, DbBool, Result, begin_write, now_ms};
 use crate::timefmt;
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -20,7 +20,7 @@ pub struct Gateway {
 /// Creates a gateway granted to the `everyone` team, as gateways were open to every
 /// user before teams existed; an admin restricts it by taking that grant away.
 pub async fn create_gateway(db: &Db, name: &str, slug: &str) -> Result<Gateway> {
-    let mut tx = db.begin().await?;
+    let mut tx = begin_write(db).await?;
     let gateway: Gateway = sqlx::query_as(
         "INSERT INTO gateways (name, slug, enabled, created_at) VALUES ($1, $2, $3, $4)
          RETURNING id, name, slug, enabled, created_at, approve_hosts",

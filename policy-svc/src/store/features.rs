@@ -4,7 +4,7 @@
 use mcpguard_core::features::{Item, Kind, Mode};
 use serde::Serialize;
 
-use super::{Db, Result, now_ms};
+use super::{Db, Result, begin_write, now_ms};
 use crate::timefmt;
 
 /// The three modes of one exposure; `None` from [`modes`] when it does not exist.
@@ -223,7 +223,7 @@ pub async fn apply_fetch(
     fetched: &[Fetched],
 ) -> Result<Vec<Change>> {
     let now = now_ms();
-    let mut tx = db.begin().await?;
+    let mut tx = begin_write(db).await?;
     let known: Vec<(String, String, Option<String>, Option<i64>)> = sqlx::query_as(
         "SELECT name, definition_hash, approved_hash, removed_at FROM exposure_features
          WHERE gateway_id = $1 AND server_id = $2 AND kind = $3",
@@ -373,7 +373,7 @@ pub async fn set_allowlist(
     admin: i64,
 ) -> Result<()> {
     let now = now_ms();
-    let mut tx = db.begin().await?;
+    let mut tx = begin_write(db).await?;
     let current: Vec<(String, Option<String>)> = sqlx::query_as(
         "SELECT name, approved_hash FROM exposure_features
          WHERE gateway_id = $1 AND server_id = $2 AND kind = $3",
@@ -421,7 +421,7 @@ pub async fn approve(
     admin: i64,
 ) -> Result<()> {
     let now = now_ms();
-    let mut tx = db.begin().await?;
+    let mut tx = begin_write(db).await?;
     for name in names {
         sqlx::query(
             "UPDATE exposure_features SET approved_hash = definition_hash, approved_at = $5, approved_by = $6

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::{Db, DbBool, Result, now_ms, placeholders, pow2_chunks};
+use super::{Db, DbBool, Result, begin_write, now_ms, placeholders, pow2_chunks};
 use crate::timefmt;
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -216,7 +216,7 @@ pub async fn record_last_used(db: &Db, uses: &[(Option<i64>, i64)], at: i64) -> 
         ids.sort_unstable();
         ids.dedup();
     }
-    let mut tx = db.begin().await?;
+    let mut tx = begin_write(db).await?;
     for (table, ids) in [("api_tokens", tokens), ("connections", connections)] {
         for chunk in pow2_chunks(&ids, IDS_PER_UPDATE) {
             let sql = format!(

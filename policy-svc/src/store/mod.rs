@@ -289,3 +289,75 @@ mod placeholder_tests {
         assert_eq!(super::placeholders(&sqlite, 3, 2), "?, ?");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use std::time::Duration;
+
+    // The failure CI hit: a feature refresh read, another connection committed a write
+    // (a token's last use), and the refresh's write then failed "database is locked" at
+    // once, past any busy timeout. Under `begin_write` the other writer waits instead.
+    #[tokio::test]
+    async fn a_write_transaction_holds_the_lock_from_its_first_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_sqlite_file(&dir.path().join("t.db")).await;
+        sqlx::query("CREATE TABLE t (v INTEGER)")
+            .execute(&db)
+            .await
+            .unwrap();
+        let mut tx = begin_write(&db).await.unwrap();
+        let _: (i64,) = sqlx::query_as("SELECT count(*) FROM t")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        let other = {
+            let db = db.clone();
+            tokio::spawn(async move {
+                sqlx::query("INSERT INTO t VALUES (1)")
+                    .execute(&db)
+                    .await
+                    .map(|_| ())
+            })
+        };
+        // Had the transaction begun deferred, this write would commit at once.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), async {
+                while !other.is_finished() {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .is_err(),
+            "another connection wrote inside a write transaction's read"
+        );
+        sqlx::query("INSERT INTO t VALUES (2)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        other.await.unwrap().unwrap();
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM t")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+    }
+
+    // Every transaction of the store writes: each must begin with `begin_write`.
+    #[test]
+    fn no_store_transaction_begins_deferred() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/store");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let source = std::fs::read_to_string(&path).unwrap();
+            let code = source.split("#[cfg(test)]").next().unwrap_or("");
+            let deferred = code
+                .lines()
+                .filter(|l| l.contains("db.begin()") && !l.contains("Ok(db.begin()"))
+                .count();
+            assert_eq!(deferred, 0, "{}: use begin_write", path.display());
+        }
+    }
+}

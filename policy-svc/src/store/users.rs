@@ -1,6 +1,6 @@
 //! Roles, users and admin tokens.
 
-use super::{Db, DbBool, Result, now_ms};
+use super::{Db, DbBool, Result, begin_write, now_ms};
 use crate::auth::Capability;
 
 /// Who an admin token belongs to, and what that user may do.
@@ -55,7 +55,7 @@ pub async fn has_users(db: &Db) -> Result<bool> {
 /// in one transaction, so a crash cannot leave an owner without a token.
 pub async fn bootstrap_owner(db: &Db, token_hash: &str, prefix: &str) -> Result<i64> {
     let now = now_ms();
-    let mut tx = db.begin().await?;
+    let mut tx = begin_write(db).await?;
     let role_id: i64 = sqlx::query_scalar(
         "INSERT INTO roles (name, created_at) VALUES ('owner', $1) RETURNING id",
     )
@@ -111,7 +111,7 @@ pub struct Role {
 pub async fn create_role(db: &Db, name: &str, caps: &[Capability]) -> Result<Role> {
     let caps = &Capability::closure(caps)[..];
     let now = now_ms();
-    let mut tx = db.begin().await?;
+    let mut tx = begin_write(db).await?;
     let id: i64 =
         sqlx::query_scalar("INSERT INTO roles (name, created_at) VALUES ($1, $2) RETURNING id")
             .bind(name)
@@ -145,7 +145,7 @@ fn names(caps: &[Capability]) -> Vec<String> {
 /// is no such role.
 pub async fn set_role_capabilities(db: &Db, id: i64, caps: &[Capability]) -> Result<Option<Role>> {
     let caps = &Capability::closure(caps)[..];
-    let mut tx = super::begin_write(db).await?;
+    let mut tx = begin_write(db).await?;
     let row: Option<(String, i64)> =
         sqlx::query_as("SELECT name, created_at FROM roles WHERE id = $1")
             .bind(id)
