@@ -273,7 +273,7 @@ async fn a_session_is_bound_to_its_token_and_ids_come_back_as_sent() {
         .unwrap()
         .to_owned();
     let raw = Raw {
-        http: reqwest::Client::new(),
+        http: mcpguard_e2e::http(),
         url: stack.gateway_url("eng"),
     };
     let (status, sid, init) = raw.post(&token, None, mcp::initialize_body()).await;
@@ -386,7 +386,7 @@ async fn provisioning_holds_on_the_gateway_url() {
 async fn prompts_and_resources_are_merged_and_reach_their_own_server() {
     let (stack, token, ..) = two_servers().await;
     let raw = Raw {
-        http: reqwest::Client::new(),
+        http: mcpguard_e2e::http(),
         url: stack.gateway_url("eng"),
     };
     let (_, sid, _) = raw.post(&token, None, mcp::initialize_body()).await;
@@ -592,7 +592,7 @@ async fn a_stalled_server_costs_only_its_own_tools() {
 async fn after_an_aggregator_restart_old_sessions_are_404_and_new_ones_work() {
     let (mut stack, token, ..) = two_servers().await;
     let raw = Raw {
-        http: reqwest::Client::new(),
+        http: mcpguard_e2e::http(),
         url: stack.gateway_url("eng"),
     };
     let (_, sid, _) = raw.post(&token, None, mcp::initialize_body()).await;

@@ -32,7 +32,7 @@ struct Reply {
 impl Session {
     async fn open(url: &str, token: &str) -> Session {
         let mut s = Session {
-            http: reqwest::Client::new(),
+            http: mcpguard_e2e::http(),
             url: url.to_owned(),
             token: token.to_owned(),
             id: None,

@@ -27,7 +27,7 @@ impl Admin {
         Admin {
             base,
             token: token.to_owned(),
-            http: reqwest::Client::new(),
+            http: crate::http(),
         }
     }
 

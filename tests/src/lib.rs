@@ -25,6 +25,21 @@ pub use admin::Admin;
 pub use procs::{Demo, Envoy, EnvoyOptions, Policy, Stack};
 
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// An HTTP client for talking to the services across a test: it drops a pooled
+/// connection idle for 5 s, before the services close it (their HTTP/1.1 keep-alive
+/// ends after `--header-read-timeout-ms`, 10 s by default). Reusing a connection at
+/// the moment the service closes it fails the request (`IncompleteMessage`), which a
+/// loaded machine made a flaky failure.
+pub fn http_client() -> reqwest::ClientBuilder {
+    reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(5))
+}
+
+/// [`http_client`] as it is.
+pub fn http() -> reqwest::Client {
+    http_client().build().expect("an HTTP client")
+}
 
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

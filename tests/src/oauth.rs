@@ -72,7 +72,7 @@ pub struct Page {
 impl Default for Browser {
     fn default() -> Self {
         Browser {
-            http: reqwest::Client::builder()
+            http: crate::http_client()
                 .redirect(Policy::none())
                 .build()
                 .unwrap(),
@@ -87,7 +87,7 @@ impl Browser {
     /// 127.0.0.2): another client, as far as the policy service's peer address goes.
     pub fn from_address(local: std::net::IpAddr) -> Browser {
         Browser {
-            http: reqwest::Client::builder()
+            http: crate::http_client()
                 .redirect(Policy::none())
                 .local_address(local)
                 .build()
@@ -230,7 +230,7 @@ pub fn pkce(seed: &str) -> (String, String) {
 
 impl RawClient {
     pub async fn register(issuer: &str, name: &str) -> RawClient {
-        let http = reqwest::Client::new();
+        let http = crate::http();
         let redirect_uri = "http://127.0.0.1:1/callback".to_owned();
         let resp = http
             .post(format!("{issuer}/oauth/register"))

@@ -226,7 +226,7 @@ pub async fn prove(target: &Target, admin: &Admin, plan: &Plan) -> Report {
     for _ in 0..plan.clients {
         let (log, stop, url, token) = (log.clone(), stop.clone(), url.to_owned(), token.to_owned());
         clients.push(tokio::spawn(async move {
-            let http = reqwest::Client::new();
+            let http = crate::http();
             let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                 "params": {"name": "echo", "arguments": {"text": "break-glass"}}})
             .to_string();
