@@ -567,3 +567,168 @@ async fn two_replicas_refresh_each_expiry_once() {
     drop((envoy, a, b));
     drop(pg);
 }
+
+/// The text of the element `id` (a `<code id=…>`), such as the secret on the page that
+/// shows a new token once.
+fn code_by_id(body: &str, id: &str) -> Option<String> {
+    let start = body.find(&format!("id=\"{id}\">"))? + id.len() + 6;
+    let end = body[start..].find('<')? + start;
+    Some(body[start..end].to_owned())
+}
+
+/// Connect in the console: an operator holding only `tokens.manage` (no `users.manage`,
+/// so no identity can be typed in for them) opens a host's connection flow, connects
+/// their downstream account at its sign-in, comes back to the flow and generates the
+/// token, which reaches the downstream as them.
+#[tokio::test]
+async fn an_operator_connects_their_downstream_account_in_the_console() {
+    let down = downstream().await;
+    let (up, p, _alice) = upstream(&down).await;
+    let owner = up.admin();
+    let (status, role) = owner
+        .post(
+            "/api/v1/roles",
+            json!({"name": "operator", "capabilities": ["tokens.manage"]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{role}");
+    let (status, olga) = owner
+        .post(
+            "/api/v1/users",
+            json!({"name": "olga", "role_id": role["id"]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{olga}");
+    let olga = olga["id"].as_i64().unwrap();
+    let (status, v) = owner
+        .call(
+            Method::PUT,
+            &format!("/api/v1/users/{olga}/password"),
+            Some(json!({"password": PASSWORD})),
+        )
+        .await;
+    assert_eq!(status, 204, "{v}");
+
+    let base = up.policy.public_url();
+    let mut browser = Browser::default();
+    let login = browser.get(&format!("{base}/console/login")).await;
+    let mut form = form_inputs(&login.body);
+    form.insert("username".into(), "olga".into());
+    form.insert("password".into(), PASSWORD.into());
+    let signed_in = browser.post(&format!("{base}/console/login"), &form).await;
+    assert_eq!(signed_in.status, 303, "{}", signed_in.body);
+
+    let flow_path = format!(
+        "/console/hosts/{}/connect?gateway_id={}",
+        p.host_id, p.gateway_id
+    );
+    let page = browser.get(&format!("{base}{flow_path}")).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body.contains("Connect your Server tracker account")
+            && !page.body.contains("credential.token")
+            && !page.body.contains(">Generate token<"),
+        "an OAuth server is connected, not typed in, before the token: {}",
+        page.body
+    );
+    let mut connect = HashMap::new();
+    connect.insert("csrf".to_owned(), form_inputs(&page.body)["csrf"].clone());
+    connect.insert("server_id".to_owned(), p.server_id.to_string());
+    connect.insert("_back".to_owned(), flow_path.clone());
+    // A form without this session's CSRF token starts nothing.
+    let mut forged = connect.clone();
+    forged.insert("csrf".to_owned(), "forged".to_owned());
+    let refused = browser
+        .post(&format!("{base}/console/connect"), &forged)
+        .await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+
+    let downstream_issuer = down.stack.policy.public_url();
+    let to_downstream = |started: mcpguard_e2e::oauth::Page| {
+        assert_eq!(started.status, 303, "{}", started.body);
+        let url = started.location.unwrap();
+        assert!(
+            url.starts_with(&format!("{downstream_issuer}/oauth/authorize?")),
+            "{url}"
+        );
+        url
+    };
+    let started = browser
+        .post(&format!("{base}/console/connect"), &connect)
+        .await;
+    let callback = Browser::default()
+        .authorize(
+            &downstream_issuer,
+            &to_downstream(started),
+            "dana",
+            PASSWORD,
+            &[],
+        )
+        .await;
+    // Bound to the browser that started it: another one is refused (and spends it).
+    let refused = Browser::default().get(&callback).await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    let started = browser
+        .post(&format!("{base}/console/connect"), &connect)
+        .await;
+    let callback = Browser::default()
+        .authorize(
+            &downstream_issuer,
+            &to_downstream(started),
+            "dana",
+            PASSWORD,
+            &[],
+        )
+        .await;
+    let done = browser.get(&callback).await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    let back = done
+        .body
+        .split("id=\"back\" href=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a link back to the console")
+        .replace("&amp;", "&");
+    assert!(back.starts_with(&flow_path), "{back}");
+
+    // Back in the flow: the identity is ready, and the token is Olga's.
+    let page = browser.get(&format!("{base}{back}")).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body.contains("Connected.")
+            && page.body.contains("Nothing to bring")
+            && page.body.contains(">Generate token<")
+            && !page.body.contains("Connect your"),
+        "{}",
+        page.body
+    );
+    let mut generate = HashMap::new();
+    generate.insert("csrf".to_owned(), form_inputs(&page.body)["csrf"].clone());
+    generate.insert("_method".to_owned(), "POST".to_owned());
+    generate.insert(
+        "_path".to_owned(),
+        format!("/api/v1/hosts/{}/tokens", p.host_id),
+    );
+    generate.insert("_back".to_owned(), flow_path.clone());
+    generate.insert("gateway_id".to_owned(), p.gateway_id.to_string());
+    let shown = browser
+        .post(&format!("{base}/console/act"), &generate)
+        .await;
+    assert_eq!(shown.status, 200, "{}", shown.body);
+    let token = code_by_id(&shown.body, "secret").expect("the token, shown once");
+    let session = mcp::connect(&up.envoy.mcp_url("eng", "tracker"), Some(&token))
+        .await
+        .expect("the token connects as Olga");
+    assert_eq!(
+        call_text(&session, "echo", json!({"text": "hi"}))
+            .await
+            .unwrap(),
+        "hi"
+    );
+    down.owner
+        .allowed_decision(|e| e["user_id"] == down.dana)
+        .await;
+    let (status, identities) = owner.get(&format!("/api/v1/users/{olga}/identities")).await;
+    assert_eq!(status, 200, "{identities}");
+    assert_eq!(identities[0]["oauth_status"], "connected", "{identities}");
+}

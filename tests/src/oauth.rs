@@ -120,6 +120,8 @@ impl Browser {
             "mcpguard_session",
             "mcpguard_enroll_csrf",
             "mcpguard_connect",
+            "mcpguard_console_login",
+            "mcpguard_console",
         ] {
             if let Some(c) = set_cookie(&resp, name) {
                 self.cookies

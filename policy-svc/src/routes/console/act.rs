@@ -116,7 +116,7 @@ fn needs_confirmation(method: Verb, template: &str) -> bool {
 }
 
 /// Where the browser goes back to: a console page, nothing else (no open redirect).
-fn safe_back(back: Option<&str>) -> &str {
+pub fn safe_back(back: Option<&str>) -> &str {
     match back {
         Some(b)
             if b.starts_with("/console")

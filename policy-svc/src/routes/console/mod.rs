@@ -49,6 +49,7 @@ pub fn routes(app: AppState, api: Router) -> Router<AppState> {
         .route("/console/hosts", get(pages::hosts::list))
         .route("/console/hosts/{id}", get(pages::hosts::one))
         .route("/console/hosts/{id}/connect", get(pages::connect::page))
+        .route("/console/connect", post(pages::connect::start))
         .route("/console/gateways", get(pages::gateways::list))
         .route("/console/gateways/{id}", get(pages::gateways::one))
         .route(
@@ -112,6 +113,7 @@ impl Done {
             "refreshed" => "Refreshed from the upstream.",
             "approved" => "Allowed. This holds from the next request.",
             "granted" => "Granted. This holds from the next request.",
+            "connected" => "Connected. The server knows you from the next request.",
             _ => return None,
         })
     }

@@ -2,20 +2,29 @@
 //! steps as any connection. First the gateway is confirmed (what it exposes, how each
 //! server knows the caller); then the signed-in user brings an identity for each
 //! per-user server it exposes that they lack; only then is the token generated, and
-//! shown once. Every step is an admin API call as the user, like the rest of the console.
+//! shown once. Every step is an admin API call as the user, like the rest of the console,
+//! but one: an OAuth-protected server is connected by the user themself ([`start`]),
+//! at its own sign-in, as on the OAuth consent page.
 
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
-use axum::response::Response;
+use std::collections::HashMap;
+
+use axum::extract::rejection::FormRejection;
+use axum::extract::{Form, Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::super::act::safe_back;
 use super::super::layout::{self, Action, action, badge, copyable, tag, text};
 use super::super::session::Signed;
+use super::super::signin::field;
 use super::super::{Console, Done};
 use super::{by_id, flag, id, mcp_url, name_in};
+use crate::oauth_identity;
 use crate::routes::Verb;
+use crate::store::identities::missing_on_gateway;
 
 /// The gateway picked on the host's page.
 #[derive(Deserialize, Default)]
@@ -33,6 +42,9 @@ pub enum Need {
     /// Per-user, the user's identity is disabled: refused with `identity_disabled`
     /// until someone enables it (bringing a new one keeps it disabled).
     Disabled,
+    /// Per-user, connected by OAuth, and the downstream refused its refresh: refused
+    /// with `identity_expired` until the user connects again.
+    Reconnect,
     /// Per-user and the user has none: bring one before the token is made.
     Missing,
     /// Per-user, and this user may not read identities: the answer will say.
@@ -51,8 +63,9 @@ pub fn need_of(exposure: &Value, identities: Option<&[Value]>) -> Need {
         .iter()
         .find(|i| i["server_id"] == exposure["server_id"])
     {
-        Some(i) if flag(i, "enabled") => Need::Ready,
-        Some(_) => Need::Disabled,
+        Some(i) if !flag(i, "enabled") => Need::Disabled,
+        Some(i) if i["oauth_status"] == oauth_identity::NEEDS_RECONNECT => Need::Reconnect,
+        Some(_) => Need::Ready,
         None => Need::Missing,
     }
 }
@@ -74,6 +87,7 @@ fn need_badge(need: Need) -> Markup {
         Need::Ready => html! { span.badge.on { "identity ready" } },
         Need::Disabled => html! { span.badge.off { "identity disabled" } },
         Need::Missing => html! { span.badge.off { "identity missing" } },
+        Need::Reconnect => html! { span.badge.off { "needs reconnecting" } },
         Need::Unknown => tag("not checked"),
     }
 }
@@ -132,19 +146,44 @@ pub async fn page(
         .await
         .ok()
         .and_then(|v| v.as_array().cloned());
+    // The per-user servers here the user lacks an identity for that sign in by OAuth:
+    // the user connects those themself, whatever their capabilities (their own account,
+    // as on the consent page); the others are typed in through the API (users.manage).
+    // Their names come along: the user connects them without reading the catalog.
+    let oauth: HashMap<i64, String> = missing_on_gateway(&console.app.db, gateway_id, me)
+        .await
+        .map(|m| {
+            m.into_iter()
+                .filter(|m| m.oauth.0)
+                .map(|m| (m.server_id, m.name))
+                .collect()
+        })
+        .unwrap_or_default();
+    let is_oauth = |e: &Value| {
+        e["server_id"]
+            .as_i64()
+            .is_some_and(|s| oauth.contains_key(&s))
+    };
     let needs: Vec<(Value, Need)> = exposed
         .into_iter()
         .map(|e| {
-            let need = need_of(&e, identities.as_deref());
+            let need = match need_of(&e, identities.as_deref()) {
+                // Known without reading identities: the user's own, from the store.
+                Need::Unknown if is_oauth(&e) => Need::Missing,
+                need => need,
+            };
             (e, need)
         })
         .collect();
     let missing: Vec<&Value> = needs
         .iter()
-        .filter(|(_, n)| *n == Need::Missing)
+        .filter(|(_, n)| matches!(n, Need::Missing | Need::Reconnect))
         .map(|(e, _)| e)
         .collect();
     let can_bring = api.can(Verb::Put, "/api/v1/users/{id}/identities/{server_id}");
+    let typed = missing.iter().filter(|e| !is_oauth(e)).count();
+    // What this user can still bring here; the token waits until it is brought.
+    let to_bring = missing.iter().filter(|e| is_oauth(e) || can_bring).count();
     // The API refuses a token for a gateway none of the user's teams is granted; say so
     // before the user brings identities for nothing.
     let granted = api
@@ -194,20 +233,35 @@ pub async fn page(
                 h2 { "Bring your identities" }
                 @if missing.is_empty() {
                     p.muted { "Nothing to bring: every per-user server here already knows you." }
-                } @else if !can_bring {
-                    p.warning { "You have no identity for " (missing.len()) " per-user server(s) here, and saving one needs the capability users.manage. Ask an admin, or use an enrollment link for yourself." }
                 } @else {
                     p.muted { "Each per-user server gets your own credential for it, sealed at rest and never shown again. Without it, that server refuses the token with identity_missing." }
+                    @if typed > 0 && !can_bring {
+                        p.warning { "You have no identity for " (typed) " per-user server(s) here, and saving one needs the capability users.manage. Ask an admin, or use an enrollment link for yourself." }
+                    }
                     @for e in &missing {
                         @let sid = e["server_id"].as_i64().unwrap_or(0);
                         @let sname = name_in(&server_names, &e["server_id"]);
-                        section.card.identity {
-                            h3 { (sname) }
-                            (action(&signed, &Action { method: "PUT", path: format!("/api/v1/users/{me}/identities/{sid}"), label: "Save identity", what: String::new(), back: &back, danger: false }, html! {
-                                input type="hidden" name="credential.type" value="bearer";
-                                label for={ "identity-" (sid) } { "Your bearer token for " (sname) }
-                                input id={ "identity-" (sid) } name="credential.token" type="password" autocomplete="off" required;
-                            }))
+                        @if let Some(oauth_name) = oauth.get(&sid) {
+                            @let sname = oauth_name;
+                            section.card.identity {
+                                h3 { (sname) }
+                                p.muted { "It signs in by OAuth: you sign in there, and it hands mcpguard a token for you, refreshed from then on." }
+                                form.inline method="post" action="/console/connect" {
+                                    input type="hidden" name="csrf" value=(signed.csrf);
+                                    input type="hidden" name="server_id" value=(sid);
+                                    input type="hidden" name="_back" value=(back);
+                                    button type="submit" { "Connect your " (sname) " account" }
+                                }
+                            }
+                        } @else if can_bring {
+                            section.card.identity {
+                                h3 { (sname) }
+                                (action(&signed, &Action { method: "PUT", path: format!("/api/v1/users/{me}/identities/{sid}"), label: "Save identity", what: String::new(), back: &back, danger: false }, html! {
+                                    input type="hidden" name="credential.type" value="bearer";
+                                    label for={ "identity-" (sid) } { "Your bearer token for " (sname) }
+                                    input id={ "identity-" (sid) } name="credential.token" type="password" autocomplete="off" required;
+                                }))
+                            }
                         }
                     }
                 }
@@ -219,7 +273,7 @@ pub async fn page(
                 h2 { "Generate the token" }
                 @if !granted {
                     p.muted { "Not until one of your teams is granted the gateway." }
-                } @else if missing.is_empty() || !can_bring {
+                } @else if to_bring == 0 {
                     section.card {
                         p { "For " strong { (host_name) } " on " strong { (gateway_name) } ". It is shown once, with Copy and Download." }
                         (action(&signed, &Action { method: "POST", path: format!("/api/v1/hosts/{host_id}/tokens"), label: "Generate token", what: String::new(), back: &host_back, danger: false }, html! {
@@ -243,6 +297,84 @@ pub async fn page(
     )
 }
 
+/// `POST /console/connect` (`csrf`, `server_id`, `_back`): the signed-in user connects
+/// their own account at an OAuth-protected server. The flow is bound to this browser by
+/// the connect cookie (the console's own cookie is `SameSite=Strict` and scoped to
+/// `/console`, so it is not sent to the callback), and comes back to the console page
+/// it left.
+pub async fn start(
+    State(console): State<Console>,
+    signed: Result<Signed, Response>,
+    form: Result<Form<Vec<(String, String)>>, FormRejection>,
+) -> Response {
+    let signed = match signed {
+        Ok(s) => s,
+        Err(to_sign_in) => return to_sign_in,
+    };
+    let Ok(Form(fields)) = form else {
+        return refused(&signed, StatusCode::BAD_REQUEST, "Malformed form.");
+    };
+    if !signed.csrf_ok(field(&fields, "csrf")) {
+        tracing::warn!(
+            user_id = signed.api.admin.user_id,
+            "console connect refused: CSRF token missing or wrong"
+        );
+        return refused(
+            &signed,
+            StatusCode::FORBIDDEN,
+            "The form did not come from this page. Reload the page and try again.",
+        );
+    }
+    let Some(server_id) = field(&fields, "server_id").and_then(|s| s.parse::<i64>().ok()) else {
+        return refused(&signed, StatusCode::BAD_REQUEST, "No server to connect.");
+    };
+    let back = safe_back(field(&fields, "_back"));
+    let return_to = format!(
+        "{back}{}done=connected",
+        if back.contains('?') { '&' } else { '?' }
+    );
+    let user_id = signed.api.admin.user_id;
+    let started = async {
+        let (set_cookie, binding) = oauth_identity::connect_cookie(&console.app)?;
+        let url =
+            oauth_identity::begin_connect(&console.app, user_id, &binding, server_id, &return_to)
+                .await?;
+        Ok::<_, crate::error::ApiError>(url.map(|url| (url, set_cookie)))
+    };
+    match started.await {
+        Ok(Some((url, set_cookie))) => {
+            tracing::info!(user_id, server_id, "oauth connect started from the console");
+            let mut response = StatusCode::SEE_OTHER.into_response();
+            for (name, value) in [(header::LOCATION, url), (header::SET_COOKIE, set_cookie)] {
+                if let Ok(v) = value.parse() {
+                    response.headers_mut().append(name, v);
+                }
+            }
+            crate::pages::no_store(response)
+        }
+        Ok(None) => refused(
+            &signed,
+            StatusCode::NOT_FOUND,
+            "That server does not sign in by OAuth.",
+        ),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn refused(signed: &Signed, status: StatusCode, message: &str) -> Response {
+    layout::page_with_status(
+        status,
+        signed,
+        "/console/hosts",
+        "Not connected",
+        None,
+        html! {
+            p.error role="alert" { (message) }
+            p { a href="/console/hosts" { "Back" } }
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,6 +391,13 @@ mod tests {
         assert_eq!(need_of(&shared, None), Need::Shared);
         assert_eq!(need_of(&per_user, Some(&mine)), Need::Ready);
         assert_eq!(need_of(&per_user, Some(&off)), Need::Disabled);
+        let expired = [json!({"server_id": 2, "enabled": true, "oauth_status": "needs_reconnect"})];
+        let expired_off =
+            [json!({"server_id": 2, "enabled": false, "oauth_status": "needs_reconnect"})];
+        let connected = [json!({"server_id": 2, "enabled": true, "oauth_status": "connected"})];
+        assert_eq!(need_of(&per_user, Some(&expired)), Need::Reconnect);
+        assert_eq!(need_of(&per_user, Some(&expired_off)), Need::Disabled);
+        assert_eq!(need_of(&per_user, Some(&connected)), Need::Ready);
         assert_eq!(need_of(&per_user, Some(&other)), Need::Missing);
         assert_eq!(need_of(&per_user, Some(&[])), Need::Missing);
         assert_eq!(need_of(&per_user, None), Need::Unknown);

@@ -147,6 +147,17 @@ pub(in crate::routes::oauth) async fn callback(
              (open your enrollment link again).</p>"
                 .into(),
         )),
+        // The console's session cookie is SameSite=Strict: a browser does not send it
+        // on a redirect of a navigation that began at the authorization server (another
+        // site), so the way back is a link the user follows from here.
+        Ok(return_to) if return_to.starts_with("/console") => Ok(html(
+            StatusCode::OK,
+            "Connected",
+            format!(
+                "<p>Your account is connected.</p><p><a id=\"back\" href=\"{}\">Back to the console</a></p>",
+                escape(&return_to)
+            ),
+        )),
         Ok(return_to) => Ok(see_other(&return_to, None)),
         Err(ConnectError::Api(e)) => Err(e.into()),
         Err(e @ ConnectError::Token(_)) => {
