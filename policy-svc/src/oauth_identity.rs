@@ -216,13 +216,14 @@ impl From<store::StoreError> for ConnectError {
 
 const CONNECT_TTL_MS: i64 = 10 * 60_000;
 
-/// Starts a Connect for the signed-in `user_id` (whose browser session hashes to
-/// `session_hash`): a single-use `state` bound to that session, a PKCE pair, and the
+/// Starts a Connect of `user_id`'s identity by the signed-in `started_by` (the user
+/// themself, or an admin connecting a service account), whose browser session hashes
+/// to `session_hash`: a single-use `state` bound to that session, a PKCE pair, and the
 /// authorization URL the browser is sent to. `return_to` is where the browser comes
 /// back afterwards (a path of ours).
 pub async fn begin_connect(
     state: &AppState,
-    user_id: i64,
+    (user_id, started_by): (i64, i64),
     session_hash: &str,
     server_id: i64,
     return_to: &str,
@@ -244,6 +245,7 @@ pub async fn begin_connect(
             verifier_sealed: &verifier_sealed,
             return_to,
             ttl_ms: CONNECT_TTL_MS,
+            started_by: (started_by != user_id).then_some(started_by),
         },
     )
     .await?;
@@ -336,7 +338,7 @@ pub async fn finish_connect(
     state
         .audit
         .admin(
-            user_id,
+            flow.started_by.unwrap_or(user_id),
             "identity.connect",
             format!("identities/{id}"),
             None,
@@ -406,7 +408,7 @@ pub struct Due {
 
 /// Whether the row's identity is a connected OAuth one whose refresh is due at `now`.
 pub fn due(row: &CheckRow, now: i64) -> Option<Due> {
-    if row.identity.as_deref() != Some("per_user")
+    if row.identity_owner().is_none()
         || row.identity_oauth_status.as_deref() != Some(CONNECTED)
         || !row.identity_enabled.is_some_and(|e| e.0)
     {
@@ -642,6 +644,7 @@ mod tests {
             verifier_sealed: Vec::new(),
             return_to: "/oauth/authorize?x".into(),
             expires_at,
+            started_by: None,
         }
     }
 

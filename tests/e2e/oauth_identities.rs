@@ -732,3 +732,167 @@ async fn an_operator_connects_their_downstream_account_in_the_console() {
     assert_eq!(status, 200, "{identities}");
     assert_eq!(identities[0]["oauth_status"], "connected", "{identities}");
 }
+
+/// A shared exposure whose credential is a service account connected once: an admin
+/// (`users.manage`, signed in to the console) connects the downstream account of a
+/// service user there, and the exposure sends that identity (`identity_of`) for every
+/// caller. Calls then reach the downstream as that account across several expiries
+/// (refreshed like any identity), and disabling the service identity refuses every
+/// caller on the next request.
+#[tokio::test]
+async fn a_shared_exposure_sends_a_service_account_an_admin_connected_once() {
+    let down = downstream().await;
+    let up = Stack::start().await;
+    let owner = up.admin();
+    let p = owner.provision("eng", "tracker", &down.url).await;
+    let path = format!("/api/v1/servers/{}/oauth", p.server_id);
+    let (status, oauth) = owner.call(Method::PUT, &path, Some(json!({}))).await;
+    assert_eq!(status, 200, "{oauth}");
+    let svc = owner.end_users(&["svc-tracker"]).await[0];
+    let (status, role) = owner
+        .post(
+            "/api/v1/roles",
+            json!({"name": "identity admin", "capabilities": ["users.manage"]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{role}");
+    let (status, root) = owner
+        .post(
+            "/api/v1/users",
+            json!({"name": "root", "role_id": role["id"]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{root}");
+    let root = root["id"].as_i64().unwrap();
+    let (status, v) = owner
+        .call(
+            Method::PUT,
+            &format!("/api/v1/users/{root}/password"),
+            Some(json!({"password": PASSWORD})),
+        )
+        .await;
+    assert_eq!(status, 204, "{v}");
+
+    // Bad input changes nothing: no such user; a per-user exposure takes no credential.
+    let exposure = format!("/api/v1/gateways/{}/servers/{}", p.gateway_id, p.server_id);
+    for (body, want) in [
+        (
+            json!({"identity": "shared", "credential": {"type": "identity_of", "user_id": 999}}),
+            404,
+        ),
+        (
+            json!({"identity": "per_user", "credential": {"type": "identity_of", "user_id": svc}}),
+            422,
+        ),
+        (
+            json!({"identity": "shared", "credential": {"type": "identity_of", "user_id": "svc"}}),
+            422,
+        ),
+    ] {
+        let (status, v) = owner.call(Method::PUT, &exposure, Some(body)).await;
+        assert_eq!(status, want, "{v}");
+        assert!(v["error"]["code"].is_string(), "{v}");
+    }
+    let shown = owner
+        .expose_as(
+            p.gateway_id,
+            p.server_id,
+            json!({"identity": "shared", "credential": {"type": "identity_of", "user_id": svc}}),
+        )
+        .await;
+    assert_eq!(shown["credential_user_id"], svc, "{shown}");
+    let url = up.envoy.mcp_url("eng", "tracker");
+    let refused = initialize_with(&url, Some(&p.token)).await;
+    assert_eq!(
+        (refused.status, refused.code().as_str()),
+        (403, "identity_missing"),
+        "not connected yet"
+    );
+
+    // The admin connects the service user's account in the console, as Dana.
+    let base = up.policy.public_url();
+    let mut browser = Browser::default();
+    let login = browser.get(&format!("{base}/console/login")).await;
+    let mut form = form_inputs(&login.body);
+    form.insert("username".into(), "root".into());
+    form.insert("password".into(), PASSWORD.into());
+    let signed_in = browser.post(&format!("{base}/console/login"), &form).await;
+    assert_eq!(signed_in.status, 303, "{}", signed_in.body);
+    let people = format!("/console/people/{svc}");
+    let page = browser.get(&format!("{base}{people}")).await;
+    assert!(
+        page.body.contains("Connect an account for svc-tracker"),
+        "{}",
+        page.body
+    );
+    let mut connect = HashMap::new();
+    connect.insert("csrf".to_owned(), form_inputs(&page.body)["csrf"].clone());
+    connect.insert("server_id".to_owned(), p.server_id.to_string());
+    connect.insert("user_id".to_owned(), svc.to_string());
+    connect.insert("_back".to_owned(), people.clone());
+    let started = browser
+        .post(&format!("{base}/console/connect"), &connect)
+        .await;
+    assert_eq!(started.status, 303, "{}", started.body);
+    let callback = Browser::default()
+        .authorize(
+            &down.stack.policy.public_url(),
+            &started.location.unwrap(),
+            "dana",
+            PASSWORD,
+            &[],
+        )
+        .await;
+    let done = browser.get(&callback).await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    let page = browser.get(&format!("{base}{people}?done=connected")).await;
+    assert!(page.body.contains(">connected<"), "{}", page.body);
+    let state = identity(&owner, svc).await;
+    assert_eq!(state["oauth_status"], "connected", "{state}");
+    let (_, audit) = owner.get("/api/v1/audit?limit=50").await;
+    assert!(
+        audit
+            .as_array()
+            .or(audit["entries"].as_array())
+            .into_iter()
+            .flatten()
+            .any(|e| e["action"] == "identity.connect" && e["actor_user_id"] == root),
+        "the connect is the admin's: {audit}"
+    );
+
+    // Every caller (this token is the owner's) reaches the downstream as Dana, across
+    // downstream expiries.
+    let session = mcp::connect(&url, Some(&p.token)).await.expect("connects");
+    let started = Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_secs(11) {
+        let echoed = call_text(&session, "echo", json!({"text": format!("call {calls}")}))
+            .await
+            .unwrap_or_else(|e| panic!("call {calls} at {:?}: {e}", started.elapsed()));
+        assert_eq!(echoed, format!("call {calls}"));
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let state = identity(&owner, svc).await;
+    assert!(
+        state["oauth_refreshes"].as_i64().unwrap() >= 1,
+        "refreshed over {calls} calls: {state}"
+    );
+    down.owner
+        .allowed_decision(|e| e["user_id"] == down.dana)
+        .await;
+
+    // Break-glass on the service identity holds for every caller, on the next request.
+    let (status, v) = owner
+        .post(
+            &format!("/api/v1/identities/{}/disable", state["id"]),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let refused = initialize_with(&url, Some(&p.token)).await;
+    assert_eq!(
+        (refused.status, refused.code().as_str()),
+        (403, "identity_disabled")
+    );
+}

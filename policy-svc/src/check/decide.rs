@@ -106,7 +106,7 @@ fn decide_layers(
             servers: Vec::new(),
         };
     }
-    let (Some(identity), Some(server_enabled), Some(scheme), Some(authority), Some(path)) = (
+    let (Some(_exposed), Some(server_enabled), Some(scheme), Some(authority), Some(path)) = (
         row.identity.as_deref(),
         row.server_enabled,
         row.upstream_scheme.as_deref(),
@@ -119,9 +119,11 @@ fn decide_layers(
         return deny(DenyCode::ServerDisabled);
     }
     // A per-user server is reached with the connection user's own credential, never
-    // the agent's and never as nobody; a shared one with its service credential, if any.
+    // the agent's and never as nobody; a shared one with its service credential, if any:
+    // a sealed header, or one user's identity (a service account), which is then held
+    // to everything an identity is (the row joined it in place of the caller's).
     let server_id = row.server_id.unwrap_or_default();
-    let (header, sealed, bound_to) = if identity == "per_user" {
+    let (header, sealed, bound_to) = if let Some(owner) = row.identity_owner() {
         let (Some(enabled), Some(header), Some(sealed)) = (
             row.identity_enabled,
             row.identity_header.as_ref(),
@@ -140,7 +142,7 @@ fn decide_layers(
         (
             Some(header),
             Some(sealed),
-            identity_binding(row.user_id, server_id),
+            identity_binding(owner, server_id),
         )
     } else {
         (
@@ -224,6 +226,7 @@ mod tests {
             identity_oauth_status: None,
             identity_oauth_expires_at: None,
             identity_oauth_refresh_at: None,
+            shared_user_id: None,
         }
     }
 
@@ -402,6 +405,39 @@ mod tests {
             (inject.name.as_str(), inject.value.as_str()),
             ("authorization", "Bearer alice")
         );
+    }
+
+    // A shared exposure naming a service account: its identity for every caller, bound
+    // to that user (not the caller), and held to an identity's layers.
+    #[test]
+    fn a_shared_exposure_with_a_service_account_sends_that_identity() {
+        let allow = |r: &CheckRow| match decide(
+            Some(r),
+            &token(),
+            Some("eng"),
+            1_000,
+            Scope::Server,
+            opened,
+        ) {
+            CheckResponse::Allow { inject, .. } => Ok(inject.map(|i| i.value)),
+            CheckResponse::Deny { code } => Err(code),
+            other => panic!("{other:?}"),
+        };
+        let mut r = row();
+        r.shared_user_id = Some(7);
+        assert_eq!(allow(&r), Err(DenyCode::IdentityMissing));
+        r.identity_id = Some(9);
+        r.identity_enabled = Some(DbBool(true));
+        r.identity_header = Some("authorization".into());
+        // Sealed for the caller (user 4): does not open as the service account's.
+        r.identity_sealed = Some(format!("{}|Bearer alice", identity_binding(4, 5)).into_bytes());
+        assert_eq!(allow(&r), Err(DenyCode::PolicyUnavailable));
+        r.identity_sealed = Some(format!("{}|Bearer svc", identity_binding(7, 5)).into_bytes());
+        assert_eq!(allow(&r), Ok(Some("Bearer svc".into())));
+        r.identity_oauth_status = Some("needs_reconnect".into());
+        assert_eq!(allow(&r), Err(DenyCode::IdentityExpired));
+        r.identity_enabled = Some(DbBool(false));
+        assert_eq!(allow(&r), Err(DenyCode::IdentityDisabled));
     }
 
     #[test]

@@ -426,7 +426,7 @@ async fn submit(
         let (set_cookie, binding) = oauth_identity::connect_cookie(&state)?;
         let url = oauth_identity::begin_connect(
             &state,
-            opened.enrollment.user_id,
+            (opened.enrollment.user_id, opened.enrollment.user_id),
             &binding,
             server.server_id,
             oauth_identity::RETURN_DONE,

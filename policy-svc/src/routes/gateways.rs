@@ -9,6 +9,7 @@ use crate::auth::{Admin, Capability};
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
 use crate::identities::ServerCredential;
+use crate::store::catalog::SharedCredential;
 use crate::store::{StoreError, catalog, hosts};
 use crate::{AppState, secrets};
 
@@ -89,9 +90,37 @@ async fn list(State(state): State<AppState>) -> Result<Json<Vec<catalog::Gateway
 struct Exposure {
     identity: Identity,
     /// The shared service credential sent to the upstream for every caller (`shared`
-    /// only). Sealed at rest; never returned.
+    /// only): a header (sealed at rest, never returned), or `identity_of` a user.
     #[serde(default)]
-    credential: Option<ServerCredential>,
+    credential: Option<serde_json::Value>,
+}
+
+/// A shared credential as the API takes it.
+enum Shared {
+    Header(String, String),
+    IdentityOf(i64),
+}
+
+/// `{"type": "identity_of", "user_id": N}`: the user's identity for the server, sent
+/// for every caller (a service account connected once, by OAuth or by hand).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityOf {
+    #[serde(rename = "type")]
+    _type: String,
+    user_id: i64,
+}
+
+fn shared_credential(v: serde_json::Value) -> Result<Shared, ApiError> {
+    let invalid =
+        |e: serde_json::Error| ApiError::unprocessable("invalid_credential", e.to_string());
+    if v.get("type").and_then(serde_json::Value::as_str) == Some("identity_of") {
+        let of: IdentityOf = serde_json::from_value(v).map_err(invalid)?;
+        return Ok(Shared::IdentityOf(of.user_id));
+    }
+    let c: ServerCredential = serde_json::from_value(v).map_err(invalid)?;
+    let (header, value) = c.into_header()?;
+    Ok(Shared::Header(header, value))
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -115,7 +144,7 @@ async fn expose(
                 "a per-user exposure uses each user's identity; `credential` is for `shared` only",
             ));
         }
-        (Some(c), Identity::Shared) => Some(c.into_header()?),
+        (Some(c), Identity::Shared) => Some(shared_credential(c)?),
     };
     require_gateway(&state, gateway_id).await?;
     if !catalog::server_exists(&state.db, server_id).await? {
@@ -125,10 +154,14 @@ async fn expose(
         Identity::Shared => "shared",
         Identity::PerUser => "per_user",
     };
+    if let Some(Shared::IdentityOf(user_id)) = credential
+        && !crate::store::users::user_exists(&state.db, user_id).await?
+    {
+        return Err(ApiError::NotFound("user"));
+    }
     let before = find_exposure(&state, gateway_id, server_id).await?;
     let sealed = match &credential {
-        None => None,
-        Some((header, value)) => {
+        Some(Shared::Header(header, value)) => {
             let sealed = state
                 .secrets
                 .seal(value, &secrets::shared_binding(gateway_id, server_id))
@@ -138,15 +171,14 @@ async fn expose(
                 })?;
             Some((header.as_str(), sealed))
         }
+        _ => None,
     };
-    let exposure = catalog::expose(
-        &state.db,
-        gateway_id,
-        server_id,
-        identity,
-        sealed.as_ref().map(|(h, s)| (*h, s.as_slice())),
-    )
-    .await?;
+    let stored = match (&credential, &sealed) {
+        (Some(Shared::IdentityOf(user_id)), _) => Some(SharedCredential::IdentityOf(*user_id)),
+        (_, Some((header, sealed))) => Some(SharedCredential::Sealed(header, sealed)),
+        _ => None,
+    };
+    let exposure = catalog::expose(&state.db, gateway_id, server_id, identity, stored).await?;
     let target = format!("gateways/{gateway_id}/servers/{server_id}");
     audit_admin(
         &state,

@@ -150,32 +150,51 @@ pub struct Exposure {
     pub identity: String,
     /// The header a shared credential is sent in, if there is one (never its value).
     pub credential_header: Option<String>,
+    /// A shared exposure that sends one user's identity (a service account): that user.
+    pub credential_user_id: Option<i64>,
     #[serde(serialize_with = "timefmt::rfc3339")]
     pub created_at: i64,
 }
 
-/// Exposes a server on a gateway, or replaces the scheme (and shared credential: a
-/// header name and its sealed value) of an existing exposure.
+/// A shared exposure's service credential, as stored.
+#[derive(Debug, Clone, Copy)]
+pub enum SharedCredential<'a> {
+    /// A header name and its sealed value.
+    Sealed(&'a str, &'a [u8]),
+    /// One user's identity for the server.
+    IdentityOf(i64),
+}
+
+/// Exposes a server on a gateway, or replaces the scheme (and shared credential) of an
+/// existing exposure.
 pub async fn expose(
     db: &Db,
     gateway_id: i64,
     server_id: i64,
     identity: &str,
-    credential: Option<(&str, &[u8])>,
+    credential: Option<SharedCredential<'_>>,
 ) -> Result<Exposure> {
+    let (header, sealed, user_id) = match credential {
+        None => (None, None, None),
+        Some(SharedCredential::Sealed(header, sealed)) => (Some(header), Some(sealed), None),
+        Some(SharedCredential::IdentityOf(user_id)) => (None, None, Some(user_id)),
+    };
     Ok(sqlx::query_as(
-        "INSERT INTO exposures (gateway_id, server_id, identity, created_at, credential_header, credential_sealed)
-         VALUES ($1, $2, $3, $4, $5, $6)
+        "INSERT INTO exposures (gateway_id, server_id, identity, created_at, credential_header,
+             credential_sealed, credential_user_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
          ON CONFLICT (gateway_id, server_id) DO UPDATE SET identity = excluded.identity,
-             credential_header = excluded.credential_header, credential_sealed = excluded.credential_sealed
-         RETURNING gateway_id, server_id, identity, credential_header, created_at",
+             credential_header = excluded.credential_header, credential_sealed = excluded.credential_sealed,
+             credential_user_id = excluded.credential_user_id
+         RETURNING gateway_id, server_id, identity, credential_header, credential_user_id, created_at",
     )
     .bind(gateway_id)
     .bind(server_id)
     .bind(identity)
     .bind(now_ms())
-    .bind(credential.map(|(header, _)| header))
-    .bind(credential.map(|(_, sealed)| sealed))
+    .bind(header)
+    .bind(sealed)
+    .bind(user_id)
     .fetch_one(db)
     .await?)
 }
@@ -206,7 +225,8 @@ pub async fn exposed_slugs(db: &Db, gateway_id: i64) -> Result<Vec<String>> {
 
 pub async fn list_exposures(db: &Db, gateway_id: i64) -> Result<Vec<Exposure>> {
     Ok(sqlx::query_as(
-        "SELECT gateway_id, server_id, identity, credential_header, created_at FROM exposures
+        "SELECT gateway_id, server_id, identity, credential_header, credential_user_id, created_at
+         FROM exposures
          WHERE gateway_id = $1 ORDER BY server_id",
     )
     .bind(gateway_id)

@@ -56,6 +56,21 @@ pub struct CheckRow {
     pub identity_oauth_status: Option<String>,
     pub identity_oauth_expires_at: Option<i64>,
     pub identity_oauth_refresh_at: Option<i64>,
+    /// A shared exposure that sends one user's identity for every caller (a service
+    /// account): that user. The `identity_*` columns are then that user's identity.
+    pub shared_user_id: Option<i64>,
+}
+
+impl CheckRow {
+    /// Whose identity the server is reached with: the caller's on a per-user exposure,
+    /// the service account's on a shared one that names one; `None` otherwise (a
+    /// sealed header or nothing).
+    pub fn identity_owner(&self) -> Option<i64> {
+        match self.identity.as_deref()? {
+            "per_user" => Some(self.user_id),
+            _ => self.shared_user_id,
+        }
+    }
 }
 
 /// The check's one statement, for a credential read from `$credential`: every layer
@@ -82,7 +97,8 @@ macro_rules! check_select {
             " AS gateway_granted,
                 e.tools_mode, e.prompts_mode, e.resources_mode,
                 i.oauth_status AS identity_oauth_status, i.oauth_expires_at AS identity_oauth_expires_at,
-                i.oauth_refresh_at AS identity_oauth_refresh_at
+                i.oauth_refresh_at AS identity_oauth_refresh_at,
+                e.credential_user_id AS shared_user_id
          FROM ",
             $credential,
             "
@@ -91,7 +107,8 @@ macro_rules! check_select {
          JOIN gateways g ON g.id = c.gateway_id
          LEFT JOIN servers s ON s.slug = $2
          LEFT JOIN exposures e ON e.gateway_id = g.id AND e.server_id = s.id
-         LEFT JOIN identities i ON i.user_id = c.user_id AND i.server_id = s.id
+         LEFT JOIN identities i ON i.user_id = COALESCE(e.credential_user_id, c.user_id)
+                                AND i.server_id = s.id
          WHERE ",
             $matches
         )
@@ -154,6 +171,7 @@ macro_rules! check_row_by_index {
             identity_oauth_status: $row.$get(30)?,
             identity_oauth_expires_at: $row.$get(31)?,
             identity_oauth_refresh_at: $row.$get(32)?,
+            shared_user_id: $row.$get(33)?,
         }
     };
 }

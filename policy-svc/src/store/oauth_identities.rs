@@ -78,6 +78,15 @@ pub async fn server_oauth(db: &Db, server_id: i64) -> Result<Option<ServerOauth>
 
 /// Unsets a server's OAuth protection; its identities keep their last tokens (they
 /// are not refreshed any more). Whether there was any.
+/// The OAuth-protected servers' ids, in order.
+pub async fn oauth_server_ids(db: &Db) -> Result<Vec<i64>> {
+    Ok(
+        sqlx::query_scalar("SELECT server_id FROM server_oauth ORDER BY server_id")
+            .fetch_all(db)
+            .await?,
+    )
+}
+
 pub async fn delete_server_oauth(db: &Db, server_id: i64) -> Result<bool> {
     Ok(sqlx::query("DELETE FROM server_oauth WHERE server_id = $1")
         .bind(server_id)
@@ -96,6 +105,8 @@ pub struct ConnectState {
     pub verifier_sealed: Vec<u8>,
     pub return_to: String,
     pub expires_at: i64,
+    /// An admin who started it for the user; `None`: the user themself.
+    pub started_by: Option<i64>,
 }
 
 pub struct NewConnectState<'a> {
@@ -106,6 +117,7 @@ pub struct NewConnectState<'a> {
     pub verifier_sealed: &'a [u8],
     pub return_to: &'a str,
     pub ttl_ms: i64,
+    pub started_by: Option<i64>,
 }
 
 pub async fn insert_connect_state(db: &Db, s: &NewConnectState<'_>) -> Result<()> {
@@ -116,8 +128,8 @@ pub async fn insert_connect_state(db: &Db, s: &NewConnectState<'_>) -> Result<()
         .execute(db)
         .await?;
     sqlx::query(
-        "INSERT INTO oauth_connect_states (state_hash, session_hash, user_id, server_id, verifier_sealed, return_to, created_at, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO oauth_connect_states (state_hash, session_hash, user_id, server_id, verifier_sealed, return_to, created_at, expires_at, started_by)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(s.state_hash)
     .bind(s.session_hash)
@@ -127,6 +139,7 @@ pub async fn insert_connect_state(db: &Db, s: &NewConnectState<'_>) -> Result<()
     .bind(s.return_to)
     .bind(now)
     .bind(now + s.ttl_ms)
+    .bind(s.started_by)
     .execute(db)
     .await?;
     Ok(())
@@ -137,7 +150,7 @@ pub async fn insert_connect_state(db: &Db, s: &NewConnectState<'_>) -> Result<()
 pub async fn take_connect_state(db: &Db, state_hash: &str) -> Result<Option<ConnectState>> {
     Ok(sqlx::query_as(
         "DELETE FROM oauth_connect_states WHERE state_hash = $1
-         RETURNING session_hash, user_id, server_id, verifier_sealed, return_to, expires_at",
+         RETURNING session_hash, user_id, server_id, verifier_sealed, return_to, expires_at, started_by",
     )
     .bind(state_hash)
     .fetch_optional(db)
@@ -402,6 +415,7 @@ mod tests {
             verifier_sealed: b"v",
             return_to: "/oauth/authorize?x",
             ttl_ms: 60_000,
+            started_by: None,
         };
         insert_connect_state(&db, &flow).await.unwrap();
         let taken = take_connect_state(&db, "h").await.unwrap().unwrap();

@@ -297,8 +297,10 @@ pub async fn page(
     )
 }
 
-/// `POST /console/connect` (`csrf`, `server_id`, `_back`): the signed-in user connects
-/// their own account at an OAuth-protected server. The flow is bound to this browser by
+/// `POST /console/connect` (`csrf`, `server_id`, `_back`, optional `user_id`): the
+/// signed-in user connects their own account at an OAuth-protected server, or, with
+/// `users.manage`, another user's (a service account that a shared exposure sends for
+/// every caller: `identity_of`). The flow is bound to this browser by
 /// the connect cookie (the console's own cookie is `SameSite=Strict` and scoped to
 /// `/console`, so it is not sent to the callback), and comes back to the console page
 /// it left.
@@ -333,17 +335,48 @@ pub async fn start(
         "{back}{}done=connected",
         if back.contains('?') { '&' } else { '?' }
     );
-    let user_id = signed.api.admin.user_id;
+    let me = signed.api.admin.user_id;
+    let user_id = match field(&fields, "user_id") {
+        None => me,
+        Some(u) => match u.parse::<i64>() {
+            Ok(u) => u,
+            Err(_) => return refused(&signed, StatusCode::BAD_REQUEST, "No such user."),
+        },
+    };
+    if user_id != me
+        && !signed
+            .api
+            .can(Verb::Put, "/api/v1/users/{id}/identities/{server_id}")
+    {
+        return refused(
+            &signed,
+            StatusCode::FORBIDDEN,
+            "Connecting an account for another user needs the capability users.manage.",
+        );
+    }
     let started = async {
+        if !crate::store::users::user_exists(&console.app.db, user_id).await? {
+            return Err(crate::error::ApiError::NotFound("user"));
+        }
         let (set_cookie, binding) = oauth_identity::connect_cookie(&console.app)?;
-        let url =
-            oauth_identity::begin_connect(&console.app, user_id, &binding, server_id, &return_to)
-                .await?;
+        let url = oauth_identity::begin_connect(
+            &console.app,
+            (user_id, me),
+            &binding,
+            server_id,
+            &return_to,
+        )
+        .await?;
         Ok::<_, crate::error::ApiError>(url.map(|url| (url, set_cookie)))
     };
     match started.await {
         Ok(Some((url, set_cookie))) => {
-            tracing::info!(user_id, server_id, "oauth connect started from the console");
+            tracing::info!(
+                user_id,
+                started_by = me,
+                server_id,
+                "oauth connect started from the console"
+            );
             let mut response = StatusCode::SEE_OTHER.into_response();
             for (name, value) in [(header::LOCATION, url), (header::SET_COOKIE, set_cookie)] {
                 if let Ok(v) = value.parse() {

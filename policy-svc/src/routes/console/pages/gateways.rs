@@ -76,6 +76,13 @@ pub async fn one(
     };
     let servers = api.items("/api/v1/servers").await;
     let server_names = by_id(&servers);
+    // Service accounts are picked from the users listing (users.read), where readable.
+    let users = if api.can(Verb::Get, "/api/v1/users") {
+        api.items("/api/v1/users").await
+    } else {
+        Vec::new()
+    };
+    let user_names = by_id(&users);
     let exposed = api
         .items(&format!("/api/v1/gateways/{gateway_id}/servers"))
         .await;
@@ -115,7 +122,7 @@ pub async fn one(
                         @let sname = name_in(&server_names, &e["server_id"]);
                         tr {
                             td { (sname) }
-                            td { (tag(if e["identity"] == "per_user" { "per-user" } else { "shared" })) @if let Some(h) = e["credential_header"].as_str() { " " span.muted { "sends " (h) } } }
+                            td { (tag(if e["identity"] == "per_user" { "per-user" } else { "shared" })) @if let Some(h) = e["credential_header"].as_str() { " " span.muted { "sends " (h) } } @if !e["credential_user_id"].is_null() { " " span.muted { "sends the identity of " (name_in(&user_names, &e["credential_user_id"])) } } }
                             td { @if let Some(s) = server.and_then(|s| s["slug"].as_str()) { (copyable(&format!("url-{sid}"), &mcp_url(&base, slug, s))) } }
                             td { a href={ "/console/gateways/" (gateway_id) "/servers/" (sid) } aria-label={ "Features of " (sname) } { "Tools, prompts, resources" } }
                             td {
@@ -150,6 +157,14 @@ pub async fn one(
                                 option value="" { "none" }
                                 option value="bearer" { "bearer token (Authorization: Bearer …)" }
                                 option value="header" { "a header of its own" }
+                                @if !users.is_empty() { option value="identity_of" { "a user's identity (a service account, typed in or connected by OAuth on People)" } }
+                            }
+                            @if !users.is_empty() {
+                                label for="expose-cred-user" { "Service account (for a user's identity)" }
+                                select id="expose-cred-user" name="credential.user_id" {
+                                    option value="" { "—" }
+                                    @for u in &users { option value=(id(u)) { (text(&u["name"])) } }
+                                }
                             }
                             label for="expose-cred-token" { "Bearer token" }
                             input id="expose-cred-token" name="credential.token" type="password" autocomplete="off";

@@ -82,7 +82,7 @@ pub async fn list(State(_): State<Console>, signed: Signed, Query(done): Query<D
 }
 
 pub async fn one(
-    State(_): State<Console>,
+    State(console): State<Console>,
     signed: Signed,
     Path(user_id): Path<i64>,
     Query(done): Query<Done>,
@@ -111,6 +111,15 @@ pub async fn one(
     } else {
         Vec::new()
     };
+    let can_bring = api.can(Verb::Put, "/api/v1/users/{id}/identities/{server_id}");
+    // OAuth-protected servers are connected at their own sign-in, not typed in.
+    let oauth: Vec<i64> = if can_bring {
+        crate::store::oauth_identities::oauth_server_ids(&console.app.db)
+            .await
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     let name = text(&user["name"]);
     let back = format!("/console/people/{user_id}");
     let body = html! {
@@ -119,15 +128,20 @@ pub async fn one(
             h2 { "Identities" }
             p.muted { "The user's own credentials for per-user servers. Stored sealed; never shown again after saving." }
             table {
-                thead { tr { th { "Server" } th { "Header" } th { "State" } th { "Created" } th { "Break-glass" } } }
+                thead { tr { th { "Server" } th { "Header" } th { "State" } th { "OAuth" } th { "Created" } th { "Break-glass" } } }
                 tbody {
-                    @if identities.is_empty() { (none_yet(5, "No identity.")) }
+                    @if identities.is_empty() { (none_yet(6, "No identity.")) }
                     @for i in &identities {
                         @let server = name_in(&server_names, &i["server_id"]);
                         tr {
                             td { (server) }
                             td { code { (text(&i["header_name"])) } }
                             td { (badge(flag(i, "enabled"))) }
+                            td { @match i["oauth_status"].as_str() {
+                                Some("connected") => span.badge.on { "connected" },
+                                Some(_) => span.badge.off { "needs reconnecting" },
+                                None => "—",
+                            } }
                             td { (when(&i["created_at"])) }
                             td { (toggle(&signed, "identities", id(i), flag(i, "enabled"), &format!("{name}'s identity for {server}"), &back)) }
                         }
@@ -148,6 +162,19 @@ pub async fn one(
                     input id="identity-token" name="credential.token" type="password" autocomplete="off" required;
                     button type="submit" { "Save identity" }
                 }
+            }
+            @if !oauth.is_empty() {
+                form.inline method="post" action="/console/connect" {
+                    input type="hidden" name="csrf" value=(signed.csrf);
+                    input type="hidden" name="user_id" value=(user_id);
+                    input type="hidden" name="_back" value=(back);
+                    label for="connect-server" { "OAuth-protected server" }
+                    select id="connect-server" name="server_id" {
+                        @for sid in &oauth { option value=(sid) { (name_in(&server_names, &serde_json::Value::from(*sid))) } }
+                    }
+                    button type="submit" { "Connect an account for " (name) }
+                }
+                p.muted { "You sign in at the server as the account to keep for this user: for a service account that a shared exposure sends for every caller (Gateways), sign in as the service account." }
             }
         }
         @if api.can(Verb::Put, "/api/v1/users/{id}/password") {

@@ -84,7 +84,7 @@ pub(in crate::routes::oauth) async fn start(
     let return_to = consent_again(&p);
     let Some(url) = oauth_identity::begin_connect(
         &state,
-        user_id,
+        (user_id, user_id),
         &sha256_hex(&session),
         server_id,
         &return_to,
