@@ -13,7 +13,11 @@ use serde_json::{Value, json};
 /// Two servers, `alpha` and `beta`, on gateway `eng`, each with its own service
 /// credential; returns (stack, token, alpha's id, beta's id, gateway id).
 async fn two_servers() -> (GatewayStack, String, i64, i64, i64) {
-    let stack = GatewayStack::start(2).await;
+    two_servers_on(GatewayStack::start(2).await).await
+}
+
+/// [`two_servers`] on a stack already started (with at least two demo servers).
+async fn two_servers_on(stack: GatewayStack) -> (GatewayStack, String, i64, i64, i64) {
     let admin = stack.admin();
     let p = admin
         .provision("eng", "alpha", &stack.demos[0].upstream_url())
@@ -600,9 +604,9 @@ async fn after_an_aggregator_restart_old_sessions_are_404_and_new_ones_work() {
     let list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"});
     assert_eq!(raw.post(&token, Some(&sid), list.clone()).await.0, 200);
 
-    let port = stack.aggregator.port;
-    stack.aggregator.proc.kill();
-    stack.aggregator = mcpguard_e2e::gateway::Aggregator::start_on(
+    let port = stack.aggregators[0].port;
+    stack.aggregators[0].proc.kill();
+    stack.aggregators[0] = mcpguard_e2e::gateway::Aggregator::start_on(
         port,
         stack.policy.check_port,
         stack.dir.path(),
@@ -664,4 +668,87 @@ async fn a_per_user_server_gets_the_users_own_identity_and_only_that_server() {
         strings(&["beta__echo", "beta__header", "beta__whoami"])
     );
     client.cancel().await.unwrap();
+}
+
+/// Requests Envoy sent to the aggregator on `port`.
+async fn sent_to(envoy: &mcpguard_e2e::Envoy, port: u16) -> u64 {
+    let n = envoy
+        .host_stat("mcpguard_aggregator", port, "rq_total")
+        .await;
+    n.trim().parse().unwrap_or(0)
+}
+
+/// `envoy/mcpguard-replicas.yaml` with two aggregators: every request of a session
+/// reaches the aggregator that opened it (a consistent hash on the caller's
+/// credential), so initialize, lists and calls on one session all work across
+/// requests. That aggregator stopped, the session is unknown to the other (404) and a
+/// client initializing again is served there.
+#[tokio::test]
+async fn with_two_aggregators_a_session_stays_on_one_and_the_other_takes_over() {
+    let stack = GatewayStack::start_with("envoy/mcpguard-replicas.yaml", 2, 2).await;
+    let (mut stack, token, ..) = two_servers_on(stack).await;
+    let ports = [stack.aggregators[0].port, stack.aggregators[1].port];
+    let raw = Raw {
+        http: reqwest::Client::new(),
+        url: stack.gateway_url("eng"),
+    };
+    let session = |sid: Option<String>| sid.expect("a session id");
+    let (status, sid, init) = raw.post(&token, None, mcp::initialize_body()).await;
+    assert_eq!(status, 200, "{init}");
+    let sid = session(sid);
+    let list = json!({"jsonrpc": "2.0", "id": "l", "method": "tools/list"});
+    let call = |tool: &str, text: &str| {
+        json!({"jsonrpc": "2.0", "id": "c", "method": "tools/call",
+        "params": {"name": tool, "arguments": {"text": text}}})
+    };
+    for round in 0..4 {
+        let (status, _, reply) = raw.post(&token, Some(&sid), list.clone()).await;
+        assert_eq!(status, 200, "round {round}: {reply}");
+        assert_eq!(
+            reply["result"]["tools"].as_array().map(Vec::len),
+            Some(6),
+            "{reply}"
+        );
+        for tool in ["alpha__echo", "beta__echo"] {
+            let text = format!("{tool} {round}");
+            let (status, _, reply) = raw.post(&token, Some(&sid), call(tool, &text)).await;
+            assert_eq!(status, 200, "{reply}");
+            assert_eq!(reply["result"]["content"][0]["text"], text, "{reply}");
+        }
+    }
+    let counts = [
+        sent_to(&stack.envoy, ports[0]).await,
+        sent_to(&stack.envoy, ports[1]).await,
+    ];
+    let serving = usize::from(counts[1] > counts[0]);
+    assert_eq!(
+        (counts[serving], counts[1 - serving]),
+        (13, 0),
+        "one session's requests all go to one aggregator: {counts:?}"
+    );
+
+    stack.aggregators[serving]
+        .proc
+        .stop(std::time::Duration::from_secs(5));
+    let (status, _, reply) = raw.post(&token, Some(&sid), list.clone()).await;
+    assert_eq!(status, 404, "the other aggregator never knew it: {reply}");
+    let (status, fresh, init) = raw.post(&token, None, mcp::initialize_body()).await;
+    assert_eq!(status, 200, "{init}");
+    let fresh = session(fresh);
+    let (status, _, reply) = raw.post(&token, Some(&fresh), list).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        reply["result"]["tools"].as_array().map(Vec::len),
+        Some(6),
+        "{reply}"
+    );
+    let (_, _, reply) = raw
+        .post(&token, Some(&fresh), call("beta__echo", "after"))
+        .await;
+    assert_eq!(reply["result"]["content"][0]["text"], "after", "{reply}");
+    assert_eq!(
+        sent_to(&stack.envoy, ports[1 - serving]).await,
+        4,
+        "the other aggregator took over"
+    );
 }

@@ -1,6 +1,6 @@
-//! The gateway URL's stack: the policy service, several demo MCP servers, the
-//! aggregator and Envoy (the shipped config, its `mcpguard_aggregator` cluster pointed
-//! at this aggregator).
+//! The gateway URL's stack: the policy service, several demo MCP servers, one or more
+//! aggregators and Envoy (a shipped config, its `mcpguard_aggregator` cluster pointed
+//! at these aggregators).
 
 use std::path::Path;
 use std::process::Command;
@@ -47,15 +47,27 @@ impl Aggregator {
 
 pub struct GatewayStack {
     pub envoy: Envoy,
-    pub aggregator: Aggregator,
+    /// In the order of the `mcpguard_aggregator` cluster's endpoints.
+    pub aggregators: Vec<Aggregator>,
     pub demos: Vec<Demo>,
     pub policy: Policy,
     pub dir: tempfile::TempDir,
 }
 
 impl GatewayStack {
-    /// With `servers` stateful demo MCP servers.
+    /// With `servers` stateful demo MCP servers and one aggregator
+    /// (`envoy/mcpguard.yaml`).
     pub async fn start(servers: usize) -> GatewayStack {
+        Self::start_with("envoy/mcpguard.yaml", servers, 1).await
+    }
+
+    /// With the shipped Envoy `config` (its policy cluster pointed at the one policy
+    /// service) in front of `aggregators` aggregators.
+    pub async fn start_with(
+        config: &'static str,
+        servers: usize,
+        aggregators: usize,
+    ) -> GatewayStack {
         let dir = tempfile::tempdir().expect("temp dir");
         let (port, admin_port) = (free_port(), free_port());
         let resource_base = format!("http://127.0.0.1:{port}");
@@ -69,9 +81,13 @@ impl GatewayStack {
         for _ in 0..servers {
             demos.push(Demo::start(dir.path()).await);
         }
-        let aggregator = Aggregator::start(policy.check_port, dir.path()).await;
+        let mut started = Vec::new();
+        for _ in 0..aggregators {
+            started.push(Aggregator::start(policy.check_port, dir.path()).await);
+        }
+        let ports: Vec<u16> = started.iter().map(|a| a.port).collect();
         let opts = EnvoyOptions {
-            config: "envoy/mcpguard.yaml",
+            config,
             check_port: policy.check_port,
             check_timeout_ms: crate::db::postgres_requested()
                 .then_some(crate::db::POSTGRES_CHECK_TIMEOUT_MS),
@@ -81,12 +97,12 @@ impl GatewayStack {
         };
         let rendered = Envoy::render(&opts, port, admin_port);
         let mut cfg = EnvoyConfig::parse("rendered", &rendered).unwrap_or_else(|e| panic!("{e}"));
-        cfg.cluster_ports("mcpguard_aggregator", &[aggregator.port])
+        cfg.cluster_ports("mcpguard_aggregator", &ports)
             .unwrap_or_else(|e| panic!("{e}"));
         let envoy = Envoy::start_config(&cfg.to_json(), port, admin_port, dir.path()).await;
         GatewayStack {
             envoy,
-            aggregator,
+            aggregators: started,
             demos,
             policy,
             dir,
