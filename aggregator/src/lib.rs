@@ -38,9 +38,10 @@ pub struct Config {
         default_value = "http://127.0.0.1:8081"
     )]
     pub policy_check_url: String,
-    /// The check secret (the policy service's `data/check-secret`).
+    /// The check secret (the policy service's `data/check-secret`). Leave it out only
+    /// where the policy service runs `--check-auth mesh` (docs/istio.md).
     #[arg(long, env = "MCPGUARD_CHECK_SECRET_FILE")]
-    pub check_secret_file: PathBuf,
+    pub check_secret_file: Option<PathBuf>,
     /// How long a check may take before the server it is for counts as refused.
     #[arg(
         long,
@@ -74,15 +75,16 @@ pub const SESSION_IDLE: Duration = Duration::from_secs(3600);
 
 impl App {
     pub fn new(config: &Config) -> anyhow::Result<App> {
-        let secret = std::fs::read_to_string(&config.check_secret_file)
-            .with_context(|| format!("reading {}", config.check_secret_file.display()))?
-            .trim()
-            .to_owned();
-        anyhow::ensure!(
-            !secret.is_empty(),
-            "{} is empty",
-            config.check_secret_file.display()
-        );
+        let secret = match &config.check_secret_file {
+            Some(file) => Some(read_secret(file)?),
+            None => {
+                tracing::warn!(
+                    "no --check-secret-file: the policy service's check port must be \
+                     authenticated by the mesh (--check-auth mesh)"
+                );
+                None
+            }
+        };
         let http = reqwest::Client::builder()
             .no_proxy()
             .tcp_nodelay(true)
@@ -106,6 +108,15 @@ impl App {
             sessions: session::Sessions::default(),
         })
     }
+}
+
+fn read_secret(file: &std::path::Path) -> anyhow::Result<String> {
+    let secret = std::fs::read_to_string(file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .trim()
+        .to_owned();
+    anyhow::ensure!(!secret.is_empty(), "{} is empty", file.display());
+    Ok(secret)
 }
 
 /// Serves until Ctrl-C or SIGTERM. Prints `listening on ADDR` once bound.
