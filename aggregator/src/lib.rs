@@ -57,6 +57,9 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub upstream_timeout_ms: u64,
+    /// PEM certificates trusted besides the system's roots for https upstreams.
+    #[arg(long, env = "MCPGUARD_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "MCPGUARD_LOG", default_value = "info")]
     pub log: String,
@@ -102,12 +105,31 @@ impl App {
             ),
             upstreams: upstream::Client::new(
                 http,
+                trusted_roots(config.trusted_ca_file.as_deref())?,
                 Duration::from_millis(config.upstream_timeout_ms),
             ),
             key: session::SessionKey::random()?,
             sessions: session::Sessions::default(),
         })
     }
+}
+
+/// The certificates of `--trusted-ca-file`. A file that cannot be read, or holds no
+/// certificate, stops the start: a typo must not leave https failing later.
+fn trusted_roots(file: Option<&std::path::Path>) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    let Some(path) = file else {
+        return Ok(Vec::new());
+    };
+    let pem =
+        std::fs::read(path).with_context(|| format!("--trusted-ca-file {}", path.display()))?;
+    let roots = reqwest::Certificate::from_pem_bundle(&pem)
+        .with_context(|| format!("--trusted-ca-file {}", path.display()))?;
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "--trusted-ca-file {}: no PEM certificate in it",
+        path.display()
+    );
+    Ok(roots)
 }
 
 fn read_secret(file: &std::path::Path) -> anyhow::Result<String> {

@@ -752,3 +752,79 @@ async fn with_two_aggregators_a_session_stays_on_one_and_the_other_takes_over() 
         "the other aggregator took over"
     );
 }
+
+/// An https server on the gateway URL: the aggregator speaks TLS to it, verified for
+/// the server's own name against the system's roots and `--trusted-ca-file`, at the
+/// address the policy service judged. Not trusted (the test CA unknown; or the same
+/// server by address, which its certificate does not name), it is left out of lists
+/// and its call is a JSON-RPC error saying why; trusted, it is listed and called.
+#[tokio::test]
+async fn https_servers_are_reached_over_verified_tls() {
+    let (mut stack, token, _, _, gateway_id) = two_servers().await;
+    let (ca, cert, key) = mcpguard_e2e::tls::certificate(stack.dir.path());
+    let (front_port, front_admin) = (mcpguard_e2e::free_port(), mcpguard_e2e::free_port());
+    let front =
+        mcpguard_e2e::tls::tls_front(front_port, front_admin, stack.demos[0].port, &cert, &key);
+    let _front =
+        mcpguard_e2e::Envoy::start_config(&front, front_port, front_admin, stack.dir.path()).await;
+    let admin = stack.admin();
+    for (slug, host) in [("secure", "localhost"), ("byaddress", "127.0.0.1")] {
+        let id = admin
+            .server(slug, &format!("https://{host}:{front_port}/mcp"))
+            .await;
+        admin.expose(gateway_id, id).await;
+    }
+    let has = |names: &[String], prefix: &str| names.iter().any(|n| n.starts_with(prefix));
+    let url = stack.gateway_url("eng");
+
+    // The test CA is not trusted yet.
+    let client = mcp::connect(&url, Some(&token)).await.unwrap();
+    let names = tool_names(&client).await;
+    assert_eq!(names.len(), 6, "alpha's and beta's only: {names:?}");
+    let err = call_text(&client, "secure__echo", json!({"text": "x"}))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("secure") && err.contains("UnknownIssuer"),
+        "{err}"
+    );
+    client.cancel().await.unwrap();
+
+    let port = stack.aggregators[0].port;
+    stack.aggregators[0].proc.kill();
+    stack.aggregators[0] = mcpguard_e2e::gateway::Aggregator::start_trusting(
+        port,
+        stack.policy.check_port,
+        stack.dir.path(),
+        Some(&ca),
+    )
+    .await;
+    let client = mcp::connect(&url, Some(&token)).await.unwrap();
+    let names = tool_names(&client).await;
+    assert!(has(&names, "secure__"), "{names:?}");
+    assert!(!has(&names, "byaddress__"), "{names:?}");
+    assert_eq!(names.len(), 9, "{names:?}");
+    assert_eq!(
+        call_text(&client, "secure__echo", json!({"text": "over tls"}))
+            .await
+            .unwrap(),
+        "over tls"
+    );
+    // The Host the server saw is its own authority, not the address.
+    assert_eq!(
+        call_text(&client, "secure__header", json!({"name": "host"}))
+            .await
+            .unwrap(),
+        format!("localhost:{front_port}")
+    );
+    let err = call_text(&client, "byaddress__echo", json!({"text": "x"}))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("byaddress") && err.contains("certificate not valid for name"),
+        "{err}"
+    );
+    client.cancel().await.unwrap();
+}

@@ -22,6 +22,16 @@ impl Aggregator {
 
     /// On a chosen port (a restart keeps Envoy's cluster valid).
     pub async fn start_on(port: u16, check_port: u16, log_dir: &Path) -> Aggregator {
+        Self::start_trusting(port, check_port, log_dir, None).await
+    }
+
+    /// [`Aggregator::start_on`] with `--trusted-ca-file` (https upstreams).
+    pub async fn start_trusting(
+        port: u16,
+        check_port: u16,
+        log_dir: &Path,
+        trusted_ca: Option<&Path>,
+    ) -> Aggregator {
         let secret_file = log_dir.join("aggregator-check-secret");
         std::fs::write(&secret_file, check_secret()).expect("writing the check secret");
         let mut cmd = Command::new(binary("mcpguard-aggregator"));
@@ -34,6 +44,9 @@ impl Aggregator {
             .arg("--upstream-timeout-ms")
             .arg("3000")
             .env("MCPGUARD_LOG", "info,mcpguard_aggregator=debug");
+        if let Some(ca) = trusted_ca {
+            cmd.arg("--trusted-ca-file").arg(ca);
+        }
         let mut proc = Proc::spawn(&format!("aggregator-{port}"), cmd, log_dir);
         let health = format!("http://127.0.0.1:{port}/healthz");
         wait_until(&mut proc, "aggregator", || {
