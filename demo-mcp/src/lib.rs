@@ -2,7 +2,9 @@
 //! headers reached it, so a test can prove what the gateway forwarded and what it kept
 //! back; two prompts and two resources; and tools added or changed at run time
 //! (`PUT /demo/tools/{name}` with the description as body, outside `/mcp`), so a test
-//! can play an upstream that changes its tools (a rug-pull).
+//! can play an upstream that changes its tools (a rug-pull). It accepts
+//! `logging/setLevel` and prints the level it was set to (`logging level set to
+//! debug`), so a test can see the request arrived.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -14,7 +16,7 @@ use rmcp::model::{
     GetPromptResponse, GetPromptResult, Implementation, JsonObject, ListPromptsResult,
     ListResourcesResult, ListToolsResult, PaginatedRequestParams, Prompt, PromptArgument,
     PromptMessage, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
-    ResourceContents, Role, ServerCapabilities, ServerConfig, Tool,
+    ResourceContents, Role, ServerCapabilities, ServerConfig, SetLevelRequestParams, Tool,
 };
 use rmcp::service::RequestContext;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
@@ -107,9 +109,20 @@ impl ServerHandler for DemoServer {
                 .enable_tools()
                 .enable_prompts()
                 .enable_resources()
+                .enable_logging()
                 .build(),
         )
         .with_server_info(Implementation::new("mcpguard-demo", "0.1.0"))
+    }
+
+    async fn set_level(
+        &self,
+        request: SetLevelRequestParams,
+        _: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let level = serde_json::to_value(request.level).unwrap_or_default();
+        println!("logging level set to {}", level.as_str().unwrap_or("?"));
+        Ok(())
     }
 
     async fn list_tools(

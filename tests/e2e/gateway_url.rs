@@ -828,3 +828,52 @@ async fn https_servers_are_reached_over_verified_tls() {
     );
     client.cancel().await.unwrap();
 }
+
+/// `logging/setLevel` on the gateway URL goes to every server of the gateway the caller
+/// may use, each checked on that request (the demo server accepts it and prints the
+/// level it was set to): `{}` while at least one accepted; a disabled server is not
+/// sent it; with none left it is a JSON-RPC error saying why for each.
+#[tokio::test]
+async fn set_level_is_forwarded_to_every_server_the_caller_may_use() {
+    let (stack, token, alpha, beta, _) = two_servers().await;
+    let admin = stack.admin();
+    let raw = Raw {
+        http: reqwest::Client::new(),
+        url: stack.gateway_url("eng"),
+    };
+    let (_, sid, _) = raw.post(&token, None, mcp::initialize_body()).await;
+    let sid = sid.expect("a session id");
+    let set = |level: &str| {
+        json!({"jsonrpc": "2.0", "id": "lv", "method": "logging/setLevel",
+               "params": {"level": level}})
+    };
+    let set_to = |level: &str| format!("logging level set to {level}");
+    let (status, _, reply) = raw.post(&token, Some(&sid), set("debug")).await;
+    assert_eq!((status, &reply["result"]), (200, &json!({})), "{reply}");
+    for demo in &stack.demos {
+        assert!(
+            demo.proc.log_text().contains(&set_to("debug")),
+            "{}",
+            demo.proc.log_tail()
+        );
+    }
+
+    admin.set_enabled("servers", beta, false).await;
+    let (_, _, reply) = raw.post(&token, Some(&sid), set("error")).await;
+    assert_eq!(reply["result"], json!({}), "{reply}");
+    assert!(stack.demos[0].proc.log_text().contains(&set_to("error")));
+    assert!(
+        !stack.demos[1].proc.log_text().contains(&set_to("error")),
+        "a disabled server was sent it"
+    );
+
+    admin.set_enabled("servers", alpha, false).await;
+    let (_, _, reply) = raw.post(&token, Some(&sid), set("info")).await;
+    let message = reply["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("alpha: refused server_disabled")
+            && message.contains("beta: refused server_disabled"),
+        "{reply}"
+    );
+    assert_eq!(reply["id"], "lv");
+}
