@@ -16,8 +16,12 @@ use rmcp::model::{
     GetPromptResponse, GetPromptResult, Implementation, JsonObject, ListPromptsResult,
     ListResourcesResult, ListToolsResult, PaginatedRequestParams, Prompt, PromptArgument,
     PromptMessage, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
-    ResourceContents, Role, ServerCapabilities, ServerConfig, SetLevelRequestParams, Tool,
+    ResourceContents, Role, ServerCapabilities, ServerConfig, Tool,
 };
+// MCP logging is deprecated (SEP-2577) but still in the spec versions clients speak; the
+// demo server keeps it so tests can see `logging/setLevel` arrive.
+#[allow(deprecated)]
+use rmcp::model::SetLevelRequestParams;
 use rmcp::service::RequestContext;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
@@ -103,6 +107,7 @@ impl DemoServer {
 
 #[tool_handler(name = "mcpguard-demo", version = "0.1.0")]
 impl ServerHandler for DemoServer {
+    #[allow(deprecated)] // logging (see the import)
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(
             ServerCapabilities::builder()
@@ -115,6 +120,7 @@ impl ServerHandler for DemoServer {
         .with_server_info(Implementation::new("mcpguard-demo", "0.1.0"))
     }
 
+    #[allow(deprecated)] // logging (see the import)
     async fn set_level(
         &self,
         request: SetLevelRequestParams,
