@@ -179,3 +179,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     sweeper.abort();
     Ok(served?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Config {
+        let mut argv = vec!["mcpguard-aggregator"];
+        argv.extend_from_slice(args);
+        Config::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn the_check_secret_may_be_left_to_the_mesh_but_a_named_file_must_hold_one() {
+        let plain = config(&[]);
+        assert!(plain.check_secret_file.is_none());
+        assert!(App::new(&plain).is_ok(), "--check-auth mesh deployments");
+
+        let dir = std::env::temp_dir().join(format!("mcpguard-aggregator-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let empty = empty.display().to_string();
+        for flag in ["--check-secret-file", "--trusted-ca-file"] {
+            let err = App::new(&config(&[flag, &empty])).err();
+            assert!(err.is_some(), "{flag} with an empty file started");
+        }
+        let missing = dir.join("missing").display().to_string();
+        assert!(App::new(&config(&["--trusted-ca-file", &missing])).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
