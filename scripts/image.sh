@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the policy service's container image (Containerfile) with podman:
+# Builds the policy service's container image (Containerfile) with podman; it holds the
+# gateway URL's aggregator too (deploy/kubernetes/aggregator.yaml runs it):
 #   scripts/image.sh [TAG]      default TAG: localhost/mcpguard-policy:dev
 # Installs what only this needs when missing, as scripts/bootstrap.sh does (Debian, as
 # root; otherwise it names what to install): podman, musl-tools (musl-gcc, for the
@@ -29,17 +30,18 @@ rustup target list --installed | grep -qx "$target" || rustup target add "$targe
 
 # Static: musl links statically by default; the C parts are built with musl-gcc.
 CC_x86_64_unknown_linux_musl=musl-gcc \
-    cargo build --release --target "$target" -p mcpguard-policy
-bin=${CARGO_TARGET_DIR:-target}/$target/release/mcpguard-policy
-if ldd "$bin" 2>&1 | grep -q '=>'; then
-    echo "image: $bin is not static:" >&2
-    ldd "$bin" >&2
-    exit 1
-fi
-
+    cargo build --release --target "$target" -p mcpguard-policy -p mcpguard-aggregator
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
-cp "$bin" "$stage/mcpguard-policy"
+for name in mcpguard-policy mcpguard-aggregator; do
+    bin=${CARGO_TARGET_DIR:-target}/$target/release/$name
+    if ldd "$bin" 2>&1 | grep -q '=>'; then
+        echo "image: $bin is not static:" >&2
+        ldd "$bin" >&2
+        exit 1
+    fi
+    cp "$bin" "$stage/$name"
+done
 mkdir "$stage/data"
 podman build --quiet -f Containerfile -t "$tag" "$stage"
-echo "image: built $tag ($(du -h "$bin" | cut -f1) binary)"
+echo "image: built $tag ($(du -ch "$stage"/mcpguard-* | tail -1 | cut -f1) of binaries)"

@@ -193,7 +193,8 @@ async fn message(
         return StatusCode::ACCEPTED.into_response();
     };
     match method.as_str() {
-        "ping" | "logging/setLevel" => rpc_result(&id, json!({})),
+        "ping" => rpc_result(&id, json!({})),
+        "logging/setLevel" => set_level(&app, &caller, &session, &id, &message).await,
         "tools/list" => list(&app, &caller, &session, &id, &message, &TOOLS).await,
         "prompts/list" => list(&app, &caller, &session, &id, &message, &PROMPTS).await,
         "resources/list" => list(&app, &caller, &session, &id, &message, &RESOURCES).await,
@@ -376,6 +377,97 @@ async fn list(
     .await;
     let items: Vec<Value> = lists.into_iter().flatten().collect();
     rpc_result(id, json!({ spec.key: items }))
+}
+
+/// `logging/setLevel`: sent to every server of the gateway the caller may use now,
+/// each checked on its own; `{}` when at least one accepted it, else a JSON-RPC error
+/// saying why each did not.
+async fn set_level(
+    app: &App,
+    caller: &Caller,
+    session: &Session,
+    id: &Value,
+    message: &Value,
+) -> Response {
+    const METHOD: &str = "logging/setLevel";
+    let servers = match app.policy.check(caller.ask("", METHOD, None)).await {
+        CheckResponse::Gateway { servers } => servers,
+        CheckResponse::Deny { code } => return rpc_refusal(id, code),
+        CheckResponse::Allow { .. } => return rpc_refusal(id, DenyCode::PolicyUnavailable),
+    };
+    let outcomes = futures_util::future::join_all(servers.iter().map(|server| async move {
+        let deadline = app.upstreams.timeout + app.upstreams.timeout / 2;
+        let outcome = tokio::time::timeout(
+            deadline,
+            set_level_one(app, caller, session, server, message),
+        )
+        .await
+        .unwrap_or_else(|_| Err("no answer in time".into()));
+        if let Err(why) = &outcome {
+            tracing::info!(
+                gateway = caller.gateway,
+                server,
+                why,
+                "logging/setLevel not accepted"
+            );
+        }
+        (server, outcome)
+    }))
+    .await;
+    if outcomes.iter().any(|(_, o)| o.is_ok()) {
+        return rpc_result(id, json!({}));
+    }
+    let why: Vec<String> = outcomes
+        .iter()
+        .filter_map(|(server, o)| o.as_ref().err().map(|e| format!("{server}: {e}")))
+        .collect();
+    let why = if why.is_empty() {
+        "the gateway has no server".to_owned()
+    } else {
+        why.join("; ")
+    };
+    rpc_error(
+        StatusCode::OK,
+        id,
+        -32603,
+        &format!("no server accepted {METHOD}: {why}"),
+    )
+}
+
+/// One server's answer to `logging/setLevel`; `Err` says why it did not accept it.
+async fn set_level_one(
+    app: &App,
+    caller: &Caller,
+    session: &Session,
+    server: &str,
+    message: &Value,
+) -> Result<(), String> {
+    let (upstream, inject) = match app
+        .policy
+        .check(caller.ask(server, "logging/setLevel", None))
+        .await
+    {
+        CheckResponse::Allow {
+            upstream, inject, ..
+        } => (upstream, inject),
+        CheckResponse::Deny { code } => return Err(format!("refused {}", code.as_str())),
+        CheckResponse::Gateway { .. } => return Err("a gateway answer for a server".into()),
+    };
+    let target =
+        Target::of(&upstream, inject.map(|h| (h.name, h.value))).map_err(|e| e.to_string())?;
+    let mut request = message.clone();
+    request["id"] = json!("mcpguard-set-level");
+    let answer = exchange(app, session, server, &target, &request)
+        .await
+        .map_err(|e| e.to_string())?;
+    match answer.get("error") {
+        None => Ok(()),
+        Some(e) => Err(e
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or("an error")
+            .to_owned()),
+    }
 }
 
 /// One server's part of a list, renamed; `Err` says why it has none.

@@ -38,9 +38,10 @@ pub struct Config {
         default_value = "http://127.0.0.1:8081"
     )]
     pub policy_check_url: String,
-    /// The check secret (the policy service's `data/check-secret`).
+    /// The check secret (the policy service's `data/check-secret`). Leave it out only
+    /// where the policy service runs `--check-auth mesh` (docs/istio.md).
     #[arg(long, env = "MCPGUARD_CHECK_SECRET_FILE")]
-    pub check_secret_file: PathBuf,
+    pub check_secret_file: Option<PathBuf>,
     /// How long a check may take before the server it is for counts as refused.
     #[arg(
         long,
@@ -56,6 +57,9 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub upstream_timeout_ms: u64,
+    /// PEM certificates trusted besides the system's roots for https upstreams.
+    #[arg(long, env = "MCPGUARD_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "MCPGUARD_LOG", default_value = "info")]
     pub log: String,
@@ -74,15 +78,16 @@ pub const SESSION_IDLE: Duration = Duration::from_secs(3600);
 
 impl App {
     pub fn new(config: &Config) -> anyhow::Result<App> {
-        let secret = std::fs::read_to_string(&config.check_secret_file)
-            .with_context(|| format!("reading {}", config.check_secret_file.display()))?
-            .trim()
-            .to_owned();
-        anyhow::ensure!(
-            !secret.is_empty(),
-            "{} is empty",
-            config.check_secret_file.display()
-        );
+        let secret = match &config.check_secret_file {
+            Some(file) => Some(read_secret(file)?),
+            None => {
+                tracing::warn!(
+                    "no --check-secret-file: the policy service's check port must be \
+                     authenticated by the mesh (--check-auth mesh)"
+                );
+                None
+            }
+        };
         let http = reqwest::Client::builder()
             .no_proxy()
             .tcp_nodelay(true)
@@ -100,12 +105,40 @@ impl App {
             ),
             upstreams: upstream::Client::new(
                 http,
+                trusted_roots(config.trusted_ca_file.as_deref())?,
                 Duration::from_millis(config.upstream_timeout_ms),
             ),
             key: session::SessionKey::random()?,
             sessions: session::Sessions::default(),
         })
     }
+}
+
+/// The certificates of `--trusted-ca-file`. A file that cannot be read, or holds no
+/// certificate, stops the start: a typo must not leave https failing later.
+fn trusted_roots(file: Option<&std::path::Path>) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    let Some(path) = file else {
+        return Ok(Vec::new());
+    };
+    let pem =
+        std::fs::read(path).with_context(|| format!("--trusted-ca-file {}", path.display()))?;
+    let roots = reqwest::Certificate::from_pem_bundle(&pem)
+        .with_context(|| format!("--trusted-ca-file {}", path.display()))?;
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "--trusted-ca-file {}: no PEM certificate in it",
+        path.display()
+    );
+    Ok(roots)
+}
+
+fn read_secret(file: &std::path::Path) -> anyhow::Result<String> {
+    let secret = std::fs::read_to_string(file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .trim()
+        .to_owned();
+    anyhow::ensure!(!secret.is_empty(), "{} is empty", file.display());
+    Ok(secret)
 }
 
 /// Serves until Ctrl-C or SIGTERM. Prints `listening on ADDR` once bound.
@@ -145,4 +178,35 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await;
     sweeper.abort();
     Ok(served?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Config {
+        let mut argv = vec!["mcpguard-aggregator"];
+        argv.extend_from_slice(args);
+        Config::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn the_check_secret_may_be_left_to_the_mesh_but_a_named_file_must_hold_one() {
+        let plain = config(&[]);
+        assert!(plain.check_secret_file.is_none());
+        assert!(App::new(&plain).is_ok(), "--check-auth mesh deployments");
+
+        let dir = std::env::temp_dir().join(format!("mcpguard-aggregator-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let empty = empty.display().to_string();
+        for flag in ["--check-secret-file", "--trusted-ca-file"] {
+            let err = App::new(&config(&[flag, &empty])).err();
+            assert!(err.is_some(), "{flag} with an empty file started");
+        }
+        let missing = dir.join("missing").display().to_string();
+        assert!(App::new(&config(&["--trusted-ca-file", &missing])).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

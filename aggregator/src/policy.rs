@@ -16,7 +16,8 @@ pub const SECRET_HEADER: &str = "x-mcpguard-check-secret";
 pub struct Policy {
     http: reqwest::Client,
     url: String,
-    secret: String,
+    /// None where the mesh authenticates the check port.
+    secret: Option<String>,
     timeout: Duration,
 }
 
@@ -33,7 +34,12 @@ pub struct Ask<'a> {
 }
 
 impl Policy {
-    pub fn new(http: reqwest::Client, check_url: &str, secret: String, timeout: Duration) -> Self {
+    pub fn new(
+        http: reqwest::Client,
+        check_url: &str,
+        secret: Option<String>,
+        timeout: Duration,
+    ) -> Self {
         Policy {
             http,
             url: format!("{}{CHECK_PATH}", check_url.trim_end_matches('/')),
@@ -59,10 +65,11 @@ impl Policy {
         let Ok(body) = serde_json::to_vec(&req) else {
             return unavailable;
         };
-        let sent = self
-            .http
-            .post(&self.url)
-            .header(SECRET_HEADER, &self.secret)
+        let mut req = self.http.post(&self.url);
+        if let Some(secret) = &self.secret {
+            req = req.header(SECRET_HEADER, secret);
+        }
+        let sent = req
             .header("content-type", "application/json")
             .timeout(self.timeout)
             .body(body)

@@ -1,7 +1,12 @@
 //! Talking to one upstream MCP server (streamable HTTP), as the policy service's allow
 //! says: connect to the address it judged, `Host` its authority, its credential
-//! injected, never the client's.
+//! injected, never the client's. An `https` upstream gets TLS verified against the
+//! system's roots and `--trusted-ca-file`, for the authority's name (SNI and the
+//! certificate's), still connected to the judged address.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mcpguard_core::check::{Scheme, Upstream};
@@ -14,9 +19,12 @@ pub const MAX_REPLY: usize = 8 << 20;
 /// Where one allowed request goes.
 #[derive(Clone)]
 pub struct Target {
-    /// `http://{address}{base_path}`.
+    /// `http://{address}{base_path}`, or `https://{authority}{base_path}` (connected
+    /// to `tls`'s address).
     url: String,
     authority: String,
+    /// For https: the authority's host (the TLS name) and the judged address.
+    tls: Option<(String, SocketAddr)>,
     inject: Option<(String, String)>,
 }
 
@@ -32,8 +40,6 @@ impl std::fmt::Debug for Target {
 
 #[derive(Debug)]
 pub enum UpstreamError {
-    /// An `https` upstream: this aggregator speaks plain HTTP only for now.
-    Https,
     /// The allow named no address it judged.
     NoAddress,
     Unreachable(String),
@@ -46,9 +52,6 @@ pub enum UpstreamError {
 impl std::fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            UpstreamError::Https => {
-                f.write_str("https upstreams are not supported by the aggregator yet")
-            }
             UpstreamError::NoAddress => f.write_str("the allow named no upstream address"),
             UpstreamError::Unreachable(e) => write!(f, "upstream unreachable: {e}"),
             UpstreamError::Protocol(e) => write!(f, "upstream answered outside MCP: {e}"),
@@ -64,19 +67,29 @@ impl Target {
         upstream: &Upstream,
         inject: Option<(String, String)>,
     ) -> Result<Target, UpstreamError> {
-        if upstream.scheme == Scheme::Https {
-            return Err(UpstreamError::Https);
-        }
-        let address = upstream
+        let address: SocketAddr = upstream
             .address
             .as_deref()
-            .filter(|a| a.parse::<std::net::SocketAddr>().is_ok())
+            .and_then(|a| a.parse().ok())
             .ok_or(UpstreamError::NoAddress)?;
         let base = upstream.base_path.trim_end_matches('/');
         let path = if base.is_empty() { "/" } else { base };
+        let authority = upstream.authority.clone();
+        let (url, tls) = match upstream.scheme {
+            Scheme::Http => (format!("http://{address}{path}"), None),
+            Scheme::Https => {
+                let url = format!("https://{authority}{path}");
+                let host = reqwest::Url::parse(&url)
+                    .ok()
+                    .and_then(|u| u.host_str().map(str::to_owned))
+                    .ok_or_else(|| UpstreamError::Protocol(format!("bad authority {authority}")))?;
+                (url, Some((host, address)))
+            }
+        };
         Ok(Target {
-            url: format!("http://{address}{path}"),
-            authority: upstream.authority.clone(),
+            url,
+            authority,
+            tls,
             inject,
         })
     }
@@ -96,16 +109,62 @@ pub struct Reply {
     pub response: reqwest::Response,
 }
 
+/// Most https clients kept (one per TLS name and judged address, each with its own
+/// connection pool); past that the cache starts over.
+const MAX_TLS_CLIENTS: usize = 256;
+
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
+    /// Certificates trusted besides the system's roots (`--trusted-ca-file`).
+    extra_roots: Arc<Vec<reqwest::Certificate>>,
+    /// https clients by (TLS name, judged address): each resolves that name to that
+    /// address only, so the connection goes where the policy service judged while the
+    /// certificate is checked for the server's own name.
+    tls: Arc<Mutex<HashMap<(String, SocketAddr), reqwest::Client>>>,
     /// Time to the reply's headers (and, for replies read whole, its body).
     pub timeout: Duration,
 }
 
 impl Client {
-    pub fn new(http: reqwest::Client, timeout: Duration) -> Client {
-        Client { http, timeout }
+    pub fn new(
+        http: reqwest::Client,
+        extra_roots: Vec<reqwest::Certificate>,
+        timeout: Duration,
+    ) -> Client {
+        Client {
+            http,
+            extra_roots: Arc::new(extra_roots),
+            tls: Arc::default(),
+            timeout,
+        }
+    }
+
+    /// The client that reaches `target`.
+    fn client(&self, target: &Target) -> Result<reqwest::Client, UpstreamError> {
+        let Some((host, address)) = &target.tls else {
+            return Ok(self.http.clone());
+        };
+        let key = (host.clone(), *address);
+        let mut cache = self.tls.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(&key) {
+            return Ok(c.clone());
+        }
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(2))
+            .tls_version_min(reqwest::tls::Version::TLS_1_2)
+            .tls_certs_merge(self.extra_roots.iter().cloned())
+            .resolve(host, *address)
+            .build()
+            .map_err(|e| UpstreamError::Unreachable(describe(e)))?;
+        if cache.len() >= MAX_TLS_CLIENTS {
+            cache.clear();
+        }
+        cache.insert(key, client.clone());
+        Ok(client)
     }
 
     fn request(
@@ -114,9 +173,9 @@ impl Client {
         target: &Target,
         session: Option<&str>,
         protocol_version: Option<&str>,
-    ) -> reqwest::RequestBuilder {
+    ) -> Result<reqwest::RequestBuilder, UpstreamError> {
         let mut req = self
-            .http
+            .client(target)?
             .request(method, &target.url)
             .header("host", &target.authority)
             .header("accept", "application/json, text/event-stream");
@@ -129,7 +188,7 @@ impl Client {
         if let Some(v) = protocol_version {
             req = req.header("mcp-protocol-version", v);
         }
-        req
+        Ok(req)
     }
 
     /// POSTs one JSON-RPC message; the reply's headers, within the timeout.
@@ -141,7 +200,7 @@ impl Client {
         message: &Value,
     ) -> Result<Reply, UpstreamError> {
         let req = self
-            .request(reqwest::Method::POST, target, session, protocol_version)
+            .request(reqwest::Method::POST, target, session, protocol_version)?
             .header("content-type", "application/json")
             .body(message.to_string());
         let response = tokio::time::timeout(self.timeout, req.send())
@@ -149,7 +208,7 @@ impl Client {
             .map_err(|_| {
                 UpstreamError::Unreachable(format!("no answer within {:?}", self.timeout))
             })?
-            .map_err(|e| UpstreamError::Unreachable(e.without_url().to_string()))?;
+            .map_err(|e| UpstreamError::Unreachable(describe(e)))?;
         let status = response.status().as_u16();
         if status == 404 && session.is_some() {
             return Err(UpstreamError::SessionGone);
@@ -236,16 +295,35 @@ impl Client {
 
     /// Ends an upstream session (`DELETE`); failures only logged.
     pub async fn end(&self, target: &Target, session: &str, protocol_version: Option<&str>) {
-        let req = self.request(
+        let Ok(req) = self.request(
             reqwest::Method::DELETE,
             target,
             Some(session),
             protocol_version,
-        );
+        ) else {
+            return;
+        };
         if let Err(e) = tokio::time::timeout(self.timeout, req.send()).await {
             tracing::debug!(error = %e, "ending an upstream session timed out");
         }
     }
+}
+
+/// An HTTP client error with its causes (a TLS failure says why: an unknown issuer, a
+/// name mismatch), without the URL.
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// The message answering `id` in a reply read whole, at most [`MAX_REPLY`] bytes.
@@ -261,7 +339,7 @@ async fn read_answer(reply: Reply, id: &Value) -> Result<Value, UpstreamError> {
         let chunk = response
             .chunk()
             .await
-            .map_err(|e| UpstreamError::Unreachable(e.without_url().to_string()))?;
+            .map_err(|e| UpstreamError::Unreachable(describe(e)))?;
         let Some(chunk) = chunk else { break };
         buf.extend_from_slice(&chunk);
         if buf.len() > MAX_REPLY {
@@ -330,7 +408,7 @@ mod tests {
     }
 
     #[test]
-    fn only_plain_http_upstreams_with_a_judged_address_are_targets() {
+    fn upstreams_with_a_judged_address_are_targets() {
         let up = |scheme, address: Option<&str>| Upstream {
             scheme,
             authority: "demo.local:9100".into(),
@@ -348,10 +426,14 @@ mod tests {
             Target::of(&up(Scheme::Http, Some("demo.local:9100")), None),
             Err(UpstreamError::NoAddress)
         ));
-        assert!(matches!(
-            Target::of(&up(Scheme::Https, Some("127.0.0.1:443")), None),
-            Err(UpstreamError::Https)
-        ));
+        // https: the URL names the authority (SNI, the certificate's name); the
+        // connection goes to the judged address.
+        let t = Target::of(&up(Scheme::Https, Some("127.0.0.1:9443")), None).unwrap();
+        assert_eq!(t.url, "https://demo.local:9100/mcp");
+        assert_eq!(
+            t.tls,
+            Some(("demo.local".to_owned(), "127.0.0.1:9443".parse().unwrap()))
+        );
         let secret = Target::of(
             &up(Scheme::Http, Some("127.0.0.1:9100")),
             Some(("authorization".into(), "Bearer s3cret".into())),

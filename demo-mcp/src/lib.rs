@@ -2,7 +2,9 @@
 //! headers reached it, so a test can prove what the gateway forwarded and what it kept
 //! back; two prompts and two resources; and tools added or changed at run time
 //! (`PUT /demo/tools/{name}` with the description as body, outside `/mcp`), so a test
-//! can play an upstream that changes its tools (a rug-pull).
+//! can play an upstream that changes its tools (a rug-pull). It accepts
+//! `logging/setLevel` and prints the level it was set to (`logging level set to
+//! debug`), so a test can see the request arrived.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -16,6 +18,10 @@ use rmcp::model::{
     PromptMessage, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
     ResourceContents, Role, ServerCapabilities, ServerConfig, Tool,
 };
+// MCP logging is deprecated (SEP-2577) but still in the spec versions clients speak; the
+// demo server keeps it so tests can see `logging/setLevel` arrive.
+#[allow(deprecated)]
+use rmcp::model::SetLevelRequestParams;
 use rmcp::service::RequestContext;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
@@ -101,15 +107,28 @@ impl DemoServer {
 
 #[tool_handler(name = "mcpguard-demo", version = "0.1.0")]
 impl ServerHandler for DemoServer {
+    #[allow(deprecated)] // logging (see the import)
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(
             ServerCapabilities::builder()
                 .enable_tools()
                 .enable_prompts()
                 .enable_resources()
+                .enable_logging()
                 .build(),
         )
         .with_server_info(Implementation::new("mcpguard-demo", "0.1.0"))
+    }
+
+    #[allow(deprecated)] // logging (see the import)
+    async fn set_level(
+        &self,
+        request: SetLevelRequestParams,
+        _: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let level = serde_json::to_value(request.level).unwrap_or_default();
+        println!("logging level set to {}", level.as_str().unwrap_or("?"));
+        Ok(())
     }
 
     async fn list_tools(

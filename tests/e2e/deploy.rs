@@ -6,6 +6,7 @@
 //! the Envoy configuration istiod makes of them, run by real Envoy in front of the real
 //! policy service and demo server.
 
+use mcpguard_e2e::gateway::Aggregator;
 use mcpguard_e2e::istio::{self, Manifests, Patches};
 use mcpguard_e2e::mcp::{self, call_text, expect_refusal};
 use mcpguard_e2e::raw::{self, Spy};
@@ -31,14 +32,20 @@ fn every_manifest_is_valid_for_its_schema() {
         kinds,
         [
             "AuthorizationPolicy",
+            "AuthorizationPolicy",
+            "Deployment",
             "Deployment",
             "EnvoyFilter",
             "EnvoyFilter",
             "Gateway",
             "Namespace",
             "PeerAuthentication",
+            "PeerAuthentication",
+            "PodDisruptionBudget",
             "PodDisruptionBudget",
             "Service",
+            "Service",
+            "ServiceAccount",
             "VirtualService",
             "WasmPlugin",
             "WasmPlugin",
@@ -164,7 +171,7 @@ fn each_wasmplugin_is_the_built_filter_configured_for_the_manifests_policy_servi
                     .as_sequence()
                     .unwrap()
                     .iter()
-                    .filter(|p| p["applyTo"] == "CLUSTER")
+                    .filter(|p| p["applyTo"] == "CLUSTER" && p["patch"]["operation"] == "ADD")
                     .map(|p| p["patch"]["value"]["name"].as_str().unwrap())
                     .collect();
                 assert_eq!(added, ["mcpguard_upstream_http", "mcpguard_upstream_https"]);
@@ -262,7 +269,10 @@ fn the_policy_deployment_is_replicated_locked_down_and_fed_from_secrets() {
     };
     assert_eq!(
         named("principals"),
-        ["cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"]
+        [
+            "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account",
+            "cluster.local/ns/mcpguard/sa/mcpguard-aggregator",
+        ]
     );
     for plugin in m.of_kind("WasmPlugin") {
         let ns = plugin["metadata"]["namespace"].as_str().unwrap();
@@ -270,6 +280,80 @@ fn the_policy_deployment_is_replicated_locked_down_and_fed_from_secrets() {
             assert!(named("namespaces").iter().any(|n| n == ns), "{ns}");
         }
     }
+}
+
+/// The gateway URL's aggregator: the policy image's other binary, locked down like the
+/// policy service, checking on the policy Service's check port with its own mesh
+/// identity (admitted there), and reachable only from the ingress gateway.
+#[test]
+fn the_aggregator_is_locked_down_and_reachable_only_from_the_ingress_gateway() {
+    let m = Manifests::render();
+    let d = &m.get("Deployment", "mcpguard-aggregator")["spec"];
+    let pod = &d["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["serviceAccountName"], "mcpguard-aggregator");
+    m.get("ServiceAccount", "mcpguard-aggregator");
+    let c = &pod["containers"][0];
+    assert_eq!(c["image"], istio::POLICY_IMAGE);
+    assert_eq!(c["command"][0], "/usr/local/bin/mcpguard-aggregator");
+    let containerfile = std::fs::read_to_string(workspace_root().join("Containerfile")).unwrap();
+    assert!(
+        containerfile.contains("COPY mcpguard-aggregator /usr/local/bin/mcpguard-aggregator"),
+        "the image holds the aggregator"
+    );
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert!(c["resources"]["requests"]["cpu"].is_string());
+    assert!(c["resources"]["limits"]["memory"].is_string());
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        assert_eq!(c[probe]["httpGet"]["path"], "/healthz", "{probe}");
+    }
+    let env = |name: &str| -> String {
+        c["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("no {name}"))["value"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(env("MCPGUARD_AGGREGATOR_LISTEN"), "0.0.0.0:8082");
+    assert_eq!(c["ports"][0]["containerPort"], 8082);
+    assert_eq!(
+        env("MCPGUARD_POLICY_CHECK_URL"),
+        "http://mcpguard-policy.mcpguard.svc.cluster.local:8081",
+        "the policy Service's check port"
+    );
+    let service = &m.get("Service", "mcpguard-aggregator")["spec"];
+    assert_eq!(service["ports"][0]["port"], 8082);
+    assert_eq!(
+        service["selector"],
+        d["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+            .as_str()
+            .map(|n| serde_yaml::to_value(json!({"app.kubernetes.io/name": n})).unwrap())
+            .unwrap()
+    );
+
+    let peer = m.get("PeerAuthentication", "mcpguard-aggregator");
+    assert_eq!(peer["spec"]["mtls"]["mode"], "STRICT");
+    let authz = &m.get("AuthorizationPolicy", "mcpguard-aggregator")["spec"];
+    assert_eq!(authz["action"], "ALLOW");
+    assert_eq!(
+        authz["selector"]["matchLabels"]["app.kubernetes.io/name"],
+        "mcpguard-aggregator"
+    );
+    let rules = authz["rules"].as_sequence().unwrap();
+    assert_eq!(rules.len(), 1, "one rule: the gateway's");
+    assert_eq!(
+        rules[0]["from"],
+        serde_yaml::to_value(json!([{"source": {"principals": [
+            "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
+        ]}}]))
+        .unwrap()
+    );
+    assert_eq!(rules[0]["to"][0]["operation"]["ports"][0], "8082");
 }
 
 #[test]
@@ -356,7 +440,8 @@ async fn the_sidecar_manifests_as_istio_applies_them_guard_the_app() {
 
 /// The gateway WasmPlugin, its EnvoyFilter and the Gateway's VirtualService as istiod
 /// applies them on the ingress gateway: MCP requests are checked and routed to the
-/// upstream the policy service judged; other paths reach the policy service's public
+/// upstream the policy service judged, the gateway URL to the aggregators' Service
+/// (a session staying on one of two); other paths reach the policy service's public
 /// port.
 #[tokio::test]
 async fn the_gateway_manifests_as_istio_applies_them_check_and_route() {
@@ -364,8 +449,18 @@ async fn the_gateway_manifests_as_istio_applies_them_check_and_route() {
     let dir = tempfile::tempdir().unwrap();
     let policy = Policy::start(&dir.path().join("data"), dir.path()).await;
     let demo = Demo::start(dir.path()).await;
+    let aggregators = [
+        Aggregator::start(policy.check_port, dir.path()).await,
+        Aggregator::start(policy.check_port, dir.path()).await,
+    ];
     let ports = (free_port(), free_port());
-    let config = istio::gateway_envoy(&m, ports, policy.check_port, policy.public_port);
+    let config = istio::gateway_envoy(
+        &m,
+        ports,
+        policy.check_port,
+        policy.public_port,
+        &[aggregators[0].port, aggregators[1].port],
+    );
     let envoy = Envoy::start_config(&config, ports.0, ports.1, dir.path()).await;
     let admin = policy.admin();
     let p = admin.provision("eng", "demo", &demo.upstream_url()).await;
@@ -391,6 +486,25 @@ async fn the_gateway_manifests_as_istio_applies_them_check_and_route() {
         (403, "server_not_exposed"),
     )
     .await;
+    // The gateway URL reaches an aggregator, and every request of a session the one
+    // that opened it (the route's hash on the caller, the cluster's ring hash): with
+    // Istio's default balancing half of them would be 404.
+    let gateway_url = format!("{}/mcp/eng", envoy.base_url());
+    let client = mcp::connect(&gateway_url, Some(&p.token))
+        .await
+        .expect("an MCP session on the gateway URL");
+    for n in 0..6 {
+        let text = format!("gateway url {n}");
+        assert_eq!(
+            call_text(&client, "demo__echo", json!({"text": text}))
+                .await
+                .unwrap(),
+            text
+        );
+    }
+    client.cancel().await.unwrap();
+    expect_refusal(&gateway_url, None, (401, "token_missing")).await;
+
     // Everything that is no MCP path goes to the public port.
     let healthz = reqwest::get(format!("{}/healthz", envoy.base_url()))
         .await

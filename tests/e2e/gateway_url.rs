@@ -13,7 +13,11 @@ use serde_json::{Value, json};
 /// Two servers, `alpha` and `beta`, on gateway `eng`, each with its own service
 /// credential; returns (stack, token, alpha's id, beta's id, gateway id).
 async fn two_servers() -> (GatewayStack, String, i64, i64, i64) {
-    let stack = GatewayStack::start(2).await;
+    two_servers_on(GatewayStack::start(2).await).await
+}
+
+/// [`two_servers`] on a stack already started (with at least two demo servers).
+async fn two_servers_on(stack: GatewayStack) -> (GatewayStack, String, i64, i64, i64) {
     let admin = stack.admin();
     let p = admin
         .provision("eng", "alpha", &stack.demos[0].upstream_url())
@@ -600,9 +604,9 @@ async fn after_an_aggregator_restart_old_sessions_are_404_and_new_ones_work() {
     let list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"});
     assert_eq!(raw.post(&token, Some(&sid), list.clone()).await.0, 200);
 
-    let port = stack.aggregator.port;
-    stack.aggregator.proc.kill();
-    stack.aggregator = mcpguard_e2e::gateway::Aggregator::start_on(
+    let port = stack.aggregators[0].port;
+    stack.aggregators[0].proc.kill();
+    stack.aggregators[0] = mcpguard_e2e::gateway::Aggregator::start_on(
         port,
         stack.policy.check_port,
         stack.dir.path(),
@@ -664,4 +668,212 @@ async fn a_per_user_server_gets_the_users_own_identity_and_only_that_server() {
         strings(&["beta__echo", "beta__header", "beta__whoami"])
     );
     client.cancel().await.unwrap();
+}
+
+/// Requests Envoy sent to the aggregator on `port`.
+async fn sent_to(envoy: &mcpguard_e2e::Envoy, port: u16) -> u64 {
+    let n = envoy
+        .host_stat("mcpguard_aggregator", port, "rq_total")
+        .await;
+    n.trim().parse().unwrap_or(0)
+}
+
+/// `envoy/mcpguard-replicas.yaml` with two aggregators: every request of a session
+/// reaches the aggregator that opened it (a consistent hash on the caller's
+/// credential), so initialize, lists and calls on one session all work across
+/// requests. That aggregator stopped, the session is unknown to the other (404) and a
+/// client initializing again is served there.
+#[tokio::test]
+async fn with_two_aggregators_a_session_stays_on_one_and_the_other_takes_over() {
+    let stack = GatewayStack::start_with("envoy/mcpguard-replicas.yaml", 2, 2).await;
+    let (mut stack, token, ..) = two_servers_on(stack).await;
+    let ports = [stack.aggregators[0].port, stack.aggregators[1].port];
+    let raw = Raw {
+        http: reqwest::Client::new(),
+        url: stack.gateway_url("eng"),
+    };
+    let session = |sid: Option<String>| sid.expect("a session id");
+    let (status, sid, init) = raw.post(&token, None, mcp::initialize_body()).await;
+    assert_eq!(status, 200, "{init}");
+    let sid = session(sid);
+    let list = json!({"jsonrpc": "2.0", "id": "l", "method": "tools/list"});
+    let call = |tool: &str, text: &str| {
+        json!({"jsonrpc": "2.0", "id": "c", "method": "tools/call",
+        "params": {"name": tool, "arguments": {"text": text}}})
+    };
+    for round in 0..4 {
+        let (status, _, reply) = raw.post(&token, Some(&sid), list.clone()).await;
+        assert_eq!(status, 200, "round {round}: {reply}");
+        assert_eq!(
+            reply["result"]["tools"].as_array().map(Vec::len),
+            Some(6),
+            "{reply}"
+        );
+        for tool in ["alpha__echo", "beta__echo"] {
+            let text = format!("{tool} {round}");
+            let (status, _, reply) = raw.post(&token, Some(&sid), call(tool, &text)).await;
+            assert_eq!(status, 200, "{reply}");
+            assert_eq!(reply["result"]["content"][0]["text"], text, "{reply}");
+        }
+    }
+    let counts = [
+        sent_to(&stack.envoy, ports[0]).await,
+        sent_to(&stack.envoy, ports[1]).await,
+    ];
+    let serving = usize::from(counts[1] > counts[0]);
+    assert_eq!(
+        (counts[serving], counts[1 - serving]),
+        (13, 0),
+        "one session's requests all go to one aggregator: {counts:?}"
+    );
+
+    stack.aggregators[serving]
+        .proc
+        .stop(std::time::Duration::from_secs(5));
+    let (status, _, reply) = raw.post(&token, Some(&sid), list.clone()).await;
+    assert_eq!(status, 404, "the other aggregator never knew it: {reply}");
+    let (status, fresh, init) = raw.post(&token, None, mcp::initialize_body()).await;
+    assert_eq!(status, 200, "{init}");
+    let fresh = session(fresh);
+    let (status, _, reply) = raw.post(&token, Some(&fresh), list).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        reply["result"]["tools"].as_array().map(Vec::len),
+        Some(6),
+        "{reply}"
+    );
+    let (_, _, reply) = raw
+        .post(&token, Some(&fresh), call("beta__echo", "after"))
+        .await;
+    assert_eq!(reply["result"]["content"][0]["text"], "after", "{reply}");
+    assert_eq!(
+        sent_to(&stack.envoy, ports[1 - serving]).await,
+        4,
+        "the other aggregator took over"
+    );
+}
+
+/// An https server on the gateway URL: the aggregator speaks TLS to it, verified for
+/// the server's own name against the system's roots and `--trusted-ca-file`, at the
+/// address the policy service judged. Not trusted (the test CA unknown; or the same
+/// server by address, which its certificate does not name), it is left out of lists
+/// and its call is a JSON-RPC error saying why; trusted, it is listed and called.
+#[tokio::test]
+async fn https_servers_are_reached_over_verified_tls() {
+    let (mut stack, token, _, _, gateway_id) = two_servers().await;
+    let (ca, cert, key) = mcpguard_e2e::tls::certificate(stack.dir.path());
+    let (front_port, front_admin) = (mcpguard_e2e::free_port(), mcpguard_e2e::free_port());
+    let front =
+        mcpguard_e2e::tls::tls_front(front_port, front_admin, stack.demos[0].port, &cert, &key);
+    let _front =
+        mcpguard_e2e::Envoy::start_config(&front, front_port, front_admin, stack.dir.path()).await;
+    let admin = stack.admin();
+    for (slug, host) in [("secure", "localhost"), ("byaddress", "127.0.0.1")] {
+        let id = admin
+            .server(slug, &format!("https://{host}:{front_port}/mcp"))
+            .await;
+        admin.expose(gateway_id, id).await;
+    }
+    let has = |names: &[String], prefix: &str| names.iter().any(|n| n.starts_with(prefix));
+    let url = stack.gateway_url("eng");
+
+    // The test CA is not trusted yet.
+    let client = mcp::connect(&url, Some(&token)).await.unwrap();
+    let names = tool_names(&client).await;
+    assert_eq!(names.len(), 6, "alpha's and beta's only: {names:?}");
+    let err = call_text(&client, "secure__echo", json!({"text": "x"}))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("secure") && err.contains("UnknownIssuer"),
+        "{err}"
+    );
+    client.cancel().await.unwrap();
+
+    let port = stack.aggregators[0].port;
+    stack.aggregators[0].proc.kill();
+    stack.aggregators[0] = mcpguard_e2e::gateway::Aggregator::start_trusting(
+        port,
+        stack.policy.check_port,
+        stack.dir.path(),
+        Some(&ca),
+    )
+    .await;
+    let client = mcp::connect(&url, Some(&token)).await.unwrap();
+    let names = tool_names(&client).await;
+    assert!(has(&names, "secure__"), "{names:?}");
+    assert!(!has(&names, "byaddress__"), "{names:?}");
+    assert_eq!(names.len(), 9, "{names:?}");
+    assert_eq!(
+        call_text(&client, "secure__echo", json!({"text": "over tls"}))
+            .await
+            .unwrap(),
+        "over tls"
+    );
+    // The Host the server saw is its own authority, not the address.
+    assert_eq!(
+        call_text(&client, "secure__header", json!({"name": "host"}))
+            .await
+            .unwrap(),
+        format!("localhost:{front_port}")
+    );
+    let err = call_text(&client, "byaddress__echo", json!({"text": "x"}))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("byaddress") && err.contains("certificate not valid for name"),
+        "{err}"
+    );
+    client.cancel().await.unwrap();
+}
+
+/// `logging/setLevel` on the gateway URL goes to every server of the gateway the caller
+/// may use, each checked on that request (the demo server accepts it and prints the
+/// level it was set to): `{}` while at least one accepted; a disabled server is not
+/// sent it; with none left it is a JSON-RPC error saying why for each.
+#[tokio::test]
+async fn set_level_is_forwarded_to_every_server_the_caller_may_use() {
+    let (stack, token, alpha, beta, _) = two_servers().await;
+    let admin = stack.admin();
+    let raw = Raw {
+        http: reqwest::Client::new(),
+        url: stack.gateway_url("eng"),
+    };
+    let (_, sid, _) = raw.post(&token, None, mcp::initialize_body()).await;
+    let sid = sid.expect("a session id");
+    let set = |level: &str| {
+        json!({"jsonrpc": "2.0", "id": "lv", "method": "logging/setLevel",
+               "params": {"level": level}})
+    };
+    let set_to = |level: &str| format!("logging level set to {level}");
+    let (status, _, reply) = raw.post(&token, Some(&sid), set("debug")).await;
+    assert_eq!((status, &reply["result"]), (200, &json!({})), "{reply}");
+    for demo in &stack.demos {
+        assert!(
+            demo.proc.log_text().contains(&set_to("debug")),
+            "{}",
+            demo.proc.log_tail()
+        );
+    }
+
+    admin.set_enabled("servers", beta, false).await;
+    let (_, _, reply) = raw.post(&token, Some(&sid), set("error")).await;
+    assert_eq!(reply["result"], json!({}), "{reply}");
+    assert!(stack.demos[0].proc.log_text().contains(&set_to("error")));
+    assert!(
+        !stack.demos[1].proc.log_text().contains(&set_to("error")),
+        "a disabled server was sent it"
+    );
+
+    admin.set_enabled("servers", alpha, false).await;
+    let (_, _, reply) = raw.post(&token, Some(&sid), set("info")).await;
+    let message = reply["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("alpha: refused server_disabled")
+            && message.contains("beta: refused server_disabled"),
+        "{reply}"
+    );
+    assert_eq!(reply["id"], "lv");
 }

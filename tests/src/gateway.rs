@@ -1,6 +1,6 @@
-//! The gateway URL's stack: the policy service, several demo MCP servers, the
-//! aggregator and Envoy (the shipped config, its `mcpguard_aggregator` cluster pointed
-//! at this aggregator).
+//! The gateway URL's stack: the policy service, several demo MCP servers, one or more
+//! aggregators and Envoy (a shipped config, its `mcpguard_aggregator` cluster pointed
+//! at these aggregators).
 
 use std::path::Path;
 use std::process::Command;
@@ -22,6 +22,16 @@ impl Aggregator {
 
     /// On a chosen port (a restart keeps Envoy's cluster valid).
     pub async fn start_on(port: u16, check_port: u16, log_dir: &Path) -> Aggregator {
+        Self::start_trusting(port, check_port, log_dir, None).await
+    }
+
+    /// [`Aggregator::start_on`] with `--trusted-ca-file` (https upstreams).
+    pub async fn start_trusting(
+        port: u16,
+        check_port: u16,
+        log_dir: &Path,
+        trusted_ca: Option<&Path>,
+    ) -> Aggregator {
         let secret_file = log_dir.join("aggregator-check-secret");
         std::fs::write(&secret_file, check_secret()).expect("writing the check secret");
         let mut cmd = Command::new(binary("mcpguard-aggregator"));
@@ -34,6 +44,9 @@ impl Aggregator {
             .arg("--upstream-timeout-ms")
             .arg("3000")
             .env("MCPGUARD_LOG", "info,mcpguard_aggregator=debug");
+        if let Some(ca) = trusted_ca {
+            cmd.arg("--trusted-ca-file").arg(ca);
+        }
         let mut proc = Proc::spawn(&format!("aggregator-{port}"), cmd, log_dir);
         let health = format!("http://127.0.0.1:{port}/healthz");
         wait_until(&mut proc, "aggregator", || {
@@ -47,15 +60,27 @@ impl Aggregator {
 
 pub struct GatewayStack {
     pub envoy: Envoy,
-    pub aggregator: Aggregator,
+    /// In the order of the `mcpguard_aggregator` cluster's endpoints.
+    pub aggregators: Vec<Aggregator>,
     pub demos: Vec<Demo>,
     pub policy: Policy,
     pub dir: tempfile::TempDir,
 }
 
 impl GatewayStack {
-    /// With `servers` stateful demo MCP servers.
+    /// With `servers` stateful demo MCP servers and one aggregator
+    /// (`envoy/mcpguard.yaml`).
     pub async fn start(servers: usize) -> GatewayStack {
+        Self::start_with("envoy/mcpguard.yaml", servers, 1).await
+    }
+
+    /// With the shipped Envoy `config` (its policy cluster pointed at the one policy
+    /// service) in front of `aggregators` aggregators.
+    pub async fn start_with(
+        config: &'static str,
+        servers: usize,
+        aggregators: usize,
+    ) -> GatewayStack {
         let dir = tempfile::tempdir().expect("temp dir");
         let (port, admin_port) = (free_port(), free_port());
         let resource_base = format!("http://127.0.0.1:{port}");
@@ -69,9 +94,13 @@ impl GatewayStack {
         for _ in 0..servers {
             demos.push(Demo::start(dir.path()).await);
         }
-        let aggregator = Aggregator::start(policy.check_port, dir.path()).await;
+        let mut started = Vec::new();
+        for _ in 0..aggregators {
+            started.push(Aggregator::start(policy.check_port, dir.path()).await);
+        }
+        let ports: Vec<u16> = started.iter().map(|a| a.port).collect();
         let opts = EnvoyOptions {
-            config: "envoy/mcpguard.yaml",
+            config,
             check_port: policy.check_port,
             check_timeout_ms: crate::db::postgres_requested()
                 .then_some(crate::db::POSTGRES_CHECK_TIMEOUT_MS),
@@ -81,12 +110,12 @@ impl GatewayStack {
         };
         let rendered = Envoy::render(&opts, port, admin_port);
         let mut cfg = EnvoyConfig::parse("rendered", &rendered).unwrap_or_else(|e| panic!("{e}"));
-        cfg.cluster_ports("mcpguard_aggregator", &[aggregator.port])
+        cfg.cluster_ports("mcpguard_aggregator", &ports)
             .unwrap_or_else(|e| panic!("{e}"));
         let envoy = Envoy::start_config(&cfg.to_json(), port, admin_port, dir.path()).await;
         GatewayStack {
             envoy,
-            aggregator,
+            aggregators: started,
             demos,
             policy,
             dir,

@@ -7,8 +7,9 @@
 //! skeleton of what Istio generates by itself (an inbound listener whose one route goes
 //! to the app; a gateway listener with the VirtualService's routes), the WasmPlugin as
 //! the wasm filter Istio makes of it, then each EnvoyFilter patch applied with Istio's
-//! semantics (`INSERT_FIRST`, `ADD`, `MERGE`: protobuf merge, lists appended). A patch
-//! of another kind fails the test until it is modelled here.
+//! semantics (`INSERT_FIRST`, `ADD`, `MERGE`: protobuf merge, lists appended; a
+//! cluster Istio generates from a Service is matched by `service` and `portNumber`). A
+//! patch of another kind fails the test until it is modelled here.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -304,6 +305,23 @@ fn apply_patches(cfg: &mut Value, envoy_filter: &Value, target: &Target<'_>) {
                 .as_sequence_mut()
                 .expect("clusters")
                 .push(value),
+            ("CLUSTER", "MERGE") => {
+                // Istio's name for a Service's port: outbound|PORT||HOST.
+                let name = format!(
+                    "outbound|{}||{}",
+                    m["cluster"]["portNumber"]
+                        .as_u64()
+                        .expect("cluster.portNumber"),
+                    m["cluster"]["service"].as_str().expect("cluster.service")
+                );
+                let cluster = cfg["static_resources"]["clusters"]
+                    .as_sequence_mut()
+                    .expect("clusters")
+                    .iter_mut()
+                    .find(|c| c["name"].as_str() == Some(&name))
+                    .unwrap_or_else(|| panic!("no cluster {name} to merge into"));
+                merge(cluster, &value);
+            }
             (apply_to, op) => panic!("{apply_to} {op} is not modelled"),
         }
     }
@@ -474,16 +492,47 @@ fn virtual_service_routes(vs: &Value, public_port_cluster: &str) -> Vec<Value> {
     routes
 }
 
+/// The cluster Istio makes of a Service's port, `outbound|PORT||NAME.NS.svc.cluster.local`
+/// (Istio's default load balancer, plain HTTP/1.1 here where the mesh adds mTLS), its
+/// endpoints on loopback `ports`.
+fn service_cluster(m: &Manifests, service: &str, port_name: &str, ports: &[u16]) -> Value {
+    let svc = m.get("Service", service);
+    let port = svc["spec"]["ports"]
+        .as_sequence()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"] == port_name)
+        .unwrap_or_else(|| panic!("Service {service} has no port {port_name}"))["port"]
+        .as_u64()
+        .expect("port");
+    let name = format!(
+        "outbound|{port}||{service}.{}.svc.cluster.local",
+        svc["metadata"]["namespace"].as_str().expect("namespace")
+    );
+    let endpoints: Vec<_> = ports
+        .iter()
+        .map(|p| serde_json::json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}))
+        .collect();
+    yaml(serde_json::json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
+    }))
+}
+
 /// The ingress gateway as istiod configures it from the manifests: a listener for
 /// gateway port 80 (Istio's listener port 8080) with the VirtualService's routes,
 /// the gateway WasmPlugin's filter, then the gateway EnvoyFilter. Listens on `port`
 /// (admin `admin_port`); the policy service's ports are `check_port` and
-/// `public_port`.
+/// `public_port`, the aggregators' (Service `mcpguard-aggregator`) `aggregator_ports`.
 pub fn gateway_envoy(
     m: &Manifests,
     ports: (u16, u16),
     check_port: u16,
     public_port: u16,
+    aggregator_ports: &[u16],
 ) -> String {
     let (port, admin_port) = ports;
     let plugin = m.get("WasmPlugin", "mcpguard-gateway");
@@ -538,7 +587,14 @@ pub fn gateway_envoy(
         let hcm = &mut cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
         hcm["http_filters"] = Value::Sequence(vec![wasm_filter(plugin), router()]);
     }
-    cfg["static_resources"]["clusters"] = Value::Sequence(vec![policy_cluster(check_port), public]);
+    let aggregator = service_cluster(
+        m,
+        "mcpguard-aggregator",
+        "http-aggregator",
+        aggregator_ports,
+    );
+    cfg["static_resources"]["clusters"] =
+        Value::Sequence(vec![policy_cluster(check_port), public, aggregator]);
     let target = Target {
         context: "GATEWAY",
         listener_port: GATEWAY_LISTENER_PORT,

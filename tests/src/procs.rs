@@ -426,6 +426,23 @@ impl Envoy {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// One per-host value of a cluster from `/clusters`, e.g. `rq_total` (requests
+    /// sent to that host; health checks are not counted) or `health_flags`; empty when
+    /// absent.
+    pub async fn host_stat(&self, cluster: &str, port: u16, name: &str) -> String {
+        let url = format!("http://127.0.0.1:{}/clusters", self.admin_port);
+        let text = reqwest::get(&url)
+            .await
+            .expect("envoy admin")
+            .text()
+            .await
+            .expect("clusters body");
+        let key = format!("{cluster}::127.0.0.1:{port}::{name}::");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key).map(str::to_owned))
+            .unwrap_or_default()
+    }
+
     /// One counter from Envoy's `/stats` (0 when absent).
     pub async fn stat(&self, name: &str) -> u64 {
         let url = format!(
