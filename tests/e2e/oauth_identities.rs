@@ -896,3 +896,70 @@ async fn a_shared_exposure_sends_a_service_account_an_admin_connected_once() {
         (403, "identity_disabled")
     );
 }
+
+/// A refresh that gets no answer (the downstream's authorization server is down) is
+/// not a refusal: once the access token has expired, requests are refused for now
+/// (`503 policy_unavailable`, recorded as such), the identity stays connected, and
+/// when the authorization server is back the next request refreshes and goes through,
+/// with no reconnecting.
+#[tokio::test]
+async fn a_refresh_with_no_answer_refuses_for_now_and_keeps_the_identity() {
+    let mut down = downstream().await;
+    let (up, _, alice) = upstream(&down).await;
+    let owner = up.admin();
+    let client = RawClient::register(&up.policy.public_url(), "Alice's app").await;
+    let token = connect_and_consent(&up, &down, &client, PASSWORD).await;
+    let url = up.envoy.mcp_url("eng", "tracker");
+    assert_eq!(initialize_with(&url, Some(&token)).await.status, 200);
+
+    // The authorization server goes away (with the rest of the downstream's policy
+    // service); wait out the access token's life.
+    down.stack.policy.proc.kill();
+    let expires_at = identity(&owner, alice).await["oauth_expires_at"]
+        .as_str()
+        .map(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).unwrap()
+        })
+        .expect("an expiry");
+    while time::OffsetDateTime::now_utc() < expires_at + Duration::from_millis(1_100) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = initialize_with(&url, Some(&token)).await;
+    assert_eq!(
+        (refused.status, refused.code().as_str()),
+        (503, "policy_unavailable")
+    );
+    // Refused by the upstream's own check (not only by the dead downstream): no
+    // decision, so not audited, but logged as such.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !up
+        .policy
+        .proc
+        .log_text()
+        .contains("expired token could not be refreshed in time")
+    {
+        assert!(Instant::now() < deadline, "the upstream did not refuse it");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let state = identity(&owner, alice).await;
+    assert_eq!(state["oauth_status"], "connected", "not a refusal: {state}");
+
+    // Back: the next request refreshes and reaches the downstream as Dana.
+    let before = state["oauth_refreshes"].as_i64().unwrap();
+    down.stack.policy.restart(down.stack.dir.path()).await;
+    let session = mcp::connect(&url, Some(&token))
+        .await
+        .expect("connects once the authorization server is back");
+    assert_eq!(
+        call_text(&session, "echo", json!({"text": "back"}))
+            .await
+            .unwrap(),
+        "back"
+    );
+    let state = identity(&owner, alice).await;
+    assert_eq!(state["oauth_status"], "connected", "{state}");
+    assert!(
+        state["oauth_refreshes"].as_i64().unwrap() > before,
+        "{state}"
+    );
+}
