@@ -7,6 +7,7 @@
 //! Nothing here logs a token or a secret: errors name the endpoint and the status,
 //! never a body that could hold one.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -34,6 +35,11 @@ pub enum ClientError {
     /// No usable answer: unreachable, timed out, 5xx, or not what the RFCs say.
     #[error("{0}")]
     Unavailable(String),
+    /// Not called: the URL's host is not an address the upstream network policy
+    /// permits (an upstream names its authorization server, so a hostile one could
+    /// otherwise point this service at its own ports or the cloud metadata service).
+    #[error("{url}: not called: {why}")]
+    NotAllowed { url: String, why: String },
 }
 
 fn unavailable(what: impl std::fmt::Display) -> ClientError {
@@ -354,10 +360,16 @@ pub fn token_refusal(what: &'static str, status: u16, body: &[u8]) -> ClientErro
     }
 }
 
-/// The HTTP side: one client, no redirects followed (an endpoint is called where its
-/// metadata says, nowhere else), bounded in time and size; http or https.
+/// The HTTP side: no redirects followed (an endpoint is called where its metadata
+/// says, nowhere else), bounded in time and size; http or https. Every call connects
+/// only to addresses the upstream network policy judged for it just before (the
+/// judgement of an upstream's own address, `crate::upstream_policy`), so a name that
+/// resolves inside the deployment, then or later (DNS rebinding), is never connected to.
 #[derive(Clone)]
-pub struct Http(reqwest::Client);
+pub struct Http {
+    outbound: crate::outbound::Outbound,
+    upstreams: std::sync::Arc<crate::upstream_policy::UpstreamPolicy>,
+}
 
 /// A request's answer: status, the `WWW-Authenticate` header, and the body.
 struct Answer {
@@ -369,13 +381,44 @@ struct Answer {
 impl Http {
     /// On the service's outbound client (`crate::outbound`: http, and https verified
     /// against the system's roots and the operator's), redirects not followed.
-    pub fn new(outbound: &crate::outbound::Outbound) -> Http {
-        let client = outbound
+    pub fn new(
+        outbound: &crate::outbound::Outbound,
+        upstreams: std::sync::Arc<crate::upstream_policy::UpstreamPolicy>,
+    ) -> Http {
+        Http {
+            outbound: outbound.clone(),
+            upstreams,
+        }
+    }
+
+    /// `url`'s host and the addresses the upstream network policy permits for it now
+    /// (all of them permitted, or refused).
+    pub async fn judge(&self, url: &str) -> Result<(String, Vec<SocketAddr>), ClientError> {
+        let not_allowed = |why: String| ClientError::NotAllowed {
+            url: url.to_owned(),
+            why,
+        };
+        let parsed = url::Url::parse(url).map_err(|e| not_allowed(e.to_string()))?;
+        let (Some(host), Some(port)) = (parsed.host_str(), parsed.port_or_known_default()) else {
+            return Err(not_allowed("no host".into()));
+        };
+        let addrs = self
+            .upstreams
+            .resolve(host, port)
+            .await
+            .map_err(|e| not_allowed(e.to_string()))?;
+        Ok((host.to_owned(), addrs))
+    }
+
+    /// A client for one call to `url`, pinned to the addresses judged for its host now.
+    async fn client_for(&self, url: &str) -> Result<reqwest::Client, ClientError> {
+        let (host, addrs) = self.judge(url).await?;
+        self.outbound
             .builder()
             .timeout(CALL_TIMEOUT)
+            .resolve_to_addrs(&host, &addrs)
             .build()
-            .unwrap_or_default();
-        Http(client)
+            .map_err(|e| unavailable(format!("no HTTP client: {}", without_url(&e))))
     }
 
     async fn send(&self, req: reqwest::RequestBuilder, what: &str) -> Result<Answer, ClientError> {
@@ -411,7 +454,13 @@ impl Http {
 
     async fn get_json(&self, url: &str, what: &str) -> Result<Vec<u8>, ClientError> {
         let a = self
-            .send(self.0.get(url).header("accept", "application/json"), what)
+            .send(
+                self.client_for(url)
+                    .await?
+                    .get(url)
+                    .header("accept", "application/json"),
+                what,
+            )
             .await?;
         if a.status != 200 {
             return Err(unavailable(format!("{what} at {url}: HTTP {}", a.status)));
@@ -432,7 +481,8 @@ impl Http {
             Some(issuer) => (upstream.to_string(), issuer.to_owned()),
             None => {
                 let probe = self
-                    .0
+                    .client_for(upstream.as_str())
+                    .await?
                     .post(upstream.as_str())
                     .header("content-type", "application/json")
                     .header("accept", "application/json, text/event-stream")
@@ -484,7 +534,8 @@ impl Http {
         });
         let a = self
             .send(
-                self.0
+                self.client_for(registration_endpoint)
+                    .await?
                     .post(registration_endpoint)
                     .header("content-type", "application/json")
                     .body(body.to_string()),
@@ -518,7 +569,8 @@ impl Http {
         // The serializer is not `Send`: the body is finished before any await.
         let mut pairs: Vec<(&str, &str)> = params.to_vec();
         let mut req = self
-            .0
+            .client_for(token_endpoint)
+            .await?
             .post(token_endpoint)
             .header("content-type", "application/x-www-form-urlencoded")
             .header("accept", "application/json");
@@ -563,7 +615,8 @@ impl Http {
         ]);
         let a = self
             .send(
-                self.0
+                self.client_for(revocation_endpoint)
+                    .await?
                     .post(revocation_endpoint)
                     .header("content-type", "application/x-www-form-urlencoded")
                     .body(body),

@@ -65,7 +65,7 @@ const POLL: Duration = Duration::from_millis(25);
 static HTTP: std::sync::OnceLock<Http> = std::sync::OnceLock::new();
 
 fn http(state: &AppState) -> &'static Http {
-    HTTP.get_or_init(|| Http::new(&state.outbound))
+    HTTP.get_or_init(|| Http::new(&state.outbound, state.upstreams.clone()))
 }
 
 /// What the refresh token is bound to: the identity's own binding would let a sealed
@@ -111,7 +111,11 @@ pub struct Setup {
 }
 
 fn bad_setup(e: ClientError) -> ApiError {
-    ApiError::unprocessable("oauth_discovery_failed", e.to_string())
+    let code = match e {
+        ClientError::NotAllowed { .. } => "oauth_endpoint_not_allowed",
+        _ => "oauth_discovery_failed",
+    };
+    ApiError::unprocessable(code, e.to_string())
 }
 
 /// Sets a server up as OAuth-protected: discovery (unless configured), then our client
@@ -149,6 +153,11 @@ pub async fn set_up(
         .discover(&upstream, setup.issuer.as_deref())
         .await
         .map_err(bad_setup)?;
+    // Endpoints this service will call later are judged now too, so that an admin
+    // learns of one the upstream network policy refuses at set-up, not at a Connect.
+    for endpoint in std::iter::once(&found.token_endpoint).chain(&found.revocation_endpoint) {
+        http(state).judge(endpoint).await.map_err(bad_setup)?;
+    }
     let (client_id, secret, registered) = match setup.client_id {
         Some(id) => (id, setup.client_secret.map(ClientSecret), false),
         None => {

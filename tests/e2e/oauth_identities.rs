@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use mcpguard_e2e::mcp::{self, call_text, initialize_with};
 use mcpguard_e2e::oauth::{Browser, PASSWORD, RawClient, form_inputs, pkce, query_param};
+use mcpguard_e2e::raw::Spy;
 use mcpguard_e2e::{Admin, Stack};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -962,4 +963,75 @@ async fn a_refresh_with_no_answer_refuses_for_now_and_keeps_the_identity() {
         state["oauth_refreshes"].as_i64().unwrap() > before,
         "{state}"
     );
+}
+
+/// A hostile upstream names endpoints inside the deployment in its OAuth metadata (this
+/// service's check port, the cloud metadata address). Set-up refuses them, 422
+/// `oauth_endpoint_not_allowed`, stores nothing, and calls none: the upstream network
+/// policy judges every address this service calls for OAuth, as it judges upstreams.
+#[tokio::test]
+async fn oauth_endpoints_inside_the_deployment_are_never_called() {
+    let up = Stack::start().await;
+    let owner = up.admin();
+    let check = format!("http://127.0.0.1:{}", up.policy.check_port);
+    let metadata_inside = Spy::answering(|_, _| {
+        Some((
+            "401 Unauthorized\r\nwww-authenticate: Bearer resource_metadata=\"http://169.254.169.254/latest/meta-data/\"".into(),
+            String::new(),
+        ))
+    })
+    .await;
+    let endpoints_inside = Spy::answering(move |port, target| {
+        let me = format!("http://127.0.0.1:{port}");
+        Some(match target {
+            "/.well-known/oauth-protected-resource/mcp"
+            | "/.well-known/oauth-protected-resource" => (
+                "200 OK\r\ncontent-type: application/json".into(),
+                json!({"resource": format!("{me}/mcp"), "authorization_servers": [me]}).to_string(),
+            ),
+            "/.well-known/oauth-authorization-server" => (
+                "200 OK\r\ncontent-type: application/json".into(),
+                json!({
+                    "issuer": me,
+                    "authorization_endpoint": format!("{me}/authorize"),
+                    "token_endpoint": format!("{check}/v1/token"),
+                    "registration_endpoint": format!("{check}/v1/register"),
+                    "code_challenge_methods_supported": ["S256"],
+                })
+                .to_string(),
+            ),
+            _ => (
+                "401 Unauthorized\r\nwww-authenticate: Bearer".into(),
+                String::new(),
+            ),
+        })
+    })
+    .await;
+    for (i, (spy, setup)) in [
+        (&metadata_inside, json!({})),
+        // Registered dynamically: the registration endpoint is refused.
+        (&endpoints_inside, json!({})),
+        // A client given by hand: the token endpoint is refused at set-up already.
+        (&endpoints_inside, json!({"client_id": "by-hand"})),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let server = owner.server(&format!("hostile{i}"), &spy.url("/mcp")).await;
+        let path = format!("/api/v1/servers/{server}/oauth");
+        let (status, v) = owner.call(Method::PUT, &path, Some(setup)).await;
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (422, Some("oauth_endpoint_not_allowed")),
+            "{v}"
+        );
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("not called"),
+            "{v}"
+        );
+        assert_eq!(owner.get(&path).await.0, 404, "nothing stored");
+    }
 }

@@ -77,8 +77,8 @@ async fn read_response(tcp: &mut TcpStream) -> Vec<u8> {
     }
 }
 
-/// An upstream that answers every request `200 {}` and records each request line's
-/// target (the path it was sent) and the `host` header.
+/// An upstream that answers every request `200 {}` (or as told) and records each
+/// request line's target (the path it was sent) and the `host` header.
 pub struct Spy {
     pub port: u16,
     seen: Arc<Mutex<Vec<(String, String)>>>,
@@ -86,6 +86,16 @@ pub struct Spy {
 
 impl Spy {
     pub async fn start() -> Spy {
+        Self::answering(|_, _| None).await
+    }
+
+    /// A spy that answers a request for `target` with `answer(its port, target)`: the
+    /// status and headers after `HTTP/1.1 ` (`"401 Unauthorized\r\nwww-authenticate:
+    /// …"`) and the body; `None` for `200 {}`.
+    pub async fn answering(
+        answer: impl Fn(u16, &str) -> Option<(String, String)> + Send + Sync + 'static,
+    ) -> Spy {
+        let answer = Arc::new(answer);
         let port = crate::free_port();
         let listener = TcpListener::bind(("127.0.0.1", port))
             .await
@@ -94,7 +104,7 @@ impl Spy {
         let log = seen.clone();
         tokio::spawn(async move {
             while let Ok((mut tcp, _)) = listener.accept().await {
-                let log = log.clone();
+                let (log, answer) = (log.clone(), answer.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 4096];
@@ -113,10 +123,18 @@ impl Spy {
                             k.eq_ignore_ascii_case("host").then(|| v.trim().to_owned())
                         })
                         .unwrap_or_default();
+                    let (head, body) = answer(port, &target).unwrap_or_else(|| {
+                        (
+                            "200 OK\r\ncontent-type: application/json".into(),
+                            "{}".into(),
+                        )
+                    });
                     log.lock().expect("spy log").push((target, host));
-                    let _ = tcp
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
-                        .await;
+                    let reply = format!(
+                        "HTTP/1.1 {head}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = tcp.write_all(reply.as_bytes()).await;
                 });
             }
         });
