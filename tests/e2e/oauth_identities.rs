@@ -577,6 +577,28 @@ fn code_by_id(body: &str, id: &str) -> Option<String> {
     Some(body[start..end].to_owned())
 }
 
+/// Connect in the console: posts `form` to `/console/connect` from `browser`, which is
+/// sent to the downstream's sign-in (its authorization endpoint), where Dana signs in
+/// and allows (another browser); returns the callback URL to come back to.
+async fn console_connect(
+    browser: &mut Browser,
+    base: &str,
+    form: &HashMap<String, String>,
+    down: &Downstream,
+) -> String {
+    let started = browser.post(&format!("{base}/console/connect"), form).await;
+    assert_eq!(started.status, 303, "{}", started.body);
+    let url = started.location.unwrap();
+    let downstream_issuer = down.stack.policy.public_url();
+    assert!(
+        url.starts_with(&format!("{downstream_issuer}/oauth/authorize?")),
+        "{url}"
+    );
+    Browser::default()
+        .authorize(&downstream_issuer, &url, "dana", PASSWORD, &[])
+        .await
+}
+
 /// Connect in the console: an operator holding only `tokens.manage` (no `users.manage`,
 /// so no identity can be typed in for them) opens a host's connection flow, connects
 /// their downstream account at its sign-in, comes back to the flow and generates the
@@ -586,38 +608,13 @@ async fn an_operator_connects_their_downstream_account_in_the_console() {
     let down = downstream().await;
     let (up, p, _alice) = upstream(&down).await;
     let owner = up.admin();
-    let (status, role) = owner
-        .post(
-            "/api/v1/roles",
-            json!({"name": "operator", "capabilities": ["tokens.manage"]}),
-        )
+    let olga = owner
+        .person_with("olga", PASSWORD, &["tokens.manage"])
         .await;
-    assert_eq!(status, 201, "{role}");
-    let (status, olga) = owner
-        .post(
-            "/api/v1/users",
-            json!({"name": "olga", "role_id": role["id"]}),
-        )
-        .await;
-    assert_eq!(status, 201, "{olga}");
-    let olga = olga["id"].as_i64().unwrap();
-    let (status, v) = owner
-        .call(
-            Method::PUT,
-            &format!("/api/v1/users/{olga}/password"),
-            Some(json!({"password": PASSWORD})),
-        )
-        .await;
-    assert_eq!(status, 204, "{v}");
 
     let base = up.policy.public_url();
     let mut browser = Browser::default();
-    let login = browser.get(&format!("{base}/console/login")).await;
-    let mut form = form_inputs(&login.body);
-    form.insert("username".into(), "olga".into());
-    form.insert("password".into(), PASSWORD.into());
-    let signed_in = browser.post(&format!("{base}/console/login"), &form).await;
-    assert_eq!(signed_in.status, 303, "{}", signed_in.body);
+    browser.console_sign_in(&base, "olga", PASSWORD).await;
 
     let flow_path = format!(
         "/console/hosts/{}/connect?gateway_id={}",
@@ -644,43 +641,11 @@ async fn an_operator_connects_their_downstream_account_in_the_console() {
         .await;
     assert_eq!(refused.status, 403, "{}", refused.body);
 
-    let downstream_issuer = down.stack.policy.public_url();
-    let to_downstream = |started: mcpguard_e2e::oauth::Page| {
-        assert_eq!(started.status, 303, "{}", started.body);
-        let url = started.location.unwrap();
-        assert!(
-            url.starts_with(&format!("{downstream_issuer}/oauth/authorize?")),
-            "{url}"
-        );
-        url
-    };
-    let started = browser
-        .post(&format!("{base}/console/connect"), &connect)
-        .await;
-    let callback = Browser::default()
-        .authorize(
-            &downstream_issuer,
-            &to_downstream(started),
-            "dana",
-            PASSWORD,
-            &[],
-        )
-        .await;
+    let callback = console_connect(&mut browser, &base, &connect, &down).await;
     // Bound to the browser that started it: another one is refused (and spends it).
     let refused = Browser::default().get(&callback).await;
     assert_eq!(refused.status, 400, "{}", refused.body);
-    let started = browser
-        .post(&format!("{base}/console/connect"), &connect)
-        .await;
-    let callback = Browser::default()
-        .authorize(
-            &downstream_issuer,
-            &to_downstream(started),
-            "dana",
-            PASSWORD,
-            &[],
-        )
-        .await;
+    let callback = console_connect(&mut browser, &base, &connect, &down).await;
     let done = browser.get(&callback).await;
     assert_eq!(done.status, 200, "{}", done.body);
     let back = done
@@ -750,29 +715,7 @@ async fn a_shared_exposure_sends_a_service_account_an_admin_connected_once() {
     let (status, oauth) = owner.call(Method::PUT, &path, Some(json!({}))).await;
     assert_eq!(status, 200, "{oauth}");
     let svc = owner.end_users(&["svc-tracker"]).await[0];
-    let (status, role) = owner
-        .post(
-            "/api/v1/roles",
-            json!({"name": "identity admin", "capabilities": ["users.manage"]}),
-        )
-        .await;
-    assert_eq!(status, 201, "{role}");
-    let (status, root) = owner
-        .post(
-            "/api/v1/users",
-            json!({"name": "root", "role_id": role["id"]}),
-        )
-        .await;
-    assert_eq!(status, 201, "{root}");
-    let root = root["id"].as_i64().unwrap();
-    let (status, v) = owner
-        .call(
-            Method::PUT,
-            &format!("/api/v1/users/{root}/password"),
-            Some(json!({"password": PASSWORD})),
-        )
-        .await;
-    assert_eq!(status, 204, "{v}");
+    let root = owner.person_with("root", PASSWORD, &["users.manage"]).await;
 
     // Bad input changes nothing: no such user; a per-user exposure takes no credential.
     let exposure = format!("/api/v1/gateways/{}/servers/{}", p.gateway_id, p.server_id);
@@ -813,12 +756,7 @@ async fn a_shared_exposure_sends_a_service_account_an_admin_connected_once() {
     // The admin connects the service user's account in the console, as Dana.
     let base = up.policy.public_url();
     let mut browser = Browser::default();
-    let login = browser.get(&format!("{base}/console/login")).await;
-    let mut form = form_inputs(&login.body);
-    form.insert("username".into(), "root".into());
-    form.insert("password".into(), PASSWORD.into());
-    let signed_in = browser.post(&format!("{base}/console/login"), &form).await;
-    assert_eq!(signed_in.status, 303, "{}", signed_in.body);
+    browser.console_sign_in(&base, "root", PASSWORD).await;
     let people = format!("/console/people/{svc}");
     let page = browser.get(&format!("{base}{people}")).await;
     assert!(
@@ -831,19 +769,7 @@ async fn a_shared_exposure_sends_a_service_account_an_admin_connected_once() {
     connect.insert("server_id".to_owned(), p.server_id.to_string());
     connect.insert("user_id".to_owned(), svc.to_string());
     connect.insert("_back".to_owned(), people.clone());
-    let started = browser
-        .post(&format!("{base}/console/connect"), &connect)
-        .await;
-    assert_eq!(started.status, 303, "{}", started.body);
-    let callback = Browser::default()
-        .authorize(
-            &down.stack.policy.public_url(),
-            &started.location.unwrap(),
-            "dana",
-            PASSWORD,
-            &[],
-        )
-        .await;
+    let callback = console_connect(&mut browser, &base, &connect, &down).await;
     let done = browser.get(&callback).await;
     assert_eq!(done.status, 200, "{}", done.body);
     let page = browser.get(&format!("{base}{people}?done=connected")).await;

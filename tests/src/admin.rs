@@ -243,10 +243,16 @@ impl Admin {
     /// A user who can sign in on the OAuth pages and connect apps there
     /// (`oauth.connect`, no admin capability); returns the id.
     pub async fn person(&self, name: &str, password: &str) -> i64 {
+        self.person_with(name, password, &["oauth.connect"]).await
+    }
+
+    /// A user with a role of their own holding `capabilities`, and a password to sign
+    /// in with (the OAuth pages, the console); returns the id.
+    pub async fn person_with(&self, name: &str, password: &str, capabilities: &[&str]) -> i64 {
         let (status, role) = self
             .post(
                 "/api/v1/roles",
-                json!({"name": format!("{name}-role"), "capabilities": ["oauth.connect"]}),
+                json!({"name": format!("{name}-role"), "capabilities": capabilities}),
             )
             .await;
         assert_eq!(status, 201, "{role}");

@@ -164,6 +164,17 @@ impl Browser {
         self.page(resp).await
     }
 
+    /// Signs in to the console at `base` (the policy service's public URL) as `user`.
+    pub async fn console_sign_in(&mut self, base: &str, user: &str, password: &str) {
+        let login = self.get(&format!("{base}/console/login")).await;
+        assert_eq!(login.status, 200, "console sign-in page: {}", login.body);
+        let mut form = form_inputs(&login.body);
+        form.insert("username".into(), user.into());
+        form.insert("password".into(), password.into());
+        let signed_in = self.post(&format!("{base}/console/login"), &form).await;
+        assert_eq!(signed_in.status, 303, "console sign-in: {}", signed_in.body);
+    }
+
     /// Drops the cookies: a visitor from another site, as far as CSRF goes.
     pub fn forget_cookies(&mut self) {
         self.cookies.clear();
