@@ -35,7 +35,7 @@ DEPLOY_TOOLS_STAMP := $(VENV)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION
 MCP_SDK_VERSION := 2.3.0
 MCP_SDK_STAMP := $(VENV)/.mcp-$(MCP_SDK_VERSION)
 
-.PHONY: build envoy deploy-tools mcp-sdk deploy-manifests image test test-postgres run lint clean bootstrap wasm-target bench-breakglass bench
+.PHONY: build envoy deploy-tools mcp-sdk deploy-manifests image test-image test test-postgres run lint clean bootstrap wasm-target bench-breakglass bench
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -82,6 +82,11 @@ deploy-manifests: bootstrap wasm-target
 POLICY_IMAGE ?=
 image:
 	scripts/image.sh $(or $(POLICY_IMAGE),localhost/mcpguard-policy:dev)
+
+# Builds the image and runs it as the Deployment does (docs/istio.md). Not in `make
+# test`: its static release build alone costs about 15 CPU-minutes.
+test-image:
+	scripts/image-test.sh
 
 # Twice: policy services on SQLite, then on PostgreSQL (throwaway clusters, started and
 # removed by the tests: tests/src/db.rs). `--workspace` both times, so that nothing is
