@@ -2,7 +2,11 @@
 //! headers reached it, so a test can prove what the gateway forwarded and what it kept
 //! back; two prompts and two resources; and tools added or changed at run time
 //! (`PUT /demo/tools/{name}` with the description as body, outside `/mcp`), so a test
-//! can play an upstream that changes its tools (a rug-pull). It accepts
+//! can play an upstream that changes its tools (a rug-pull); each such change sends
+//! `notifications/tools/list_changed` to every open session, and
+//! `POST /demo/resources/updated` (the URI as body) sends
+//! `notifications/resources/updated` for that URI, both on the sessions' GET streams,
+//! so a test can see an upstream's notifications relayed. It accepts
 //! `logging/setLevel` and prints the level it was set to (`logging level set to
 //! debug`), so a test can see the request arrived.
 
@@ -16,13 +20,14 @@ use rmcp::model::{
     GetPromptResponse, GetPromptResult, Implementation, JsonObject, ListPromptsResult,
     ListResourcesResult, ListToolsResult, PaginatedRequestParams, Prompt, PromptArgument,
     PromptMessage, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
-    ResourceContents, Role, ServerCapabilities, ServerConfig, Tool,
+    ResourceContents, ResourceUpdatedNotificationParam, Role, ServerCapabilities, ServerConfig,
+    Tool,
 };
 // MCP logging is deprecated (SEP-2577) but still in the spec versions clients speak; the
 // demo server keeps it so tests can see `logging/setLevel` arrive.
 #[allow(deprecated)]
 use rmcp::model::SetLevelRequestParams;
-use rmcp::service::RequestContext;
+use rmcp::service::{NotificationContext, Peer, RequestContext};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
@@ -44,9 +49,33 @@ pub struct HeaderArgs {
 /// Tools added at run time: name -> description. Each echoes its `text`.
 pub type ExtraTools = Arc<Mutex<BTreeMap<String, String>>>;
 
-#[derive(Debug, Clone, Default)]
+/// Every session's peer, to send it notifications outside any request.
+pub type Peers = Arc<Mutex<Vec<Peer<RoleServer>>>>;
+
+#[derive(Clone, Default)]
 pub struct DemoServer {
     extra: ExtraTools,
+    peers: Peers,
+}
+
+/// What run-time changes touch: the tools, and the sessions to tell of them.
+#[derive(Clone, Default)]
+struct Shared {
+    extra: ExtraTools,
+    peers: Peers,
+}
+
+impl Shared {
+    fn peers(&self) -> Vec<Peer<RoleServer>> {
+        self.peers.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    /// Forgets the peers whose session ended.
+    fn prune(&self) {
+        if let Ok(mut peers) = self.peers.lock() {
+            peers.retain(|p| !p.is_transport_closed());
+        }
+    }
 }
 
 fn extra_tools(extra: &ExtraTools) -> Vec<(String, String)> {
@@ -118,6 +147,13 @@ impl ServerHandler for DemoServer {
                 .build(),
         )
         .with_server_info(Implementation::new("mcpguard-demo", "0.1.0"))
+    }
+
+    async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        if let Ok(mut peers) = self.peers.lock() {
+            peers.retain(|p| !p.is_transport_closed());
+            peers.push(context.peer);
+        }
     }
 
     #[allow(deprecated)] // logging (see the import)
@@ -235,32 +271,57 @@ impl ServerHandler for DemoServer {
 /// answers over SSE, as most servers in the wild do; stateless answers each POST with
 /// plain JSON.
 pub fn router(stateless: bool) -> axum::Router {
-    let extra = ExtraTools::default();
-    let tools = axum::Router::new()
+    let shared = Shared::default();
+    let changes = axum::Router::new()
         .route("/demo/tools/{name}", axum::routing::put(put_tool))
-        .with_state(extra.clone());
-    mcp_router(stateless, extra).merge(tools)
+        .route(
+            "/demo/resources/updated",
+            axum::routing::post(resource_updated),
+        )
+        .with_state(shared.clone());
+    mcp_router(stateless, shared).merge(changes)
 }
 
-/// Adds a run-time tool, or changes its description: the next `tools/list` shows it.
+/// Adds a run-time tool, or changes its description: the next `tools/list` shows it,
+/// and every open session is sent `notifications/tools/list_changed`.
 async fn put_tool(
-    axum::extract::State(extra): axum::extract::State<ExtraTools>,
+    axum::extract::State(shared): axum::extract::State<Shared>,
     axum::extract::Path(name): axum::extract::Path<String>,
     description: String,
 ) -> http::StatusCode {
-    match extra.lock() {
+    match shared.extra.lock() {
         Ok(mut tools) => {
             tools.insert(name, description);
-            http::StatusCode::NO_CONTENT
         }
-        Err(_) => http::StatusCode::INTERNAL_SERVER_ERROR,
+        Err(_) => return http::StatusCode::INTERNAL_SERVER_ERROR,
     }
+    for peer in shared.peers() {
+        // A session without a GET stream open just misses it, as the spec allows.
+        let _ = peer.notify_tool_list_changed().await;
+    }
+    shared.prune();
+    http::StatusCode::NO_CONTENT
 }
 
-fn mcp_router(stateless: bool, extra: ExtraTools) -> axum::Router {
+/// Sends `notifications/resources/updated` for the URI in the body to every session.
+async fn resource_updated(
+    axum::extract::State(shared): axum::extract::State<Shared>,
+    uri: String,
+) -> http::StatusCode {
+    for peer in shared.peers() {
+        let _ = peer
+            .notify_resource_updated(ResourceUpdatedNotificationParam::new(uri.clone()))
+            .await;
+    }
+    shared.prune();
+    http::StatusCode::NO_CONTENT
+}
+
+fn mcp_router(stateless: bool, shared: Shared) -> axum::Router {
     let server = move || {
         Ok(DemoServer {
-            extra: extra.clone(),
+            extra: shared.extra.clone(),
+            peers: shared.peers.clone(),
         })
     };
     if stateless {
