@@ -40,9 +40,9 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 /// One request's caller and gateway, as Envoy and the filter hand them over.
-struct Caller {
+pub(crate) struct Caller {
     credential: Credential,
-    gateway: String,
+    pub(crate) gateway: String,
     request_id: Option<String>,
 }
 
@@ -68,7 +68,12 @@ impl Caller {
         })
     }
 
-    fn ask<'a>(&'a self, server: &'a str, method: &'a str, item: Option<&'a str>) -> Ask<'a> {
+    pub(crate) fn ask<'a>(
+        &'a self,
+        server: &'a str,
+        method: &'a str,
+        item: Option<&'a str>,
+    ) -> Ask<'a> {
         Ask {
             caller: &self.credential,
             gateway: &self.gateway,
@@ -697,7 +702,7 @@ async fn cancel(app: &App, session: &Session, message: &Value) {
 
 /// The upstream session with `server` for this session, opened on first use (and
 /// again when the server's upstream changed).
-async fn open(
+pub(crate) async fn open(
     app: &App,
     session: &Session,
     server: &str,
@@ -780,14 +785,34 @@ async fn send(
     }
 }
 
-/// GET: no server-initiated stream on the gateway URL yet (the spec lets a server
-/// answer 405).
-async fn stream() -> Response {
-    (
-        StatusCode::METHOD_NOT_ALLOWED,
-        [(header::ALLOW, "POST, DELETE")],
-    )
-        .into_response()
+/// GET: the session's server-initiated stream ([`crate::stream`]).
+async fn stream(
+    State(app): State<Arc<App>>,
+    Path(gateway): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let caller = match Caller::of(&headers, gateway) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let session = match session_of(&app, &headers, &caller) {
+        Ok(s) => s,
+        Err(r) => return *r,
+    };
+    let accepts_sse = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream") || v.contains("*/*"));
+    if !accepts_sse {
+        return rpc_error(
+            StatusCode::NOT_ACCEPTABLE,
+            &Value::Null,
+            -32600,
+            "the GET stream is text/event-stream: say so in Accept",
+        );
+    }
+    crate::stream::serve(app, caller, session)
 }
 
 /// DELETE: ends the session and every upstream session it opened.
@@ -805,6 +830,7 @@ async fn end_session(
         Err(r) => return *r,
     };
     if let Some(id) = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) {
+        // Ends its GET stream too.
         app.sessions.remove(id);
     }
     let upstreams: Vec<UpstreamSession> = session

@@ -123,6 +123,11 @@ pub struct Session {
     /// Requests in flight to an upstream, by the JSON text of their id: where a
     /// `notifications/cancelled` for them goes.
     pub in_flight: std::sync::Mutex<HashMap<String, String>>,
+    /// Turns true once the session ends (`DELETE`, expiry): its GET stream ends.
+    ended: tokio::sync::watch::Sender<bool>,
+    /// Counts the GET streams opened: only the newest one is served (a client that
+    /// opens another has given up on the one before).
+    pub streams: std::sync::atomic::AtomicU64,
     last_used: std::sync::Mutex<Instant>,
 }
 
@@ -133,8 +138,22 @@ impl Session {
             protocol_version: protocol_version.to_owned(),
             upstreams: tokio::sync::Mutex::default(),
             in_flight: std::sync::Mutex::default(),
+            ended: tokio::sync::watch::Sender::new(false),
+            streams: std::sync::atomic::AtomicU64::new(0),
             last_used: std::sync::Mutex::new(Instant::now()),
         }
+    }
+
+    /// Marks the session ended: whatever waits on [`Session::ended`] stops.
+    pub fn end(&self) {
+        self.ended.send_replace(true);
+    }
+
+    /// Resolves once the session has ended.
+    pub async fn ended(&self) {
+        let mut ended = self.ended.subscribe();
+        // Err only if the sender is gone, which it is not while `self` lives.
+        let _ = ended.wait_for(|e| *e).await;
     }
 
     fn touch(&self) {
@@ -182,17 +201,26 @@ impl Sessions {
         Some(session)
     }
 
+    /// Ends and forgets the session `id`.
     pub fn remove(&self, id: &str) -> Option<Arc<Session>> {
-        self.map.lock().ok()?.remove(id)
+        let session = self.map.lock().ok()?.remove(id)?;
+        session.end();
+        Some(session)
     }
 
-    /// Drops sessions idle for longer than `idle`; returns how many.
+    /// Ends and drops sessions idle for longer than `idle`; returns how many.
     pub fn sweep(&self, idle: Duration) -> usize {
         let Ok(mut map) = self.map.lock() else {
             return 0;
         };
         let before = map.len();
-        map.retain(|_, s| s.idle_for() <= idle);
+        map.retain(|_, s| {
+            let keep = s.idle_for() <= idle;
+            if !keep {
+                s.end();
+            }
+            keep
+        });
         before - map.len()
     }
 }
@@ -266,8 +294,29 @@ mod tests {
                 .get(&key, &key.issue(&alice).unwrap(), &alice)
                 .is_none()
         );
+        let session = sessions.get(&key, &id, &alice).unwrap();
         assert_eq!(sessions.sweep(Duration::from_secs(60)), 0);
         assert_eq!(sessions.sweep(Duration::ZERO), 1);
         assert!(sessions.get(&key, &id, &alice).is_none());
+        assert!(
+            *session.ended.borrow(),
+            "an expired session's GET stream ends"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_removed_session_ends() {
+        let sessions = Sessions::default();
+        assert!(sessions.insert("s".into(), Session::new("eng", "2025-06-18")));
+        let session = sessions.map.lock().unwrap().get("s").cloned().unwrap();
+        let waiting = tokio::spawn({
+            let session = session.clone();
+            async move { session.ended().await }
+        });
+        assert!(sessions.remove("s").is_some());
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("ended() resolves once removed")
+            .unwrap();
     }
 }
