@@ -260,10 +260,13 @@ impl Client {
 
     /// Opens a session: `initialize`, then `notifications/initialized`. Returns the
     /// upstream's session id (if any) and the protocol version it chose.
+    /// `capabilities` are the client's, so a server asks the client (through the
+    /// aggregator) only what it can answer.
     pub async fn initialize(
         &self,
         target: &Target,
         protocol_version: &str,
+        capabilities: &Value,
     ) -> Result<(Option<String>, Option<String>), UpstreamError> {
         let init = json!({
             "jsonrpc": "2.0",
@@ -271,7 +274,7 @@ impl Client {
             "method": "initialize",
             "params": {
                 "protocolVersion": protocol_version,
-                "capabilities": {},
+                "capabilities": capabilities,
                 "clientInfo": {"name": "mcpguard-aggregator", "version": env!("CARGO_PKG_VERSION")},
             },
         });

@@ -6,7 +6,10 @@
 //! `notifications/tools/list_changed` to every open session, and
 //! `POST /demo/resources/updated` (the URI as body) sends
 //! `notifications/resources/updated` for that URI, both on the sessions' GET streams,
-//! so a test can see an upstream's notifications relayed. It accepts
+//! so a test can see an upstream's notifications relayed. With `--elicit` it also has
+//! `ask`, which asks the client for a name (`elicitation/create`) while serving the
+//! call and answers `hello {name}`, or the client's action when it did not accept. It
+//! accepts
 //! `logging/setLevel` and prints the level it was set to (`logging level set to
 //! debug`), so a test can see the request arrived.
 
@@ -16,10 +19,11 @@ use std::sync::{Arc, Mutex};
 use rmcp::handler::server::tool::ToolCallContext;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, GetPromptRequestParams,
-    GetPromptResponse, GetPromptResult, Implementation, JsonObject, ListPromptsResult,
-    ListResourcesResult, ListToolsResult, PaginatedRequestParams, Prompt, PromptArgument,
-    PromptMessage, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ElicitRequestParams,
+    ElicitationAction, ElicitationSchema, GetPromptRequestParams, GetPromptResponse,
+    GetPromptResult, Implementation, JsonObject, ListPromptsResult, ListResourcesResult,
+    ListToolsResult, PaginatedRequestParams, Prompt, PromptArgument, PromptMessage,
+    ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
     ResourceContents, ResourceUpdatedNotificationParam, Role, ServerCapabilities, ServerConfig,
     Tool,
 };
@@ -56,6 +60,7 @@ pub type Peers = Arc<Mutex<Vec<Peer<RoleServer>>>>;
 pub struct DemoServer {
     extra: ExtraTools,
     peers: Peers,
+    elicit: bool,
 }
 
 /// What run-time changes touch: the tools, and the sessions to tell of them.
@@ -63,6 +68,43 @@ pub struct DemoServer {
 struct Shared {
     extra: ExtraTools,
     peers: Peers,
+}
+
+/// The tool `--elicit` adds.
+const ASK: &str = "ask";
+
+/// `ask`: asks the client for a name while serving the call.
+async fn ask(context: &RequestContext<RoleServer>) -> Result<CallToolResponse, ErrorData> {
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"name": {"type": "string", "description": "Your name"}},
+        "required": ["name"],
+    });
+    let serde_json::Value::Object(schema) = schema else {
+        return Err(ErrorData::internal_error("schema", None));
+    };
+    let schema = ElicitationSchema::from_json_schema(schema)
+        .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+    let params = ElicitRequestParams::FormElicitationParams {
+        meta: None,
+        message: "What is your name?".into(),
+        requested_schema: schema,
+    };
+    let text = match context.peer.create_elicitation(params).await {
+        Ok(answer) if answer.action == ElicitationAction::Accept => {
+            let name = answer
+                .content
+                .as_ref()
+                .and_then(|c| c.get("name"))
+                .and_then(|n| n.as_str())
+                .unwrap_or("?")
+                .to_owned();
+            format!("hello {name}")
+        }
+        Ok(answer) => format!("{:?}", answer.action).to_lowercase(),
+        Err(e) => format!("elicitation failed: {e}"),
+    };
+    Ok(CallToolResult::success(vec![ContentBlock::text(text)]).into())
 }
 
 impl Shared {
@@ -184,6 +226,13 @@ impl ServerHandler for DemoServer {
         for (name, description) in extra_tools(&self.extra) {
             tools.push(Tool::new(name, description, schema.clone()));
         }
+        if self.elicit {
+            let empty = Arc::new(JsonObject::from_iter([(
+                "type".to_owned(),
+                serde_json::json!("object"),
+            )]));
+            tools.push(Tool::new(ASK, "Ask the client for a name", empty));
+        }
         Ok(ListToolsResult::with_all_items(tools))
     }
 
@@ -204,6 +253,9 @@ impl ServerHandler for DemoServer {
                 .unwrap_or_default()
                 .to_owned();
             return Ok(CallToolResult::success(vec![ContentBlock::text(text)]).into());
+        }
+        if self.elicit && request.name == ASK {
+            return ask(&context).await;
         }
         let tcc = ToolCallContext::new(self, request, context);
         Self::tool_router().call(tcc).await
@@ -270,7 +322,7 @@ impl ServerHandler for DemoServer {
 /// The MCP endpoint at `/mcp`. Stateful mode keeps sessions (`Mcp-Session-Id`) and
 /// answers over SSE, as most servers in the wild do; stateless answers each POST with
 /// plain JSON.
-pub fn router(stateless: bool) -> axum::Router {
+pub fn router(stateless: bool, elicit: bool) -> axum::Router {
     let shared = Shared::default();
     let changes = axum::Router::new()
         .route("/demo/tools/{name}", axum::routing::put(put_tool))
@@ -279,7 +331,7 @@ pub fn router(stateless: bool) -> axum::Router {
             axum::routing::post(resource_updated),
         )
         .with_state(shared.clone());
-    mcp_router(stateless, shared).merge(changes)
+    mcp_router(stateless, elicit, shared).merge(changes)
 }
 
 /// Adds a run-time tool, or changes its description: the next `tools/list` shows it,
@@ -317,11 +369,12 @@ async fn resource_updated(
     http::StatusCode::NO_CONTENT
 }
 
-fn mcp_router(stateless: bool, shared: Shared) -> axum::Router {
+fn mcp_router(stateless: bool, elicit: bool, shared: Shared) -> axum::Router {
     let server = move || {
         Ok(DemoServer {
             extra: shared.extra.clone(),
             peers: shared.peers.clone(),
+            elicit,
         })
     };
     if stateless {

@@ -1195,3 +1195,50 @@ async fn the_get_stream_outlives_a_broken_upstream_and_ends_on_delete() {
         .expect("a disabled gateway ends its GET streams")
         .unwrap();
 }
+
+/// `asker__ask`'s text; a call the client's answer never reached would wait forever.
+async fn ask(client: &rmcp::Peer<rmcp::RoleClient>) -> String {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        call_text(client, "asker__ask", json!({})),
+    )
+    .await
+    .expect("the call ended: the client's answer reached the server")
+    .unwrap()
+}
+
+/// A server that asks the client for something while serving a call (elicitation):
+/// relayed on the call's reply stream to a client that declared it, under an id of the
+/// aggregator's, and the client's answer goes back to that server (the call's result
+/// says what the client answered). A client that did not declare it is never asked:
+/// the server is told it cannot ask (the aggregator declares upstream only what the
+/// client declared).
+#[tokio::test]
+async fn a_servers_elicitation_reaches_a_client_that_declared_it() {
+    let (stack, token, _, _, gateway_id) = two_servers().await;
+    let asker = mcpguard_e2e::Demo::start_eliciting(stack.dir.path()).await;
+    let admin = stack.admin();
+    let id = admin.server("asker", &asker.upstream_url()).await;
+    admin.expose(gateway_id, id).await;
+    let url = stack.gateway_url("eng");
+
+    let (client, seen) = mcp::connect_with(&url, &token, mcp::Recorder::answering("Ada")).await;
+    assert!(tool_names(&client).await.contains(&"asker__ask".to_owned()));
+    assert_eq!(ask(&client).await, "hello Ada");
+    assert_eq!(seen.seen(), vec!["elicitation What is your name?"]);
+    // Twice, and the other servers' calls in the same session are unaffected.
+    assert_eq!(ask(&client).await, "hello Ada");
+    assert_eq!(
+        call_text(&client, "alpha__echo", json!({"text": "x"}))
+            .await
+            .unwrap(),
+        "x"
+    );
+    client.cancel().await.unwrap();
+
+    let (plain, seen) = mcp::connect_recording(&url, &token).await;
+    let text = ask(&plain).await;
+    assert!(text.starts_with("elicitation failed"), "{text}");
+    assert!(seen.seen().is_empty(), "{:?}", seen.seen());
+    plain.cancel().await.unwrap();
+}

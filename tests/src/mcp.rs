@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use std::sync::{Arc, Mutex};
 
-use rmcp::model::{CallToolRequestParams, ClientConfig, ResourceUpdatedNotificationParam};
+use rmcp::model::{
+    CallToolRequestParams, ClientConfig, ElicitRequestParams, ElicitResult, ElicitationAction,
+    ResourceUpdatedNotificationParam,
+};
 use rmcp::service::{ClientInitializeError, NotificationContext, RunningService};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::{
@@ -43,9 +46,20 @@ pub async fn connect(url: &str, token: Option<&str>) -> Result<Client, Option<u1
 pub struct Recorder {
     seen: Arc<Mutex<Vec<String>>>,
     arrived: Arc<tokio::sync::Notify>,
+    /// When set, the client declares `elicitation` and answers every one with this
+    /// as `name` (and notes `elicitation {message}`).
+    name: Option<String>,
 }
 
 impl Recorder {
+    /// A recorder that declares `elicitation` and accepts each with `{"name": name}`.
+    pub fn answering(name: &str) -> Recorder {
+        Recorder {
+            name: Some(name.to_owned()),
+            ..Recorder::default()
+        }
+    }
+
     fn note(&self, what: String) {
         self.seen.lock().unwrap().push(what);
         self.arrived.notify_waiters();
@@ -76,6 +90,33 @@ impl Recorder {
 }
 
 impl ClientHandler for Recorder {
+    fn get_info(&self) -> ClientConfig {
+        let mut info = ClientConfig::default();
+        if self.name.is_some() {
+            info.capabilities =
+                serde_json::from_value(json!({"elicitation": {}})).expect("capabilities");
+        }
+        info
+    }
+
+    async fn create_elicitation(
+        &self,
+        request: ElicitRequestParams,
+        _: rmcp::service::RequestContext<RoleClient>,
+    ) -> Result<ElicitResult, rmcp::ErrorData> {
+        let message = match &request {
+            ElicitRequestParams::FormElicitationParams { message, .. } => message.clone(),
+            _ => String::new(),
+        };
+        self.note(format!("elicitation {message}"));
+        Ok(match &self.name {
+            Some(name) => {
+                ElicitResult::new(ElicitationAction::Accept).with_content(json!({ "name": name }))
+            }
+            None => ElicitResult::new(ElicitationAction::Decline),
+        })
+    }
+
     async fn on_tool_list_changed(&self, _: NotificationContext<RoleClient>) {
         self.note("tools/list_changed".into());
     }
@@ -100,9 +141,17 @@ pub async fn connect_recording(
     url: &str,
     token: &str,
 ) -> (RunningService<RoleClient, Recorder>, Recorder) {
+    connect_with(url, token, Recorder::default()).await
+}
+
+/// [`connect_recording`] with a recorder of the caller's.
+pub async fn connect_with(
+    url: &str,
+    token: &str,
+    recorder: Recorder,
+) -> (RunningService<RoleClient, Recorder>, Recorder) {
     let config = StreamableHttpClientTransportConfig::with_uri(url).auth_header(token);
     let transport = StreamableHttpClientTransport::from_config(config);
-    let recorder = Recorder::default();
     match tokio::time::timeout(Duration::from_secs(20), recorder.clone().serve(transport)).await {
         Ok(Ok(client)) => (client, recorder),
         Ok(Err(e)) => panic!("initialize through {url}: {e}"),
