@@ -182,13 +182,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
+    let stopping = app.clone();
     let served = axum::serve(listener, gateway::router(app))
-        .with_graceful_shutdown(async {
+        .with_graceful_shutdown(async move {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
             }
+            // Open GET streams end, so the shutdown does not wait on them forever.
+            stopping.sessions.end_all();
         })
         .await;
     sweeper.abort();

@@ -284,6 +284,14 @@ impl Sessions {
         Some(session)
     }
 
+    /// Ends every session's GET stream (the process is stopping: a graceful shutdown
+    /// waits for open responses, and a GET stream would otherwise never end).
+    pub fn end_all(&self) {
+        if let Ok(map) = self.map.lock() {
+            map.values().for_each(|s| s.end());
+        }
+    }
+
     /// Ends and drops sessions idle for longer than `idle`; returns how many.
     pub fn sweep(&self, idle: Duration) -> usize {
         let Ok(mut map) = self.map.lock() else {

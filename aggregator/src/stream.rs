@@ -9,6 +9,8 @@
 //! usable server's own GET stream is opened for the session (a server answering 405
 //! has none) and relayed; a server no longer usable has its stream closed. Each relayed
 //! message is checked for its server on its own (uncached) and dropped when refused.
+//! A server's request of the client on it (roots, sampling, elicitation) is relayed
+//! as on a call's reply ([`crate::asks`]) when the client declared it.
 //! An upstream stream that breaks is opened again on the next round; the client's
 //! stream ends only when the session ends, the client goes, or it opens another.
 
@@ -315,8 +317,19 @@ async fn from_server(
 ) -> Option<Value> {
     let method = message.get("method")?.as_str()?.to_owned();
     if let Some(id) = message.get("id").cloned() {
-        // A request of the client (roots, sampling, elicitation) outside any call: not
-        // relayed, so the server is told at once rather than left waiting.
+        // A request of the client (roots, sampling, elicitation) outside any call:
+        // relayed under an id of the aggregator's when the client declared it and the
+        // server may be used now; else the server is told at once, not left waiting.
+        if session.client_answers(&method)
+            && matches!(
+                app.policy.check(caller.ask(server, &method, None)).await,
+                CheckResponse::Allow { .. }
+            )
+            && let Some(ours) = session.ask_client(server, id.clone(), &method)
+        {
+            message["id"] = Value::String(ours);
+            return Some(message);
+        }
         answer_server(app, session, server, target, &id, &method).await;
         return None;
     }
@@ -354,8 +367,9 @@ async fn from_server(
     }
 }
 
-/// Answers a request `server` made of the client on its GET stream: `ping` with `{}`,
-/// anything else with a JSON-RPC error, on the server's session.
+/// Answers a request `server` made of the client on its GET stream that is not
+/// relayed: `ping` with `{}`, anything else with a JSON-RPC error, on the server's
+/// session.
 async fn answer_server(
     app: &App,
     session: &Session,
@@ -369,7 +383,7 @@ async fn answer_server(
     } else {
         json!({"jsonrpc": "2.0", "id": id, "error": {
             "code": -32601,
-            "message": format!("{method}: the gateway does not relay requests to the client outside a call"),
+            "message": format!("{method}: not relayed to the client (not declared, or refused)"),
         }})
     };
     let upstream = session.upstreams.lock().await.get(server).cloned();

@@ -6,7 +6,9 @@
 //! `notifications/tools/list_changed` to every open session, and
 //! `POST /demo/resources/updated` (the URI as body) sends
 //! `notifications/resources/updated` for that URI, both on the sessions' GET streams,
-//! so a test can see an upstream's notifications relayed. With `--elicit` it also has
+//! so a test can see an upstream's notifications relayed; `POST /demo/roots` asks every
+//! session for its roots (`roots/list`, on the GET stream) and prints what each answered
+//! (`roots listed: file:///a file:///b`). With `--elicit` it also has
 //! `ask`, which asks the client for a name (`elicitation/create`) while serving the
 //! call and answers `hello {name}`, or the client's action when it did not accept. It
 //! accepts
@@ -330,6 +332,7 @@ pub fn router(stateless: bool, elicit: bool) -> axum::Router {
             "/demo/resources/updated",
             axum::routing::post(resource_updated),
         )
+        .route("/demo/roots", axum::routing::post(list_roots))
         .with_state(shared.clone());
     mcp_router(stateless, elicit, shared).merge(changes)
 }
@@ -367,6 +370,30 @@ async fn resource_updated(
     }
     shared.prune();
     http::StatusCode::NO_CONTENT
+}
+
+/// Asks every session for its roots, each in the background (a session that never
+/// answers is given 10 s); prints each answer.
+// Roots are deprecated (SEP-2577) but still in the spec versions clients speak.
+#[allow(deprecated)]
+async fn list_roots(
+    axum::extract::State(shared): axum::extract::State<Shared>,
+) -> http::StatusCode {
+    for peer in shared.peers() {
+        tokio::spawn(async move {
+            let asked = tokio::time::timeout(std::time::Duration::from_secs(10), peer.list_roots());
+            match asked.await {
+                Ok(Ok(answer)) => {
+                    let uris: Vec<String> = answer.roots.into_iter().map(|r| r.uri).collect();
+                    println!("roots listed: {}", uris.join(" "));
+                }
+                Ok(Err(e)) => println!("roots not listed: {e}"),
+                Err(_) => println!("roots not listed: no answer in 10 s"),
+            }
+        });
+    }
+    shared.prune();
+    http::StatusCode::ACCEPTED
 }
 
 fn mcp_router(stateless: bool, elicit: bool, shared: Shared) -> axum::Router {

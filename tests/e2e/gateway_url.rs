@@ -1080,7 +1080,8 @@ fn updated_of(uri: &str) -> impl Fn(&Value) -> bool + '_ {
 /// The GET stream at the HTTP level: `text/event-stream`; no session, 400; another's or
 /// a forged one, 404; a disabled server's notifications are not relayed and its
 /// `list_changed` arrives; an upstream whose stream breaks (its server stopped) does
-/// not end the client's stream; `DELETE` ends it, and so does disabling the gateway.
+/// not end the client's stream; `DELETE` ends it, and so do disabling the gateway and
+/// stopping the aggregator (which then exits at once).
 #[tokio::test]
 async fn the_get_stream_outlives_a_broken_upstream_and_ends_on_delete() {
     let (mut stack, token, _alpha, beta, gateway_id) = two_servers().await;
@@ -1194,6 +1195,25 @@ async fn the_get_stream_outlives_a_broken_upstream_and_ends_on_delete() {
         .await
         .expect("a disabled gateway ends its GET streams")
         .unwrap();
+
+    // An aggregator told to stop ends its open GET streams and exits (a graceful
+    // shutdown waits for open responses: a stream would hold it forever).
+    stack
+        .admin()
+        .set_enabled("gateways", gateway_id, true)
+        .await;
+    let (_, sid, _) = raw.post(&token, None, mcp::initialize_body()).await;
+    let stream = RawStream::open(&url, &token, &sid.expect("a session id")).await;
+    assert!(
+        stack.aggregators[0]
+            .proc
+            .stop(std::time::Duration::from_secs(5)),
+        "the aggregator did not stop within 5 s with a GET stream open"
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(5), stream.ended)
+        .await
+        .expect("the stream ended with the aggregator")
+        .unwrap();
 }
 
 /// `asker__ask`'s text; a call the client's answer never reached would wait forever.
@@ -1241,4 +1261,33 @@ async fn a_servers_elicitation_reaches_a_client_that_declared_it() {
     assert!(text.starts_with("elicitation failed"), "{text}");
     assert!(seen.seen().is_empty(), "{:?}", seen.seen());
     plain.cancel().await.unwrap();
+}
+
+/// A server's request of the client outside any call (`roots/list`, on its GET stream):
+/// relayed on the client's GET stream when the client declared it, and its answer goes
+/// back to the server (which prints it).
+#[tokio::test]
+async fn a_servers_roots_request_on_its_get_stream_is_answered_by_the_client() {
+    let (stack, token, ..) = two_servers().await;
+    let (client, _) = mcp::connect_with(
+        &stack.gateway_url("eng"),
+        &token,
+        mcp::Recorder::answering("ada"),
+    )
+    .await;
+    let listed = "roots listed: file:///ada";
+    let roots = format!("http://127.0.0.1:{}/demo/roots", stack.demos[1].port);
+    let http = reqwest::Client::new();
+    // Asked again until the upstream's GET stream is up (one asked before is lost).
+    let mut answered = false;
+    for _ in 0..50 {
+        assert_eq!(http.post(&roots).send().await.unwrap().status(), 202);
+        tokio::time::sleep(WAIT).await;
+        if stack.demos[1].proc.log_text().contains(listed) {
+            answered = true;
+            break;
+        }
+    }
+    assert!(answered, "{}", stack.demos[1].proc.log_tail());
+    client.cancel().await.unwrap();
 }

@@ -9,6 +9,10 @@ use rmcp::model::{
     CallToolRequestParams, ClientConfig, ElicitRequestParams, ElicitResult, ElicitationAction,
     ResourceUpdatedNotificationParam,
 };
+// Roots are deprecated (SEP-2577) but still in the spec versions clients speak: the
+// gateway relays a server's `roots/list`.
+#[allow(deprecated)]
+use rmcp::model::{ListRootsResult, Root};
 use rmcp::service::{ClientInitializeError, NotificationContext, RunningService};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::{
@@ -46,13 +50,15 @@ pub async fn connect(url: &str, token: Option<&str>) -> Result<Client, Option<u1
 pub struct Recorder {
     seen: Arc<Mutex<Vec<String>>>,
     arrived: Arc<tokio::sync::Notify>,
-    /// When set, the client declares `elicitation` and answers every one with this
-    /// as `name` (and notes `elicitation {message}`).
+    /// When set, the client declares `elicitation` and `roots`, answers every
+    /// elicitation with this as `name` (and notes `elicitation {message}`), and lists
+    /// one root, `file:///{name}`.
     name: Option<String>,
 }
 
 impl Recorder {
-    /// A recorder that declares `elicitation` and accepts each with `{"name": name}`.
+    /// A recorder that declares `elicitation` (accepting each with `{"name": name}`)
+    /// and `roots` (`file:///{name}`).
     pub fn answering(name: &str) -> Recorder {
         Recorder {
             name: Some(name.to_owned()),
@@ -93,10 +99,23 @@ impl ClientHandler for Recorder {
     fn get_info(&self) -> ClientConfig {
         let mut info = ClientConfig::default();
         if self.name.is_some() {
-            info.capabilities =
-                serde_json::from_value(json!({"elicitation": {}})).expect("capabilities");
+            info.capabilities = serde_json::from_value(json!({"elicitation": {}, "roots": {}}))
+                .expect("capabilities");
         }
         info
+    }
+
+    #[allow(deprecated)] // roots (see the import)
+    async fn list_roots(
+        &self,
+        _: rmcp::service::RequestContext<RoleClient>,
+    ) -> Result<ListRootsResult, rmcp::ErrorData> {
+        let roots = self
+            .name
+            .iter()
+            .map(|name| Root::new(format!("file:///{name}")))
+            .collect();
+        Ok(ListRootsResult::new(roots))
     }
 
     async fn create_elicitation(
