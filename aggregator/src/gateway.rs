@@ -40,9 +40,9 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 /// One request's caller and gateway, as Envoy and the filter hand them over.
-struct Caller {
+pub(crate) struct Caller {
     credential: Credential,
-    gateway: String,
+    pub(crate) gateway: String,
     request_id: Option<String>,
 }
 
@@ -68,7 +68,12 @@ impl Caller {
         })
     }
 
-    fn ask<'a>(&'a self, server: &'a str, method: &'a str, item: Option<&'a str>) -> Ask<'a> {
+    pub(crate) fn ask<'a>(
+        &'a self,
+        server: &'a str,
+        method: &'a str,
+        item: Option<&'a str>,
+    ) -> Ask<'a> {
         Ask {
             caller: &self.credential,
             gateway: &self.gateway,
@@ -185,10 +190,11 @@ async fn message(
         Err(r) => return *r,
     };
     let (Some(method), Some(id)) = (method, id) else {
-        // A notification, or the client's answer to a request of a server (not
-        // routed back yet): accepted.
+        // A notification, or the client's answer to a request of a server.
         if message.get("method").and_then(Value::as_str) == Some("notifications/cancelled") {
             cancel(&app, &session, &message).await;
+        } else if message.get("method").is_none() {
+            answer_server(&app, &caller, &session, message).await;
         }
         return StatusCode::ACCEPTED.into_response();
     };
@@ -262,10 +268,11 @@ fn initialize(app: &App, caller: &Caller, id: Option<&Value>, message: &Value) -
     let Ok(session_id) = app.key.issue(&caller.credential) else {
         return rpc_error(StatusCode::SERVICE_UNAVAILABLE, id, -32603, "no randomness");
     };
-    if !app
-        .sessions
-        .insert(session_id.clone(), Session::new(&caller.gateway, version))
-    {
+    let declared = message
+        .pointer("/params/capabilities")
+        .unwrap_or(&Value::Null);
+    let session = Session::new(&caller.gateway, version).with_client_capabilities(declared);
+    if !app.sessions.insert(session_id.clone(), session) {
         return rpc_error(
             StatusCode::SERVICE_UNAVAILABLE,
             id,
@@ -608,7 +615,7 @@ async fn use_item(
         };
     }
     let flight = InFlight::start(session, &id, server);
-    let reply = match send(app, session, server, &target, &message).await {
+    let (reply, opened) = match send(app, session, server, &target, &message).await {
         Ok(r) => r,
         Err(e) => return rpc_error(StatusCode::OK, &id, -32603, &format!("{server}: {e}")),
     };
@@ -625,12 +632,28 @@ async fn use_item(
     } else {
         reply.content_type.clone()
     };
+    let is_sse = content_type
+        .split(';')
+        .next()
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"));
     // The request stays in flight (cancellable) until its reply has streamed through.
-    let body = reply.response.bytes_stream().map(move |chunk| {
-        let _ = &flight;
-        chunk
-    });
-    let mut response = Response::new(Body::from_stream(body));
+    let body = if is_sse {
+        // Requests the server makes of the client on the way are relayed, or refused.
+        let asks = crate::asks::Asks {
+            upstreams: app.upstreams.clone(),
+            session: session.clone(),
+            server: server.to_owned(),
+            target,
+            opened,
+        };
+        Body::from_stream(asks.relay(reply.response, flight))
+    } else {
+        Body::from_stream(reply.response.bytes_stream().map(move |chunk| {
+            let _ = &flight;
+            chunk
+        }))
+    };
+    let mut response = Response::new(body);
     if let Ok(v) = HeaderValue::from_str(&content_type) {
         response.headers_mut().insert(header::CONTENT_TYPE, v);
     }
@@ -641,7 +664,7 @@ async fn use_item(
 }
 
 /// A request in flight to a server, known to `notifications/cancelled` until dropped.
-struct InFlight {
+pub(crate) struct InFlight {
     session: Arc<Session>,
     key: String,
 }
@@ -664,6 +687,52 @@ impl Drop for InFlight {
         if let Ok(mut m) = self.session.in_flight.lock() {
             m.remove(&self.key);
         }
+    }
+}
+
+/// Sends the client's answer to a server's request back to the server that asked,
+/// under that server's own id, if it may still be used; an answer to nothing asked is
+/// dropped.
+async fn answer_server(app: &App, caller: &Caller, session: &Session, mut message: Value) {
+    let Some(asked) = message.get("id").and_then(|id| session.answered(id)) else {
+        return;
+    };
+    let server = asked.server.as_str();
+    let target = match app
+        .policy
+        .check(caller.ask(server, &asked.method, None))
+        .await
+    {
+        CheckResponse::Allow {
+            upstream, inject, ..
+        } => Target::of(&upstream, inject.map(|h| (h.name, h.value))),
+        CheckResponse::Deny { code } => {
+            tracing::info!(
+                server,
+                code = code.as_str(),
+                "client's answer not sent: refused now"
+            );
+            return;
+        }
+        CheckResponse::Gateway { .. } => return,
+    };
+    let Ok(target) = target else { return };
+    let upstream = session.upstreams.lock().await.get(server).cloned();
+    let Some(up) = upstream.filter(|u| u.target.same_upstream(&target)) else {
+        return;
+    };
+    message["id"] = asked.id;
+    let sent = app
+        .upstreams
+        .post(
+            &target,
+            up.id.as_deref(),
+            up.protocol_version.as_deref(),
+            &message,
+        )
+        .await;
+    if let Err(e) = sent {
+        tracing::debug!(server, error = %e, "sending the client's answer failed");
     }
 }
 
@@ -697,7 +766,7 @@ async fn cancel(app: &App, session: &Session, message: &Value) {
 
 /// The upstream session with `server` for this session, opened on first use (and
 /// again when the server's upstream changed).
-async fn open(
+pub(crate) async fn open(
     app: &App,
     session: &Session,
     server: &str,
@@ -715,7 +784,11 @@ async fn open(
     }
     let (id, version) = app
         .upstreams
-        .initialize(target, &session.protocol_version)
+        .initialize(
+            target,
+            &session.protocol_version,
+            &session.client_capabilities,
+        )
         .await?;
     session.upstreams.lock().await.insert(
         server.to_owned(),
@@ -754,15 +827,18 @@ async fn exchange(
     }
 }
 
-/// A request sent to `server`, its reply to be streamed; like [`exchange`] on a
-/// dropped session.
+/// The upstream session a reply came on: its id and protocol version.
+type Opened = (Option<String>, Option<String>);
+
+/// A request sent to `server`, its reply to be streamed, and the upstream session it
+/// went on; like [`exchange`] on a dropped session.
 async fn send(
     app: &App,
     session: &Session,
     server: &str,
     target: &Target,
     message: &Value,
-) -> Result<crate::upstream::Reply, UpstreamError> {
+) -> Result<(crate::upstream::Reply, Opened), UpstreamError> {
     let mut retried = false;
     loop {
         let (sid, version) = open(app, session, server, target).await?;
@@ -775,19 +851,39 @@ async fn send(
                 retried = true;
                 session.upstreams.lock().await.remove(server);
             }
-            other => return other,
+            other => return other.map(|reply| (reply, (sid, version))),
         }
     }
 }
 
-/// GET: no server-initiated stream on the gateway URL yet (the spec lets a server
-/// answer 405).
-async fn stream() -> Response {
-    (
-        StatusCode::METHOD_NOT_ALLOWED,
-        [(header::ALLOW, "POST, DELETE")],
-    )
-        .into_response()
+/// GET: the session's server-initiated stream ([`crate::stream`]).
+async fn stream(
+    State(app): State<Arc<App>>,
+    Path(gateway): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let caller = match Caller::of(&headers, gateway) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let session = match session_of(&app, &headers, &caller) {
+        Ok(s) => s,
+        Err(r) => return *r,
+    };
+    let accepts_sse = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream") || v.contains("*/*"));
+    if !accepts_sse {
+        return rpc_error(
+            StatusCode::NOT_ACCEPTABLE,
+            &Value::Null,
+            -32600,
+            "the GET stream is text/event-stream: say so in Accept",
+        );
+    }
+    crate::stream::serve(app, caller, session)
 }
 
 /// DELETE: ends the session and every upstream session it opened.
@@ -805,6 +901,7 @@ async fn end_session(
         Err(r) => return *r,
     };
     if let Some(id) = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) {
+        // Ends its GET stream too.
         app.sessions.remove(id);
     }
     let upstreams: Vec<UpstreamSession> = session

@@ -6,10 +6,12 @@
 //! talks to the upstream as the allow says. Messages are raw JSON, so definitions
 //! pass unchanged but for the name ([`names`]). See docs/gateway.md.
 
+mod asks;
 pub mod gateway;
 pub mod names;
 pub mod policy;
 pub mod session;
+pub mod stream;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -57,6 +59,16 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub upstream_timeout_ms: u64,
+    /// How often each open GET stream asks which servers its caller may use now (one
+    /// check for the gateway and one per server, each audited), to send
+    /// `list_changed` when that changed and relay only usable servers.
+    #[arg(
+        long,
+        env = "MCPGUARD_AGGREGATOR_STREAM_CHECK_MS",
+        default_value_t = 5000,
+        value_parser = clap::value_parser!(u64).range(100..)
+    )]
+    pub stream_check_ms: u64,
     /// PEM certificates trusted besides the system's roots for https upstreams.
     #[arg(long, env = "MCPGUARD_TRUSTED_CA_FILE")]
     pub trusted_ca_file: Option<PathBuf>,
@@ -71,6 +83,8 @@ pub struct App {
     pub upstreams: upstream::Client,
     pub key: session::SessionKey,
     pub sessions: session::Sessions,
+    /// `--stream-check-ms`.
+    pub stream_check: Duration,
 }
 
 /// Sessions idle this long are dropped (the client initializes again).
@@ -110,6 +124,7 @@ impl App {
             ),
             key: session::SessionKey::random()?,
             sessions: session::Sessions::default(),
+            stream_check: Duration::from_millis(config.stream_check_ms),
         })
     }
 }
@@ -167,13 +182,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
+    let stopping = app.clone();
     let served = axum::serve(listener, gateway::router(app))
-        .with_graceful_shutdown(async {
+        .with_graceful_shutdown(async move {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
             }
+            // Open GET streams end, so the shutdown does not wait on them forever.
+            stopping.sessions.end_all();
         })
         .await;
     sweeper.abort();

@@ -113,6 +113,19 @@ pub struct UpstreamSession {
     pub target: crate::upstream::Target,
 }
 
+/// A request a server made of the client, waiting for the client's answer.
+#[derive(Clone, Debug)]
+pub struct Asked {
+    pub server: String,
+    /// The server's own id for it.
+    pub id: serde_json::Value,
+    pub method: String,
+}
+
+/// Most requests of servers waiting for the client's answer, per session; past that a
+/// server's request is refused (a client that never answers holds no more memory).
+pub const MAX_ASKED: usize = 64;
+
 /// One session of the gateway URL.
 pub struct Session {
     pub gateway: String,
@@ -123,6 +136,19 @@ pub struct Session {
     /// Requests in flight to an upstream, by the JSON text of their id: where a
     /// `notifications/cancelled` for them goes.
     pub in_flight: std::sync::Mutex<HashMap<String, String>>,
+    /// What the client declared it can answer of a server's requests
+    /// (`elicitation`, `sampling`, `roots` of its `initialize`); declared to each
+    /// upstream as the aggregator's own.
+    pub client_capabilities: serde_json::Value,
+    /// Requests servers made of the client, relayed under the aggregator's id, by
+    /// that id's JSON text: where the client's answer goes.
+    pub asked: std::sync::Mutex<HashMap<String, Asked>>,
+    asked_count: std::sync::atomic::AtomicU64,
+    /// Turns true once the session ends (`DELETE`, expiry): its GET stream ends.
+    ended: tokio::sync::watch::Sender<bool>,
+    /// Counts the GET streams opened: only the newest one is served (a client that
+    /// opens another has given up on the one before).
+    pub streams: std::sync::atomic::AtomicU64,
     last_used: std::sync::Mutex<Instant>,
 }
 
@@ -133,8 +159,77 @@ impl Session {
             protocol_version: protocol_version.to_owned(),
             upstreams: tokio::sync::Mutex::default(),
             in_flight: std::sync::Mutex::default(),
+            client_capabilities: serde_json::json!({}),
+            asked: std::sync::Mutex::default(),
+            asked_count: std::sync::atomic::AtomicU64::new(0),
+            ended: tokio::sync::watch::Sender::new(false),
+            streams: std::sync::atomic::AtomicU64::new(0),
             last_used: std::sync::Mutex::new(Instant::now()),
         }
+    }
+
+    /// With what the client declared at `initialize` (its `capabilities`): only what
+    /// a server may ask of it is kept.
+    pub fn with_client_capabilities(mut self, declared: &serde_json::Value) -> Session {
+        let mut kept = serde_json::Map::new();
+        for key in ["elicitation", "sampling", "roots"] {
+            if let Some(v) = declared.get(key).filter(|v| v.is_object()) {
+                kept.insert(key.to_owned(), v.clone());
+            }
+        }
+        self.client_capabilities = serde_json::Value::Object(kept);
+        self
+    }
+
+    /// Whether the client declared the capability a server's request `method` needs.
+    pub fn client_answers(&self, method: &str) -> bool {
+        let capability = match method {
+            "elicitation/create" => "elicitation",
+            "sampling/createMessage" => "sampling",
+            "roots/list" => "roots",
+            _ => return false,
+        };
+        self.client_capabilities.get(capability).is_some()
+    }
+
+    /// Keeps `server`'s request (its own `id`) for the client's answer; the id the
+    /// client is sent instead, one of the aggregator's, so two servers' ids never
+    /// clash. `None` when too many are waiting.
+    pub fn ask_client(&self, server: &str, id: serde_json::Value, method: &str) -> Option<String> {
+        let mut asked = self.asked.lock().ok()?;
+        if asked.len() >= MAX_ASKED {
+            return None;
+        }
+        let n = self
+            .asked_count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ours = format!("mcpguard-ask-{n}");
+        asked.insert(
+            serde_json::Value::String(ours.clone()).to_string(),
+            Asked {
+                server: server.to_owned(),
+                id,
+                method: method.to_owned(),
+            },
+        );
+        Some(ours)
+    }
+
+    /// The request the client's answer with `id` is for, taken.
+    pub fn answered(&self, id: &serde_json::Value) -> Option<Asked> {
+        self.asked.lock().ok()?.remove(&id.to_string())
+    }
+
+    /// Marks the session ended: whatever waits on [`Session::ended`] stops.
+    pub fn end(&self) {
+        self.ended.send_replace(true);
+    }
+
+    /// Resolves once the session has ended.
+    pub async fn ended(&self) {
+        let mut ended = self.ended.subscribe();
+        // Err only if the sender is gone, which it is not while `self` lives.
+        let _ = ended.wait_for(|e| *e).await;
     }
 
     fn touch(&self) {
@@ -182,17 +277,34 @@ impl Sessions {
         Some(session)
     }
 
+    /// Ends and forgets the session `id`.
     pub fn remove(&self, id: &str) -> Option<Arc<Session>> {
-        self.map.lock().ok()?.remove(id)
+        let session = self.map.lock().ok()?.remove(id)?;
+        session.end();
+        Some(session)
     }
 
-    /// Drops sessions idle for longer than `idle`; returns how many.
+    /// Ends every session's GET stream (the process is stopping: a graceful shutdown
+    /// waits for open responses, and a GET stream would otherwise never end).
+    pub fn end_all(&self) {
+        if let Ok(map) = self.map.lock() {
+            map.values().for_each(|s| s.end());
+        }
+    }
+
+    /// Ends and drops sessions idle for longer than `idle`; returns how many.
     pub fn sweep(&self, idle: Duration) -> usize {
         let Ok(mut map) = self.map.lock() else {
             return 0;
         };
         let before = map.len();
-        map.retain(|_, s| s.idle_for() <= idle);
+        map.retain(|_, s| {
+            let keep = s.idle_for() <= idle;
+            if !keep {
+                s.end();
+            }
+            keep
+        });
         before - map.len()
     }
 }
@@ -266,8 +378,69 @@ mod tests {
                 .get(&key, &key.issue(&alice).unwrap(), &alice)
                 .is_none()
         );
+        let session = sessions.get(&key, &id, &alice).unwrap();
         assert_eq!(sessions.sweep(Duration::from_secs(60)), 0);
         assert_eq!(sessions.sweep(Duration::ZERO), 1);
         assert!(sessions.get(&key, &id, &alice).is_none());
+        assert!(
+            *session.ended.borrow(),
+            "an expired session's GET stream ends"
+        );
+    }
+
+    #[test]
+    fn requests_of_servers_get_ids_of_their_own_and_only_declared_ones() {
+        let declared = serde_json::json!({"elicitation": {}, "experimental": {}, "roots": true});
+        let s = Session::new("eng", "2025-06-18").with_client_capabilities(&declared);
+        assert!(s.client_answers("elicitation/create"));
+        assert!(
+            !s.client_answers("roots/list"),
+            "not an object: not declared"
+        );
+        assert!(!s.client_answers("sampling/createMessage"));
+        assert!(!s.client_answers("tools/call"));
+        let a = s
+            .ask_client("alpha", serde_json::json!(0), "elicitation/create")
+            .unwrap();
+        let b = s
+            .ask_client("beta", serde_json::json!(0), "elicitation/create")
+            .unwrap();
+        assert_ne!(a, b, "the same id from two servers");
+        let asked = s.answered(&serde_json::json!(b)).unwrap();
+        assert_eq!(
+            (asked.server.as_str(), asked.id),
+            ("beta", serde_json::json!(0))
+        );
+        assert!(s.answered(&serde_json::json!(b)).is_none(), "answered once");
+        assert!(
+            s.answered(&serde_json::json!(0)).is_none(),
+            "the server's own id"
+        );
+        for _ in 1..MAX_ASKED {
+            assert!(
+                s.ask_client("alpha", serde_json::json!(1), "roots/list")
+                    .is_some()
+            );
+        }
+        assert!(
+            s.ask_client("alpha", serde_json::json!(2), "roots/list")
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_removed_session_ends() {
+        let sessions = Sessions::default();
+        assert!(sessions.insert("s".into(), Session::new("eng", "2025-06-18")));
+        let session = sessions.map.lock().unwrap().get("s").cloned().unwrap();
+        let waiting = tokio::spawn({
+            let session = session.clone();
+            async move { session.ended().await }
+        });
+        assert!(sessions.remove("s").is_some());
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("ended() resolves once removed")
+            .unwrap();
     }
 }

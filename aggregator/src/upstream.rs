@@ -174,11 +174,16 @@ impl Client {
         session: Option<&str>,
         protocol_version: Option<&str>,
     ) -> Result<reqwest::RequestBuilder, UpstreamError> {
+        let accept = if method == reqwest::Method::GET {
+            "text/event-stream"
+        } else {
+            "application/json, text/event-stream"
+        };
         let mut req = self
             .client(target)?
             .request(method, &target.url)
             .header("host", &target.authority)
-            .header("accept", "application/json, text/event-stream");
+            .header("accept", accept);
         if let Some((name, value)) = &target.inject {
             req = req.header(name.as_str(), value.as_str());
         }
@@ -255,10 +260,13 @@ impl Client {
 
     /// Opens a session: `initialize`, then `notifications/initialized`. Returns the
     /// upstream's session id (if any) and the protocol version it chose.
+    /// `capabilities` are the client's, so a server asks the client (through the
+    /// aggregator) only what it can answer.
     pub async fn initialize(
         &self,
         target: &Target,
         protocol_version: &str,
+        capabilities: &Value,
     ) -> Result<(Option<String>, Option<String>), UpstreamError> {
         let init = json!({
             "jsonrpc": "2.0",
@@ -266,7 +274,7 @@ impl Client {
             "method": "initialize",
             "params": {
                 "protocolVersion": protocol_version,
-                "capabilities": {},
+                "capabilities": capabilities,
                 "clientInfo": {"name": "mcpguard-aggregator", "version": env!("CARGO_PKG_VERSION")},
             },
         });
@@ -293,6 +301,27 @@ impl Client {
         Ok((session, version))
     }
 
+    /// Opens the upstream's GET stream (server-initiated SSE) for `session`: the
+    /// response once its headers arrived within the timeout; its body is the stream.
+    pub async fn get_stream(
+        &self,
+        target: &Target,
+        session: Option<&str>,
+        protocol_version: Option<&str>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let req = self.request(reqwest::Method::GET, target, session, protocol_version)?;
+        let response = tokio::time::timeout(self.timeout, req.send())
+            .await
+            .map_err(|_| {
+                UpstreamError::Unreachable(format!("no answer within {:?}", self.timeout))
+            })?
+            .map_err(|e| UpstreamError::Unreachable(describe(e)))?;
+        if response.status() == 404 && session.is_some() {
+            return Err(UpstreamError::SessionGone);
+        }
+        Ok(response)
+    }
+
     /// Ends an upstream session (`DELETE`); failures only logged.
     pub async fn end(&self, target: &Target, session: &str, protocol_version: Option<&str>) {
         let Ok(req) = self.request(
@@ -307,6 +336,56 @@ impl Client {
             tracing::debug!(error = %e, "ending an upstream session timed out");
         }
     }
+}
+
+/// Splits an SSE byte stream into its events' data, as the bytes arrive.
+#[derive(Default)]
+pub struct SseEvents {
+    buf: Vec<u8>,
+    /// How far `buf` is known to hold no event end: each byte is looked at about once.
+    scanned: usize,
+}
+
+impl SseEvents {
+    /// Adds `chunk`; returns the data of every event it completed (events without
+    /// data, such as comments and `retry:`, are skipped). `Err` when an event grows
+    /// past [`MAX_REPLY`] bytes.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<String>, UpstreamError> {
+        self.buf.extend_from_slice(chunk);
+        let mut data = Vec::new();
+        while let Some((end, sep)) = event_end(&self.buf, self.scanned.saturating_sub(3)) {
+            self.scanned = 0;
+            let event: Vec<u8> = self.buf.drain(..end + sep).collect();
+            let text = String::from_utf8_lossy(&event[..end]).replace("\r\n", "\n");
+            let lines: Vec<&str> = text
+                .split(['\n', '\r'])
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                .collect();
+            if !lines.is_empty() {
+                data.push(lines.join("\n"));
+            }
+        }
+        self.scanned = self.buf.len();
+        if self.buf.len() > MAX_REPLY {
+            return Err(UpstreamError::Protocol(format!(
+                "SSE event over {MAX_REPLY} bytes"
+            )));
+        }
+        Ok(data)
+    }
+}
+
+/// Where the first complete event in `buf` (searched from `from`) ends, and the
+/// length of the blank line that ends it.
+fn event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
+    (from..buf.len()).find_map(|i| {
+        let rest = &buf[i..];
+        [&b"\r\n\r\n"[..], b"\n\n", b"\r\r"]
+            .into_iter()
+            .find(|sep| rest.starts_with(sep))
+            .map(|sep| (i, sep.len()))
+    })
 }
 
 /// An HTTP client error with its causes (a TLS failure says why: an unknown issuer, a
@@ -405,6 +484,29 @@ mod tests {
         );
         let crlf = stream.replace('\n', "\r\n");
         assert!(sse_answer(crlf.as_bytes(), &id).is_some());
+    }
+
+    #[test]
+    fn sse_events_are_split_as_their_bytes_arrive() {
+        let mut events = SseEvents::default();
+        assert!(
+            events
+                .push(b": keep-alive\n\nretry: 3000\n\n")
+                .unwrap()
+                .is_empty()
+        );
+        assert!(events.push(b"id: 1\ndata: {\"a\"").unwrap().is_empty());
+        assert_eq!(
+            events.push(b":1}\n\ndata: x\r\n").unwrap(),
+            vec!["{\"a\":1}"]
+        );
+        assert_eq!(
+            events.push(b"data: y\r\n\r\n").unwrap(),
+            vec!["x\ny"],
+            "CRLF, and data lines joined"
+        );
+        let mut big = SseEvents::default();
+        assert!(big.push(&vec![b'a'; MAX_REPLY + 1]).is_err());
     }
 
     #[test]

@@ -2,7 +2,16 @@
 //! headers reached it, so a test can prove what the gateway forwarded and what it kept
 //! back; two prompts and two resources; and tools added or changed at run time
 //! (`PUT /demo/tools/{name}` with the description as body, outside `/mcp`), so a test
-//! can play an upstream that changes its tools (a rug-pull). It accepts
+//! can play an upstream that changes its tools (a rug-pull); each such change sends
+//! `notifications/tools/list_changed` to every open session, and
+//! `POST /demo/resources/updated` (the URI as body) sends
+//! `notifications/resources/updated` for that URI, both on the sessions' GET streams,
+//! so a test can see an upstream's notifications relayed; `POST /demo/roots` asks every
+//! session for its roots (`roots/list`, on the GET stream) and prints what each answered
+//! (`roots listed: file:///a file:///b`). With `--elicit` it also has
+//! `ask`, which asks the client for a name (`elicitation/create`) while serving the
+//! call and answers `hello {name}`, or the client's action when it did not accept. It
+//! accepts
 //! `logging/setLevel` and prints the level it was set to (`logging level set to
 //! debug`), so a test can see the request arrived.
 
@@ -12,17 +21,19 @@ use std::sync::{Arc, Mutex};
 use rmcp::handler::server::tool::ToolCallContext;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, GetPromptRequestParams,
-    GetPromptResponse, GetPromptResult, Implementation, JsonObject, ListPromptsResult,
-    ListResourcesResult, ListToolsResult, PaginatedRequestParams, Prompt, PromptArgument,
-    PromptMessage, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
-    ResourceContents, Role, ServerCapabilities, ServerConfig, Tool,
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ElicitRequestParams,
+    ElicitationAction, ElicitationSchema, GetPromptRequestParams, GetPromptResponse,
+    GetPromptResult, Implementation, JsonObject, ListPromptsResult, ListResourcesResult,
+    ListToolsResult, PaginatedRequestParams, Prompt, PromptArgument, PromptMessage,
+    ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
+    ResourceContents, ResourceUpdatedNotificationParam, Role, ServerCapabilities, ServerConfig,
+    Tool,
 };
 // MCP logging is deprecated (SEP-2577) but still in the spec versions clients speak; the
 // demo server keeps it so tests can see `logging/setLevel` arrive.
 #[allow(deprecated)]
 use rmcp::model::SetLevelRequestParams;
-use rmcp::service::RequestContext;
+use rmcp::service::{NotificationContext, Peer, RequestContext};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
@@ -44,9 +55,71 @@ pub struct HeaderArgs {
 /// Tools added at run time: name -> description. Each echoes its `text`.
 pub type ExtraTools = Arc<Mutex<BTreeMap<String, String>>>;
 
-#[derive(Debug, Clone, Default)]
+/// Every session's peer, to send it notifications outside any request.
+pub type Peers = Arc<Mutex<Vec<Peer<RoleServer>>>>;
+
+#[derive(Clone, Default)]
 pub struct DemoServer {
     extra: ExtraTools,
+    peers: Peers,
+    elicit: bool,
+}
+
+/// What run-time changes touch: the tools, and the sessions to tell of them.
+#[derive(Clone, Default)]
+struct Shared {
+    extra: ExtraTools,
+    peers: Peers,
+}
+
+/// The tool `--elicit` adds.
+const ASK: &str = "ask";
+
+/// `ask`: asks the client for a name while serving the call.
+async fn ask(context: &RequestContext<RoleServer>) -> Result<CallToolResponse, ErrorData> {
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"name": {"type": "string", "description": "Your name"}},
+        "required": ["name"],
+    });
+    let serde_json::Value::Object(schema) = schema else {
+        return Err(ErrorData::internal_error("schema", None));
+    };
+    let schema = ElicitationSchema::from_json_schema(schema)
+        .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+    let params = ElicitRequestParams::FormElicitationParams {
+        meta: None,
+        message: "What is your name?".into(),
+        requested_schema: schema,
+    };
+    let text = match context.peer.create_elicitation(params).await {
+        Ok(answer) if answer.action == ElicitationAction::Accept => {
+            let name = answer
+                .content
+                .as_ref()
+                .and_then(|c| c.get("name"))
+                .and_then(|n| n.as_str())
+                .unwrap_or("?")
+                .to_owned();
+            format!("hello {name}")
+        }
+        Ok(answer) => format!("{:?}", answer.action).to_lowercase(),
+        Err(e) => format!("elicitation failed: {e}"),
+    };
+    Ok(CallToolResult::success(vec![ContentBlock::text(text)]).into())
+}
+
+impl Shared {
+    fn peers(&self) -> Vec<Peer<RoleServer>> {
+        self.peers.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    /// Forgets the peers whose session ended.
+    fn prune(&self) {
+        if let Ok(mut peers) = self.peers.lock() {
+            peers.retain(|p| !p.is_transport_closed());
+        }
+    }
 }
 
 fn extra_tools(extra: &ExtraTools) -> Vec<(String, String)> {
@@ -120,6 +193,13 @@ impl ServerHandler for DemoServer {
         .with_server_info(Implementation::new("mcpguard-demo", "0.1.0"))
     }
 
+    async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        if let Ok(mut peers) = self.peers.lock() {
+            peers.retain(|p| !p.is_transport_closed());
+            peers.push(context.peer);
+        }
+    }
+
     #[allow(deprecated)] // logging (see the import)
     async fn set_level(
         &self,
@@ -148,6 +228,13 @@ impl ServerHandler for DemoServer {
         for (name, description) in extra_tools(&self.extra) {
             tools.push(Tool::new(name, description, schema.clone()));
         }
+        if self.elicit {
+            let empty = Arc::new(JsonObject::from_iter([(
+                "type".to_owned(),
+                serde_json::json!("object"),
+            )]));
+            tools.push(Tool::new(ASK, "Ask the client for a name", empty));
+        }
         Ok(ListToolsResult::with_all_items(tools))
     }
 
@@ -168,6 +255,9 @@ impl ServerHandler for DemoServer {
                 .unwrap_or_default()
                 .to_owned();
             return Ok(CallToolResult::success(vec![ContentBlock::text(text)]).into());
+        }
+        if self.elicit && request.name == ASK {
+            return ask(&context).await;
         }
         let tcc = ToolCallContext::new(self, request, context);
         Self::tool_router().call(tcc).await
@@ -234,33 +324,84 @@ impl ServerHandler for DemoServer {
 /// The MCP endpoint at `/mcp`. Stateful mode keeps sessions (`Mcp-Session-Id`) and
 /// answers over SSE, as most servers in the wild do; stateless answers each POST with
 /// plain JSON.
-pub fn router(stateless: bool) -> axum::Router {
-    let extra = ExtraTools::default();
-    let tools = axum::Router::new()
+pub fn router(stateless: bool, elicit: bool) -> axum::Router {
+    let shared = Shared::default();
+    let changes = axum::Router::new()
         .route("/demo/tools/{name}", axum::routing::put(put_tool))
-        .with_state(extra.clone());
-    mcp_router(stateless, extra).merge(tools)
+        .route(
+            "/demo/resources/updated",
+            axum::routing::post(resource_updated),
+        )
+        .route("/demo/roots", axum::routing::post(list_roots))
+        .with_state(shared.clone());
+    mcp_router(stateless, elicit, shared).merge(changes)
 }
 
-/// Adds a run-time tool, or changes its description: the next `tools/list` shows it.
+/// Adds a run-time tool, or changes its description: the next `tools/list` shows it,
+/// and every open session is sent `notifications/tools/list_changed`.
 async fn put_tool(
-    axum::extract::State(extra): axum::extract::State<ExtraTools>,
+    axum::extract::State(shared): axum::extract::State<Shared>,
     axum::extract::Path(name): axum::extract::Path<String>,
     description: String,
 ) -> http::StatusCode {
-    match extra.lock() {
+    match shared.extra.lock() {
         Ok(mut tools) => {
             tools.insert(name, description);
-            http::StatusCode::NO_CONTENT
         }
-        Err(_) => http::StatusCode::INTERNAL_SERVER_ERROR,
+        Err(_) => return http::StatusCode::INTERNAL_SERVER_ERROR,
     }
+    for peer in shared.peers() {
+        // A session without a GET stream open just misses it, as the spec allows.
+        let _ = peer.notify_tool_list_changed().await;
+    }
+    shared.prune();
+    http::StatusCode::NO_CONTENT
 }
 
-fn mcp_router(stateless: bool, extra: ExtraTools) -> axum::Router {
+/// Sends `notifications/resources/updated` for the URI in the body to every session.
+async fn resource_updated(
+    axum::extract::State(shared): axum::extract::State<Shared>,
+    uri: String,
+) -> http::StatusCode {
+    for peer in shared.peers() {
+        let _ = peer
+            .notify_resource_updated(ResourceUpdatedNotificationParam::new(uri.clone()))
+            .await;
+    }
+    shared.prune();
+    http::StatusCode::NO_CONTENT
+}
+
+/// Asks every session for its roots, each in the background (a session that never
+/// answers is given 10 s); prints each answer.
+// Roots are deprecated (SEP-2577) but still in the spec versions clients speak.
+#[allow(deprecated)]
+async fn list_roots(
+    axum::extract::State(shared): axum::extract::State<Shared>,
+) -> http::StatusCode {
+    for peer in shared.peers() {
+        tokio::spawn(async move {
+            let asked = tokio::time::timeout(std::time::Duration::from_secs(10), peer.list_roots());
+            match asked.await {
+                Ok(Ok(answer)) => {
+                    let uris: Vec<String> = answer.roots.into_iter().map(|r| r.uri).collect();
+                    println!("roots listed: {}", uris.join(" "));
+                }
+                Ok(Err(e)) => println!("roots not listed: {e}"),
+                Err(_) => println!("roots not listed: no answer in 10 s"),
+            }
+        });
+    }
+    shared.prune();
+    http::StatusCode::ACCEPTED
+}
+
+fn mcp_router(stateless: bool, elicit: bool, shared: Shared) -> axum::Router {
     let server = move || {
         Ok(DemoServer {
-            extra: extra.clone(),
+            extra: shared.extra.clone(),
+            peers: shared.peers.clone(),
+            elicit,
         })
     };
     if stateless {

@@ -1,12 +1,12 @@
-//! `mcpguard-demo-mcp --listen 127.0.0.1:9100 [--stateless]`: serves the demo MCP
-//! server at `/mcp` and prints `listening on ADDR` once bound.
+//! `mcpguard-demo-mcp --listen 127.0.0.1:9100 [--stateless] [--elicit]`: serves the
+//! demo MCP server at `/mcp` and prints `listening on ADDR` once bound.
 
 use std::io::Write;
 use std::net::SocketAddr;
 
 use axum::serve::ListenerExt;
 
-const USAGE: &str = "usage: mcpguard-demo-mcp [--listen 127.0.0.1:9100] [--stateless]";
+const USAGE: &str = "usage: mcpguard-demo-mcp [--listen 127.0.0.1:9100] [--stateless] [--elicit]";
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -22,11 +22,13 @@ async fn main() -> std::process::ExitCode {
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut listen: SocketAddr = "127.0.0.1:9100".parse()?;
     let mut stateless = false;
+    let mut elicit = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--listen" => listen = args.next().ok_or(USAGE)?.parse()?,
             "--stateless" => stateless = true,
+            "--elicit" => elicit = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -41,7 +43,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, mcpguard_demo_mcp::router(stateless))
+    axum::serve(listener, mcpguard_demo_mcp::router(stateless, elicit))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })

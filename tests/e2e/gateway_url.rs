@@ -35,7 +35,7 @@ async fn two_servers_on(stack: GatewayStack) -> (GatewayStack, String, i64, i64,
     (stack, p.token, p.server_id, beta, p.gateway_id)
 }
 
-async fn tool_names(client: &mcp::Client) -> Vec<String> {
+async fn tool_names(client: &rmcp::Peer<rmcp::RoleClient>) -> Vec<String> {
     let mut names: Vec<String> = client
         .list_all_tools()
         .await
@@ -876,4 +876,418 @@ async fn set_level_is_forwarded_to_every_server_the_caller_may_use() {
         "{reply}"
     );
     assert_eq!(reply["id"], "lv");
+}
+
+/// Asks demo server `demo` to send `notifications/resources/updated` for `uri` to
+/// every session it has (on their GET streams).
+async fn updated(stack: &GatewayStack, demo: usize, uri: &str) {
+    let url = format!(
+        "http://127.0.0.1:{}/demo/resources/updated",
+        stack.demos[demo].port
+    );
+    let resp = reqwest::Client::new()
+        .post(url)
+        .body(uri.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+}
+
+/// Sends `notifications/resources/updated` for `uri` from demo `demo` until `arrived`
+/// says it reached the client (the aggregator opens the upstream's GET stream a moment
+/// after the client's; a notification sent before is lost, as the spec allows); bounded.
+async fn update_until<F, Fut>(stack: &GatewayStack, demo: usize, uri: &str, arrived: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..50 {
+        updated(stack, demo, uri).await;
+        if arrived().await {
+            return;
+        }
+    }
+    panic!("notifications/resources/updated {uri} from demo {demo} never reached the client");
+}
+
+const WAIT: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// The GET stream on the gateway URL with the official Rust SDK's client: an upstream's
+/// `notifications/resources/updated` reaches it under the gateway's name for the
+/// resource, its `notifications/tools/list_changed` is passed on, from each server.
+#[tokio::test]
+async fn an_upstreams_notifications_reach_the_get_stream_under_gateway_names() {
+    let (stack, token, ..) = two_servers().await;
+    let (client, seen) = mcp::connect_recording(&stack.gateway_url("eng"), &token).await;
+    update_until(&stack, 0, "demo://readme", || {
+        seen.arrives("resources/updated alpha+demo://readme", WAIT)
+    })
+    .await;
+    update_until(&stack, 1, "demo://secret", || {
+        seen.arrives("resources/updated beta+demo://secret", WAIT)
+    })
+    .await;
+    assert!(
+        !seen.seen().iter().any(|s| s.ends_with(" demo://readme")),
+        "an upstream's own URI reached the client: {:?}",
+        seen.seen()
+    );
+    // A server's tools changed: its list_changed reaches the client, which lists again.
+    seen.clear();
+    let resp = reqwest::Client::new()
+        .put(format!(
+            "http://127.0.0.1:{}/demo/tools/late",
+            stack.demos[1].port
+        ))
+        .body("A tool added at run time")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    assert!(
+        seen.arrives("tools/list_changed", std::time::Duration::from_secs(10))
+            .await,
+        "{:?}",
+        seen.seen()
+    );
+    assert!(tool_names(&client).await.contains(&"beta__late".to_owned()));
+    client.cancel().await.unwrap();
+}
+
+/// The test: a server disabled mid-session sends the client `list_changed`
+/// on its GET stream; its next call is refused `server_disabled`, the list shrinks, the
+/// other server keeps working; enabled again, `list_changed` again and it is back.
+#[tokio::test]
+async fn a_server_disabled_mid_session_sends_list_changed() {
+    let (stack, token, _alpha, beta, _) = two_servers().await;
+    let admin = stack.admin();
+    let (client, seen) = mcp::connect_recording(&stack.gateway_url("eng"), &token).await;
+    // The stream is up (and has seen which servers the caller may use).
+    update_until(&stack, 0, "demo://readme", || {
+        seen.arrives("resources/updated alpha+demo://readme", WAIT)
+    })
+    .await;
+    assert_eq!(tool_names(&client).await.len(), 6);
+    seen.clear();
+    admin.set_enabled("servers", beta, false).await;
+    let within = std::time::Duration::from_secs(10);
+    for note in [
+        "tools/list_changed",
+        "prompts/list_changed",
+        "resources/list_changed",
+    ] {
+        assert!(
+            seen.arrives(note, within).await,
+            "{note}: {:?}",
+            seen.seen()
+        );
+    }
+    let err = call_text(&client, "beta__echo", json!({"text": "x"}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("server_disabled"), "{err}");
+    assert_eq!(
+        tool_names(&client).await,
+        strings(&["alpha__echo", "alpha__header", "alpha__whoami"])
+    );
+    assert_eq!(
+        call_text(&client, "alpha__echo", json!({"text": "still"}))
+            .await
+            .unwrap(),
+        "still"
+    );
+    seen.clear();
+    admin.set_enabled("servers", beta, true).await;
+    assert!(
+        seen.arrives("tools/list_changed", within).await,
+        "{:?}",
+        seen.seen()
+    );
+    assert_eq!(tool_names(&client).await.len(), 6);
+    client.cancel().await.unwrap();
+}
+
+/// A raw GET stream on the gateway URL, its messages as they arrive.
+struct RawStream {
+    messages: tokio::sync::mpsc::UnboundedReceiver<Value>,
+    /// Resolves when the aggregator ended the stream.
+    ended: tokio::task::JoinHandle<()>,
+}
+
+impl RawStream {
+    async fn open(url: &str, token: &str, sid: &str) -> RawStream {
+        let resp = reqwest::Client::new()
+            .get(url)
+            .bearer_auth(token)
+            .header("accept", "text/event-stream")
+            .header("mcp-session-id", sid)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()["content-type"],
+            "text/event-stream",
+            "{:?}",
+            resp.headers()
+        );
+        let (tx, messages) = tokio::sync::mpsc::unbounded_channel();
+        let ended = tokio::spawn(async move {
+            let mut resp = resp;
+            let mut buf = String::new();
+            while let Ok(Some(chunk)) = resp.chunk().await {
+                buf.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buf.find("\n\n") {
+                    let event: String = buf.drain(..end + 2).collect();
+                    for data in event.lines().filter_map(|l| l.strip_prefix("data: ")) {
+                        let _ = tx.send(serde_json::from_str(data).unwrap());
+                    }
+                }
+            }
+        });
+        RawStream { messages, ended }
+    }
+
+    /// The next message within `within`, if any.
+    async fn next(&mut self, within: std::time::Duration) -> Option<Value> {
+        tokio::time::timeout(within, self.messages.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Whether a message `matches` arrives within `within` (others are skipped).
+    async fn arrives(
+        &mut self,
+        within: std::time::Duration,
+        matches: impl Fn(&Value) -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while let Some(m) = self.next(deadline - tokio::time::Instant::now()).await {
+            if matches(&m) {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+fn updated_of(uri: &str) -> impl Fn(&Value) -> bool + '_ {
+    move |m: &Value| m["method"] == "notifications/resources/updated" && m["params"]["uri"] == uri
+}
+
+/// The GET stream at the HTTP level: `text/event-stream`; no session, 400; another's or
+/// a forged one, 404; a disabled server's notifications are not relayed and its
+/// `list_changed` arrives; an upstream whose stream breaks (its server stopped) does
+/// not end the client's stream; `DELETE` ends it, and so do disabling the gateway and
+/// stopping the aggregator (which then exits at once).
+#[tokio::test]
+async fn the_get_stream_outlives_a_broken_upstream_and_ends_on_delete() {
+    let (mut stack, token, _alpha, beta, gateway_id) = two_servers().await;
+    let url = stack.gateway_url("eng");
+    let raw = Raw {
+        http: reqwest::Client::new(),
+        url: url.clone(),
+    };
+    let (_, sid, _) = raw.post(&token, None, mcp::initialize_body()).await;
+    let sid = sid.expect("a session id");
+    let get = |sid: Option<&str>| {
+        let mut req = reqwest::Client::new()
+            .get(&url)
+            .bearer_auth(&token)
+            .header("accept", "text/event-stream");
+        if let Some(sid) = sid {
+            req = req.header("mcp-session-id", sid);
+        }
+        req.send()
+    };
+    assert_eq!(get(None).await.unwrap().status(), 400);
+    let forged = format!("{}0", &sid[..sid.len() - 1]);
+    let forged = if forged == sid {
+        format!("{}1", &sid[..sid.len() - 1])
+    } else {
+        forged
+    };
+    assert_eq!(get(Some(&forged)).await.unwrap().status(), 404);
+
+    let mut stream = RawStream::open(&url, &token, &sid).await;
+    for demo in [0, 1] {
+        let uri = if demo == 0 {
+            "alpha+demo://readme"
+        } else {
+            "beta+demo://readme"
+        };
+        let mut arrived = false;
+        for _ in 0..50 {
+            updated(&stack, demo, "demo://readme").await;
+            if stream.arrives(WAIT, updated_of(uri)).await {
+                arrived = true;
+                break;
+            }
+        }
+        assert!(arrived, "{uri} never arrived");
+    }
+
+    // Beta disabled: list_changed, and nothing of beta's is relayed any more.
+    stack.admin().set_enabled("servers", beta, false).await;
+    assert!(
+        stream
+            .arrives(std::time::Duration::from_secs(10), |m| {
+                m["method"] == "notifications/tools/list_changed"
+            })
+            .await
+    );
+    updated(&stack, 1, "demo://readme").await;
+    updated(&stack, 0, "demo://readme").await;
+    let mut seen = Vec::new();
+    while let Some(m) = stream.next(std::time::Duration::from_secs(2)).await {
+        seen.push(m);
+    }
+    assert!(
+        seen.iter().any(updated_of("alpha+demo://readme")),
+        "{seen:?}"
+    );
+    assert!(
+        !seen.iter().any(updated_of("beta+demo://readme")),
+        "a disabled server's notification was relayed: {seen:?}"
+    );
+    stack.admin().set_enabled("servers", beta, true).await;
+
+    // Beta's server stops: its upstream stream breaks; the client's stream goes on.
+    stack.demos[1].proc.kill();
+    updated(&stack, 0, "demo://secret").await;
+    assert!(
+        stream
+            .arrives(
+                std::time::Duration::from_secs(5),
+                updated_of("alpha+demo://secret")
+            )
+            .await,
+        "the client's stream ended with beta's"
+    );
+    assert!(!stream.ended.is_finished());
+
+    // DELETE ends the session and its stream.
+    let deleted = raw
+        .http
+        .request(Method::DELETE, &url)
+        .bearer_auth(&token)
+        .header("mcp-session-id", &sid)
+        .send()
+        .await
+        .unwrap();
+    assert!(deleted.status().is_success());
+    tokio::time::timeout(std::time::Duration::from_secs(5), stream.ended)
+        .await
+        .expect("DELETE ends the GET stream")
+        .unwrap();
+
+    // The gateway disabled: a stream opened before it ends (the caller may use none of
+    // it now).
+    let (_, sid, _) = raw.post(&token, None, mcp::initialize_body()).await;
+    let stream = RawStream::open(&url, &token, &sid.expect("a session id")).await;
+    stack
+        .admin()
+        .set_enabled("gateways", gateway_id, false)
+        .await;
+    tokio::time::timeout(std::time::Duration::from_secs(10), stream.ended)
+        .await
+        .expect("a disabled gateway ends its GET streams")
+        .unwrap();
+
+    // An aggregator told to stop ends its open GET streams and exits (a graceful
+    // shutdown waits for open responses: a stream would hold it forever).
+    stack
+        .admin()
+        .set_enabled("gateways", gateway_id, true)
+        .await;
+    let (_, sid, _) = raw.post(&token, None, mcp::initialize_body()).await;
+    let stream = RawStream::open(&url, &token, &sid.expect("a session id")).await;
+    assert!(
+        stack.aggregators[0]
+            .proc
+            .stop(std::time::Duration::from_secs(5)),
+        "the aggregator did not stop within 5 s with a GET stream open"
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(5), stream.ended)
+        .await
+        .expect("the stream ended with the aggregator")
+        .unwrap();
+}
+
+/// `asker__ask`'s text; a call the client's answer never reached would wait forever.
+async fn ask(client: &rmcp::Peer<rmcp::RoleClient>) -> String {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        call_text(client, "asker__ask", json!({})),
+    )
+    .await
+    .expect("the call ended: the client's answer reached the server")
+    .unwrap()
+}
+
+/// A server that asks the client for something while serving a call (elicitation):
+/// relayed on the call's reply stream to a client that declared it, under an id of the
+/// aggregator's, and the client's answer goes back to that server (the call's result
+/// says what the client answered). A client that did not declare it is never asked:
+/// the server is told it cannot ask (the aggregator declares upstream only what the
+/// client declared).
+#[tokio::test]
+async fn a_servers_elicitation_reaches_a_client_that_declared_it() {
+    let (stack, token, _, _, gateway_id) = two_servers().await;
+    let asker = mcpguard_e2e::Demo::start_eliciting(stack.dir.path()).await;
+    let admin = stack.admin();
+    let id = admin.server("asker", &asker.upstream_url()).await;
+    admin.expose(gateway_id, id).await;
+    let url = stack.gateway_url("eng");
+
+    let (client, seen) = mcp::connect_with(&url, &token, mcp::Recorder::answering("Ada")).await;
+    assert!(tool_names(&client).await.contains(&"asker__ask".to_owned()));
+    assert_eq!(ask(&client).await, "hello Ada");
+    assert_eq!(seen.seen(), vec!["elicitation What is your name?"]);
+    // Twice, and the other servers' calls in the same session are unaffected.
+    assert_eq!(ask(&client).await, "hello Ada");
+    assert_eq!(
+        call_text(&client, "alpha__echo", json!({"text": "x"}))
+            .await
+            .unwrap(),
+        "x"
+    );
+    client.cancel().await.unwrap();
+
+    let (plain, seen) = mcp::connect_recording(&url, &token).await;
+    let text = ask(&plain).await;
+    assert!(text.starts_with("elicitation failed"), "{text}");
+    assert!(seen.seen().is_empty(), "{:?}", seen.seen());
+    plain.cancel().await.unwrap();
+}
+
+/// A server's request of the client outside any call (`roots/list`, on its GET stream):
+/// relayed on the client's GET stream when the client declared it, and its answer goes
+/// back to the server (which prints it).
+#[tokio::test]
+async fn a_servers_roots_request_on_its_get_stream_is_answered_by_the_client() {
+    let (stack, token, ..) = two_servers().await;
+    let (client, _) = mcp::connect_with(
+        &stack.gateway_url("eng"),
+        &token,
+        mcp::Recorder::answering("ada"),
+    )
+    .await;
+    let listed = "roots listed: file:///ada";
+    let roots = format!("http://127.0.0.1:{}/demo/roots", stack.demos[1].port);
+    let http = reqwest::Client::new();
+    // Asked again until the upstream's GET stream is up (one asked before is lost).
+    let mut answered = false;
+    for _ in 0..50 {
+        assert_eq!(http.post(&roots).send().await.unwrap().status(), 202);
+        tokio::time::sleep(WAIT).await;
+        if stack.demos[1].proc.log_text().contains(listed) {
+            answered = true;
+            break;
+        }
+    }
+    assert!(answered, "{}", stack.demos[1].proc.log_tail());
+    client.cancel().await.unwrap();
 }

@@ -10,6 +10,9 @@ use mcpguard_harness::envoy::EnvoyConfig;
 use crate::procs::{Proc, binary, check_secret, http_ok, wait_until};
 use crate::{Admin, Demo, Envoy, EnvoyOptions, Policy, free_port};
 
+/// How often the tests' aggregators re-check what each GET stream's caller may use.
+pub const STREAM_CHECK_MS: u64 = 250;
+
 pub struct Aggregator {
     pub proc: Proc,
     pub port: u16,
@@ -43,6 +46,9 @@ impl Aggregator {
             .arg(&secret_file)
             .arg("--upstream-timeout-ms")
             .arg("3000")
+            // A GET stream notices an admin's toggle within this (the default is 5 s).
+            .arg("--stream-check-ms")
+            .arg(STREAM_CHECK_MS.to_string())
             .env("MCPGUARD_LOG", "info,mcpguard_aggregator=debug");
         if let Some(ca) = trusted_ca {
             cmd.arg("--trusted-ca-file").arg(ca);

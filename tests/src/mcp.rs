@@ -3,13 +3,22 @@
 
 use std::time::Duration;
 
-use rmcp::model::{CallToolRequestParams, ClientConfig};
-use rmcp::service::{ClientInitializeError, RunningService};
+use std::sync::{Arc, Mutex};
+
+use rmcp::model::{
+    CallToolRequestParams, ClientConfig, ElicitRequestParams, ElicitResult, ElicitationAction,
+    ResourceUpdatedNotificationParam,
+};
+// Roots are deprecated (SEP-2577) but still in the spec versions clients speak: the
+// gateway relays a server's `roots/list`.
+#[allow(deprecated)]
+use rmcp::model::{ListRootsResult, Root};
+use rmcp::service::{ClientInitializeError, NotificationContext, RunningService};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::{
     StreamableHttpClientTransportConfig, StreamableHttpError,
 };
-use rmcp::{RoleClient, ServiceError, ServiceExt};
+use rmcp::{ClientHandler, Peer, RoleClient, ServiceError, ServiceExt};
 use serde_json::{Value, json};
 
 pub type Client = RunningService<RoleClient, ClientConfig>;
@@ -34,8 +43,147 @@ pub async fn connect(url: &str, token: Option<&str>) -> Result<Client, Option<u1
     }
 }
 
+/// A client that keeps what it was told outside its calls (on the GET stream):
+/// `tools/list_changed`, `prompts/list_changed`, `resources/list_changed`,
+/// `resources/updated {uri}`.
+#[derive(Clone, Default)]
+pub struct Recorder {
+    seen: Arc<Mutex<Vec<String>>>,
+    arrived: Arc<tokio::sync::Notify>,
+    /// When set, the client declares `elicitation` and `roots`, answers every
+    /// elicitation with this as `name` (and notes `elicitation {message}`), and lists
+    /// one root, `file:///{name}`.
+    name: Option<String>,
+}
+
+impl Recorder {
+    /// A recorder that declares `elicitation` (accepting each with `{"name": name}`)
+    /// and `roots` (`file:///{name}`).
+    pub fn answering(name: &str) -> Recorder {
+        Recorder {
+            name: Some(name.to_owned()),
+            ..Recorder::default()
+        }
+    }
+
+    fn note(&self, what: String) {
+        self.seen.lock().unwrap().push(what);
+        self.arrived.notify_waiters();
+    }
+
+    pub fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn clear(&self) {
+        self.seen.lock().unwrap().clear();
+    }
+
+    /// Whether `what` arrives within `within`.
+    pub async fn arrives(&self, what: &str, within: Duration) -> bool {
+        tokio::time::timeout(within, async {
+            loop {
+                let arrived = self.arrived.notified();
+                if self.seen().iter().any(|s| s == what) {
+                    return;
+                }
+                arrived.await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+}
+
+impl ClientHandler for Recorder {
+    fn get_info(&self) -> ClientConfig {
+        let mut info = ClientConfig::default();
+        if self.name.is_some() {
+            info.capabilities = serde_json::from_value(json!({"elicitation": {}, "roots": {}}))
+                .expect("capabilities");
+        }
+        info
+    }
+
+    #[allow(deprecated)] // roots (see the import)
+    async fn list_roots(
+        &self,
+        _: rmcp::service::RequestContext<RoleClient>,
+    ) -> Result<ListRootsResult, rmcp::ErrorData> {
+        let roots = self
+            .name
+            .iter()
+            .map(|name| Root::new(format!("file:///{name}")))
+            .collect();
+        Ok(ListRootsResult::new(roots))
+    }
+
+    async fn create_elicitation(
+        &self,
+        request: ElicitRequestParams,
+        _: rmcp::service::RequestContext<RoleClient>,
+    ) -> Result<ElicitResult, rmcp::ErrorData> {
+        let message = match &request {
+            ElicitRequestParams::FormElicitationParams { message, .. } => message.clone(),
+            _ => String::new(),
+        };
+        self.note(format!("elicitation {message}"));
+        Ok(match &self.name {
+            Some(name) => {
+                ElicitResult::new(ElicitationAction::Accept).with_content(json!({ "name": name }))
+            }
+            None => ElicitResult::new(ElicitationAction::Decline),
+        })
+    }
+
+    async fn on_tool_list_changed(&self, _: NotificationContext<RoleClient>) {
+        self.note("tools/list_changed".into());
+    }
+    async fn on_prompt_list_changed(&self, _: NotificationContext<RoleClient>) {
+        self.note("prompts/list_changed".into());
+    }
+    async fn on_resource_list_changed(&self, _: NotificationContext<RoleClient>) {
+        self.note("resources/list_changed".into());
+    }
+    async fn on_resource_updated(
+        &self,
+        params: ResourceUpdatedNotificationParam,
+        _: NotificationContext<RoleClient>,
+    ) {
+        self.note(format!("resources/updated {}", params.uri));
+    }
+}
+
+/// [`connect`] with a [`Recorder`] as the client's handler; the SDK opens the GET
+/// stream after `initialize`.
+pub async fn connect_recording(
+    url: &str,
+    token: &str,
+) -> (RunningService<RoleClient, Recorder>, Recorder) {
+    connect_with(url, token, Recorder::default()).await
+}
+
+/// [`connect_recording`] with a recorder of the caller's.
+pub async fn connect_with(
+    url: &str,
+    token: &str,
+    recorder: Recorder,
+) -> (RunningService<RoleClient, Recorder>, Recorder) {
+    let config = StreamableHttpClientTransportConfig::with_uri(url).auth_header(token);
+    let transport = StreamableHttpClientTransport::from_config(config);
+    match tokio::time::timeout(Duration::from_secs(20), recorder.clone().serve(transport)).await {
+        Ok(Ok(client)) => (client, recorder),
+        Ok(Err(e)) => panic!("initialize through {url}: {e}"),
+        Err(_) => panic!("MCP initialize through {url} hung for 20 s"),
+    }
+}
+
 /// `tools/call` returning the first text content.
-pub async fn call_text(client: &Client, tool: &str, args: Value) -> Result<String, ServiceError> {
+pub async fn call_text(
+    client: &Peer<RoleClient>,
+    tool: &str,
+    args: Value,
+) -> Result<String, ServiceError> {
     let mut params = CallToolRequestParams::new(tool.to_owned());
     if let Value::Object(map) = args {
         params = params.with_arguments(map);

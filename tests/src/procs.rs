@@ -259,21 +259,24 @@ pub struct Demo {
 impl Demo {
     /// Stateful: sessions and SSE responses, like most servers in the wild.
     pub async fn start(log_dir: &Path) -> Demo {
-        Self::spawn(log_dir, false).await
+        Self::spawn(log_dir, &[]).await
+    }
+
+    /// Stateful, with the `ask` tool, which asks the client for a name (elicitation).
+    pub async fn start_eliciting(log_dir: &Path) -> Demo {
+        Self::spawn(log_dir, &["--elicit"]).await
     }
 
     /// Stateless: each POST is answered on its own with JSON (for load runs).
     pub async fn start_stateless(log_dir: &Path) -> Demo {
-        Self::spawn(log_dir, true).await
+        Self::spawn(log_dir, &["--stateless"]).await
     }
 
-    async fn spawn(log_dir: &Path, stateless: bool) -> Demo {
+    async fn spawn(log_dir: &Path, args: &[&str]) -> Demo {
         let port = free_port();
         let mut cmd = Command::new(binary("mcpguard-demo-mcp"));
         cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));
-        if stateless {
-            cmd.arg("--stateless");
-        }
+        cmd.args(args);
         let mut proc = Proc::spawn(&format!("demo-mcp-{port}"), cmd, log_dir);
         wait_until(&mut proc, "demo MCP server", || async move {
             tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -519,7 +522,7 @@ impl Stack {
         // Before the caller's, so that a test's own value wins (later values do).
         env.insert(0, ("MCPGUARD_ENVOY_ADMIN_ADDR", &envoy_admin));
         let policy = Policy::start_with(&dir.path().join("data"), dir.path(), &env).await;
-        let demo = Demo::spawn(dir.path(), stateless).await;
+        let demo = Demo::spawn(dir.path(), if stateless { &["--stateless"] } else { &[] }).await;
         let opts = EnvoyOptions {
             config,
             check_port: policy.check_port,
