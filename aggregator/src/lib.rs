@@ -6,6 +6,7 @@
 //! talks to the upstream as the allow says. Messages are raw JSON, so definitions
 //! pass unchanged but for the name ([`names`]). See docs/gateway.md.
 
+pub mod cursor;
 pub mod gateway;
 pub mod names;
 pub mod policy;

@@ -4,7 +4,9 @@
 //! (`PUT /demo/tools/{name}` with the description as body, outside `/mcp`), so a test
 //! can play an upstream that changes its tools (a rug-pull). It accepts
 //! `logging/setLevel` and prints the level it was set to (`logging level set to
-//! debug`), so a test can see the request arrived.
+//! debug`), so a test can see the request arrived. With a page size, `tools/list`
+//! answers in pages of that many tools (the cursor is the offset of the next one), so
+//! a test can play an upstream whose list is paginated.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -47,6 +49,8 @@ pub type ExtraTools = Arc<Mutex<BTreeMap<String, String>>>;
 #[derive(Debug, Clone, Default)]
 pub struct DemoServer {
     extra: ExtraTools,
+    /// Tools a `tools/list` page holds; `None`: every tool on one page.
+    page_size: Option<usize>,
 }
 
 fn extra_tools(extra: &ExtraTools) -> Vec<(String, String)> {
@@ -133,7 +137,7 @@ impl ServerHandler for DemoServer {
 
     async fn list_tools(
         &self,
-        _request: Option<PaginatedRequestParams>,
+        request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
         let mut tools = Self::tool_router().list_all();
@@ -148,7 +152,22 @@ impl ServerHandler for DemoServer {
         for (name, description) in extra_tools(&self.extra) {
             tools.push(Tool::new(name, description, schema.clone()));
         }
-        Ok(ListToolsResult::with_all_items(tools))
+        let Some(size) = self.page_size else {
+            return Ok(ListToolsResult::with_all_items(tools));
+        };
+        let start = match request.and_then(|r| r.cursor) {
+            None => 0,
+            Some(c) => c
+                .parse::<usize>()
+                .ok()
+                .filter(|&offset| offset < tools.len())
+                .ok_or_else(|| ErrorData::invalid_params("invalid cursor", None))?,
+        };
+        let end = tools.len().min(start + size);
+        let next = (end < tools.len()).then(|| end.to_string());
+        let mut page = ListToolsResult::with_all_items(tools.drain(start..end).collect());
+        page.next_cursor = next;
+        Ok(page)
     }
 
     async fn call_tool(
@@ -234,12 +253,13 @@ impl ServerHandler for DemoServer {
 /// The MCP endpoint at `/mcp`. Stateful mode keeps sessions (`Mcp-Session-Id`) and
 /// answers over SSE, as most servers in the wild do; stateless answers each POST with
 /// plain JSON.
-pub fn router(stateless: bool) -> axum::Router {
+/// `page_size`: tools a `tools/list` page holds (`None`: all on one page).
+pub fn router(stateless: bool, page_size: Option<usize>) -> axum::Router {
     let extra = ExtraTools::default();
     let tools = axum::Router::new()
         .route("/demo/tools/{name}", axum::routing::put(put_tool))
         .with_state(extra.clone());
-    mcp_router(stateless, extra).merge(tools)
+    mcp_router(stateless, extra, page_size).merge(tools)
 }
 
 /// Adds a run-time tool, or changes its description: the next `tools/list` shows it.
@@ -257,10 +277,11 @@ async fn put_tool(
     }
 }
 
-fn mcp_router(stateless: bool, extra: ExtraTools) -> axum::Router {
+fn mcp_router(stateless: bool, extra: ExtraTools, page_size: Option<usize>) -> axum::Router {
     let server = move || {
         Ok(DemoServer {
             extra: extra.clone(),
+            page_size,
         })
     };
     if stateless {

@@ -1,12 +1,14 @@
-//! `mcpguard-demo-mcp --listen 127.0.0.1:9100 [--stateless]`: serves the demo MCP
-//! server at `/mcp` and prints `listening on ADDR` once bound.
+//! `mcpguard-demo-mcp --listen 127.0.0.1:9100 [--stateless] [--page-size N]`: serves
+//! the demo MCP server at `/mcp` and prints `listening on ADDR` once bound.
+//! `--page-size N`: `tools/list` answers N tools a page, with a `nextCursor`.
 
 use std::io::Write;
 use std::net::SocketAddr;
 
 use axum::serve::ListenerExt;
 
-const USAGE: &str = "usage: mcpguard-demo-mcp [--listen 127.0.0.1:9100] [--stateless]";
+const USAGE: &str =
+    "usage: mcpguard-demo-mcp [--listen 127.0.0.1:9100] [--stateless] [--page-size N]";
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -22,11 +24,19 @@ async fn main() -> std::process::ExitCode {
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut listen: SocketAddr = "127.0.0.1:9100".parse()?;
     let mut stateless = false;
+    let mut page_size = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--listen" => listen = args.next().ok_or(USAGE)?.parse()?,
             "--stateless" => stateless = true,
+            "--page-size" => {
+                let n: usize = args.next().ok_or(USAGE)?.parse()?;
+                if n == 0 {
+                    return Err(format!("--page-size must be positive; {USAGE}").into());
+                }
+                page_size = Some(n);
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -41,7 +51,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, mcpguard_demo_mcp::router(stateless))
+    axum::serve(listener, mcpguard_demo_mcp::router(stateless, page_size))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })

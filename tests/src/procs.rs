@@ -259,20 +259,28 @@ pub struct Demo {
 impl Demo {
     /// Stateful: sessions and SSE responses, like most servers in the wild.
     pub async fn start(log_dir: &Path) -> Demo {
-        Self::spawn(log_dir, false).await
+        Self::spawn(log_dir, false, None).await
+    }
+
+    /// Stateful, its `tools/list` in pages of `page_size` tools.
+    pub async fn start_paged(log_dir: &Path, page_size: usize) -> Demo {
+        Self::spawn(log_dir, false, Some(page_size)).await
     }
 
     /// Stateless: each POST is answered on its own with JSON (for load runs).
     pub async fn start_stateless(log_dir: &Path) -> Demo {
-        Self::spawn(log_dir, true).await
+        Self::spawn(log_dir, true, None).await
     }
 
-    async fn spawn(log_dir: &Path, stateless: bool) -> Demo {
+    async fn spawn(log_dir: &Path, stateless: bool, page_size: Option<usize>) -> Demo {
         let port = free_port();
         let mut cmd = Command::new(binary("mcpguard-demo-mcp"));
         cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));
         if stateless {
             cmd.arg("--stateless");
+        }
+        if let Some(n) = page_size {
+            cmd.arg("--page-size").arg(n.to_string());
         }
         let mut proc = Proc::spawn(&format!("demo-mcp-{port}"), cmd, log_dir);
         wait_until(&mut proc, "demo MCP server", || async move {
@@ -519,7 +527,7 @@ impl Stack {
         // Before the caller's, so that a test's own value wins (later values do).
         env.insert(0, ("MCPGUARD_ENVOY_ADMIN_ADDR", &envoy_admin));
         let policy = Policy::start_with(&dir.path().join("data"), dir.path(), &env).await;
-        let demo = Demo::spawn(dir.path(), stateless).await;
+        let demo = Demo::spawn(dir.path(), stateless, None).await;
         let opts = EnvoyOptions {
             config,
             check_port: policy.check_port,
