@@ -8,8 +8,9 @@
 #   make test-postgres  only the PostgreSQL pass
 #   make run     build + envoy, then a local gateway (mcpguard-run, harness/); Ctrl-C stops it
 #   make bench   the MCP workload through bare Envoy, native ext_authz and mcpguard (wasm,
-#                and as an Envoy dynamic module), and the check endpoint alone (release
-#                builds, wrk; ~5 min of measurement, ~9 with the builds; see BENCHMARKS.md)
+#                and as an Envoy dynamic module), the gateway URL against the per-server
+#                URL, and the check endpoint alone (release builds, wrk; ~8 min of
+#                measurement, ~12 with the builds; see BENCHMARKS.md)
 #   make bench-breakglass  the break-glass proof at length (>=100 toggles under load)
 #   make deploy-manifests WASM_URL=https://... POLICY_IMAGE=registry/...:tag
 #                deploy/ rendered into target/deploy with the built filter's sha256
@@ -115,7 +116,7 @@ BENCH_ARGS ?=
 bench: bootstrap wasm-target envoy
 	@bench/ensure-wrk.sh
 	cargo build --release --target $(WASM_TARGET) -p mcpguard-filter
-	cargo build --release -p mcpguard-policy -p mcpguard-demo-mcp -p mcpguard-bench -p mcpguard-dynamic-module
+	cargo build --release -p mcpguard-policy -p mcpguard-demo-mcp -p mcpguard-aggregator -p mcpguard-bench -p mcpguard-dynamic-module
 	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) target/release/mcpguard-bench $(BENCH_ARGS)
 
 lint: bootstrap wasm-target

@@ -18,6 +18,7 @@ use mcpguard_core::route::is_valid_slug;
 use serde_json::{Value, json};
 
 use crate::App;
+use crate::cursor::{Cursor, MAX_UPSTREAM_CURSOR};
 use crate::names::Naming;
 use crate::policy::Ask;
 use crate::session::{Session, UpstreamSession};
@@ -25,9 +26,6 @@ use crate::upstream::{Target, UpstreamError};
 
 /// Protocol versions the gateway URL speaks, newest first.
 pub const PROTOCOL_VERSIONS: [&str; 4] = ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
-
-/// Most pages read from one upstream for one list.
-const MAX_PAGES: usize = 100;
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -189,6 +187,18 @@ async fn message(
         Ok(s) => s,
         Err(r) => return *r,
     };
+    // Present: `session_of` found the session by it.
+    let session_id = headers
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let lists = |spec| Lister {
+        app: &app,
+        caller: &caller,
+        session: &session,
+        session_id,
+        spec,
+    };
     let (Some(method), Some(id)) = (method, id) else {
         // A notification, or the client's answer to a request of a server.
         if message.get("method").and_then(Value::as_str) == Some("notifications/cancelled") {
@@ -201,12 +211,10 @@ async fn message(
     match method.as_str() {
         "ping" => rpc_result(&id, json!({})),
         "logging/setLevel" => set_level(&app, &caller, &session, &id, &message).await,
-        "tools/list" => list(&app, &caller, &session, &id, &message, &TOOLS).await,
-        "prompts/list" => list(&app, &caller, &session, &id, &message, &PROMPTS).await,
-        "resources/list" => list(&app, &caller, &session, &id, &message, &RESOURCES).await,
-        "resources/templates/list" => {
-            list(&app, &caller, &session, &id, &message, &TEMPLATES).await
-        }
+        "tools/list" => lists(&TOOLS).page(&id, &message).await,
+        "prompts/list" => lists(&PROMPTS).page(&id, &message).await,
+        "resources/list" => lists(&RESOURCES).page(&id, &message).await,
+        "resources/templates/list" => lists(&TEMPLATES).page(&id, &message).await,
         "tools/call" | "prompts/get" => {
             use_item(
                 &app,
@@ -337,29 +345,113 @@ const TEMPLATES: ListSpec = ListSpec {
     naming: Naming::Uri,
 };
 
-/// The merged list: every server of the gateway the caller may use now, each checked
-/// for this list; one that is refused, down or slow is left out (and logged).
-async fn list(
-    app: &App,
-    caller: &Caller,
-    session: &Session,
-    id: &Value,
-    message: &Value,
-    spec: &ListSpec,
-) -> Response {
-    if message.pointer("/params/cursor").is_some() {
-        // Every list is answered whole: the gateway gives out no cursor to come back with.
-        return rpc_error(StatusCode::OK, id, -32602, "invalid cursor");
+/// One page of a merged list, for one session.
+struct Lister<'a> {
+    app: &'a App,
+    caller: &'a Caller,
+    session: &'a Session,
+    /// The session's id, which its cursors are bound to.
+    session_id: &'a str,
+    spec: &'a ListSpec,
+}
+
+/// One server's part of a page: its items, renamed, and its own cursor when its list
+/// goes on.
+type Part = (Vec<Value>, Option<String>);
+
+impl Lister<'_> {
+    /// A page of the merged list: one upstream page from each server that still has
+    /// one (without a cursor: every server of the gateway the caller may use now), each
+    /// checked for this list, asked at once, in slug order. One that is refused, down
+    /// or slow is left out (and logged) and the others still answer; the `nextCursor`
+    /// names each server whose list goes on.
+    async fn page(&self, id: &Value, message: &Value) -> Response {
+        let (app, caller, spec) = (self.app, self.caller, self.spec);
+        let cursor = match message.pointer("/params/cursor") {
+            None | Some(Value::Null) => None,
+            Some(c) => match c
+                .as_str()
+                .and_then(|text| Cursor::decode(&app.key, self.session_id, spec.method, text))
+            {
+                Some(c) => Some(c),
+                None => return rpc_error(StatusCode::OK, id, -32602, "invalid cursor"),
+            },
+        };
+        let mut servers = match app.policy.check(caller.ask("", spec.method, None)).await {
+            CheckResponse::Gateway { servers } => servers,
+            CheckResponse::Deny { code } => return rpc_refusal(id, code),
+            CheckResponse::Allow { .. } => return rpc_refusal(id, DenyCode::PolicyUnavailable),
+        };
+        servers.sort();
+        servers.dedup();
+        // Where each server's list starts on this page: its own cursor, or (a first
+        // page) its beginning. A server the cursor names that the gateway no longer
+        // exposes is left out.
+        let asked: Vec<(String, Option<String>)> = match cursor {
+            None => servers.into_iter().map(|s| (s, None)).collect(),
+            Some(c) => c
+                .servers
+                .into_iter()
+                .filter(|(server, _)| {
+                    let exposed = servers.binary_search(server).is_ok();
+                    if !exposed {
+                        tracing::info!(
+                            gateway = caller.gateway,
+                            server,
+                            method = spec.method,
+                            "left out of the list: no longer on the gateway"
+                        );
+                    }
+                    exposed
+                })
+                .map(|(s, c)| (s, Some(c)))
+                .collect(),
+        };
+        let parts = futures_util::future::join_all(
+            asked
+                .iter()
+                .map(|(server, cursor)| self.part(server, cursor.as_deref())),
+        )
+        .await;
+        let mut items = Vec::new();
+        let mut next = Vec::new();
+        for ((server, _), (page, more)) in asked.into_iter().zip(parts) {
+            items.extend(page);
+            if let Some(c) = more {
+                next.push((server, c));
+            }
+        }
+        let mut result = json!({ spec.key: items });
+        if !next.is_empty() {
+            let cursor = Cursor {
+                method: spec.method.to_owned(),
+                servers: next,
+            };
+            result["nextCursor"] = json!(cursor.encode(&app.key, self.session_id));
+        }
+        rpc_result(id, result)
     }
-    let servers = match app.policy.check(caller.ask("", spec.method, None)).await {
-        CheckResponse::Gateway { servers } => servers,
-        CheckResponse::Deny { code } => return rpc_refusal(id, code),
-        CheckResponse::Allow { .. } => return rpc_refusal(id, DenyCode::PolicyUnavailable),
-    };
-    let lists = futures_util::future::join_all(servers.iter().map(|server| async move {
-        let deadline = app.upstreams.timeout + app.upstreams.timeout / 2;
-        match tokio::time::timeout(deadline, list_one(app, caller, session, server, spec)).await {
-            Ok(Ok(items)) => items,
+
+    /// One server's part of a page, or none (logged) when it is refused, down or slow.
+    async fn part(&self, server: &str, cursor: Option<&str>) -> Part {
+        let (caller, spec) = (self.caller, self.spec);
+        let deadline = self.app.upstreams.timeout + self.app.upstreams.timeout / 2;
+        match tokio::time::timeout(deadline, self.one_page(server, cursor)).await {
+            Ok(Ok((items, more))) => {
+                let more = more.filter(|c| {
+                    let fits = c.len() <= MAX_UPSTREAM_CURSOR;
+                    if !fits {
+                        tracing::warn!(
+                            gateway = caller.gateway,
+                            server,
+                            method = spec.method,
+                            "list cut short: the server's cursor is over {MAX_UPSTREAM_CURSOR} bytes"
+                        );
+                    }
+                    fits
+                });
+                (items, more)
+            }
             Ok(Err(why)) => {
                 tracing::info!(
                     gateway = caller.gateway,
@@ -368,7 +460,7 @@ async fn list(
                     why,
                     "left out of the list"
                 );
-                Vec::new()
+                (Vec::new(), None)
             }
             Err(_) => {
                 tracing::warn!(
@@ -377,13 +469,74 @@ async fn list(
                     method = spec.method,
                     "left out of the list: no answer in time"
                 );
-                Vec::new()
+                (Vec::new(), None)
             }
         }
-    }))
-    .await;
-    let items: Vec<Value> = lists.into_iter().flatten().collect();
-    rpc_result(id, json!({ spec.key: items }))
+    }
+
+    /// One upstream page of `server`'s list from `cursor`, checked for this list,
+    /// renamed; `Err` says why it has none.
+    async fn one_page(&self, server: &str, cursor: Option<&str>) -> Result<Part, String> {
+        let (app, caller, session, spec) = (self.app, self.caller, self.session, self.spec);
+        let (upstream, inject, list_filter) = match app
+            .policy
+            .check(caller.ask(server, spec.method, None))
+            .await
+        {
+            CheckResponse::Allow {
+                upstream,
+                inject,
+                list_filter,
+            } => (upstream, inject, list_filter),
+            CheckResponse::Deny { code } => return Err(format!("refused {}", code.as_str())),
+            CheckResponse::Gateway { .. } => return Err("a gateway answer for a server".into()),
+        };
+        let target =
+            Target::of(&upstream, inject.map(|h| (h.name, h.value))).map_err(|e| e.to_string())?;
+        let mut params = json!({});
+        if let Some(c) = cursor {
+            params["cursor"] = json!(c);
+        }
+        let request = json!({"jsonrpc": "2.0", "id": "mcpguard-list", "method": spec.method, "params": params});
+        let mut answer = exchange(app, session, server, &target, &request)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(filter) = &list_filter {
+            filter.filter_message(&mut answer);
+        }
+        let Some(result) = answer.get_mut("result") else {
+            return Err(format!(
+                "no result: {}",
+                answer.get("error").unwrap_or(&Value::Null)
+            ));
+        };
+        let more = result
+            .get("nextCursor")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let items = match result.get_mut(spec.key).and_then(Value::as_array_mut) {
+            Some(page) => std::mem::take(page),
+            None => Vec::new(),
+        };
+        let items = items
+            .into_iter()
+            .filter_map(|mut item| {
+                let own = item.get(spec.field)?.as_str()?;
+                let Some(exposed) = spec.naming.expose(server, own) else {
+                    tracing::warn!(
+                        gateway = caller.gateway,
+                        server,
+                        name = own,
+                        "left out: its gateway name would be over 64 characters"
+                    );
+                    return None;
+                };
+                item[spec.field] = Value::String(exposed);
+                Some(item)
+            })
+            .collect();
+        Ok((items, more))
+    }
 }
 
 /// `logging/setLevel`: sent to every server of the gateway the caller may use now,
@@ -475,79 +628,6 @@ async fn set_level_one(
             .unwrap_or("an error")
             .to_owned()),
     }
-}
-
-/// One server's part of a list, renamed; `Err` says why it has none.
-async fn list_one(
-    app: &App,
-    caller: &Caller,
-    session: &Session,
-    server: &str,
-    spec: &ListSpec,
-) -> Result<Vec<Value>, String> {
-    let (upstream, inject, list_filter) = match app
-        .policy
-        .check(caller.ask(server, spec.method, None))
-        .await
-    {
-        CheckResponse::Allow {
-            upstream,
-            inject,
-            list_filter,
-        } => (upstream, inject, list_filter),
-        CheckResponse::Deny { code } => return Err(format!("refused {}", code.as_str())),
-        CheckResponse::Gateway { .. } => return Err("a gateway answer for a server".into()),
-    };
-    let target =
-        Target::of(&upstream, inject.map(|h| (h.name, h.value))).map_err(|e| e.to_string())?;
-    let mut items = Vec::new();
-    let mut cursor: Option<String> = None;
-    for _ in 0..MAX_PAGES {
-        let mut params = json!({});
-        if let Some(c) = &cursor {
-            params["cursor"] = json!(c);
-        }
-        let request = json!({"jsonrpc": "2.0", "id": "mcpguard-list", "method": spec.method, "params": params});
-        let mut answer = exchange(app, session, server, &target, &request)
-            .await
-            .map_err(|e| e.to_string())?;
-        if let Some(filter) = &list_filter {
-            filter.filter_message(&mut answer);
-        }
-        let Some(result) = answer.get_mut("result") else {
-            return Err(format!(
-                "no result: {}",
-                answer.get("error").unwrap_or(&Value::Null)
-            ));
-        };
-        if let Some(page) = result.get_mut(spec.key).and_then(Value::as_array_mut) {
-            items.append(page);
-        }
-        cursor = result
-            .get("nextCursor")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        if cursor.is_none() {
-            break;
-        }
-    }
-    Ok(items
-        .into_iter()
-        .filter_map(|mut item| {
-            let own = item.get(spec.field)?.as_str()?;
-            let Some(exposed) = spec.naming.expose(server, own) else {
-                tracing::warn!(
-                    gateway = caller.gateway,
-                    server,
-                    name = own,
-                    "left out: its gateway name would be over 64 characters"
-                );
-                return None;
-            };
-            item[spec.field] = Value::String(exposed);
-            Some(item)
-        })
-        .collect())
 }
 
 /// A use of one server's item: checked for that server and item, then sent there

@@ -7,6 +7,7 @@
 //! pass unchanged but for the name ([`names`]). See docs/gateway.md.
 
 mod asks;
+pub mod cursor;
 pub mod gateway;
 pub mod names;
 pub mod policy;

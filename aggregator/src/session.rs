@@ -51,6 +51,20 @@ impl SessionKey {
         mac.finalize().into_bytes().into()
     }
 
+    /// HMAC-SHA256 under this key over `domain` (what the tag is for, so a tag of one
+    /// kind is never one of another), then each part with its length before it.
+    pub fn tag_parts(&self, domain: &[u8], parts: &[&[u8]]) -> [u8; TAG] {
+        let Ok(mut mac) = HmacSha256::new_from_slice(&self.0) else {
+            return [0; TAG];
+        };
+        mac.update(domain);
+        for part in parts {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        mac.finalize().into_bytes().into()
+    }
+
     /// A new session id for `caller`.
     pub fn issue(&self, caller: &Credential) -> std::io::Result<String> {
         let mut nonce = [0u8; NONCE];

@@ -1,6 +1,7 @@
 -- wrk script for `make bench` (mcpguard-bench writes the request list and runs wrk).
 --   wrk ... -s workload.lua URL -- <request list>
--- Each line of the list is one POST: path TAB bearer token (may be empty) TAB body.
+-- Each line of the list is one POST: path TAB bearer token (may be empty) TAB body,
+-- then optionally TAB an Mcp-Session-Id (the gateway URL's sessions).
 -- Requests are formatted once, in `init`; each thread then cycles through the whole
 -- list from its own offset, so no two threads march in step over the same tokens.
 -- `done` prints one machine-readable line, `BENCH_JSON {...}`, with latencies in us.
@@ -19,7 +20,7 @@ function init(args)
    -- Set by mcpguard-bench for runs against the check port, as Envoy adds it.
    local check_secret = os.getenv("BENCH_CHECK_SECRET")
    for line in io.lines(list) do
-      local path, token, body = line:match("^([^\t]*)\t([^\t]*)\t(.*)$")
+      local path, token, body, session = line:match("^([^\t]*)\t([^\t]*)\t([^\t]*)\t?([^\t]*)$")
       if path then
          local headers = {
             ["Content-Type"] = "application/json",
@@ -27,6 +28,9 @@ function init(args)
          }
          if token ~= "" then
             headers["Authorization"] = "Bearer " .. token
+         end
+         if session ~= "" then
+            headers["Mcp-Session-Id"] = session
          end
          if check_secret then
             headers["x-mcpguard-check-secret"] = check_secret

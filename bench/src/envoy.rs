@@ -63,6 +63,8 @@ pub struct Ports {
     pub admin: u16,
     pub check: u16,
     pub demo: u16,
+    /// The gateway URL's aggregator, when one runs (`mcpguard_aggregator`).
+    pub aggregator: Option<u16>,
 }
 
 /// The config as JSON, with this run's ports, upstream host and wasm path (the one
@@ -81,6 +83,14 @@ pub fn render(root: &Path, setup: Setup, ports: &Ports) -> Result<String> {
         if cfg.cluster_names().iter().any(|c| c == cluster) {
             cfg.cluster_ports(cluster, &[ports.check])?;
         }
+    }
+    if let Some(port) = ports.aggregator
+        && cfg
+            .cluster_names()
+            .iter()
+            .any(|c| c == "mcpguard_aggregator")
+    {
+        cfg.cluster_ports("mcpguard_aggregator", &[port])?;
     }
     Ok(cfg.to_json())
 }
@@ -116,12 +126,14 @@ pub struct Envoy {
 }
 
 impl Envoy {
-    /// Starts one setup with `--concurrency 1` (one worker thread, as for every setup).
+    /// Starts one setup with `--concurrency 1` (one worker thread, as for every setup);
+    /// its gateway URL goes to the aggregator on `aggregator_port` when given.
     pub fn start(
         root: &Path,
         setup: Setup,
         check_port: u16,
         demo_port: u16,
+        aggregator_port: Option<u16>,
         dir: &Path,
     ) -> Result<Envoy> {
         let ports = Ports {
@@ -129,6 +141,7 @@ impl Envoy {
             admin: free_port()?,
             check: check_port,
             demo: demo_port,
+            aggregator: aggregator_port,
         };
         let config = dir.join(format!("envoy-{}.json", setup.letter()));
         std::fs::write(&config, render(root, setup, &ports)?)?;

@@ -1,7 +1,8 @@
 //! `mcpguard-bench` (run by `make bench`): the same MCP workload through four Envoy
-//! setups that differ only in their auth filter, interleaved a b c d a b c d, then the
-//! policy service's check endpoint on its own, on SQLite and on PostgreSQL, interleaved
-//! sqlite postgres sqlite postgres. Loopback only, bounded duration; the report goes to
+//! setups that differ only in their auth filter, interleaved a b c d a b c d; the
+//! gateway URL against the per-server URL ([`gateway`]); then the policy service's
+//! check endpoint on its own, on SQLite and on PostgreSQL, interleaved sqlite postgres
+//! sqlite postgres. Loopback only, bounded duration; the report goes to
 //! stdout and `target/bench/report.md`, raw runs to `results.json`.
 //!
 //! See [`USAGE`] for the options. `--hold` starts everything, prints the ports and
@@ -11,6 +12,7 @@
 //! PostgreSQL's server binaries unless `--no-postgres` (see `pgcluster/`).
 
 mod envoy;
+mod gateway;
 mod metrics_cost;
 mod procs;
 mod report;
@@ -39,8 +41,11 @@ usage: mcpguard-bench [options]
   --check-duration S         seconds per measured check-endpoint run (5)
   --check-rounds N           rounds of sqlite postgres per concurrency (2)
   --check-concurrency 1,8,32 wrk connections for the check endpoint
-  --only envoy|check|metrics run one of the benchmarks (metrics: only the in-process
-                             cost of recording and scraping the metrics, no servers)
+  --only envoy|gateway|check|metrics
+                             run one of the benchmarks (gateway: the gateway URL against
+                             the per-server URL, and tools/list fan-out; metrics: only
+                             the in-process cost of recording and scraping the metrics,
+                             no servers)
   --no-postgres              check endpoint on SQLite only: no throwaway PostgreSQL
                              cluster (its server binaries are then not needed)
   --hold                     start everything, print pids and ports, wait for Ctrl-C
@@ -52,7 +57,7 @@ usage: mcpguard-bench [options]
 const MCP_REQUESTS: usize = 2_000;
 /// Distinct check requests in the check-endpoint workload.
 const CHECK_REQUESTS: usize = 10_000;
-const WARMUP_SECONDS: u32 = 2;
+pub(crate) const WARMUP_SECONDS: u32 = 2;
 /// The throwaway cluster keeps PostgreSQL's defaults (shared_buffers 128MB, fsync and
 /// synchronous_commit on), except for a quieter log.
 const POSTGRES_SETTINGS: &[(&str, &str)] = &[("log_min_messages", "warning")];
@@ -123,6 +128,8 @@ struct Options {
     check_rounds: u32,
     check_concurrency: Vec<u32>,
     envoy: bool,
+    /// The gateway URL's benchmark ([`gateway`]).
+    gateway: bool,
     check: bool,
     setups: Vec<Setup>,
     /// Also run the check endpoint on PostgreSQL.
@@ -147,6 +154,7 @@ fn options(args: impl IntoIterator<Item = String>) -> Result<Options> {
         check_rounds: 2,
         check_concurrency: vec![1, 8, 32],
         envoy: true,
+        gateway: true,
         check: true,
         setups: Setup::ALL.to_vec(),
         postgres: true,
@@ -164,8 +172,9 @@ fn options(args: impl IntoIterator<Item = String>) -> Result<Options> {
             "--check-rounds" => o.check_rounds = value()?.parse().context(USAGE)?,
             "--check-concurrency" => o.check_concurrency = parse_list(&value()?)?,
             "--only" => match value()?.as_str() {
-                "envoy" => o.check = false,
-                "check" => o.envoy = false,
+                "envoy" => (o.gateway, o.check) = (false, false),
+                "gateway" => (o.envoy, o.check) = (false, false),
+                "check" => (o.envoy, o.gateway) = (false, false),
                 "metrics" => o.metrics_only = true,
                 _ => bail!(USAGE),
             },
@@ -208,7 +217,7 @@ fn release_binary(root: &Path, name: &str) -> Result<PathBuf> {
     let path = dir.join(name);
     if !path.exists() {
         bail!(
-            "{} is missing: cargo build --release -p mcpguard-policy -p mcpguard-demo-mcp -p mcpguard-bench (make bench does this)",
+            "{} is missing: cargo build --release -p mcpguard-policy -p mcpguard-demo-mcp -p mcpguard-aggregator -p mcpguard-bench (make bench does this)",
             path.display()
         );
     }
@@ -234,7 +243,7 @@ pub struct Run {
 }
 
 /// The processes whose CPU time and peak RSS a run records.
-struct Measured {
+pub(crate) struct Measured {
     envoy: Option<u32>,
     policy: Option<u32>,
     upstream: Option<u32>,
@@ -259,7 +268,7 @@ fn machine_cpu() -> (u64, u64) {
     (total, idle)
 }
 
-fn measure(
+pub(crate) fn measure(
     m: &Measured,
     target: &'static str,
     connections: u32,
@@ -307,7 +316,7 @@ fn measure(
     })
 }
 
-fn initialize_body(id: usize) -> String {
+pub(crate) fn initialize_body(id: usize) -> String {
     serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "initialize", "params": {
         "protocolVersion": "2025-11-25", "capabilities": {},
         "clientInfo": {"name": "mcpguard-bench", "version": "0"}}})
@@ -408,6 +417,7 @@ fn sanity_check_envoy(
             &path,
             &[
                 ("content-type", "application/json"),
+                ("accept", "application/json, text/event-stream"),
                 ("authorization", &auth),
             ],
             &initialize_body(0),
@@ -498,6 +508,21 @@ fn run() -> Result<()> {
         std::net::TcpStream::connect(("127.0.0.1", demo_port)).is_ok()
     })?;
 
+    // The fan-out gateway's upstreams, one demo MCP server each (gateway benchmark).
+    let mut fanout_demos = Vec::new();
+    if opts.gateway {
+        for i in 0..gateway::FANOUT {
+            let port = procs::free_port()?;
+            let mut cmd = Command::new(&demo_bin);
+            cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--stateless"]);
+            let mut proc = Proc::spawn(&format!("demo-mcp-fanout-{i}"), cmd, &out_dir)?;
+            proc.wait_ready("fan-out demo MCP server", || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            })?;
+            fanout_demos.push((port, proc));
+        }
+    }
+
     let data = seed::generate()?;
     let upstream = format!("127.0.0.1:{demo_port}");
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -509,8 +534,23 @@ fn run() -> Result<()> {
         Backend::Sqlite,
         runtime.block_on(seed::seed(&sqlite_url, &data, &upstream))?,
     )];
+    let fanout_token = if opts.gateway {
+        let upstreams: Vec<String> = fanout_demos
+            .iter()
+            .map(|(port, _)| format!("127.0.0.1:{port}"))
+            .collect();
+        Some(runtime.block_on(seed::seed_fanout(&sqlite_url, &upstreams))?)
+    } else {
+        None
+    };
     let mut policy = PolicyService::start(&policy_bin, &out_dir, Backend::Sqlite, None)?;
     let check_port = policy.check_port;
+    let aggregator = if opts.gateway {
+        let bin = release_binary(&root, "mcpguard-aggregator")?;
+        Some(gateway::Aggregator::start(&bin, &out_dir, check_port)?)
+    } else {
+        None
+    };
 
     let mcp_list = out_dir.join("mcp-requests.tsv");
     let mcp = mcp_lines(&data.live);
@@ -543,9 +583,25 @@ fn run() -> Result<()> {
     eprintln!("{}", seed::describe(&data, &seeded));
 
     let mut envoys = Vec::new();
-    if opts.envoy || opts.hold {
-        for setup in &opts.setups {
-            let e = Envoy::start(&root, *setup, check_port, demo_port, &out_dir)?;
+    // The gateway benchmark runs through setup c; alone, it starts only that one.
+    let setups = if opts.envoy || opts.hold {
+        opts.setups.clone()
+    } else if opts.gateway {
+        vec![Setup::Mcpguard]
+    } else {
+        Vec::new()
+    };
+    {
+        for setup in &setups {
+            let aggregator_port = aggregator.as_ref().map(|a| a.port);
+            let e = Envoy::start(
+                &root,
+                *setup,
+                check_port,
+                demo_port,
+                aggregator_port,
+                &out_dir,
+            )?;
             sanity_check_envoy(&e, &mcp, &data.revoked_example)?;
             eprintln!(
                 "{} on 127.0.0.1:{} (admin {}), pid {} ({})",
@@ -631,8 +687,36 @@ fn run() -> Result<()> {
             )
         })
         .collect();
+    let mut gateway_runs = Vec::new();
+    let gateway_opts = gateway::Options {
+        duration: opts.duration,
+        rounds: opts.rounds,
+        concurrency: opts.concurrency.clone(),
+    };
+    if let (Some(aggregator), Some(fanout_token)) = (&aggregator, &fanout_token) {
+        let Some(e) = envoys.iter().find(|e| e.setup == Setup::Mcpguard) else {
+            bail!("the gateway benchmark runs through setup c: --setups must include c");
+        };
+        let fanout: Vec<(u16, u32)> = fanout_demos.iter().map(|(p, d)| (*p, d.pid())).collect();
+        let setup = gateway::Setup {
+            envoy_port: e.port,
+            envoy_pid: e.proc.pid(),
+            policy_pid: policy.proc.pid(),
+            aggregator_pid: aggregator.proc.pid(),
+            demo_pid: demo.pid(),
+            fanout: &fanout,
+            fanout_token,
+            live: &data.live,
+            script: &script,
+            out_dir: &out_dir,
+            ticks,
+        };
+        gateway_runs = gateway::run(&setup, &gateway_opts)?;
+    }
     // The Envoys sit idle from here; stop them so the check benchmark has the machine.
     drop(envoys);
+    drop(aggregator);
+    drop(fanout_demos);
 
     if opts.check {
         // Interleaved per concurrency: sqlite postgres sqlite postgres.
@@ -736,8 +820,12 @@ fn run() -> Result<()> {
         load_after: report::load_average(),
     };
     let mut text = report::markdown(&env, &runs);
+    if opts.gateway {
+        text.push_str(&gateway::markdown(&gateway_runs, &gateway_opts));
+    }
     text.push_str(&metrics_cost::markdown(&metrics_cost::measure()));
     std::fs::write(out_dir.join("report.md"), &text)?;
+    runs.extend(gateway_runs);
     std::fs::write(
         out_dir.join("results.json"),
         serde_json::to_string_pretty(&report::json(&runs))?,
@@ -775,6 +863,10 @@ mod tests {
         assert!(parse(&["--duration", "0"]).is_err());
         assert!(parse(&["--only", "both"]).is_err());
         assert!(!parse(&["--only", "check"]).unwrap().envoy);
+        let g = parse(&["--only", "gateway"]).unwrap();
+        assert!(g.gateway && !g.envoy && !g.check);
+        let all = parse(&[]).unwrap();
+        assert!(all.gateway && all.envoy && all.check);
         assert!(parse(&["--only", "metrics"]).unwrap().metrics_only);
     }
 }

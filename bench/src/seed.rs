@@ -246,6 +246,7 @@ pub async fn seed(url: &str, data: &DataSet, upstream_authority: &str) -> Result
         }),
     )
     .await?;
+    grant_to_everyone(conn, on, now, None).await?;
     insert(
         conn,
         "INSERT INTO servers (id, name, slug, upstream_scheme, upstream_authority, upstream_path, enabled, created_at)",
@@ -327,6 +328,27 @@ pub async fn seed(url: &str, data: &DataSet, upstream_authority: &str) -> Result
     Ok(start.elapsed().as_secs_f64())
 }
 
+/// Grants the seeded gateways (or only `gateway`) to the built-in team `everyone`, as
+/// the policy service does for a new gateway: without a grant every check is refused
+/// `gateway_not_granted`.
+async fn grant_to_everyone(
+    conn: &mut sqlx::AnyConnection,
+    on: &str,
+    now: i64,
+    gateway: Option<usize>,
+) -> Result<()> {
+    let only = gateway.map_or(String::new(), |g| format!(" AND g.id = {g}"));
+    let sql = format!(
+        "INSERT INTO gateway_grants (gateway_id, team_id, created_at) \
+         SELECT g.id, t.id, {now} FROM gateways g, teams t WHERE t.everyone = {on}{only}"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut *conn)
+        .await
+        .context("seeding: gateway grants")?;
+    Ok(())
+}
+
 /// `count` credentials taken at an even stride across all of `live`, so a workload
 /// touches the whole data set rather than its first rows.
 pub fn spread(live: &[SeededToken], count: usize) -> Vec<&SeededToken> {
@@ -353,6 +375,85 @@ pub fn describe(data: &DataSet, seeded: &[(Backend, f64)]) -> String {
         let _ = write!(s, "{sep} {seconds:.1} s ({})", backend.name());
     }
     s
+}
+
+/// The fan-out gateway's slug (`--only gateway`): it exposes [`fanout_slug`] servers,
+/// each on an upstream of its own.
+pub const FANOUT_GATEWAY: &str = "fanout";
+
+pub fn fanout_slug(i: usize) -> String {
+    format!("fan-{i}")
+}
+
+/// Adds the fan-out gateway to the store at `url` (after [`seed`]): one server per
+/// authority in `upstreams`, all exposed, and one live token on it, returned. Ids
+/// start past the data set's.
+pub async fn seed_fanout(url: &str, upstreams: &[String]) -> Result<SeededToken> {
+    let backend = Backend::of_url(url);
+    let on = backend.boolean(true);
+    let db = store::open(url, 1).await?;
+    let now = store::now_ms();
+    let (gateway, host, id) = (GATEWAYS + 1, HOSTS + 1, TOKENS + 1);
+    let token = token_secret(TOKENS)?;
+    let hash = TokenHash::of(&token).to_hex();
+    let mut tx = db.begin().await?;
+    let conn: &mut sqlx::AnyConnection = &mut tx;
+    insert(
+        conn,
+        "INSERT INTO gateways (id, name, slug, enabled, created_at)",
+        std::iter::once(format!(
+            "({gateway}, 'Fan-out', '{FANOUT_GATEWAY}', {on}, {now})"
+        )),
+    )
+    .await?;
+    grant_to_everyone(conn, on, now, Some(gateway)).await?;
+    insert(
+        conn,
+        "INSERT INTO servers (id, name, slug, upstream_scheme, upstream_authority, upstream_path, enabled, created_at)",
+        upstreams.iter().enumerate().map(|(i, authority)| {
+            format!(
+                "({}, 'Fan-out {i}', '{}', 'http', '{authority}', '/mcp', {on}, {now})",
+                SERVERS + 1 + i,
+                fanout_slug(i)
+            )
+        }),
+    )
+    .await?;
+    insert(
+        conn,
+        "INSERT INTO exposures (gateway_id, server_id, identity, created_at)",
+        (0..upstreams.len()).map(|i| format!("({gateway}, {}, 'shared', {now})", SERVERS + 1 + i)),
+    )
+    .await?;
+    insert(
+        conn,
+        "INSERT INTO hosts (id, name, kind, enabled, created_at)",
+        std::iter::once(format!("({host}, 'Fan-out agent', 'token', {on}, {now})")),
+    )
+    .await?;
+    insert(
+        conn,
+        "INSERT INTO connections (id, host_id, gateway_id, user_id, enabled, created_at)",
+        std::iter::once(format!("({id}, {host}, {gateway}, 1, {on}, {now})")),
+    )
+    .await?;
+    insert(
+        conn,
+        "INSERT INTO api_tokens (id, connection_id, token_hash, prefix, created_by, created_at, revoked_at)",
+        std::iter::once(format!(
+            "({id}, {id}, '{hash}', '{}', 1, {now}, NULL)",
+            mcpguard_core::token::display_prefix(&token)
+        )),
+    )
+    .await?;
+    tx.commit().await?;
+    db.close().await;
+    Ok(SeededToken {
+        token,
+        hash,
+        gateway: FANOUT_GATEWAY.to_owned(),
+        server: fanout_slug(0),
+    })
 }
 
 #[cfg(test)]

@@ -13,7 +13,9 @@
 //! call and answers `hello {name}`, or the client's action when it did not accept. It
 //! accepts
 //! `logging/setLevel` and prints the level it was set to (`logging level set to
-//! debug`), so a test can see the request arrived.
+//! debug`), so a test can see the request arrived. With a page size, `tools/list`
+//! answers in pages of that many tools (the cursor is the offset of the next one), so
+//! a test can play an upstream whose list is paginated.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -63,6 +65,8 @@ pub struct DemoServer {
     extra: ExtraTools,
     peers: Peers,
     elicit: bool,
+    /// Tools a `tools/list` page holds; `None`: every tool on one page.
+    page_size: Option<usize>,
 }
 
 /// What run-time changes touch: the tools, and the sessions to tell of them.
@@ -213,7 +217,7 @@ impl ServerHandler for DemoServer {
 
     async fn list_tools(
         &self,
-        _request: Option<PaginatedRequestParams>,
+        request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
         let mut tools = Self::tool_router().list_all();
@@ -235,7 +239,22 @@ impl ServerHandler for DemoServer {
             )]));
             tools.push(Tool::new(ASK, "Ask the client for a name", empty));
         }
-        Ok(ListToolsResult::with_all_items(tools))
+        let Some(size) = self.page_size else {
+            return Ok(ListToolsResult::with_all_items(tools));
+        };
+        let start = match request.and_then(|r| r.cursor) {
+            None => 0,
+            Some(c) => c
+                .parse::<usize>()
+                .ok()
+                .filter(|&offset| offset < tools.len())
+                .ok_or_else(|| ErrorData::invalid_params("invalid cursor", None))?,
+        };
+        let end = tools.len().min(start + size);
+        let next = (end < tools.len()).then(|| end.to_string());
+        let mut page = ListToolsResult::with_all_items(tools.drain(start..end).collect());
+        page.next_cursor = next;
+        Ok(page)
     }
 
     async fn call_tool(
@@ -321,10 +340,21 @@ impl ServerHandler for DemoServer {
     }
 }
 
-/// The MCP endpoint at `/mcp`. Stateful mode keeps sessions (`Mcp-Session-Id`) and
-/// answers over SSE, as most servers in the wild do; stateless answers each POST with
-/// plain JSON.
-pub fn router(stateless: bool, elicit: bool) -> axum::Router {
+/// How the demo server behaves (see `mcpguard-demo-mcp`'s usage).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Stateful mode keeps sessions (`Mcp-Session-Id`) and answers over SSE, as most
+    /// servers in the wild do; stateless answers each POST with plain JSON.
+    pub stateless: bool,
+    /// Adds the `ask` tool, which asks the client for a name (elicitation).
+    pub elicit: bool,
+    /// Tools a `tools/list` page holds (`None`: all on one page).
+    pub page_size: Option<usize>,
+}
+
+/// The MCP endpoint at `/mcp`, and the test hooks under `/demo/` (changing a tool,
+/// announcing a resource update, asking sessions for their roots).
+pub fn router(options: Options) -> axum::Router {
     let shared = Shared::default();
     let changes = axum::Router::new()
         .route("/demo/tools/{name}", axum::routing::put(put_tool))
@@ -334,7 +364,7 @@ pub fn router(stateless: bool, elicit: bool) -> axum::Router {
         )
         .route("/demo/roots", axum::routing::post(list_roots))
         .with_state(shared.clone());
-    mcp_router(stateless, elicit, shared).merge(changes)
+    mcp_router(options, shared).merge(changes)
 }
 
 /// Adds a run-time tool, or changes its description: the next `tools/list` shows it,
@@ -396,15 +426,16 @@ async fn list_roots(
     http::StatusCode::ACCEPTED
 }
 
-fn mcp_router(stateless: bool, elicit: bool, shared: Shared) -> axum::Router {
+fn mcp_router(options: Options, shared: Shared) -> axum::Router {
     let server = move || {
         Ok(DemoServer {
             extra: shared.extra.clone(),
             peers: shared.peers.clone(),
-            elicit,
+            elicit: options.elicit,
+            page_size: options.page_size,
         })
     };
-    if stateless {
+    if options.stateless {
         let config = StreamableHttpServerConfig::default()
             .with_legacy_session_mode(false)
             .with_json_response(true)

@@ -19,6 +19,21 @@ pub fn request(
     headers: &[(&str, &str)],
     body: &str,
 ) -> io::Result<(u16, String)> {
+    request_with_headers(port, method, path, headers, body).map(|(status, _, body)| (status, body))
+}
+
+/// A response's headers: (lowercased name, value), in order.
+pub type Headers = Vec<(String, String)>;
+
+/// [`request`], also returning the response's headers (names lowercased), e.g. an
+/// `mcp-session-id`.
+pub fn request_with_headers(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> io::Result<(u16, Headers, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut req = format!(
@@ -51,7 +66,13 @@ pub fn request(
     } else {
         rest.to_owned()
     };
-    Ok((status, body))
+    let response_headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok((status, response_headers, body))
 }
 
 fn dechunk(mut rest: &str) -> String {

@@ -1291,3 +1291,166 @@ async fn a_servers_roots_request_on_its_get_stream_is_answered_by_the_client() {
     assert!(answered, "{}", stack.demos[1].proc.log_tail());
     client.cancel().await.unwrap();
 }
+
+/// The names on one raw page of a list, and its `nextCursor`.
+fn page_of(reply: &Value, key: &str) -> (Vec<String>, Option<String>) {
+    let items = reply["result"][key]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {key} in {reply}"));
+    let names = items
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect();
+    let next = reply["result"]["nextCursor"].as_str().map(str::to_owned);
+    (names, next)
+}
+
+/// A raw session on the gateway URL, initialized; its id.
+async fn raw_session(raw: &Raw, token: &str) -> String {
+    let (status, sid, init) = raw.post(token, None, mcp::initialize_body()).await;
+    assert_eq!(status, 200, "{init}");
+    let sid = sid.expect("a session id");
+    raw.post(
+        token,
+        Some(&sid),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    )
+    .await;
+    sid
+}
+
+#[tokio::test]
+async fn cursors_span_servers_and_every_tool_comes_exactly_once() {
+    // Both servers answer `tools/list` two tools a page; alpha has 8 tools (4 pages:
+    // echo header | whoami extra0 | extra1 extra2 | extra3 extra4), beta 3 (2 pages).
+    let stack = GatewayStack::start_paging("envoy/mcpguard.yaml", 2, 1, Some(2)).await;
+    let http = mcpguard_e2e::http();
+    for i in 0..5 {
+        let put = http
+            .put(format!(
+                "http://127.0.0.1:{}/demo/tools/extra{i}",
+                stack.demos[0].port
+            ))
+            .body(format!("Extra tool {i}"))
+            .send()
+            .await
+            .unwrap();
+        assert!(put.status().is_success(), "{}", put.status());
+    }
+    let (stack, token, _alpha, beta, _) = two_servers_on(stack).await;
+    let admin = stack.admin();
+    let url = stack.gateway_url("eng");
+    let mut every = strings(&[
+        "alpha__echo",
+        "alpha__header",
+        "alpha__whoami",
+        "beta__echo",
+        "beta__header",
+        "beta__whoami",
+    ]);
+    every.extend((0..5).map(|i| format!("alpha__extra{i}")));
+    every.sort();
+
+    // rmcp's client walks every page: each tool of both servers exactly once.
+    let client = mcp::connect(&url, Some(&token)).await.expect("initialize");
+    let walked: Vec<String> = client
+        .list_all_tools()
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    let mut sorted = walked.clone();
+    sorted.sort();
+    assert_eq!(sorted, every, "walked {walked:?}");
+    client.cancel().await.unwrap();
+
+    // Raw: a page holds one upstream page of each server that has one, in slug order,
+    // so a big upstream is not read whole for one page.
+    let raw = Raw {
+        http: mcpguard_e2e::http(),
+        url: url.clone(),
+    };
+    let sid = raw_session(&raw, &token).await;
+    let list = |id: i64, cursor: Option<&str>| match cursor {
+        Some(c) => json!({"jsonrpc": "2.0", "id": id, "method": "tools/list",
+                          "params": {"cursor": c}}),
+        None => json!({"jsonrpc": "2.0", "id": id, "method": "tools/list"}),
+    };
+    let (_, _, first) = raw.post(&token, Some(&sid), list(1, None)).await;
+    let (names, next) = page_of(&first, "tools");
+    assert_eq!(
+        names,
+        strings(&["alpha__echo", "alpha__header", "beta__echo", "beta__header"]),
+        "{first}"
+    );
+    let cursor = next.expect("a nextCursor");
+    assert!(!cursor.contains("alpha"), "opaque: {cursor}");
+    let (_, _, second) = raw.post(&token, Some(&sid), list(2, Some(&cursor))).await;
+    let (names, next) = page_of(&second, "tools");
+    assert_eq!(
+        names,
+        strings(&["alpha__whoami", "alpha__extra0", "beta__whoami"]),
+        "{second}"
+    );
+    let second_cursor = next.expect("alpha goes on");
+
+    // A cursor is bound to its session and its list, and cannot be changed: each is
+    // -32602, and the session goes on.
+    let other = raw_session(&raw, &token).await;
+    let flipped = format!(
+        "{}{}",
+        &cursor[..cursor.len() - 1],
+        if cursor.ends_with('0') { '1' } else { '0' }
+    );
+    for (session, body) in [
+        (&other, list(3, Some(&cursor))),
+        (&sid, list(4, Some(&flipped))),
+        (&sid, list(5, Some("bogus"))),
+        (
+            &sid,
+            json!({"jsonrpc": "2.0", "id": 6, "method": "prompts/list",
+                   "params": {"cursor": cursor}}),
+        ),
+    ] {
+        let (status, _, reply) = raw.post(&token, Some(session), body.clone()).await;
+        assert_eq!(
+            (status, &reply["error"]["code"]),
+            (200, &json!(-32602)),
+            "{body}: {reply}"
+        );
+    }
+
+    // Every page is checked per server, uncached: beta disabled mid-walk is left out
+    // of the pages after, though the first cursor still names it.
+    admin.set_enabled("servers", beta, false).await;
+    let (_, _, again) = raw.post(&token, Some(&sid), list(7, Some(&cursor))).await;
+    let (names, _) = page_of(&again, "tools");
+    assert_eq!(
+        names,
+        strings(&["alpha__whoami", "alpha__extra0"]),
+        "{again}"
+    );
+    admin.set_enabled("servers", beta, true).await;
+
+    // The rest of the walk from the second page: alpha's last tools, then the end.
+    let mut rest = Vec::new();
+    let mut next = Some(second_cursor);
+    for id in 10..20 {
+        let Some(c) = next else { break };
+        let (_, _, reply) = raw.post(&token, Some(&sid), list(id, Some(&c))).await;
+        let (names, more) = page_of(&reply, "tools");
+        rest.extend(names);
+        next = more;
+    }
+    assert_eq!(next, None, "the walk ends");
+    assert_eq!(
+        rest,
+        strings(&[
+            "alpha__extra1",
+            "alpha__extra2",
+            "alpha__extra3",
+            "alpha__extra4"
+        ])
+    );
+}

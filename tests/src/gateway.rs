@@ -87,6 +87,17 @@ impl GatewayStack {
         servers: usize,
         aggregators: usize,
     ) -> GatewayStack {
+        Self::start_paging(config, servers, aggregators, None).await
+    }
+
+    /// [`GatewayStack::start_with`], each demo server's `tools/list` in pages of
+    /// `page_size` tools when given.
+    pub async fn start_paging(
+        config: &'static str,
+        servers: usize,
+        aggregators: usize,
+        page_size: Option<usize>,
+    ) -> GatewayStack {
         let dir = tempfile::tempdir().expect("temp dir");
         let (port, admin_port) = (free_port(), free_port());
         let resource_base = format!("http://127.0.0.1:{port}");
@@ -98,7 +109,10 @@ impl GatewayStack {
         let policy = Policy::start_with(&dir.path().join("data"), dir.path(), &env).await;
         let mut demos = Vec::new();
         for _ in 0..servers {
-            demos.push(Demo::start(dir.path()).await);
+            demos.push(match page_size {
+                Some(n) => Demo::start_paged(dir.path(), n).await,
+                None => Demo::start(dir.path()).await,
+            });
         }
         let mut started = Vec::new();
         for _ in 0..aggregators {

@@ -267,6 +267,11 @@ impl Demo {
         Self::spawn(log_dir, &["--elicit"]).await
     }
 
+    /// Stateful, its `tools/list` in pages of `page_size` tools.
+    pub async fn start_paged(log_dir: &Path, page_size: usize) -> Demo {
+        Self::spawn(log_dir, &["--page-size", &page_size.to_string()]).await
+    }
+
     /// Stateless: each POST is answered on its own with JSON (for load runs).
     pub async fn start_stateless(log_dir: &Path) -> Demo {
         Self::spawn(log_dir, &["--stateless"]).await

@@ -1,0 +1,454 @@
+//! The gateway URL's benchmark (`--only gateway`, and part of the full run): through
+//! the same mcpguard Envoy (setup c) and policy service,
+//!
+//! - `tools/call` (echo) on the gateway URL `/mcp/{gateway}` (Envoy, the aggregator,
+//!   its per-server check, the upstream) against the same call on the per-server URL
+//!   `/mcp/{gateway}/{server}`, interleaved per-server gateway per-server gateway at
+//!   each concurrency, the same tokens on both (each with its own session on the
+//!   gateway URL, opened before measuring);
+//! - `tools/list` on a gateway of [`FANOUT`] servers, each on its own demo MCP server:
+//!   one list fans out to every upstream at once. Against each upstream's own
+//!   `tools/list` (wrk straight at it), interleaved within each round.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::procs::{self, Proc, http_ok};
+use crate::seed::{self, SeededToken};
+use crate::{Measured, Run, measure, wrk};
+
+/// Servers (and upstreams) on the fan-out gateway.
+pub const FANOUT: usize = 10;
+/// Distinct tokens, each with its own gateway-URL session, in the `tools/call` runs.
+const SESSIONS: usize = 200;
+/// Sessions on the fan-out gateway (one token).
+const FANOUT_SESSIONS: usize = 4;
+/// Run names of the direct upstream runs, by upstream.
+const UPSTREAM_TARGETS: [&str; FANOUT] = [
+    "upstream-0",
+    "upstream-1",
+    "upstream-2",
+    "upstream-3",
+    "upstream-4",
+    "upstream-5",
+    "upstream-6",
+    "upstream-7",
+    "upstream-8",
+    "upstream-9",
+];
+const PER_SERVER: &str = "per-server";
+const GATEWAY: &str = "gateway-url";
+const FANOUT_LIST: &str = "fanout-list";
+
+/// One request of a wrk list: path, bearer token, body, session id (may be empty).
+type Line = (String, String, String, String);
+
+/// The aggregator (release, its defaults but a quieter log) on a free loopback port.
+pub struct Aggregator {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Aggregator {
+    pub fn start(bin: &Path, out_dir: &Path, check_port: u16) -> Result<Aggregator> {
+        let port = procs::free_port()?;
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--policy-check-url",
+            &format!("http://127.0.0.1:{check_port}"),
+            "--log",
+            "warn",
+        ])
+        // Written by the policy service's start (`PolicyService::start`).
+        .arg("--check-secret-file")
+        .arg(out_dir.join("check-secret"));
+        let mut proc = Proc::spawn("aggregator", cmd, out_dir)?;
+        proc.wait_ready("aggregator", || http_ok(port, "/healthz"))?;
+        Ok(Aggregator { proc, port })
+    }
+}
+
+fn post(
+    port: u16,
+    path: &str,
+    token: &str,
+    session: Option<&str>,
+    body: &str,
+) -> Result<(u16, mcpguard_harness::http::Headers, String)> {
+    let auth = format!("Bearer {token}");
+    let mut headers = vec![
+        ("content-type", "application/json"),
+        ("accept", "application/json, text/event-stream"),
+    ];
+    if !token.is_empty() {
+        headers.push(("authorization", &auth));
+    }
+    if let Some(s) = session {
+        headers.push(("mcp-session-id", s));
+    }
+    Ok(mcpguard_harness::http::request_with_headers(
+        port, "POST", path, &headers, body,
+    )?)
+}
+
+/// A session on the gateway URL for `token`, initialized: its id.
+fn open_session(envoy_port: u16, gateway: &str, token: &str) -> Result<String> {
+    let path = format!("/mcp/{gateway}");
+    let (status, headers, body) = post(envoy_port, &path, token, None, &crate::initialize_body(0))?;
+    let Some((_, id)) = headers.iter().find(|(k, _)| k == "mcp-session-id") else {
+        bail!("initialize on {path} answered {status} without a session: {body}");
+    };
+    let note = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    post(envoy_port, &path, token, Some(id), note)?;
+    Ok(id.clone())
+}
+
+fn call_body(i: usize, name: &str) -> String {
+    serde_json::json!({"jsonrpc": "2.0", "id": i, "method": "tools/call",
+        "params": {"name": name, "arguments": {"text": format!("bench request {i}")}}})
+    .to_string()
+}
+
+fn list_body(i: usize) -> String {
+    serde_json::json!({"jsonrpc": "2.0", "id": i, "method": "tools/list"}).to_string()
+}
+
+fn write_lines(path: &Path, lines: &[Line]) -> Result<()> {
+    let mut text = String::new();
+    for (p, t, b, s) in lines {
+        let _ = writeln!(text, "{p}\t{t}\t{b}\t{s}");
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Every line answered 200 with a JSON-RPC `result` that contains `expect`.
+fn sanity_check(port: u16, lines: &[Line], expect: &str) -> Result<()> {
+    for (path, token, body, session) in lines.iter().take(10) {
+        let session = (!session.is_empty()).then_some(session.as_str());
+        let (status, _, answer) = post(port, path, token, session, body)?;
+        if status != 200 || !answer.contains("\"result\"") || !answer.contains(expect) {
+            bail!("POST {path} answered {status}: {answer}");
+        }
+    }
+    Ok(())
+}
+
+/// What the gateway benchmark needs running.
+pub struct Setup<'a> {
+    pub envoy_port: u16,
+    pub envoy_pid: u32,
+    pub policy_pid: u32,
+    pub aggregator_pid: u32,
+    /// The demo MCP server every seeded server is on.
+    pub demo_pid: u32,
+    /// The fan-out gateway's upstreams: (port, pid).
+    pub fanout: &'a [(u16, u32)],
+    pub fanout_token: &'a SeededToken,
+    pub live: &'a [SeededToken],
+    pub script: &'a Path,
+    pub out_dir: &'a Path,
+    pub ticks: f64,
+}
+
+pub struct Options {
+    pub duration: u32,
+    pub rounds: u32,
+    pub concurrency: Vec<u32>,
+}
+
+/// Sets up the sessions, checks every workload answers, then measures; the runs in
+/// the order made.
+pub fn run(s: &Setup, opts: &Options) -> Result<Vec<Run>> {
+    eprintln!("gateway URL: opening {SESSIONS} sessions...");
+    let mut per_server = Vec::new();
+    let mut gateway = Vec::new();
+    for (i, c) in seed::spread(s.live, SESSIONS).into_iter().enumerate() {
+        let session = open_session(s.envoy_port, &c.gateway, &c.token)?;
+        per_server.push((
+            format!("/mcp/{}/{}", c.gateway, c.server),
+            c.token.clone(),
+            call_body(i, "echo"),
+            String::new(),
+        ));
+        gateway.push((
+            format!("/mcp/{}", c.gateway),
+            c.token.clone(),
+            call_body(i, &format!("{}__echo", c.server)),
+            session,
+        ));
+    }
+    let mut fanout = Vec::new();
+    for i in 0..FANOUT_SESSIONS {
+        let t = s.fanout_token;
+        let session = open_session(s.envoy_port, &t.gateway, &t.token)?;
+        fanout.push((
+            format!("/mcp/{}", t.gateway),
+            t.token.clone(),
+            list_body(i),
+            session,
+        ));
+    }
+    let direct: Vec<Line> = vec![("/mcp".into(), String::new(), list_body(0), String::new())];
+    sanity_check(s.envoy_port, &per_server, "bench request")?;
+    sanity_check(s.envoy_port, &gateway, "bench request")?;
+    let last = format!("{}__echo", seed::fanout_slug(FANOUT - 1));
+    sanity_check(s.envoy_port, &fanout, &last)?;
+    for (port, _) in s.fanout {
+        sanity_check(*port, &direct, "echo")?;
+    }
+    let lists = [
+        ("gateway-per-server.tsv", &per_server),
+        ("gateway-url.tsv", &gateway),
+        ("gateway-fanout.tsv", &fanout),
+        ("gateway-upstream.tsv", &direct),
+    ];
+    for (name, lines) in lists {
+        write_lines(&s.out_dir.join(name), lines)?;
+    }
+    let list = |name: &str| s.out_dir.join(name);
+    let measured = |upstream: u32| Measured {
+        envoy: Some(s.envoy_pid),
+        policy: Some(s.policy_pid),
+        upstream: Some(upstream),
+        database: None,
+        ticks: s.ticks,
+    };
+    let mut runs = Vec::new();
+    for (name, port) in [
+        ("gateway-per-server.tsv", s.envoy_port),
+        ("gateway-url.tsv", s.envoy_port),
+    ] {
+        wrk::run(s.script, &list(name), port, 8, crate::WARMUP_SECONDS, None)?;
+    }
+    for &c in &opts.concurrency {
+        for round in 1..=opts.rounds {
+            for (target, name, upstream) in [
+                (PER_SERVER, "gateway-per-server.tsv", s.demo_pid),
+                (GATEWAY, "gateway-url.tsv", s.aggregator_pid),
+            ] {
+                let run = measure(&measured(upstream), target, c, round, || {
+                    wrk::run(s.script, &list(name), s.envoy_port, c, opts.duration, None)
+                })?;
+                eprintln!("{}", crate::report::progress(&run));
+                runs.push(run);
+            }
+        }
+    }
+    // Fan-out: one connection, so each list's latency is its own.
+    wrk::run(
+        s.script,
+        &list("gateway-fanout.tsv"),
+        s.envoy_port,
+        1,
+        crate::WARMUP_SECONDS,
+        None,
+    )?;
+    let direct_seconds = opts.duration.div_ceil(2);
+    for round in 1..=opts.rounds {
+        for (i, (port, pid)) in s.fanout.iter().enumerate() {
+            let m = Measured {
+                envoy: None,
+                policy: None,
+                upstream: Some(*pid),
+                database: None,
+                ticks: s.ticks,
+            };
+            let run = measure(&m, UPSTREAM_TARGETS[i], 1, round, || {
+                wrk::run(
+                    s.script,
+                    &list("gateway-upstream.tsv"),
+                    *port,
+                    1,
+                    direct_seconds,
+                    None,
+                )
+            })?;
+            runs.push(run);
+        }
+        let run = measure(&measured(s.aggregator_pid), FANOUT_LIST, 1, round, || {
+            wrk::run(
+                s.script,
+                &list("gateway-fanout.tsv"),
+                s.envoy_port,
+                1,
+                opts.duration,
+                None,
+            )
+        })?;
+        eprintln!("{}", crate::report::progress(&run));
+        runs.push(run);
+    }
+    Ok(runs)
+}
+
+/// Met when every round meets the target, missed when none does, else unsettled.
+fn verdict(per_round: &[bool]) -> &'static str {
+    if per_round.is_empty() {
+        "no runs"
+    } else if per_round.iter().all(|&m| m) {
+        "met"
+    } else if per_round.iter().any(|&m| m) {
+        "unsettled"
+    } else {
+        "missed"
+    }
+}
+
+fn find<'a>(runs: &'a [Run], target: &str, c: u32, round: u32) -> Option<&'a Run> {
+    runs.iter()
+        .find(|r| r.target == target && r.connections == c && r.round == round)
+}
+
+fn range(v: &[f64]) -> (f64, f64) {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (lo, hi)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The report's section on the gateway URL.
+pub fn markdown(runs: &[Run], opts: &Options) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "### The gateway URL against the per-server URL\n");
+    let _ = writeln!(
+        s,
+        "Both through the mcpguard Envoy (setup c) and the same policy service; \
+         `tools/call` (echo), {SESSIONS} tokens, each with its own gateway-URL session; \
+         interleaved per-server gateway, {} rounds of {} s per concurrency. \
+         Targets (issue 21): gateway-URL throughput >= 0.7x per-server; p50 +<= 1 ms at 1 \
+         connection.\n",
+        opts.rounds, opts.duration
+    );
+    let _ = writeln!(
+        s,
+        "| connections | per-server req/s | gateway URL req/s | ratio (range) | p50 per-server / gateway ms | p99 per-server / gateway ms | errors | target |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    for &c in &opts.concurrency {
+        let pairs: Vec<(&Run, &Run)> = (1..=opts.rounds)
+            .filter_map(|r| Some((find(runs, PER_SERVER, c, r)?, find(runs, GATEWAY, c, r)?)))
+            .collect();
+        if pairs.is_empty() {
+            continue;
+        }
+        let ratios: Vec<f64> = pairs
+            .iter()
+            .map(|(a, b)| b.outcome.rps() / a.outcome.rps().max(1e-9))
+            .collect();
+        let (lo, hi) = range(&ratios);
+        let med = |f: &dyn Fn(&Run) -> f64, pick: usize| {
+            median(
+                pairs
+                    .iter()
+                    .map(|p| f(if pick == 0 { p.0 } else { p.1 }))
+                    .collect(),
+            )
+        };
+        let rps = |r: &Run| r.outcome.rps();
+        let p50 = |r: &Run| r.outcome.p50_ms;
+        let p99 = |r: &Run| r.outcome.p99_ms;
+        let errors: u64 = pairs
+            .iter()
+            .map(|(a, b)| a.outcome.errors + b.outcome.errors)
+            .sum();
+        let mut target = format!(
+            ">= 0.7x: {}",
+            verdict(&ratios.iter().map(|&r| r >= 0.7).collect::<Vec<_>>())
+        );
+        if c == 1 {
+            let added: Vec<f64> = pairs
+                .iter()
+                .map(|(a, b)| b.outcome.p50_ms - a.outcome.p50_ms)
+                .collect();
+            let (alo, ahi) = range(&added);
+            let _ = write!(
+                target,
+                "; p50 +{alo:.2}..{ahi:.2} ms, +<= 1 ms: {}",
+                verdict(&added.iter().map(|&a| a <= 1.0).collect::<Vec<_>>())
+            );
+        }
+        let _ = writeln!(
+            s,
+            "| {c} | {:.0} | {:.0} | {:.2} ({lo:.2}..{hi:.2}) | {:.2} / {:.2} | {:.2} / {:.2} | {errors} | {target} |",
+            med(&rps, 0),
+            med(&rps, 1),
+            median(ratios.clone()),
+            med(&p50, 0),
+            med(&p50, 1),
+            med(&p99, 0),
+            med(&p99, 1),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n`tools/list` on a gateway of {FANOUT} servers, each on its own demo MCP server \
+         (stateless), one connection; each upstream's own `tools/list` straight at it, \
+         {} s each, interleaved with the fan-out ({} s) in each of {} rounds. Target: \
+         fan-out p99 within 2x the slowest upstream's p99.\n",
+        opts.duration.div_ceil(2),
+        opts.duration,
+        opts.rounds
+    );
+    let _ = writeln!(
+        s,
+        "| round | slowest upstream p99 ms (which) | upstreams' p50 ms (range) | fan-out p50 / p99 ms | fan-out req/s | ratio p99 | errors |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    let mut met = Vec::new();
+    for round in 1..=opts.rounds {
+        let Some(list) = find(runs, FANOUT_LIST, 1, round) else {
+            continue;
+        };
+        let ups: Vec<&Run> = UPSTREAM_TARGETS
+            .iter()
+            .filter_map(|t| find(runs, t, 1, round))
+            .collect();
+        let Some(slowest) = ups
+            .iter()
+            .max_by(|a, b| a.outcome.p99_ms.total_cmp(&b.outcome.p99_ms))
+        else {
+            continue;
+        };
+        let (plo, phi) = range(&ups.iter().map(|r| r.outcome.p50_ms).collect::<Vec<_>>());
+        let ratio = list.outcome.p99_ms / slowest.outcome.p99_ms.max(1e-9);
+        met.push(ratio <= 2.0);
+        let errors: u64 = list.outcome.errors + ups.iter().map(|r| r.outcome.errors).sum::<u64>();
+        let _ = writeln!(
+            s,
+            "| {round} | {:.2} ({}) | {plo:.2}..{phi:.2} | {:.2} / {:.2} | {:.0} | {ratio:.2} | {errors} |",
+            slowest.outcome.p99_ms,
+            slowest.target,
+            list.outcome.p50_ms,
+            list.outcome.p99_ms,
+            list.outcome.rps(),
+        );
+    }
+    let _ = writeln!(s, "\nFan-out p99 within 2x: {}.\n", verdict(&met));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_is_settled_only_when_every_round_agrees() {
+        assert_eq!(verdict(&[true, true]), "met");
+        assert_eq!(verdict(&[true, false]), "unsettled");
+        assert_eq!(verdict(&[false, false]), "missed");
+        assert_eq!(verdict(&[]), "no runs");
+    }
+}
