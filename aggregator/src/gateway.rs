@@ -936,18 +936,26 @@ async fn send(
     }
 }
 
+/// The caller and the session it names, for a request that must have one (GET,
+/// DELETE): refused as [`Caller::of`] and [`session_of`] refuse.
+fn caller_and_session(
+    app: &App,
+    headers: &HeaderMap,
+    gateway: String,
+) -> Result<(Caller, Arc<Session>), Box<Response>> {
+    let caller = Caller::of(headers, gateway)?;
+    let session = session_of(app, headers, &caller)?;
+    Ok((caller, session))
+}
+
 /// GET: the session's server-initiated stream ([`crate::stream`]).
 async fn stream(
     State(app): State<Arc<App>>,
     Path(gateway): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let caller = match Caller::of(&headers, gateway) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
-    let session = match session_of(&app, &headers, &caller) {
-        Ok(s) => s,
+    let (caller, session) = match caller_and_session(&app, &headers, gateway) {
+        Ok(both) => both,
         Err(r) => return *r,
     };
     let accepts_sse = headers
@@ -972,12 +980,8 @@ async fn end_session(
     Path(gateway): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let caller = match Caller::of(&headers, gateway) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
-    let session = match session_of(&app, &headers, &caller) {
-        Ok(s) => s,
+    let session = match caller_and_session(&app, &headers, gateway) {
+        Ok((_, session)) => session,
         Err(r) => return *r,
     };
     if let Some(id) = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) {

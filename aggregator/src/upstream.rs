@@ -167,6 +167,25 @@ impl Client {
         Ok(client)
     }
 
+    /// Sends `req` within the upstream timeout: the response once its headers arrived.
+    /// A 404 for a `session` means the upstream forgot it ([`UpstreamError::SessionGone`]).
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        session: Option<&str>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let response = tokio::time::timeout(self.timeout, req.send())
+            .await
+            .map_err(|_| {
+                UpstreamError::Unreachable(format!("no answer within {:?}", self.timeout))
+            })?
+            .map_err(|e| UpstreamError::Unreachable(describe(e)))?;
+        if response.status() == 404 && session.is_some() {
+            return Err(UpstreamError::SessionGone);
+        }
+        Ok(response)
+    }
+
     fn request(
         &self,
         method: reqwest::Method,
@@ -208,16 +227,8 @@ impl Client {
             .request(reqwest::Method::POST, target, session, protocol_version)?
             .header("content-type", "application/json")
             .body(message.to_string());
-        let response = tokio::time::timeout(self.timeout, req.send())
-            .await
-            .map_err(|_| {
-                UpstreamError::Unreachable(format!("no answer within {:?}", self.timeout))
-            })?
-            .map_err(|e| UpstreamError::Unreachable(describe(e)))?;
+        let response = self.send(req, session).await?;
         let status = response.status().as_u16();
-        if status == 404 && session.is_some() {
-            return Err(UpstreamError::SessionGone);
-        }
         let header = |name: &str| {
             response
                 .headers()
@@ -310,16 +321,7 @@ impl Client {
         protocol_version: Option<&str>,
     ) -> Result<reqwest::Response, UpstreamError> {
         let req = self.request(reqwest::Method::GET, target, session, protocol_version)?;
-        let response = tokio::time::timeout(self.timeout, req.send())
-            .await
-            .map_err(|_| {
-                UpstreamError::Unreachable(format!("no answer within {:?}", self.timeout))
-            })?
-            .map_err(|e| UpstreamError::Unreachable(describe(e)))?;
-        if response.status() == 404 && session.is_some() {
-            return Err(UpstreamError::SessionGone);
-        }
-        Ok(response)
+        self.send(req, session).await
     }
 
     /// Ends an upstream session (`DELETE`); failures only logged.

@@ -154,7 +154,7 @@ fn done_of(method: Verb, template: &str) -> &'static str {
     }
 }
 
-fn refused(signed: &Signed, status: StatusCode, message: &str, back: &str) -> Response {
+pub fn refused(signed: &Signed, status: StatusCode, message: &str, back: &str) -> Response {
     layout::page_with_status(
         status,
         signed,

@@ -16,7 +16,7 @@ use maud::{Markup, html};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::super::act::safe_back;
+use super::super::act::{refused, safe_back};
 use super::super::layout::{self, Action, action, badge, copyable, tag, text};
 use super::super::session::Signed;
 use super::super::signin::field;
@@ -314,7 +314,12 @@ pub async fn start(
         Err(to_sign_in) => return to_sign_in,
     };
     let Ok(Form(fields)) = form else {
-        return refused(&signed, StatusCode::BAD_REQUEST, "Malformed form.");
+        return refused(
+            &signed,
+            StatusCode::BAD_REQUEST,
+            "Malformed form.",
+            "/console/hosts",
+        );
     };
     if !signed.csrf_ok(field(&fields, "csrf")) {
         tracing::warn!(
@@ -325,10 +330,16 @@ pub async fn start(
             &signed,
             StatusCode::FORBIDDEN,
             "The form did not come from this page. Reload the page and try again.",
+            "/console/hosts",
         );
     }
     let Some(server_id) = field(&fields, "server_id").and_then(|s| s.parse::<i64>().ok()) else {
-        return refused(&signed, StatusCode::BAD_REQUEST, "No server to connect.");
+        return refused(
+            &signed,
+            StatusCode::BAD_REQUEST,
+            "No server to connect.",
+            "/console/hosts",
+        );
     };
     let back = safe_back(field(&fields, "_back"));
     let return_to = format!(
@@ -340,7 +351,14 @@ pub async fn start(
         None => me,
         Some(u) => match u.parse::<i64>() {
             Ok(u) => u,
-            Err(_) => return refused(&signed, StatusCode::BAD_REQUEST, "No such user."),
+            Err(_) => {
+                return refused(
+                    &signed,
+                    StatusCode::BAD_REQUEST,
+                    "No such user.",
+                    "/console/hosts",
+                );
+            }
         },
     };
     if user_id != me
@@ -352,6 +370,7 @@ pub async fn start(
             &signed,
             StatusCode::FORBIDDEN,
             "Connecting an account for another user needs the capability users.manage.",
+            "/console/hosts",
         );
     }
     let started = async {
@@ -389,23 +408,10 @@ pub async fn start(
             &signed,
             StatusCode::NOT_FOUND,
             "That server does not sign in by OAuth.",
+            "/console/hosts",
         ),
         Err(e) => e.into_response(),
     }
-}
-
-fn refused(signed: &Signed, status: StatusCode, message: &str) -> Response {
-    layout::page_with_status(
-        status,
-        signed,
-        "/console/hosts",
-        "Not connected",
-        None,
-        html! {
-            p.error role="alert" { (message) }
-            p { a href="/console/hosts" { "Back" } }
-        },
-    )
 }
 
 #[cfg(test)]
