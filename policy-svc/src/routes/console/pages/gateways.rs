@@ -159,19 +159,19 @@ pub async fn one(
                                 option value="header" { "a header of its own" }
                                 @if !users.is_empty() { option value="identity_of" { "a user's identity (a service account, typed in or connected by OAuth on People)" } }
                             }
-                            @if !users.is_empty() {
-                                label for="expose-cred-user" { "Service account (for a user's identity)" }
-                                select id="expose-cred-user" name="credential.user_id" {
-                                    option value="" { "—" }
-                                    @for u in &users { option value=(id(u)) { (text(&u["name"])) } }
-                                }
-                            }
                             label for="expose-cred-token" { "Bearer token" }
                             input id="expose-cred-token" name="credential.token" type="password" autocomplete="off";
                             label for="expose-cred-name" { "Header name" }
                             input id="expose-cred-name" name="credential.name" autocomplete="off" placeholder="X-Api-Key";
                             label for="expose-cred-value" { "Header value" }
                             input id="expose-cred-value" name="credential.value" type="password" autocomplete="off";
+                            @if !users.is_empty() {
+                                label for="expose-cred-user" { "Service account" }
+                                select id="expose-cred-user" name="credential.user_id" {
+                                    option value="" { "—" }
+                                    @for u in &users { option value=(id(u)) { (text(&u["name"])) } }
+                                }
+                            }
                         }
                         button type="submit" { "Expose" }
                     }
