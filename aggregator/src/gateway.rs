@@ -12,14 +12,16 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::StreamExt as _;
-use mcpguard_core::check::{CALLER_HEADER, CheckResponse, Credential, DenyCode};
+use mcpguard_core::check::{
+    CALLER_HEADER, CHECKED_HEADER, CheckResponse, Checked, Credential, DenyCode,
+};
 use mcpguard_core::features::BLOCKED_RPC_CODE;
+use mcpguard_core::names::Naming;
 use mcpguard_core::route::is_valid_slug;
 use serde_json::{Value, json};
 
 use crate::App;
 use crate::cursor::{Cursor, MAX_UPSTREAM_CURSOR};
-use crate::names::Naming;
 use crate::policy::Ask;
 use crate::session::{Session, UpstreamSession};
 use crate::upstream::{Target, UpstreamError};
@@ -42,6 +44,8 @@ pub(crate) struct Caller {
     credential: Credential,
     pub(crate) gateway: String,
     request_id: Option<String>,
+    /// The filter's check of the one server item this request uses, if it made one.
+    checked: Option<Checked>,
 }
 
 impl Caller {
@@ -59,11 +63,27 @@ impl Caller {
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
             .map(|id| mcpguard_core::check::bounded_request_id(id).to_owned());
+        // Unreadable, it is as if absent: the item is checked here instead.
+        let checked = headers
+            .get(CHECKED_HEADER)
+            .and_then(|v| serde_json::from_slice::<Checked>(v.as_bytes()).ok());
         Ok(Caller {
             credential,
             gateway,
             request_id,
+            checked,
         })
+    }
+
+    /// The answer for `server`'s `item` for `method`: the filter's, when it checked
+    /// exactly that on this request, else a check made now.
+    async fn answer(&self, app: &App, server: &str, method: &str, item: &str) -> CheckResponse {
+        match &self.checked {
+            Some(c) if c.server == server && c.method == method && c.item == item => {
+                c.answer.clone()
+            }
+            _ => app.policy.check(self.ask(server, method, Some(item))).await,
+        }
     }
 
     pub(crate) fn ask<'a>(
@@ -654,11 +674,7 @@ async fn use_item(
     let Some((server, own)) = naming.resolve(&exposed) else {
         return rpc_error(StatusCode::OK, &id, -32602, &format!("unknown: {exposed}"));
     };
-    let (upstream, inject) = match app
-        .policy
-        .check(caller.ask(server, method, Some(own)))
-        .await
-    {
+    let (upstream, inject) = match caller.answer(app, server, method, own).await {
         CheckResponse::Allow {
             upstream, inject, ..
         } => (upstream, inject),

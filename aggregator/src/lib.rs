@@ -9,7 +9,6 @@
 mod asks;
 pub mod cursor;
 pub mod gateway;
-pub mod names;
 pub mod policy;
 pub mod session;
 pub mod stream;

@@ -30,10 +30,10 @@ use tokio::task::JoinHandle;
 
 use crate::App;
 use crate::gateway::{Caller, open};
-use crate::names::Naming;
 use crate::policy::Ask;
 use crate::session::Session;
 use crate::upstream::{SseEvents, Target, UpstreamError};
+use mcpguard_core::names::Naming;
 
 /// Events queued for a client that reads slowly; past that, relayed messages are
 /// dropped (logged) rather than held without bound.

@@ -14,6 +14,25 @@ pub const CHECK_PATH: &str = "/v1/check";
 /// request first, so it cannot be forged.
 pub const CALLER_HEADER: &str = "x-mcpguard-caller";
 
+/// Set by the filter beside [`CALLER_HEADER`] on a gateway-URL request that uses one
+/// server's item (`tools/call`, `prompts/get`, `resources/read`): its per-server check,
+/// made by the filter on this very request, as a [`Checked`] in JSON. The aggregator
+/// acts on it instead of checking the same thing again, so such a call costs one check,
+/// as on the per-server URL. Removed from every client request first, like the caller.
+pub const CHECKED_HEADER: &str = "x-mcpguard-checked";
+
+/// What [`CHECKED_HEADER`] holds: the check of `server`'s `item` for `method`, and
+/// its answer (an allow, or a refusal of that one server).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checked {
+    pub server: String,
+    pub method: String,
+    /// The server's own name (or URI) of the item.
+    pub item: String,
+    pub answer: CheckResponse,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckRequest {
@@ -363,6 +382,23 @@ impl DenyCode {
         }
     }
 
+    /// Refusals of one server of a gateway rather than of the caller: the layers past
+    /// the gateway's grant. Through the gateway URL they are a JSON-RPC error of that
+    /// one call and the session goes on; the others (the caller's token, host, user,
+    /// connection, the gateway itself) refuse the request as on any URL.
+    pub const fn is_server_level(self) -> bool {
+        matches!(
+            self,
+            DenyCode::ServerNotExposed
+                | DenyCode::ServerDisabled
+                | DenyCode::IdentityDisabled
+                | DenyCode::IdentityMissing
+                | DenyCode::IdentityExpired
+                | DenyCode::UpstreamDenied
+                | DenyCode::UpstreamUnresolved
+        ) || self.is_item_refusal()
+    }
+
     /// Refusals of one MCP item rather than of the request's path: the wasm filter
     /// answers them as a JSON-RPC error (HTTP 200, the request's id) that the model
     /// reads, so the session goes on. Elsewhere (ext_authz) they are a 403.
@@ -581,5 +617,34 @@ mod tests {
                 code: DenyCode::ConnectionDisabled
             }
         );
+    }
+
+    #[test]
+    fn only_refusals_past_the_gateways_grant_are_of_one_server() {
+        let of_the_caller = [
+            DenyCode::TokenMissing,
+            DenyCode::TokenMalformed,
+            DenyCode::TokenUnknown,
+            DenyCode::TokenRevoked,
+            DenyCode::TokenExpired,
+            DenyCode::TokenWrongGateway,
+            DenyCode::UnknownRoute,
+            DenyCode::HostDisabled,
+            DenyCode::HostPending,
+            DenyCode::UserDisabled,
+            DenyCode::ConnectionDisabled,
+            DenyCode::GatewayDisabled,
+            DenyCode::GatewayNotGranted,
+            DenyCode::PolicyUnavailable,
+            DenyCode::RequestUnreadable,
+            DenyCode::RequestTooLarge,
+        ];
+        for code in DenyCode::ALL {
+            assert_eq!(
+                code.is_server_level(),
+                !of_the_caller.contains(&code),
+                "{code:?}"
+            );
+        }
     }
 }

@@ -5,6 +5,7 @@
 pub mod check;
 pub mod features;
 pub mod jwt;
+pub mod names;
 pub mod oauth;
 pub mod route;
 pub mod token;

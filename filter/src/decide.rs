@@ -3,9 +3,11 @@
 //! only move data between Envoy and it.
 
 use mcpguard_core::check::{
-    Body, CALLER_HEADER, CheckRequest, CheckResponse, Credential, DenyCode, bounded_request_id,
+    Body, CALLER_HEADER, CHECKED_HEADER, CheckRequest, CheckResponse, Checked, Credential,
+    DenyCode, bounded_request_id,
 };
 use mcpguard_core::features::{self, Kind, ListFilter, RpcId};
+use mcpguard_core::names::Naming;
 use mcpguard_core::route::{McpPath, PathError, gateway_url};
 use mcpguard_core::token::{TokenHash, data_plane_kind};
 
@@ -23,7 +25,8 @@ pub const SIDECAR_ROUTE: &str = "sidecar";
 
 /// The [`ROUTE_HEADER`] value of an allowed request to a gateway URL (`/mcp/{gateway}`):
 /// Envoy's route for it goes to the aggregator's cluster (`mcpguard_aggregator`), which
-/// merges the gateway's servers and checks each one it touches on its own.
+/// merges the gateway's servers. A use of one server's item is checked here for that
+/// server ([`CHECKED_HEADER`]); the aggregator checks whatever else a request touches.
 pub const AGGREGATOR_ROUTE: &str = "aggregator";
 
 /// Set by the filter on requests it authorised: the address (`ip:port`) the policy
@@ -212,8 +215,25 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig, clock: Clock<'_>) -> Sta
         if config.sidecar.is_some() {
             return Start::Refuse(Refusal::new(DenyCode::UnknownRoute, None));
         }
-        // The gateway-level check: an empty server (core::check::CheckRequest).
         let metadata = resource_metadata_url(req, config);
+        // A use of one server's item: checked here for that server, on this request,
+        // so the aggregator need not check it again. The audience stays the gateway
+        // URL's (empty server): the caller's token is for the URL it uses.
+        if let Some((server, own)) = gateway_item(req) {
+            let use_of = Incoming {
+                tool: req.tool.map(|_| own),
+                item: Some(own),
+                ..req.clone()
+            };
+            return match check(&use_of, config, clock, Some(gateway), "", Some(&metadata)) {
+                Start::Check(check) => Start::Check(CheckRequest {
+                    server: server.to_owned(),
+                    ..check
+                }),
+                other => other,
+            };
+        }
+        // The gateway-level check: an empty server (core::check::CheckRequest).
         return check(req, config, clock, Some(gateway), "", Some(&metadata));
     }
     let path = match McpPath::parse(req.path) {
@@ -235,6 +255,17 @@ pub fn start(req: &Incoming<'_>, config: &FilterConfig, clock: Clock<'_>) -> Sta
         path.server,
         Some(&metadata),
     )
+}
+
+/// On the gateway URL, the server and its own name behind the item a use method names
+/// (as the aggregator resolves it, [`Naming`]); `None` for any other request, or a
+/// name the gateway never gave out (the aggregator answers that one).
+fn gateway_item<'a>(req: &Incoming<'a>) -> Option<(&'a str, &'a str)> {
+    let naming = match req.mcp_method.and_then(Kind::of_use_method)? {
+        Kind::Resources => Naming::Uri,
+        Kind::Tools | Kind::Prompts => Naming::Name,
+    };
+    naming.resolve(req.item?)
 }
 
 /// In sidecar mode, whether `path` is the app's own MCP path (`app_path`, with any
@@ -381,6 +412,9 @@ pub struct Forward {
     pub route: &'static str,
     /// Replaces the client's `Authorization`; `None` removes it.
     pub inject: Option<(String, String)>,
+    /// For the aggregator: the per-server check of a gateway-URL request
+    /// ([`CHECKED_HEADER`]).
+    pub checked: Option<String>,
     /// What the reply to this list request may keep (feature provisioning); `None`:
     /// the reply passes as it is.
     pub list_filter: Option<ListFilter>,
@@ -404,6 +438,9 @@ impl Forward {
         .collect();
         if let Some((name, value)) = &self.inject {
             edits.push((name.as_str(), Some(value.as_str())));
+        }
+        if let Some(checked) = &self.checked {
+            edits.push((CHECKED_HEADER, Some(checked.as_str())));
         }
         edits.push((ROUTE_HEADER, Some(self.route)));
         edits
@@ -476,6 +513,7 @@ pub fn finish(
                     path: app_path,
                     route: SIDECAR_ROUTE,
                     inject,
+                    checked: None,
                     list_filter,
                 });
             }
@@ -495,45 +533,89 @@ pub fn finish(
                 path: path.upstream_path(&upstream.base_path),
                 route: upstream.scheme.as_str(),
                 inject,
+                checked: None,
                 list_filter,
             })
         }
     }
 }
 
-/// The caller's credential as the aggregator gets it ([`CALLER_HEADER`]), for a check
-/// that is gateway-level (a request to the gateway URL); `None` for any other check.
-pub fn caller_of(check: &CheckRequest) -> Option<String> {
-    if !check.server.is_empty() {
-        return None;
-    }
-    serde_json::to_string(&check.credential).ok()
+/// A request to the gateway URL as the aggregator gets it: the caller's credential
+/// ([`CALLER_HEADER`]) and, when the filter checked one server's item, what that check
+/// was about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToAggregator {
+    caller: String,
+    /// Server, method and item of a per-server check; `None`: a gateway-level one.
+    item: Option<(String, String, String)>,
 }
 
-/// Turns the outcome of a gateway-level check into the filter's answer: allowed, the
-/// request goes as it came (path, authority) to the aggregator, with the caller's
-/// credential in [`CALLER_HEADER`] instead of its `Authorization`. Fails closed like
-/// [`finish`]; an answer for one server is no answer to a gateway-level check.
+/// What a check of a request to `path` hands the aggregator; `None` for any other
+/// request than to a gateway URL.
+pub fn to_aggregator(check: &CheckRequest, path: &str) -> Option<ToAggregator> {
+    gateway_url(path)?;
+    let item = (!check.server.is_empty()).then(|| {
+        (
+            check.server.clone(),
+            check.mcp_method.clone().unwrap_or_default(),
+            check.item.clone().unwrap_or_default(),
+        )
+    });
+    Some(ToAggregator {
+        caller: serde_json::to_string(&check.credential).ok()?,
+        item,
+    })
+}
+
+/// Turns the outcome of a gateway-URL request's check into the filter's answer:
+/// allowed, the request goes as it came (path, authority) to the aggregator, with the
+/// caller's credential in [`CALLER_HEADER`] instead of its `Authorization`, and a
+/// per-server check's answer in [`CHECKED_HEADER`]. A refusal of that one server
+/// goes there too, so the aggregator answers it as a JSON-RPC error of the call and
+/// the session goes on; a refusal of the caller is the filter's, as on any URL. Fails
+/// closed like [`finish`]; an answer of the wrong kind is no answer.
 pub fn finish_gateway(
     status: Option<u16>,
     body: Option<&[u8]>,
     request_path: &str,
-    caller: &str,
+    to: &ToAggregator,
 ) -> Finish {
     let unavailable = || Finish::Refuse(Refusal::new(DenyCode::PolicyUnavailable, None));
     if status != Some(200) {
         return unavailable();
     }
-    match body.and_then(|b| serde_json::from_slice::<CheckResponse>(b).ok()) {
-        Some(CheckResponse::Gateway { .. }) => Finish::Forward(Forward {
+    let Some(answer) = body.and_then(|b| serde_json::from_slice::<CheckResponse>(b).ok()) else {
+        return unavailable();
+    };
+    let forward = |checked| {
+        Finish::Forward(Forward {
             upstream: None,
             path: request_path.to_owned(),
             route: AGGREGATOR_ROUTE,
-            inject: Some((CALLER_HEADER.to_owned(), caller.to_owned())),
+            inject: Some((CALLER_HEADER.to_owned(), to.caller.clone())),
+            checked,
             list_filter: None,
-        }),
-        Some(CheckResponse::Deny { code }) => Finish::Refuse(Refusal::new(code, None)),
-        Some(CheckResponse::Allow { .. }) | None => unavailable(),
+        })
+    };
+    match (answer, &to.item) {
+        (CheckResponse::Gateway { .. }, None) => forward(None),
+        (CheckResponse::Deny { code }, _) if to.item.is_none() || !code.is_server_level() => {
+            Finish::Refuse(Refusal::new(code, None))
+        }
+        (answer @ (CheckResponse::Allow { .. } | CheckResponse::Deny { .. }), Some(item)) => {
+            let (server, method, item) = item.clone();
+            let checked = Checked {
+                server,
+                method,
+                item,
+                answer,
+            };
+            match serde_json::to_string(&checked) {
+                Ok(json) => forward(Some(json)),
+                Err(_) => unavailable(),
+            }
+        }
+        _ => unavailable(),
     }
 }
 
@@ -901,8 +983,7 @@ mod tests {
         let t = token();
         let auth = format!("Bearer {t}");
         let mut req = incoming("/mcp/eng?x=1", Some(&auth));
-        req.mcp_method = Some("tools/call");
-        req.tool = Some("demo__echo");
+        req.mcp_method = Some("tools/list");
         let Start::Check(check) = start_(&req, &config()) else {
             panic!("expected a check");
         };
@@ -910,7 +991,9 @@ mod tests {
             (check.gateway.as_deref(), check.server.as_str()),
             (Some("eng"), "")
         );
-        let caller = caller_of(&check).unwrap();
+        let to = to_aggregator(&check, req.path).unwrap();
+        let caller = to.caller.clone();
+        assert_eq!(to.item, None);
         assert_eq!(
             serde_json::from_str::<Credential>(&caller).unwrap(),
             check.credential
@@ -930,8 +1013,7 @@ mod tests {
             servers: vec!["demo".into()],
         })
         .unwrap();
-        let Finish::Forward(f) = finish_gateway(Some(200), Some(&body), "/mcp/eng?x=1", &caller)
-        else {
+        let Finish::Forward(f) = finish_gateway(Some(200), Some(&body), "/mcp/eng?x=1", &to) else {
             panic!("expected a forward");
         };
         assert_eq!(
@@ -946,7 +1028,7 @@ mod tests {
         // A deny is refused with its code; an answer for one server, or none, fails
         // closed; a gateway answer to a server's check likewise.
         let deny = br#"{"decision":"deny","code":"gateway_disabled"}"#;
-        let Finish::Refuse(r) = finish_gateway(Some(200), Some(deny), "/mcp/eng", &caller) else {
+        let Finish::Refuse(r) = finish_gateway(Some(200), Some(deny), "/mcp/eng", &to) else {
             panic!("expected a refusal");
         };
         assert_eq!((r.code, r.status()), (DenyCode::GatewayDisabled, 403));
@@ -956,7 +1038,7 @@ mod tests {
             (Some(503), Some(&body[..])),
             (None, None),
         ] {
-            let Finish::Refuse(r) = finish_gateway(status, body, "/mcp/eng", &caller) else {
+            let Finish::Refuse(r) = finish_gateway(status, body, "/mcp/eng", &to) else {
                 panic!("expected a refusal");
             };
             assert_eq!(r.code, DenyCode::PolicyUnavailable);
@@ -978,7 +1060,7 @@ mod tests {
         else {
             panic!("expected a check");
         };
-        assert_eq!(caller_of(&server_check), None);
+        assert_eq!(to_aggregator(&server_check, "/mcp/eng/demo"), None);
         // Its metadata names the gateway URL, when OAuth is on.
         let Start::Metadata(doc) = start_(
             &incoming("/.well-known/oauth-protected-resource/mcp/eng", None),
@@ -988,6 +1070,92 @@ mod tests {
         };
         let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
         assert_eq!(doc["resource"], "http://gw.local:10000/mcp/eng");
+    }
+
+    #[test]
+    fn a_use_of_one_servers_item_on_the_gateway_url_is_checked_for_that_server() {
+        let auth = format!("Bearer {}", token());
+        let mut req = incoming("/mcp/eng", Some(&auth));
+        req.mcp_method = Some("tools/call");
+        req.tool = Some("demo__echo");
+        req.item = Some("demo__echo");
+        let Start::Check(check) = start_(&req, &config()) else {
+            panic!("expected a check");
+        };
+        assert_eq!(
+            (
+                check.gateway.as_deref(),
+                check.server.as_str(),
+                check.tool.as_deref(),
+                check.item.as_deref()
+            ),
+            (Some("eng"), "demo", Some("echo"), Some("echo"))
+        );
+        let to = to_aggregator(&check, req.path).unwrap();
+        let checked = |f: &Forward| {
+            let (_, json) = f
+                .header_edits()
+                .into_iter()
+                .find(|(n, _)| *n == CHECKED_HEADER)
+                .unwrap();
+            serde_json::from_str::<Checked>(json.unwrap()).unwrap()
+        };
+        // Allowed: to the aggregator with the caller and the answer for that item.
+        let allow = allow_body(Scheme::Http, None);
+        let Finish::Forward(f) = finish_gateway(Some(200), Some(&allow), "/mcp/eng", &to) else {
+            panic!("expected a forward");
+        };
+        assert_eq!(f.route, AGGREGATOR_ROUTE);
+        let c = checked(&f);
+        assert_eq!(
+            (c.server.as_str(), c.method.as_str(), c.item.as_str()),
+            ("demo", "tools/call", "echo")
+        );
+        assert_eq!(c.answer, serde_json::from_slice(&allow).unwrap());
+        // A refusal of that server goes there too (a JSON-RPC error of the call); one
+        // of the caller is the filter's own; no answer fails closed.
+        let off = br#"{"decision":"deny","code":"server_disabled"}"#;
+        let Finish::Forward(f) = finish_gateway(Some(200), Some(off), "/mcp/eng", &to) else {
+            panic!("expected a forward");
+        };
+        assert_eq!(
+            checked(&f).answer,
+            CheckResponse::Deny {
+                code: DenyCode::ServerDisabled
+            }
+        );
+        let revoked = br#"{"decision":"deny","code":"token_revoked"}"#;
+        let Finish::Refuse(r) = finish_gateway(Some(200), Some(revoked), "/mcp/eng", &to) else {
+            panic!("expected a refusal");
+        };
+        assert_eq!((r.code, r.status()), (DenyCode::TokenRevoked, 401));
+        let gateway = br#"{"decision":"gateway","servers":[]}"#;
+        for (status, body) in [(Some(200), Some(&gateway[..])), (Some(503), None)] {
+            let Finish::Refuse(r) = finish_gateway(status, body, "/mcp/eng", &to) else {
+                panic!("expected a refusal");
+            };
+            assert_eq!(r.code, DenyCode::PolicyUnavailable);
+        }
+        // A resource's URI maps the same way; a name the gateway never gave out, or a
+        // list, stays a gateway-level check (the aggregator answers it).
+        req.mcp_method = Some("resources/read");
+        req.tool = None;
+        req.item = Some("fs+file:///a");
+        let Start::Check(check) = start_(&req, &config()) else {
+            panic!("expected a check");
+        };
+        assert_eq!(
+            (check.server.as_str(), check.item.as_deref(), check.tool),
+            ("fs", Some("file:///a"), None)
+        );
+        for (method, item) in [("tools/call", Some("echo")), ("tools/list", None)] {
+            req.mcp_method = Some(method);
+            req.item = item;
+            let Start::Check(check) = start_(&req, &config()) else {
+                panic!("expected a check");
+            };
+            assert_eq!(check.server, "", "{method}");
+        }
     }
 
     fn allow_body(scheme: Scheme, inject: Option<InjectHeader>) -> Vec<u8> {
@@ -1025,6 +1193,7 @@ mod tests {
                 path: "/mcp/sub?q=1".into(),
                 route: "http",
                 inject: None,
+                checked: None,
                 list_filter: None,
             })
         );
@@ -1157,6 +1326,7 @@ mod tests {
                 path: "/app/mcp/x?q=1".into(),
                 route: SIDECAR_ROUTE,
                 inject: Some(("authorization".into(), "Bearer down".into())),
+                checked: None,
                 list_filter: None,
             };
             assert_eq!(f, Finish::Forward(expected));
@@ -1250,6 +1420,7 @@ mod tests {
                 path: "/app/mcp?session=1".into(),
                 route: SIDECAR_ROUTE,
                 inject: None,
+                checked: None,
                 list_filter: None,
             })
         );
@@ -1265,6 +1436,7 @@ mod tests {
             path: "/mcp".into(),
             route: "https",
             inject: Some(("authorization".into(), "Bearer per-user".into())),
+            checked: None,
             list_filter: None,
         };
         assert_eq!(
@@ -1280,6 +1452,7 @@ mod tests {
         );
         let plain = Forward {
             inject: None,
+            checked: None,
             ..forward
         };
         assert_eq!(plain.header_edits().len(), 5);

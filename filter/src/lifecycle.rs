@@ -13,7 +13,7 @@ use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::ops::Deref;
 
-use mcpguard_core::check::{CALLER_HEADER, CHECK_PATH, DenyCode};
+use mcpguard_core::check::{CALLER_HEADER, CHECK_PATH, CHECKED_HEADER, DenyCode};
 use mcpguard_core::features::{self, ListFilter, RpcId};
 use mcpguard_core::jwt::Keys;
 use mcpguard_core::oauth::CHECK_JWKS_PATH;
@@ -155,9 +155,9 @@ pub struct Lifecycle {
     rpc_id: RefCell<Option<RpcId>>,
     /// What the reply to this list request may keep.
     list_filter: RefCell<Option<ListFilter>>,
-    /// A request to the gateway URL: the caller's credential for the aggregator
-    /// ([`decide::caller_of`]); its check is gateway-level.
-    caller: RefCell<Option<String>>,
+    /// A request to the gateway URL: what the aggregator gets besides the request
+    /// ([`decide::to_aggregator`]).
+    aggregator: RefCell<Option<decide::ToAggregator>>,
     /// The reply is being filtered: its body is buffered to the end, and its
     /// `content-type` (JSON or SSE) kept.
     filtering: RefCell<Option<Option<String>>>,
@@ -185,9 +185,10 @@ impl Lifecycle {
             host.clear_route_cache();
         }
         // Always, whatever the host knows: the cluster reads it, not the route; and the
-        // aggregator trusts the caller header as the filter's word.
+        // aggregator trusts the caller and checked headers as the filter's word.
         host.set_request_header(ADDRESS_HEADER, None);
         host.set_request_header(CALLER_HEADER, None);
+        host.set_request_header(CHECKED_HEADER, None);
         self.decide(host)
     }
 
@@ -218,8 +219,8 @@ impl Lifecycle {
                     let sidecar = host.config().and_then(|c| c.sidecar.as_ref());
                     let rpc_id = self.rpc_id.borrow();
                     let path = self.path.borrow();
-                    match self.caller.borrow().as_deref() {
-                        Some(caller) => decide::finish_gateway(status, body, &path, caller),
+                    match self.aggregator.borrow().as_ref() {
+                        Some(to) => decide::finish_gateway(status, body, &path, to),
                         None => decide::finish(status, body, &path, sidecar, rpc_id.as_ref()),
                     }
                 };
@@ -272,7 +273,8 @@ impl Lifecycle {
             }
             Start::Check(check) => match serde_json::to_vec(&check) {
                 Ok(body) => {
-                    self.caller.replace(decide::caller_of(&check));
+                    self.aggregator
+                        .replace(decide::to_aggregator(&check, incoming.path));
                     let headers = [
                         (":method", "POST"),
                         (":path", CHECK_PATH),
@@ -717,12 +719,13 @@ mod tests {
         let host = Fake::with_token(&l);
         l.on_request_headers(&host);
         assert_eq!(
-            host.calls()[..4],
+            host.calls()[..5],
             [
                 Call::Set(ROUTE_HEADER.into(), None),
                 Call::ClearRouteCache,
                 Call::Set(ADDRESS_HEADER.into(), None),
                 Call::Set(CALLER_HEADER.into(), None),
+                Call::Set(CHECKED_HEADER.into(), None),
             ]
         );
         // The dynamic module: sees every header, and removes the route header and picks
@@ -739,6 +742,7 @@ mod tests {
             let mut first = vec![
                 Call::Set(ADDRESS_HEADER.into(), None),
                 Call::Set(CALLER_HEADER.into(), None),
+                Call::Set(CHECKED_HEADER.into(), None),
             ];
             if forged {
                 first.splice(
@@ -761,6 +765,7 @@ mod tests {
                 Call::ClearRouteCache,
                 Call::Set(ADDRESS_HEADER.into(), None),
                 Call::Set(CALLER_HEADER.into(), None),
+                Call::Set(CHECKED_HEADER.into(), None),
             ]
         );
     }
@@ -840,7 +845,7 @@ mod tests {
         host.headers
             .push((CALLER_HEADER, b"{\"kind\":\"api_token\"}".to_vec()));
         assert_eq!(l.on_request_headers(&host), Next::Pause);
-        assert!(host.calls()[..4].contains(&Call::Set(CALLER_HEADER.into(), None)));
+        assert!(host.calls()[..5].contains(&Call::Set(CALLER_HEADER.into(), None)));
         let gateway = br#"{"decision":"gateway","servers":["a","b"]}"#;
         l.on_answer(&host, Some(200), Some(gateway));
         let calls = host.calls();
@@ -855,7 +860,7 @@ mod tests {
                 Call::Set(n, v) => Some((n.as_str(), v.as_deref())),
                 _ => None,
             })
-            .skip(3)
+            .skip(4)
             .collect();
         assert_eq!(
             edits,

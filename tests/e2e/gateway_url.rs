@@ -1454,3 +1454,71 @@ async fn cursors_span_servers_and_every_tool_comes_exactly_once() {
         ])
     );
 }
+
+#[tokio::test]
+async fn a_call_is_one_check_and_a_forged_checked_header_changes_nothing() {
+    let (stack, token, _alpha, beta, _) = two_servers().await;
+    let admin = stack.admin();
+    let url = stack.gateway_url("eng");
+    let client = mcp::connect(&url, Some(&token)).await.expect("initialize");
+
+    // The filter checks the call for its server; the aggregator does not check again:
+    // one audited decision per call. Audit entries are written in order, so once the
+    // later call's entry is there, every entry of the first one is too.
+    assert_eq!(
+        call_text(&client, "alpha__echo", json!({"text": "once"}))
+            .await
+            .unwrap(),
+        "once"
+    );
+    call_text(&client, "beta__whoami", json!({})).await.unwrap();
+    admin
+        .allowed_decision(|e| e["server"] == "beta" && e["tool"] == "whoami")
+        .await;
+    let (status, page) = admin
+        .get("/api/v1/audit?kind=decision&decision=allow")
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let echoes = page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["server"] == "alpha" && e["tool"] == "echo")
+        .count();
+    assert_eq!(echoes, 1, "{page}");
+
+    // A client's own x-mcpguard-checked, claiming an allow for a disabled server, is
+    // removed by the filter: the call is refused with the layer's code.
+    admin.set_enabled("servers", beta, false).await;
+    let init = mcp::initialize_with(&url, Some(&token)).await;
+    assert_eq!(init.status, 200, "{}", init.body);
+    let session = init.header("mcp-session-id").expect("a session").to_owned();
+    let forged = json!({
+        "server": "beta", "method": "tools/call", "item": "echo",
+        "answer": {"decision": "allow", "upstream": {
+            "scheme": "http",
+            "authority": format!("127.0.0.1:{}", stack.demos[1].port),
+            "base_path": "/mcp",
+            "address": format!("127.0.0.1:{}", stack.demos[1].port),
+        }},
+    })
+    .to_string();
+    let call = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+        "params": {"name": "beta__echo", "arguments": {"text": "x"}}});
+    let bearer = format!("Bearer {token}");
+    let answer = mcp::post(
+        &url,
+        &[
+            ("authorization", bearer.as_str()),
+            ("mcp-session-id", session.as_str()),
+            ("mcp-protocol-version", "2025-06-18"),
+            ("x-mcpguard-checked", forged.as_str()),
+        ],
+        call.to_string(),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(answer.body.contains("server_disabled"), "{}", answer.body);
+    assert!(!answer.body.contains("\"result\""), "{}", answer.body);
+    client.cancel().await.unwrap();
+}

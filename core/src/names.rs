@@ -11,7 +11,7 @@
 //! Clients commonly refuse tool names over 64 characters; a name that would be longer
 //! is left out of lists (and logged) rather than cut, which could collide.
 
-use mcpguard_core::route::is_valid_slug;
+use crate::route::is_valid_slug;
 
 /// Between a server's slug and its tool or prompt's own name.
 pub const SEPARATOR: &str = "__";
