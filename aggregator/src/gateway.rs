@@ -13,7 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::StreamExt as _;
 use mcpguard_core::check::{
-    CALLER_HEADER, CHECKED_HEADER, CheckResponse, Checked, Credential, DenyCode,
+    CALLER_HEADER, CHECKED_HEADER, CheckResponse, Checked, Credential, DenyCode, EachServer,
+    MAX_EACH_SERVER,
 };
 use mcpguard_core::features::BLOCKED_RPC_CODE;
 use mcpguard_core::names::Naming;
@@ -22,7 +23,7 @@ use serde_json::{Value, json};
 
 use crate::App;
 use crate::cursor::{Cursor, MAX_UPSTREAM_CURSOR};
-use crate::policy::Ask;
+use crate::policy::{Ask, Each};
 use crate::session::{Session, UpstreamSession};
 use crate::upstream::{Target, UpstreamError};
 
@@ -382,12 +383,13 @@ type Part = (Vec<Value>, Option<String>);
 impl Lister<'_> {
     /// A page of the merged list: one upstream page from each server that still has
     /// one (without a cursor: every server of the gateway the caller may use now), each
-    /// checked for this list, asked at once, in slug order. One that is refused, down
+    /// checked for this list (all in one exchange with the policy service), asked at
+    /// once, in slug order. One that is refused, down
     /// or slow is left out (and logged) and the others still answer; the `nextCursor`
     /// names each server whose list goes on.
     async fn page(&self, id: &Value, message: &Value) -> Response {
         let (app, caller, spec) = (self.app, self.caller, self.spec);
-        let cursor = match message.pointer("/params/cursor") {
+        let mut cursor = match message.pointer("/params/cursor") {
             None | Some(Value::Null) => None,
             Some(c) => match c
                 .as_str()
@@ -397,10 +399,26 @@ impl Lister<'_> {
                 None => return rpc_error(StatusCode::OK, id, -32602, "invalid cursor"),
             },
         };
-        let mut servers = match app.policy.check(caller.ask("", spec.method, None)).await {
-            CheckResponse::Gateway { servers } => servers,
-            CheckResponse::Deny { code } => return rpc_refusal(id, code),
-            CheckResponse::Allow { .. } => return rpc_refusal(id, DenyCode::PolicyUnavailable),
+        // A later page asks for at most MAX_EACH_SERVER of the servers its cursor
+        // names; the others go on in its own cursor as they came.
+        let mut later = match &mut cursor {
+            Some(c) => c.servers.split_off(c.servers.len().min(MAX_EACH_SERVER)),
+            None => Vec::new(),
+        };
+        let each = match &cursor {
+            None => EachServer::All,
+            Some(c) => EachServer::Only(c.servers.iter().map(|(s, _)| s.clone()).collect()),
+        };
+        let Each {
+            mut servers,
+            mut answers,
+        } = match app
+            .policy
+            .check_each(caller.ask("", spec.method, None), each)
+            .await
+        {
+            Ok(each) => each,
+            Err(code) => return rpc_refusal(id, code),
         };
         servers.sort();
         servers.dedup();
@@ -427,11 +445,10 @@ impl Lister<'_> {
                 .map(|(s, c)| (s, Some(c)))
                 .collect(),
         };
-        let parts = futures_util::future::join_all(
-            asked
-                .iter()
-                .map(|(server, cursor)| self.part(server, cursor.as_deref())),
-        )
+        let parts = futures_util::future::join_all(asked.iter().map(|(server, cursor)| {
+            let answer = answers.remove(server);
+            self.part(server, cursor.as_deref(), answer)
+        }))
         .await;
         let mut items = Vec::new();
         let mut next = Vec::new();
@@ -441,6 +458,7 @@ impl Lister<'_> {
                 next.push((server, c));
             }
         }
+        next.append(&mut later);
         let mut result = json!({ spec.key: items });
         if !next.is_empty() {
             let cursor = Cursor {
@@ -452,11 +470,20 @@ impl Lister<'_> {
         rpc_result(id, result)
     }
 
-    /// One server's part of a page, or none (logged) when it is refused, down or slow.
-    async fn part(&self, server: &str, cursor: Option<&str>) -> Part {
+    /// One server's part of a page, or none (logged) when it is refused (`answer`,
+    /// its check for this list), down or slow.
+    async fn part(
+        &self,
+        server: &str,
+        cursor: Option<&str>,
+        answer: Option<CheckResponse>,
+    ) -> Part {
         let (caller, spec) = (self.caller, self.spec);
         let deadline = self.app.upstreams.timeout + self.app.upstreams.timeout / 2;
-        match tokio::time::timeout(deadline, self.one_page(server, cursor)).await {
+        let answer = answer.unwrap_or(CheckResponse::Deny {
+            code: DenyCode::PolicyUnavailable,
+        });
+        match tokio::time::timeout(deadline, self.one_page(server, cursor, answer)).await {
             Ok(Ok((items, more))) => {
                 let more = more.filter(|c| {
                     let fits = c.len() <= MAX_UPSTREAM_CURSOR;
@@ -494,15 +521,16 @@ impl Lister<'_> {
         }
     }
 
-    /// One upstream page of `server`'s list from `cursor`, checked for this list,
-    /// renamed; `Err` says why it has none.
-    async fn one_page(&self, server: &str, cursor: Option<&str>) -> Result<Part, String> {
+    /// One upstream page of `server`'s list from `cursor`, as its check for this
+    /// list (`answer`) allows, renamed; `Err` says why it has none.
+    async fn one_page(
+        &self,
+        server: &str,
+        cursor: Option<&str>,
+        answer: CheckResponse,
+    ) -> Result<Part, String> {
         let (app, caller, session, spec) = (self.app, self.caller, self.session, self.spec);
-        let (upstream, inject, list_filter) = match app
-            .policy
-            .check(caller.ask(server, spec.method, None))
-            .await
-        {
+        let (upstream, inject, list_filter) = match answer {
             CheckResponse::Allow {
                 upstream,
                 inject,
@@ -570,30 +598,34 @@ async fn set_level(
     message: &Value,
 ) -> Response {
     const METHOD: &str = "logging/setLevel";
-    let servers = match app.policy.check(caller.ask("", METHOD, None)).await {
-        CheckResponse::Gateway { servers } => servers,
-        CheckResponse::Deny { code } => return rpc_refusal(id, code),
-        CheckResponse::Allow { .. } => return rpc_refusal(id, DenyCode::PolicyUnavailable),
-    };
-    let outcomes = futures_util::future::join_all(servers.iter().map(|server| async move {
-        let deadline = app.upstreams.timeout + app.upstreams.timeout / 2;
-        let outcome = tokio::time::timeout(
-            deadline,
-            set_level_one(app, caller, session, server, message),
-        )
+    let answers = match app
+        .policy
+        .check_each(caller.ask("", METHOD, None), EachServer::All)
         .await
-        .unwrap_or_else(|_| Err("no answer in time".into()));
-        if let Err(why) = &outcome {
-            tracing::info!(
-                gateway = caller.gateway,
-                server,
-                why,
-                "logging/setLevel not accepted"
-            );
-        }
-        (server, outcome)
-    }))
-    .await;
+    {
+        Ok(each) => each.answers,
+        Err(code) => return rpc_refusal(id, code),
+    };
+    let outcomes =
+        futures_util::future::join_all(answers.into_iter().map(|(server, answer)| async move {
+            let deadline = app.upstreams.timeout + app.upstreams.timeout / 2;
+            let outcome = tokio::time::timeout(
+                deadline,
+                set_level_one(app, session, &server, answer, message),
+            )
+            .await
+            .unwrap_or_else(|_| Err("no answer in time".into()));
+            if let Err(why) = &outcome {
+                tracing::info!(
+                    gateway = caller.gateway,
+                    server,
+                    why,
+                    "logging/setLevel not accepted"
+                );
+            }
+            (server, outcome)
+        }))
+        .await;
     if outcomes.iter().any(|(_, o)| o.is_ok()) {
         return rpc_result(id, json!({}));
     }
@@ -617,16 +649,12 @@ async fn set_level(
 /// One server's answer to `logging/setLevel`; `Err` says why it did not accept it.
 async fn set_level_one(
     app: &App,
-    caller: &Caller,
     session: &Session,
     server: &str,
+    answer: CheckResponse,
     message: &Value,
 ) -> Result<(), String> {
-    let (upstream, inject) = match app
-        .policy
-        .check(caller.ask(server, "logging/setLevel", None))
-        .await
-    {
+    let (upstream, inject) = match answer {
         CheckResponse::Allow {
             upstream, inject, ..
         } => (upstream, inject),

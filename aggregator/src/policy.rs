@@ -1,12 +1,14 @@
 //! The aggregator's checks: the same `/v1/check` the filter calls, on the policy
-//! service's check port with the check secret, one per server a request touches, on
-//! that very request and uncached. Anything but a well-formed 200 is a refusal
+//! service's check port with the check secret, for each server a request touches, on
+//! that very request and uncached (a request that touches every server asks for all of
+//! them in one exchange). Anything but a well-formed 200 is a refusal
 //! (`policy_unavailable`): fail closed.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use mcpguard_core::check::{
-    CHECK_PATH, CheckRequest, CheckResponse, Credential, DenyCode, bounded_name,
+    CHECK_PATH, CheckRequest, CheckResponse, Credential, DenyCode, EachServer, bounded_name,
 };
 
 /// The header the check port wants its secret in (policy-svc `check_auth::HEADER`).
@@ -19,6 +21,14 @@ pub struct Policy {
     /// None where the mesh authenticates the check port.
     secret: Option<String>,
     timeout: Duration,
+}
+
+/// A gateway-level answer with each server's ([`Policy::check_each`]).
+pub struct Each {
+    /// The servers the gateway exposes now, in slug order.
+    pub servers: Vec<String>,
+    /// The decision for each server asked for.
+    pub answers: BTreeMap<String, CheckResponse>,
 }
 
 /// What one check is about.
@@ -50,6 +60,21 @@ impl Policy {
 
     /// The answer, or the refusal that stands for no answer.
     pub async fn check(&self, ask: Ask<'_>) -> CheckResponse {
+        self.send(&ask, None).await
+    }
+
+    /// A gateway-level check (`ask.server` empty) that also decides `each` of the
+    /// gateway's servers, in one exchange: the servers the gateway exposes and each
+    /// answer, or the refusal of the caller.
+    pub async fn check_each(&self, ask: Ask<'_>, each: EachServer) -> Result<Each, DenyCode> {
+        match self.send(&ask, Some(each)).await {
+            CheckResponse::Gateway { servers, answers } => Ok(Each { servers, answers }),
+            CheckResponse::Deny { code } => Err(code),
+            CheckResponse::Allow { .. } => Err(DenyCode::PolicyUnavailable),
+        }
+    }
+
+    async fn send(&self, ask: &Ask<'_>, each_server: Option<EachServer>) -> CheckResponse {
         let req = CheckRequest {
             credential: ask.caller.clone(),
             gateway: Some(ask.gateway.to_owned()),
@@ -58,6 +83,7 @@ impl Policy {
             tool: ask.item.map(|i| bounded_name(i).to_owned()),
             request_id: ask.request_id.map(str::to_owned),
             item: ask.item.map(str::to_owned),
+            each_server,
         };
         let unavailable = CheckResponse::Deny {
             code: DenyCode::PolicyUnavailable,

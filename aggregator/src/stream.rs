@@ -23,7 +23,7 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use futures_util::FutureExt as _;
-use mcpguard_core::check::{CheckResponse, DenyCode};
+use mcpguard_core::check::{CheckResponse, DenyCode, EachServer};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -186,29 +186,29 @@ async fn watch(
 }
 
 /// The servers of the gateway the caller may use now, each with where it is reached:
-/// the gateway-level check, then each server's, at once. A refusal, or no answer,
-/// leaves the server out. `Err` when the gateway itself refuses the caller (not for
-/// want of an answer: the policy service being down ends no stream).
+/// the gateway-level check with each server's, in one exchange. A refusal, or no
+/// answer, leaves the server out. `Err` when the gateway itself refuses the caller
+/// (not for want of an answer: the policy service being down ends no stream).
 async fn usable_servers(app: &App, caller: &Caller) -> Result<HashMap<String, Target>, DenyCode> {
-    let servers = match app.policy.check(stream_ask(caller, "")).await {
-        CheckResponse::Gateway { servers } => servers,
-        CheckResponse::Deny { code } if code != DenyCode::PolicyUnavailable => return Err(code),
-        _ => return Ok(HashMap::new()),
+    let answers = match app
+        .policy
+        .check_each(stream_ask(caller, ""), EachServer::All)
+        .await
+    {
+        Ok(each) => each.answers,
+        Err(code) if code != DenyCode::PolicyUnavailable => return Err(code),
+        Err(_) => return Ok(HashMap::new()),
     };
-    let checks = servers.into_iter().map(|server| async move {
-        let answer = app.policy.check(stream_ask(caller, &server)).await;
-        let target = match answer {
+    Ok(answers
+        .into_iter()
+        .filter_map(|(server, answer)| match answer {
             CheckResponse::Allow {
                 upstream, inject, ..
-            } => Target::of(&upstream, inject.map(|h| (h.name, h.value))).ok(),
+            } => Target::of(&upstream, inject.map(|h| (h.name, h.value)))
+                .ok()
+                .map(|t| (server, t)),
             _ => None,
-        };
-        target.map(|t| (server, t))
-    });
-    Ok(futures_util::future::join_all(checks)
-        .await
-        .into_iter()
-        .flatten()
+        })
         .collect())
 }
 

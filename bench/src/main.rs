@@ -363,6 +363,7 @@ fn check_lines(live: &[seed::SeededToken]) -> Result<Vec<(String, String, String
                 tool: None,
                 request_id: Some(format!("6f1c2a9e-0000-4000-8000-{i:012}")),
                 item: None,
+                each_server: None,
             };
             Ok((
                 CHECK_PATH.to_owned(),

@@ -1,6 +1,8 @@
 //! The check callout: what the filter asks the policy service on every request, and the
 //! answer. JSON over HTTP/1.1 or h2 on the policy service's check port.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::features::ListFilter;
@@ -62,7 +64,30 @@ pub struct CheckRequest {
     /// short as `tool` is for the audit trail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub item: Option<String>,
+    /// On a gateway-level check (an empty `server`) only: also decide these servers of
+    /// the gateway, each as its own check of this request would (every layer of that
+    /// server, provisioning, pinning, one audit entry each), and answer every decision
+    /// in [`CheckResponse::Gateway`]'s `answers`. The aggregator's lists and
+    /// `logging/setLevel` touch every server at once: one exchange instead of one per
+    /// server, with the credential presented once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub each_server: Option<EachServer>,
 }
+
+/// Which servers a gateway-level check also decides ([`CheckRequest::each_server`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum EachServer {
+    /// Every server the gateway exposes now.
+    All,
+    /// These (a list's later page: the servers its cursor goes on with), at most
+    /// [`MAX_EACH_SERVER`]. One the gateway does not expose is answered as its own
+    /// check would be (`server_not_exposed`).
+    Only(Vec<String>),
+}
+
+/// The most servers [`EachServer::Only`] may name: more is a 400, not a decision.
+pub const MAX_EACH_SERVER: usize = 256;
 
 /// How the caller proved who it is: proof of possession of a live token, never
 /// something guessable (ids) and never an opaque API token in clear.
@@ -121,6 +146,11 @@ pub enum CheckResponse {
     /// checked on its own, on every request that touches it).
     Gateway {
         servers: Vec<String>,
+        /// What each server asked for in [`CheckRequest::each_server`] was decided:
+        /// an allow or a refusal, as its own check would answer (a decision the store
+        /// gave no answer for is `policy_unavailable`).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        answers: BTreeMap<String, CheckResponse>,
     },
 }
 
@@ -560,6 +590,7 @@ mod tests {
             tool: None,
             request_id: None,
             item: None,
+            each_server: None,
         };
         let json = serde_json::to_string(&req).unwrap();
         assert_eq!(serde_json::from_str::<CheckRequest>(&json).unwrap(), req);
@@ -596,6 +627,7 @@ mod tests {
 
         let gateway = CheckResponse::Gateway {
             servers: vec!["a".into(), "b".into()],
+            answers: BTreeMap::new(),
         };
         let json = serde_json::to_string(&gateway).unwrap();
         assert_eq!(json, r#"{"decision":"gateway","servers":["a","b"]}"#);
@@ -603,11 +635,29 @@ mod tests {
             serde_json::from_str::<CheckResponse>(&json).unwrap(),
             gateway
         );
+        let each = CheckResponse::Gateway {
+            servers: vec!["a".into()],
+            answers: BTreeMap::from([("a".to_owned(), allow.clone())]),
+        };
+        let json = serde_json::to_string(&each).unwrap();
+        assert_eq!(serde_json::from_str::<CheckResponse>(&json).unwrap(), each);
         let mut level = req.clone();
         level.server = String::new();
         let json = serde_json::to_string(&level).unwrap();
         assert!(!json.contains("server"), "{json}");
         assert_eq!(serde_json::from_str::<CheckRequest>(&json).unwrap(), level);
+        for (each, wire) in [
+            (EachServer::All, r#""each_server":"all""#),
+            (
+                EachServer::Only(vec!["a".into()]),
+                r#""each_server":{"only":["a"]}"#,
+            ),
+        ] {
+            level.each_server = Some(each);
+            let json = serde_json::to_string(&level).unwrap();
+            assert!(json.contains(wire), "{json}");
+            assert_eq!(serde_json::from_str::<CheckRequest>(&json).unwrap(), level);
+        }
 
         let deny: CheckResponse =
             serde_json::from_str(r#"{"decision":"deny","code":"connection_disabled"}"#).unwrap();

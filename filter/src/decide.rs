@@ -319,6 +319,7 @@ fn check(
                 tool: bounded(req.tool),
                 request_id: req.request_id.map(|id| bounded_request_id(id).to_owned()),
                 item: req.item.map(str::to_owned),
+                each_server: None,
             }),
             Err(code) => refuse(code),
         };
@@ -336,6 +337,7 @@ fn check(
         tool: bounded(req.tool),
         request_id: req.request_id.map(|id| bounded_request_id(id).to_owned()),
         item: req.item.map(str::to_owned),
+        each_server: None,
     })
 }
 
@@ -1011,6 +1013,7 @@ mod tests {
 
         let body = serde_json::to_vec(&CheckResponse::Gateway {
             servers: vec!["demo".into()],
+            answers: Default::default(),
         })
         .unwrap();
         let Finish::Forward(f) = finish_gateway(Some(200), Some(&body), "/mcp/eng?x=1", &to) else {

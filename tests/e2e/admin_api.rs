@@ -295,6 +295,7 @@ async fn token_generation_creates_or_reuses_the_connection_and_connections_are_l
         tool: None,
         request_id: None,
         item: None,
+        each_server: None,
     };
     let url = format!("http://127.0.0.1:{}{CHECK_PATH}", policy.check_port);
     let answer: Value = reqwest::Client::new()

@@ -104,6 +104,7 @@ fn decide_layers(
     if scope == Scope::Gateway {
         return CheckResponse::Gateway {
             servers: Vec::new(),
+            answers: Default::default(),
         };
     }
     let (Some(_exposed), Some(server_enabled), Some(scheme), Some(authority), Some(path)) = (
@@ -502,7 +503,13 @@ mod tests {
         r.identity = None;
         r.server_id = None;
         r.server_enabled = Some(DbBool(false));
-        assert_eq!(gateway(&r), CheckResponse::Gateway { servers: vec![] });
+        assert_eq!(
+            gateway(&r),
+            CheckResponse::Gateway {
+                servers: vec![],
+                answers: Default::default()
+            }
+        );
         for (change, code) in [
             (
                 (|r| r.revoked_at = Some(5)) as Change,

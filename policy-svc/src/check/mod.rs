@@ -22,9 +22,10 @@ mod pin;
 mod present;
 mod record;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use mcpguard_core::check::{CheckResponse, DenyCode};
+use mcpguard_core::check::{CheckResponse, DenyCode, EachServer};
 
 pub use present::WireCredential;
 pub use record::Context;
@@ -78,6 +79,8 @@ pub struct Input<'a> {
     pub context: Context<'a>,
     /// The item a use method names, whole (feature provisioning decides on it).
     pub item: Option<&'a str>,
+    /// On a gateway-level check: the servers to decide too (`/v1/check` only).
+    pub each_server: Option<&'a EachServer>,
 }
 
 /// What became of a request.
@@ -98,7 +101,13 @@ pub enum Outcome {
 pub async fn run(state: &AppState, input: Input<'_>, deadline: Duration) -> Outcome {
     let (wire, started) = (input.wire, input.context.started);
     let outcome = decide_request(state, input, deadline).await;
-    let (decision, code) = match &outcome {
+    count(wire, &outcome, started);
+    outcome
+}
+
+/// Counts one decision in the metrics, with the time since its request arrived.
+fn count(wire: Wire, outcome: &Outcome, started: std::time::Instant) {
+    let (decision, code) = match outcome {
         Outcome::Refused(code) | Outcome::Decided(CheckResponse::Deny { code }) => {
             ("deny", code.as_str())
         }
@@ -108,7 +117,6 @@ pub async fn run(state: &AppState, input: Input<'_>, deadline: Duration) -> Outc
         Outcome::Unavailable => ("unavailable", ""),
     };
     crate::metrics::get().check(wire.label(), decision, code, started.elapsed());
-    outcome
 }
 
 async fn decide_request(state: &AppState, input: Input<'_>, deadline: Duration) -> Outcome {
@@ -119,6 +127,7 @@ async fn decide_request(state: &AppState, input: Input<'_>, deadline: Duration) 
         credential,
         context,
         item,
+        each_server,
     } = input;
     // An empty server: the gateway URL itself (its aggregator checks each server).
     let scope = if server.is_empty() {
@@ -143,6 +152,64 @@ async fn decide_request(state: &AppState, input: Input<'_>, deadline: Duration) 
             return Outcome::Unavailable;
         }
     };
+    let outcome = decide_presented(state, &presented, &seen, scope, item, deadline).await;
+    let (Some(each), Outcome::Decided(CheckResponse::Gateway { servers, .. })) =
+        (each_server, &outcome)
+    else {
+        return outcome;
+    };
+    // Each server asked for, decided as its own check would be, on the credential
+    // presented once; all at once, so the slowest store read bounds the wait.
+    let asked = match each {
+        EachServer::All => servers.as_slice(),
+        EachServer::Only(only) => only.as_slice(),
+    };
+    let presented = &presented;
+    let decisions = futures_util::future::join_all(asked.iter().map(|one| {
+        let seen = Seen {
+            server: Some(one.as_str()),
+            ..seen
+        };
+        async move {
+            let outcome = decide_presented(
+                state,
+                presented,
+                &seen,
+                decide::Scope::Server,
+                item,
+                deadline,
+            )
+            .await;
+            count(wire, &outcome, context.started);
+            let answer = match outcome {
+                Outcome::Decided(answer) => answer,
+                Outcome::Refused(code) => CheckResponse::Deny { code },
+                Outcome::Unavailable => CheckResponse::Deny {
+                    code: DenyCode::PolicyUnavailable,
+                },
+            };
+            (one.clone(), answer)
+        }
+    }))
+    .await;
+    Outcome::Decided(CheckResponse::Gateway {
+        servers: servers.clone(),
+        answers: decisions.into_iter().collect(),
+    })
+}
+
+/// Load, decide, pin and record the request `seen` describes, on a credential
+/// already presented.
+async fn decide_presented(
+    state: &AppState,
+    presented: &Presented,
+    seen: &Seen<'_>,
+    scope: decide::Scope,
+    item: Option<&str>,
+    deadline: Duration,
+) -> Outcome {
+    let (wire, gateway, context) = (seen.wire, seen.gateway, seen.context);
+    let server = seen.server.unwrap_or_default();
 
     let hex;
     let lookup = match &presented {
@@ -233,7 +300,10 @@ async fn decide_request(state: &AppState, input: Input<'_>, deadline: Duration) 
             )
             .await;
             match read {
-                Ok(servers) => CheckResponse::Gateway { servers },
+                Ok(servers) => CheckResponse::Gateway {
+                    servers,
+                    answers: BTreeMap::new(),
+                },
                 Err(e) => {
                     tracing::warn!(error = %e, gateway, request_id = context.request_id, "{}: no answer from the store on the gateway's servers; refusing", wire.name());
                     return Outcome::Unavailable;
@@ -304,7 +374,7 @@ async fn decide_request(state: &AppState, input: Input<'_>, deadline: Duration) 
         }
         (CheckResponse::Allow { .. } | CheckResponse::Gateway { .. }, None) => None,
     };
-    record::record(state, &seen, row.as_ref(), code);
+    record::record(state, seen, row.as_ref(), code);
     Outcome::Decided(decision)
 }
 

@@ -8,7 +8,8 @@ use axum::extract::State;
 use axum::routing::post;
 use axum::{Extension, Router};
 use mcpguard_core::check::{
-    CHECK_PATH, CheckRequest, CheckResponse, Credential, bounded_name, bounded_request_id,
+    CHECK_PATH, CheckRequest, CheckResponse, Credential, EachServer, MAX_EACH_SERVER, bounded_name,
+    bounded_request_id,
 };
 use mcpguard_core::token::TokenHash;
 
@@ -42,6 +43,21 @@ async fn run(
             check::WireCredential::AccessToken { token, resource }
         }
     };
+    match &req.each_server {
+        Some(_) if !req.server.is_empty() => {
+            return Err(ApiError::bad_request(
+                "invalid_each_server",
+                "each_server is for a gateway-level check (an empty server)",
+            ));
+        }
+        Some(EachServer::Only(only)) if only.len() > MAX_EACH_SERVER => {
+            return Err(ApiError::bad_request(
+                "invalid_each_server",
+                format!("each_server names at most {MAX_EACH_SERVER} servers"),
+            ));
+        }
+        _ => {}
+    }
     let input = Input {
         wire: Wire::Check,
         gateway: req.gateway.as_deref(),
@@ -59,6 +75,7 @@ async fn run(
             request_id: req.request_id.as_deref().map(bounded_request_id),
         },
         item: req.item.as_deref(),
+        each_server: req.each_server.as_ref(),
     };
     match check::run(&state, input, deadline).await {
         Outcome::Refused(code) => Ok(Json(CheckResponse::Deny { code })),
@@ -112,6 +129,7 @@ mod tests {
             tool: None,
             request_id: None,
             item: None,
+            each_server: None,
         }
     }
 
@@ -275,7 +293,8 @@ mod tests {
         assert_eq!(
             a.decision(),
             CheckResponse::Gateway {
-                servers: vec!["demo".into()]
+                servers: vec!["demo".into()],
+                answers: Default::default(),
             },
             "{}",
             a.body
@@ -295,6 +314,76 @@ mod tests {
             .unwrap();
         let a = ask(&f.app, &gateway("eng")).await;
         assert_eq!(a.code(), Some(DenyCode::GatewayDisabled));
+    }
+
+    #[tokio::test]
+    async fn a_gateway_level_check_decides_each_server_asked_for_as_its_own_check_would() {
+        let f = fixture().await;
+        let each = |each: EachServer, server: &str| CheckRequest {
+            mcp_method: Some("tools/list".into()),
+            each_server: Some(each),
+            ..request(api_token(&f.token), "eng", server)
+        };
+        let answers = |a: &Answer| match a.decision() {
+            CheckResponse::Gateway { answers, .. } => answers,
+            other => panic!("{other:?}"),
+        };
+        let a = ask(&f.app, &each(EachServer::All, "")).await;
+        let all = answers(&a);
+        assert_eq!(all.keys().collect::<Vec<_>>(), ["demo"], "{}", a.body);
+        // The same answer as the server's own check, pinned address and all.
+        let own = ask(&f.app, &request(api_token(&f.token), "eng", "demo")).await;
+        assert_eq!(all["demo"], own.decision());
+        // Each decision is its own audit entry: the gateway's, then the server's.
+        let rows: Vec<(String, Option<String>, Option<String>)> =
+            crate::fixture::decisions(&f.db, "action, server, mcp_method", 3).await;
+        assert_eq!(
+            rows[..2],
+            [
+                ("allow".into(), None, Some("tools/list".into())),
+                (
+                    "allow".into(),
+                    Some("demo".into()),
+                    Some("tools/list".into())
+                ),
+            ]
+        );
+
+        // A server of the gateway that is refused now is answered with its refusal,
+        // and one it does not expose as such.
+        sqlx::query("UPDATE servers SET enabled = 0")
+            .execute(&f.db)
+            .await
+            .unwrap();
+        let only = EachServer::Only(vec!["demo".into(), "nope".into()]);
+        let a = ask(&f.app, &each(only, "")).await;
+        let some = answers(&a);
+        assert_eq!(
+            some["demo"],
+            CheckResponse::Deny {
+                code: DenyCode::ServerDisabled
+            }
+        );
+        assert_eq!(
+            some["nope"],
+            CheckResponse::Deny {
+                code: DenyCode::ServerNotExposed
+            }
+        );
+        // A refusal of the caller has no answers to give.
+        sqlx::query("UPDATE gateways SET enabled = 0")
+            .execute(&f.db)
+            .await
+            .unwrap();
+        let a = ask(&f.app, &each(EachServer::All, "")).await;
+        assert_eq!(a.code(), Some(DenyCode::GatewayDisabled));
+
+        // Asked of one server, or of too many: no decision at all.
+        let a = ask(&f.app, &each(EachServer::All, "demo")).await;
+        assert_eq!(a.status, 400, "{}", a.body);
+        let many = EachServer::Only(vec!["a".into(); MAX_EACH_SERVER + 1]);
+        let a = ask(&f.app, &each(many, "")).await;
+        assert_eq!(a.status, 400, "{}", a.body);
     }
 
     #[tokio::test]

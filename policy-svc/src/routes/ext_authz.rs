@@ -133,6 +133,7 @@ async fn run(
         // Envoy's config passes `params.name` only: a `resources/read` names no item
         // here, and is refused on an exposure that restricts resources.
         item: header(MCP_TOOL_HEADER).filter(|v| !v.is_empty()),
+        each_server: None,
     };
     // The same deadline as /v1/check: a slow store is a quick refusal, not a wait.
     let deadline = deadline.map(|Extension(d)| d).unwrap_or_default().0;
