@@ -84,17 +84,19 @@ POLICY_IMAGE ?=
 image:
 	scripts/image.sh $(or $(POLICY_IMAGE),localhost/mcpguard-policy:dev)
 
-# Builds the image and runs it as the Deployment does (docs/istio.md). Not in `make
-# test`: its static release build alone costs about 15 CPU-minutes.
+# Builds the image and runs it as the Deployment does (docs/istio.md); the last step
+# of `make test`, in the quick `image-test` profile.
 test-image:
 	scripts/image-test.sh
 
 # Twice: policy services on SQLite, then on PostgreSQL (throwaway clusters, started and
 # removed by the tests: tests/src/db.rs). `--workspace` both times, so that nothing is
-# rebuilt. The scale-out tests always use PostgreSQL: the second pass skips them.
+# rebuilt. The scale-out tests always use PostgreSQL: the second pass skips them. Then
+# the container image (scripts/image-test.sh).
 test: build envoy deploy-tools mcp-sdk
 	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) cargo test --workspace
 	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) scripts/postgres.sh cargo test --workspace -- --skip scaleout::
+	scripts/image-test.sh
 
 test-postgres: build envoy deploy-tools mcp-sdk
 	MCPGUARD_ENVOY=$(CURDIR)/$(ENVOY) scripts/postgres.sh cargo test --workspace

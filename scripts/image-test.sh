@@ -7,8 +7,10 @@
 #   - its admin API answers the bootstrap admin token (so the store and the secrets key
 #     were made in /data);
 #   - it writes nothing outside /data (the root filesystem is read-only).
-# Loopback only (host network, ports chosen here). Not part of `make test`: the static
-# release build costs minutes of CPU (see docs/istio.md).
+# Loopback only (host network, ports chosen here). Part of `make test`, with the
+# binaries built in the `image-test` profile (Cargo.toml): the image's make-up is what
+# is tested, and a static release build would cost ~15 CPU-minutes (docs/istio.md).
+# MCPGUARD_IMAGE_PROFILE=release tests the image `make image` ships.
 #
 # Sandboxes without full container support (no RLIMIT changes, hybrid cgroups) make
 # the default runtime fail before the service starts; then the run is retried with
@@ -18,7 +20,7 @@ set -euo pipefail
 tag=localhost/mcpguard-policy:test
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-scripts/image.sh "$tag"
+MCPGUARD_IMAGE_PROFILE=${MCPGUARD_IMAGE_PROFILE:-image-test} scripts/image.sh "$tag"
 
 name=mcpguard-image-test-$$
 public=$((20000 + RANDOM % 20000))

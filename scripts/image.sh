@@ -2,6 +2,8 @@
 # Builds the policy service's container image (Containerfile) with podman; it holds the
 # gateway URL's aggregator too (deploy/kubernetes/aggregator.yaml runs it):
 #   scripts/image.sh [TAG]      default TAG: localhost/mcpguard-policy:dev
+# MCPGUARD_IMAGE_PROFILE picks the cargo profile of its binaries: `release` (the
+# default, the image to ship) or `image-test` (the image test's quick build).
 # Installs what only this needs when missing, as scripts/bootstrap.sh does (Debian, as
 # root; otherwise it names what to install): podman, musl-tools (musl-gcc, for the
 # bundled SQLite's C code), and the rustup target x86_64-unknown-linux-musl. `make
@@ -9,6 +11,7 @@
 set -euo pipefail
 
 tag=${1:-localhost/mcpguard-policy:dev}
+profile=${MCPGUARD_IMAGE_PROFILE:-release}
 target=x86_64-unknown-linux-musl
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -30,11 +33,11 @@ rustup target list --installed | grep -qx "$target" || rustup target add "$targe
 
 # Static: musl links statically by default; the C parts are built with musl-gcc.
 CC_x86_64_unknown_linux_musl=musl-gcc \
-    cargo build --release --target "$target" -p mcpguard-policy -p mcpguard-aggregator
+    cargo build --profile "$profile" --target "$target" -p mcpguard-policy -p mcpguard-aggregator
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 for name in mcpguard-policy mcpguard-aggregator; do
-    bin=${CARGO_TARGET_DIR:-target}/$target/release/$name
+    bin=${CARGO_TARGET_DIR:-target}/$target/$profile/$name
     if ldd "$bin" 2>&1 | grep -q '=>'; then
         echo "image: $bin is not static:" >&2
         ldd "$bin" >&2
