@@ -1,7 +1,7 @@
 //! The gateway URL and its upstream sessions, through real Envoy, the real `.wasm`, the
 //! real aggregator and policy service and real MCP servers: a server's sampling
-//! request reaches a client that declared it (and is refused at once to one that did
-//! not); an upstream GET stream lives only as long as the allow it was opened under
+//! request reaches a client that declared it, under the aggregator's id (and is refused
+//! at once to one that did not); an upstream GET stream lives only as long as the allow it was opened under
 //! (refused now: closed; another credential: opened again with it), seen from the
 //! server's side; a session's first uses arriving together open one upstream session
 //! per server; a GET with `Last-Event-ID` gets a fresh, working stream.
@@ -82,6 +82,94 @@ async fn a_servers_sampling_request_reaches_a_client_that_declared_it() {
         "y"
     );
     plain.cancel().await.unwrap();
+}
+
+/// The sampling relay at the HTTP level: the server's request reaches the client on
+/// the call's reply stream under an id of the aggregator's, not the server's; an answer
+/// under the server's own id is dropped (202, nothing sent); the answer under the
+/// aggregator's id reaches the server, whose call then answers with it.
+#[tokio::test]
+async fn a_sampling_request_is_relayed_under_the_aggregators_id() {
+    let (stack, token, _, _, gateway_id) = two_servers().await;
+    let asker = mcpguard_e2e::Demo::start_eliciting(stack.dir.path()).await;
+    let admin = stack.admin();
+    let id = admin.server("asker", &asker.upstream_url()).await;
+    admin.expose(gateway_id, id).await;
+    let raw = Raw {
+        http: reqwest::Client::new(),
+        url: stack.gateway_url("eng"),
+    };
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {"sampling": {}},
+        "clientInfo": {"name": "mcpguard-e2e", "version": "0"}}});
+    let (status, sid, _) = raw.post(&token, None, init).await;
+    assert_eq!(status, 200);
+    let sid = sid.expect("a session id");
+    raw.post(
+        &token,
+        Some(&sid),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    )
+    .await;
+    let call = json!({"jsonrpc": "2.0", "id": "call-1", "method": "tools/call",
+        "params": {"name": "asker__sample", "arguments": {}}});
+    let mut reply = raw
+        .http
+        .post(&raw.url)
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", &sid)
+        .body(call.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    // The call's reply, message by message, within a bound.
+    let mut buf = String::new();
+    let mut next_message = async || -> Value {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(end) = buf.find("\n\n") {
+                    let event: String = buf.drain(..end + 2).collect();
+                    // Events without data (rmcp's priming event, comments) carry nothing.
+                    let data = event.lines().find_map(|l| l.strip_prefix("data:"));
+                    if let Some(data) = data.map(str::trim).filter(|d| !d.is_empty()) {
+                        return serde_json::from_str::<Value>(data).unwrap();
+                    }
+                    continue;
+                }
+                let chunk = reply.chunk().await.unwrap().expect("the reply went on");
+                buf.push_str(&String::from_utf8_lossy(&chunk));
+            }
+        })
+        .await
+        .expect("a message on the call's reply within 10 s")
+    };
+    let asked = next_message().await;
+    assert_eq!(asked["method"], "sampling/createMessage", "{asked}");
+    let ours = asked["id"].as_str().unwrap_or_default().to_owned();
+    assert!(ours.starts_with("mcpguard-ask-"), "{asked}");
+    let answer = |id: Value, text: &str| {
+        json!({"jsonrpc": "2.0", "id": id, "result": {"model": "raw-model",
+            "role": "assistant", "content": {"type": "text", "text": text}}})
+    };
+    // The server's own id is not one the client was given: dropped (were it sent,
+    // the call would answer "raw-model: wrong").
+    let (status, _, _) = raw
+        .post(&token, Some(&sid), answer(json!(0), "wrong"))
+        .await;
+    assert_eq!(status, 202);
+    let (status, _, _) = raw
+        .post(&token, Some(&sid), answer(json!(ours), "hi"))
+        .await;
+    assert_eq!(status, 202);
+    let result = next_message().await;
+    assert_eq!(result["id"], "call-1", "{result}");
+    assert_eq!(
+        result["result"]["content"][0]["text"], "raw-model: hi",
+        "{result}"
+    );
 }
 
 /// What demo server `demo` says it has seen (`GET /demo/stats`).
