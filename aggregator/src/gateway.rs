@@ -888,41 +888,14 @@ async fn cancel(app: &App, session: &Session, message: &Value) {
     }
 }
 
-/// The upstream session with `server` for this session, opened on first use (and
-/// again when the server's upstream changed).
+/// The upstream session with `server` for this session ([`Session::upstream`]).
 pub(crate) async fn open(
     app: &App,
     session: &Session,
     server: &str,
     target: &Target,
 ) -> Result<(Option<String>, Option<String>), UpstreamError> {
-    {
-        let mut upstreams = session.upstreams.lock().await;
-        if let Some(up) = upstreams.get_mut(server)
-            && up.target.same_upstream(target)
-        {
-            // The credential of this very allow.
-            up.target = target.clone();
-            return Ok((up.id.clone(), up.protocol_version.clone()));
-        }
-    }
-    let (id, version) = app
-        .upstreams
-        .initialize(
-            target,
-            &session.protocol_version,
-            &session.client_capabilities,
-        )
-        .await?;
-    session.upstreams.lock().await.insert(
-        server.to_owned(),
-        UpstreamSession {
-            id: id.clone(),
-            protocol_version: version.clone(),
-            target: target.clone(),
-        },
-    );
-    Ok((id, version))
+    session.upstream(&app.upstreams, server, target).await
 }
 
 /// A request answered whole by `server`; a session the upstream dropped is opened
@@ -944,7 +917,7 @@ async fn exchange(
         {
             Err(UpstreamError::SessionGone) if !retried => {
                 retried = true;
-                session.upstreams.lock().await.remove(server);
+                session.forget_upstream(server, sid.as_deref()).await;
             }
             other => return other.map(|(_, answer)| answer),
         }
@@ -973,7 +946,7 @@ async fn send(
         {
             Err(UpstreamError::SessionGone) if !retried => {
                 retried = true;
-                session.upstreams.lock().await.remove(server);
+                session.forget_upstream(server, sid.as_deref()).await;
             }
             other => return other.map(|reply| (reply, (sid, version))),
         }

@@ -1,6 +1,7 @@
 //! The gateway URL's sessions: an `Mcp-Session-Id` that no one can forge and that only
 //! the credential which opened it can use, and what the aggregator keeps per session
-//! (the upstream sessions it opened, lazily, one per server).
+//! (the upstream sessions it opened, lazily, one per server: the first use opens it,
+//! and uses at the same moment wait for that one, [`Session::upstream`]).
 //!
 //! An id is `{nonce}{tag}` in hex: 16 random bytes, then HMAC-SHA256 over the nonce
 //! and the caller's credential under a key drawn when the process starts. A request
@@ -16,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use mcpguard_core::check::Credential;
+
+use crate::upstream::{Client, Target, UpstreamError};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -124,8 +127,16 @@ pub struct UpstreamSession {
     /// The upstream's `Mcp-Session-Id`, when it gave one (stateless servers do not).
     pub id: Option<String>,
     pub protocol_version: Option<String>,
-    pub target: crate::upstream::Target,
+    pub target: Target,
 }
+
+/// An upstream session's id and the protocol version it speaks (`None` each when the
+/// upstream gave none: a stateless server, an older one).
+pub type Opened = (Option<String>, Option<String>);
+
+/// The opening of one server's upstream session under way: whoever comes while it is
+/// takes its outcome instead of opening another.
+type Opening = Arc<tokio::sync::OnceCell<Result<Opened, UpstreamError>>>;
 
 /// A request a server made of the client, waiting for the client's answer.
 #[derive(Clone, Debug)]
@@ -147,6 +158,8 @@ pub struct Session {
     pub protocol_version: String,
     /// The upstream sessions opened so far, by server slug.
     pub upstreams: tokio::sync::Mutex<HashMap<String, UpstreamSession>>,
+    /// The openings under way, by server slug ([`Session::upstream`]).
+    opening: std::sync::Mutex<HashMap<String, Opening>>,
     /// Requests in flight to an upstream, by the JSON text of their id: where a
     /// `notifications/cancelled` for them goes.
     pub in_flight: std::sync::Mutex<HashMap<String, String>>,
@@ -160,9 +173,14 @@ pub struct Session {
     asked_count: std::sync::atomic::AtomicU64,
     /// Turns true once the session ends (`DELETE`, expiry): its GET stream ends.
     ended: tokio::sync::watch::Sender<bool>,
-    /// Counts the GET streams opened: only the newest one is served (a client that
-    /// opens another has given up on the one before).
-    pub streams: std::sync::atomic::AtomicU64,
+    /// The newest GET stream's number: only it is served (a client that opens another
+    /// has given up on the one before), and one replaced ends at once.
+    newest_stream: tokio::sync::watch::Sender<u64>,
+    /// Held by the GET stream that relays the upstreams' streams: a newer one opens
+    /// its upstream streams only once the one before has closed its own. Break before
+    /// make, as a server may serve one GET stream per session (rmcp's gives a second
+    /// one nothing while the first looks alive).
+    pub relaying: tokio::sync::Mutex<()>,
     last_used: std::sync::Mutex<Instant>,
 }
 
@@ -172,12 +190,14 @@ impl Session {
             gateway: gateway.to_owned(),
             protocol_version: protocol_version.to_owned(),
             upstreams: tokio::sync::Mutex::default(),
+            opening: std::sync::Mutex::default(),
             in_flight: std::sync::Mutex::default(),
             client_capabilities: serde_json::json!({}),
             asked: std::sync::Mutex::default(),
             asked_count: std::sync::atomic::AtomicU64::new(0),
             ended: tokio::sync::watch::Sender::new(false),
-            streams: std::sync::atomic::AtomicU64::new(0),
+            newest_stream: tokio::sync::watch::Sender::new(0),
+            relaying: tokio::sync::Mutex::new(()),
             last_used: std::sync::Mutex::new(Instant::now()),
         }
     }
@@ -232,6 +252,99 @@ impl Session {
     /// The request the client's answer with `id` is for, taken.
     pub fn answered(&self, id: &serde_json::Value) -> Option<Asked> {
         self.asked.lock().ok()?.remove(&id.to_string())
+    }
+
+    /// The upstream session with `server`, opened on first use (and again when the
+    /// server's upstream changed). Single flight: a session's first call and its GET
+    /// stream (or several first calls) arriving at once used to open one upstream
+    /// session each, all but the last left open on the server and forgotten here. Now
+    /// the first opens it and the others take its outcome, its failure too: they fail
+    /// as fast as it did rather than each trying in turn behind it (a stalled server
+    /// would cost each waiter another timeout).
+    pub async fn upstream(
+        &self,
+        client: &Client,
+        server: &str,
+        target: &Target,
+    ) -> Result<Opened, UpstreamError> {
+        if let Some(opened) = self.opened(server, target).await {
+            return Ok(opened);
+        }
+        let opening = match self.opening.lock() {
+            Ok(mut opening) => opening.entry(server.to_owned()).or_default().clone(),
+            // A poisoned map (a panic elsewhere) opens without waiting for anyone.
+            Err(_) => Opening::default(),
+        };
+        let outcome = opening
+            .get_or_init(|| async {
+                // Opened between the look above and this opening being ours.
+                if let Some(opened) = self.opened(server, target).await {
+                    return Ok(opened);
+                }
+                let (id, version) = client
+                    .initialize(target, &self.protocol_version, &self.client_capabilities)
+                    .await?;
+                self.upstreams.lock().await.insert(
+                    server.to_owned(),
+                    UpstreamSession {
+                        id: id.clone(),
+                        protocol_version: version.clone(),
+                        target: target.clone(),
+                    },
+                );
+                Ok((id, version))
+            })
+            .await
+            .clone();
+        // Done: the next first use (after a failure, or once the upstream forgot this
+        // session) opens anew.
+        if let Ok(mut map) = self.opening.lock()
+            && map.get(server).is_some_and(|o| Arc::ptr_eq(o, &opening))
+        {
+            map.remove(server);
+        }
+        outcome
+    }
+
+    /// The upstream session with `server` already open at `target`'s upstream, its
+    /// credential now that of `target` (this very allow's).
+    async fn opened(&self, server: &str, target: &Target) -> Option<Opened> {
+        let mut upstreams = self.upstreams.lock().await;
+        let up = upstreams
+            .get_mut(server)
+            .filter(|up| up.target.same_upstream(target))?;
+        up.target = target.clone();
+        Some((up.id.clone(), up.protocol_version.clone()))
+    }
+
+    /// Forgets the upstream session with `server` whose id is `id` (the upstream
+    /// answered 404 to it), so the next use opens another; one opened since by
+    /// another request is kept.
+    pub async fn forget_upstream(&self, server: &str, id: Option<&str>) {
+        let mut upstreams = self.upstreams.lock().await;
+        if upstreams
+            .get(server)
+            .is_some_and(|up| up.id.as_deref() == id)
+        {
+            upstreams.remove(server);
+        }
+    }
+
+    /// A new GET stream: its number, now the newest.
+    pub fn open_stream(&self) -> u64 {
+        let mut number = 0;
+        self.newest_stream.send_modify(|n| {
+            *n += 1;
+            number = *n;
+        });
+        number
+    }
+
+    /// Resolves once GET stream `number` is no longer the newest.
+    pub async fn replaced(&self, number: u64) {
+        let mut newest = self.newest_stream.subscribe();
+        // Err only if the sender is gone, which it is not while `self` lives.
+        let _ = newest.wait_for(|n| *n != number).await;
     }
 
     /// Marks the session ended: whatever waits on [`Session::ended`] stops.
@@ -440,6 +553,106 @@ mod tests {
             s.ask_client("alpha", serde_json::json!(2), "roots/list")
                 .is_none()
         );
+    }
+
+    /// An upstream that counts `initialize`s and answers each slowly (so uses that
+    /// arrive together overlap), as session `s{n}`; with `fail`, 500 instead.
+    async fn slow_upstream(fail: bool) -> (Target, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        let app = axum::Router::new().route(
+            "/mcp",
+            axum::routing::post(move |body: String| {
+                let seen = seen.clone();
+                async move {
+                    let message: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    if message["method"] != "initialize" {
+                        return (
+                            axum::http::StatusCode::ACCEPTED,
+                            [("mcp-session-id", String::new())],
+                            String::new(),
+                        );
+                    }
+                    let n = seen.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if fail {
+                        return (
+                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                            [("mcp-session-id", String::new())],
+                            String::new(),
+                        );
+                    }
+                    let answer = serde_json::json!({"jsonrpc": "2.0", "id": message["id"],
+                        "result": {"protocolVersion": "2025-06-18"}});
+                    (
+                        axum::http::StatusCode::OK,
+                        [("mcp-session-id", format!("s{n}"))],
+                        answer.to_string(),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let upstream = mcpguard_core::check::Upstream {
+            scheme: mcpguard_core::check::Scheme::Http,
+            authority: address.clone(),
+            base_path: "/mcp".into(),
+            address: Some(address),
+        };
+        (Target::of(&upstream, None).unwrap(), count)
+    }
+
+    fn client() -> Client {
+        Client::new(reqwest::Client::new(), Vec::new(), Duration::from_secs(5))
+    }
+
+    #[tokio::test]
+    async fn uses_at_once_open_one_upstream_session_and_share_its_failure() {
+        use std::sync::atomic::Ordering;
+        let (target, initialized) = slow_upstream(false).await;
+        let (client, session) = (client(), Session::new("eng", "2025-06-18"));
+        let opened = futures_util::future::join_all(
+            (0..8).map(|_| session.upstream(&client, "alpha", &target)),
+        )
+        .await;
+        assert_eq!(initialized.load(Ordering::SeqCst), 1, "one initialize");
+        for o in &opened {
+            assert_eq!(o.as_ref().unwrap().0.as_deref(), Some("s0"), "{opened:?}");
+        }
+        // Opened: later uses take it without asking.
+        session.upstream(&client, "alpha", &target).await.unwrap();
+        assert_eq!(initialized.load(Ordering::SeqCst), 1);
+        // Forgotten only under the id the upstream refused.
+        session.forget_upstream("alpha", Some("other")).await;
+        session.upstream(&client, "alpha", &target).await.unwrap();
+        assert_eq!(initialized.load(Ordering::SeqCst), 1);
+        session.forget_upstream("alpha", Some("s0")).await;
+        let again = session.upstream(&client, "alpha", &target).await.unwrap();
+        assert_eq!(
+            (again.0.as_deref(), initialized.load(Ordering::SeqCst)),
+            (Some("s1"), 2)
+        );
+
+        // A failing opening fails every use waiting on it at once (not one timeout
+        // each in turn), and the next use tries again.
+        let (target, initialized) = slow_upstream(true).await;
+        let started = Instant::now();
+        let failed = futures_util::future::join_all(
+            (0..8).map(|_| session.upstream(&client, "beta", &target)),
+        )
+        .await;
+        assert!(failed.iter().all(Result::is_err), "{failed:?}");
+        assert_eq!(initialized.load(Ordering::SeqCst), 1);
+        assert!(
+            started.elapsed() < Duration::from_millis(700),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(session.upstream(&client, "beta", &target).await.is_err());
+        assert_eq!(initialized.load(Ordering::SeqCst), 2, "tried again");
     }
 
     #[tokio::test]

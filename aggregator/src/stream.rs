@@ -7,7 +7,12 @@
 //! list); when that set changed since the last time, the client is sent
 //! `notifications/{tools,prompts,resources}/list_changed`, so it lists again. Each
 //! usable server's own GET stream is opened for the session (a server answering 405
-//! has none) and relayed; a server no longer usable has its stream closed. Each relayed
+//! has none) and relayed; a server no longer usable (its check refused now: the
+//! server, its exposure or the caller's identity disabled, the policy service not
+//! answering) has its stream closed, and one whose allow now injects another
+//! credential (a rotated or refreshed token) or names another upstream has its stream
+//! closed and opened again on the next round with the new one: an upstream stream
+//! never outlives, by more than a round, the allow it was opened under. Each relayed
 //! message is checked for its server on its own (uncached) and dropped when refused.
 //! A server's request of the client on it (roots, sampling, elicitation) is relayed
 //! as on a call's reply ([`crate::asks`]) when the client declared it.
@@ -16,7 +21,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
@@ -53,7 +57,7 @@ const LIST_CHANGED: [&str; 3] = [
 /// Opens the session's GET stream: the SSE response, fed by a task of its own.
 pub(crate) fn serve(app: Arc<App>, caller: Caller, session: Arc<Session>) -> Response {
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
-    let number = session.streams.fetch_add(1, Ordering::SeqCst) + 1;
+    let number = session.open_stream();
     tokio::spawn(watch(app, caller, session, number, tx));
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()
@@ -76,8 +80,9 @@ fn event(message: &Value) -> Bytes {
 }
 
 /// An upstream's GET stream, relayed by its own task; the task's answer says whether
-/// the server has none (405), so it is not asked again.
-type Relay = JoinHandle<bool>;
+/// the server has none (405), so it is not asked again. With the allow it was
+/// opened under.
+type Relay = (JoinHandle<bool>, Target);
 
 /// Serves stream `number` of `session` until the session ends, the client goes, or
 /// a newer stream replaces it.
@@ -89,6 +94,14 @@ async fn watch(
     tx: mpsc::Sender<Bytes>,
 ) {
     let caller = Arc::new(caller);
+    // The stream this one replaces ends at once (below) and closes its upstream
+    // streams before this one opens any.
+    let _relaying = tokio::select! {
+        relaying = session.relaying.lock() => relaying,
+        () = session.replaced(number) => return,
+        () = session.ended() => return,
+        () = tx.closed() => return,
+    };
     let mut tick = tokio::time::interval(app.stream_check);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut usable: Option<BTreeSet<String>> = None;
@@ -99,10 +112,8 @@ async fn watch(
         tokio::select! {
             () = session.ended() => break,
             () = tx.closed() => break,
+            () = session.replaced(number) => break,
             _ = tick.tick() => {}
-        }
-        if session.streams.load(Ordering::SeqCst) != number {
-            break;
         }
         let now = match usable_servers(&app, &caller).await {
             Ok(now) => now,
@@ -134,8 +145,27 @@ async fn watch(
             last_sent = Instant::now();
         }
         usable = Some(now.keys().cloned().collect());
-        relays.retain(|server, relay| {
-            let keep = now.contains_key(server);
+        // Break before make: a server may serve one GET stream per session (rmcp's
+        // gives a second one nothing while the first looks alive), so a stream whose
+        // credential changed is closed now and opened again on the next round.
+        let mut reopen = BTreeSet::new();
+        relays.retain(|server, (relay, opened_with)| {
+            let keep = match now.get(server) {
+                None => {
+                    tracing::debug!(server, "upstream GET stream closed: refused now");
+                    false
+                }
+                Some(target) if !target.same_as(opened_with) => {
+                    tracing::info!(
+                        server,
+                        "upstream GET stream closed: its allow changed (credential or \
+                         upstream); opened again on the next round"
+                    );
+                    reopen.insert(server.clone());
+                    false
+                }
+                Some(_) => true,
+            };
             if !keep {
                 relay.abort();
             }
@@ -143,10 +173,10 @@ async fn watch(
         });
         has_none.retain(|server| now.contains_key(server));
         for (server, target) in now {
-            if has_none.contains(&server) {
+            if has_none.contains(&server) || reopen.contains(&server) {
                 continue;
             }
-            if let Some(relay) = relays.get_mut(&server) {
+            if let Some((relay, _)) = relays.get_mut(&server) {
                 match relay.now_or_never() {
                     // Still relaying.
                     None => continue,
@@ -164,10 +194,10 @@ async fn watch(
                 caller.clone(),
                 session.clone(),
                 server.clone(),
-                target,
+                target.clone(),
                 tx.clone(),
             ));
-            relays.insert(server, relay);
+            relays.insert(server, (relay, target));
         }
         if last_sent.elapsed() >= KEEP_ALIVE {
             if tx
@@ -180,8 +210,11 @@ async fn watch(
             last_sent = Instant::now();
         }
     }
-    for relay in relays.values() {
+    // Closed, not just told to close, before `_relaying` lets a newer stream open its
+    // own: an aborted task has dropped its upstream response once awaited.
+    for (relay, _) in relays.into_values() {
         relay.abort();
+        let _ = relay.await;
     }
 }
 
@@ -250,7 +283,7 @@ async fn relay(
         Ok(r) => r,
         Err(UpstreamError::SessionGone) => {
             // Opened again on the next round.
-            session.upstreams.lock().await.remove(&server);
+            session.forget_upstream(&server, sid.as_deref()).await;
             return false;
         }
         Err(e) => {

@@ -38,7 +38,8 @@ impl std::fmt::Debug for Target {
     }
 }
 
-#[derive(Debug)]
+// Clone: one opening's failure is the outcome of every use waiting on it.
+#[derive(Debug, Clone)]
 pub enum UpstreamError {
     /// The allow named no address it judged.
     NoAddress,
@@ -98,6 +99,12 @@ impl Target {
     /// other's).
     pub fn same_upstream(&self, other: &Target) -> bool {
         self.url == other.url && self.authority == other.authority
+    }
+
+    /// Whether two allows name the same upstream, reached the same way with the same
+    /// credential: a GET stream opened with one may stay open under the other.
+    pub fn same_as(&self, other: &Target) -> bool {
+        self.same_upstream(other) && self.tls == other.tls && self.inject == other.inject
     }
 }
 

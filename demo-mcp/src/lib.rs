@@ -10,14 +10,21 @@
 //! session for its roots (`roots/list`, on the GET stream) and prints what each answered
 //! (`roots listed: file:///a file:///b`). With `--elicit` it also has
 //! `ask`, which asks the client for a name (`elicitation/create`) while serving the
-//! call and answers `hello {name}`, or the client's action when it did not accept. It
+//! call and answers `hello {name}`, or the client's action when it did not accept, and
+//! `sample`, which asks the client for a completion (`sampling/createMessage`) and
+//! answers `{model}: {text}` of the client's answer, or why there was none. It
 //! accepts
 //! `logging/setLevel` and prints the level it was set to (`logging level set to
 //! debug`), so a test can see the request arrived. With a page size, `tools/list`
 //! answers in pages of that many tools (the cursor is the offset of the next one), so
-//! a test can play an upstream whose list is paginated.
+//! a test can play an upstream whose list is paginated. `GET /demo/stats` says how
+//! many sessions were initialized and, for each GET stream open now, the
+//! `Authorization` it was opened with (`{"initialized": 2, "get_streams": ["Bearer
+//! x"]}`), so a test can see from the server's side what the gateway opened and
+//! closed, and with which credential.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rmcp::handler::server::tool::ToolCallContext;
@@ -35,6 +42,9 @@ use rmcp::model::{
 // demo server keeps it so tests can see `logging/setLevel` arrive.
 #[allow(deprecated)]
 use rmcp::model::SetLevelRequestParams;
+// Sampling too (SEP-2577): the gateway relays a server's `sampling/createMessage`.
+#[allow(deprecated)]
+use rmcp::model::CreateMessageRequestParams;
 use rmcp::service::{NotificationContext, Peer, RequestContext};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
@@ -64,6 +74,8 @@ pub type Peers = Arc<Mutex<Vec<Peer<RoleServer>>>>;
 pub struct DemoServer {
     extra: ExtraTools,
     peers: Peers,
+    /// Sessions initialized so far (`notifications/initialized` received).
+    initialized: Arc<AtomicUsize>,
     elicit: bool,
     /// Tools a `tools/list` page holds; `None`: every tool on one page.
     page_size: Option<usize>,
@@ -74,10 +86,35 @@ pub struct DemoServer {
 struct Shared {
     extra: ExtraTools,
     peers: Peers,
+    initialized: Arc<AtomicUsize>,
+    streams: Streams,
 }
 
-/// The tool `--elicit` adds.
+/// The GET streams open now: a number of each, and the `Authorization` it came with.
+#[derive(Clone, Default)]
+struct Streams {
+    open: Arc<Mutex<BTreeMap<u64, String>>>,
+    next: Arc<AtomicU64>,
+}
+
+/// One open GET stream, forgotten when its response body is dropped (the client went,
+/// or the session ended).
+struct OpenStream {
+    streams: Streams,
+    number: u64,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.streams.open.lock() {
+            open.remove(&self.number);
+        }
+    }
+}
+
+/// The tools `--elicit` adds.
 const ASK: &str = "ask";
+const SAMPLE: &str = "sample";
 
 /// `ask`: asks the client for a name while serving the call.
 async fn ask(context: &RequestContext<RoleServer>) -> Result<CallToolResponse, ErrorData> {
@@ -109,6 +146,28 @@ async fn ask(context: &RequestContext<RoleServer>) -> Result<CallToolResponse, E
         }
         Ok(answer) => format!("{:?}", answer.action).to_lowercase(),
         Err(e) => format!("elicitation failed: {e}"),
+    };
+    Ok(CallToolResult::success(vec![ContentBlock::text(text)]).into())
+}
+
+/// `sample`: asks the client for a completion while serving the call.
+#[allow(deprecated)] // sampling (see the import)
+async fn sample(context: &RequestContext<RoleServer>) -> Result<CallToolResponse, ErrorData> {
+    let params: CreateMessageRequestParams = serde_json::from_value(serde_json::json!({
+        "messages": [{"role": "user", "content": {"type": "text", "text": "Say hello"}}],
+        "maxTokens": 16,
+    }))
+    .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+    let text = match context.peer.create_message(params).await {
+        Ok(answer) => {
+            let answer = serde_json::to_value(&answer).unwrap_or_default();
+            format!(
+                "{}: {}",
+                answer["model"].as_str().unwrap_or("?"),
+                answer["content"]["text"].as_str().unwrap_or("?")
+            )
+        }
+        Err(e) => format!("sampling failed: {e}"),
     };
     Ok(CallToolResult::success(vec![ContentBlock::text(text)]).into())
 }
@@ -198,6 +257,7 @@ impl ServerHandler for DemoServer {
     }
 
     async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        self.initialized.fetch_add(1, Ordering::SeqCst);
         if let Ok(mut peers) = self.peers.lock() {
             peers.retain(|p| !p.is_transport_closed());
             peers.push(context.peer);
@@ -237,7 +297,8 @@ impl ServerHandler for DemoServer {
                 "type".to_owned(),
                 serde_json::json!("object"),
             )]));
-            tools.push(Tool::new(ASK, "Ask the client for a name", empty));
+            tools.push(Tool::new(ASK, "Ask the client for a name", empty.clone()));
+            tools.push(Tool::new(SAMPLE, "Ask the client for a completion", empty));
         }
         let Some(size) = self.page_size else {
             return Ok(ListToolsResult::with_all_items(tools));
@@ -277,6 +338,9 @@ impl ServerHandler for DemoServer {
         }
         if self.elicit && request.name == ASK {
             return ask(&context).await;
+        }
+        if self.elicit && request.name == SAMPLE {
+            return sample(&context).await;
         }
         let tcc = ToolCallContext::new(self, request, context);
         Self::tool_router().call(tcc).await
@@ -346,14 +410,15 @@ pub struct Options {
     /// Stateful mode keeps sessions (`Mcp-Session-Id`) and answers over SSE, as most
     /// servers in the wild do; stateless answers each POST with plain JSON.
     pub stateless: bool,
-    /// Adds the `ask` tool, which asks the client for a name (elicitation).
+    /// Adds the `ask` tool, which asks the client for a name (elicitation), and
+    /// `sample`, which asks it for a completion (sampling).
     pub elicit: bool,
     /// Tools a `tools/list` page holds (`None`: all on one page).
     pub page_size: Option<usize>,
 }
 
 /// The MCP endpoint at `/mcp`, and the test hooks under `/demo/` (changing a tool,
-/// announcing a resource update, asking sessions for their roots).
+/// announcing a resource update, asking sessions for their roots, what was opened).
 pub fn router(options: Options) -> axum::Router {
     let shared = Shared::default();
     let changes = axum::Router::new()
@@ -363,8 +428,64 @@ pub fn router(options: Options) -> axum::Router {
             axum::routing::post(resource_updated),
         )
         .route("/demo/roots", axum::routing::post(list_roots))
+        .route("/demo/stats", axum::routing::get(stats))
         .with_state(shared.clone());
-    mcp_router(options, shared).merge(changes)
+    let streams = shared.streams.clone();
+    mcp_router(options, shared)
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                track_stream(streams.clone(), request, next)
+            },
+        ))
+        .merge(changes)
+}
+
+/// Keeps a GET stream in [`Streams`] for as long as its response body lives.
+async fn track_stream(
+    streams: Streams,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if request.method() != http::Method::GET {
+        return next.run(request).await;
+    }
+    let authorization = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none")
+        .to_owned();
+    let response = next.run(request).await;
+    if !response.status().is_success() {
+        return response;
+    }
+    let number = streams.next.fetch_add(1, Ordering::SeqCst);
+    if let Ok(mut open) = streams.open.lock() {
+        open.insert(number, authorization);
+    }
+    let open = OpenStream { streams, number };
+    let (parts, body) = response.into_parts();
+    let body = futures_util::StreamExt::map(body.into_data_stream(), move |chunk| {
+        let _ = &open;
+        chunk
+    });
+    axum::response::Response::from_parts(parts, axum::body::Body::from_stream(body))
+}
+
+/// `{"initialized": N, "get_streams": [authorization, ...]}`.
+async fn stats(
+    axum::extract::State(shared): axum::extract::State<Shared>,
+) -> axum::Json<serde_json::Value> {
+    let streams: Vec<String> = shared
+        .streams
+        .open
+        .lock()
+        .map(|open| open.values().cloned().collect())
+        .unwrap_or_default();
+    axum::Json(serde_json::json!({
+        "initialized": shared.initialized.load(Ordering::SeqCst),
+        "get_streams": streams,
+    }))
 }
 
 /// Adds a run-time tool, or changes its description: the next `tools/list` shows it,
@@ -431,6 +552,7 @@ fn mcp_router(options: Options, shared: Shared) -> axum::Router {
         Ok(DemoServer {
             extra: shared.extra.clone(),
             peers: shared.peers.clone(),
+            initialized: shared.initialized.clone(),
             elicit: options.elicit,
             page_size: options.page_size,
         })

@@ -1,6 +1,7 @@
 //! `mcpguard-demo-mcp --listen 127.0.0.1:9100 [--stateless] [--elicit] [--page-size N]`:
 //! serves the demo MCP server at `/mcp` and prints `listening on ADDR` once bound.
-//! `--elicit` adds the tool `ask`, which asks the client for a name (elicitation);
+//! `--elicit` adds the tools `ask`, which asks the client for a name (elicitation),
+//! and `sample`, which asks it for a completion (sampling);
 //! `--page-size N`: `tools/list` answers N tools a page, with a `nextCursor`.
 
 use std::io::Write;

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 /// Two servers, `alpha` and `beta`, on gateway `eng`, each with its own service
 /// credential; returns (stack, token, alpha's id, beta's id, gateway id).
-async fn two_servers() -> (GatewayStack, String, i64, i64, i64) {
+pub(crate) async fn two_servers() -> (GatewayStack, String, i64, i64, i64) {
     two_servers_on(GatewayStack::start(2).await).await
 }
 
@@ -35,7 +35,7 @@ async fn two_servers_on(stack: GatewayStack) -> (GatewayStack, String, i64, i64,
     (stack, p.token, p.server_id, beta, p.gateway_id)
 }
 
-async fn tool_names(client: &rmcp::Peer<rmcp::RoleClient>) -> Vec<String> {
+pub(crate) async fn tool_names(client: &rmcp::Peer<rmcp::RoleClient>) -> Vec<String> {
     let mut names: Vec<String> = client
         .list_all_tools()
         .await
@@ -225,13 +225,13 @@ async fn no_token_no_entry_and_nothing_reaches_the_aggregator() {
 }
 
 /// A raw MCP session on the gateway URL, to see statuses and exact messages.
-struct Raw {
-    http: reqwest::Client,
-    url: String,
+pub(crate) struct Raw {
+    pub(crate) http: reqwest::Client,
+    pub(crate) url: String,
 }
 
 impl Raw {
-    async fn post(
+    pub(crate) async fn post(
         &self,
         token: &str,
         session: Option<&str>,
@@ -880,7 +880,7 @@ async fn set_level_is_forwarded_to_every_server_the_caller_may_use() {
 
 /// Asks demo server `demo` to send `notifications/resources/updated` for `uri` to
 /// every session it has (on their GET streams).
-async fn updated(stack: &GatewayStack, demo: usize, uri: &str) {
+pub(crate) async fn updated(stack: &GatewayStack, demo: usize, uri: &str) {
     let url = format!(
         "http://127.0.0.1:{}/demo/resources/updated",
         stack.demos[demo].port
@@ -911,7 +911,7 @@ where
     panic!("notifications/resources/updated {uri} from demo {demo} never reached the client");
 }
 
-const WAIT: std::time::Duration = std::time::Duration::from_millis(300);
+pub(crate) const WAIT: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// The GET stream on the gateway URL with the official Rust SDK's client: an upstream's
 /// `notifications/resources/updated` reaches it under the gateway's name for the
@@ -1009,22 +1009,33 @@ async fn a_server_disabled_mid_session_sends_list_changed() {
 }
 
 /// A raw GET stream on the gateway URL, its messages as they arrive.
-struct RawStream {
+pub(crate) struct RawStream {
     messages: tokio::sync::mpsc::UnboundedReceiver<Value>,
     /// Resolves when the aggregator ended the stream.
-    ended: tokio::task::JoinHandle<()>,
+    pub(crate) ended: tokio::task::JoinHandle<()>,
 }
 
 impl RawStream {
-    async fn open(url: &str, token: &str, sid: &str) -> RawStream {
-        let resp = reqwest::Client::new()
+    pub(crate) async fn open(url: &str, token: &str, sid: &str) -> RawStream {
+        Self::open_with(url, token, sid, &[]).await
+    }
+
+    /// [`RawStream::open`] with these headers besides.
+    pub(crate) async fn open_with(
+        url: &str,
+        token: &str,
+        sid: &str,
+        headers: &[(&str, &str)],
+    ) -> RawStream {
+        let mut req = reqwest::Client::new()
             .get(url)
             .bearer_auth(token)
             .header("accept", "text/event-stream")
-            .header("mcp-session-id", sid)
-            .send()
-            .await
-            .unwrap();
+            .header("mcp-session-id", sid);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let resp = req.send().await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(
             resp.headers()["content-type"],
@@ -1050,7 +1061,7 @@ impl RawStream {
     }
 
     /// The next message within `within`, if any.
-    async fn next(&mut self, within: std::time::Duration) -> Option<Value> {
+    pub(crate) async fn next(&mut self, within: std::time::Duration) -> Option<Value> {
         tokio::time::timeout(within, self.messages.recv())
             .await
             .ok()
@@ -1058,7 +1069,7 @@ impl RawStream {
     }
 
     /// Whether a message `matches` arrives within `within` (others are skipped).
-    async fn arrives(
+    pub(crate) async fn arrives(
         &mut self,
         within: std::time::Duration,
         matches: impl Fn(&Value) -> bool,
@@ -1073,7 +1084,7 @@ impl RawStream {
     }
 }
 
-fn updated_of(uri: &str) -> impl Fn(&Value) -> bool + '_ {
+pub(crate) fn updated_of(uri: &str) -> impl Fn(&Value) -> bool + '_ {
     move |m: &Value| m["method"] == "notifications/resources/updated" && m["params"]["uri"] == uri
 }
 
@@ -1306,7 +1317,7 @@ fn page_of(reply: &Value, key: &str) -> (Vec<String>, Option<String>) {
 }
 
 /// A raw session on the gateway URL, initialized; its id.
-async fn raw_session(raw: &Raw, token: &str) -> String {
+pub(crate) async fn raw_session(raw: &Raw, token: &str) -> String {
     let (status, sid, init) = raw.post(token, None, mcp::initialize_body()).await;
     assert_eq!(status, 200, "{init}");
     let sid = sid.expect("a session id");

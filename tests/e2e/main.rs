@@ -22,6 +22,7 @@ mod envoy_config;
 mod ext_authz;
 mod failure;
 mod gateway_url;
+mod gateway_url_upstreams;
 mod identities;
 mod oauth;
 mod oauth_identities;

@@ -13,6 +13,9 @@ use rmcp::model::{
 // gateway relays a server's `roots/list`.
 #[allow(deprecated)]
 use rmcp::model::{ListRootsResult, Root};
+// Sampling too (SEP-2577): the gateway relays a server's `sampling/createMessage`.
+#[allow(deprecated)]
+use rmcp::model::{CreateMessageRequestParams, CreateMessageResult};
 use rmcp::service::{ClientInitializeError, NotificationContext, RunningService};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::{
@@ -50,15 +53,16 @@ pub async fn connect(url: &str, token: Option<&str>) -> Result<Client, Option<u1
 pub struct Recorder {
     seen: Arc<Mutex<Vec<String>>>,
     arrived: Arc<tokio::sync::Notify>,
-    /// When set, the client declares `elicitation` and `roots`, answers every
-    /// elicitation with this as `name` (and notes `elicitation {message}`), and lists
-    /// one root, `file:///{name}`.
+    /// When set, the client declares `elicitation`, `roots` and `sampling`, answers
+    /// every elicitation with this as `name` (and notes `elicitation {message}`),
+    /// lists one root, `file:///{name}`, and answers every sampling request as model
+    /// `e2e-model` with `hello from {name}` (and notes `sampling {first message}`).
     name: Option<String>,
 }
 
 impl Recorder {
-    /// A recorder that declares `elicitation` (accepting each with `{"name": name}`)
-    /// and `roots` (`file:///{name}`).
+    /// A recorder that declares `elicitation` (accepting each with `{"name": name}`),
+    /// `roots` (`file:///{name}`) and `sampling` (`hello from {name}`).
     pub fn answering(name: &str) -> Recorder {
         Recorder {
             name: Some(name.to_owned()),
@@ -99,8 +103,9 @@ impl ClientHandler for Recorder {
     fn get_info(&self) -> ClientConfig {
         let mut info = ClientConfig::default();
         if self.name.is_some() {
-            info.capabilities = serde_json::from_value(json!({"elicitation": {}, "roots": {}}))
-                .expect("capabilities");
+            info.capabilities =
+                serde_json::from_value(json!({"elicitation": {}, "roots": {}, "sampling": {}}))
+                    .expect("capabilities");
         }
         info
     }
@@ -134,6 +139,31 @@ impl ClientHandler for Recorder {
             }
             None => ElicitResult::new(ElicitationAction::Decline),
         })
+    }
+
+    #[allow(deprecated)] // sampling (see the import)
+    async fn create_message(
+        &self,
+        request: CreateMessageRequestParams,
+        _: rmcp::service::RequestContext<RoleClient>,
+    ) -> Result<CreateMessageResult, rmcp::ErrorData> {
+        let asked = serde_json::to_value(&request.messages).unwrap_or_default();
+        self.note(format!(
+            "sampling {}",
+            asked[0]["content"]["text"].as_str().unwrap_or_default()
+        ));
+        let Some(name) = &self.name else {
+            return Err(rmcp::ErrorData::invalid_request(
+                "sampling not declared",
+                None,
+            ));
+        };
+        serde_json::from_value(json!({
+            "model": "e2e-model",
+            "role": "assistant",
+            "content": {"type": "text", "text": format!("hello from {name}")},
+        }))
+        .map_err(|e| rmcp::ErrorData::internal_error(e.to_string(), None))
     }
 
     async fn on_tool_list_changed(&self, _: NotificationContext<RoleClient>) {
