@@ -60,8 +60,9 @@ pub struct Config {
     )]
     pub upstream_timeout_ms: u64,
     /// How often each open GET stream asks which servers its caller may use now (one
-    /// check for the gateway and one per server, each audited), to send
-    /// `list_changed` when that changed and relay only usable servers.
+    /// exchange with the policy service, deciding the gateway and each server, each
+    /// audited), to send `list_changed` when that changed and relay only usable
+    /// servers.
     #[arg(
         long,
         env = "MCPGUARD_AGGREGATOR_STREAM_CHECK_MS",
