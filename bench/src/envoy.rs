@@ -19,10 +19,23 @@ pub enum Setup {
     Mcpguard,
     /// (d) the same filter as an Envoy dynamic module (an experiment).
     DynamicModule,
+    /// (e) the wasm filter with its checks on one gRPC stream per worker
+    /// (`"check_transport": "stream"`, an experiment: issue 27). Not in the default
+    /// run; `--only stream` or `--setups ...,e`.
+    Stream,
 }
 
 impl Setup {
-    pub const ALL: [Setup; 4] = [
+    pub const ALL: [Setup; 5] = [
+        Setup::Bare,
+        Setup::ExtAuthz,
+        Setup::Mcpguard,
+        Setup::DynamicModule,
+        Setup::Stream,
+    ];
+
+    /// `make bench`'s setups.
+    pub const DEFAULT: [Setup; 4] = [
         Setup::Bare,
         Setup::ExtAuthz,
         Setup::Mcpguard,
@@ -35,6 +48,7 @@ impl Setup {
             Setup::ExtAuthz => "b",
             Setup::Mcpguard => "c",
             Setup::DynamicModule => "d",
+            Setup::Stream => "e",
         }
     }
 
@@ -44,6 +58,7 @@ impl Setup {
             Setup::ExtAuthz => "(b) native ext_authz",
             Setup::Mcpguard => "(c) mcpguard wasm",
             Setup::DynamicModule => "(d) mcpguard dynamic module",
+            Setup::Stream => "(e) mcpguard wasm, check stream",
         }
     }
 
@@ -52,7 +67,7 @@ impl Setup {
         match self {
             Setup::Bare => "bench/envoy/noauth.yaml",
             Setup::ExtAuthz => "bench/envoy/ext-authz.yaml",
-            Setup::Mcpguard => "envoy/mcpguard.yaml",
+            Setup::Mcpguard | Setup::Stream => "envoy/mcpguard.yaml",
             Setup::DynamicModule => "bench/envoy/dynamic-module.yaml",
         }
     }
@@ -79,6 +94,9 @@ pub fn render(root: &Path, setup: Setup, ports: &Ports) -> Result<String> {
         Some(FilterKind::DynamicModule) => cfg.dynamic_module(&dynamic_module_path(root)?),
         None => 0,
     };
+    if setup == Setup::Stream {
+        cfg.plugin(|p| p["check_transport"] = "stream".into())?;
+    }
     for cluster in ["mcpguard_policy", "mcpguard_policy_metadata"] {
         if cfg.cluster_names().iter().any(|c| c == cluster) {
             cfg.cluster_ports(cluster, &[ports.check])?;

@@ -12,6 +12,7 @@
 //! PostgreSQL's server binaries unless `--no-postgres` (see `pgcluster/`).
 
 mod envoy;
+mod fixed_reply;
 mod gateway;
 mod metrics_cost;
 mod procs;
@@ -37,15 +38,18 @@ usage: mcpguard-bench [options]
   --rounds N                 rounds of a b c d per concurrency (3)
   --concurrency 1,8,32       wrk connections for the Envoy workload
   --setups a,b,c,d           which Envoy setups: a bare, b native ext_authz, c mcpguard
-                             wasm, d mcpguard dynamic module
+                             wasm, d mcpguard dynamic module, e mcpguard wasm with its
+                             checks on one gRPC stream (experimental; not by default)
   --check-duration S         seconds per measured check-endpoint run (5)
   --check-rounds N           rounds of sqlite postgres per concurrency (2)
   --check-concurrency 1,8,32 wrk connections for the check endpoint
-  --only envoy|gateway|check|metrics
+  --only envoy|gateway|check|metrics|stream
                              run one of the benchmarks (gateway: the gateway URL against
                              the per-server URL, and tools/list fan-out; metrics: only
                              the in-process cost of recording and scraping the metrics,
-                             no servers)
+                             no servers; stream: the Envoy workload through a b c e, and
+                             c and e against a fixed-reply server, for the policy CPU
+                             per check on each transport)
   --no-postgres              check endpoint on SQLite only: no throwaway PostgreSQL
                              cluster (its server binaries are then not needed)
   --hold                     start everything, print pids and ports, wait for Ctrl-C
@@ -137,6 +141,8 @@ struct Options {
     hold: bool,
     /// Only the metrics' cost (`--only metrics`): no servers.
     metrics_only: bool,
+    /// (c) and (e) also against the fixed-reply server (`--only stream`).
+    fixed_reply: bool,
 }
 
 fn parse_list(s: &str) -> Result<Vec<u32>> {
@@ -156,10 +162,11 @@ fn options(args: impl IntoIterator<Item = String>) -> Result<Options> {
         envoy: true,
         gateway: true,
         check: true,
-        setups: Setup::ALL.to_vec(),
+        setups: Setup::DEFAULT.to_vec(),
         postgres: true,
         hold: false,
         metrics_only: false,
+        fixed_reply: false,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -176,6 +183,11 @@ fn options(args: impl IntoIterator<Item = String>) -> Result<Options> {
                 "gateway" => (o.envoy, o.check) = (false, false),
                 "check" => (o.envoy, o.gateway) = (false, false),
                 "metrics" => o.metrics_only = true,
+                "stream" => {
+                    (o.gateway, o.check, o.fixed_reply) = (false, false, true);
+                    o.setups =
+                        [Setup::Bare, Setup::ExtAuthz, Setup::Mcpguard, Setup::Stream].to_vec();
+                }
                 _ => bail!(USAGE),
             },
             "--setups" => {
@@ -476,7 +488,13 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> Result<()> {
-    let opts = options(std::env::args().skip(1))?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [sub, port, upstream] = &args[..]
+        && sub == "fixed-reply"
+    {
+        return fixed_reply::main(port, upstream);
+    }
+    let opts = options(args)?;
     if opts.metrics_only {
         println!("{}", metrics_cost::markdown(&metrics_cost::measure()));
         return Ok(());
@@ -615,6 +633,43 @@ fn run() -> Result<()> {
             envoys.push(e);
         }
     }
+    // (c) and (e) once more, against the fixed-reply server: what the policy service's
+    // CPU per check compares with on each transport.
+    let mut fixed_envoys: Vec<(&'static str, Envoy)> = Vec::new();
+    let mut fixed_server = None;
+    if opts.fixed_reply {
+        let port = procs::free_port()?;
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(["fixed-reply", &port.to_string(), &upstream]);
+        let mut proc = Proc::spawn("fixed-reply", cmd, &out_dir)?;
+        proc.wait_ready("fixed-reply server", || http_ok(port, "/healthz"))?;
+        let dir = out_dir.join("fixed-reply");
+        std::fs::create_dir_all(&dir)?;
+        for (target, setup) in [
+            (report::FIXED_C, Setup::Mcpguard),
+            (report::FIXED_E, Setup::Stream),
+        ] {
+            let e = Envoy::start(&root, setup, port, demo_port, None, &dir)?;
+            let (path, token, body) = &mcp[2];
+            let auth = format!("Bearer {token}");
+            let (status, answer) = http(
+                e.port,
+                "POST",
+                path,
+                &[
+                    ("content-type", "application/json"),
+                    ("accept", "application/json, text/event-stream"),
+                    ("authorization", &auth),
+                ],
+                body,
+            )?;
+            if status != 200 || !answer.contains("\"result\"") {
+                bail!("{target}: POST {path} answered {status}: {answer}");
+            }
+            fixed_envoys.push((target, e));
+        }
+        fixed_server = Some(proc);
+    }
     if opts.hold {
         eprintln!(
             "holding: policy (sqlite) pid {} check port {check_port}, demo pid {} port {demo_port}; \
@@ -651,7 +706,7 @@ fn run() -> Result<()> {
     };
     let answers_before: Vec<[u64; 3]> = envoys.iter().map(answers).collect();
     if opts.envoy {
-        for e in &envoys {
+        for e in envoys.iter().chain(fixed_envoys.iter().map(|(_, e)| e)) {
             wrk::run(&script, &mcp_list, e.port, 8, WARMUP_SECONDS, None)?;
         }
         for &c in &opts.concurrency {
@@ -665,6 +720,20 @@ fn run() -> Result<()> {
                         ticks,
                     };
                     let run = measure(&m, e.setup.letter(), c, round, || {
+                        wrk::run(&script, &mcp_list, e.port, c, opts.duration, None)
+                    })?;
+                    eprintln!("{}", report::progress(&run));
+                    runs.push(run);
+                }
+                for (target, e) in &fixed_envoys {
+                    let m = Measured {
+                        envoy: Some(e.proc.pid()),
+                        policy: fixed_server.as_ref().map(Proc::pid),
+                        upstream: Some(demo.pid()),
+                        database: None,
+                        ticks,
+                    };
+                    let run = measure(&m, target, c, round, || {
                         wrk::run(&script, &mcp_list, e.port, c, opts.duration, None)
                     })?;
                     eprintln!("{}", report::progress(&run));

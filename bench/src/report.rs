@@ -198,7 +198,11 @@ fn targets(s: &mut String, runs: &[Run], cs: &std::collections::BTreeSet<u32>, x
     let _ = writeln!(
         s,
         "| conns | {l}/a req/s | {l}/b req/s | {l}/b p99 | ({l}) >= (b) req/s | ({l}) p99 <= (b) p99 | {l}/a >= 0.45 (at 8) |{}",
-        if vs_c { " d/c req/s |" } else { "" }
+        if vs_c {
+            format!(" {l}/c req/s |")
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(
         s,
@@ -248,6 +252,69 @@ fn targets(s: &mut String, runs: &[Run], cs: &std::collections::BTreeSet<u32>, x
         );
     }
 }
+
+/// The policy service's CPU per check against the fixed-reply server's on the same
+/// transport (HTTP callout: (c); check stream: (e)), in the same rounds.
+fn fixed_reply(s: &mut String, runs: &[Run], cs: &std::collections::BTreeSet<u32>) {
+    let pairs = [
+        ("c", FIXED_C, "HTTP callout"),
+        ("e", FIXED_E, "check stream"),
+    ];
+    if pairs
+        .iter()
+        .all(|(_, fixed, _)| concurrencies(runs, fixed).is_empty())
+    {
+        return;
+    }
+    let per_check = |r: &Run| {
+        let cpu = r.policy.map_or(0.0, |u| u.cpu_s);
+        if r.outcome.requests > 0 {
+            cpu * 1e6 / r.outcome.requests as f64
+        } else {
+            0.0
+        }
+    };
+    let _ = writeln!(
+        s,
+        "\nPolicy CPU per check against a fixed-reply server on the same transport (same HTTP stack, answers one allow, no store): \
+         µs of the answering process's CPU per request, medians; the ratio per round in brackets. Target: at most 2x.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| transport | conns | policy µs/check | fixed-reply µs/check | ratio | <= 2x | req/s policy | req/s fixed-reply |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---|---:|---:|");
+    for &c in cs {
+        for (real, fixed, name) in pairs {
+            let (Some(x), Some(y)) = (cell(runs, real, c), cell(runs, fixed, c)) else {
+                continue;
+            };
+            let of = |t: &str| {
+                median(
+                    runs.iter()
+                        .filter(|r| r.target == t && r.connections == c)
+                        .map(per_check)
+                        .collect(),
+                )
+            };
+            let (px, py) = (of(real), of(fixed));
+            let per_round = round_ratios(runs, (real, fixed), c, per_check);
+            let _ = writeln!(
+                s,
+                "| {name} | {c} | {px:.1} | {py:.1} | {}{} | {} | {:.0} | {:.0} |",
+                ratio(px, py),
+                spread(&per_round),
+                verdict(&per_round, |r| r <= 2.0),
+                x.rps,
+                y.rps
+            );
+        }
+    }
+}
+
+/// The targets of the runs through the fixed-reply server.
+pub const FIXED_C: &str = "c-fixed";
+pub const FIXED_E: &str = "e-fixed";
 
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
@@ -352,6 +419,7 @@ pub fn markdown(env: &Environment, runs: &[Run]) -> String {
         .chain(concurrencies(runs, "b"))
         .chain(concurrencies(runs, "c"))
         .chain(concurrencies(runs, "d"))
+        .chain(concurrencies(runs, "e"))
         .collect::<std::collections::BTreeSet<_>>();
     if !envoy_cs.is_empty() {
         let _ = writeln!(
@@ -412,6 +480,14 @@ pub fn markdown(env: &Environment, runs: &[Run]) -> String {
             );
             targets(&mut s, runs, &envoy_cs, Setup::DynamicModule);
         }
+        if !concurrencies(runs, Setup::Stream.letter()).is_empty() {
+            let _ = writeln!(
+                s,
+                "\n(e), the wasm filter with its checks on one gRPC stream per worker (an experiment, issue 27), against the same targets:\n"
+            );
+            targets(&mut s, runs, &envoy_cs, Setup::Stream);
+        }
+        fixed_reply(&mut s, runs, &envoy_cs);
         let _ = writeln!(s);
     }
 

@@ -3,6 +3,7 @@
 //! unit-tested natively and compiles for `wasm32-wasip1`.
 
 pub mod check;
+pub mod check_stream;
 pub mod features;
 pub mod jwt;
 pub mod names;

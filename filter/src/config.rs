@@ -37,6 +37,21 @@ pub struct FilterConfig {
     /// the app beside it, instead of to an upstream the policy service names.
     #[serde(default)]
     pub sidecar: Option<Sidecar>,
+    /// How checks reach the policy service. EXPERIMENTAL (issue 27): `stream` carries
+    /// them as messages on one gRPC stream per Envoy worker (`policy_cluster` must then
+    /// speak HTTP/2); the default is one HTTP/2 callout per check.
+    #[serde(default)]
+    pub check_transport: CheckTransport,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckTransport {
+    /// One `POST /v1/check` per request.
+    #[default]
+    Http,
+    /// `mcpguard_core::check_stream`: one long-lived stream per worker.
+    Stream,
 }
 
 /// The one server a sidecar fronts. Requests are `/mcp/{gateway}/{server}[/rest]` with
@@ -165,6 +180,13 @@ mod tests {
         assert_eq!(c.public_base_url, None);
         assert_eq!((c.issuer, c.jwks, c.jwks_refresh_s), (None, None, 30));
         assert_eq!(c.sidecar, None, "gateway mode unless asked");
+        assert_eq!(c.check_transport, CheckTransport::Http);
+        let c =
+            FilterConfig::parse(br#"{"policy_cluster":"p","check_transport":"stream"}"#).unwrap();
+        assert_eq!(c.check_transport, CheckTransport::Stream);
+        assert!(
+            FilterConfig::parse(br#"{"policy_cluster":"p","check_transport":"grpc"}"#).is_err()
+        );
     }
 
     #[test]

@@ -8,4 +8,6 @@ pub mod decide;
 pub mod lifecycle;
 
 #[cfg(target_arch = "wasm32")]
+mod stream;
+#[cfg(target_arch = "wasm32")]
 mod wasm;

@@ -3,17 +3,19 @@
 //! decision is made here.
 
 use std::cell::RefCell;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 
-use crate::config::FilterConfig;
+use crate::config::{CheckTransport, FilterConfig};
 use crate::counters::{Counters, Event};
 use crate::decide::RawHeaders;
 use crate::lifecycle::{self, Host, Lifecycle, McpField, Next};
+use crate::stream::{self, CheckStream, Waiting};
+use mcpguard_core::check::CHECK_PATH;
 use mcpguard_core::features::RpcId;
 use mcpguard_core::jwt::Keys;
 
@@ -28,7 +30,10 @@ const JWKS_RETRY: Duration = Duration::from_millis(250);
 proxy_wasm::main! {{
     // Also installs a panic hook that logs at critical through Envoy.
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| Box::new(Root::default()));
+    proxy_wasm::set_root_context(|id| Box::new(Root {
+        id,
+        ..Root::default()
+    }));
 }}
 
 /// Counters in Envoy's stats (`wasmcustom.mcpguard.*`), so an operator sees refusals by
@@ -37,14 +42,29 @@ type Metrics = Counters<u32>;
 
 #[derive(Default)]
 struct Root {
+    id: u32,
     config: Option<Rc<FilterConfig>>,
     metrics: Option<Rc<Metrics>>,
     keys: SharedKeys,
     /// A JWKS fetch is in flight.
     fetching: bool,
+    /// `"check_transport": "stream"` (experimental): this worker's check stream. The
+    /// tick then runs every few milliseconds for its deadlines, and the JWKS refresh
+    /// keeps its own schedule in `jwks_due`.
+    stream: Option<stream::Shared>,
+    jwks_due: Option<std::time::SystemTime>,
 }
 
 impl Root {
+    /// The next JWKS refresh, `after` from now.
+    fn schedule_jwks(&mut self, after: Duration) {
+        if self.stream.is_some() {
+            self.jwks_due = Some(self.get_current_time() + after);
+        } else {
+            self.set_tick_period(after);
+        }
+    }
+
     fn refresh_jwks(&mut self) {
         let Some(config) = self.config.clone() else {
             return;
@@ -84,7 +104,7 @@ impl Context for Root {
             (Some("200"), Ok(keys)) => {
                 log::debug!("JWKS refreshed: {keys:?}");
                 *self.keys.borrow_mut() = Some(Rc::new(keys));
-                self.set_tick_period(refresh);
+                self.schedule_jwks(refresh);
             }
             (status, parsed) => {
                 // Keep the keys we had: tokens they verify still go through the check,
@@ -94,8 +114,25 @@ impl Context for Root {
                     parsed.err()
                 );
                 let known = self.keys.borrow().is_some();
-                self.set_tick_period(if known { refresh } else { JWKS_RETRY });
+                self.schedule_jwks(if known { refresh } else { JWKS_RETRY });
             }
+        }
+    }
+
+    fn on_grpc_stream_message(&mut self, token: u32, size: usize) {
+        if let Some(stream) = &self.stream {
+            let message =
+                hostcalls::get_buffer(proxy_wasm::types::BufferType::GrpcReceiveBuffer, 0, size)
+                    .ok()
+                    .flatten();
+            stream::root::on_message(stream, token, message.as_deref());
+        }
+    }
+
+    fn on_grpc_stream_close(&mut self, token: u32, status: u32) {
+        if let (Some(stream), Some(config)) = (&self.stream, &self.config) {
+            log::debug!("check stream closed, grpc-status {status}");
+            stream::root::on_close(stream, token, Some(&config.policy_cluster));
         }
     }
 }
@@ -121,11 +158,18 @@ impl RootContext for Root {
                     }
                 }
                 let fetch = config.fetches_jwks();
+                let timeout_ms = config.check_timeout_ms;
+                if config.check_transport == CheckTransport::Stream {
+                    log::warn!("check_transport \"stream\" is experimental (issue 27)");
+                    self.stream = Some(CheckStream::new(self.id));
+                    // The first tick opens the stream (and fetches the JWKS if needed).
+                    self.set_tick_period(stream::tick(timeout_ms));
+                }
                 self.config = Some(Rc::new(config));
                 self.metrics = Some(Rc::new(Metrics::define(|name| {
                     hostcalls::define_metric(MetricType::Counter, name).ok()
                 })));
-                if fetch {
+                if fetch && self.stream.is_none() {
                     // The first tick fetches; later ones refresh.
                     self.set_tick_period(JWKS_RETRY);
                 }
@@ -139,18 +183,32 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        if !self.fetching {
+        let jwks_due = match (&self.stream, &self.config) {
+            (Some(stream), Some(config)) => {
+                stream::root::on_tick(stream, &config.policy_cluster);
+                config.fetches_jwks()
+                    && self
+                        .jwks_due
+                        .is_none_or(|due| self.get_current_time() >= due)
+            }
+            _ => true,
+        };
+        if jwks_due && !self.fetching {
             self.refresh_jwks();
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let inner = Rc::new_cyclic(|me: &Weak<Inner>| Inner {
+            context_id,
+            me: me.clone(),
             keys: self.keys.clone(),
             config: self.config.clone(),
             metrics: self.metrics.clone(),
+            stream: self.stream.clone(),
             lifecycle: Lifecycle::default(),
-        }))
+        });
+        Some(Box::new(Request(inner)))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -158,18 +216,35 @@ impl RootContext for Root {
     }
 }
 
-struct Request {
+/// The HTTP context Envoy's SDK owns; the request itself is shared with the check
+/// stream (`Weak`), which answers it from the root context.
+struct Request(Rc<Inner>);
+
+struct Inner {
+    context_id: u32,
+    me: Weak<Inner>,
     /// `None` only if Envoy created a stream before a successful `on_configure`;
     /// such a stream is refused.
     config: Option<Rc<FilterConfig>>,
     metrics: Option<Rc<Metrics>>,
     keys: SharedKeys,
+    stream: Option<stream::Shared>,
     lifecycle: Lifecycle,
+}
+
+// For the SDK's default host-call helpers (headers, local replies, callouts).
+impl Context for Inner {}
+impl HttpContext for Inner {}
+
+impl Waiting for Inner {
+    fn answer(&self, status: Option<u16>, body: Option<&[u8]>) {
+        self.lifecycle.on_answer(self, status, body);
+    }
 }
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let this: &Request = self;
+        let this: &Inner = &self.0;
         match this.lifecycle.on_request_headers(this) {
             Next::Continue => Action::Continue,
             Next::Pause => Action::Pause,
@@ -177,13 +252,13 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let this: &Request = self;
+        let this: &Inner = &self.0;
         this.lifecycle.on_response_headers(this);
         Action::Continue
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let this: &Request = self;
+        let this: &Inner = &self.0;
         match this
             .lifecycle
             .on_response_body(this, body_size, end_of_stream)
@@ -202,16 +277,16 @@ impl Context for Request {
         body_size: usize,
         _trailers: usize,
     ) {
-        let status = self
+        let this: &Inner = &self.0;
+        let status = this
             .get_http_call_response_header_bytes(":status")
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok());
-        let body = self.get_http_call_response_body(0, body_size);
-        let this: &Request = self;
+        let body = this.get_http_call_response_body(0, body_size);
         this.lifecycle.on_answer(this, status, body.as_deref());
     }
 }
 
-impl Host for Request {
+impl Host for Inner {
     type Keys = Rc<Keys>;
 
     fn config(&self) -> Option<&FilterConfig> {
@@ -315,6 +390,18 @@ impl Host for Request {
         timeout_ms: u64,
     ) -> Result<(), String> {
         let timeout = Duration::from_millis(timeout_ms);
+        if let Some(stream) = &self.stream
+            && headers.contains(&(":path", CHECK_PATH))
+        {
+            let me: Weak<dyn Waiting> = self.me.clone();
+            return stream::send(
+                stream,
+                self.context_id,
+                me,
+                body.unwrap_or_default(),
+                timeout,
+            );
+        }
         self.dispatch_http_call(cluster, headers.to_vec(), body, vec![], timeout)
             .map(drop)
             .map_err(|status| format!("{status:?}"))

@@ -28,10 +28,21 @@ async fn run(
     deadline: Option<Extension<CheckDeadline>>,
     Json(req): Json<CheckRequest>,
 ) -> Result<Json<CheckResponse>, ApiError> {
+    let deadline = deadline.map(|Extension(d)| d).unwrap_or_default();
+    answer(&state, deadline, &req).await.map(Json)
+}
+
+/// One check through the pipeline: what `/v1/check` answers, and each message of the
+/// check stream (`check_stream`).
+pub(super) async fn answer(
+    state: &AppState,
+    deadline: CheckDeadline,
+    req: &CheckRequest,
+) -> Result<CheckResponse, ApiError> {
     let started = Instant::now();
     // No answer from the database in time, or an error: 503, which the filter turns
     // into a refusal (`policy_unavailable`). Fail closed, and fast.
-    let deadline = deadline.map(|Extension(d)| d).unwrap_or_default().0;
+    let deadline = deadline.0;
     let credential = match &req.credential {
         // A hash that is not one is no check at all: 400, not a decision.
         Credential::ApiToken { hash } => {
@@ -77,9 +88,9 @@ async fn run(
         item: req.item.as_deref(),
         each_server: req.each_server.as_ref(),
     };
-    match check::run(&state, input, deadline).await {
-        Outcome::Refused(code) => Ok(Json(CheckResponse::Deny { code })),
-        Outcome::Decided(decision) => Ok(Json(decision)),
+    match check::run(state, input, deadline).await {
+        Outcome::Refused(code) => Ok(CheckResponse::Deny { code }),
+        Outcome::Decided(decision) => Ok(decision),
         Outcome::Unavailable => Err(ApiError::Unavailable),
     }
 }

@@ -2,6 +2,7 @@
 
 mod audit;
 mod check;
+mod check_stream;
 pub mod console;
 mod enrollments;
 mod ext_authz;
@@ -180,6 +181,7 @@ pub fn public(state: AppState) -> Router {
 /// The check port: only the filter's callouts.
 pub fn check(state: AppState) -> Router {
     check::routes()
+        .merge(check_stream::routes())
         .merge(ext_authz::routes())
         .merge(oauth::check_routes())
         .route("/healthz", get(healthz))
