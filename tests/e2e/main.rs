@@ -12,6 +12,7 @@ mod attacks_signin;
 mod audit;
 mod breakglass;
 mod capabilities;
+mod check_stream;
 mod console;
 mod console_gateways;
 mod console_people;

@@ -1,0 +1,171 @@
+//! EXPERIMENTAL (issue 27): the wasm filter with `"check_transport": "stream"`, its
+//! checks as messages on one gRPC stream per Envoy worker to the policy service's
+//! `/mcpguard.v1.Check/Stream`. Real Envoy, real `.wasm`, real policy service: the
+//! same answers as the HTTP callout, and the same fail-closed behaviour when the stream
+//! breaks or the policy service is slow.
+
+use std::time::{Duration, Instant};
+
+use mcpguard_e2e::mcp::{self, call_text, initialize_with};
+use mcpguard_e2e::{Envoy, EnvoyOptions, Stack, free_port};
+use serde_json::{Value, json};
+
+/// Sets `check_transport` in every mcpguard plugin configuration of a rendered config.
+fn with_stream(node: &mut Value) {
+    match node {
+        Value::Object(map) => {
+            if let Some(Value::String(text)) = map.get_mut("value")
+                && let Ok(mut plugin) = serde_json::from_str::<Value>(text)
+                && plugin.get("policy_cluster").is_some()
+            {
+                plugin["check_transport"] = "stream".into();
+                *text = plugin.to_string();
+            }
+            map.values_mut().for_each(with_stream);
+        }
+        Value::Array(items) => items.iter_mut().for_each(with_stream),
+        _ => {}
+    }
+}
+
+/// An Envoy like the stack's, its checks on the stream, to `check_port`.
+async fn stream_envoy(check_port: u16, timeout_ms: Option<u64>, dir: &std::path::Path) -> Envoy {
+    let opts = EnvoyOptions {
+        config: "envoy/mcpguard.yaml",
+        check_port,
+        check_timeout_ms: timeout_ms.or(mcpguard_e2e::db::postgres_requested()
+            .then_some(mcpguard_e2e::db::POSTGRES_CHECK_TIMEOUT_MS)),
+        trusted_ca: None,
+        issuer: None,
+        jwks_refresh_s: None,
+    };
+    let (port, admin_port) = (free_port(), free_port());
+    let mut cfg: Value = serde_json::from_str(&Envoy::render(&opts, port, admin_port)).unwrap();
+    with_stream(&mut cfg);
+    assert!(cfg.to_string().contains("check_transport"), "no plugin config found");
+    Envoy::start_config(&cfg.to_string(), port, admin_port, dir).await
+}
+
+#[tokio::test]
+async fn checks_on_the_stream_allow_and_refuse_as_the_callout_does() {
+    let stack = Stack::start().await;
+    let p = stack
+        .admin()
+        .provision("eng", "demo", &stack.demo.upstream_url())
+        .await;
+    let envoy = stream_envoy(stack.policy.check_port, None, stack.dir.path()).await;
+    let url = envoy.mcp_url("eng", "demo");
+
+    let session = mcp::connect(&url, Some(&p.token)).await.unwrap();
+    let text = call_text(&session, "echo", json!({"text": "over the stream"}))
+        .await
+        .unwrap();
+    assert!(text.contains("over the stream"), "{text}");
+
+    let unknown = mcpguard_core::token::format_token(
+        mcpguard_core::token::TokenKind::HostApi,
+        &"a".repeat(40),
+    )
+    .unwrap();
+    let a = initialize_with(&url, Some(&unknown)).await;
+    assert_eq!((a.status, a.code().as_str()), (401, "token_unknown"), "{}", a.body);
+    let a = initialize_with(&envoy.mcp_url("eng", "nope"), Some(&p.token)).await;
+    assert_ne!(a.status, 200, "{}", a.body);
+    // Revoked now: the very next check on the same stream refuses it (no cache).
+    stack.admin().revoke(p.token_id).await;
+    let a = initialize_with(&url, Some(&p.token)).await;
+    assert_eq!((a.status, a.code().as_str()), (401, "token_revoked"), "{}", a.body);
+}
+
+#[tokio::test]
+async fn a_killed_policy_service_refuses_in_flight_checks_and_a_new_stream_takes_over() {
+    let mut stack = Stack::start().await;
+    let p = stack
+        .admin()
+        .provision("eng", "demo", &stack.demo.upstream_url())
+        .await;
+    let envoy = stream_envoy(stack.policy.check_port, None, stack.dir.path()).await;
+    let url = envoy.mcp_url("eng", "demo");
+    assert_eq!(initialize_with(&url, Some(&p.token)).await.status, 200);
+
+    // Requests keep coming, several at once, while the policy service dies: each is
+    // either allowed (answered before) or refused 503; never anything else.
+    let load = (0..8).map(|_| {
+        let (url, token) = (url.clone(), p.token.clone());
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let until = Instant::now() + Duration::from_millis(1500);
+            while Instant::now() < until {
+                let a = initialize_with(&url, Some(&token)).await;
+                seen.push((a.status, a.code()));
+            }
+            seen
+        })
+    });
+    let load: Vec<_> = load.collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.policy.proc.kill();
+    let mut refused = 0;
+    for task in load {
+        for (status, code) in task.await.unwrap() {
+            match status {
+                200 => {}
+                503 => {
+                    assert_eq!(code, "policy_unavailable");
+                    refused += 1;
+                }
+                other => panic!("answered {other} {code} while the policy service died"),
+            }
+        }
+    }
+    assert!(refused > 0, "nothing was refused after the kill");
+    assert!(
+        envoy
+            .stat("wasmcustom.mcpguard.denied.policy_unavailable")
+            .await
+            >= refused
+    );
+
+    // Back on the same data and port: a new stream serves (polled, bounded).
+    stack.policy.restart(stack.dir.path()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = initialize_with(&url, Some(&p.token)).await;
+        if a.status == 200 {
+            break;
+        }
+        assert_eq!(a.code(), "policy_unavailable", "{}", a.body);
+        assert!(Instant::now() < deadline, "no new stream took over");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_stream_that_never_answers_refuses_within_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    // A check port that accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let hold = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            open.push(socket);
+        }
+    });
+    let envoy = stream_envoy(silent_port, Some(200), dir.path()).await;
+    let token = mcpguard_core::token::format_token(
+        mcpguard_core::token::TokenKind::HostApi,
+        &"a".repeat(40),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let started = Instant::now();
+        let a = initialize_with(&envoy.mcp_url("eng", "demo"), Some(&token)).await;
+        let took = started.elapsed();
+        assert_eq!((a.status, a.code().as_str()), (503, "policy_unavailable"));
+        assert!(took >= Duration::from_millis(190), "before the deadline: {took:?}");
+        // The deadline plus at most one sweep tick (50 ms) and slack for a shared box.
+        assert!(took < Duration::from_secs(2), "deadline not enforced: {took:?}");
+    }
+    hold.abort();
+}
