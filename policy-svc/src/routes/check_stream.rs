@@ -173,6 +173,7 @@ mod tests {
             tool: None,
             request_id: None,
             item: None,
+            each_server: None,
         })
         .unwrap()
     }
