@@ -9,6 +9,7 @@
 //! filter then refuses every check it still has in flight on it (fail closed).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -20,7 +21,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use mcpguard_core::check::CheckRequest;
 use mcpguard_core::check_stream::{self as wire, Frame as Next};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 use crate::AppState;
@@ -36,6 +37,10 @@ const GRPC_OK: &str = "0";
 const GRPC_INVALID_ARGUMENT: &str = "3";
 const GRPC_UNAVAILABLE: &str = "14";
 
+/// Checks one stream runs at once. Past it the stream is not read until one answers,
+/// so a peer that sends faster than it reads answers is slowed, not given memory.
+const MAX_IN_FLIGHT: usize = 1024;
+
 async fn stream(State(state): State<AppState>, req: Request) -> Response {
     let grpc = req
         .headers()
@@ -50,8 +55,7 @@ async fn stream(State(state): State<AppState>, req: Request) -> Response {
         .get::<CheckDeadline>()
         .copied()
         .unwrap_or_default();
-    // Bounded: a peer that stops reading answers stops having its checks run.
-    let (tx, rx) = mpsc::channel::<Frame<Bytes>>(1024);
+    let (tx, rx) = mpsc::channel::<Frame<Bytes>>(MAX_IN_FLIGHT);
     tokio::spawn(read_checks(state, deadline, req.into_body(), tx));
     let body = StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()
@@ -76,6 +80,7 @@ async fn read_checks(
 ) {
     let mut buf: Vec<u8> = Vec::new();
     let mut checks = JoinSet::new();
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let status = loop {
         // Reap finished tasks as we go so the set does not grow with the stream's age.
         while checks.try_join_next().is_some() {}
@@ -105,7 +110,11 @@ async fn read_checks(
                     };
                     let parsed = serde_json::from_slice::<CheckRequest>(json);
                     let (state, tx) = (state.clone(), tx.clone());
+                    let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                        break true;
+                    };
                     checks.spawn(async move {
+                        let _permit = permit;
                         let (status, answer) = match parsed {
                             Ok(req) => answer(&state, deadline, &req).await,
                             Err(_) => (400, br#"{"error":"invalid_check"}"#.to_vec()),
