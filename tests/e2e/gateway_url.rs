@@ -1227,11 +1227,24 @@ async fn the_get_stream_outlives_a_broken_upstream_and_ends_on_delete() {
         .unwrap();
 }
 
-/// `asker__ask`'s text; a call the client's answer never reached would wait forever.
-async fn ask(client: &rmcp::Peer<rmcp::RoleClient>) -> String {
+/// [`two_servers`] and a third, `asker` (the demo server with `--elicit`), whose tools
+/// ask the client for something while serving a call; the demo server is returned so
+/// that it lives as long as the test.
+pub(crate) async fn with_asker() -> (GatewayStack, String, mcpguard_e2e::Demo) {
+    let (stack, token, _, _, gateway_id) = two_servers().await;
+    let asker = mcpguard_e2e::Demo::start_eliciting(stack.dir.path()).await;
+    let admin = stack.admin();
+    let id = admin.server("asker", &asker.upstream_url()).await;
+    admin.expose(gateway_id, id).await;
+    (stack, token, asker)
+}
+
+/// The text of `asker`'s `tool`; bounded, as a call whose request to the client was
+/// never answered would wait forever.
+pub(crate) async fn asker_call(client: &rmcp::Peer<rmcp::RoleClient>, tool: &str) -> String {
     tokio::time::timeout(
         std::time::Duration::from_secs(20),
-        call_text(client, "asker__ask", json!({})),
+        call_text(client, &format!("asker__{tool}"), json!({})),
     )
     .await
     .expect("the call ended: the client's answer reached the server")
@@ -1246,19 +1259,15 @@ async fn ask(client: &rmcp::Peer<rmcp::RoleClient>) -> String {
 /// client declared).
 #[tokio::test]
 async fn a_servers_elicitation_reaches_a_client_that_declared_it() {
-    let (stack, token, _, _, gateway_id) = two_servers().await;
-    let asker = mcpguard_e2e::Demo::start_eliciting(stack.dir.path()).await;
-    let admin = stack.admin();
-    let id = admin.server("asker", &asker.upstream_url()).await;
-    admin.expose(gateway_id, id).await;
+    let (stack, token, _asker) = with_asker().await;
     let url = stack.gateway_url("eng");
 
     let (client, seen) = mcp::connect_with(&url, &token, mcp::Recorder::answering("Ada")).await;
     assert!(tool_names(&client).await.contains(&"asker__ask".to_owned()));
-    assert_eq!(ask(&client).await, "hello Ada");
+    assert_eq!(asker_call(&client, "ask").await, "hello Ada");
     assert_eq!(seen.seen(), vec!["elicitation What is your name?"]);
     // Twice, and the other servers' calls in the same session are unaffected.
-    assert_eq!(ask(&client).await, "hello Ada");
+    assert_eq!(asker_call(&client, "ask").await, "hello Ada");
     assert_eq!(
         call_text(&client, "alpha__echo", json!({"text": "x"}))
             .await
@@ -1268,7 +1277,7 @@ async fn a_servers_elicitation_reaches_a_client_that_declared_it() {
     client.cancel().await.unwrap();
 
     let (plain, seen) = mcp::connect_recording(&url, &token).await;
-    let text = ask(&plain).await;
+    let text = asker_call(&plain, "ask").await;
     assert!(text.starts_with("elicitation failed"), "{text}");
     assert!(seen.seen().is_empty(), "{:?}", seen.seen());
     plain.cancel().await.unwrap();

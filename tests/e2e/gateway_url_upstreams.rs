@@ -14,20 +14,9 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::gateway_url::{
-    Raw, RawStream, WAIT, raw_session, tool_names, two_servers, updated, updated_of,
+    Raw, RawStream, WAIT, asker_call, raw_session, tool_names, two_servers, updated, updated_of,
+    with_asker,
 };
-
-/// `asker__sample`'s text; a call whose sampling request was never answered would wait
-/// forever, so bounded.
-async fn sample(client: &rmcp::Peer<rmcp::RoleClient>) -> String {
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        call_text(client, "asker__sample", json!({})),
-    )
-    .await
-    .expect("the call ended: the server's sampling request was answered")
-    .unwrap()
-}
 
 /// The sampling case: a server that asks the client for a completion while
 /// serving a call (`sampling/createMessage` on the call's reply stream) reaches a
@@ -37,11 +26,7 @@ async fn sample(client: &rmcp::Peer<rmcp::RoleClient>) -> String {
 /// at once with a JSON-RPC error, which the tool's result reports; no hang.
 #[tokio::test]
 async fn a_servers_sampling_request_reaches_a_client_that_declared_it() {
-    let (stack, token, _, _, gateway_id) = two_servers().await;
-    let asker = mcpguard_e2e::Demo::start_eliciting(stack.dir.path()).await;
-    let admin = stack.admin();
-    let id = admin.server("asker", &asker.upstream_url()).await;
-    admin.expose(gateway_id, id).await;
+    let (stack, token, _asker) = with_asker().await;
     let url = stack.gateway_url("eng");
 
     let (client, seen) = mcp::connect_with(&url, &token, mcp::Recorder::answering("Ada")).await;
@@ -50,10 +35,16 @@ async fn a_servers_sampling_request_reaches_a_client_that_declared_it() {
             .await
             .contains(&"asker__sample".to_owned())
     );
-    assert_eq!(sample(&client).await, "e2e-model: hello from Ada");
+    assert_eq!(
+        asker_call(&client, "sample").await,
+        "e2e-model: hello from Ada"
+    );
     assert_eq!(seen.seen(), vec!["sampling Say hello"]);
     // Twice, and the session's other servers are unaffected.
-    assert_eq!(sample(&client).await, "e2e-model: hello from Ada");
+    assert_eq!(
+        asker_call(&client, "sample").await,
+        "e2e-model: hello from Ada"
+    );
     assert_eq!(
         call_text(&client, "alpha__echo", json!({"text": "x"}))
             .await
@@ -64,7 +55,7 @@ async fn a_servers_sampling_request_reaches_a_client_that_declared_it() {
 
     let (plain, seen) = mcp::connect_recording(&url, &token).await;
     let started = Instant::now();
-    let text = sample(&plain).await;
+    let text = asker_call(&plain, "sample").await;
     assert!(
         text.starts_with("sampling failed") && text.contains("did not declare"),
         "{text}"
@@ -90,11 +81,7 @@ async fn a_servers_sampling_request_reaches_a_client_that_declared_it() {
 /// aggregator's id reaches the server, whose call then answers with it.
 #[tokio::test]
 async fn a_sampling_request_is_relayed_under_the_aggregators_id() {
-    let (stack, token, _, _, gateway_id) = two_servers().await;
-    let asker = mcpguard_e2e::Demo::start_eliciting(stack.dir.path()).await;
-    let admin = stack.admin();
-    let id = admin.server("asker", &asker.upstream_url()).await;
-    admin.expose(gateway_id, id).await;
+    let (stack, token, _asker) = with_asker().await;
     let raw = Raw {
         http: reqwest::Client::new(),
         url: stack.gateway_url("eng"),
