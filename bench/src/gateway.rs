@@ -16,7 +16,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::procs::{self, Proc, http_ok};
+use crate::procs::{self, Proc, http_ok, mcp_post};
 use crate::seed::{self, SeededToken};
 use crate::{Measured, Run, measure, wrk};
 
@@ -73,38 +73,16 @@ impl Aggregator {
     }
 }
 
-fn post(
-    port: u16,
-    path: &str,
-    token: &str,
-    session: Option<&str>,
-    body: &str,
-) -> Result<(u16, mcpguard_harness::http::Headers, String)> {
-    let auth = format!("Bearer {token}");
-    let mut headers = vec![
-        ("content-type", "application/json"),
-        ("accept", "application/json, text/event-stream"),
-    ];
-    if !token.is_empty() {
-        headers.push(("authorization", &auth));
-    }
-    if let Some(s) = session {
-        headers.push(("mcp-session-id", s));
-    }
-    Ok(mcpguard_harness::http::request_with_headers(
-        port, "POST", path, &headers, body,
-    )?)
-}
-
 /// A session on the gateway URL for `token`, initialized: its id.
 fn open_session(envoy_port: u16, gateway: &str, token: &str) -> Result<String> {
     let path = format!("/mcp/{gateway}");
-    let (status, headers, body) = post(envoy_port, &path, token, None, &crate::initialize_body(0))?;
+    let (status, headers, body) =
+        mcp_post(envoy_port, &path, token, None, &crate::initialize_body(0))?;
     let Some((_, id)) = headers.iter().find(|(k, _)| k == "mcp-session-id") else {
         bail!("initialize on {path} answered {status} without a session: {body}");
     };
     let note = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
-    post(envoy_port, &path, token, Some(id), note)?;
+    mcp_post(envoy_port, &path, token, Some(id), note)?;
     Ok(id.clone())
 }
 
@@ -130,7 +108,7 @@ fn write_lines(path: &Path, lines: &[Line]) -> Result<()> {
 fn sanity_check(port: u16, lines: &[Line], expect: &str) -> Result<()> {
     for (path, token, body, session) in lines.iter().take(10) {
         let session = (!session.is_empty()).then_some(session.as_str());
-        let (status, _, answer) = post(port, path, token, session, body)?;
+        let (status, _, answer) = mcp_post(port, path, token, session, body)?;
         if status != 200 || !answer.contains("\"result\"") || !answer.contains(expect) {
             bail!("POST {path} answered {status}: {answer}");
         }

@@ -402,18 +402,7 @@ fn sanity_check_envoy(
     revoked: &seed::SeededToken,
 ) -> Result<()> {
     for (path, token, body) in lines.iter().take(10) {
-        let auth = format!("Bearer {token}");
-        let (status, answer) = http(
-            envoy.port,
-            "POST",
-            path,
-            &[
-                ("content-type", "application/json"),
-                ("accept", "application/json, text/event-stream"),
-                ("authorization", &auth),
-            ],
-            body,
-        )?;
+        let (status, _, answer) = procs::mcp_post(envoy.port, path, token, None, body)?;
         if status != 200 || !answer.contains("\"result\"") {
             bail!(
                 "{}: POST {path} answered {status}: {answer}",
@@ -422,19 +411,9 @@ fn sanity_check_envoy(
         }
     }
     if envoy.setup != Setup::Bare {
-        let auth = format!("Bearer {}", revoked.token);
         let path = format!("/mcp/{}/{}", revoked.gateway, revoked.server);
-        let (status, answer) = http(
-            envoy.port,
-            "POST",
-            &path,
-            &[
-                ("content-type", "application/json"),
-                ("accept", "application/json, text/event-stream"),
-                ("authorization", &auth),
-            ],
-            &initialize_body(0),
-        )?;
+        let (status, _, answer) =
+            procs::mcp_post(envoy.port, &path, &revoked.token, None, &initialize_body(0))?;
         if status != 401 || !answer.contains("token_revoked") {
             bail!(
                 "{}: a revoked token answered {status}: {answer}",
@@ -651,18 +630,7 @@ fn run() -> Result<()> {
         ] {
             let e = Envoy::start(&root, setup, port, demo_port, None, &dir)?;
             let (path, token, body) = &mcp[2];
-            let auth = format!("Bearer {token}");
-            let (status, answer) = http(
-                e.port,
-                "POST",
-                path,
-                &[
-                    ("content-type", "application/json"),
-                    ("accept", "application/json, text/event-stream"),
-                    ("authorization", &auth),
-                ],
-                body,
-            )?;
+            let (status, _, answer) = procs::mcp_post(e.port, path, token, None, body)?;
             if status != 200 || !answer.contains("\"result\"") {
                 bail!("{target}: POST {path} answered {status}: {answer}");
             }

@@ -12,6 +12,31 @@ use anyhow::{Context, Result};
 
 pub use mcpguard_harness::http::{envoy_stat, http_ok, request as http};
 
+/// An MCP POST as a client sends it: a JSON body, JSON or an event stream accepted,
+/// `token` as the bearer (none when empty), the session's id when there is one.
+pub fn mcp_post(
+    port: u16,
+    path: &str,
+    token: &str,
+    session: Option<&str>,
+    body: &str,
+) -> Result<(u16, mcpguard_harness::http::Headers, String)> {
+    let auth = format!("Bearer {token}");
+    let mut headers = vec![
+        ("content-type", "application/json"),
+        ("accept", "application/json, text/event-stream"),
+    ];
+    if !token.is_empty() {
+        headers.push(("authorization", &auth));
+    }
+    if let Some(s) = session {
+        headers.push(("mcp-session-id", s));
+    }
+    Ok(mcpguard_harness::http::request_with_headers(
+        port, "POST", path, &headers, body,
+    )?)
+}
+
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The check secret the benchmark's policy services and Envoys share (random per run,

@@ -32,18 +32,48 @@ async fn policy_service_stopped_means_503_never_a_pass() {
     );
 }
 
-#[tokio::test]
-async fn a_policy_service_too_slow_to_answer_means_503_within_the_deadline() {
-    let dir = tempfile::tempdir().unwrap();
-    // A check port that accepts connections and never answers.
+/// A check port that accepts connections and never answers: its port, and the task
+/// that holds the connections open until it is aborted.
+pub(crate) async fn silent_check_port() -> (u16, tokio::task::JoinHandle<()>) {
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_port = silent.local_addr().unwrap().port();
+    let port = silent.local_addr().unwrap().port();
     let hold = tokio::spawn(async move {
         let mut open = Vec::new();
         while let Ok((socket, _)) = silent.accept().await {
             open.push(socket);
         }
     });
+    (port, hold)
+}
+
+/// Through `envoy`, whose checks go to a [`silent_check_port`] with a 200 ms
+/// `check_timeout_ms`: a request is refused 503 `policy_unavailable` at the deadline,
+/// not before it and not long after.
+pub(crate) async fn assert_refused_at_the_deadline(envoy: &Envoy) {
+    let token = mcpguard_core::token::format_token(
+        mcpguard_core::token::TokenKind::HostApi,
+        &"a".repeat(40),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let a = initialize_with(&envoy.mcp_url("eng", "demo"), Some(&token)).await;
+    let took = started.elapsed();
+    assert_eq!((a.status, a.code().as_str()), (503, "policy_unavailable"));
+    assert!(
+        took >= Duration::from_millis(190),
+        "answered before the deadline: {took:?}"
+    );
+    // The deadline plus slack for a shared machine (and a stream's sweep tick).
+    assert!(
+        took < Duration::from_secs(2),
+        "the deadline was not enforced: {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_policy_service_too_slow_to_answer_means_503_within_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (silent_port, hold) = silent_check_port().await;
     let opts = EnvoyOptions {
         config: "envoy/mcpguard.yaml",
         check_port: silent_port,
@@ -53,24 +83,7 @@ async fn a_policy_service_too_slow_to_answer_means_503_within_the_deadline() {
         jwks_refresh_s: None,
     };
     let envoy = Envoy::start(&opts, dir.path()).await;
-    let token = mcpguard_core::token::format_token(
-        mcpguard_core::token::TokenKind::HostApi,
-        &"a".repeat(40),
-    )
-    .unwrap();
-
-    let started = Instant::now();
-    let a = initialize_with(&envoy.mcp_url("eng", "demo"), Some(&token)).await;
-    let took = started.elapsed();
-    assert_eq!((a.status, a.code().as_str()), (503, "policy_unavailable"));
-    assert!(
-        took >= Duration::from_millis(190),
-        "answered before the deadline: {took:?}"
-    );
-    assert!(
-        took < Duration::from_secs(2),
-        "the deadline was not enforced: {took:?}"
-    );
+    assert_refused_at_the_deadline(&envoy).await;
     hold.abort();
 }
 
