@@ -8,7 +8,10 @@
 //!   gateway URL, opened before measuring);
 //! - `tools/list` on a gateway of [`FANOUT`] servers, each on its own demo MCP server:
 //!   one list fans out to every upstream at once. Against each upstream's own
-//!   `tools/list` (wrk straight at it), interleaved within each round.
+//!   `tools/list` (wrk straight at it), interleaved within each round; once with the
+//!   demo servers as they are, once with each taking as long as a remote server
+//!   ([`REMOTE`]), since against a 0.05 ms upstream the ratio measures only the
+//!   gateway path's own fixed cost.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -26,22 +29,59 @@ pub const FANOUT: usize = 10;
 const SESSIONS: usize = 200;
 /// Sessions on the fan-out gateway (one token).
 const FANOUT_SESSIONS: usize = 4;
-/// Run names of the direct upstream runs, by upstream.
-const UPSTREAM_TARGETS: [&str; FANOUT] = [
-    "upstream-0",
-    "upstream-1",
-    "upstream-2",
-    "upstream-3",
-    "upstream-4",
-    "upstream-5",
-    "upstream-6",
-    "upstream-7",
-    "upstream-8",
-    "upstream-9",
-];
 const PER_SERVER: &str = "per-server";
 const GATEWAY: &str = "gateway-url";
-const FANOUT_LIST: &str = "fanout-list";
+
+/// How fast the fan-out gateway's upstreams answer `tools/list`, and the run names of
+/// the fan-out and of each upstream's own list under it.
+struct Upstreams {
+    /// Said in the report.
+    label: &'static str,
+    /// The list delay of upstream `i` (`PUT /demo/list-delay`), ms.
+    delay_ms: fn(usize) -> u64,
+    list: &'static str,
+    upstreams: [&'static str; FANOUT],
+}
+
+/// The demo servers as they are: a list answered from memory in about 0.05 ms, so the
+/// fan-out's ratio measures the gateway path's own fixed cost.
+const LOCAL: Upstreams = Upstreams {
+    label: "the demo servers as they are (a list in about 0.05 ms)",
+    delay_ms: |_| 0,
+    list: "fanout-list",
+    upstreams: [
+        "upstream-0",
+        "upstream-1",
+        "upstream-2",
+        "upstream-3",
+        "upstream-4",
+        "upstream-5",
+        "upstream-6",
+        "upstream-7",
+        "upstream-8",
+        "upstream-9",
+    ],
+};
+
+/// Upstreams that take as long as remote ones: upstream `i` answers a list `i + 1` ms
+/// later, so the slowest takes 10 ms and the fan-out waits on it.
+const REMOTE: Upstreams = Upstreams {
+    label: "upstreams as slow as remote ones (upstream i answers a list i + 1 ms later)",
+    delay_ms: |i| i as u64 + 1,
+    list: "fanout-list-remote",
+    upstreams: [
+        "upstream-0-remote",
+        "upstream-1-remote",
+        "upstream-2-remote",
+        "upstream-3-remote",
+        "upstream-4-remote",
+        "upstream-5-remote",
+        "upstream-6-remote",
+        "upstream-7-remote",
+        "upstream-8-remote",
+        "upstream-9-remote",
+    ],
+};
 
 /// One request of a wrk list: path, bearer token, body, session id (may be empty).
 type Line = (String, String, String, String);
@@ -226,7 +266,39 @@ pub fn run(s: &Setup, opts: &Options) -> Result<Vec<Run>> {
         crate::WARMUP_SECONDS,
         None,
     )?;
+    for upstreams in [&LOCAL, &REMOTE] {
+        set_list_delays(s.fanout, upstreams)?;
+        runs.extend(fan_out(s, opts, upstreams)?);
+    }
+    set_list_delays(s.fanout, &LOCAL)?;
+    Ok(runs)
+}
+
+/// Sets each fan-out upstream's list delay, and sees it take effect: a list straight
+/// at the upstream takes at least that long.
+fn set_list_delays(fanout: &[(u16, u32)], upstreams: &Upstreams) -> Result<()> {
+    for (i, (port, _)) in fanout.iter().enumerate() {
+        let ms = (upstreams.delay_ms)(i);
+        let (status, answer) = procs::http(*port, "PUT", "/demo/list-delay", &[], &ms.to_string())?;
+        if status != 204 {
+            bail!("PUT /demo/list-delay {ms} on upstream {i} answered {status}: {answer}");
+        }
+        let started = std::time::Instant::now();
+        let (status, _, answer) = mcp_post(*port, "/mcp", "", None, &list_body(0))?;
+        let took = started.elapsed();
+        if status != 200 || took < std::time::Duration::from_millis(ms) {
+            bail!("upstream {i} with a {ms} ms list delay answered {status} in {took:?}: {answer}");
+        }
+    }
+    Ok(())
+}
+
+/// The rounds of one fan-out measurement: each upstream's own list straight at it,
+/// then the gateway's list that fans out to all of them.
+fn fan_out(s: &Setup, opts: &Options, upstreams: &Upstreams) -> Result<Vec<Run>> {
+    let list = |name: &str| s.out_dir.join(name);
     let direct_seconds = opts.duration.div_ceil(2);
+    let mut runs = Vec::new();
     for round in 1..=opts.rounds {
         for (i, (port, pid)) in s.fanout.iter().enumerate() {
             let m = Measured {
@@ -236,7 +308,7 @@ pub fn run(s: &Setup, opts: &Options) -> Result<Vec<Run>> {
                 database: None,
                 ticks: s.ticks,
             };
-            let run = measure(&m, UPSTREAM_TARGETS[i], 1, round, || {
+            let run = measure(&m, upstreams.upstreams[i], 1, round, || {
                 wrk::run(
                     s.script,
                     &list("gateway-upstream.tsv"),
@@ -248,7 +320,14 @@ pub fn run(s: &Setup, opts: &Options) -> Result<Vec<Run>> {
             })?;
             runs.push(run);
         }
-        let run = measure(&measured(s.aggregator_pid), FANOUT_LIST, 1, round, || {
+        let m = Measured {
+            envoy: Some(s.envoy_pid),
+            policy: Some(s.policy_pid),
+            upstream: Some(s.aggregator_pid),
+            database: None,
+            ticks: s.ticks,
+        };
+        let run = measure(&m, upstreams.list, 1, round, || {
             wrk::run(
                 s.script,
                 &list("gateway-fanout.tsv"),
@@ -370,12 +449,22 @@ pub fn markdown(runs: &[Run], opts: &Options) -> String {
             med(&p99, 1),
         );
     }
+    for upstreams in [&LOCAL, &REMOTE] {
+        s.push_str(&fan_out_markdown(runs, opts, upstreams));
+    }
+    s
+}
+
+/// The report's table of one fan-out measurement.
+fn fan_out_markdown(runs: &[Run], opts: &Options, upstreams: &Upstreams) -> String {
+    let mut s = String::new();
     let _ = writeln!(
         s,
         "\n`tools/list` on a gateway of {FANOUT} servers, each on its own demo MCP server \
-         (stateless), one connection; each upstream's own `tools/list` straight at it, \
+         (stateless), {}; one connection; each upstream's own `tools/list` straight at it, \
          {} s each, interleaved with the fan-out ({} s) in each of {} rounds. Target: \
          fan-out p99 within 2x the slowest upstream's p99.\n",
+        upstreams.label,
         opts.duration.div_ceil(2),
         opts.duration,
         opts.rounds
@@ -387,10 +476,11 @@ pub fn markdown(runs: &[Run], opts: &Options) -> String {
     let _ = writeln!(s, "|---|---|---|---|---|---|---|");
     let mut met = Vec::new();
     for round in 1..=opts.rounds {
-        let Some(list) = find(runs, FANOUT_LIST, 1, round) else {
+        let Some(list) = find(runs, upstreams.list, 1, round) else {
             continue;
         };
-        let ups: Vec<&Run> = UPSTREAM_TARGETS
+        let ups: Vec<&Run> = upstreams
+            .upstreams
             .iter()
             .filter_map(|t| find(runs, t, 1, round))
             .collect();
@@ -414,7 +504,12 @@ pub fn markdown(runs: &[Run], opts: &Options) -> String {
             list.outcome.rps(),
         );
     }
-    let _ = writeln!(s, "\nFan-out p99 within 2x: {}.\n", verdict(&met));
+    let _ = writeln!(
+        s,
+        "\nFan-out p99 within 2x, {}: {}.\n",
+        upstreams.label,
+        verdict(&met)
+    );
     s
 }
 

@@ -21,7 +21,10 @@
 //! many sessions were initialized and, for each GET stream open now, the
 //! `Authorization` it was opened with (`{"initialized": 2, "get_streams": ["Bearer
 //! x"]}`), so a test can see from the server's side what the gateway opened and
-//! closed, and with which credential.
+//! closed, and with which credential. `PUT /demo/list-delay` with a number of
+//! milliseconds as body (at most 10,000; 0 turns it off) makes every `tools/list`
+//! answer that much later, so a benchmark can play an upstream that takes as long as
+//! a remote one does.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -79,6 +82,7 @@ pub struct DemoServer {
     elicit: bool,
     /// Tools a `tools/list` page holds; `None`: every tool on one page.
     page_size: Option<usize>,
+    list_delay_ms: Arc<AtomicU64>,
 }
 
 /// What run-time changes touch: the tools, and the sessions to tell of them.
@@ -88,6 +92,8 @@ struct Shared {
     peers: Peers,
     initialized: Arc<AtomicUsize>,
     streams: Streams,
+    /// `PUT /demo/list-delay`: how long each `tools/list` waits before answering.
+    list_delay_ms: Arc<AtomicU64>,
 }
 
 /// The GET streams open now: a number of each, and the `Authorization` it came with.
@@ -280,6 +286,10 @@ impl ServerHandler for DemoServer {
         request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
+        let delay = self.list_delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         let mut tools = Self::tool_router().list_all();
         let schema = serde_json::json!({
             "type": "object",
@@ -429,6 +439,7 @@ pub fn router(options: Options) -> axum::Router {
         )
         .route("/demo/roots", axum::routing::post(list_roots))
         .route("/demo/stats", axum::routing::get(stats))
+        .route("/demo/list-delay", axum::routing::put(put_list_delay))
         .with_state(shared.clone());
     let streams = shared.streams.clone();
     mcp_router(options, shared)
@@ -486,6 +497,24 @@ async fn stats(
         "initialized": shared.initialized.load(Ordering::SeqCst),
         "get_streams": streams,
     }))
+}
+
+/// The longest `PUT /demo/list-delay` takes: a benchmark's upstream, not a stalled one.
+const MAX_LIST_DELAY_MS: u64 = 10_000;
+
+/// Sets how long each `tools/list` waits: 204, or 400 for anything but a number of
+/// milliseconds up to [`MAX_LIST_DELAY_MS`].
+async fn put_list_delay(
+    axum::extract::State(shared): axum::extract::State<Shared>,
+    body: String,
+) -> http::StatusCode {
+    match body.trim().parse::<u64>() {
+        Ok(ms) if ms <= MAX_LIST_DELAY_MS => {
+            shared.list_delay_ms.store(ms, Ordering::Relaxed);
+            http::StatusCode::NO_CONTENT
+        }
+        _ => http::StatusCode::BAD_REQUEST,
+    }
 }
 
 /// Adds a run-time tool, or changes its description: the next `tools/list` shows it,
@@ -555,6 +584,7 @@ fn mcp_router(options: Options, shared: Shared) -> axum::Router {
             initialized: shared.initialized.clone(),
             elicit: options.elicit,
             page_size: options.page_size,
+            list_delay_ms: shared.list_delay_ms.clone(),
         })
     };
     if options.stateless {
