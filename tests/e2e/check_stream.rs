@@ -161,6 +161,62 @@ async fn a_killed_policy_service_refuses_in_flight_checks_and_a_new_stream_takes
     }
 }
 
+/// Connections Envoy has opened to the policy cluster.
+const POLICY_CONNECTIONS: &str = "cluster.mcpguard_policy.upstream_cx_total";
+
+#[tokio::test]
+async fn a_stream_outlives_the_policy_services_idle_timeout_and_keeps_answering() {
+    // A stream is one request that never ends: the connection it rides on must not
+    // count as idle. Short timeouts, so a wrong close shows within a second.
+    let (idle_ms, drain_ms) = (300, 100);
+    let stack = Stack::start_with(
+        false,
+        &[
+            ("MCPGUARD_IDLE_TIMEOUT_MS", &idle_ms.to_string()),
+            ("MCPGUARD_DRAIN_TIMEOUT_MS", &drain_ms.to_string()),
+        ],
+        None,
+    )
+    .await;
+    let p = stack
+        .admin()
+        .provision("eng", "demo", &stack.demo.upstream_url())
+        .await;
+    let envoy = stream_envoy(stack.policy.check_port, None, stack.dir.path()).await;
+    let url = envoy.mcp_url("eng", "demo");
+    assert_eq!(initialize_with(&url, Some(&p.token)).await.status, 200);
+    let connections = envoy.stat(POLICY_CONNECTIONS).await;
+    let past_the_timeouts = Duration::from_millis(3 * (idle_ms + drain_ms));
+
+    // Quiet: nothing on the stream for several idle timeouts (time passing is the
+    // point). Before the fix the policy service sent GOAWAY at 300 ms and cut the
+    // connection, and the stream with it, 100 ms later.
+    tokio::time::sleep(past_the_timeouts).await;
+    let a = initialize_with(&url, Some(&p.token)).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+
+    // Busy: checks back to back for as long again, every one answered on the stream.
+    let until = Instant::now() + past_the_timeouts;
+    let mut answered = 0;
+    while Instant::now() < until {
+        let a = initialize_with(&url, Some(&p.token)).await;
+        assert_eq!(a.status, 200, "check {answered} in a row: {}", a.body);
+        answered += 1;
+    }
+    assert!(answered > 10, "only {answered} checks");
+    assert_eq!(
+        envoy.stat(POLICY_CONNECTIONS).await,
+        connections,
+        "the stream's connection was closed and replaced"
+    );
+    assert_eq!(
+        envoy
+            .stat("wasmcustom.mcpguard.denied.policy_unavailable")
+            .await,
+        0
+    );
+}
+
 #[tokio::test]
 async fn a_stream_that_never_answers_refuses_within_the_deadline() {
     let dir = tempfile::tempdir().unwrap();
