@@ -4,9 +4,16 @@
 //! same answers as the HTTP callout, and the same fail-closed behaviour when the stream
 //! breaks or the policy service is slow.
 
+use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http_body_util::BodyExt;
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mcpguard_core::check_stream as wire;
 use mcpguard_e2e::mcp::{self, call_text, initialize_with};
+use mcpguard_e2e::procs::check_secret;
 use mcpguard_e2e::{Envoy, EnvoyOptions, Stack, free_port};
 use serde_json::{Value, json};
 
@@ -227,4 +234,198 @@ async fn a_stream_that_never_answers_refuses_within_the_deadline() {
         assert_refused_at_the_deadline(&envoy).await;
     }
     hold.abort();
+}
+
+/// A fault injector on the check stream: a gRPC server speaking the stream's framing
+/// that holds each check until the next one arrives and then answers the later one
+/// first. The answers themselves are the real policy service's: each check is relayed
+/// to its `/v1/check`, so only their order is forged.
+struct ReorderingCheckPort {
+    port: u16,
+    /// Check messages received so far, over every stream.
+    received: tokio::sync::watch::Receiver<usize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ReorderingCheckPort {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ReorderingCheckPort {
+    async fn start(policy_check_port: u16) -> ReorderingCheckPort {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (count, received) = tokio::sync::watch::channel(0);
+        let relay = Arc::new(Relay {
+            check_url: format!("http://127.0.0.1:{policy_check_port}/v1/check"),
+            http: reqwest::Client::new(),
+            count,
+        });
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let relay = relay.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let relay = relay.clone();
+                        async move { Ok::<_, Infallible>(relay.serve(req)) }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        ReorderingCheckPort {
+            port,
+            received,
+            task,
+        }
+    }
+
+    /// Waits (bounded) until `n` check messages have arrived.
+    async fn wait_received(&mut self, n: usize) {
+        let arrived = tokio::time::timeout(
+            Duration::from_secs(10),
+            self.received.wait_for(|got| *got >= n),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        let got = *self.received.borrow();
+        assert!(
+            arrived,
+            "{n} checks did not arrive on the stream (got {got})"
+        );
+    }
+}
+
+type StreamBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+struct Relay {
+    check_url: String,
+    http: reqwest::Client,
+    count: tokio::sync::watch::Sender<usize>,
+}
+
+impl Relay {
+    fn serve(self: &Arc<Self>, req: hyper::Request<Incoming>) -> hyper::Response<StreamBody> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Frame<Bytes>>(16);
+        if req.uri().path() == wire::PATH {
+            tokio::spawn(self.clone().checks(req.into_body(), tx));
+        } else {
+            // The filter's key fetch: nothing here for it (it retries; API tokens do
+            // not need keys).
+            drop(tx);
+        }
+        let frames = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|frame| (Ok(frame), rx))
+        });
+        hyper::Response::builder()
+            .header("content-type", "application/grpc")
+            .body(http_body_util::StreamBody::new(frames).boxed())
+            .unwrap()
+    }
+
+    /// Reads the stream's checks; each second one is answered before the first.
+    async fn checks(
+        self: Arc<Self>,
+        mut body: Incoming,
+        tx: tokio::sync::mpsc::Sender<Frame<Bytes>>,
+    ) {
+        let (mut buf, mut held) = (Vec::new(), None);
+        while let Some(Ok(frame)) = body.frame().await {
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            buf.extend_from_slice(&data);
+            while let wire::Frame::Message { len } = wire::next_frame(&buf) {
+                let message: Vec<u8> = buf.drain(..5 + len).skip(5).collect();
+                let (id, check) = wire::decode_check(&message).unwrap();
+                let check = (id, check.to_vec());
+                self.count.send_modify(|n| *n += 1);
+                let Some(first) = held.take() else {
+                    held = Some(check);
+                    continue;
+                };
+                for (id, check) in [check, first] {
+                    let answer = self.answer(id, &check).await;
+                    if tx.send(Frame::data(answer.into())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The real policy service's answer to one check, framed for the stream.
+    async fn answer(&self, id: u64, check: &[u8]) -> Vec<u8> {
+        let r = self
+            .http
+            .post(&self.check_url)
+            .header("x-mcpguard-check-secret", check_secret())
+            .header("content-type", "application/json")
+            .body(check.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body = r.bytes().await.unwrap();
+        wire::grpc_frame(&wire::encode_answer(id, status, &body))
+    }
+}
+
+#[tokio::test]
+async fn answers_out_of_order_reach_the_requests_they_answer() {
+    let stack = Stack::start().await;
+    let p = stack
+        .admin()
+        .provision("eng", "demo", &stack.demo.upstream_url())
+        .await;
+    let mut reorder = ReorderingCheckPort::start(stack.policy.check_port).await;
+    // The first check of each pair waits for the second to be sent: room for that.
+    let envoy = stream_envoy(reorder.port, Some(5_000), stack.dir.path()).await;
+    let url = envoy.mcp_url("eng", "demo");
+    let unknown = mcpguard_core::token::format_token(
+        mcpguard_core::token::TokenKind::HostApi,
+        &"b".repeat(40),
+    )
+    .unwrap();
+    // Which token each pair's first and second request carry: the allowed one first,
+    // then the refused one first.
+    let rounds = [
+        [p.token.as_str(), unknown.as_str()],
+        [unknown.as_str(), p.token.as_str()],
+        [p.token.as_str(), unknown.as_str()],
+        [unknown.as_str(), p.token.as_str()],
+    ];
+    for (round, tokens) in rounds.iter().enumerate() {
+        let ask = |token: &str| {
+            let (url, token) = (url.clone(), token.to_owned());
+            tokio::spawn(async move { (initialize_with(&url, Some(&token)).await, token) })
+        };
+        let first = ask(tokens[0]);
+        // Sent second only once the first is held on the stream: the answer to the
+        // second is then written first.
+        reorder.wait_received(2 * round + 1).await;
+        let second = ask(tokens[1]);
+        for task in [first, second] {
+            let (a, token) = task.await.unwrap();
+            if token == p.token {
+                assert_eq!(
+                    a.status, 200,
+                    "round {round}: the allowed token got {}",
+                    a.body
+                );
+            } else {
+                assert_eq!(
+                    (a.status, a.code().as_str()),
+                    (401, "token_unknown"),
+                    "round {round}: the unknown token got {}",
+                    a.body
+                );
+            }
+        }
+    }
+    assert_eq!(*reorder.received.borrow(), 2 * rounds.len());
 }
