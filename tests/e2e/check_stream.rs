@@ -5,7 +5,8 @@
 //! breaks or the policy service is slow.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
@@ -14,10 +15,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use mcpguard_core::check_stream as wire;
 use mcpguard_e2e::mcp::{self, call_text, initialize_with};
 use mcpguard_e2e::procs::check_secret;
-use mcpguard_e2e::{Envoy, EnvoyOptions, Stack, free_port};
+use mcpguard_e2e::{Envoy, EnvoyOptions, Policy, Stack, free_port};
 use serde_json::{Value, json};
 
 use crate::failure::{assert_refused_at_the_deadline, silent_check_port};
+use crate::scaleout::SharedStore;
 
 /// Sets `check_transport` in every mcpguard plugin configuration of a rendered config.
 fn with_stream(node: &mut Value) {
@@ -38,10 +40,26 @@ fn with_stream(node: &mut Value) {
 }
 
 /// An Envoy like the stack's, its checks on the stream, to `check_port`.
-async fn stream_envoy(check_port: u16, timeout_ms: Option<u64>, dir: &std::path::Path) -> Envoy {
+pub(crate) async fn stream_envoy(
+    check_port: u16,
+    timeout_ms: Option<u64>,
+    dir: &std::path::Path,
+) -> Envoy {
+    stream_envoy_with("envoy/mcpguard.yaml", &[check_port], timeout_ms, 1, dir).await
+}
+
+/// Envoy on the shipped `config`, its checks on the stream (one per worker of its
+/// `workers`), its policy cluster on `check_ports`.
+async fn stream_envoy_with(
+    config: &'static str,
+    check_ports: &[u16],
+    timeout_ms: Option<u64>,
+    workers: u32,
+    dir: &std::path::Path,
+) -> Envoy {
     let opts = EnvoyOptions {
-        config: "envoy/mcpguard.yaml",
-        check_port,
+        config,
+        check_port: check_ports[0],
         check_timeout_ms: timeout_ms.or(mcpguard_e2e::db::postgres_requested()
             .then_some(mcpguard_e2e::db::POSTGRES_CHECK_TIMEOUT_MS)),
         trusted_ca: None,
@@ -49,13 +67,19 @@ async fn stream_envoy(check_port: u16, timeout_ms: Option<u64>, dir: &std::path:
         jwks_refresh_s: None,
     };
     let (port, admin_port) = (free_port(), free_port());
-    let mut cfg: Value = serde_json::from_str(&Envoy::render(&opts, port, admin_port)).unwrap();
+    let mut cfg: Value = serde_json::from_str(&Envoy::render_with_checks(
+        &opts,
+        check_ports,
+        port,
+        admin_port,
+    ))
+    .unwrap();
     with_stream(&mut cfg);
     assert!(
         cfg.to_string().contains("check_transport"),
         "no plugin config found"
     );
-    Envoy::start_config(&cfg.to_string(), port, admin_port, dir).await
+    Envoy::start_config_with_workers(&cfg.to_string(), port, admin_port, dir, workers).await
 }
 
 #[tokio::test]
@@ -428,4 +452,191 @@ async fn answers_out_of_order_reach_the_requests_they_answer() {
         }
     }
     assert_eq!(*reorder.received.borrow(), 2 * rounds.len());
+}
+
+/// Checks a replica has decided for the wasm filter (`/v1/check` and the stream), by its
+/// own count: every `mcpguard_checks_total{wire="check",...}` series.
+async fn checks_decided(policy: &Policy) -> u64 {
+    let url = format!("http://127.0.0.1:{}/metrics", policy.check_port);
+    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(r#"mcpguard_checks_total{wire="check","#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// The streams Envoy holds open to each of `ports` (per-host `rq_active`), once they
+/// add up to `total` (polled, bounded).
+async fn streams_on(envoy: &Envoy, ports: &[u16], total: u64) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut on = Vec::new();
+        for port in ports {
+            let active = envoy.host_stat("mcpguard_policy", *port, "rq_active").await;
+            on.push(active.trim().parse::<u64>().unwrap_or(0));
+        }
+        if on.iter().sum::<u64>() == total {
+            return on;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Envoy holds {on:?} streams to {ports:?}, not {total} in all"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Two replicas on one PostgreSQL database (a throwaway cluster of the test's own, on
+/// either pass, as in scaleout.rs), Envoy with two workers on the shipped replicas
+/// config (round robin, health checks, outlier detection).
+#[tokio::test]
+async fn streams_spread_over_replicas_and_a_survivor_takes_over_when_one_dies() {
+    let mut s = SharedStore::start(&[]).await;
+    let p =
+        s.a.admin()
+            .provision("eng", "demo", &s.demo.upstream_url())
+            .await;
+    let ports = [s.a.check_port, s.b.check_port];
+    // Two workers, two streams for checks (and a third, idle, from the root context on
+    // Envoy's main thread). Each opens to the replica its own round robin picks, so
+    // both workers' streams land on one replica about half the time: Envoy is started
+    // again until both replicas decide checks (1 chance in 1024 of 10 misses). Each
+    // request is a new connection, which the kernel hands to either worker.
+    let mut starts = 0;
+    let envoy = 'spread: loop {
+        starts += 1;
+        assert!(
+            starts <= 10,
+            "10 Envoys put both workers' streams on one replica"
+        );
+        let envoy = stream_envoy_with(
+            "envoy/mcpguard-replicas.yaml",
+            &ports,
+            Some(mcpguard_e2e::db::POSTGRES_CHECK_TIMEOUT_MS),
+            2,
+            s.dir.path(),
+        )
+        .await;
+        streams_on(&envoy, &ports, 3).await;
+        let url = envoy.mcp_url("eng", "demo");
+        let before = [checks_decided(&s.a).await, checks_decided(&s.b).await];
+        for i in 0..40 {
+            let a = initialize_with(&url, Some(&p.token)).await;
+            assert_eq!(a.status, 200, "request {i}: {}", a.body);
+            let now = [checks_decided(&s.a).await, checks_decided(&s.b).await];
+            if now[0] >= before[0] + 2 && now[1] >= before[1] + 2 {
+                break 'spread envoy;
+            }
+        }
+    };
+    let url = envoy.mcp_url("eng", "demo");
+
+    // Four clients, until told to stop (or 60 s), while B dies.
+    type Outcomes = Arc<Mutex<Vec<(Instant, Instant, u16, String)>>>;
+    let log: Outcomes = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (log, stop, url, token) = (log.clone(), stop.clone(), url.clone(), p.token.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let start = Instant::now();
+                    let a = initialize_with(&url, Some(&token)).await;
+                    let code = if a.status == 200 {
+                        String::new()
+                    } else {
+                        a.code()
+                    };
+                    log.lock()
+                        .unwrap()
+                        .push((start, Instant::now(), a.status, code));
+                    // Steady load rather than all the CPU: other tests run alongside.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+    let served_since = |since: Instant| {
+        let log = log.lock().unwrap();
+        let after: Vec<_> = log.iter().filter(|o| o.0 > since).collect();
+        (after.len(), after.iter().all(|o| o.2 == 200))
+    };
+    let began = Instant::now();
+    while served_since(began).0 < 20 {
+        assert!(Instant::now() < deadline, "no load");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.b.proc.kill();
+    let killed = Instant::now();
+    let decided_by_a = checks_decided(&s.a).await;
+
+    // The stream on B closes: its checks in flight are refused, its worker opens a new
+    // one, which ends up on A. Served again within a bound: the last second's
+    // requests, at least 20, all allowed.
+    let bound = Duration::from_secs(10);
+    let recovered = loop {
+        let now = Instant::now();
+        let window = now - Duration::from_secs(1);
+        if window > killed {
+            let (n, all_ok) = served_since(window);
+            if n >= 20 && all_ok {
+                break window;
+            }
+        }
+        assert!(
+            now - killed < bound,
+            "still failing {bound:?} after a replica died"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Every stream is on the survivor now, and it decides their checks.
+    assert_eq!(streams_on(&envoy, &ports, 3).await, [3, 0]);
+    let more = Instant::now();
+    while served_since(more).0 < 40 {
+        assert!(Instant::now() < deadline, "load stopped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert!(checks_decided(&s.a).await >= decided_by_a + 40);
+
+    let log = std::mem::take(&mut *log.lock().unwrap());
+    let (mut in_transition, mut later) = (0, 0);
+    for (start, end, status, code) in &log {
+        let at = start.saturating_duration_since(began);
+        match (*status, code.as_str()) {
+            (200, _) => {}
+            (503, "policy_unavailable") => {
+                assert!(*end >= killed, "a 503 before B was killed, at {at:?}");
+                if *start < recovered {
+                    in_transition += 1;
+                } else {
+                    later += 1;
+                }
+            }
+            other => panic!("answered {other:?} at {at:?}"),
+        }
+    }
+    let after = log.iter().filter(|o| o.0 >= recovered).count();
+    let last_refused = log
+        .iter()
+        .filter(|o| o.2 != 200)
+        .map(|o| o.1.saturating_duration_since(killed))
+        .max();
+    println!(
+        "{starts} Envoy start(s) to spread the streams; {} requests; B killed {:?} into \
+         the load; {in_transition} refused with 503 before the takeover, the last \
+         answered {last_refused:?} after the kill; afterwards {later} of {after} refused",
+        log.len(),
+        killed - began,
+    );
+    // Once the streams are on A, a 503 can only be A too slow for the deadline, which a
+    // loaded test machine may cause once in a while; never more than 2 %.
+    assert!(
+        later * 50 <= after,
+        "{later} of {after} refused after the takeover"
+    );
 }
