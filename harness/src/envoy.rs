@@ -264,13 +264,27 @@ pub fn command(
     check_secret: &str,
     root: &Path,
 ) -> Command {
+    command_with_workers(envoy, config, log_level, check_secret, root, 1)
+}
+
+/// Like [`command`], with `workers` worker threads (`--concurrency`): for what is per
+/// worker, such as the filter's experimental check stream.
+pub fn command_with_workers(
+    envoy: &Path,
+    config: &Path,
+    log_level: &str,
+    check_secret: &str,
+    root: &Path,
+    workers: u32,
+) -> Command {
+    let workers = workers.max(1).to_string();
     let mut cmd = Command::new(envoy);
     cmd.env("MCPGUARD_CHECK_SECRET", check_secret)
         .arg("-c")
         .arg(config)
         .args([
             "--concurrency",
-            "1",
+            &workers,
             "--disable-hot-restart",
             "--log-level",
             log_level,

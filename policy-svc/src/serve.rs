@@ -139,8 +139,7 @@ async fn connection(
                         Err(_) => ApiError::RequestTimeout.into_response(),
                     },
                 };
-                drop(in_flight);
-                Ok::<_, Infallible>(response)
+                Ok::<_, Infallible>(in_flight.until_sent(response))
             }
         })
     };
@@ -223,6 +222,57 @@ impl Activity {
 }
 
 struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    /// Ends this request's activity when `response` is done: now for a body already
+    /// whole in memory (every JSON answer: the check path pays nothing more), else when
+    /// its body ends or is dropped. A streaming handler (the check stream, an event
+    /// stream) returns at once while its body lives on; had the guard dropped with the
+    /// handler, a stream alone on its connection would be closed by the idle timeout.
+    fn until_sent(self, response: Response) -> Response {
+        use hyper::body::Body as _;
+        if response.body().is_end_stream() || response.body().size_hint().exact().is_some() {
+            return response;
+        }
+        response.map(|body| {
+            axum::body::Body::new(Guarded {
+                body,
+                in_flight: Some(self),
+            })
+        })
+    }
+}
+
+/// A response body that holds its request's [`InFlight`] until it ends.
+struct Guarded {
+    body: axum::body::Body,
+    in_flight: Option<InFlight>,
+}
+
+impl hyper::body::Body for Guarded {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if let std::task::Poll::Ready(None | Some(Err(_))) = polled {
+            // Ended (or failed): the connection may idle from now.
+            self.in_flight = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -362,5 +412,86 @@ mod tests {
         let at = activity.closes_at(&l).unwrap();
         assert!(at > activity.opened + l.idle_timeout);
         assert!(at <= Instant::now() + l.idle_timeout);
+    }
+
+    /// Reads from `tcp` until `want` has arrived; `false` on EOF (the server closed).
+    async fn read_until(tcp: &mut TcpStream, seen: &mut Vec<u8>, want: &[u8]) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        while !seen.windows(want.len()).any(|w| w == want) {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    }
+
+    #[tokio::test]
+    async fn a_streaming_answer_keeps_its_connection_open_until_its_body_ends() {
+        use tokio::io::AsyncWriteExt;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, Infallible>>(1);
+        let rx = Arc::new(std::sync::Mutex::new(Some(rx)));
+        let app = Router::new().route(
+            "/stream",
+            axum::routing::get(move || {
+                let rx = rx.lock().unwrap().take().unwrap();
+                async move {
+                    axum::body::Body::from_stream(futures_util::stream::unfold(
+                        rx,
+                        |mut rx| async move { rx.recv().await.map(|chunk| (chunk, rx)) },
+                    ))
+                }
+            }),
+        );
+        let l = PortLimits {
+            idle_timeout: Duration::from_millis(150),
+            drain_timeout: Duration::from_millis(100),
+            // Longer than the whole test: a close comes from the idle watch, not hyper.
+            header_read_timeout: Duration::from_secs(30),
+            ..limits()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop_tx, stop) = watch::channel(false);
+        let server = tokio::spawn(serve("test", listener, app, l, stop));
+
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        assert!(read_until(&mut tcp, &mut seen, b"\r\n\r\n").await);
+        // Time passing is the point: several idle timeouts plus the drain timeout, with
+        // nothing sent. Before the fix the idle watch sent its close at 150 ms and cut
+        // the connection 100 ms later.
+        tokio::time::sleep(4 * l.idle_timeout + l.drain_timeout).await;
+        // Before the fix the body was dropped with the connection: this send fails.
+        let sent = tx.send(Ok("still here".into())).await;
+        assert!(
+            sent.is_ok(),
+            "the connection was closed while its answer was still streaming"
+        );
+        assert!(
+            read_until(&mut tcp, &mut seen, b"still here").await,
+            "the connection was closed while its answer was still streaming"
+        );
+
+        // The body ends: from then on the connection idles, and is closed.
+        drop(tx);
+        assert!(read_until(&mut tcp, &mut seen, b"0\r\n\r\n").await);
+        let ended = Instant::now();
+        let closed = tokio::time::timeout(
+            Duration::from_secs(5),
+            read_until(&mut tcp, &mut seen, b"never sent"),
+        )
+        .await;
+        assert_eq!(closed, Ok(false), "not closed after its body ended");
+        assert!(
+            ended.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            ended.elapsed()
+        );
+        server.abort();
     }
 }

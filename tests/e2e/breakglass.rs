@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use mcpguard_e2e::Stack;
 use mcpguard_e2e::mcp::{expect_refusal, initialize_with};
-use mcpguard_e2e::toggles::{Plan, five_layers, prove};
+use mcpguard_e2e::toggles::{Plan, Report, Target, five_layers, prove};
+
+use crate::check_stream::stream_envoy;
 
 async fn assert_refused(url: &str, token: &str, code: &str) {
     expect_refusal(url, Some(token), (403, code)).await;
@@ -173,14 +175,44 @@ async fn disabling_a_gateway_stops_all_traffic_through_it_and_only_it() {
 async fn toggles_hold_on_the_very_next_request_under_concurrent_load() {
     let stack = Stack::start_stateless().await;
     let target = five_layers(&stack).await;
+    prove_clean(&stack, &target, "checks over HTTP callouts").await;
+}
+
+/// The same proof with the checks on the experimental check stream (issue 27): one
+/// long-lived stream per worker instead of one HTTP callout per check, so nothing the
+/// stream does (reusing a connection, answering out of order) may let a stale allow
+/// through.
+#[tokio::test]
+async fn toggles_hold_on_the_very_next_request_under_concurrent_load_over_the_check_stream() {
+    let stack = Stack::start_stateless().await;
+    let mut target = five_layers(&stack).await;
+    let envoy = stream_envoy(stack.policy.check_port, None, stack.dir.path()).await;
+    target.url = envoy.mcp_url("eng", "demo");
+    let report = prove_clean(&stack, &target, "checks over the stream").await;
+    // The checks went over the stream: a callout per check would have made at least
+    // one request to the policy cluster per request proven.
+    let to_policy = envoy
+        .stat("cluster.mcpguard_policy.upstream_rq_total")
+        .await;
+    println!("{to_policy} requests to the policy cluster");
+    assert!(
+        to_policy * 10 < report.requests as u64,
+        "{to_policy} requests to the policy cluster for {} checks",
+        report.requests
+    );
+}
+
+/// Runs the proof against `target` and asserts it clean: every toggle made, zero stale
+/// allows, wrong codes or failures, and both answers seen.
+async fn prove_clean(stack: &Stack, target: &Target, what: &str) -> Report {
     let plan = Plan {
         clients: 4,
         cycles: 3,
         requests_per_phase: 8,
         time_limit: Duration::from_secs(60),
     };
-    let report = prove(&target, &stack.admin(), &plan).await;
-    println!("{report}");
+    let report = prove(target, &stack.admin(), &plan).await;
+    println!("{what}:\n{report}");
     assert_eq!(
         report.toggles,
         2 * target.layers.len() * plan.cycles,
@@ -188,4 +220,5 @@ async fn toggles_hold_on_the_very_next_request_under_concurrent_load() {
     );
     assert!(report.is_clean(), "{report}");
     assert!(report.allowed > 0 && report.refused > 0, "{report}");
+    report
 }

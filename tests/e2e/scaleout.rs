@@ -28,8 +28,19 @@ struct Replicas {
     _dir: tempfile::TempDir,
 }
 
-impl Replicas {
-    async fn start(env: &[(&str, &str)]) -> Replicas {
+/// Two replicas `a` and `b` on one throwaway PostgreSQL database, and a stateless demo
+/// server; no Envoy. Fields drop in order: the services stop before the database does.
+pub(crate) struct SharedStore {
+    pub demo: Demo,
+    pub a: Policy,
+    pub b: Policy,
+    pub pg: Postgres,
+    pub dir: tempfile::TempDir,
+}
+
+impl SharedStore {
+    /// Both replicas with `env` besides the database's URL and the sealing key.
+    pub(crate) async fn start(env: &[(&str, &str)]) -> SharedStore {
         let dir = tempfile::tempdir().unwrap();
         let pg = Postgres::start();
         let url = pg.create_database();
@@ -51,6 +62,25 @@ impl Replicas {
             Policy::start_with(&data_b, dir.path(), &env),
         );
         let demo = Demo::start_stateless(dir.path()).await;
+        SharedStore {
+            demo,
+            a,
+            b,
+            pg,
+            dir,
+        }
+    }
+}
+
+impl Replicas {
+    async fn start(env: &[(&str, &str)]) -> Replicas {
+        let SharedStore {
+            demo,
+            a,
+            b,
+            pg,
+            dir,
+        } = SharedStore::start(env).await;
         let opts = EnvoyOptions {
             config: "envoy/mcpguard-replicas.yaml",
             check_port: a.check_port,

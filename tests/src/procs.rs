@@ -403,14 +403,26 @@ impl Envoy {
 
     /// Any Envoy config (JSON or YAML text) that listens on `port`, admin on `admin_port`.
     pub async fn start_config(config: &str, port: u16, admin_port: u16, log_dir: &Path) -> Envoy {
+        Self::start_config_with_workers(config, port, admin_port, log_dir, 1).await
+    }
+
+    /// Like [`Envoy::start_config`], with `workers` worker threads (`--concurrency`).
+    pub async fn start_config_with_workers(
+        config: &str,
+        port: u16,
+        admin_port: u16,
+        log_dir: &Path,
+        workers: u32,
+    ) -> Envoy {
         let config_path = log_dir.join(format!("envoy-{port}.json"));
         std::fs::write(&config_path, config).expect("writing envoy config");
-        let cmd = mcpguard_harness::envoy::command(
+        let cmd = mcpguard_harness::envoy::command_with_workers(
             &Self::executable(),
             &config_path,
             "info",
             check_secret(),
             &workspace_root(),
+            workers,
         );
         let mut proc = Proc::spawn(&format!("envoy-{port}"), cmd, log_dir);
         let ready = format!("http://127.0.0.1:{admin_port}/ready");
