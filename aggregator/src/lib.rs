@@ -73,9 +73,27 @@ pub struct Config {
     /// PEM certificates trusted besides the system's roots for https upstreams.
     #[arg(long, env = "MCPGUARD_TRUSTED_CA_FILE")]
     pub trusted_ca_file: Option<PathBuf>,
+    /// Threads that serve requests (tokio's workers). Absent: one per CPU the process
+    /// may use, counting a cgroup's CPU limit. Beside Envoy and the policy service on
+    /// a small machine, fewer threads than CPUs measured faster (docs/gateway.md#threads).
+    #[arg(
+        long,
+        env = "MCPGUARD_AGGREGATOR_WORKER_THREADS",
+        value_parser = clap::value_parser!(u16).range(1..=1024)
+    )]
+    pub worker_threads: Option<u16>,
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "MCPGUARD_LOG", default_value = "info")]
     pub log: String,
+}
+
+/// The runtime [`run`] runs on: `--worker-threads` workers, or tokio's default.
+pub fn runtime(config: &Config) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.worker_threads {
+        builder.worker_threads(usize::from(n));
+    }
+    builder.enable_all().build()
 }
 
 /// What every request shares.
@@ -164,7 +182,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "mcpguard-aggregator listening");
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(%addr, workers, "mcpguard-aggregator listening");
     println!("listening on {addr}");
     let sweeper = {
         let app = app.clone();
@@ -227,5 +246,26 @@ mod tests {
         let missing = dir.join("missing").display().to_string();
         assert!(App::new(&config(&["--trusted-ca-file", &missing])).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn worker_threads_are_as_asked_or_tokios_default() {
+        let one = runtime(&config(&["--worker-threads", "1"])).unwrap();
+        assert_eq!(one.metrics().num_workers(), 1);
+        let three = runtime(&config(&["--worker-threads", "3"])).unwrap();
+        assert_eq!(three.metrics().num_workers(), 3);
+        // tokio's own variable would set the default.
+        if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+            let default = runtime(&config(&[])).unwrap();
+            let cpus = std::thread::available_parallelism().unwrap().get();
+            assert_eq!(default.metrics().num_workers(), cpus);
+        }
+        for bad in ["0", "-1", "many", "1025"] {
+            let argv = ["mcpguard-aggregator", "--worker-threads", bad];
+            assert!(
+                Config::try_parse_from(argv).is_err(),
+                "--worker-threads {bad} was taken"
+            );
+        }
     }
 }

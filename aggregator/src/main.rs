@@ -4,13 +4,19 @@ use clap::Parser;
 use mcpguard_aggregator::Config;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let config = Config::parse();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
-    match mcpguard_aggregator::run(config).await {
+    let runtime = match mcpguard_aggregator::runtime(&config) {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("mcpguard-aggregator: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(mcpguard_aggregator::run(config)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mcpguard-aggregator: {e:#}");

@@ -5,7 +5,9 @@
 //!   its per-server check, the upstream) against the same call on the per-server URL
 //!   `/mcp/{gateway}/{server}`, interleaved per-server gateway per-server gateway at
 //!   each concurrency, the same tokens on both (each with its own session on the
-//!   gateway URL, opened before measuring);
+//!   gateway URL, opened before measuring); once with the aggregator at its default
+//!   and once with `--worker-threads 1` ([`PASSES`]), each against its own
+//!   interleaved per-server runs;
 //! - `tools/list` on a gateway of [`FANOUT`] servers, each on its own demo MCP server:
 //!   one list fans out to every upstream at once. Against each upstream's own
 //!   `tools/list` (wrk straight at it), interleaved within each round; once with the
@@ -14,7 +16,7 @@
 //!   gateway path's own fixed cost.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -29,8 +31,6 @@ pub const FANOUT: usize = 10;
 const SESSIONS: usize = 200;
 /// Sessions on the fan-out gateway (one token).
 const FANOUT_SESSIONS: usize = 4;
-const PER_SERVER: &str = "per-server";
-const GATEWAY: &str = "gateway-url";
 
 /// How fast the fan-out gateway's upstreams answer `tools/list`, and the run names of
 /// the fan-out and of each upstream's own list under it.
@@ -90,11 +90,49 @@ type Line = (String, String, String, String);
 pub struct Aggregator {
     pub proc: Proc,
     pub port: u16,
+    /// Its `--worker-threads`; `None`: the default.
+    workers: Option<u16>,
+    bin: PathBuf,
+    out_dir: PathBuf,
+    check_port: u16,
 }
 
 impl Aggregator {
     pub fn start(bin: &Path, out_dir: &Path, check_port: u16) -> Result<Aggregator> {
         let port = procs::free_port()?;
+        let proc = Self::spawn(bin, out_dir, check_port, port, None)?;
+        Ok(Aggregator {
+            proc,
+            port,
+            workers: None,
+            bin: bin.to_path_buf(),
+            out_dir: out_dir.to_path_buf(),
+            check_port,
+        })
+    }
+
+    /// Stops it and starts it again on the same port (Envoy's cluster stays valid)
+    /// with `workers`; its sessions are gone.
+    fn restart(&mut self, workers: Option<u16>) -> Result<()> {
+        self.proc.stop();
+        self.proc = Self::spawn(
+            &self.bin,
+            &self.out_dir,
+            self.check_port,
+            self.port,
+            workers,
+        )?;
+        self.workers = workers;
+        Ok(())
+    }
+
+    fn spawn(
+        bin: &Path,
+        out_dir: &Path,
+        check_port: u16,
+        port: u16,
+        workers: Option<u16>,
+    ) -> Result<Proc> {
         let mut cmd = Command::new(bin);
         cmd.args([
             "--listen",
@@ -107,11 +145,46 @@ impl Aggregator {
         // Written by the policy service's start (`PolicyService::start`).
         .arg("--check-secret-file")
         .arg(out_dir.join("check-secret"));
-        let mut proc = Proc::spawn("aggregator", cmd, out_dir)?;
+        if let Some(n) = workers {
+            cmd.arg("--worker-threads").arg(n.to_string());
+        }
+        let name = match workers {
+            Some(n) => format!("aggregator-{n}-worker"),
+            None => "aggregator".to_string(),
+        };
+        let mut proc = Proc::spawn(&name, cmd, out_dir)?;
         proc.wait_ready("aggregator", || http_ok(port, "/healthz"))?;
-        Ok(Aggregator { proc, port })
+        Ok(proc)
     }
 }
+
+/// One pass of the `tools/call` comparison: the aggregator's worker threads, and the
+/// names of its runs.
+struct Pass {
+    workers: Option<u16>,
+    /// Said in the report.
+    label: &'static str,
+    per_server: &'static str,
+    gateway: &'static str,
+}
+
+/// The aggregator as it starts by default (a worker per CPU), then on one worker
+/// thread: beside Envoy and the policy service on 2 cores, fewer threads than CPUs
+/// measured faster (docs/benchmark-history.md).
+const PASSES: [Pass; 2] = [
+    Pass {
+        workers: None,
+        label: "the aggregator at its default (a worker thread per CPU)",
+        per_server: "per-server",
+        gateway: "gateway-url",
+    },
+    Pass {
+        workers: Some(1),
+        label: "the aggregator with `--worker-threads 1`",
+        per_server: "per-server-b",
+        gateway: "gateway-url-1-worker",
+    },
+];
 
 /// A session on the gateway URL for `token`, initialized: its id.
 fn open_session(envoy_port: u16, gateway: &str, token: &str) -> Result<String> {
@@ -161,7 +234,6 @@ pub struct Setup<'a> {
     pub envoy_port: u16,
     pub envoy_pid: u32,
     pub policy_pid: u32,
-    pub aggregator_pid: u32,
     /// The demo MCP server every seeded server is on.
     pub demo_pid: u32,
     /// The fan-out gateway's upstreams: (port, pid).
@@ -179,9 +251,25 @@ pub struct Options {
     pub concurrency: Vec<u32>,
 }
 
-/// Sets up the sessions, checks every workload answers, then measures; the runs in
+/// Each pass of the `tools/call` comparison, the fan-out after the first; the runs in
 /// the order made.
-pub fn run(s: &Setup, opts: &Options) -> Result<Vec<Run>> {
+pub fn run(s: &Setup, aggregator: &mut Aggregator, opts: &Options) -> Result<Vec<Run>> {
+    let mut runs = Vec::new();
+    for (i, pass) in PASSES.iter().enumerate() {
+        if aggregator.workers != pass.workers {
+            eprintln!("gateway URL: restarting {}...", pass.label);
+            aggregator.restart(pass.workers)?;
+        }
+        runs.extend(calls(s, aggregator.proc.pid(), pass, opts)?);
+        if i == 0 {
+            runs.extend(fan_outs(s, aggregator.proc.pid(), opts)?);
+        }
+    }
+    Ok(runs)
+}
+
+/// Opens the sessions, checks both URLs answer, then measures them interleaved.
+fn calls(s: &Setup, aggregator_pid: u32, pass: &Pass, opts: &Options) -> Result<Vec<Run>> {
     eprintln!("gateway URL: opening {SESSIONS} sessions...");
     let mut per_server = Vec::new();
     let mut gateway = Vec::new();
@@ -200,6 +288,49 @@ pub fn run(s: &Setup, opts: &Options) -> Result<Vec<Run>> {
             session,
         ));
     }
+    sanity_check(s.envoy_port, &per_server, "bench request")?;
+    sanity_check(s.envoy_port, &gateway, "bench request")?;
+    let list = |name: &str| s.out_dir.join(name);
+    write_lines(&list("gateway-per-server.tsv"), &per_server)?;
+    write_lines(&list("gateway-url.tsv"), &gateway)?;
+    let measured = |upstream: u32| Measured {
+        envoy: Some(s.envoy_pid),
+        policy: Some(s.policy_pid),
+        upstream: Some(upstream),
+        database: None,
+        ticks: s.ticks,
+    };
+    for name in ["gateway-per-server.tsv", "gateway-url.tsv"] {
+        wrk::run(
+            s.script,
+            &list(name),
+            s.envoy_port,
+            8,
+            crate::WARMUP_SECONDS,
+            None,
+        )?;
+    }
+    let mut runs = Vec::new();
+    for &c in &opts.concurrency {
+        for round in 1..=opts.rounds {
+            for (target, name, upstream) in [
+                (pass.per_server, "gateway-per-server.tsv", s.demo_pid),
+                (pass.gateway, "gateway-url.tsv", aggregator_pid),
+            ] {
+                let run = measure(&measured(upstream), target, c, round, || {
+                    wrk::run(s.script, &list(name), s.envoy_port, c, opts.duration, None)
+                })?;
+                eprintln!("{}", crate::report::progress(&run));
+                runs.push(run);
+            }
+        }
+    }
+    Ok(runs)
+}
+
+/// Opens the fan-out gateway's sessions, checks every upstream answers, then measures
+/// the fan-out against [`LOCAL`] and [`REMOTE`] upstreams.
+fn fan_outs(s: &Setup, aggregator_pid: u32, opts: &Options) -> Result<Vec<Run>> {
     let mut fanout = Vec::new();
     for i in 0..FANOUT_SESSIONS {
         let t = s.fanout_token;
@@ -212,63 +343,26 @@ pub fn run(s: &Setup, opts: &Options) -> Result<Vec<Run>> {
         ));
     }
     let direct: Vec<Line> = vec![("/mcp".into(), String::new(), list_body(0), String::new())];
-    sanity_check(s.envoy_port, &per_server, "bench request")?;
-    sanity_check(s.envoy_port, &gateway, "bench request")?;
     let last = format!("{}__echo", seed::fanout_slug(FANOUT - 1));
     sanity_check(s.envoy_port, &fanout, &last)?;
     for (port, _) in s.fanout {
         sanity_check(*port, &direct, "echo")?;
     }
-    let lists = [
-        ("gateway-per-server.tsv", &per_server),
-        ("gateway-url.tsv", &gateway),
-        ("gateway-fanout.tsv", &fanout),
-        ("gateway-upstream.tsv", &direct),
-    ];
-    for (name, lines) in lists {
-        write_lines(&s.out_dir.join(name), lines)?;
-    }
-    let list = |name: &str| s.out_dir.join(name);
-    let measured = |upstream: u32| Measured {
-        envoy: Some(s.envoy_pid),
-        policy: Some(s.policy_pid),
-        upstream: Some(upstream),
-        database: None,
-        ticks: s.ticks,
-    };
-    let mut runs = Vec::new();
-    for (name, port) in [
-        ("gateway-per-server.tsv", s.envoy_port),
-        ("gateway-url.tsv", s.envoy_port),
-    ] {
-        wrk::run(s.script, &list(name), port, 8, crate::WARMUP_SECONDS, None)?;
-    }
-    for &c in &opts.concurrency {
-        for round in 1..=opts.rounds {
-            for (target, name, upstream) in [
-                (PER_SERVER, "gateway-per-server.tsv", s.demo_pid),
-                (GATEWAY, "gateway-url.tsv", s.aggregator_pid),
-            ] {
-                let run = measure(&measured(upstream), target, c, round, || {
-                    wrk::run(s.script, &list(name), s.envoy_port, c, opts.duration, None)
-                })?;
-                eprintln!("{}", crate::report::progress(&run));
-                runs.push(run);
-            }
-        }
-    }
-    // Fan-out: one connection, so each list's latency is its own.
+    write_lines(&s.out_dir.join("gateway-fanout.tsv"), &fanout)?;
+    write_lines(&s.out_dir.join("gateway-upstream.tsv"), &direct)?;
+    // One connection, so each list's latency is its own.
     wrk::run(
         s.script,
-        &list("gateway-fanout.tsv"),
+        &s.out_dir.join("gateway-fanout.tsv"),
         s.envoy_port,
         1,
         crate::WARMUP_SECONDS,
         None,
     )?;
+    let mut runs = Vec::new();
     for upstreams in [&LOCAL, &REMOTE] {
         set_list_delays(s.fanout, upstreams)?;
-        runs.extend(fan_out(s, opts, upstreams)?);
+        runs.extend(fan_out(s, aggregator_pid, opts, upstreams)?);
     }
     set_list_delays(s.fanout, &LOCAL)?;
     Ok(runs)
@@ -295,7 +389,12 @@ fn set_list_delays(fanout: &[(u16, u32)], upstreams: &Upstreams) -> Result<()> {
 
 /// The rounds of one fan-out measurement: each upstream's own list straight at it,
 /// then the gateway's list that fans out to all of them.
-fn fan_out(s: &Setup, opts: &Options, upstreams: &Upstreams) -> Result<Vec<Run>> {
+fn fan_out(
+    s: &Setup,
+    aggregator_pid: u32,
+    opts: &Options,
+    upstreams: &Upstreams,
+) -> Result<Vec<Run>> {
     let list = |name: &str| s.out_dir.join(name);
     let direct_seconds = opts.duration.div_ceil(2);
     let mut runs = Vec::new();
@@ -323,7 +422,7 @@ fn fan_out(s: &Setup, opts: &Options, upstreams: &Upstreams) -> Result<Vec<Run>>
         let m = Measured {
             envoy: Some(s.envoy_pid),
             policy: Some(s.policy_pid),
-            upstream: Some(s.aggregator_pid),
+            upstream: Some(aggregator_pid),
             database: None,
             ticks: s.ticks,
         };
@@ -384,11 +483,29 @@ pub fn markdown(runs: &[Run], opts: &Options) -> String {
         s,
         "Both through the mcpguard Envoy (setup c) and the same policy service; \
          `tools/call` (echo), {SESSIONS} tokens, each with its own gateway-URL session; \
-         interleaved per-server gateway, {} rounds of {} s per concurrency. \
-         Targets (issue 21): gateway-URL throughput >= 0.7x per-server; p50 +<= 1 ms at 1 \
-         connection.\n",
+         interleaved per-server gateway, {} rounds of {} s per concurrency, once per \
+         aggregator setting below. Targets (issue 21): gateway-URL throughput >= 0.7x \
+         per-server; p50 +<= 1 ms at 1 connection.\n",
         opts.rounds, opts.duration
     );
+    for pass in &PASSES {
+        s.push_str(&calls_markdown(runs, opts, pass));
+    }
+    for upstreams in [&LOCAL, &REMOTE] {
+        s.push_str(&fan_out_markdown(runs, opts, upstreams));
+    }
+    let _ = writeln!(
+        s,
+        "({} measured runs in the gateway URL's tables, also in `target/bench/results.json`.)\n",
+        runs.len()
+    );
+    s
+}
+
+/// The report's table of one pass of the `tools/call` comparison.
+fn calls_markdown(runs: &[Run], opts: &Options, pass: &Pass) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "With {}:\n", pass.label);
     let _ = writeln!(
         s,
         "| connections | per-server req/s | gateway URL req/s | ratio (range) | p50 per-server / gateway ms | p99 per-server / gateway ms | errors | target |"
@@ -396,7 +513,12 @@ pub fn markdown(runs: &[Run], opts: &Options) -> String {
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
     for &c in &opts.concurrency {
         let pairs: Vec<(&Run, &Run)> = (1..=opts.rounds)
-            .filter_map(|r| Some((find(runs, PER_SERVER, c, r)?, find(runs, GATEWAY, c, r)?)))
+            .filter_map(|r| {
+                Some((
+                    find(runs, pass.per_server, c, r)?,
+                    find(runs, pass.gateway, c, r)?,
+                ))
+            })
             .collect();
         if pairs.is_empty() {
             continue;
@@ -449,9 +571,7 @@ pub fn markdown(runs: &[Run], opts: &Options) -> String {
             med(&p99, 1),
         );
     }
-    for upstreams in [&LOCAL, &REMOTE] {
-        s.push_str(&fan_out_markdown(runs, opts, upstreams));
-    }
+    s.push('\n');
     s
 }
 

@@ -543,7 +543,7 @@ fn run() -> Result<()> {
     };
     let mut policy = PolicyService::start(&policy_bin, &out_dir, Backend::Sqlite, None)?;
     let check_port = policy.check_port;
-    let aggregator = if opts.gateway {
+    let mut aggregator = if opts.gateway {
         let bin = release_binary(&root, "mcpguard-aggregator")?;
         Some(gateway::Aggregator::start(&bin, &out_dir, check_port)?)
     } else {
@@ -731,7 +731,7 @@ fn run() -> Result<()> {
         rounds: opts.rounds,
         concurrency: opts.concurrency.clone(),
     };
-    if let (Some(aggregator), Some(fanout_token)) = (&aggregator, &fanout_token) {
+    if let (Some(aggregator), Some(fanout_token)) = (&mut aggregator, &fanout_token) {
         let Some(e) = envoys.iter().find(|e| e.setup == Setup::Mcpguard) else {
             bail!("the gateway benchmark runs through setup c: --setups must include c");
         };
@@ -740,7 +740,6 @@ fn run() -> Result<()> {
             envoy_port: e.port,
             envoy_pid: e.proc.pid(),
             policy_pid: policy.proc.pid(),
-            aggregator_pid: aggregator.proc.pid(),
             demo_pid: demo.pid(),
             fanout: &fanout,
             fanout_token,
@@ -749,7 +748,7 @@ fn run() -> Result<()> {
             out_dir: &out_dir,
             ticks,
         };
-        gateway_runs = gateway::run(&setup, &gateway_opts)?;
+        gateway_runs = gateway::run(&setup, aggregator, &gateway_opts)?;
     }
     // The Envoys sit idle from here; stop them so the check benchmark has the machine.
     drop(envoys);

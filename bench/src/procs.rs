@@ -116,6 +116,12 @@ impl Proc {
     pub fn alive(&mut self) -> bool {
         self.0.alive()
     }
+
+    /// SIGTERM, then SIGKILL after 5 s.
+    pub fn stop(&mut self) {
+        self.0.stop(std::time::Duration::from_secs(5));
+        running().retain(|&p| p != self.0.pid());
+    }
 }
 
 impl Drop for Proc {

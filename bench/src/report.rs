@@ -570,11 +570,13 @@ pub fn markdown(env: &Environment, runs: &[Run]) -> String {
         }
         let _ = writeln!(s);
     }
-    let _ = writeln!(
-        s,
-        "({} measured runs in all; raw figures in `target/bench/results.json`.)",
-        runs.len()
-    );
+    if !runs.is_empty() {
+        let _ = writeln!(
+            s,
+            "({} measured runs in the tables above; raw figures in `target/bench/results.json`.)",
+            runs.len()
+        );
+    }
     s
 }
 

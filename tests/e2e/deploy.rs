@@ -320,6 +320,8 @@ fn the_aggregator_is_locked_down_and_reachable_only_from_the_ingress_gateway() {
             .to_owned()
     };
     assert_eq!(env("MCPGUARD_AGGREGATOR_LISTEN"), "0.0.0.0:8082");
+    // Not one thread per node CPU in a pod without a CPU limit.
+    assert_eq!(env("MCPGUARD_AGGREGATOR_WORKER_THREADS"), "2");
     assert_eq!(c["ports"][0]["containerPort"], 8082);
     assert_eq!(
         env("MCPGUARD_POLICY_CHECK_URL"),

@@ -591,7 +591,8 @@ async fn a_stalled_server_costs_only_its_own_tools() {
 }
 
 /// Sessions live in the aggregator: after a restart an old session id is unknown (404,
-/// so the client initializes again), never a wrong answer; a new session works.
+/// so the client initializes again), never a wrong answer; a new session works. It
+/// comes back on one worker thread (`--worker-threads`), which serves as well.
 #[tokio::test]
 async fn after_an_aggregator_restart_old_sessions_are_404_and_new_ones_work() {
     let (mut stack, token, ..) = two_servers().await;
@@ -606,12 +607,15 @@ async fn after_an_aggregator_restart_old_sessions_are_404_and_new_ones_work() {
 
     let port = stack.aggregators[0].port;
     stack.aggregators[0].proc.kill();
-    stack.aggregators[0] = mcpguard_e2e::gateway::Aggregator::start_on(
+    stack.aggregators[0] = mcpguard_e2e::gateway::Aggregator::start_with(
         port,
         stack.policy.check_port,
         stack.dir.path(),
+        &["--worker-threads".as_ref(), "1".as_ref()],
     )
     .await;
+    let log = stack.aggregators[0].proc.log_text();
+    assert!(log.contains(" workers=1\n"), "{log}");
     let (status, _, reply) = raw.post(&token, Some(&sid), list.clone()).await;
     assert_eq!(status, 404, "{reply}");
     let (status, fresh, _) = raw.post(&token, None, mcp::initialize_body()).await;
@@ -793,11 +797,11 @@ async fn https_servers_are_reached_over_verified_tls() {
 
     let port = stack.aggregators[0].port;
     stack.aggregators[0].proc.kill();
-    stack.aggregators[0] = mcpguard_e2e::gateway::Aggregator::start_trusting(
+    stack.aggregators[0] = mcpguard_e2e::gateway::Aggregator::start_with(
         port,
         stack.policy.check_port,
         stack.dir.path(),
-        Some(&ca),
+        &["--trusted-ca-file".as_ref(), ca.as_os_str()],
     )
     .await;
     let client = mcp::connect(&url, Some(&token)).await.unwrap();

@@ -2,6 +2,7 @@
 //! aggregators and Envoy (a shipped config, its `mcpguard_aggregator` cluster pointed
 //! at these aggregators).
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Command;
 
@@ -25,15 +26,15 @@ impl Aggregator {
 
     /// On a chosen port (a restart keeps Envoy's cluster valid).
     pub async fn start_on(port: u16, check_port: u16, log_dir: &Path) -> Aggregator {
-        Self::start_trusting(port, check_port, log_dir, None).await
+        Self::start_with(port, check_port, log_dir, &[]).await
     }
 
-    /// [`Aggregator::start_on`] with `--trusted-ca-file` (https upstreams).
-    pub async fn start_trusting(
+    /// [`Aggregator::start_on`] with more flags (`--trusted-ca-file`, ...).
+    pub async fn start_with(
         port: u16,
         check_port: u16,
         log_dir: &Path,
-        trusted_ca: Option<&Path>,
+        flags: &[&OsStr],
     ) -> Aggregator {
         let secret_file = log_dir.join("aggregator-check-secret");
         std::fs::write(&secret_file, check_secret()).expect("writing the check secret");
@@ -49,10 +50,10 @@ impl Aggregator {
             // A GET stream notices an admin's toggle within this (the default is 5 s).
             .arg("--stream-check-ms")
             .arg(STREAM_CHECK_MS.to_string())
-            .env("MCPGUARD_LOG", "info,mcpguard_aggregator=debug");
-        if let Some(ca) = trusted_ca {
-            cmd.arg("--trusted-ca-file").arg(ca);
-        }
+            .env("MCPGUARD_LOG", "info,mcpguard_aggregator=debug")
+            // Plain fields (`workers=1`) in the log the tests read.
+            .env("NO_COLOR", "1");
+        cmd.args(flags);
         let mut proc = Proc::spawn(&format!("aggregator-{port}"), cmd, log_dir);
         let health = format!("http://127.0.0.1:{port}/healthz");
         wait_until(&mut proc, "aggregator", || {
