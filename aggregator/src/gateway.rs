@@ -771,6 +771,27 @@ async fn use_item(
             opened,
         };
         Body::from_stream(asks.relay(reply.response, flight))
+    } else if let Some(len) = reply
+        .response
+        .content_length()
+        .filter(|&n| n <= WHOLE_REPLY as u64)
+    {
+        // One JSON message of a known, small length is of no use to the client before
+        // its last byte: it goes out whole, with its length, so Envoy (and the filter
+        // in it) handle one body frame instead of a chunked stream and its end.
+        let read = tokio::time::timeout(app.upstreams.timeout, reply.response.bytes()).await;
+        drop(flight);
+        match read {
+            Ok(Ok(bytes)) if bytes.len() as u64 == len => Body::from(bytes),
+            failed => {
+                let why = match failed {
+                    Ok(Ok(_)) => "reply cut short".to_owned(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no reply within {:?}", app.upstreams.timeout),
+                };
+                return rpc_error(StatusCode::OK, &id, -32603, &format!("{server}: {why}"));
+            }
+        }
     } else {
         Body::from_stream(reply.response.bytes_stream().map(move |chunk| {
             let _ = &flight;
@@ -786,6 +807,10 @@ async fn use_item(
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }
+
+/// Largest call reply of a known length (JSON, not SSE) read whole and sent on with
+/// its length; longer ones stream through.
+const WHOLE_REPLY: usize = 1 << 20;
 
 /// A request in flight to a server, known to `notifications/cancelled` until dropped.
 pub(crate) struct InFlight {

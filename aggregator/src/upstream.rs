@@ -13,7 +13,8 @@ use mcpguard_core::check::{Scheme, Upstream};
 use serde_json::{Value, json};
 
 /// Largest upstream reply the aggregator reads whole (lists, `initialize`); a call's
-/// reply is streamed through instead, whatever its size.
+/// reply is streamed through instead, but for plain JSON of a small known length
+/// (`gateway::WHOLE_REPLY`).
 pub const MAX_REPLY: usize = 8 << 20;
 
 /// Where one allowed request goes.

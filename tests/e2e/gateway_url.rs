@@ -629,6 +629,59 @@ async fn after_an_aggregator_restart_old_sessions_are_404_and_new_ones_work() {
     );
 }
 
+/// A server that answers a call with plain JSON of a known length (as stateless
+/// servers do): the reply reaches the client whole, with its length, its id as sent;
+/// a server that streams (SSE) still streams.
+#[tokio::test]
+async fn a_plain_json_reply_goes_out_whole_and_an_sse_reply_still_streams() {
+    let (stack, token, _, _, gateway_id) = two_servers().await;
+    let plain = mcpguard_e2e::Demo::start_stateless(stack.dir.path()).await;
+    let admin = stack.admin();
+    let id = admin.server("plain", &plain.upstream_url()).await;
+    admin.expose(gateway_id, id).await;
+    let raw = Raw {
+        http: mcpguard_e2e::http(),
+        url: stack.gateway_url("eng"),
+    };
+    let sid = raw_session(&raw, &token).await;
+    for (tool, streams) in [("plain__echo", false), ("alpha__echo", true)] {
+        let call = json!({"jsonrpc": "2.0", "id": "call-7", "method": "tools/call",
+            "params": {"name": tool, "arguments": {"text": "whole"}}});
+        let resp = raw
+            .http
+            .post(&raw.url)
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-session-id", &sid)
+            .body(call.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{tool}");
+        let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
+        let length = resp.headers().get("content-length").cloned();
+        let text = resp.text().await.unwrap();
+        if streams {
+            assert!(
+                content_type.starts_with("text/event-stream"),
+                "{tool}: {content_type}"
+            );
+            assert!(text.contains("whole"), "{tool}: {text}");
+            continue;
+        }
+        assert!(
+            content_type.starts_with("application/json"),
+            "{tool}: {content_type}"
+        );
+        let length = length.unwrap_or_else(|| panic!("{tool}: no content-length"));
+        assert_eq!(length.to_str().unwrap(), text.len().to_string(), "{tool}");
+        let reply: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(reply["id"], "call-7", "{reply}");
+        assert!(reply["result"].to_string().contains("whole"), "{reply}");
+    }
+}
+
 /// A per-user server on the gateway URL: reached with the connection user's own
 /// identity, the shared one with its service credential; the identity disabled, that
 /// server is refused `identity_disabled` and leaves the list, the other stays.
