@@ -40,6 +40,9 @@ struct Upstreams {
     /// The list delay of upstream `i` (`PUT /demo/list-delay`), ms.
     delay_ms: fn(usize) -> u64,
     list: &'static str,
+    /// The last upstream's own `tools/list` through its per-server URL (Envoy and
+    /// the filter's check, no aggregator): the floor of any list through Envoy.
+    per_server: &'static str,
     upstreams: [&'static str; FANOUT],
 }
 
@@ -49,6 +52,7 @@ const LOCAL: Upstreams = Upstreams {
     label: "the demo servers as they are (a list in about 0.05 ms)",
     delay_ms: |_| 0,
     list: "fanout-list",
+    per_server: "fanout-per-server-list",
     upstreams: [
         "upstream-0",
         "upstream-1",
@@ -69,6 +73,7 @@ const REMOTE: Upstreams = Upstreams {
     label: "upstreams as slow as remote ones (upstream i answers a list i + 1 ms later)",
     delay_ms: |i| i as u64 + 1,
     list: "fanout-list-remote",
+    per_server: "fanout-per-server-list-remote",
     upstreams: [
         "upstream-0-remote",
         "upstream-1-remote",
@@ -348,7 +353,16 @@ fn fan_outs(s: &Setup, aggregator_pid: u32, opts: &Options) -> Result<Vec<Run>> 
     for (port, _) in s.fanout {
         sanity_check(*port, &direct, "echo")?;
     }
+    let t = s.fanout_token;
+    let per_server: Vec<Line> = vec![(
+        format!("/mcp/{}/{}", t.gateway, seed::fanout_slug(FANOUT - 1)),
+        t.token.clone(),
+        list_body(0),
+        String::new(),
+    )];
+    sanity_check(s.envoy_port, &per_server, "echo")?;
     write_lines(&s.out_dir.join("gateway-fanout.tsv"), &fanout)?;
+    write_lines(&s.out_dir.join("gateway-per-server-list.tsv"), &per_server)?;
     write_lines(&s.out_dir.join("gateway-upstream.tsv"), &direct)?;
     // One connection, so each list's latency is its own.
     wrk::run(
@@ -419,6 +433,25 @@ fn fan_out(
             })?;
             runs.push(run);
         }
+        let (_, last_pid) = s.fanout[FANOUT - 1];
+        let m = Measured {
+            envoy: Some(s.envoy_pid),
+            policy: Some(s.policy_pid),
+            upstream: Some(last_pid),
+            database: None,
+            ticks: s.ticks,
+        };
+        let run = measure(&m, upstreams.per_server, 1, round, || {
+            wrk::run(
+                s.script,
+                &list("gateway-per-server-list.tsv"),
+                s.envoy_port,
+                1,
+                direct_seconds,
+                None,
+            )
+        })?;
+        runs.push(run);
         let m = Measured {
             envoy: Some(s.envoy_pid),
             policy: Some(s.policy_pid),
@@ -582,18 +615,22 @@ fn fan_out_markdown(runs: &[Run], opts: &Options, upstreams: &Upstreams) -> Stri
         s,
         "\n`tools/list` on a gateway of {FANOUT} servers, each on its own demo MCP server \
          (stateless), {}; one connection; each upstream's own `tools/list` straight at it, \
-         {} s each, interleaved with the fan-out ({} s) in each of {} rounds. Target: \
-         fan-out p99 within 2x the slowest upstream's p99.\n",
+         {} s each, then the last upstream's through its per-server URL (Envoy and \
+         the filter's check, no aggregator; {} s), then the fan-out ({} s), in each of {} \
+         rounds. Target: fan-out p99 within 2x the slowest upstream's p99. The \
+         per-server column is the floor: what the path through Envoy alone costs one \
+         upstream, against that upstream's own p99.\n",
         upstreams.label,
+        opts.duration.div_ceil(2),
         opts.duration.div_ceil(2),
         opts.duration,
         opts.rounds
     );
     let _ = writeln!(
         s,
-        "| round | slowest upstream p99 ms (which) | upstreams' p50 ms (range) | fan-out p50 / p99 ms | fan-out req/s | ratio p99 | errors |"
+        "| round | slowest upstream p99 ms (which) | upstreams' p50 ms (range) | per-server URL p99 ms (x its upstream's) | fan-out p50 / p99 ms | fan-out req/s | ratio p99 | errors |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
     let mut met = Vec::new();
     for round in 1..=opts.rounds {
         let Some(list) = find(runs, upstreams.list, 1, round) else {
@@ -611,12 +648,22 @@ fn fan_out_markdown(runs: &[Run], opts: &Options, upstreams: &Upstreams) -> Stri
             continue;
         };
         let (plo, phi) = range(&ups.iter().map(|r| r.outcome.p50_ms).collect::<Vec<_>>());
+        let floor = match (find(runs, upstreams.per_server, 1, round), ups.last()) {
+            (Some(p), Some(own)) => format!(
+                "{:.2} ({:.1}x)",
+                p.outcome.p99_ms,
+                p.outcome.p99_ms / own.outcome.p99_ms.max(1e-9)
+            ),
+            _ => "-".to_owned(),
+        };
         let ratio = list.outcome.p99_ms / slowest.outcome.p99_ms.max(1e-9);
         met.push(ratio <= 2.0);
-        let errors: u64 = list.outcome.errors + ups.iter().map(|r| r.outcome.errors).sum::<u64>();
+        let errors: u64 = list.outcome.errors
+            + ups.iter().map(|r| r.outcome.errors).sum::<u64>()
+            + find(runs, upstreams.per_server, 1, round).map_or(0, |r| r.outcome.errors);
         let _ = writeln!(
             s,
-            "| {round} | {:.2} ({}) | {plo:.2}..{phi:.2} | {:.2} / {:.2} | {:.0} | {ratio:.2} | {errors} |",
+            "| {round} | {:.2} ({}) | {plo:.2}..{phi:.2} | {floor} | {:.2} / {:.2} | {:.0} | {ratio:.2} | {errors} |",
             slowest.outcome.p99_ms,
             slowest.target,
             list.outcome.p50_ms,
