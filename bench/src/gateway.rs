@@ -13,7 +13,8 @@
 //!   `tools/list` (wrk straight at it), interleaved within each round; once with the
 //!   demo servers as they are, once with each taking as long as a remote server
 //!   ([`REMOTE`]), since against a 0.05 ms upstream the ratio measures only the
-//!   gateway path's own fixed cost.
+//!   gateway path's own fixed cost; and one upstream's list through its per-server
+//!   URL, the floor of any path through Envoy.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -174,8 +175,8 @@ struct Pass {
 }
 
 /// The aggregator as it starts by default (a worker per CPU), then on one worker
-/// thread: beside Envoy and the policy service on 2 cores, fewer threads than CPUs
-/// measured faster (docs/benchmark-history.md).
+/// thread: beside Envoy and the policy service on 2 cores, one thread measured faster
+/// at 1 connection (docs/benchmark-history.md).
 const PASSES: [Pass; 2] = [
     Pass {
         workers: None,
@@ -402,7 +403,8 @@ fn set_list_delays(fanout: &[(u16, u32)], upstreams: &Upstreams) -> Result<()> {
 }
 
 /// The rounds of one fan-out measurement: each upstream's own list straight at it,
-/// then the gateway's list that fans out to all of them.
+/// the last one's through its per-server URL, then the gateway's list that fans out
+/// to all of them.
 fn fan_out(
     s: &Setup,
     aggregator_pid: u32,
