@@ -86,7 +86,33 @@ fn present(path: PathBuf) -> PathBuf {
         "{} is missing: run `make build` (or `make test`)",
         path.display()
     );
+    if let Some(source) = newer_source(&path) {
+        panic!(
+            "{} is older than {}: it would run stale code; run `make build` \
+             (`cargo test -p mcpguard-e2e` does not rebuild it)",
+            path.display(),
+            source.display()
+        );
+    }
     path
+}
+
+/// A source file changed after `output` was built, if there is one: cargo's own list
+/// of what `output` is made from, its dep-info file beside it (`<output>.d`).
+fn newer_source(output: &Path) -> Option<PathBuf> {
+    let built = std::fs::metadata(output).ok()?.modified().ok()?;
+    let info = std::fs::read_to_string(output.with_extension("d")).ok()?;
+    // `<output>: <source> <source> ...`, a space inside a path escaped as `\ `.
+    let (_, sources) = info.lines().next()?.split_once(": ")?;
+    let sources = sources.replace("\\ ", "\0");
+    sources
+        .split_whitespace()
+        .map(|s| PathBuf::from(s.replace('\0', " ")))
+        .find(|source| {
+            std::fs::metadata(source)
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| m > built)
+        })
 }
 
 pub struct Policy {
