@@ -185,7 +185,9 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let jwks_due = match (&self.stream, &self.config) {
             (Some(stream), Some(config)) => {
-                stream::root::on_tick(stream, &config.policy_cluster);
+                if stream::root::on_tick(stream, &config.policy_cluster) {
+                    self.set_tick_period(stream::tick(config.check_timeout_ms));
+                }
                 config.fetches_jwks()
                     && self
                         .jwks_due
