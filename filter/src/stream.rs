@@ -111,8 +111,10 @@ pub fn send(
             Some(token) => (id, token, root_id, message),
             None => {
                 s.queued.push(message);
-                // Once, for the first stream only: a policy service that is down is
-                // still redialled on the tick's schedule, not on every request.
+                // Only until a stream has opened once: a stream that closes later is
+                // reopened on the tick's schedule (at once if it had worked), so a
+                // policy service that is down is not redialled on every request. (Until
+                // then an open can fail only locally, on a cluster Envoy lacks.)
                 let hurry = !s.opened && !std::mem::replace(&mut s.hurried, true);
                 drop(s);
                 if hurry {
