@@ -231,12 +231,13 @@ pub(crate) struct Raw {
 }
 
 impl Raw {
-    pub(crate) async fn post(
+    /// POSTs `body` as an MCP client does; the response as it comes (headers, stream).
+    pub(crate) async fn send(
         &self,
         token: &str,
         session: Option<&str>,
-        body: Value,
-    ) -> (u16, Option<String>, Value) {
+        body: &Value,
+    ) -> reqwest::Response {
         let mut req = self
             .http
             .post(&self.url)
@@ -247,7 +248,18 @@ impl Raw {
         if let Some(id) = session {
             req = req.header("mcp-session-id", id);
         }
-        let resp = req.send().await.unwrap();
+        req.send().await.unwrap()
+    }
+
+    /// [`Raw::send`], read whole: status, session id, and the message answering (or
+    /// the JSON body).
+    pub(crate) async fn post(
+        &self,
+        token: &str,
+        session: Option<&str>,
+        body: Value,
+    ) -> (u16, Option<String>, Value) {
+        let resp = self.send(token, session, &body).await;
         let status = resp.status().as_u16();
         let sid = resp
             .headers()
@@ -647,17 +659,7 @@ async fn a_plain_json_reply_goes_out_whole_and_an_sse_reply_still_streams() {
     for (tool, streams) in [("plain__echo", false), ("alpha__echo", true)] {
         let call = json!({"jsonrpc": "2.0", "id": "call-7", "method": "tools/call",
             "params": {"name": tool, "arguments": {"text": "whole"}}});
-        let resp = raw
-            .http
-            .post(&raw.url)
-            .bearer_auth(&token)
-            .header("content-type", "application/json")
-            .header("accept", "application/json, text/event-stream")
-            .header("mcp-session-id", &sid)
-            .body(call.to_string())
-            .send()
-            .await
-            .unwrap();
+        let resp = raw.send(&token, Some(&sid), &call).await;
         assert_eq!(resp.status(), 200, "{tool}");
         let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
         let length = resp.headers().get("content-length").cloned();

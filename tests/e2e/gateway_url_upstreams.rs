@@ -100,17 +100,7 @@ async fn a_sampling_request_is_relayed_under_the_aggregators_id() {
     .await;
     let call = json!({"jsonrpc": "2.0", "id": "call-1", "method": "tools/call",
         "params": {"name": "asker__sample", "arguments": {}}});
-    let mut reply = raw
-        .http
-        .post(&raw.url)
-        .bearer_auth(&token)
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-session-id", &sid)
-        .body(call.to_string())
-        .send()
-        .await
-        .unwrap();
+    let mut reply = raw.send(&token, Some(&sid), &call).await;
     assert_eq!(reply.status(), 200);
     // The call's reply, message by message, within a bound.
     let mut buf = String::new();
