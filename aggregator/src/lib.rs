@@ -75,7 +75,7 @@ pub struct Config {
     pub trusted_ca_file: Option<PathBuf>,
     /// Threads that serve requests (tokio's workers). Absent: one per CPU the process
     /// may use, counting a cgroup's CPU limit. Beside Envoy and the policy service on
-    /// a small machine, fewer threads than CPUs measured faster (docs/gateway.md#threads).
+    /// 2 cores, 1 measured faster at 1 connection (docs/gateway.md#threads).
     #[arg(
         long,
         env = "MCPGUARD_AGGREGATOR_WORKER_THREADS",
